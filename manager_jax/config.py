@@ -1,0 +1,398 @@
+"""Model configuration: dataclasses, presets and constructors from original / HF config.json.
+
+Field names follow the original LLaVA-NeXT / Manager config.json where one exists (SPEC §2.1, §6.1),
+so a reader can match them one to one.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+MANAGER_TYPES = (
+    "static_zerouni",
+    "adaptive_zerouni",
+    "adaptive_last_zerouni",
+    "adaptive_average_zerouni",
+    "adaptive_cross_zerouni",
+)
+GRID_TYPES = ("main", "all", "grid")
+CONVENTIONS = ("original", "hf")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
+
+# The 36 (width, height) pinpoints of "(1x1),...,(6x6)" with 384-pixel tiles (SPEC §3.3).
+ANYRES_MAX_9_PINPOINTS = "(1x1),...,(6x6)"
+STAGE_1_5_PINPOINTS = [(384, 768), (768, 384), (768, 768), (1152, 384), (384, 1152)]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a valid model."""
+
+
+@dataclass
+class VisionConfig:
+    """SigLIP vision tower (so400m-patch14-384 by default; the last of 27 layers dropped)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 26
+    num_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 384
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def tokens_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.tokens_per_side**2
+
+
+@dataclass
+class TextConfig:
+    """Qwen2 decoder."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_layers: int = 24
+    num_heads: int = 14
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 32768
+
+
+@dataclass
+class ManagerConfig:
+    """The Manager plugin (SPEC §2). `type=None` means no Manager (baseline checkpoints)."""
+
+    type: str | None = "static_zerouni"
+    grid_type: str = "all"
+    vision_select_layers_start: int = 13
+    vision_select_layers_interval: int = 1
+    vision_select_layers_end: int = 26
+    injection_start: int = 0
+    injection_interval: int = 4
+    injection_end: int = 24
+    residual: bool = True
+    softmax_temperature: float = 1.0  # stored by the original, never used
+    jitter_eps: float = 1e-2  # scores *= U[1-eps, 1+eps) in training
+
+    @property
+    def enabled(self) -> bool:
+        return self.type is not None
+
+    @property
+    def select_layers(self) -> list[int]:
+        """Indices into the 27-entry hidden_states tuple (0 = embeddings output)."""
+        return list(
+            range(
+                self.vision_select_layers_start,
+                self.vision_select_layers_end,
+                self.vision_select_layers_interval,
+            )
+        )
+
+    def injection_layers(self, num_text_layers: int) -> list[int]:
+        return list(
+            range(self.injection_start, min(self.injection_end, num_text_layers), self.injection_interval)
+        )
+
+    @property
+    def query_type(self) -> str | None:
+        """None for static; "none" / "last" / "average" / "cross" for adaptive (SPEC §2.7)."""
+        if self.type is None or "static" in self.type:
+            return None
+        name = self.type.replace("_zerouni", "")
+        return name.split("adaptive_", 1)[1] if "adaptive_" in name else "none"
+
+
+@dataclass
+class ImageConfig:
+    """How images become crops and tokens (SPEC §3)."""
+
+    aspect_ratio: str = "anyres_max_9"  # square | pad | anyres | anyres_max_N
+    grid_pinpoints: Any = ANYRES_MAX_9_PINPOINTS  # string form, or a list of (w, h)
+    patch_merge_type: str = "spatial_unpad"  # flat | spatial_unpad
+    # "original": int() unpad, no newline on single-crop images (the Manager checkpoints).
+    # "hf": round(x, 7) unpad, a newline after single-crop images (transformers LlavaOnevision).
+    convention: str = "original"
+
+    @property
+    def has_newline(self) -> bool:
+        return "unpad" in self.patch_merge_type
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    manager: ManagerConfig = field(default_factory=ManagerConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    projector_type: str = "mlp2x_gelu"
+    image_token_id: int = 151646  # id of "<image>" in HF-style expanded inputs
+    # Numerics and execution.
+    dtype: str = "float32"  # activation / matmul dtype ("bfloat16" for training)
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        problems = []
+        m, t, v = self.manager, self.text, self.vision
+        if m.type is not None and m.type not in MANAGER_TYPES:
+            problems.append(f"manager.type {m.type!r} is not one of {MANAGER_TYPES} or None")
+        if m.grid_type not in GRID_TYPES:
+            problems.append(f"manager.grid_type {m.grid_type!r} is not one of {GRID_TYPES}")
+        if m.enabled:
+            if not m.residual:
+                problems.append("manager.residual must be True (the original builder rejects False)")
+            sel = m.select_layers
+            if not sel or min(sel) < 0 or max(sel) > v.num_layers:
+                problems.append(
+                    f"manager select layers {sel} must lie in 0..{v.num_layers} (hidden_states entries)"
+                )
+            if not m.injection_layers(t.num_layers):
+                problems.append("manager injection list is empty")
+        if self.image.convention not in CONVENTIONS:
+            problems.append(f"image.convention {self.image.convention!r} not in {CONVENTIONS}")
+        if self.image.patch_merge_type not in ("flat", "spatial_unpad"):
+            problems.append(f"image.patch_merge_type {self.image.patch_merge_type!r} not supported")
+        if t.num_heads % t.num_kv_heads:
+            problems.append("text.num_heads must be a multiple of text.num_kv_heads")
+        if v.hidden_size % v.num_heads:
+            problems.append("vision.hidden_size must be a multiple of vision.num_heads")
+        if v.tokens_per_side != 27:
+            problems.append("vision image_size // patch_size must be 27 (729 tokens per crop, SPEC §1.1)")
+        if self.projector_type != "mlp2x_gelu":
+            problems.append(f"projector_type {self.projector_type!r}: only mlp2x_gelu is implemented")
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
+        if problems:
+            raise ConfigError("invalid model config:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def num_manager_layers(self) -> int:
+        return len(self.manager.select_layers) if self.manager.enabled else 0
+
+    def injection_layers(self) -> list[int]:
+        return self.manager.injection_layers(self.text.num_layers) if self.manager.enabled else []
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        image = dict(d.pop("image", {}))
+        if isinstance(image.get("grid_pinpoints"), list):
+            image["grid_pinpoints"] = [tuple(p) for p in image["grid_pinpoints"]]
+        return cls(
+            vision=VisionConfig(**d.pop("vision", {})),
+            text=TextConfig(**d.pop("text", {})),
+            manager=ManagerConfig(**d.pop("manager", {})),
+            image=ImageConfig(**image),
+            **d,
+        )
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def replace(self, **kwargs) -> "ModelConfig":
+        return dataclasses.replace(self, **kwargs)
+
+    # ---- constructors from PyTorch config.json ------------------------------------------
+    @classmethod
+    def from_original_config(cls, cfg: dict, **overrides) -> "ModelConfig":
+        """From an original LLaVA-NeXT / Manager config.json (Qwen2Config + mm_* fields, SPEC §6.1)."""
+        text = _text_from_qwen2(cfg)
+        manager_type = cfg.get("mm_manager_type") if "manager" in cfg.get("model_type", "") or cfg.get(
+            "mm_manager_type"
+        ) else None
+        manager = ManagerConfig(type=None)
+        if manager_type:
+            manager = ManagerConfig(
+                type=manager_type,
+                grid_type=cfg.get("mm_manager_grid_type", "all"),
+                vision_select_layers_start=cfg.get("mm_manager_vision_select_layers_start", 13),
+                vision_select_layers_interval=cfg.get("mm_manager_vision_select_layers_interval", 1),
+                vision_select_layers_end=cfg.get("mm_manager_vision_select_layers_end", 26),
+                injection_start=cfg.get("mm_manager_injection_start", 0),
+                injection_interval=cfg.get("mm_manager_injection_interval", 4),
+                injection_end=cfg.get("mm_manager_injection_end", 24),
+                residual=cfg.get("mm_manager_residual", True),
+                softmax_temperature=cfg.get("mm_manager_softmax_temperature", 1.0),
+            )
+            recorded = cfg.get("mm_manager_select_layer_index_list")
+            if recorded is not None and list(recorded) != manager.select_layers:
+                raise ConfigError(
+                    f"mm_manager_select_layer_index_list {recorded} disagrees with start/interval/end "
+                    f"({manager.select_layers})"
+                )
+        pinpoints = cfg.get("image_grid_pinpoints")
+        if isinstance(pinpoints, str) and not pinpoints.startswith("("):
+            pinpoints = ast.literal_eval(pinpoints)
+        image = ImageConfig(
+            aspect_ratio=cfg.get("image_aspect_ratio", "square") or "square",
+            grid_pinpoints=[tuple(p) for p in pinpoints] if isinstance(pinpoints, list) else pinpoints,
+            patch_merge_type=cfg.get("mm_patch_merge_type", "flat") or "flat",
+            convention="original",
+        )
+        vision = _vision_from_siglip(cfg.get("vision_config") or {})
+        base = cls(vision=vision, text=text, manager=manager, image=image)
+        return base.replace(**overrides) if overrides else base
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, **overrides) -> "ModelConfig":
+        """From a transformers LlavaOnevisionConfig dict (pinpoints there are (h, w))."""
+        text = _text_from_qwen2(cfg["text_config"])
+        if "tie_word_embeddings" in cfg:
+            text.tie_word_embeddings = bool(cfg["tie_word_embeddings"])
+        vision = _vision_from_siglip(cfg["vision_config"])
+        if vision.num_layers == 27:
+            vision.num_layers = 26  # LLaVA-OV drops the last layer (vision_feature_layer -1 of 26)
+        pin = cfg.get("image_grid_pinpoints")
+        image = ImageConfig(
+            aspect_ratio=cfg.get("vision_aspect_ratio", "anyres_max_9"),
+            grid_pinpoints=[(int(w), int(h)) for h, w in pin] if pin else ANYRES_MAX_9_PINPOINTS,
+            patch_merge_type="spatial_unpad",
+            convention="hf",
+        )
+        base = cls(
+            vision=vision,
+            text=text,
+            manager=ManagerConfig(type=None),
+            image=image,
+            image_token_id=cfg.get("image_token_id", cfg.get("image_token_index", 151646)),
+        )
+        return base.replace(**overrides) if overrides else base
+
+    @classmethod
+    def from_json_file(cls, path: str, **overrides) -> "ModelConfig":
+        """Detects our own, original or HF config.json."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        if "text" in cfg and "vision" in cfg:
+            return cls.from_dict(cfg).replace(**overrides) if overrides else cls.from_dict(cfg)
+        if "text_config" in cfg:
+            return cls.from_hf_config(cfg, **overrides)
+        return cls.from_original_config(cfg, **overrides)
+
+
+def _text_from_qwen2(cfg: dict) -> TextConfig:
+    hidden = cfg.get("hidden_size", 896)
+    heads = cfg.get("num_attention_heads", 14)
+    return TextConfig(
+        vocab_size=cfg.get("vocab_size", 151936),
+        hidden_size=hidden,
+        intermediate_size=cfg.get("intermediate_size", 4864),
+        num_layers=cfg.get("num_hidden_layers", 24),
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads", heads),
+        head_dim=cfg.get("head_dim") or hidden // heads,
+        rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 1e6))),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+        max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+    )
+
+
+def _vision_from_siglip(cfg: dict) -> VisionConfig:
+    d = VisionConfig()
+    return VisionConfig(
+        hidden_size=cfg.get("hidden_size", d.hidden_size),
+        intermediate_size=cfg.get("intermediate_size", d.intermediate_size),
+        num_layers=cfg.get("num_hidden_layers", d.num_layers),
+        num_heads=cfg.get("num_attention_heads", d.num_heads),
+        patch_size=cfg.get("patch_size", d.patch_size),
+        image_size=cfg.get("image_size", d.image_size),
+        layer_norm_eps=cfg.get("layer_norm_eps", d.layer_norm_eps),
+    )
+
+
+# ---- presets ------------------------------------------------------------------------------
+VARIANTS = ("baseline", "manager", "grid", "grid_manager")
+
+_TEXT_PRESETS = {
+    "0.5b": TextConfig(),
+    "7b": TextConfig(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+        num_kv_heads=4, head_dim=128, tie_word_embeddings=False,
+    ),
+    "72b": TextConfig(
+        vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_layers=80, num_heads=64,
+        num_kv_heads=8, head_dim=128, tie_word_embeddings=False,
+    ),
+}
+
+
+def preset(size: str = "0.5b", variant: str = "grid_manager", **overrides) -> ModelConfig:
+    """The four released variants (SPEC §8) at 0.5B / 7B / 72B shapes."""
+    if size not in _TEXT_PRESETS:
+        raise ConfigError(f"unknown size {size!r}; choose from {sorted(_TEXT_PRESETS)}")
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    text = dataclasses.replace(_TEXT_PRESETS[size])
+    grid = variant.startswith("grid")
+    manager = ManagerConfig(injection_end=text.num_layers) if variant.endswith("manager") else ManagerConfig(type=None)
+    image = (
+        ImageConfig()
+        if grid
+        else ImageConfig(aspect_ratio="square", grid_pinpoints=None, patch_merge_type="flat")
+    )
+    cfg = ModelConfig(vision=VisionConfig(), text=text, manager=manager, image=image)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def tiny(variant: str = "grid_manager", manager_type: str = "static_zerouni", **overrides) -> ModelConfig:
+    """A small config for tests and the demo: 4 vision layers, 4 text layers, width 64."""
+    text = TextConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+        head_dim=16, rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=16384,
+    )
+    vision = VisionConfig(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4)
+    grid = variant.startswith("grid")
+    manager = (
+        ManagerConfig(
+            type=manager_type, vision_select_layers_start=1, vision_select_layers_end=5,
+            injection_start=0, injection_interval=2, injection_end=4,
+        )
+        if variant.endswith("manager")
+        else ManagerConfig(type=None)
+    )
+    image = (
+        ImageConfig()
+        if grid
+        else ImageConfig(aspect_ratio="square", grid_pinpoints=None, patch_merge_type="flat")
+    )
+    cfg = ModelConfig(vision=vision, text=text, manager=manager, image=image, image_token_id=500)
+    return cfg.replace(**overrides) if overrides else cfg
