@@ -1,0 +1,70 @@
+"""Attention dispatch: one entry point for every attention in the model.
+
+`xla` is the reference path (any backend, arbitrary masks, fp32 softmax as the PyTorch eager code).
+`cudnn` uses `jax.nn.dot_product_attention(implementation="cudnn")` (GPU flash attention); it is taken
+only where the mask is plain causal or full, and `auto` picks it on GPU for those cases. A TPU
+Splash kernel plugs in here later.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def segment_causal_mask(
+    q_slot: jax.Array, kv_slot: jax.Array, q_seg: jax.Array, kv_seg: jax.Array, causal: bool = True
+) -> jax.Array:
+    """Boolean mask [B, 1, T, S]: same segment and (if causal) key slot <= query slot.
+
+    Slots are positions in the physical sequence / KV cache (not RoPE positions), so packed rows and
+    left-padded caches use the same rule. Padding (segment 0) attends to padding, which keeps every
+    softmax row non-empty.
+    """
+    mask = q_seg[:, :, None] == kv_seg[:, None, :]
+    if causal:
+        mask = mask & (kv_slot[None, None, :] <= q_slot[None, :, None])
+    return mask[:, None]
+
+
+def _xla_attention(q, k, v, mask, scale):
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    g = h // kv
+    q = q.reshape(b, t, kv, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        # mask [B, 1|H, T, S] -> [B, KV|1, G|1, T, S]
+        m = mask.reshape(b, kv, g, t, -1) if mask.shape[1] == h else mask[:, :, None]
+        logits = jnp.where(m, logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None,
+    impl: str = "auto",
+    plain_causal: bool = False,
+) -> jax.Array:
+    """q [B,T,H,d], k/v [B,S,KV,d] (GQA when KV < H) -> [B,T,H,d].
+
+    `plain_causal=True` promises the caller's mask is exactly causal (single segment, no padding
+    inside the row), which lets the cuDNN kernel run without an explicit mask.
+    """
+    scale = q.shape[-1] ** -0.5
+    if impl == "auto":
+        impl = "cudnn" if (jax.default_backend() == "gpu" and plain_causal) else "xla"
+    if impl == "cudnn":
+        if not plain_causal and mask is not None:
+            raise ValueError("attention_impl='cudnn' supports causal (unpacked) attention only")
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=plain_causal, implementation="cudnn"
+        )
+    return _xla_attention(q, k, v, mask, scale)

@@ -1,0 +1,105 @@
+"""Building blocks shared by the vision tower and the decoder: dense layers, norms, stacked layers."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_REMAT_POLICIES = {
+    "full": None,  # recompute everything
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def linear(din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """Dense layer with PyTorch nn.Linear-like init (the weights are overwritten by checkpoints)."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+        bias_init=nnx.initializers.zeros_init(),
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """Qwen2 RMSNorm: variance and rsqrt in fp32, cast back to the input dtype, then times weight."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return self.scale.value.astype(x.dtype) * normed
+
+
+def make_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`num` copies of a layer with every parameter stacked on a leading axis (the scan layout)."""
+
+    @nnx.split_rngs(splits=num)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(r: nnx.Rngs):
+        return make_layer(r)
+
+    return create(rngs)
+
+
+def run_stacked(
+    layers: nnx.Module,
+    carry,
+    body: Callable,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    scan: bool = True,
+    remat_policy: str = "none",
+    xs=None,
+    collect: bool = False,
+):
+    """Applies stacked layers [start, stop) in order: carry = body(layer, carry, x) -> (carry, y).
+
+    With `scan=True` this is one `lax.scan` over the layer axis (one compiled layer body);
+    `scan=False` unrolls a Python loop (debugging). `xs` are per-layer inputs sliced alongside the
+    params (e.g. a KV cache). Returns (carry, stacked ys or None).
+    """
+    graphdef, state = nnx.split(layers)
+    num = jax.tree.leaves(state)[0].shape[0]
+    stop = num if stop is None else stop
+    if stop <= start:
+        return carry, None
+    state = jax.tree.map(lambda a: a[start:stop], state)
+    if xs is not None:
+        xs = jax.tree.map(lambda a: a[start:stop], xs)
+
+    def step(c, inputs):
+        layer_state, x = inputs
+        layer = nnx.merge(graphdef, layer_state)
+        c, y = body(layer, c, x)
+        return c, (y if collect else None)
+
+    if remat_policy != "none":
+        step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+    if scan:
+        return jax.lax.scan(step, carry, (state, xs))
+    ys = []
+    for i in range(stop - start):
+        c_in = (jax.tree.map(lambda a: a[i], state), None if xs is None else jax.tree.map(lambda a: a[i], xs))
+        carry, y = step(carry, c_in)
+        ys.append(y)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *ys) if collect else None
+    return carry, stacked

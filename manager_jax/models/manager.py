@@ -1,0 +1,156 @@
+"""The Manager (SPEC §2): aggregates selected vision layers and adds them to image tokens.
+
+Everything here works on the flat list of image tokens of the batch (the token plan): F [N, T, D]
+holds the (projected, layer-embedded, unpadded, resized) multi-layer features of every image token,
+`dst` [T] where each token sits in the flattened [B*S] sequence. One injection is a gather of the
+current hidden states (adaptive only), a weighted sum over N and one scatter-add.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from manager_jax.config import ModelConfig
+from manager_jax.models.layers import linear
+
+
+@dataclass
+class ManagerTokens:
+    """The per-token inputs of every injection, computed once per forward."""
+
+    features: jax.Array  # [N, T, D]
+    dst: jax.Array  # [T] flat index into [B*S]; B*S = dropped
+    active: jax.Array  # [T] bool: token receives the update
+    image: jax.Array  # [T] int32 image index (jitter / per-image fallback query), -1 = padding
+    query_mask: jax.Array | None  # [B, S] bool, adaptive last/average/cross only
+    num_images: int  # static bound on image indices
+
+
+jax.tree_util.register_dataclass(
+    ManagerTokens, data_fields=["features", "dst", "active", "image", "query_mask"], meta_fields=["num_images"]
+)
+
+
+class StaticBlock(nnx.Module):
+    """StaticManagerZeroInit: out = sum_n scores[n] * F[n]."""
+
+    def __init__(self, num_layers: int, dim: int, *, param_dtype):
+        self.layer_scores = nnx.Param(jnp.zeros((num_layers, dim), param_dtype))
+
+    def weights(self, feats, q, tokens, h_flat, jitter):
+        scores = self.layer_scores.value.astype(feats.dtype)  # [N, D]
+        if jitter is not None:  # one draw per image, shape [N, D] each (torch: [1, N, 1, D])
+            scores = scores[None] * jitter[tokens.image.clip(0)]  # [T, N, D]
+            return jnp.einsum("tnd,ntd->td", scores, feats)
+        return jnp.einsum("nd,ntd->td", scores, feats)
+
+
+class AdaptiveBlock(nnx.Module):
+    """AdaptiveManagerZeroInit: per-token weights from a linear controller over the current state."""
+
+    def __init__(self, num_layers: int, dim: int, query_type: str, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.query_type = query_type
+        din = dim if query_type == "none" else 2 * dim
+        self.controller = nnx.Linear(din, num_layers, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                                     kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.zero_gate = nnx.Param(jnp.zeros((num_layers, dim), param_dtype))
+        if query_type == "cross":
+            self.fusion_q = linear(dim, dim, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.fusion_k = linear(dim, dim, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def _extra(self, q, tokens: ManagerTokens, h_flat):
+        """The controller's extra input per token [T, D] (SPEC §2.7 last / average / cross)."""
+        b_s = h_flat.shape[0]
+        qm = tokens.query_mask.reshape(-1)  # [B*S]
+        s = tokens.query_mask.shape[1]
+        sample = jnp.clip(tokens.dst // s, 0, tokens.query_mask.shape[0] - 1)  # [T]
+        has_query = tokens.query_mask.any(axis=1)[sample]  # [T]
+        img = tokens.image.clip(0)
+        n_img = tokens.num_images
+        tok_w = tokens.active.astype(q.dtype)
+        pos = jnp.arange(b_s)
+        if self.query_type in ("last", "average"):
+            if self.query_type == "average":
+                hq = jnp.where(qm[:, None], h_flat, 0).reshape(tokens.query_mask.shape + (-1,))
+                e_sample = hq.sum(1) / jnp.maximum(tokens.query_mask.sum(1), 1)[:, None]
+                e_img = jax.ops.segment_sum(q * tok_w[:, None], img, n_img) / jnp.maximum(
+                    jax.ops.segment_sum(tok_w, img, n_img), 1)[:, None]
+            else:
+                last_q = jnp.max(jnp.where(tokens.query_mask, pos.reshape(tokens.query_mask.shape), -1), axis=1)
+                e_sample = h_flat[jnp.clip(last_q, 0)]
+                last_tok = jax.ops.segment_max(jnp.where(tokens.active, jnp.arange(q.shape[0]), -1), img, n_img)
+                e_img = q[jnp.clip(last_tok, 0)]
+            return jnp.where(has_query[:, None], e_sample[sample], e_img[img])
+        # cross: attention of each image token over its sample's query tokens (or its own image).
+        d = q.shape[-1]
+        qp = self.fusion_q(q)
+        kq = self.fusion_k(h_flat)  # [B*S, D]
+        logits = (qp @ kq.T) / jnp.sqrt(jnp.asarray(d, qp.dtype))
+        key_ok = qm[None, :] & ((pos // s)[None, :] == sample[:, None])
+        att = jax.nn.softmax(jnp.where(key_ok, logits, -jnp.inf), axis=-1)
+        ctx_query = jnp.where(has_query[:, None], jnp.nan_to_num(att) @ h_flat, 0)
+        kt = self.fusion_k(q)
+        logits_img = (qp @ kt.T) / jnp.sqrt(jnp.asarray(d, qp.dtype))
+        same = (img[:, None] == img[None, :]) & tokens.active[None, :]
+        att_img = jax.nn.softmax(jnp.where(same, logits_img, -jnp.inf), axis=-1)
+        ctx_img = jnp.nan_to_num(att_img) @ q
+        return jnp.where(has_query[:, None], ctx_query, ctx_img)
+
+    def weights(self, feats, q, tokens, h_flat, jitter):
+        if self.query_type == "none":
+            ctrl_in = q
+        else:
+            ctrl_in = jnp.concatenate([self._extra(q, tokens, h_flat), q], axis=-1)
+        s = self.controller(ctrl_in)  # [T, N]
+        w = s.T[:, :, None] * self.zero_gate.value.astype(feats.dtype)[:, None, :]  # [N, T, D]
+        if jitter is not None:  # [N, T, D] per token (torch: [B, N, L, D])
+            w = w * jitter
+        return jnp.sum(w * feats, axis=0)
+
+
+class Manager(nnx.Module):
+    """All injection blocks plus the shared per-layer embedding."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        m = cfg.manager
+        dim = cfg.text.hidden_size
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        n = cfg.num_manager_layers
+        self.num_layers = n
+        self.jitter_eps = m.jitter_eps
+        self.layer_embedding = nnx.Param(jax.random.normal(rngs.params(), (n, dim), param_dtype) / jnp.sqrt(dim))
+        blocks = []
+        for layer in cfg.injection_layers():
+            if layer == 0:  # layer-0 special case: the last selected layer is dropped (SPEC §2.2)
+                blocks.append(StaticBlock(n - 1, dim, param_dtype=param_dtype))
+            elif m.query_type is None:
+                blocks.append(StaticBlock(n, dim, param_dtype=param_dtype))
+            else:
+                blocks.append(AdaptiveBlock(n, dim, m.query_type, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+        self.blocks = nnx.List(blocks)
+
+    def inject(self, j: int, h: jax.Array, tokens: ManagerTokens, jitter_key: jax.Array | None) -> jax.Array:
+        """h [B, S, D] -> h with manager j's update added at the active image tokens."""
+        block = self.blocks[j]
+        b, s, d = h.shape
+        h_flat = h.reshape(b * s, d)
+        feats = tokens.features.astype(h.dtype)
+        q = h_flat.at[tokens.dst].get(mode="fill", fill_value=0)  # current states at the image tokens
+        jitter = None
+        if isinstance(block, StaticBlock):
+            feats = feats[: block.layer_scores.value.shape[0]]
+            if jitter_key is not None:
+                shape = (tokens.num_images,) + block.layer_scores.value.shape
+                jitter = self._uniform(jitter_key, shape, h.dtype)
+        elif jitter_key is not None:
+            jitter = self._uniform(jitter_key, feats.shape, h.dtype)
+        out = block.weights(feats, q, tokens, h_flat, jitter)
+        out = jnp.where(tokens.active[:, None], out, 0).astype(h.dtype)
+        return h_flat.at[tokens.dst].add(out, mode="drop").reshape(b, s, d)
+
+    def _uniform(self, key, shape, dtype):
+        return jax.random.uniform(key, shape, dtype, 1 - self.jitter_eps, 1 + self.jitter_eps)

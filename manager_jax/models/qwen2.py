@@ -1,0 +1,164 @@
+"""Qwen2 decoder (SPEC §1.4): RMSNorm, half-split RoPE, GQA with q/k/v bias, SwiGLU MLP.
+
+The decoder runs its stacked layers in runs between Manager injection points: an `inject(j, h)`
+callback is applied before each injection layer (prefill / full forward only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from flax import nnx
+
+from manager_jax.config import TextConfig
+from manager_jax.models.attention import dot_product_attention, segment_causal_mask
+from manager_jax.models.layers import RMSNorm, linear, make_stacked, run_stacked
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, head_dim] computed in fp32 and cast to the activation dtype (as HF)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, H, d]; rotate_half(x) = [-x2, x1] (not interleaved)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+@dataclass
+class AttentionContext:
+    """What every layer's attention needs, computed once per forward."""
+
+    cos: jax.Array
+    sin: jax.Array
+    q_slot: jax.Array  # [T] physical slots of the queries
+    q_seg: jax.Array  # [B, T]
+    kv_seg: jax.Array  # [B, S] (S = T without cache, cache length with one)
+    cache_index: jax.Array | None = None  # where the new keys go in the cache
+    plain_causal: bool = False
+
+
+jax.tree_util.register_dataclass(
+    AttentionContext,
+    data_fields=["cos", "sin", "q_slot", "q_seg", "kv_seg", "cache_index"],
+    meta_fields=["plain_causal"],
+)
+
+
+class Qwen2Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, impl: str, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q = linear(d, cfg.num_heads * hd, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.k = linear(d, cfg.num_kv_heads * hd, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.v = linear(d, cfg.num_kv_heads * hd, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.o = linear(cfg.num_heads * hd, d, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.impl = impl
+
+    def __call__(self, x: jax.Array, ctx: AttentionContext, cache: tuple | None = None):
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if cache is not None:
+            ck, cv = cache
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), ctx.cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), ctx.cache_index, axis=1)
+            cache = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        kv_slot = jnp.arange(k.shape[1])
+        if ctx.plain_causal and cache is None and self.impl != "xla":
+            out = dot_product_attention(q, k, v, mask=None, impl=self.impl, plain_causal=True)
+        else:
+            mask = segment_causal_mask(ctx.q_slot, kv_slot, ctx.q_seg, ctx.kv_seg)
+            out = dot_product_attention(q, k, v, mask=mask, impl="xla")
+        out = checkpoint_name(out, "attn_out")
+        return self.o(out.reshape(b, t, -1)), cache
+
+
+class Qwen2MLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        mk = lambda i, o: linear(i, o, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate = mk(cfg.hidden_size, cfg.intermediate_size)
+        self.up = mk(cfg.hidden_size, cfg.intermediate_size)
+        self.down = mk(cfg.intermediate_size, cfg.hidden_size)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Qwen2Layer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, impl: str, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.attn = Qwen2Attention(cfg, dtype=dtype, param_dtype=param_dtype, impl=impl, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = Qwen2MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, ctx: AttentionContext, cache=None):
+        a, cache = self.attn(self.input_norm(x), ctx, cache)
+        x = x + a
+        return x + self.mlp(self.post_attn_norm(x)), cache
+
+
+class Qwen2Decoder(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, impl="auto", scan_layers=True, remat_policy="none", rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                               embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.layers = make_stacked(
+            lambda r: Qwen2Layer(cfg, dtype=dtype, param_dtype=param_dtype, impl=impl, rngs=r), cfg.num_layers, rngs
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.scan_layers = scan_layers
+        self.remat_policy = remat_policy
+
+    def context(self, positions, q_seg, *, kv_seg=None, q_slot=None, cache_index=None, plain_causal=False):
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        t = positions.shape[1]
+        q_slot = jnp.arange(t) if q_slot is None else q_slot
+        return AttentionContext(cos, sin, q_slot, q_seg, q_seg if kv_seg is None else kv_seg, cache_index, plain_causal)
+
+    def __call__(
+        self,
+        h: jax.Array,
+        ctx: AttentionContext,
+        *,
+        injection_layers: tuple[int, ...] = (),
+        inject: Callable[[int, jax.Array], jax.Array] | None = None,
+        cache: tuple | None = None,
+    ):
+        """h [B, T, D] input embeddings -> (normed hidden [B, T, D], new cache).
+
+        `cache` is (k, v) with k/v [L, B, S_max, KV, d]; layers and their cache slices are scanned
+        together. Injections run before the layers in `injection_layers` (prefill only).
+        """
+        bounds = sorted(set([0, *injection_layers, self.cfg.num_layers]))
+        if cache is None:
+            body = lambda layer, x, _: (layer(x, ctx)[0], None)
+        else:
+            def body(layer, x, layer_cache):
+                x, new_cache = layer(x, ctx, layer_cache)
+                return x, new_cache
+        new_caches = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if inject is not None and a in injection_layers:
+                h = inject(injection_layers.index(a), h)
+            h, ys = run_stacked(
+                self.layers, h, body, start=a, stop=b, scan=self.scan_layers,
+                remat_policy=self.remat_policy, xs=cache, collect=cache is not None,
+            )
+            new_caches.append(ys)
+        if cache is not None:
+            cache = jax.tree.map(lambda *c: jnp.concatenate(c, axis=0), *new_caches)
+        return self.norm(h), cache

@@ -1,0 +1,98 @@
+"""SigLIP vision tower as LLaVA-OV uses it (SPEC §1.1): no head, post-LN kept but unused."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from manager_jax.config import VisionConfig
+from manager_jax.models.attention import dot_product_attention
+from manager_jax.models.layers import linear, make_stacked, run_stacked
+
+
+class SiglipAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        mk = lambda: linear(d, d, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q, self.k, self.v, self.o = mk(), mk(), mk(), mk()
+        self.num_heads = cfg.num_heads
+        self.impl = "xla"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+        out = dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask=None, impl="xla")
+        return self.o(out.reshape(b, t, d))
+
+
+class SiglipMLP(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.fc1 = linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))  # gelu_pytorch_tanh
+
+
+class SiglipLayer(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        ln = lambda: nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ln1 = ln()
+        self.attn = SiglipAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ln2 = ln()
+        self.mlp = SiglipMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class SiglipTower(nnx.Module):
+    """pixels [C, 384, 384, 3] -> hidden states; one scan over the encoder layers."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, scan_layers=True, remat_policy="none", rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.patch_embed = nnx.Conv(
+            3, cfg.hidden_size, kernel_size=(cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
+            padding="VALID", use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )
+        self.pos_embed = nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.num_patches, cfg.hidden_size), param_dtype) * 0.02
+        )
+        self.layers = make_stacked(
+            lambda r: SiglipLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_layers, rngs
+        )
+        self.post_ln = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.scan_layers = scan_layers
+        self.remat_policy = remat_policy
+
+    def embed(self, pixels: jax.Array) -> jax.Array:
+        x = self.patch_embed(pixels.astype(self.dtype))  # [C, 27, 27, D], row-major like torch
+        c = x.shape[0]
+        return x.reshape(c, -1, self.cfg.hidden_size) + self.pos_embed.value.astype(self.dtype)
+
+    def __call__(self, pixels: jax.Array, select_layers: list[int] | None = None):
+        """Returns (last [C, 729, Dv], selected [N, C, 729, Dv] or None).
+
+        `selected[i]` is hidden_states[select_layers[i]] with hidden_states[0] the embeddings and
+        hidden_states[k] the output of encoder layer k-1 (SPEC §1.1); `last` is hidden_states[-1]
+        before post_layernorm.
+        """
+        h0 = self.embed(pixels)
+        body = lambda layer, h, _: (lambda y: (y, y))(layer(h))
+        run = lambda h, start, stop, collect: run_stacked(
+            self.layers, h, body, start=start, stop=stop, scan=self.scan_layers,
+            remat_policy=self.remat_policy, collect=collect,
+        )
+        if not select_layers:
+            return run(h0, 0, None, False)[0], None
+        # Only layers at or after the first selected one keep their outputs (memory).
+        first = max(min(select_layers) - 1, 0)
+        h, _ = run(h0, 0, first, False)
+        last, tail = run(h, first, None, True)
+        # hidden_states[k] for k >= first + 1 is tail[k - first - 1]; k = 0 is the embeddings.
+        stacked = jnp.concatenate([h[None], tail], axis=0)  # hidden_states[first:]
+        picked = [h0 if k == 0 else stacked[k - first] for k in select_layers]
+        return last, jnp.stack(picked)
