@@ -45,7 +45,7 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
         normed = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
-        return self.scale.value.astype(x.dtype) * normed
+        return self.scale[...].astype(x.dtype) * normed
 
 
 def make_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -64,12 +64,12 @@ class LlavaOV(nnx.Module):
         if selected is None:
             return main, None
         mgr = self.projector(selected)  # the same projector (SPEC §2.3)
-        mgr = mgr + self.manager.layer_embedding.value.astype(mgr.dtype)[:, None, None, :]
+        mgr = mgr + self.manager.layer_embedding[...].astype(mgr.dtype)[:, None, None, :]
         return main, mgr.reshape(mgr.shape[0], -1, mgr.shape[-1])
 
     def _newline(self, dtype):
         if self.cfg.image.has_newline:
-            return self.image_newline.value.astype(dtype)
+            return self.image_newline[...].astype(dtype)
         return None
 
     def image_tokens(self, features: jax.Array, batch: dict) -> jax.Array:

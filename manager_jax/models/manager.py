@@ -42,7 +42,7 @@ class StaticBlock(nnx.Module):
         self.layer_scores = nnx.Param(jnp.zeros((num_layers, dim), param_dtype))
 
     def weights(self, feats, q, tokens, h_flat, jitter):
-        scores = self.layer_scores.value.astype(feats.dtype)  # [N, D]
+        scores = self.layer_scores[...].astype(feats.dtype)  # [N, D]
         if jitter is not None:  # one draw per image, shape [N, D] each (torch: [1, N, 1, D])
             scores = scores[None] * jitter[tokens.image.clip(0)]  # [T, N, D]
             return jnp.einsum("tnd,ntd->td", scores, feats)
@@ -106,7 +106,7 @@ class AdaptiveBlock(nnx.Module):
         else:
             ctrl_in = jnp.concatenate([self._extra(q, tokens, h_flat), q], axis=-1)
         s = self.controller(ctrl_in)  # [T, N]
-        w = s.T[:, :, None] * self.zero_gate.value.astype(feats.dtype)[:, None, :]  # [N, T, D]
+        w = s.T[:, :, None] * self.zero_gate[...].astype(feats.dtype)[:, None, :]  # [N, T, D]
         if jitter is not None:  # [N, T, D] per token (torch: [B, N, L, D])
             w = w * jitter
         return jnp.sum(w * feats, axis=0)
@@ -142,9 +142,9 @@ class Manager(nnx.Module):
         q = h_flat.at[tokens.dst].get(mode="fill", fill_value=0)  # current states at the image tokens
         jitter = None
         if isinstance(block, StaticBlock):
-            feats = feats[: block.layer_scores.value.shape[0]]
+            feats = feats[: block.layer_scores.shape[0]]
             if jitter_key is not None:
-                shape = (tokens.num_images,) + block.layer_scores.value.shape
+                shape = (tokens.num_images,) + block.layer_scores.shape
                 jitter = self._uniform(jitter_key, shape, h.dtype)
         elif jitter_key is not None:
             jitter = self._uniform(jitter_key, feats.shape, h.dtype)

@@ -71,7 +71,7 @@ class SiglipTower(nnx.Module):
     def embed(self, pixels: jax.Array) -> jax.Array:
         x = self.patch_embed(pixels.astype(self.dtype))  # [C, 27, 27, D], row-major like torch
         c = x.shape[0]
-        return x.reshape(c, -1, self.cfg.hidden_size) + self.pos_embed.value.astype(self.dtype)
+        return x.reshape(c, -1, self.cfg.hidden_size) + self.pos_embed[...].astype(self.dtype)
 
     def __call__(self, pixels: jax.Array, select_layers: list[int] | None = None):
         """Returns (last [C, 729, Dv], selected [N, C, 729, Dv] or None).
