@@ -23,9 +23,12 @@ from manager_jax.data.tokenizer import (
     load_tokenizer,
 )
 
-SPECIALS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<image>": 151646, "<video>": 151647}
+SPECIALS = {
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<image>": 151646, "<video>": 151647,
+}
 MINIMAL_CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -84,8 +87,9 @@ def random_corpus(n: int, seed: int = 0) -> list[str]:
         "Hello", " world", "the", " THE", "'s", "'LL", "'ve", "don't", " 12345", "3.14", "2024-01-02",
         "\n", "\n\n", "\r\n", "\t", "  ", "   \n", " ", "!", "?!", "...", "(", ")", "{\"a\": 1}", "<", ">", "|",
         "def f(x):\n    return x", "https://example.com/a?b=c",
-        "你好", "，世界", "中文分词测试", "こんにちは", "カタカナ", "漢字かな", "مرحبا", " بالعالم", "Привет", "Ελληνικά",
-        "नमस्ते", "안녕하세요", "\u1112\u1161\u11ab", "e\u0301", "Cafe\u0301", "n\u0303", "\u0338", "ﬁ", "Ａ",
+        "你好", "，世界", "中文分词测试", "こんにちは", "カタカナ", "漢字かな", "مرحبا", " بالعالم",
+        "Привет", "Ελληνικά", "नमस्ते", "안녕하세요", "\u1112\u1161\u11ab",
+        "e\u0301", "Cafe\u0301", "n\u0303", "\u0338", "ﬁ", "Ａ",
         "🙂", "👨\u200d👩\u200d👧", "🇯🇵", "✓", "\u00a0", "\u3000", "\u200b",
         "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<image>", "<video>", "<|im_start", "im_end|>",
     ]
@@ -112,7 +116,8 @@ def hf_ref():
 def hf_dir(tmp_path_factory, hf_ref):
     path = tmp_path_factory.mktemp("qwen2_tokenizer")
     hf_ref.save_pretrained(str(path))
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643], "pad_token_id": 151643}))
+    generation_config = {"eos_token_id": [151645, 151643], "pad_token_id": 151643}
+    (path / "generation_config.json").write_text(json.dumps(generation_config))
     return str(path)
 
 
