@@ -1,0 +1,176 @@
+"""Pixel side of the multi-grid preprocessing: RGB conversion, crops, normalisation.
+
+The geometry (best resolution, resize size, paste offset) lives in :mod:`manager_jax.multigrid`;
+this module applies it with PIL exactly as ``LLaVA-NeXT/llava/mm_utils.py`` and
+``SigLipImageProcessor`` do (SPEC §3.1-§3.5). Crops are returned NHWC, float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from manager_jax import multigrid
+
+PAD_COLOR = (127, 127, 127)  # int(0.5 * 255) for each channel: pad-to-square background
+IMAGE_MEAN = np.float32(0.5)
+IMAGE_STD = np.float32(0.5)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def load_rgb(image: Image.Image) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB.
+
+    As in the original (``Image.open(...).convert("RGB")``), PIL's own conversion is used for
+    8-bit modes: alpha is dropped (not composited), palettes are expanded, CMYK/YCbCr/LAB/HSV
+    go through PIL's converters. Departures, because PIL clips instead of scaling:
+
+    - 16-bit modes (``I;16*``) are scaled to 8 bits with ``round(v / 257)`` (65535 -> 255).
+    - ``I`` (32-bit int): negative values clip to 0; if the maximum exceeds 255 the image is
+      taken to hold 16-bit data (16-bit PNGs open as ``I`` in older Pillows) and scaled by 1/257
+      after clipping to 65535; otherwise it is used as is.
+    - ``F`` (32-bit float): if every finite value lies in [0, 1] it is scaled by 255, otherwise
+      clipped to [0, 255]; NaN becomes 0.
+    - Modes PIL cannot convert to RGB directly go through RGBA or LA (e.g. premultiplied ``La``).
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"load_rgb expects a PIL.Image.Image, got {type(image).__name__}")
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        return Image.fromarray(_to_uint8_gray(image)).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        pass
+    for via in ("RGBA", "LA"):  # e.g. premultiplied "La" only converts to "LA"
+        try:
+            return image.convert(via).convert("RGB")
+        except ValueError:
+            continue
+    raise ValueError(f"cannot convert a PIL image of mode {image.mode!r} to RGB")
+
+
+def _to_uint8_gray(image: Image.Image) -> np.ndarray:
+    """Scale a high bit-depth single-channel image to uint8 (see :func:`load_rgb`)."""
+    values = np.asarray(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        scaled = values.astype(np.float64) / 257.0
+    elif image.mode == "I":
+        values = np.clip(values.astype(np.int64), 0, 65535)
+        scaled = values / 257.0 if values.size and values.max() > 255 else values.astype(np.float64)
+    else:  # "F"
+        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        in_unit_range = values.size and values.min() >= 0.0 and values.max() <= 1.0
+        scaled = values * 255.0 if in_unit_range else values
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, int, int] = PAD_COLOR) -> Image.Image:
+    """Centre the image on a square of its longer side (``expand2square``, SPEC §3.2)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), background)
+    result.paste(image, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def image_crops(
+    image: Image.Image,
+    *,
+    mode: str,
+    pinpoints: str | Sequence[Sequence[int]] | None = None,
+    patch: int = multigrid.PATCH,
+    convention: str = "original",
+    max_tiles: int | None = None,
+) -> list[Image.Image]:
+    """The crops of one image, each ``patch`` x ``patch`` RGB (SPEC §3.2, §3.5).
+
+    - square: the whole image squashed to ``patch``² (bicubic).
+    - pad: centred on a (127, 127, 127) square, then resized to ``patch``² (bicubic).
+    - anyres / anyres_max_N: [base, tile_0, ...]; base = the image squashed to ``patch``²;
+      tiles = the image resized keeping its aspect ratio (``Image.resize`` default, bicubic)
+      into the best pinpoint canvas, pasted on black at the centre, cut row-major.
+
+    ``convention`` and ``max_tiles`` select the canvas as :func:`multigrid.plan_image` does, so
+    crops and plan agree.
+    """
+    rgb = load_rgb(image)
+    kind, _ = multigrid.parse_mode(mode)
+    square = (patch, patch)
+    if kind == "square":
+        return [rgb.resize(square, Image.Resampling.BICUBIC)]
+    if kind == "pad":
+        return [expand_to_square(rgb).resize(square, Image.Resampling.BICUBIC)]
+    if pinpoints is None:
+        raise ValueError(f"mode {mode!r} needs image_grid_pinpoints")
+    canvas_w, canvas_h = multigrid.best_resolution(
+        rgb.size, pinpoints, convention=convention, max_tiles=max_tiles, patch=patch
+    )
+    new_w, new_h, paste_x, paste_y = multigrid.resize_geometry(rgb.size, (canvas_w, canvas_h))
+    canvas = Image.new("RGB", (canvas_w, canvas_h), (0, 0, 0))
+    canvas.paste(rgb.resize((new_w, new_h), Image.Resampling.BICUBIC), (paste_x, paste_y))
+    tiles = [
+        canvas.crop((x, y, x + patch, y + patch))
+        for y in range(0, canvas_h, patch)
+        for x in range(0, canvas_w, patch)
+    ]
+    return [rgb.resize(square, Image.Resampling.BICUBIC)] + tiles
+
+
+def normalize_crops(crops: Sequence[Image.Image], size: int = multigrid.PATCH) -> np.ndarray:
+    """Crops -> float32 [n, size, size, 3] (NHWC), as ``SigLipImageProcessor`` (SPEC §3.1).
+
+    RGB conversion, bicubic resize to ``size``² when needed, rescale by 1/255 in float64 then
+    cast to float32, then ``(x - 0.5) / 0.5`` in float32.
+    """
+    if len(crops) == 0:
+        raise ValueError("normalize_crops needs at least one crop")
+    arrays = []
+    for crop in crops:
+        rgb = load_rgb(crop)
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+        arrays.append(np.asarray(rgb, dtype=np.uint8))
+    pixels = (np.stack(arrays).astype(np.float64) * (1 / 255)).astype(np.float32)
+    return (pixels - IMAGE_MEAN) / IMAGE_STD
+
+
+def preprocess_image(
+    image: Image.Image,
+    *,
+    mode: str,
+    pinpoints: str | Sequence[Sequence[int]] | None = None,
+    convention: str = "original",
+    grid_type: str | None = None,
+    unpad: bool = True,
+    max_tiles: int | None = None,
+    patch: int = multigrid.PATCH,
+    grid_tokens: int = multigrid.GRID_TOKENS,
+) -> tuple[np.ndarray, multigrid.ImagePlan]:
+    """One image -> (pixels float32 [num_crops, patch, patch, 3], its :class:`ImagePlan`).
+
+    ``grid_type`` (Manager "main"/"grid"/"all"), when given, fills ``plan.manager``.
+    """
+    rgb = load_rgb(image)
+    # Plan first: it raises clear errors before any pixel work.
+    plan = multigrid.plan_image(
+        rgb.size,
+        mode=mode,
+        pinpoints=pinpoints,
+        convention=convention,
+        max_tiles=max_tiles,
+        patch=patch,
+        grid_tokens=grid_tokens,
+        unpad=unpad,
+        grid_type=grid_type,
+    )
+    crops = image_crops(rgb, mode=mode, pinpoints=pinpoints, patch=patch, convention=convention, max_tiles=max_tiles)
+    pixels = normalize_crops(crops, size=patch)
+    if pixels.shape[0] != plan.num_crops:  # geometry and pixels come from the same functions
+        raise AssertionError(f"{pixels.shape[0]} crops but the plan expects {plan.num_crops}")
+    return pixels, plan
