@@ -1,0 +1,370 @@
+"""Our params directory: Orbax parameters + the model config, written atomically.
+
+Layout of a params directory (what `python -m tools.convert_weights to-orbax` writes and what
+`run.py generate/score` and training accept as an initial checkpoint):
+
+    DIR/config.json   ModelConfig.to_dict()
+    DIR/params/       an Orbax PyTree checkpoint of the parameter tree (docs/CONTRACTS.md §3),
+                      a pure nested dict; Manager block indices are int keys, as in nnx.List
+    DIR/...           optional extra files (conversion record, tokenizer/)
+
+A training checkpoint (an Orbax CheckpointManager directory: numbered step directories, each with a
+`params` item) is accepted wherever a params directory is: the latest step is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from manager_jax.config import ModelConfig
+
+PARAMS_ITEM = "params"
+CONFIG_FILE = "config.json"
+
+
+class ParamsError(ValueError):
+    """A params directory or tree that does not match what is expected."""
+
+
+# ---- Orbax plumbing -----------------------------------------------------------------------------
+
+
+def _handler() -> ocp.PyTreeCheckpointHandler:
+    """A PyTree handler whose numpy handler does not deep-copy arrays before writing.
+
+    The default copies every host array first, doubling peak memory for a whole model; our callers
+    never mutate the tree while it is saved (the save is synchronous).
+    """
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def save_tree(path: str, tree: Mapping) -> None:
+    """Writes a pure nested dict of numpy / jax arrays as an Orbax PyTree checkpoint at `path`."""
+    with ocp.Checkpointer(_handler()) as ckpt:
+        ckpt.save(os.path.abspath(path), args=ocp.args.PyTreeSave(dict(tree)))
+
+
+def _int_keys(tree: Any) -> Any:
+    """Orbax stores dict keys as strings; nnx.List indices are ints. Digit-only keys become ints."""
+    if isinstance(tree, Mapping):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _strip_value_leaves(tree: Any) -> Any:
+    """A tree saved from an nnx.State without `to_pure_dict` has {"value": array} leaves; unwrap them."""
+    if isinstance(tree, Mapping):
+        if set(tree.keys()) == {"value"} and not isinstance(tree["value"], Mapping):
+            return tree["value"]
+        return {k: _strip_value_leaves(v) for k, v in tree.items()}
+    return tree
+
+
+def tree_metadata(path: str) -> dict:
+    """{shape, dtype} of every array of an Orbax PyTree checkpoint, as `jax.ShapeDtypeStruct`s."""
+    with ocp.Checkpointer(_handler()) as ckpt:
+        meta = ckpt.metadata(os.path.abspath(path))
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    tree = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
+        tree,
+        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
+    )
+    return _strip_value_leaves(_int_keys(tree))
+
+
+def _has_value_wrappers(path: str) -> bool:
+    with ocp.Checkpointer(_handler()) as ckpt:
+        meta = ckpt.metadata(os.path.abspath(path))
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    found = []
+
+    def visit(node):
+        if isinstance(node, Mapping):
+            if set(node.keys()) == {"value"} and not isinstance(node["value"], Mapping):
+                found.append(True)
+            for v in node.values():
+                visit(v)
+
+    visit(tree)
+    return bool(found)
+
+
+def _wrap(tree: Any, wrap: bool) -> Any:
+    if not wrap:
+        return tree
+    if isinstance(tree, Mapping):
+        return {k: _wrap(v, wrap) for k, v in tree.items()}
+    return {"value": tree}
+
+
+def restore_tree(path: str, target: Mapping | None = None, *, partial: bool = False) -> dict:
+    """Restores an Orbax PyTree checkpoint.
+
+    target None: every array as numpy. Otherwise a nested dict whose leaves are
+    `jax.ShapeDtypeStruct` (with `.sharding` to restore as sharded jax.Arrays on any mesh, without it
+    as numpy) or arrays; dtypes are cast to the target's. `partial=True` restores only the
+    leaves present in `target` (one parameter at a time for streaming).
+    """
+    path = os.path.abspath(path)
+    wrapped = _has_value_wrappers(path)
+    if target is None:
+        meta = tree_metadata(path)
+        target = jax.tree_util.tree_map(lambda s: s, meta)
+
+    def restore_arg(leaf):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None:
+            return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(leaf.shape), dtype=leaf.dtype)
+        return ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.dtype(leaf.dtype))
+
+    item = _wrap(_string_keys(target), wrapped)
+    restore_args = jax.tree_util.tree_map(restore_arg, item)
+    with ocp.Checkpointer(_handler()) as ckpt:
+        out = ckpt.restore(
+            path,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=partial),
+        )
+    return _strip_value_leaves(_int_keys(out))
+
+
+def _string_keys(tree: Any) -> Any:
+    # Orbax matches the target against the stored tree by string keys.
+    if isinstance(tree, Mapping):
+        return {str(k): _string_keys(v) for k, v in tree.items()}
+    return tree
+
+
+# ---- params directories ---------------------------------------------------------------------------
+
+
+def resolve_params_dir(path: str) -> tuple[str, str | None]:
+    """(Orbax params item directory, config.json path or None) for a params dir or training checkpoint.
+
+    A training checkpoint directory holds numbered step directories; the latest one with a `params`
+    item wins. Its config is looked up in the step directory, then the checkpoint root.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ParamsError(f"{path}: not a directory")
+    if os.path.isdir(os.path.join(path, PARAMS_ITEM)):
+        cfg = os.path.join(path, CONFIG_FILE)
+        return os.path.join(path, PARAMS_ITEM), cfg if os.path.exists(cfg) else None
+    steps = sorted(
+        (int(name), name)
+        for name in os.listdir(path)
+        if name.isdigit() and os.path.isdir(os.path.join(path, name, PARAMS_ITEM))
+    )
+    if not steps:
+        raise ParamsError(
+            f"{path}: neither a params directory ({PARAMS_ITEM}/ + {CONFIG_FILE}) nor a training checkpoint "
+            f"(numbered step directories holding a '{PARAMS_ITEM}' item)"
+        )
+    step_dir = os.path.join(path, steps[-1][1])
+    for candidate in (os.path.join(step_dir, CONFIG_FILE), os.path.join(path, CONFIG_FILE)):
+        if os.path.exists(candidate):
+            return os.path.join(step_dir, PARAMS_ITEM), candidate
+    return os.path.join(step_dir, PARAMS_ITEM), None
+
+
+def is_params_dir(path: str) -> bool:
+    try:
+        resolve_params_dir(path)
+        return True
+    except ParamsError:
+        return False
+
+
+def load_config(path: str) -> ModelConfig:
+    """The ModelConfig of a params directory or training checkpoint."""
+    _, cfg_path = resolve_params_dir(path)
+    if cfg_path is None:
+        raise ParamsError(f"{path}: no {CONFIG_FILE} next to the params (looked in the step dir and the root)")
+    return ModelConfig.from_json_file(cfg_path)
+
+
+def _write_atomically(directory: str, fill: Callable[[str], None], overwrite: bool) -> str:
+    """Runs fill(tmp_dir) and renames tmp_dir to `directory` only if it succeeds."""
+    directory = os.path.abspath(directory.rstrip("/"))
+    if os.path.exists(directory) and not overwrite:
+        raise ParamsError(f"{directory} already exists (pass overwrite=True to replace it)")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        fill(tmp)
+        if os.path.exists(directory):
+            trash = os.path.join(parent, f".{os.path.basename(directory)}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(directory, trash)
+            os.rename(tmp, directory)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def check_tree(params: Mapping, expected: Mapping) -> list[str]:
+    """Problems (missing / unexpected leaves, shape mismatches) of `params` against `expected`."""
+    flat_exp = _flatten(expected)
+    flat_got = _flatten(params)
+    problems = []
+    for p in sorted(flat_exp.keys() - flat_got.keys(), key=str):
+        problems.append(f"missing parameter {_dotted(p)} {list(flat_exp[p].shape)}")
+    for p in sorted(flat_got.keys() - flat_exp.keys(), key=str):
+        problems.append(f"unexpected parameter {_dotted(p)} {list(np.shape(flat_got[p]))}")
+    for p in sorted(flat_exp.keys() & flat_got.keys(), key=str):
+        if tuple(np.shape(flat_got[p])) != tuple(flat_exp[p].shape):
+            problems.append(
+                f"parameter {_dotted(p)} has shape {list(np.shape(flat_got[p]))}, expected {list(flat_exp[p].shape)}"
+            )
+    return problems
+
+
+def abstract_params(config: ModelConfig) -> dict:
+    """The model's parameters as a pure dict of `jax.ShapeDtypeStruct` (no memory allocated)."""
+    from flax import nnx
+
+    from manager_jax.models.llava_ov import LlavaOV
+
+    model = nnx.eval_shape(lambda: LlavaOV(config, rngs=nnx.Rngs(0)))
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    )
+
+
+def save_params(
+    directory: str,
+    params: Mapping,
+    config: ModelConfig,
+    *,
+    extra_files: Mapping[str, str | bytes] | None = None,
+    overwrite: bool = False,
+    validate: bool = True,
+) -> str:
+    """Writes a params directory atomically (temporary directory + rename); returns its path.
+
+    `params` is a pure nested dict of numpy or jax arrays (e.g. `nnx.state(model, nnx.Param)
+    .to_pure_dict()`). With `validate`, the tree must match the model of `config` exactly.
+    `extra_files` maps relative names to source file paths (copied) or bytes (written).
+    """
+    if validate:
+        problems = check_tree(params, abstract_params(config))
+        if problems:
+            raise ParamsError("params do not match the config:\n  - " + "\n  - ".join(problems))
+
+    def fill(tmp: str) -> None:
+        save_tree(os.path.join(tmp, PARAMS_ITEM), params)
+        # Read back what Orbax recorded before the directory becomes visible.
+        written = tree_metadata(os.path.join(tmp, PARAMS_ITEM))
+        problems = check_tree(written, params)
+        given = _flatten(params)
+        problems += [
+            f"parameter {_dotted(p)} was written as {leaf.dtype}, given {np.dtype(given[p].dtype)}"
+            for p, leaf in _flatten(written).items()
+            if p in given and np.dtype(leaf.dtype) != np.dtype(given[p].dtype)
+        ]
+        if problems:
+            raise ParamsError("the written checkpoint does not read back as given:\n  - " + "\n  - ".join(problems))
+        config.save(os.path.join(tmp, CONFIG_FILE))
+        for name, content in (extra_files or {}).items():
+            dst = os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if isinstance(content, bytes):
+                with open(dst, "wb") as f:
+                    f.write(content)
+            else:
+                shutil.copyfile(content, dst)
+
+    return _write_atomically(directory, fill, overwrite)
+
+
+def load_params(
+    directory: str, *, target: Mapping | None = None, dtype: Any = None
+) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params tree) from a params directory or the latest step of a training checkpoint.
+
+    target: None restores numpy arrays. A nested dict of `jax.ShapeDtypeStruct` with shardings (e.g.
+    from `nnx.eval_shape` + the sharding rules) restores sharded jax.Arrays onto any mesh.
+    dtype: cast every array (e.g. "float32" master weights from a bf16 checkpoint).
+    """
+    item, cfg_path = resolve_params_dir(directory)
+    if cfg_path is None:
+        raise ParamsError(f"{directory}: no {CONFIG_FILE} next to the params")
+    config = ModelConfig.from_json_file(cfg_path)
+    stored = tree_metadata(item)
+    if target is None:
+        target = stored
+    problems = check_tree(stored, target)
+    if problems:
+        raise ParamsError(f"{directory}: stored params do not match the requested tree:\n  - " + "\n  - ".join(problems))
+    if dtype is not None:
+        target = jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, np.dtype(dtype), sharding=getattr(s, "sharding", None)), target
+        )
+    return config, restore_tree(item, target)
+
+
+def restore_into(model, params: Mapping) -> None:
+    """Copies a pure params dict into an nnx model in place, after checking the structure and shapes."""
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+    current = nnx.to_pure_dict(state)
+    expected = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), current)
+    problems = check_tree(params, expected)
+    if problems:
+        raise ParamsError("params do not fit the model:\n  - " + "\n  - ".join(problems))
+
+    def place(new, old):
+        # Keep the model's dtype and, when it is sharded, its placement.
+        new = jax.numpy.asarray(new, dtype=old.dtype)
+        sharding = getattr(old, "sharding", None)
+        return jax.device_put(new, sharding) if sharding is not None else new
+
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(place, _plain(params), current))
+    nnx.update(model, state)
+
+
+# ---- small helpers ------------------------------------------------------------------------------
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _plain(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,74 @@
+"""The command line: to-orbax / from-orbax / inspect, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from manager_jax.config import tiny
+from tools.convert_weights import testing
+from tools.convert_weights.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tensors, _, _ = testing.write_original_checkpoint(str(root / "src"), tiny("grid_manager"), num_shards=2,
+                                                      dtype=torch.bfloat16)
+    (root / "tok").mkdir()
+    (root / "tok" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16384}))
+    (root / "tok" / "vocab.json").write_text("{}")
+    return root, tensors
+
+
+def test_to_orbax_from_orbax_inspect(ckpt, tmp_path, capsys):
+    root, tensors = ckpt
+    assert main(["to-orbax", str(root / "src"), str(tmp_path / "p"), "--dtype", "bf16", "--quiet"]) == 0
+    assert main(["from-orbax", str(tmp_path / "p"), str(tmp_path / "out"), "--format", "llava",
+                 "--tokenizer", str(root / "tok"), "--quiet"]) == 0
+    out_files = set(os.listdir(tmp_path / "out"))
+    assert {"config.json", "tokenizer_config.json", "vocab.json"} <= out_files
+    back = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(back) == set(tensors)
+    capsys.readouterr()
+    assert main(["inspect", str(root / "src")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("format: llava (llava names)")
+    assert "manager: static_zerouni" in text and "model.manager.1.layer_scores" in text and "[1, 4, 1, 64]" in text
+    assert main(["inspect", str(tmp_path / "p")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("format: orbax")
+    assert "manager.blocks.0.layer_scores" in text and "[3, 64]" in text and "bfloat16" in text
+
+
+def test_rejected_input_exits_1_with_one_message(ckpt, tmp_path, capsys):
+    root, _ = ckpt
+    os.makedirs(tmp_path / "bad")
+    for name in os.listdir(root / "src"):
+        if name != "model-00002-of-00002.safetensors":
+            (tmp_path / "bad" / name).write_bytes((root / "src" / name).read_bytes())
+    assert main(["to-orbax", str(tmp_path / "bad"), str(tmp_path / "p"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot convert") and "model-00002-of-00002.safetensors" in err
+    assert not os.path.exists(tmp_path / "p")
+    assert main(["inspect", str(tmp_path / "bad")]) == 0
+    assert "unreadable" in capsys.readouterr().out
+
+
+def test_python_dash_m_entry_point(ckpt, tmp_path):
+    root, _ = ckpt
+    proc = subprocess.run([sys.executable, "-m", "tools.convert_weights", "to-orbax", str(root / "src"),
+                           str(tmp_path / "p"), "--format", "hf"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "--format hf but config.json looks like llava" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "tools.convert_weights", "from-orbax", "a", "b"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--format" in proc.stderr

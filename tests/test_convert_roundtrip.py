@@ -1,0 +1,179 @@
+"""Round trips through Orbax are byte-identical per tensor: original -> Orbax -> original and
+transformers -> Orbax -> transformers, for tiny random checkpoints of every variant."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from manager_jax import params_io
+from manager_jax.config import TextConfig, VisionConfig, tiny
+from manager_jax.reference.hf_tiny import tiny_hf_config, tiny_hf_model
+from tools.convert_weights import convert, testing
+from tools.convert_weights.mapping import flatten
+from tools.convert_weights.sources import ConversionError
+
+
+def load_dir(directory) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(directory, name)))
+    return out
+
+
+def assert_bit_identical(got: dict, want: dict) -> None:
+    assert set(got) == set(want), set(got) ^ set(want)
+    for key in want:
+        a, b = got[key], want[key]
+        assert a.dtype == b.dtype and a.shape == b.shape, key
+        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), key
+
+
+def _untied(cfg):
+    t = cfg.text
+    return cfg.replace(text=TextConfig(**{**t.__dict__, "tie_word_embeddings": False}))
+
+
+ORIGINAL_CASES = [
+    pytest.param(tiny("baseline"), torch.float32, 1, id="baseline-fp32"),
+    pytest.param(tiny("manager"), torch.bfloat16, 3, id="manager-bf16-sharded"),
+    pytest.param(tiny("grid"), torch.float32, 2, id="grid-fp32-sharded"),
+    pytest.param(tiny("grid_manager"), torch.bfloat16, 1, id="grid_manager-bf16"),
+    pytest.param(_untied(tiny("grid_manager", manager_type="adaptive_cross_zerouni")), torch.float16, 2,
+                 id="adaptive_cross-untied-fp16"),
+    pytest.param(tiny("manager", manager_type="adaptive_average_zerouni"), torch.float32, 1, id="adaptive_average"),
+]
+
+
+@pytest.mark.parametrize("cfg, dtype, shards", ORIGINAL_CASES)
+def test_original_orbax_original_is_bit_identical(tmp_path, cfg, dtype, shards):
+    src, mid, out = tmp_path / "src", tmp_path / "orbax", tmp_path / "back"
+    written, _, _ = testing.write_original_checkpoint(str(src), cfg, dtype=dtype, num_shards=shards)
+    got_cfg = convert.to_orbax(str(src), str(mid))
+    assert got_cfg.replace(image=cfg.image) == cfg
+    assert (got_cfg.image.patch_merge_type, got_cfg.image.aspect_ratio) == (cfg.image.patch_merge_type,
+                                                                            cfg.image.aspect_ratio)
+    convert.from_orbax(str(mid), str(out), fmt="llava", max_shard_size="200KB")
+    assert_bit_identical(load_dir(out), written)
+    # Every field of the source config.json survives; the model-defining ones are rewritten equal.
+    before = json.loads((src / "config.json").read_text())
+    after = json.loads((out / "config.json").read_text())
+    assert {k: v for k, v in after.items() if k in before} == before
+    if cfg.manager.enabled:
+        assert after["mm_manager_index_list"] == cfg.injection_layers()
+        assert after["mm_manager_select_layer_index_list"] == cfg.manager.select_layers
+    assert (os.path.exists(out / "model.safetensors.index.json")) == (len(os.listdir(out)) > 2)
+
+
+def test_vision_config_inferred_from_tensors_when_not_declared(tmp_path):
+    """Released original configs only name the SigLIP path: dimensions come from the tensors."""
+    cfg = tiny("grid").replace(vision=VisionConfig(hidden_size=144, intermediate_size=96, num_layers=3, num_heads=2))
+    testing.write_original_checkpoint(str(tmp_path / "src"), cfg, declare_vision=False)
+    assert "vision_config" not in json.loads((tmp_path / "src" / "config.json").read_text())
+    got = convert.to_orbax(str(tmp_path / "src"), str(tmp_path / "p"))
+    assert got.vision == cfg.vision  # width 144 = 2 heads of 72 (so400m's head size)
+
+
+def _hf_model(tied: bool, seed: int = 1):
+    return tiny_hf_model(tiny_hf_config(vision_layers=3, text_layers=2, tie_word_embeddings=tied), seed=seed)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_hf_orbax_hf_is_bit_identical(tmp_path, tied):
+    model = _hf_model(tied)
+    model.save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    assert os.path.exists(tmp_path / "src" / "model.safetensors.index.json")
+    convert.to_orbax(str(tmp_path / "src"), str(tmp_path / "p"), dtype="keep")
+    convert.from_orbax(str(tmp_path / "p"), str(tmp_path / "back"), fmt="hf")
+    assert_bit_identical(load_dir(tmp_path / "back"), load_dir(tmp_path / "src"))
+    before = json.loads((tmp_path / "src" / "config.json").read_text())
+    after = json.loads((tmp_path / "back" / "config.json").read_text())
+    for key in ("image_grid_pinpoints", "image_token_index", "vision_aspect_ratio", "tie_word_embeddings"):
+        assert after[key] == before[key], key
+    for key in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "vocab_size", "rope_parameters"):
+        assert after["text_config"][key] == before["text_config"][key], key
+    assert os.path.exists(tmp_path / "back" / "generation_config.json")  # carried via the params dir
+
+
+def test_legacy_hf_names_round_trip_and_match_v5(tmp_path):
+    """Hub checkpoints of transformers 4.4x: vision_tower.vision_model.*, language_model.lm_head.weight."""
+    model = _hf_model(tied=False, seed=2)
+    model.save_pretrained(tmp_path / "v5")
+    legacy = {}
+    for key, t in load_dir(tmp_path / "v5").items():
+        if key.startswith("vision_tower."):
+            key = "vision_tower.vision_model." + key[len("vision_tower."):]
+        legacy[key] = t
+    os.makedirs(tmp_path / "legacy")
+    testing.save_sharded(str(tmp_path / "legacy"), legacy, num_shards=2)
+    (tmp_path / "legacy" / "config.json").write_text((tmp_path / "v5" / "config.json").read_text())
+    convert.to_orbax(str(tmp_path / "legacy"), str(tmp_path / "p_legacy"))
+    convert.to_orbax(str(tmp_path / "v5"), str(tmp_path / "p_v5"))
+    _, a = params_io.load_params(str(tmp_path / "p_legacy"))
+    _, b = params_io.load_params(str(tmp_path / "p_v5"))
+    assert params_io.check_tree(a, b) == []
+    for path, leaf in flatten(a).items():
+        assert np.array_equal(leaf, flatten(b)[path])
+    convert.from_orbax(str(tmp_path / "p_legacy"), str(tmp_path / "back"), fmt="hf")  # auto: legacy names
+    assert_bit_identical(load_dir(tmp_path / "back"), legacy)
+
+
+def test_original_and_hf_layouts_of_one_model_give_the_same_tree(tmp_path):
+    """The original-layout key names (SPEC §6.1) and transformers' names meet in the same tree."""
+    cfg = tiny("grid").replace(text=TextConfig(**{**tiny("grid").text.__dict__, "num_layers": 2}),
+                               vision=VisionConfig(**{**tiny("grid").vision.__dict__, "num_layers": 3}))
+    model = _hf_model(tied=True, seed=4)
+    model.save_pretrained(tmp_path / "hf")
+    os.makedirs(tmp_path / "orig")
+    testing.save_sharded(str(tmp_path / "orig"), testing.original_state_dict(model, cfg), num_shards=2)
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(testing.original_config_json(cfg)))
+    cfg_hf, tree_hf = convert.load_torch_checkpoint(str(tmp_path / "hf"))
+    cfg_orig, tree_orig = convert.load_torch_checkpoint(str(tmp_path / "orig"))
+    assert cfg_hf.text == cfg_orig.text and cfg_hf.vision == cfg_orig.vision
+    flat_hf, flat_orig = flatten(tree_hf), flatten(tree_orig)
+    assert set(flat_hf) == set(flat_orig)
+    for path in flat_hf:
+        assert np.array_equal(flat_hf[path], flat_orig[path]), path
+
+
+def test_manager_model_through_hf_export_and_back(tmp_path):
+    """An HF export keeps Manager tensors verbatim and mm_manager_* fields: reading it back is lossless."""
+    cfg = tiny("grid_manager")
+    written, _, _ = testing.write_original_checkpoint(str(tmp_path / "src"), cfg, dtype=torch.bfloat16)
+    convert.to_orbax(str(tmp_path / "src"), str(tmp_path / "p1"))
+    convert.from_orbax(str(tmp_path / "p1"), str(tmp_path / "hf"), fmt="hf")
+    hf_keys = set(load_dir(tmp_path / "hf"))
+    assert "model.manager.0.layer_scores" in hf_keys and "language_model.model.embed_tokens.weight" in hf_keys
+    got = convert.to_orbax(str(tmp_path / "hf"), str(tmp_path / "p2"))
+    assert got.manager == cfg.manager and got.image.convention == "hf"
+    convert.from_orbax(str(tmp_path / "p2"), str(tmp_path / "back"), fmt="llava")
+    assert_bit_identical(load_dir(tmp_path / "back"), written)
+
+
+@pytest.mark.parametrize("dtype, expect", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_dtype_conversion(tmp_path, dtype, expect):
+    cfg = tiny("manager")
+    written, _, _ = testing.write_original_checkpoint(str(tmp_path / "src"), cfg, dtype=torch.float32)
+    convert.to_orbax(str(tmp_path / "src"), str(tmp_path / "p"), dtype=dtype)
+    convert.from_orbax(str(tmp_path / "p"), str(tmp_path / "back"), fmt="llava")
+    back = load_dir(tmp_path / "back")
+    for key, t in written.items():
+        assert back[key].dtype == expect
+        assert torch.equal(back[key], t.to(expect)), key  # torch's own fp32 -> bf16 rounding
+    # And the export dtype flag on the way out.
+    convert.from_orbax(str(tmp_path / "p"), str(tmp_path / "fp32"), fmt="llava", dtype="fp32")
+    assert all(t.dtype == torch.float32 for t in load_dir(tmp_path / "fp32").values())
+
+
+def test_flat_model_cannot_be_exported_as_hf(tmp_path):
+    testing.write_original_checkpoint(str(tmp_path / "src"), tiny("baseline"))
+    convert.to_orbax(str(tmp_path / "src"), str(tmp_path / "p"))
+    with pytest.raises(ConversionError, match="image_newline"):
+        convert.from_orbax(str(tmp_path / "p"), str(tmp_path / "hf"), fmt="hf")
+    assert not os.path.exists(tmp_path / "hf")

@@ -1,0 +1,141 @@
+"""Params directories: atomic save, load (numpy, dtype cast, sharded onto a mesh), training checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from manager_jax import params_io
+from manager_jax.config import tiny
+from tools.convert_weights import mapping
+
+
+def random_tree(cfg, seed=0, dtype=np.float32) -> dict:
+    rng = np.random.default_rng(seed)
+    tree: dict = {}
+    for spec in mapping.param_specs(cfg):
+        mapping.set_path(tree, spec.path, rng.standard_normal(spec.shape).astype(dtype))
+    return tree
+
+
+def assert_trees_equal(a, b):
+    fa, fb = mapping.flatten(a), mapping.flatten(b)
+    assert set(fa) == set(fb)
+    for k in fa:
+        assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
+        assert np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])), k
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return tiny("grid_manager")
+
+
+def test_save_load_roundtrip(tmp_path, cfg):
+    tree = random_tree(cfg, dtype=ml_dtypes.bfloat16)
+    out = params_io.save_params(str(tmp_path / "p"), tree, cfg, extra_files={"notes/a.txt": b"hello"})
+    assert sorted(os.listdir(out)) == ["config.json", "notes", "params"]
+    loaded_cfg, loaded = params_io.load_params(out)
+    assert loaded_cfg == cfg
+    assert_trees_equal(loaded, tree)
+    assert isinstance(next(iter(loaded["manager"]["blocks"])), int)  # nnx.List indices
+
+
+def test_load_with_dtype_and_onto_a_mesh(tmp_path, cfg):
+    tree = random_tree(cfg)
+    params_io.save_params(str(tmp_path / "p"), tree, cfg)
+    _, as_bf16 = params_io.load_params(str(tmp_path / "p"), dtype="bfloat16")
+    assert as_bf16["text"]["embed"]["embedding"].dtype == ml_dtypes.bfloat16
+    devices = np.array(jax.devices()[:4]).reshape(2, 2)
+    mesh = jax.sharding.Mesh(devices, ("fsdp", "tensor"))
+
+    def sharding_for(leaf):
+        spec = P("fsdp") if leaf.shape[0] % 2 == 0 else P()
+        return jax.ShapeDtypeStruct(leaf.shape, np.float32, sharding=NamedSharding(mesh, spec))
+
+    target = jax.tree_util.tree_map(sharding_for, params_io.abstract_params(cfg))
+    _, sharded = params_io.load_params(str(tmp_path / "p"), target=target)
+    emb = sharded["text"]["embed"]["embedding"]
+    assert isinstance(emb, jax.Array) and emb.sharding.spec == P("fsdp")
+    assert len(emb.addressable_shards) == 4 and emb.addressable_shards[0].data.shape[0] == emb.shape[0] // 2
+    assert_trees_equal(jax.tree_util.tree_map(np.asarray, sharded), tree)
+
+
+def test_save_rejects_a_tree_that_does_not_fit_the_model(tmp_path, cfg):
+    tree = random_tree(cfg)
+    tree["text"]["norm"]["scale"] = np.zeros(7, np.float32)
+    del tree["image_newline"]
+    tree["extra"] = np.zeros(2, np.float32)
+    with pytest.raises(params_io.ParamsError) as err:
+        params_io.save_params(str(tmp_path / "p"), tree, cfg)
+    msg = str(err.value)
+    assert "missing parameter image_newline [64]" in msg
+    assert "unexpected parameter extra [2]" in msg
+    assert "parameter text.norm.scale has shape [7], expected [64]" in msg
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_save_leaves_no_directory_and_keeps_the_old_one(tmp_path, cfg):
+    params_io.save_params(str(tmp_path / "p"), random_tree(cfg, seed=1), cfg)
+    with pytest.raises(FileNotFoundError):
+        params_io.save_params(str(tmp_path / "p"), random_tree(cfg, seed=2), cfg, overwrite=True,
+                              extra_files={"x": str(tmp_path / "no-such-file")})
+    assert sorted(os.listdir(tmp_path)) == ["p"]  # no temporary leftovers
+    _, kept = params_io.load_params(str(tmp_path / "p"))
+    assert_trees_equal(kept, random_tree(cfg, seed=1))
+    with pytest.raises(params_io.ParamsError, match="already exists"):
+        params_io.save_params(str(tmp_path / "p"), random_tree(cfg), cfg)
+
+
+def test_training_checkpoint_latest_step(tmp_path, cfg):
+    root = tmp_path / "run"
+    trees = {step: random_tree(cfg, seed=step) for step in (3, 10)}
+    with ocp.CheckpointManager(str(root), item_names=("params",)) as mngr:
+        for step, tree in trees.items():
+            mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(tree)))
+        mngr.wait_until_finished()
+    cfg.save(str(root / "config.json"))
+    item, cfg_path = params_io.resolve_params_dir(str(root))
+    assert os.path.basename(os.path.dirname(item)) == "10"
+    loaded_cfg, loaded = params_io.load_params(str(root))
+    assert loaded_cfg == cfg
+    assert_trees_equal(loaded, trees[10])
+
+
+def test_nnx_state_with_value_wrappers(tmp_path, cfg):
+    """A tree saved as {..., "kernel": {"value": array}} (nnx.State without to_pure_dict) reads as pure."""
+    tree = random_tree(cfg)
+    wrapped = jax.tree_util.tree_map(lambda x: {"value": x}, tree)
+    params_io.save_tree(str(tmp_path / "run" / "7" / "params"), wrapped)
+    cfg.save(str(tmp_path / "run" / "config.json"))
+    _, loaded = params_io.load_params(str(tmp_path / "run"))
+    assert_trees_equal(loaded, tree)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(params_io.ParamsError, match="neither a params directory"):
+        params_io.load_params(str(tmp_path))
+
+
+def test_restore_into_model_and_shape_errors(cfg):
+    from flax import nnx
+
+    from manager_jax.models.llava_ov import LlavaOV
+
+    model = LlavaOV(cfg, rngs=nnx.Rngs(0))
+    tree = random_tree(cfg, seed=5)
+    params_io.restore_into(model, tree)
+    np.testing.assert_array_equal(np.asarray(model.manager.blocks[1].layer_scores[...]),
+                                  tree["manager"]["blocks"][1]["layer_scores"])
+    np.testing.assert_array_equal(np.asarray(model.vision.layers.mlp.fc2.kernel[...]),
+                                  tree["vision"]["layers"]["mlp"]["fc2"]["kernel"])
+    tree["projector"]["linear1"]["bias"] = np.zeros(3, np.float32)
+    with pytest.raises(params_io.ParamsError, match="projector.linear1.bias has shape"):
+        params_io.restore_into(model, tree)

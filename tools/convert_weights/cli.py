@@ -1,0 +1,124 @@
+"""Command line: python -m tools.convert_weights {to-orbax, from-orbax, inspect, verify} ...
+
+Exit status: 0 on success, 1 when the input is rejected (one message listing every problem,
+nothing written), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from tools.convert_weights.sources import VARIANTS, ConversionError
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+    start = time.time()
+    return lambda msg: print(f"[{time.time() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tools.convert_weights", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("to-orbax", help="PyTorch checkpoint (or our Orbax checkpoint) -> params directory")
+    p.add_argument("paths", nargs="+", metavar="SRC DST",
+                   help="SRC DST; SRC is a checkpoint directory, SIGLIP_DIR,QWEN_DIR, a params directory or a "
+                        "training checkpoint (latest step). With --siglip/--qwen give DST only.")
+    p.add_argument("--format", choices=["llava", "hf", "siglip+qwen2", "orbax"], default=None,
+                   help="source format (detected when omitted)")
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp32"], default="keep")
+    p.add_argument("--siglip", help="SigLIP checkpoint directory (siglip+qwen2)")
+    p.add_argument("--qwen", help="Qwen2 checkpoint directory (siglip+qwen2)")
+    p.add_argument("--variant", choices=VARIANTS, default="baseline",
+                   help="siglip+qwen2: Manager / grid settings with their defaults (SPEC §2.1, §8)")
+    p.add_argument("--model-config", help="siglip+qwen2: a JSON ModelConfig whose manager/image sections to use")
+    p.add_argument("--seed", type=int, default=0, help="siglip+qwen2: seed of the fresh projector/newline/Manager")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("from-orbax", help="params directory / training checkpoint -> PyTorch safetensors")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument("--format", choices=["llava", "hf"], required=True)
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp32"], default="keep")
+    p.add_argument("--tokenizer", help="tokenizer directory whose files are copied into DST")
+    p.add_argument("--hf-naming", choices=["auto", "v5", "legacy"], default="auto",
+                   help="hf key names: v5 = transformers 5.x save_pretrained, legacy = 4.4x hub names, auto = the "
+                        "source's own if it was an HF checkpoint, else v5")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("inspect", help="detected format, config and tensors of any supported checkpoint")
+    p.add_argument("path", metavar="PATH")
+
+    p = sub.add_parser("verify", help="run the PyTorch reference and our model on the same input; compare logits")
+    p.add_argument("--torch", required=True, dest="torch_path", help="PyTorch checkpoint (llava or hf)")
+    p.add_argument("--jax", required=True, dest="jax_path", help="params directory converted from it")
+    p.add_argument("--max-kl", type=float, default=1e-4, help="fail above this mean KL(torch || jax) per token")
+    p.add_argument("--max-logit-diff", type=float, default=None, help="fail above this max |logit diff|")
+    p.add_argument("--min-top1", type=float, default=1.0, help="fail below this top-1 agreement")
+    p.add_argument("--image-size", default="512x384", help="WxH of the generated test image")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "to-orbax":
+            return _to_orbax(args)
+        if args.command == "from-orbax":
+            from tools.convert_weights.convert import from_orbax
+
+            files = from_orbax(args.src, args.dst, fmt=args.format, dtype=args.dtype, tokenizer=args.tokenizer,
+                               hf_naming=args.hf_naming, max_shard_size=args.max_shard_size,
+                               overwrite=args.overwrite, progress=_progress(args.quiet))
+            print(f"wrote {args.dst}: {', '.join(files)}")
+            return 0
+        if args.command == "inspect":
+            from tools.convert_weights.inspect_ckpt import inspect
+
+            print(inspect(args.path))
+            return 0
+        if args.command == "verify":
+            from tools.convert_weights.verify import verify_cli
+
+            return verify_cli(args)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def _to_orbax(args) -> int:
+    from tools.convert_weights.convert import to_orbax
+
+    paths = list(args.paths)
+    if args.siglip or args.qwen:
+        if not (args.siglip and args.qwen) or len(paths) != 1:
+            print("usage error: to-orbax with --siglip/--qwen needs both flags and DST only", file=sys.stderr)
+            return 2
+        src, dst = f"{args.siglip},{args.qwen}", paths[0]
+        fmt = args.format or "siglip+qwen2"
+    else:
+        if len(paths) != 2:
+            print("usage error: to-orbax expects SRC DST", file=sys.stderr)
+            return 2
+        src, dst = paths
+        fmt = args.format
+    model_config = None
+    if args.model_config:
+        with open(args.model_config) as f:
+            model_config = json.load(f)
+    cfg = to_orbax(src, dst, fmt=fmt, dtype=args.dtype, overwrite=args.overwrite, seed=args.seed,
+                   variant=args.variant, model_config=model_config, progress=_progress(args.quiet))
+    print(f"wrote {dst}: {cfg.text.num_layers}-layer Qwen2, {cfg.vision.num_layers}-layer SigLIP, "
+          f"manager {cfg.manager.type or 'none'}, {cfg.image.patch_merge_type}")
+    return 0

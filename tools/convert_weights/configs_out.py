@@ -1,0 +1,198 @@
+"""config.json for the PyTorch outputs: the original LLaVA-NeXT / Manager layout and transformers'
+LlavaOnevisionConfig.
+
+When the params directory came from a checkpoint of the same format, its config.json (kept as
+`source_config.json`) is the starting point, so fields we do not model (training records, the
+vision tower path, ...) survive a round trip; every field we do model is rewritten from the
+ModelConfig.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from manager_jax.config import ModelConfig, VisionConfig
+
+SIGLIP_TOWER = "google/siglip-so400m-patch14-384"
+QWEN_BOS, QWEN_EOS = 151643, 151645
+DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN = 151646, 151647
+
+
+def torch_dtype_name(dtype: np.dtype) -> str:
+    return {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "float64": "float64"}[
+        np.dtype(dtype).name
+    ]
+
+
+def expand_pinpoints(pinpoints, tile: int = 384) -> list[list[int]] | None:
+    """Our pinpoints (string "(AxB),...,(CxD)" or (w, h) pairs) as the expanded [w, h] list (SPEC §3.3)."""
+    if pinpoints is None:
+        return None
+    if isinstance(pinpoints, str):
+        found = re.findall(r"\((\d+)x(\d+)\)", pinpoints)
+        if not found:
+            raise ValueError(f"cannot parse pinpoints {pinpoints!r}")
+        (a0, b0), (a1, b1) = (tuple(map(int, m)) for m in (found[0], found[-1]))
+        return [[i * tile, j * tile] for i in range(a0, a1 + 1) for j in range(b0, b1 + 1)]
+    return [[int(w), int(h)] for w, h in pinpoints]
+
+
+def manager_fields(cfg: ModelConfig) -> dict:
+    """The mm_manager_* fields the original writes (SPEC §2.1), index lists included."""
+    m = cfg.manager
+    return {
+        "mm_manager_type": m.type,
+        "mm_manager_grid_type": m.grid_type,
+        "mm_manager_vision_select_layers_start": m.vision_select_layers_start,
+        "mm_manager_vision_select_layers_interval": m.vision_select_layers_interval,
+        "mm_manager_vision_select_layers_end": m.vision_select_layers_end,
+        "mm_manager_injection_start": m.injection_start,
+        "mm_manager_injection_interval": m.injection_interval,
+        "mm_manager_injection_end": m.injection_end,
+        "mm_manager_residual": m.residual,
+        "mm_manager_softmax_temperature": m.softmax_temperature,
+        "mm_manager_select_layer_index_list": m.select_layers,
+        "mm_manager_index_list": cfg.injection_layers(),
+    }
+
+
+def _vision_is_default(v: VisionConfig) -> bool:
+    return v == VisionConfig()
+
+
+def original_config(cfg: ModelConfig, dtype: np.dtype, base: dict | None = None) -> dict:
+    """An original-layout config.json (LlavaQwen(Manager)Config = Qwen2Config + mm_* fields, SPEC §6.1)."""
+    out = dict(base or {})
+    if not cfg.manager.enabled:
+        for key in [k for k in out if k.startswith("mm_manager")]:
+            del out[key]
+    t, v = cfg.text, cfg.vision
+    manager = cfg.manager.enabled
+    out.update(
+        architectures=["LlavaQwenManagerForCausalLM" if manager else "LlavaQwenForCausalLM"],
+        model_type="llava_qwen_manager" if manager else "llava_qwen",
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        vocab_size=t.vocab_size,
+        rope_theta=t.rope_theta,
+        rms_norm_eps=t.rms_norm_eps,
+        tie_word_embeddings=t.tie_word_embeddings,
+        max_position_embeddings=t.max_position_embeddings,
+        hidden_act="silu",
+        torch_dtype=torch_dtype_name(dtype),
+        mm_hidden_size=v.hidden_size,
+        mm_projector_type=cfg.projector_type,
+        mm_patch_merge_type=cfg.image.patch_merge_type,
+        image_aspect_ratio=cfg.image.aspect_ratio,
+        image_grid_pinpoints=expand_pinpoints(cfg.image.grid_pinpoints),
+    )
+    if t.head_dim * t.num_heads != t.hidden_size:
+        out["head_dim"] = t.head_dim
+    defaults = {
+        "attention_dropout": 0.0,
+        "bos_token_id": QWEN_BOS,
+        "eos_token_id": QWEN_EOS,
+        "initializer_range": 0.02,
+        "max_window_layers": t.num_layers,
+        "rope_scaling": None,
+        "sliding_window": None,
+        "use_sliding_window": False,
+        "use_cache": True,
+        "mm_vision_tower": SIGLIP_TOWER,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_resampler_type": None,
+        "use_mm_proj": True,
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "mm_newline_position": "grid",
+        "mm_spatial_pool_mode": "bilinear",
+        "tokenizer_padding_side": "right",
+        "tokenizer_model_max_length": 16384,
+    }
+    for key, value in defaults.items():
+        out.setdefault(key, value)
+    if manager:
+        out.update(manager_fields(cfg))
+    # Not in the original: SigLIP dimensions are only recorded when they are not so400m's, since
+    # the original config.json names the tower by path and readers infer the rest from tensors.
+    declared = out.pop("vision_config", None) or {}
+    if not _vision_is_default(v):
+        out["vision_config"] = {**declared, **_siglip_core(v)}
+    if cfg.image_token_id != DEFAULT_IMAGE_TOKEN:
+        out["image_token_index"] = cfg.image_token_id
+    return out
+
+
+def _siglip_core(v: VisionConfig) -> dict:
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads,
+        "patch_size": v.patch_size,
+        "image_size": v.image_size,
+        "layer_norm_eps": v.layer_norm_eps,
+    }
+
+
+def _siglip_dict(v: VisionConfig) -> dict:
+    return {**_siglip_core(v), "hidden_act": "gelu_pytorch_tanh", "vision_use_head": False}
+
+
+def hf_config(cfg: ModelConfig, dtype: np.dtype, base: dict | None = None) -> dict:
+    """A transformers LlavaOnevisionConfig as a dict (pinpoints as (h, w)), built by transformers itself."""
+    from transformers import LlavaOnevisionConfig
+
+    base = base or {}
+    t, v = cfg.text, cfg.vision
+    text_config = dict(base.get("text_config") or {})
+    text_config.update(
+        model_type="qwen2",
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        max_position_embeddings=t.max_position_embeddings,
+        rms_norm_eps=t.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+        tie_word_embeddings=t.tie_word_embeddings,
+        hidden_act="silu",
+    )
+    text_config.pop("rope_theta", None)
+    text_config.pop("layer_types", None)  # derived from num_hidden_layers by transformers
+    if t.head_dim * t.num_heads != t.hidden_size:
+        text_config["head_dim"] = t.head_dim
+    text_config.setdefault("use_sliding_window", False)
+    pinpoints = expand_pinpoints(cfg.image.grid_pinpoints)
+    hf = LlavaOnevisionConfig(
+        text_config=text_config,
+        vision_config=_siglip_dict(v),
+        image_token_index=cfg.image_token_id,
+        video_token_index=base.get(
+            "video_token_index",
+            DEFAULT_VIDEO_TOKEN if cfg.image_token_id == DEFAULT_IMAGE_TOKEN else cfg.image_token_id + 1,
+        ),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio=cfg.image.aspect_ratio,
+        image_grid_pinpoints=[[h, w] for w, h in pinpoints] if pinpoints else None,
+        tie_word_embeddings=t.tie_word_embeddings,
+        multimodal_projector_bias=True,
+    )
+    hf.architectures = ["LlavaOnevisionForConditionalGeneration"]
+    out = hf.to_diff_dict()  # what save_pretrained writes
+    out["dtype"] = torch_dtype_name(dtype)
+    out.pop("torch_dtype", None)
+    if cfg.manager.enabled:  # no HF counterpart: kept as extra fields, read back by our converter
+        out.update(manager_fields(cfg))
+    return out

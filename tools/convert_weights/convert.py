@@ -1,0 +1,405 @@
+"""The conversions: PyTorch checkpoint -> our params directory, and back.
+
+Both directions read the same mapping table (mapping.py), validate everything before writing,
+stream tensor by tensor, write into a temporary directory and rename it only once the written
+result has been read back and checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from manager_jax import params_io
+from manager_jax.config import ModelConfig
+from tools.convert_weights import configs_out, mapping
+from tools.convert_weights.orbax_io import CONVERSION_RECORD, SOURCE_CONFIG, TOKENIZER_DIR, OrbaxSource
+from tools.convert_weights.safetensors_io import (
+    DTYPE_NAMES,
+    SafetensorsCheckpoint,
+    SafetensorsError,
+    TensorPlan,
+    write_checkpoint,
+)
+from tools.convert_weights.sources import (
+    ConversionError,
+    TorchSource,
+    aux_files,
+    detect_format,
+    open_torch_source,
+)
+
+DTYPE_CHOICES = {"keep": None, "bf16": np.dtype(ml_dtypes.bfloat16), "fp32": np.dtype(np.float32)}
+Progress = Callable[[str], None] | None
+
+
+def _dtype_choice(dtype: str) -> np.dtype | None:
+    if dtype not in DTYPE_CHOICES:
+        raise ConversionError("--dtype", [f"--dtype {dtype!r}: choose from {', '.join(DTYPE_CHOICES)}"])
+    return DTYPE_CHOICES[dtype]
+
+
+def _check_destination(dst: str, overwrite: bool, source: str) -> None:
+    if os.path.exists(dst) and not overwrite:
+        raise ConversionError(source, [f"destination {dst} already exists (pass --overwrite to replace it)"])
+
+
+# ---- fresh parameters (stage-1 starting point, SPEC §1.2, §1.3, §2.2) -----------------------------
+
+# How the original initialises the parts a SigLIP + Qwen2 start does not contain:
+# - projector: created by initialize_vision_modules after from_pretrained, so torch's default
+#   nn.Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias;
+# - image_newline and manager_layer_embedding: randn / sqrt(D) (llava_arch.py);
+# - layer_scores and zero_gate: zeros (the "ZeroInit" managers);
+# - adaptive controllers and fusion projections: created inside from_pretrained and missing from the
+#   Qwen2 checkpoint, so HF's _init_weights: N(0, 0.02) weights, zero biases.
+_FRESH_INIT = {
+    "projector.linear1.kernel": "torch_linear",
+    "projector.linear1.bias": "torch_linear_bias",
+    "projector.linear2.kernel": "torch_linear",
+    "projector.linear2.bias": "torch_linear_bias",
+    "image_newline": "randn_sqrt_d",
+    "manager.layer_embedding": "randn_sqrt_d",
+    "manager.blocks.{j}.layer_scores": "zeros",
+    "manager.blocks.{j}.zero_gate": "zeros",
+    "manager.blocks.{j}.controller.kernel": "normal_0.02",
+    "manager.blocks.{j}.fusion_q.kernel": "normal_0.02",
+    "manager.blocks.{j}.fusion_q.bias": "zeros",
+    "manager.blocks.{j}.fusion_k.kernel": "normal_0.02",
+    "manager.blocks.{j}.fusion_k.bias": "zeros",
+}
+
+
+def fresh_param(spec: mapping.ParamSpec, cfg: ModelConfig, rng: np.random.Generator) -> np.ndarray:
+    """One freshly initialised parameter (fp32), drawn in the torch layout then mapped to ours."""
+    kind = _FRESH_INIT[spec.rule.path]
+    tshape = mapping.tensor_specs(spec)[0].torch_shape
+    d = cfg.text.hidden_size
+    if kind == "zeros":
+        x = np.zeros(tshape, np.float32)
+    elif kind == "randn_sqrt_d":
+        x = rng.standard_normal(tshape, dtype=np.float32) / np.float32(np.sqrt(d))
+    elif kind == "normal_0.02":
+        x = rng.standard_normal(tshape, dtype=np.float32) * np.float32(0.02)
+    elif kind in ("torch_linear", "torch_linear_bias"):
+        # The bias shares the weight's fan_in: the input width of the same Linear.
+        fan_in = cfg.vision.hidden_size if spec.rule.path.startswith("projector.linear1") else d
+        bound = 1.0 / np.sqrt(fan_in)
+        x = rng.uniform(-bound, bound, tshape).astype(np.float32)
+    else:
+        raise ValueError(f"no initialiser for {spec.rule.path}")
+    return np.ascontiguousarray(mapping.to_jax(x, spec.transform))
+
+
+# ---- PyTorch -> tree --------------------------------------------------------------------------------
+
+
+def _param_dtypes(source: TorchSource, dtype: np.dtype | None) -> tuple[dict[tuple, np.dtype], list[str]]:
+    """Target dtype per parameter; with "keep" the layers of a stacked parameter must agree."""
+    out, problems = {}, []
+    fresh_dtype = dtype or source.source_dtype()
+    fresh = {s.path for s in source.fresh}
+    for spec in mapping.param_specs(source.config):
+        if spec.path in fresh:
+            out[spec.path] = fresh_dtype
+            continue
+        if dtype is not None:
+            out[spec.path] = dtype
+            continue
+        names = {source.refs[t.key].info.dtype for t in mapping.tensor_specs(spec)}
+        if len(names) > 1:
+            problems.append(f"{spec.dotted}: its layers are stored in different dtypes ({', '.join(sorted(names))}); "
+                            "pass --dtype bf16 or fp32")
+        out[spec.path] = np.dtype(source.refs[mapping.tensor_specs(spec)[0].key].info.numpy_dtype)
+    return out, problems
+
+
+def build_tree(source: TorchSource, dtype: str = "keep", *, seed: int = 0, progress: Progress = None) -> dict:
+    """Streams every tensor of `source` into a new tree: one preallocated array per parameter.
+
+    Tensors are read in file order, each through its own memory map released right after use.
+    """
+    dtypes, problems = _param_dtypes(source, _dtype_choice(dtype))
+    if problems:
+        raise ConversionError(source.path, problems)
+    cfg = source.config
+    tree: dict = {}
+    fresh = {s.path for s in source.fresh}
+    jobs = []
+    for spec in mapping.param_specs(cfg):
+        if spec.path in fresh:
+            continue
+        # np.empty touches no memory until filled, so preallocating everything costs nothing upfront.
+        arr = np.empty(spec.shape, dtypes[spec.path])
+        mapping.set_path(tree, spec.path, arr)
+        for t in mapping.tensor_specs(spec):
+            ref = source.refs[t.key]
+            jobs.append((ref.info.file, ref.info.start, ref, t, arr))
+    jobs.sort(key=lambda j: (j[0], j[1]))
+    current_file = None
+    for file, _, ref, t, arr in jobs:
+        if progress and file != current_file:
+            progress(f"reading {os.path.basename(file)}")
+            current_file = file
+        src = ref.checkpoint.read(ref.file_key)
+        value = mapping.to_jax(src, t.param.transform)
+        if t.layer is None:
+            arr[...] = value  # casts to the target dtype on assignment (round-to-nearest-even)
+        else:
+            arr[t.layer] = value
+        del src, value
+    rng = np.random.default_rng(seed)
+    for spec in source.fresh:
+        mapping.set_path(tree, spec.path, fresh_param(spec, cfg, rng).astype(dtypes[spec.path]))
+    return tree
+
+
+def load_torch_checkpoint(
+    src: str, fmt: str | None = None, dtype: str = "keep", *, seed: int = 0, **kwargs
+) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params tree of numpy arrays) of a PyTorch checkpoint, in memory, writing nothing.
+
+    `kwargs` (variant, model_config) apply to siglip+qwen2 sources.
+    """
+    source = open_torch_source(src, fmt or detect_format(src), **kwargs)
+    return source.config, build_tree(source, dtype, seed=seed)
+
+
+def _record(source: TorchSource | OrbaxSource, dtype: str, extra: dict | None = None) -> bytes:
+    if isinstance(source, TorchSource):
+        rec = {"source": os.path.basename(os.path.normpath(source.path.split(",")[0])), "format": source.kind,
+               "layout": source.layout, "dtype": dtype, "ignored_tensors": source.ignored,
+               "fresh_parameters": [s.dotted for s in source.fresh]}
+    else:
+        rec = {"source": os.path.basename(os.path.normpath(source.path)), "format": "orbax", "dtype": dtype,
+               "origin": source.record}
+    rec.update(extra or {})
+    return json.dumps(rec, indent=2).encode()
+
+
+def to_orbax(
+    src: str,
+    dst: str,
+    *,
+    fmt: str | None = None,
+    dtype: str = "keep",
+    overwrite: bool = False,
+    seed: int = 0,
+    variant: str = "baseline",
+    model_config: ModelConfig | dict | None = None,
+    progress: Progress = None,
+) -> ModelConfig:
+    """Converts any supported checkpoint into a params directory at `dst` (atomically).
+
+    fmt: "llava", "hf", "siglip+qwen2" (src = "SIGLIP_DIR,QWEN_DIR") or "orbax" (a params dir or
+    training checkpoint: takes the latest step, e.g. to change the dtype); None = detect.
+    variant / model_config / seed: only for siglip+qwen2 (which Manager / grid settings to build).
+    """
+    _dtype_choice(dtype)
+    fmt = fmt or detect_format(src)
+    _check_destination(dst, overwrite, src)
+    if fmt == "orbax":
+        return _orbax_to_orbax(src, dst, dtype, overwrite, progress)
+    kwargs = {"variant": variant, "model_config": model_config} if fmt == "siglip+qwen2" else {}
+    source = open_torch_source(src, fmt, **kwargs)
+    if progress:
+        progress(f"{source.kind} checkpoint ({source.layout} names), {len(source.refs)} tensors, "
+                 f"{source.total_bytes() / 1e9:.2f} GB; {len(source.ignored)} ignored")
+    tree = build_tree(source, dtype, seed=seed, progress=progress)
+    extra: dict[str, str | bytes] = {CONVERSION_RECORD: _record(source, dtype)}
+    if source.kind in ("llava", "hf"):
+        extra[SOURCE_CONFIG] = json.dumps(source.raw_config, indent=2).encode()
+    _add_aux(extra, source.aux)
+    if progress:
+        progress(f"writing Orbax params to {dst}")
+    try:
+        params_io.save_params(dst, tree, source.config, extra_files=extra, overwrite=overwrite)
+    except params_io.ParamsError as e:
+        raise ConversionError(src, [str(e)]) from None
+    return source.config
+
+
+def _add_aux(extra: dict, files: dict[str, str]) -> None:
+    """Tokenizer / generation files go to tokenizer/ (an HF tokenizer folder); generation_config.json
+    also to the root, where inference reads the eos ids (SPEC §7.2 step 9)."""
+    for name, path in files.items():
+        extra[f"{TOKENIZER_DIR}/{name}"] = path
+        if name == "generation_config.json":
+            extra[name] = path
+
+
+def _orbax_to_orbax(src: str, dst: str, dtype: str, overwrite: bool, progress: Progress) -> ModelConfig:
+    source = OrbaxSource(src)
+    target = _dtype_choice(dtype)
+    tree: dict = {}
+    for spec in source.specs:
+        value = source.read(spec.path)
+        mapping.set_path(tree, spec.path, value.astype(target) if target is not None else value)
+    source.release()
+    extra: dict[str, str | bytes] = {CONVERSION_RECORD: _record(source, dtype)}
+    if source.source_config is not None:
+        extra[SOURCE_CONFIG] = json.dumps(source.source_config, indent=2).encode()
+    tok = source.tokenizer_dir()
+    if tok:
+        _add_aux(extra, aux_files(tok))
+    if progress:
+        progress(f"writing Orbax params to {dst}")
+    params_io.save_params(dst, tree, source.config, extra_files=extra, overwrite=overwrite)
+    return source.config
+
+
+# ---- tree -> PyTorch --------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportPlan:
+    layout: str
+    tensors: list[TensorPlan]
+    config_json: dict
+
+
+def parse_size(text: str | int) -> int:
+    """"5GB", "500MB", "2GiB" or a byte count."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper()
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, factor in units.items():
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * factor)
+    return int(t)
+
+
+def _export_layout(source: OrbaxSource, fmt: str, hf_naming: str) -> str:
+    if fmt == "llava":
+        return "llava"
+    if hf_naming == "auto":
+        origin = source.record if source.record.get("format") != "orbax" else source.record.get("origin", {})
+        layout = origin.get("layout")
+        return layout if layout in ("hf", "hf_legacy") else "hf"
+    return {"v5": "hf", "legacy": "hf_legacy"}[hf_naming]
+
+
+def plan_export(source: OrbaxSource, fmt: str, dtype: str = "keep", hf_naming: str = "auto") -> ExportPlan:
+    """Validates an export and lists the tensors to write (data produced lazily)."""
+    target = _dtype_choice(dtype)
+    cfg = source.config
+    problems = []
+    if fmt not in ("llava", "hf"):
+        problems.append(f"--format {fmt!r}: export formats are llava and hf")
+    if hf_naming not in ("auto", "v5", "legacy"):
+        problems.append(f"--hf-naming {hf_naming!r}: choose auto, v5 or legacy")
+    if fmt == "hf" and not cfg.image.has_newline:
+        problems.append("transformers LlavaOnevision always has an image_newline, but this model "
+                        f"(mm_patch_merge_type={cfg.image.patch_merge_type!r}) has none: export it as --format llava")
+    if problems:
+        raise ConversionError(source.path, problems)
+    layout = _export_layout(source, fmt, hf_naming)
+    plans: list[TensorPlan] = []
+    dtypes = []
+    for spec in source.specs:
+        out_dtype = target or source.dtype(spec.path)
+        for t in mapping.tensor_specs(spec):
+            plans.append(TensorPlan(mapping.to_layout(t.key, layout), t.torch_shape, out_dtype,
+                                    _producer(source, t, out_dtype)))
+            dtypes.append((out_dtype, t.torch_shape))
+    main_dtype = max({d for d, _ in dtypes}, key=lambda d: sum(np.prod(s) for dd, s in dtypes if dd == d))
+    origin = source.record if source.record.get("format") != "orbax" else source.record.get("origin", {})
+    base = source.source_config if origin.get("format") == fmt else None
+    if fmt == "llava":
+        config_json = configs_out.original_config(cfg, main_dtype, base)
+    else:
+        config_json = configs_out.hf_config(cfg, main_dtype, base)
+    return ExportPlan(layout, plans, config_json)
+
+
+def _producer(source: OrbaxSource, t: mapping.TensorSpec, dtype: np.dtype) -> Callable[[], np.ndarray]:
+    def produce() -> np.ndarray:
+        value = source.read(t.param.path)
+        if t.layer is not None:
+            value = value[t.layer]
+        return np.ascontiguousarray(mapping.to_torch(value, t.param.transform)).astype(dtype, copy=False)
+
+    return produce
+
+
+def from_orbax(
+    src: str,
+    dst: str,
+    *,
+    fmt: str,
+    dtype: str = "keep",
+    tokenizer: str | None = None,
+    hf_naming: str = "auto",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: Progress = None,
+) -> list[str]:
+    """Exports a params directory (or the latest step of a training checkpoint) as safetensors.
+
+    fmt "llava": the original layout + an original config.json (mm_* / mm_manager_* fields);
+    fmt "hf": transformers llava-onevision names (`hf_naming` "v5" = what 5.x save_pretrained
+    writes, "legacy" = 4.4x hub names, "auto" = the source's if it was HF, else v5) + an HF
+    LlavaOnevisionConfig. Tokenizer files come from `tokenizer`, else from the params directory.
+    Returns the written file names.
+    """
+    _check_destination(dst, overwrite, src)
+    if tokenizer is not None and not os.path.isdir(tokenizer):
+        raise ConversionError(src, [f"--tokenizer {tokenizer}: not a directory"])
+    source = OrbaxSource(src)
+    plan = plan_export(source, fmt, dtype, hf_naming)
+    max_bytes = parse_size(max_shard_size)
+    tok_dir = tokenizer or source.tokenizer_dir()
+    dst = os.path.abspath(dst.rstrip("/"))
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        files = write_checkpoint(tmp, plan.tensors, max_shard_bytes=max_bytes, progress=progress)
+        source.release()
+        copied = []
+        if tok_dir:
+            for name, path in aux_files(tok_dir).items():
+                shutil.copyfile(path, os.path.join(tmp, name))
+                copied.append(name)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(plan.config_json, f, indent=2)
+        _verify_written(tmp, plan)
+        if os.path.exists(dst):
+            old = os.path.join(parent, f".{os.path.basename(dst)}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files + copied + ["config.json"]
+
+
+def _verify_written(directory: str, plan: ExportPlan) -> None:
+    """Re-reads the written headers: every planned tensor, with its shape and dtype, nothing else."""
+    try:
+        ckpt = SafetensorsCheckpoint(directory)
+    except SafetensorsError as e:
+        raise ConversionError(directory, [f"written checkpoint does not read back: {e}"]) from None
+    problems = []
+    planned = {p.name: p for p in plan.tensors}
+    if set(ckpt.keys()) != set(planned):
+        problems.append("written tensor names differ from the plan")
+    for name, p in planned.items():
+        if name in ckpt:
+            info = ckpt.info(name)
+            if info.shape != tuple(p.shape) or info.dtype != DTYPE_NAMES[np.dtype(p.dtype)]:
+                problems.append(f"{name}: written {info.dtype}{list(info.shape)}, planned {list(p.shape)}")
+    if problems:
+        raise ConversionError(directory, problems)
