@@ -1,0 +1,76 @@
+"""inspect-data: one JSON line per record with the documented keys, then a summary."""
+
+import json
+
+import pytest
+
+from manager_jax.data import inspect as inspect_data
+from manager_jax.data.records import write_records
+from manager_jax.data.synthetic import make_synthetic_dataset, write_bad_examples
+
+KEYS = {"id", "image_sizes", "num_crops", "image_tokens", "text_tokens", "supervised_tokens", "seq_len", "skipped"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inspect")
+    syn = make_synthetic_dataset(str(root), num_records=6, seed=2, sizes=[(640, 480)])
+    bad = write_bad_examples(str(root))
+    records = syn.records + [r for r, _ in bad]
+    path = str(root / "all.json")
+    write_records(path, records)
+    cfg = root / "cfg.py"
+    cfg.write_text(
+        "from types import SimpleNamespace\n"
+        "from manager_jax.config import tiny\n"
+        "from manager_jax.data.pipeline import DataConfig\n"
+        "def get_config():\n"
+        f"    return SimpleNamespace(model=tiny(), data=DataConfig(data_path={path!r}, image_folder={str(root)!r}))\n"
+    )
+    return root, str(cfg), records, bad
+
+
+def test_json_lines_have_the_keys_and_a_summary(setup, capsys):
+    root, cfg, records, bad = setup
+    assert inspect_data.main(["--config", cfg, "--json", "--set", "data.seq_len=2000"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    rows, summary = lines[:-1], lines[-1]["summary"]
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    for row in rows:
+        assert set(row) == KEYS
+    by_id = {r["id"]: r for r in rows}
+    for record, reason in bad:
+        assert by_id[record["id"]]["skipped"] == reason
+    # A 640x480 image in anyres_max_9: 2929 image tokens, 5 crops (SPEC §3.7); > 2000 -> too_long.
+    big = [r for r in rows if r["image_sizes"] == [[640, 480]]]
+    assert big and all(r["image_tokens"] == 2929 and r["num_crops"] == 5 and r["skipped"] == "too_long" for r in big)
+    for r in big:
+        assert r["seq_len"] == r["text_tokens"] + r["image_tokens"]
+    expected_skips = sum(1 for _, reason in bad if reason) + len(big)
+    assert summary["records"] == len(records) and summary["skipped"] == expected_skips
+    assert summary["ok"] == len(records) - expected_skips
+    assert summary["skip_reasons"]["too_long"] == len(big)
+    assert sum(summary["seq_len_histogram"].values()) == summary["ok"]
+
+
+def test_limit_data_override_and_table(setup, capsys, tmp_path):
+    root, cfg, records, _ = setup
+    only = str(tmp_path / "two.json")
+    write_records(only, records[:2])
+    assert inspect_data.main(["--config", cfg, "--data", only, "--image-folder", str(root), "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["id", "sizes", "crops"]
+    assert records[0]["id"] in out and records[1]["id"] not in out
+    assert '"records": 1' in out
+
+
+def test_strict_stops_at_the_first_bad_record(setup, capsys):
+    _, cfg, _, _ = setup
+    assert inspect_data.main(["--config", cfg, "--json", "--strict"]) == 1
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_bad_set_key_is_an_error(setup):
+    _, cfg, _, _ = setup
+    with pytest.raises(ValueError, match="unknown config key"):
+        inspect_data.main(["--config", cfg, "--set", "data.no_such_field=3"])

@@ -1,0 +1,81 @@
+"""LLaVA record sources: JSON arrays, streaming JSONL, brace patterns, concatenation, subsets."""
+
+import json
+import pickle
+
+import pytest
+
+from manager_jax.data.records import (
+    ConcatRecords,
+    JsonlRecords,
+    JsonRecords,
+    RecordFormatError,
+    SubsetRecords,
+    expand_data_path,
+    iter_jsonl,
+    open_records,
+    write_records,
+)
+
+RECORDS = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "é" * i}]}
+           for i in range(5)]
+
+
+def test_json_and_jsonl_give_the_same_records(tmp_path):
+    write_records(str(tmp_path / "a.json"), RECORDS)
+    write_records(str(tmp_path / "a.jsonl"), RECORDS)
+    js, jl = open_records(str(tmp_path / "a.json")), open_records(str(tmp_path / "a.jsonl"))
+    assert isinstance(js, JsonRecords) and isinstance(jl, JsonlRecords)
+    assert len(js) == len(jl) == 5
+    assert [jl[i] for i in (4, 0, 2)] == [RECORDS[4], RECORDS[0], RECORDS[2]]  # random access
+    assert [js[i] for i in range(5)] == RECORDS and jl[-1] == RECORDS[-1]
+    assert list(iter_jsonl(str(tmp_path / "a.jsonl"))) == RECORDS
+    with pytest.raises(IndexError):
+        jl[5]
+
+
+def test_jsonl_skips_blank_lines_and_flags_bad_lines(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n\n{not json\n" + json.dumps(RECORDS[1]) + "\n")
+    src = JsonlRecords(str(path))
+    assert len(src) == 3
+    assert src[0] == RECORDS[0] and src[2] == RECORDS[1]
+    assert src[1]["id"] == "b.jsonl:3" and "invalid JSON" in src[1]["_error"]
+    with pytest.raises(RecordFormatError, match="b.jsonl:3"):
+        list(iter_jsonl(str(path)))
+    # Pickles without its open file handle (worker processes reopen it).
+    clone = pickle.loads(pickle.dumps(src))
+    assert clone[2] == RECORDS[1]
+
+
+def test_bad_json_files_raise_clear_errors(tmp_path):
+    (tmp_path / "obj.json").write_text('{"id": 1}')
+    with pytest.raises(RecordFormatError, match="JSON array"):
+        open_records(str(tmp_path / "obj.json"))
+    (tmp_path / "x.txt").write_text("[]")
+    with pytest.raises(RecordFormatError, match="suffix"):
+        open_records(str(tmp_path / "x.txt"))
+    with pytest.raises(FileNotFoundError):
+        open_records(str(tmp_path / "missing.json"))
+
+
+def test_brace_pattern_concatenates_files(tmp_path):
+    write_records(str(tmp_path / "p1.json"), RECORDS[:2])
+    write_records(str(tmp_path / "p2.json"), RECORDS[2:])
+    pattern = str(tmp_path / "{p1,p2}.json")
+    assert expand_data_path(pattern) == [str(tmp_path / "p1.json"), str(tmp_path / "p2.json")]
+    src = open_records(pattern)
+    assert [src[i]["id"] for i in range(len(src))] == [r["id"] for r in RECORDS]
+
+
+def test_concat_and_subset():
+    a, b = RecordsList(RECORDS[:3]), RecordsList(RECORDS[3:])
+    cat = ConcatRecords([a, RecordsList([]), b])
+    assert len(cat) == 5 and [cat[i]["id"] for i in range(5)] == ["r0", "r1", "r2", "r3", "r4"]
+    sub = SubsetRecords(cat, [4, 0], image_folder="imgs")
+    assert len(sub) == 2 and sub[0]["id"] == "r4" and sub[1]["_image_folder"] == "imgs"
+    assert "_image_folder" not in RECORDS[0]  # the source record is not modified
+
+
+class RecordsList(list):
+    pass

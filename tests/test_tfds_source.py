@@ -1,0 +1,99 @@
+"""ArrayRecord conversion (tools/prepare_data.py) and reading: records and image bytes round-trip."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from manager_jax.config import tiny
+from manager_jax.data import tfds_source
+from manager_jax.data.pipeline import DataConfig, make_train_iterator
+from manager_jax.data.records import open_records, write_records
+from manager_jax.data.samples import SkipSample
+from manager_jax.data.synthetic import make_synthetic_dataset
+from manager_jax.data.tokenizer import load_tokenizer
+from tools import prepare_data
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ar")
+    syn = make_synthetic_dataset(str(root), num_records=9, seed=5, sizes=[(400, 300), (300, 400)], multi_image_fraction=0.4)
+    records = list(syn.records)
+    records.insert(3, {"id": "gone", "image": "images/nope.jpg", "conversations": records[0]["conversations"]})
+    path = str(root / "with_missing.jsonl")
+    write_records(path, records)
+    return root, path, records
+
+
+def test_round_trip_keeps_records_and_image_bytes(dataset, tmp_path):
+    root, path, records = dataset
+    out = str(tmp_path / "ar")
+    result = prepare_data.convert_records(open_records(path), out, image_folder=str(root), num_shards=2)
+    assert result["written"] == len(records) - 1
+    assert result["skipped"]["by_reason"] == {"missing_image": 1}
+    src = tfds_source.ArrayRecordRecords(out)
+    kept = [r for r in records if r["id"] != "gone"]
+    assert len(src) == len(kept)
+    for i, original in enumerate(kept):
+        got = src[i]
+        blobs = got.pop("image_bytes")
+        assert got == original
+        names = original.get("image", [])
+        names = [names] if isinstance(names, str) else names
+        assert len(blobs) == len(names)
+        for name, blob in zip(names, blobs):
+            with open(os.path.join(root, name), "rb") as f:
+                assert blob == f.read()
+    index = json.load(open(os.path.join(out, tfds_source.INDEX_FILE)))
+    assert index["splits"]["train"]["num_records"] == len(kept) and len(index["splits"]["train"]["shards"]) == 2
+    assert sum(index["splits"]["train"]["shard_lengths"]) == len(kept)
+
+
+def test_tfds_reads_the_layout(dataset, tmp_path):
+    import tensorflow_datasets as tfds
+
+    root, path, records = dataset
+    out = str(tmp_path / "ar")
+    prepare_data.convert_records(open_records(path), out, image_folder=str(root))
+    builder = tfds.builder_from_directory(out)
+    ds = builder.as_data_source("train")
+    assert len(ds) == len(records) - 1
+    first = ds[0]
+    assert first["id"] == records[0]["id"].encode()
+    assert json.loads(first["record_json"])["conversations"] == records[0]["conversations"]
+
+
+def test_pipeline_over_arrayrecord_equals_pipeline_over_json(dataset, tmp_path):
+    root, path, _ = dataset
+    out = str(tmp_path / "ar")
+    prepare_data.convert_records(open_records(path), out, image_folder=str(root))
+    tok = load_tokenizer()
+    model = tiny()
+    common = dict(rows_per_host=2, seq_len=4096, max_crops=12, max_image_tokens=8000, shuffle=False, num_epochs=1)
+    from_json = list(make_train_iterator(DataConfig(data_path=path, image_folder=str(root), **common), model, tok,
+                                         process_index=0, process_count=1))
+    from_ar = list(make_train_iterator(DataConfig(data_path=out, **common), model, tok, process_index=0, process_count=1))
+    assert len(from_json) == len(from_ar) > 0
+    for a, b in zip(from_json, from_ar):
+        assert a.sample_ids == b.sample_ids
+        for name, value in a.to_model_inputs().items():
+            assert np.array_equal(value, getattr(b, name)), name
+
+
+def test_strict_conversion_fails_and_leaves_nothing(dataset, tmp_path):
+    root, path, _ = dataset
+    out = str(tmp_path / "strict")
+    with pytest.raises(SkipSample, match="missing_image"):
+        prepare_data.convert_records(open_records(path), out, image_folder=str(root), strict=True)
+    assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
+
+
+def test_cli(dataset, tmp_path, capsys):
+    root, path, records = dataset
+    out = str(tmp_path / "cli")
+    assert prepare_data.main(["--data", path, "--image-folder", str(root), "--out", out, "--verify-images"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == len(records) - 1
+    with pytest.raises(FileExistsError):
+        prepare_data.main(["--data", path, "--image-folder", str(root), "--out", out])

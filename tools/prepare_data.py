@@ -1,0 +1,149 @@
+"""Convert LLaVA JSON / JSONL / mixture YAML + an image folder into ArrayRecord files.
+
+The output embeds every image's encoded bytes in its record (format: manager_jax/data/tfds_source.py),
+so training reads one sharded dataset instead of millions of small files::
+
+    python -m tools.prepare_data --data data/llava.json --image-folder data/images --out data/llava_ar
+    python -m tools.prepare_data --data mixture.yaml --out data/stage2_ar --num-shards 64
+
+Records whose images are missing or unreadable are left out and counted (the summary is printed
+and stored in ``llava_records.json``); ``--strict`` stops at the first one instead. The output
+folder is written under a temporary name and renamed at the end, so a failed run leaves no
+half-written dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from manager_jax.data import tfds_source
+from manager_jax.data.mixture import load_mixture
+from manager_jax.data.records import RecordSource, open_records
+from manager_jax.data.samples import (
+    BAD_RECORD,
+    MISSING_IMAGE,
+    UNREADABLE_IMAGE,
+    ZERO_SIZE_IMAGE,
+    SkipCounter,
+    SkipSample,
+    load_image,
+    record_id,
+)
+
+
+def _image_names(record: Any) -> list[str]:
+    names = record.get("image") if isinstance(record, dict) else None
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [names]
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return list(names)
+    raise SkipSample(BAD_RECORD, record_id(record), f"'image' must be a path or a list of paths, got {names!r:.80}")
+
+
+def read_image_bytes(record: dict, image_folder: str | None, *, verify: bool, rid: str) -> list[bytes]:
+    """The encoded files of a record's images; SkipSample when one is missing / empty / unreadable."""
+    folder = record.get("_image_folder", image_folder)
+    blobs = []
+    for name in _image_names(record):
+        path = name if folder is None else os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise SkipSample(MISSING_IMAGE, rid, f"no file {path!r}")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise SkipSample(UNREADABLE_IMAGE, rid, f"{path!r}: {err}") from None
+        if not data:
+            raise SkipSample(ZERO_SIZE_IMAGE, rid, f"{path!r} is empty")
+        if verify:
+            load_image(name, data, image_folder=None, rid=rid)  # same checks as training
+        blobs.append(data)
+    return blobs
+
+
+def convert_records(
+    source: RecordSource,
+    out_dir: str,
+    *,
+    image_folder: str | None = None,
+    split: str = "train",
+    num_shards: int = 1,
+    verify_images: bool = False,
+    strict: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Write ``source`` to ``out_dir`` (see the module docstring); returns the skip summary."""
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir!r} exists; pass overwrite=True (--overwrite) to replace it")
+    tmp_dir = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    skips = SkipCounter()
+    writer = tfds_source.ArrayRecordWriterSet(tmp_dir, split, len(source), num_shards)
+    try:
+        for index in range(len(source)):
+            record = source[index]
+            rid = record_id(record, index)
+            try:
+                if not isinstance(record, dict):
+                    raise SkipSample(BAD_RECORD, rid, "not a JSON object")
+                if "_error" in record:  # an invalid JSONL line
+                    raise SkipSample(BAD_RECORD, rid, str(record["_error"]))
+                blobs = read_image_bytes(record, image_folder, verify=verify_images, rid=rid)
+            except SkipSample as skip:
+                if strict:
+                    raise
+                skips.add(skip)
+                continue
+            clean = dict(record)
+            clean.setdefault("id", rid)
+            writer.write(tfds_source.serialize_record(clean, blobs))
+        writer.close()
+        summary = skips.summary()
+        tfds_source.write_metadata(tmp_dir, {split: writer}, extra={"conversion_skips": summary})
+    except BaseException:
+        writer.close()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp_dir, out_dir)
+    return {"written": writer.written, "skipped": summary}
+
+
+def open_any(data: str, *, seed: int = 0) -> RecordSource:
+    """JSON / JSONL / brace pattern, or a mixture YAML."""
+    if data.endswith((".yaml", ".yml")):
+        return load_mixture(data, seed=seed)
+    return open_records(data)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="LLaVA .json / .jsonl / 'dir/{a,b}.json' / mixture .yaml")
+    parser.add_argument("--image-folder", default=None, help="folder that image paths are relative to")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="seed of random:K mixture strategies")
+    parser.add_argument("--verify-images", action="store_true", help="decode every image (slower)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    result = convert_records(
+        open_any(args.data, seed=args.seed), args.out, image_folder=args.image_folder, split=args.split,
+        num_shards=args.num_shards, verify_images=args.verify_images, strict=args.strict, overwrite=args.overwrite,
+    )
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
