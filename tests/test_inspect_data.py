@@ -74,3 +74,24 @@ def test_bad_set_key_is_an_error(setup):
     _, cfg, _, _ = setup
     with pytest.raises(ValueError, match="unknown config key"):
         inspect_data.main(["--config", cfg, "--set", "data.no_such_field=3"])
+
+
+def test_run_recipe_configs_load_through_the_recipe_loader(setup, tmp_path, capsys):
+    recipe = pytest.importorskip("manager_jax.train.recipe")
+    root, _, records, _ = setup
+    cfg = tmp_path / "recipe_cfg.py"
+    cfg.write_text(
+        "from manager_jax.config import tiny\n"
+        "from manager_jax.data.pipeline import DataConfig\n"
+        "from manager_jax.train.recipe import TrainConfig\n"
+        "def get_config():\n"
+        "    return TrainConfig(model=tiny('manager'), data=DataConfig(seq_len=1024))\n"
+    )
+    assert recipe.load_recipe(str(cfg)).data.seq_len == 1024
+    args = ["--config", str(cfg), "--data", str(root / "all.json"), "--image-folder", str(root), "--json", "--limit", "3"]
+    assert inspect_data.main(args + ["--set", "data.seq_len=700"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()][:-1]
+    # Square mode (the "manager" variant): one crop and 729 tokens per image; 700 < 729 -> too_long.
+    with_image = [r for r in rows if r["image_sizes"]]
+    assert with_image and all(r["num_crops"] == 1 and r["image_tokens"] == 729 for r in with_image)
+    assert all(r["skipped"] == "too_long" for r in with_image)

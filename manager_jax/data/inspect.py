@@ -35,43 +35,64 @@ RECORD_KEYS = ("id", "image_sizes", "num_crops", "image_tokens", "text_tokens", 
 
 
 # ---------------------------------------------------------------------------------------------
-# Config loading: a stand-in until manager_jax/train/recipe.py provides the shared loader.
+# Config loading: the run recipe loader (manager_jax/train/recipe.py) when the file returns a
+# TrainConfig, as `run.py train --config` does; a minimal loader for any other config object.
 # ---------------------------------------------------------------------------------------------
 
 
 def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> tuple[Any, DataConfig]:
-    """(model_config, data_config) from a Python config file with ``get_config()``.
+    """(model_config, data_config) from a config file with ``get_config()``.
 
-    The returned object must have ``.model`` (ModelConfig) and ``.data`` (DataConfig).
-    ``overrides`` are "dotted.key=value" strings applied in order (values parsed as Python
-    literals when possible, else kept as strings), e.g. "data.seq_len=4096",
-    "model.image.aspect_ratio=pad". Without a file: the default ModelConfig and DataConfig.
+    ``path`` (or ``path:arg``) and the "dotted.key=value" ``overrides`` follow
+    ``manager_jax.train.recipe.load_recipe`` when ``get_config`` returns a TrainConfig. Otherwise
+    the returned object only needs ``.model`` (ModelConfig) and ``.data`` (DataConfig); values are
+    parsed as Python literals when possible, else kept as strings. Without a file: the default
+    ModelConfig and DataConfig.
     """
     if path is None:
         from manager_jax.config import ModelConfig
 
         config: Any = argparse.Namespace(model=ModelConfig(), data=DataConfig())
-    else:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file not found: {path!r}")
-        spec = importlib.util.spec_from_file_location("_inspect_run_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise ValueError(f"{path}: defines no get_config()")
-        config = module.get_config()
-        if not hasattr(config, "model") or not hasattr(config, "data"):
-            raise ValueError(f"{path}: get_config() must return an object with .model and .data")
+        _apply_overrides(config, overrides)
+        return config.model, config.data
+    try:
+        from manager_jax.train import recipe
+    except ImportError:
+        recipe = None
+    if recipe is not None:
+        try:
+            run_config = recipe.load_recipe(path, overrides)
+            return run_config.model, run_config.data
+        except recipe.RecipeError as err:
+            if "expected TrainConfig" not in str(err):
+                raise
+    return _load_plain_config(path, overrides)
+
+
+def _load_plain_config(path: str, overrides: Sequence[str]) -> tuple[Any, DataConfig]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path!r}")
+    spec = importlib.util.spec_from_file_location("_inspect_run_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: defines no get_config()")
+    config = module.get_config()
+    if not hasattr(config, "model") or not hasattr(config, "data"):
+        raise ValueError(f"{path}: get_config() must return an object with .model and .data")
+    _apply_overrides(config, overrides)
+    return config.model, config.data
+
+
+def _apply_overrides(config: Any, overrides: Sequence[str]) -> None:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects key=value, got {item!r}")
         _set_path(config, key.strip(), _parse_value(raw.strip()))
     config.model.validate()
-    data = config.data
-    if dataclasses.is_dataclass(data):
-        data.__post_init__()  # re-validate after overrides
-    return config.model, data
+    if dataclasses.is_dataclass(config.data):
+        config.data.__post_init__()  # re-validate after overrides
 
 
 def _parse_value(raw: str) -> Any:

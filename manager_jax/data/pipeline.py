@@ -69,9 +69,10 @@ class DataConfig:
       template: "plain" (stage 1) | "qwen_1_5".
       tokenizer_path: a local HF tokenizer folder; None = the offline Qwen2 tokenizer.
       rows_per_host: B, rows of each host's batch (global batch = B * process_count).
-      seq_len: S, tokens per row (the original's tokenizer_model_max_length).
-      max_crops: C, crops per host batch (anyres_max_9 images take up to 37 crops).
-      max_image_tokens: T, image tokens per host batch.
+      seq_len: S, tokens per row (the original's tokenizer_model_max_length: 8192 in stage 1,
+        16384 later).
+      max_crops: C, crops per host batch (an anyres_max_9 image takes up to 37 crops).
+      max_image_tokens: T, image tokens per host batch (an anyres_max_9 image takes up to ~8.8k).
       pack: first-fit several samples per row; False = one sample per row, right-padded.
       too_long: samples longer than S after expansion: "truncate" (cut, parity mode), "skip"
         (reason "too_long"), or "auto" = truncate when not packing, skip when packing.
@@ -94,9 +95,9 @@ class DataConfig:
     template: str = "qwen_1_5"
     tokenizer_path: str | None = None
     rows_per_host: int = 1
-    seq_len: int = 8192
+    seq_len: int = 16384
     max_crops: int = 40
-    max_image_tokens: int = 8192
+    max_image_tokens: int = 16384
     pack: bool = True
     too_long: str = "auto"
     max_tiles: int | None = None
