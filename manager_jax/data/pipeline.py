@@ -80,7 +80,8 @@ class DataConfig:
       seed: shuffle seed (also seeds random:K mixture strategies).
       shuffle: shuffle the records (a new permutation each epoch).
       num_epochs: passes over the data; None = repeat forever.
-      worker_count: Grain worker processes (0 = everything in the calling process).
+      worker_count: Grain worker processes (0 = everything in the calling process). Workers are
+        spawned, so a script that uses them needs the ``if __name__ == "__main__":`` guard.
       worker_buffer_size: batches each worker prepares ahead.
       read_threads: threads mapping records to samples inside each process.
       read_buffer_size: samples prefetched by those threads (each can weigh tens of MB).
