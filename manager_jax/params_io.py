@@ -38,22 +38,25 @@ class ParamsError(ValueError):
 # ---- Orbax plumbing -----------------------------------------------------------------------------
 
 
-def _handler() -> ocp.PyTreeCheckpointHandler:
+def _handler(compress: bool = False) -> ocp.PyTreeCheckpointHandler:
     """A PyTree handler whose numpy handler does not deep-copy arrays before writing.
 
     The default copies every host array first, doubling peak memory for a whole model; our callers
-    never mutate the tree while it is saved (the save is synchronous).
+    never mutate the tree while it is saved (the save is synchronous). Compression is off by
+    default: with OCDBT, zstd keeps every compressed chunk in memory until the commit (+75% peak
+    memory at 0.5B) and triples the save time, for ~25% less disk on bf16 weights. Readers handle
+    both.
     """
     registry = ocp.type_handlers.create_type_handler_registry(
         (jax.Array, ocp.type_handlers.ArrayHandler()),
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
     )
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
 
 
-def save_tree(path: str, tree: Mapping) -> None:
+def save_tree(path: str, tree: Mapping, *, compress: bool = False) -> None:
     """Writes a pure nested dict of numpy / jax arrays as an Orbax PyTree checkpoint at `path`."""
-    with ocp.Checkpointer(_handler()) as ckpt:
+    with ocp.Checkpointer(_handler(compress)) as ckpt:
         ckpt.save(os.path.abspath(path), args=ocp.args.PyTreeSave(dict(tree)))
 
 
@@ -257,12 +260,14 @@ def save_params(
     extra_files: Mapping[str, str | bytes] | None = None,
     overwrite: bool = False,
     validate: bool = True,
+    compress: bool = False,
 ) -> str:
     """Writes a params directory atomically (temporary directory + rename); returns its path.
 
     `params` is a pure nested dict of numpy or jax arrays (e.g. `nnx.state(model, nnx.Param)
     .to_pure_dict()`). With `validate`, the tree must match the model of `config` exactly.
     `extra_files` maps relative names to source file paths (copied) or bytes (written).
+    `compress`: zstd chunks (smaller on disk, slower, more memory while saving).
     """
     if validate:
         problems = check_tree(params, abstract_params(config))
@@ -270,7 +275,7 @@ def save_params(
             raise ParamsError("params do not match the config:\n  - " + "\n  - ".join(problems))
 
     def fill(tmp: str) -> None:
-        save_tree(os.path.join(tmp, PARAMS_ITEM), params)
+        save_tree(os.path.join(tmp, PARAMS_ITEM), params, compress=compress)
         # Read back what Orbax recorded before the directory becomes visible.
         written = tree_metadata(os.path.join(tmp, PARAMS_ITEM))
         problems = check_tree(written, params)

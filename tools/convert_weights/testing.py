@@ -60,21 +60,38 @@ def manager_settings(cfg: ModelConfig):
 
 def hf_config_for(cfg: ModelConfig):
     """A transformers LlavaOnevisionConfig with the shapes of `cfg` (SigLIP depth = cfg.vision.num_layers)."""
-    from manager_jax.reference.hf_tiny import tiny_hf_config
+    from transformers import LlavaOnevisionConfig
+
+    from manager_jax.reference.hf_tiny import HF_DEFAULT_PINPOINTS
 
     t, v = cfg.text, cfg.vision
     if t.hidden_size // t.num_heads != t.head_dim:
         raise ValueError("the HF Qwen2 config derives head_dim = hidden_size // num_heads")
-    hf = tiny_hf_config(
-        vision_layers=v.num_layers, text_layers=t.num_layers, hidden=t.hidden_size, vision_hidden=v.hidden_size,
-        heads=t.num_heads, kv_heads=t.num_kv_heads, vocab=t.vocab_size,
-        image_token_id=cfg.image_token_id, video_token_id=cfg.image_token_id + 1,
-        tie_word_embeddings=t.tie_word_embeddings, intermediate=t.intermediate_size,
-        vision_intermediate=v.intermediate_size, rope_theta=t.rope_theta,
-        max_position_embeddings=t.max_position_embeddings,
+    return LlavaOnevisionConfig(
+        vision_config={
+            "model_type": "siglip_vision_model", "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
+            "num_attention_heads": v.num_heads, "image_size": v.image_size, "patch_size": v.patch_size,
+            "vision_use_head": False, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": v.layer_norm_eps,
+        },
+        text_config={
+            "model_type": "qwen2", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads,
+            "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
+            "tie_word_embeddings": t.tie_word_embeddings, "use_sliding_window": False,
+        },
+        image_token_index=cfg.image_token_id,
+        video_token_index=cfg.image_token_id + 1,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=HF_DEFAULT_PINPOINTS,
+        tie_word_embeddings=t.tie_word_embeddings,
+        multimodal_projector_bias=True,
     )
-    hf.vision_config.num_attention_heads = v.num_heads
-    return hf
 
 
 def original_config_json(cfg: ModelConfig, *, torch_dtype: str = "float32", declare_vision: bool = True) -> dict:
