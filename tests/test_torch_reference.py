@@ -137,8 +137,9 @@ def test_bad_inputs_raise(hf_sdpa):
 def test_main_features_equal_hf_and_manager_features_align(hf_sdpa):
     """Our main features equal HF get_image_features; the Manager grid features are assembled the
     same way (a selected layer equal to the last one, with a zero layer embedding, gives them back)."""
-    sizes_hw = [(1080, 1920), (1281, 1647), (480, 640)]
     for grid_type in ("all", "grid", "main"):
+        # HF comparison on three sizes (max_9 resize, the rounding case, plain unpad); alignment on one.
+        sizes_hw = [(1080, 1920), (1281, 1647), (480, 640)] if grid_type == "all" else [(1080, 1920)]
         st = settings(convention="hf", grid_type=grid_type, select_layers=[2, 4])
         params = init_manager_params(st, HIDDEN, nonzero=False)
         params["model.manager_layer_embedding"][1] = 0.0
