@@ -49,8 +49,9 @@ def image_mode(cfg: ModelConfig, n_images: int) -> str:
 
 def build_case(
     cfg: ModelConfig, samples: list[SampleSpec], *, seed: int = 0, im_start_id: int = 151644,
-    seq_len: int | None = None,
+    seq_len: int | None = None, pack: bool = False,
 ) -> Case:
+    """Our batch (one sample per row, or all packed into one row with `pack=True`) + HF inputs."""
     processed, all_pixels, sizes_hw, per_image_pixels = [], [], [], []
     img_seed = seed
     for i, spec in enumerate(samples):
@@ -75,11 +76,11 @@ def build_case(
         processed.append(ProcessedSample(f"s{i}", ids, labels, px, plans))
         all_pixels.append(px)
     lengths = [len(s.ids) - s.num_images + sum(p.num_tokens for p in s.plans) for s in processed]
-    s_len = seq_len or max(lengths)
+    s_len = seq_len or (sum(lengths) if pack else max(lengths))
     crops = max(1, sum(s.num_crops for s in processed))
     tokens = max(1, sum(p.num_tokens for s in processed for p in s.plans))
     batch = assemble_batch(
-        processed, rows=len(samples), seq_len=s_len, max_crops=crops, max_image_tokens=tokens, pack=False,
+        processed, rows=1 if pack else len(samples), seq_len=s_len, max_crops=crops, max_image_tokens=tokens, pack=pack,
         grid_type=cfg.manager.grid_type if cfg.manager.enabled else None, query_type=cfg.manager.query_type,
         pad_id=0, im_start_id=im_start_id,
     )
