@@ -1,0 +1,96 @@
+"""Model config: constructors from the original and HF config.json, presets, validation."""
+
+import json
+
+import pytest
+
+from manager_jax import config as C
+
+
+def _original_config(manager: bool, grid: bool) -> dict:
+    """A config.json as the original training writes it (SPEC §6.1), 0.5B."""
+    cfg = {
+        "architectures": ["LlavaQwenManagerForCausalLM" if manager else "LlavaQwenForCausalLM"],
+        "model_type": "llava_qwen_manager" if manager else "llava_qwen",
+        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+        "num_key_value_heads": 2, "vocab_size": 151936, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": True, "max_position_embeddings": 32768,
+        "mm_hidden_size": 1152, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
+        "mm_vision_tower": "/some/local/siglip-so400m-patch14-384",
+        "mm_patch_merge_type": "spatial_unpad" if grid else "flat",
+        "image_aspect_ratio": "anyres_max_9" if grid else "square",
+        "image_grid_pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)] if grid else None,
+        "tokenizer_model_max_length": 16384,
+    }
+    if manager:
+        cfg.update({
+            "mm_manager_type": "static_zerouni", "mm_manager_grid_type": "all",
+            "mm_manager_vision_select_layers_start": 13, "mm_manager_vision_select_layers_interval": 1,
+            "mm_manager_vision_select_layers_end": 26, "mm_manager_injection_start": 0,
+            "mm_manager_injection_interval": 4, "mm_manager_injection_end": 24, "mm_manager_residual": True,
+            "mm_manager_softmax_temperature": 1.0,
+            "mm_manager_select_layer_index_list": list(range(13, 26)),
+            "mm_manager_index_list": [0, 4, 8, 12, 16, 20],
+        })
+    return cfg
+
+
+@pytest.mark.parametrize("manager", [False, True])
+@pytest.mark.parametrize("grid", [False, True])
+def test_from_original_config_four_variants(manager, grid):
+    cfg = C.ModelConfig.from_original_config(_original_config(manager, grid))
+    expected = C.preset("0.5b", ("grid" if grid else "baseline") if not manager else ("grid_manager" if grid else "manager"))
+    assert cfg.text == expected.text
+    assert cfg.vision == expected.vision
+    assert cfg.manager.enabled == manager
+    if manager:
+        assert cfg.injection_layers() == [0, 4, 8, 12, 16, 20]
+        assert cfg.manager.select_layers == list(range(13, 26))
+    assert cfg.image.has_newline == grid
+    assert cfg.image.aspect_ratio == ("anyres_max_9" if grid else "square")
+    if grid:
+        assert len(cfg.image.grid_pinpoints) == 36 and cfg.image.grid_pinpoints[1] == (384, 768)
+
+
+def test_original_config_inconsistent_index_list_is_rejected():
+    raw = _original_config(True, True)
+    raw["mm_manager_select_layer_index_list"] = list(range(12, 26))
+    with pytest.raises(C.ConfigError, match="disagrees"):
+        C.ModelConfig.from_original_config(raw)
+
+
+def test_from_hf_config_and_json_round_trip(tmp_path):
+    from manager_jax.reference.hf_tiny import tiny_hf_config
+
+    hf = tiny_hf_config(vision_layers=2, text_layers=3, image_grid_pinpoints=[[384, 768], [768, 384]])
+    cfg = C.ModelConfig.from_hf_config(hf.to_dict())
+    assert cfg.image.convention == "hf"
+    assert cfg.image.grid_pinpoints == [(768, 384), (384, 768)]  # HF (h, w) -> our (w, h)
+    assert cfg.text.num_layers == 3 and cfg.vision.num_layers == 2 and cfg.image_token_id == 500
+    path = tmp_path / "config.json"
+    cfg.save(str(path))
+    assert C.ModelConfig.from_json_file(str(path)) == cfg
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf.to_dict()))
+    assert C.ModelConfig.from_json_file(str(tmp_path / "hf")) == cfg
+
+
+def test_presets():
+    assert C.preset("7b", "grid_manager").injection_layers() == [0, 4, 8, 12, 16, 20, 24]
+    assert C.preset("72b", "grid_manager").injection_layers()[-1] == 76
+    assert not C.preset("72b", "grid").manager.enabled
+    assert C.tiny(manager_type="adaptive_cross_zerouni").manager.query_type == "cross"
+    assert C.tiny(manager_type="adaptive_zerouni").manager.query_type == "none"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(manager=C.ManagerConfig(type="bogus")), "manager.type"),
+    (dict(manager=C.ManagerConfig(grid_type="left")), "grid_type"),
+    (dict(manager=C.ManagerConfig(residual=False)), "residual"),
+    (dict(manager=C.ManagerConfig(vision_select_layers_end=40)), "select layers"),
+    (dict(remat_policy="sometimes"), "remat_policy"),
+    (dict(image=C.ImageConfig(convention="pytorch")), "convention"),
+])
+def test_invalid_configs_raise_clear_errors(change, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.preset("0.5b", "grid_manager").replace(**change)
