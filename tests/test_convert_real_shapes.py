@@ -1,7 +1,8 @@
 """Conversion at the real 0.5B shapes (~1.8 GB bf16 checkpoint on disk): slow, run with -m slow.
 
-Checks the round trip original -> Orbax -> original is bit-identical per tensor and prints the
-wall time and peak RSS of each direction (numbers are reported, not asserted).
+Checks the round trip original -> Orbax -> original is bit-identical per tensor, prints the wall
+time and peak RSS of each direction (numbers are reported, not asserted), and runs `verify` on the
+converted checkpoint against the PyTorch Manager reference (~10 GB of RAM, fp32).
 """
 
 from __future__ import annotations
@@ -30,3 +31,8 @@ def test_real_05b_round_trip_time_and_memory(tmp_path):
     rows = bench.benchmark(str(tmp_path), "grid_manager", num_shards=2, check=True)  # raises on any difference
     print("\n" + bench.format_table(rows))
     assert [r["direction"] for r in rows] == ["original -> Orbax", "Orbax -> original"]
+    from tools.convert_weights import verify
+
+    report = verify.verify(str(tmp_path / "original"), str(tmp_path / "orbax"), image_size=(384, 384))
+    print(report)
+    assert report.relative_error <= 1e-5 and report.top1_agreement == 1.0

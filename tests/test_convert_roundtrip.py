@@ -177,3 +177,28 @@ def test_flat_model_cannot_be_exported_as_hf(tmp_path):
     with pytest.raises(ConversionError, match="image_newline"):
         convert.from_orbax(str(tmp_path / "p"), str(tmp_path / "hf"), fmt="hf")
     assert not os.path.exists(tmp_path / "hf")
+
+
+def test_training_checkpoint_as_source(tmp_path):
+    """A training run directory (numbered steps with a `params` item): the latest step is exported."""
+    import orbax.checkpoint as ocp
+
+    cfg = tiny("manager")
+    written, _, _ = testing.write_original_checkpoint(str(tmp_path / "src"), cfg)
+    _, tree = convert.load_torch_checkpoint(str(tmp_path / "src"))
+    older = {k: v for k, v in tree.items()}
+    older["text"] = {**tree["text"], "norm": {"scale": tree["text"]["norm"]["scale"] * 0}}
+    with ocp.CheckpointManager(str(tmp_path / "run"), item_names=("params",)) as mngr:
+        mngr.save(100, args=ocp.args.Composite(params=ocp.args.StandardSave(older)))
+        mngr.save(200, args=ocp.args.Composite(params=ocp.args.StandardSave(tree)))
+        mngr.wait_until_finished()
+    cfg.save(str(tmp_path / "run" / "config.json"))
+    convert.from_orbax(str(tmp_path / "run"), str(tmp_path / "back"), fmt="llava")
+    assert_bit_identical(load_dir(tmp_path / "back"), written)
+    # to-orbax from a training run: a params directory (here also changing the dtype).
+    got = convert.to_orbax(str(tmp_path / "run"), str(tmp_path / "p"), dtype="bf16")
+    assert got == cfg
+    _, bf16 = params_io.load_params(str(tmp_path / "p"))
+    assert str(bf16["text"]["norm"]["scale"].dtype) == "bfloat16"
+    np.testing.assert_array_equal(bf16["text"]["norm"]["scale"].astype(np.float32),
+                                  written["model.norm.weight"].to(torch.bfloat16).float().numpy())
