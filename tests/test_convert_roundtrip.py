@@ -202,3 +202,21 @@ def test_training_checkpoint_as_source(tmp_path):
     assert str(bf16["text"]["norm"]["scale"].dtype) == "bfloat16"
     np.testing.assert_array_equal(bf16["text"]["norm"]["scale"].astype(np.float32),
                                   written["model.norm.weight"].to(torch.bfloat16).float().numpy())
+
+
+def test_hf_config_declaring_the_full_27_layer_siglip(tmp_path):
+    """An HF config with SigLIP's 27 layers: LLaVA-OV uses 26, so layer 26 (and a tied lm_head) is skipped."""
+    model = tiny_hf_model(tiny_hf_config(vision_layers=27, text_layers=2), seed=6)
+    model.save_pretrained(tmp_path / "src")
+    tensors = load_dir(tmp_path / "src")
+    tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"].clone()
+    os.remove(tmp_path / "src" / "model.safetensors")
+    testing.save_sharded(str(tmp_path / "src"), tensors)
+    cfg = convert.to_orbax(str(tmp_path / "src"), str(tmp_path / "p"))
+    assert cfg.vision.num_layers == 26
+    record = json.loads((tmp_path / "p" / "conversion.json").read_text())
+    assert "language_model.lm_head.weight (tied to the embedding)" in record["ignored_tensors"]
+    assert sum("encoder.layers.26." in k for k in record["ignored_tensors"]) == 16
+    _, tree = params_io.load_params(str(tmp_path / "p"))
+    np.testing.assert_array_equal(tree["vision"]["layers"]["mlp"]["fc1"]["kernel"][25],
+                                  tensors["vision_tower.encoder.layers.25.mlp.fc1.weight"].numpy().T)

@@ -143,7 +143,10 @@ def find_weight_files(directory: str) -> tuple[list[str], dict[str, str] | None,
         return present, weight_map, missing
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
-        raise SafetensorsError(f"no *.safetensors file and no {INDEX_FILE} in {directory}")
+        pickles = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth")))
+        hint = (f" (found {', '.join(pickles)}: PyTorch pickle files are not read, being neither safe to load nor "
+                "memory-mappable; save them as safetensors first)") if pickles else ""
+        raise SafetensorsError(f"no *.safetensors file and no {INDEX_FILE} in {directory}{hint}")
     if len(files) > 1 and SINGLE_FILE not in files:
         raise SafetensorsError(f"{len(files)} safetensors files but no {INDEX_FILE}: {', '.join(files)}")
     return [os.path.join(directory, SINGLE_FILE if SINGLE_FILE in files else files[0])], None, []

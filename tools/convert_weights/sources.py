@@ -27,6 +27,7 @@ from manager_jax.config import (
 from manager_jax import params_io
 from tools.convert_weights import mapping
 from tools.convert_weights.safetensors_io import (
+    DTYPES,
     FLOAT_DTYPES,
     INDEX_FILE,
     SafetensorsCheckpoint,
@@ -163,8 +164,6 @@ class TorchSource:
         sizes: dict[str, int] = {}
         for ref in self.refs.values():
             sizes[ref.info.dtype] = sizes.get(ref.info.dtype, 0) + ref.info.nbytes
-        from tools.convert_weights.safetensors_io import DTYPES
-
         return DTYPES[max(sizes, key=sizes.get)] if sizes else np.dtype(np.float32)
 
     def total_bytes(self) -> int:
@@ -239,7 +238,6 @@ def _check_against_config(
     raw: dict,
     problems: list[str],
     parts: Iterable[str] | None = None,
-    check_vision_layers: bool = True,
 ) -> list[mapping.ParamSpec]:
     """Config-vs-tensor checks with explanations, then missing / unexpected / shape / dtype checks."""
     specs = mapping.param_specs(cfg, parts)
@@ -258,7 +256,7 @@ def _check_against_config(
         if emb is not None and len(emb.shape) == 2 and emb.shape[1] != cfg.text.hidden_size:
             problems.append(f"config hidden_size={cfg.text.hidden_size} but {file_key('model.embed_tokens.weight')} is "
                             f"{emb.shape[1]} wide")
-    if "vision" in wanted_parts and check_vision_layers:
+    if "vision" in wanted_parts:
         found = _layer_indices(canon, mapping._V + "encoder.layers.")
         if found != list(range(cfg.vision.num_layers)):
             problems.append(f"config vision num_hidden_layers={cfg.vision.num_layers} but the checkpoint has SigLIP "
