@@ -71,13 +71,25 @@ class Qwen2Attention(nnx.Module):
         v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if cache is not None:
-            ck, cv = cache
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), ctx.cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), ctx.cache_index, axis=1)
-            cache = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            # cache = ((k_all, v_all) [L, B, S_max, KV, d], layer): the whole cache is carried
+            # through the layer scan and updated in place (no per-step copy of the cache).
+            (ck, cv), layer = cache
+            zero = jnp.zeros((), jnp.int32)
+            start = (layer, zero, jnp.asarray(ctx.cache_index, jnp.int32), zero, zero)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
+            cache = (ck, cv)
+            # Attend over the first kv_seg.shape[1] slots. When that is exactly this call's keys
+            # (a prefill written at slot 0), use them directly instead of reading them back.
+            fresh = ctx.kv_seg.shape[1] == t
+            if not fresh:
+                read = (1, b, ctx.kv_seg.shape[1]) + ck.shape[3:]
+                k = jax.lax.dynamic_slice(ck, (layer, zero, zero, zero, zero), read)[0].astype(q.dtype)
+                v = jax.lax.dynamic_slice(cv, (layer, zero, zero, zero, zero), read)[0].astype(q.dtype)
+        else:
+            fresh = True
         kv_slot = jnp.arange(k.shape[1])
-        if ctx.plain_causal and cache is None and self.impl != "xla":
+        if ctx.plain_causal and fresh and self.impl != "xla":
             out = dot_product_attention(q, k, v, mask=None, impl=self.impl, plain_causal=True)
         else:
             mask = segment_causal_mask(ctx.q_slot, kv_slot, ctx.q_seg, ctx.kv_seg)
@@ -140,25 +152,29 @@ class Qwen2Decoder(nnx.Module):
     ):
         """h [B, T, D] input embeddings -> (normed hidden [B, T, D], new cache).
 
-        `cache` is (k, v) with k/v [L, B, S_max, KV, d]; layers and their cache slices are scanned
-        together. Injections run before the layers in `injection_layers` (prefill only).
+        `cache` is (k, v) with k/v [L, B, S_max, KV, d]; it is carried whole through the layer scan
+        and each layer writes its new keys/values at `ctx.cache_index` in place; attention reads the
+        first `ctx.kv_seg.shape[1]` slots. Injections run before the layers in `injection_layers`
+        (prefill only).
         """
         bounds = sorted(set([0, *injection_layers, self.cfg.num_layers]))
         if cache is None:
             body = lambda layer, x, _: (layer(x, ctx)[0], None)
+            layer_ids = None
         else:
-            def body(layer, x, layer_cache):
-                x, new_cache = layer(x, ctx, layer_cache)
-                return x, new_cache
-        new_caches = []
+            # The carry holds (hidden, whole cache); each layer writes its slice at its index.
+            def body(layer, carry, index):
+                x, kv = carry
+                x, kv = layer(x, ctx, (kv, index))
+                return (x, kv), None
+            layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
         for a, b in zip(bounds[:-1], bounds[1:]):
             if inject is not None and a in injection_layers:
                 h = inject(injection_layers.index(a), h)
-            h, ys = run_stacked(
-                self.layers, h, body, start=a, stop=b, scan=self.scan_layers,
-                remat_policy=self.remat_policy, xs=cache, collect=cache is not None,
+            carry = h if cache is None else (h, cache)
+            carry, _ = run_stacked(
+                self.layers, carry, body, start=a, stop=b, scan=self.scan_layers,
+                remat_policy=self.remat_policy, xs=layer_ids,
             )
-            new_caches.append(ys)
-        if cache is not None:
-            cache = jax.tree.map(lambda *c: jnp.concatenate(c, axis=0), *new_caches)
+            h, cache = (carry, None) if cache is None else carry
         return self.norm(h), cache

@@ -1,0 +1,211 @@
+"""`run.py generate` and `run.py score`.
+
+  python run.py generate --checkpoint DIR [--tokenizer DIR] --image PATH [--image PATH ...] \\
+      --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--json]
+  python run.py generate --checkpoint DIR --prompts FILE.jsonl [--batch-size N] [--json]
+  python run.py score --checkpoint DIR [--tokenizer DIR] --image PATH --prompt TEXT \\
+      --continuation TEXT --json
+
+Prompts are wrapped in the qwen_1_5 evaluation template (SPEC §4); several images per prompt use
+pad mode (SPEC §7.2). In a JSONL file each line is {"prompt": str, "images": [path, ...]}; relative
+image paths are resolved against the JSONL file's directory. With --json, generate prints one
+{"text", "token_ids", "finish_reason"} object per prompt and line; score prints
+{"logprob", "num_tokens", "is_greedy"} where logprob is the sum of the log-probabilities of the
+continuation's tokens (not the original adapter's mean loss, SPEC §7.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from manager_jax.config import ConfigError
+from manager_jax.infer.engine import InferenceEngine, InputError
+from manager_jax.infer.loading import (
+    CheckpointError,
+    ImageLoadError,
+    default_vocab_limit,
+    load_image,
+    load_model,
+    read_eos_ids,
+)
+from manager_jax.infer.requests import generation_prompt, score_request
+from manager_jax.infer.sampling import SamplingParams
+
+# Problems of the user's input: reported in one line, without a traceback.
+USER_ERRORS = (FileNotFoundError, CheckpointError, ImageLoadError, InputError, ConfigError)
+
+
+def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--checkpoint", required=True, help="params directory or training checkpoint directory")
+    p.add_argument("--tokenizer", default=None,
+                   help="local HF tokenizer directory (default: the checkpoint's tokenizer/ if present, "
+                        "else the offline Qwen2 tokenizer)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute and parameter dtype (default: the checkpoint config's)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest prompt + answer in tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--vocab-limit", type=int, default=None,
+                   help="never produce / normalise over ids >= this (default: the tokenizer's vocabulary "
+                        "without <image>/<video>, as the original evaluation; -1 = the whole model vocabulary)")
+    p.add_argument("--mesh", default=None,
+                   help="shard over local devices, e.g. 'fsdp=-1' or 'data=2,tensor=4' (default: one device)")
+    return p
+
+
+def _parse_mesh(spec: str | None):
+    if not spec:
+        return None
+    from manager_jax.sharding import MeshConfig, make_mesh
+
+    sizes = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in ("data", "fsdp", "tensor") or not value.strip().lstrip("-").isdigit():
+            raise InputError(f"bad --mesh entry {part!r}: expected data=N, fsdp=N or tensor=N (N may be -1)")
+        sizes[name.strip()] = int(value)
+    full = {"data": 1, "fsdp": 1, "tensor": 1}
+    full.update(sizes)
+    if -1 not in full.values() and "fsdp" not in sizes:
+        full["fsdp"] = -1  # the unnamed axis takes the remaining devices
+    return make_mesh(MeshConfig(**full))
+
+
+def _tokenizer_path(args) -> str | None:
+    if args.tokenizer:
+        return args.tokenizer
+    bundled = os.path.join(args.checkpoint, "tokenizer")
+    return bundled if os.path.isdir(bundled) else None
+
+
+def build_engine(args) -> tuple[InferenceEngine, object]:
+    """Model, tokenizer and engine from the common command-line options."""
+    from manager_jax.data.tokenizer import load_tokenizer
+
+    model = load_model(args.checkpoint, dtype=args.dtype)
+    tokenizer = load_tokenizer(_tokenizer_path(args))
+    vocab = model.cfg.text.vocab_size
+    if args.vocab_limit is None:
+        limit = default_vocab_limit(tokenizer, vocab)
+    else:
+        limit = vocab if args.vocab_limit < 0 else min(args.vocab_limit, vocab)
+    engine = InferenceEngine(
+        model, eos_ids=read_eos_ids(args.checkpoint, tokenizer.eos_ids), pad_id=tokenizer.pad_id,
+        im_start_id=tokenizer.im_start_id, vocab_limit=limit, max_length=args.max_length,
+        mesh=_parse_mesh(args.mesh),
+    )
+    return engine, tokenizer
+
+
+def _read_jsonl(path: str) -> list[tuple[str, list[str]]]:
+    if not os.path.isfile(path):
+        raise InputError(f"prompts file not found: {path!r}")
+    base = os.path.dirname(os.path.abspath(path))
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{number}: not valid JSON ({e})") from e
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise InputError(f"{path}:{number}: expected an object with a string 'prompt'")
+            images = record.get("images", [])
+            if isinstance(images, str):
+                images = [images]
+            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+                raise InputError(f"{path}:{number}: 'images' must be a list of paths")
+            items.append((record["prompt"], [i if os.path.isabs(i) else os.path.join(base, i) for i in images]))
+    if not items:
+        raise InputError(f"{path}: no prompts")
+    return items
+
+
+def generate_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `run.py generate`; returns the exit status."""
+    p = _common_parser("run.py generate", "Generate answers with a LLaVA-OV(-Manager) checkpoint.")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
+    p.add_argument("--prompt", default=None, help="the question (wrapped in the qwen_1_5 template)")
+    p.add_argument("--prompts", default=None, help='JSONL file: {"prompt": ..., "images": [...]} per line')
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in --prompts mode")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    args = p.parse_args(argv)
+    if (args.prompt is None) == (args.prompts is None):
+        p.error("give exactly one of --prompt and --prompts")
+    if args.prompts is not None and args.image:
+        p.error("--image goes with --prompt; in --prompts mode list images in the JSONL file")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    try:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        items = [(args.prompt, args.image)] if args.prompt is not None else _read_jsonl(args.prompts)
+        # Fail on a bad image before the (slow) model load.
+        loaded = [(text, [load_image(path) for path in paths]) for text, paths in items]
+        engine, tokenizer = build_engine(args)
+        prompts = [generation_prompt(text, images, tokenizer) for text, images in loaded]
+        results = []
+        for start in range(0, len(prompts), args.batch_size):
+            results.extend(engine.generate(prompts[start : start + args.batch_size], params))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for index, gen in enumerate(results):
+        text = tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
+        if args.json:
+            print(json.dumps({"text": text, "token_ids": gen.token_ids, "finish_reason": gen.finish_reason},
+                             ensure_ascii=False))
+        elif len(results) == 1:
+            print(text)
+        else:
+            print(f"### {index}\n{text}")
+    return 0
+
+
+def score_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `run.py score`; returns the exit status."""
+    p = _common_parser("run.py score", "Log-likelihood of a continuation given a prompt (and images).")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
+    p.add_argument("--prompt", required=True, help="the question / context")
+    p.add_argument("--continuation", required=True, help="the answer to score")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    args = p.parse_args(argv)
+    try:
+        images = [load_image(path) for path in args.image]
+        engine, tokenizer = build_engine(args)
+        request = score_request(args.prompt, args.continuation, images, tokenizer)
+        if request is None:
+            logprob, num_tokens, greedy = 0.0, 0, True
+        else:
+            result = engine.score([request])[0]
+            logprob, num_tokens, greedy = result.logprob, result.num_tokens, result.is_greedy
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"logprob": logprob, "num_tokens": num_tokens, "is_greedy": greedy}))
+    else:
+        print(f"logprob {logprob:.6f} over {num_tokens} tokens; greedy: {greedy}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m manager_jax.infer.cli generate|score ...
+    command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    mains = {"generate": generate_main, "score": score_main}
+    if command not in mains:
+        sys.exit("usage: python -m manager_jax.infer.cli generate|score [options]")
+    sys.exit(mains[command](rest))

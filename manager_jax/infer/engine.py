@@ -1,0 +1,486 @@
+"""Inference: prefill with Manager injection, then KV-cache decoding in one compiled loop; scoring.
+
+Layout of a generation batch (HF generation's): prompts are **left**-padded so that they all end at
+slot P-1 of the cache; padding has segment id 0, RoPE positions are cumsum(mask) - 1 (0..n-1 on the
+real tokens), and token i of the answer sits at slot P + i with position n + i. The attention mask
+is by physical slot and segment id (`models/attention.py`), so a padded slot is never attended.
+
+Shapes are bucketed (prompt length, number of new tokens, rows, crops, image tokens) so that a few
+compiled programs serve every request: the prefill compiles once per (rows, prompt bucket, cache
+length, crops, image tokens), the decode loop once per (rows, cache length, greedy or sampling).
+Sampling knobs, max_new_tokens, eos ids and the vocabulary limit are traced values.
+
+The decode loop is a `lax.while_loop` on device: no Python per token. It stops when every row has
+produced an eos id or after max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from manager_jax.batch import IM_START_TOKEN_ID, ProcessedSample, assemble_batch
+from manager_jax.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from manager_jax.data.image_processing import preprocess_image
+from manager_jax.infer.sampling import SamplingParams, limit_vocab, select_tokens
+from manager_jax.models.llava_ov import LlavaOV
+
+MAX_EOS_IDS = 8  # eos ids are padded to this many (-1) so their number never recompiles
+# Arrays whose first axis is the batch row (sharded over the data axes on a mesh).
+ROW_FIELDS = frozenset({"input_ids", "positions", "segment_ids", "labels", "query_mask", "kv_seg", "next_pos",
+                        "pred_pos", "targets", "valid"})
+
+
+class InputError(ValueError):
+    """A request the engine cannot serve (bad ids, images not matching the placeholders, ...)."""
+
+
+class PromptTooLongError(InputError):
+    """A prompt whose expanded length (text + image tokens) exceeds the model's maximum."""
+
+
+@dataclass
+class Prompt:
+    """One request: token ids with one IMAGE_TOKEN_INDEX (-200) per image, and the PIL images."""
+
+    ids: Sequence[int]
+    images: Sequence[Image.Image] = ()
+
+
+@dataclass
+class Generation:
+    """The generated ids (the eos id included when one ended the answer, as HF `generate` returns)."""
+
+    token_ids: list[int]
+    finish_reason: str  # "eos" or "length"
+    prompt_length: int  # tokens after image expansion
+
+
+@dataclass
+class ScoreRequest:
+    """Score ids[target_start:target_end] (indices into the unexpanded `ids`) given what precedes."""
+
+    ids: Sequence[int]
+    target_start: int
+    target_end: int
+    images: Sequence[Image.Image] = ()
+
+
+@dataclass
+class ScoreResult:
+    logprob: float  # sum of log p(token | prefix) over the target tokens
+    num_tokens: int
+    is_greedy: bool  # every target token is the argmax of its prediction
+
+
+@dataclass
+class PreparedBatch:
+    """Numpy model inputs (left-padded unless built for scoring) and per-row bookkeeping."""
+
+    inputs: dict[str, np.ndarray]
+    lengths: np.ndarray  # [rows] expanded prompt lengths (0 for filler rows)
+    num_prompts: int
+    samples: list[ProcessedSample] = field(default_factory=list)
+
+    @property
+    def prompt_slots(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+
+# ---- buckets ------------------------------------------------------------------------------------
+
+
+def length_bucket(n: int, minimum: int = 64) -> int:
+    """Smallest of minimum * {1, 1.5, 2, 3, 4, 6, ...} that is >= n (at most a third wasted)."""
+    size = max(int(minimum), 1)
+    while True:
+        for candidate in (size, size * 3 // 2):
+            if candidate >= n:
+                return candidate
+        size *= 2
+
+
+def count_bucket(n: int, step: int = 8) -> int:
+    """0, then powers of two up to `step`, then multiples of `step` (crops: cost grows linearly)."""
+    if n <= 0:
+        return 0
+    if n <= step:
+        return 1 << (n - 1).bit_length()
+    return math.ceil(n / step) * step
+
+
+def rows_bucket(n: int) -> int:
+    """Exact up to 4 rows (small batches are common and padded rows cost a full row), then powers of 2."""
+    return n if n <= 4 else 1 << (n - 1).bit_length()
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+
+
+class InferenceEngine:
+    """Generation and scoring for one `LlavaOV` model.
+
+    Args:
+      model: the model (its config decides image modes, conventions and the Manager).
+      eos_ids: generation stops on any of these (the checkpoint's generation_config eos ids).
+      pad_id: id written on padding and after an answer ended.
+      im_start_id: `<|im_start|>` id (the adaptive Manager's query rule).
+      vocab_limit: ids >= this are never produced nor counted (None = the whole vocabulary).
+      max_length: longest expanded prompt + answer (default: the model's max_position_embeddings).
+      mesh: a `jax.sharding.Mesh` with the axes of `manager_jax.sharding` to shard the parameters
+        (FSDP / tensor) and the batch and KV cache (data); None = one device.
+      min_prompt_bucket / min_new_bucket: smallest prompt-length / new-token buckets.
+    """
+
+    def __init__(
+        self,
+        model: LlavaOV,
+        *,
+        eos_ids: Sequence[int] = (),
+        pad_id: int = 0,
+        im_start_id: int = IM_START_TOKEN_ID,
+        vocab_limit: int | None = None,
+        max_length: int | None = None,
+        mesh=None,
+        min_prompt_bucket: int = 64,
+        min_new_bucket: int = 16,
+    ):
+        self.cfg = model.cfg
+        if len(eos_ids) > MAX_EOS_IDS:
+            raise ValueError(f"at most {MAX_EOS_IDS} eos ids are supported, got {list(eos_ids)}")
+        self.eos_ids = [int(e) for e in eos_ids]
+        self.pad_id = int(pad_id)
+        self.im_start_id = int(im_start_id)
+        self.vocab_limit = int(vocab_limit) if vocab_limit is not None else None
+        self.max_length = int(max_length or self.cfg.text.max_position_embeddings)
+        self.min_prompt_bucket = min_prompt_bucket
+        self.min_new_bucket = min_new_bucket
+        self.mesh = mesh
+        self.graphdef, state = nnx.split(model)
+        self.state = self._place_params(state)
+        self._prefill_jit = jax.jit(self._prefill_fn, static_argnames=("cache_len", "plain_causal"))
+        self._step_jit = jax.jit(self._decode_step_fn, donate_argnames=("cache",))
+        self._decode_jit = jax.jit(self._decode_loop_fn, static_argnames=("greedy", "new_slots"),
+                                   donate_argnames=("cache",))
+        self._score_jit = jax.jit(self._score_fn)
+
+    # ---- placement ------------------------------------------------------------------------
+    def _place_params(self, state):
+        if self.mesh is None:
+            return state
+        from manager_jax.sharding import tree_shardings
+
+        pure = nnx.to_pure_dict(state)
+        placed = jax.tree_util.tree_map(jax.device_put, pure, tree_shardings(pure, self.mesh))
+        nnx.replace_by_pure_dict(state, placed)
+        return state
+
+    def _batch_spec(self, ndim: int, rows: int):
+        """Sharding of an array whose first axis is the batch rows (replicated if rows don't divide)."""
+        if self.mesh is None:
+            return None
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from manager_jax.sharding import BATCH_AXES
+
+        axes = tuple(a for a in BATCH_AXES if self.mesh.shape.get(a, 1) > 1)
+        size = math.prod(self.mesh.shape[a] for a in axes) if axes else 1
+        first = axes if axes and rows % size == 0 else None
+        return NamedSharding(self.mesh, P(first, *([None] * (ndim - 1))))
+
+    def _cache_spec(self, rows: int):
+        if self.mesh is None:
+            return None
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        batch = self._batch_spec(5, rows).spec[0]
+        tensor = self.mesh.shape.get("tensor", 1)
+        kv = "tensor" if tensor > 1 and self.cfg.text.num_kv_heads % tensor == 0 else None
+        return NamedSharding(self.mesh, P(None, batch, None, kv, None))
+
+    def _put(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, jax.Array]:
+        out = {}
+        for name, value in inputs.items():
+            value = np.asarray(value)
+            spec = self._batch_spec(value.ndim, rows) if name in ROW_FIELDS else self._replicated()
+            out[name] = jax.device_put(value, spec) if spec is not None else jnp.asarray(value)
+        return out
+
+    def _replicated(self):
+        if self.mesh is None:
+            return None
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        return NamedSharding(self.mesh, P())
+
+    # ---- batch building -------------------------------------------------------------------
+    def image_mode(self, n_images: int) -> str:
+        """Several images in one prompt use pad mode, as the original evaluation does (SPEC §7.2)."""
+        return "pad" if n_images > 1 else self.cfg.image.aspect_ratio
+
+    def process(self, ids: Sequence[int], images: Sequence[Image.Image], name: str) -> ProcessedSample:
+        """Preprocess one prompt's images and pair them with its ids."""
+        ids = np.asarray(list(ids), np.int32)
+        if ids.ndim != 1 or ids.size == 0:
+            raise InputError(f"prompt {name}: needs at least one token id")
+        n_sentinels = int((ids == IMAGE_TOKEN_INDEX).sum())
+        if n_sentinels != len(images):
+            raise InputError(f"prompt {name}: {n_sentinels} image placeholders but {len(images)} images")
+        bad = ids[(ids != IMAGE_TOKEN_INDEX) & ((ids < 0) | (ids >= self.cfg.text.vocab_size))]
+        if bad.size:
+            raise InputError(f"prompt {name}: token id {int(bad[0])} outside the model vocabulary "
+                             f"(size {self.cfg.text.vocab_size})")
+        mode = self.image_mode(len(images))
+        grid_type = self.cfg.manager.grid_type if self.cfg.manager.enabled else None
+        pixels, plans = [], []
+        for image in images:
+            px, plan = preprocess_image(
+                image, mode=mode, pinpoints=self.cfg.image.grid_pinpoints, convention=self.cfg.image.convention,
+                grid_type=grid_type, unpad=self.cfg.image.has_newline,
+            )
+            pixels.append(px)
+            plans.append(plan)
+        px = np.concatenate(pixels) if pixels else np.zeros((0, 384, 384, 3), np.float32)
+        labels = np.full(ids.shape, IGNORE_INDEX, np.int32)
+        sample = ProcessedSample(name, ids, labels, px, plans)
+        if sample.expanded_length > self.max_length:
+            raise PromptTooLongError(
+                f"prompt {name} has {sample.expanded_length} tokens after image expansion "
+                f"({len(ids) - len(images)} text + {sample.num_image_tokens} image tokens), more than the "
+                f"model maximum of {self.max_length}"
+            )
+        return sample
+
+    def _assemble(self, samples: list[ProcessedSample], seq_len: int, rows: int):
+        crops = count_bucket(sum(s.num_crops for s in samples))
+        tokens = sum(s.num_image_tokens for s in samples)
+        tokens = length_bucket(tokens, 256) if tokens else 0
+        return assemble_batch(
+            samples, rows=rows, seq_len=seq_len, max_crops=crops, max_image_tokens=tokens, pack=False,
+            grid_type=self.cfg.manager.grid_type if self.cfg.manager.enabled else None,
+            query_type=self.cfg.manager.query_type, truncate=False, pad_id=self.pad_id,
+            im_start_id=self.im_start_id,
+        )
+
+    def prepare(self, prompts: Sequence[Prompt]) -> PreparedBatch:
+        """Prompts -> a left-padded, bucketed batch (numpy)."""
+        if not prompts:
+            raise InputError("no prompts given")
+        samples = [self.process(p.ids, p.images, str(i)) for i, p in enumerate(prompts)]
+        lengths = np.zeros(rows_bucket(len(samples)), np.int32)
+        lengths[: len(samples)] = [s.expanded_length for s in samples]
+        seq_len = length_bucket(int(lengths.max()), self.min_prompt_bucket)
+        batch = self._assemble(samples, seq_len, len(lengths))
+        return PreparedBatch(left_pad(batch.to_model_inputs(), lengths), lengths, len(samples), samples)
+
+    # ---- compiled pieces ------------------------------------------------------------------
+    def _empty_cache(self, rows: int, cache_len: int):
+        t = self.cfg.text
+        shape = (t.num_layers, rows, cache_len, t.num_kv_heads, t.head_dim)
+        dtype = jnp.dtype(self.cfg.dtype)
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        spec = self._cache_spec(rows)
+        if spec is not None:
+            k, v = jax.lax.with_sharding_constraint(k, spec), jax.lax.with_sharding_constraint(v, spec)
+        return k, v
+
+    def _prefill_fn(self, state, inputs, *, cache_len: int, plain_causal: bool = False):
+        model = nnx.merge(self.graphdef, state)
+        h, mtok = model.embed(inputs)
+        seg = inputs["segment_ids"]
+        rows = seg.shape[0]
+        ctx = model.text.context(inputs["positions"], seg, kv_seg=seg, cache_index=jnp.int32(0),
+                                 plain_causal=plain_causal)
+        layers = tuple(self.cfg.injection_layers())
+        inject = None
+        if mtok is not None and layers:  # the Manager acts in the prefill pass only (SPEC §2.6)
+            inject = lambda j, x: model.manager.inject(j, x, mtok, None)
+        hidden, cache = model.text(h, ctx, injection_layers=layers, inject=inject,
+                                   cache=self._empty_cache(rows, cache_len))
+        return model.logits(hidden[:, -1]), cache
+
+    def _step(self, model, tokens, positions, slot, cache, kv_seg):
+        h = model.text.embed(tokens[:, None])
+        q_seg = jnp.ones((tokens.shape[0], 1), jnp.int32)
+        ctx = model.text.context(positions[:, None], q_seg, kv_seg=kv_seg, q_slot=slot[None], cache_index=slot)
+        hidden, cache = model.text(h, ctx, cache=cache)
+        return model.logits(hidden[:, 0]), cache
+
+    def _decode_step_fn(self, state, tokens, positions, slot, cache, kv_seg):
+        return self._step(nnx.merge(self.graphdef, state), tokens, positions, jnp.asarray(slot, jnp.int32),
+                          cache, kv_seg)
+
+    def _decode_loop_fn(self, state, first_logits, cache, kv_seg, next_pos, controls, key, *, greedy: bool,
+                        new_slots: int):
+        model = nnx.merge(self.graphdef, state)
+        rows = first_logits.shape[0]
+        prompt_slots = kv_seg.shape[1] - new_slots
+        eos, pad = controls["eos"], controls["pad"]
+
+        def pick(logits, key):
+            logits = limit_vocab(logits, controls["vocab_limit"])
+            return select_tokens(logits, key, greedy=greedy, temperature=controls["temperature"],
+                                 top_k=controls["top_k"], top_p=controls["top_p"])
+
+        def is_eos(tok):
+            return (tok[:, None] == eos[None, :]).any(-1)
+
+        key, sub = jax.random.split(key)
+        first = pick(first_logits, sub)
+        out = jnp.full((rows, new_slots), pad, jnp.int32).at[:, 0].set(first)
+        state0 = (jnp.int32(1), first, out, is_eos(first), jnp.ones((rows,), jnp.int32), cache, key)
+
+        def cond(carry):
+            i, _, _, done, _, _, _ = carry
+            return (i < controls["max_new"]) & ~jnp.all(done)
+
+        def body(carry):
+            i, tok, out, done, count, cache, key = carry
+            logits, cache = self._step(model, tok, next_pos + i - 1, prompt_slots + i - 1, cache, kv_seg)
+            key, sub = jax.random.split(key)
+            new = jnp.where(done, pad, pick(logits, sub))
+            out = jax.lax.dynamic_update_slice(out, new[:, None], (jnp.int32(0), i))
+            count = count + (~done).astype(jnp.int32)
+            return i + 1, new, out, done | is_eos(new), count, cache, key
+
+        _, _, out, done, count, cache, _ = jax.lax.while_loop(cond, body, state0)
+        # The cache is returned so that the donated input buffer is updated in place (aliased).
+        return out, count, done, cache
+
+    def _score_fn(self, state, inputs, pred_pos, targets, valid, vocab_limit):
+        model = nnx.merge(self.graphdef, state)
+        hidden = model.hidden_states(inputs)
+        h = jnp.take_along_axis(hidden, pred_pos[..., None], axis=1)  # only the scored positions
+        logits = limit_vocab(model.logits(h), vocab_limit)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        token_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        greedy = jnp.argmax(logits, axis=-1) == targets
+        return jnp.sum(jnp.where(valid, token_lp, 0.0), axis=1), jnp.all(greedy | ~valid, axis=1)
+
+    # ---- public API -----------------------------------------------------------------------
+    def prefill(self, prepared: PreparedBatch, cache_len: int | None = None):
+        """(logits of the last prompt slot [rows, V] fp32, KV cache (k, v) [L, rows, cache_len, KV, d])."""
+        cache_len = cache_len or prepared.prompt_slots
+        if cache_len < prepared.prompt_slots:
+            raise ValueError(f"cache_len {cache_len} < prompt slots {prepared.prompt_slots}")
+        rows = len(prepared.lengths)
+        # Rows without padding keep plain causal attention (flash kernels on GPU); CPU keeps the
+        # explicit mask, which the XLA path needs.
+        plain = bool((prepared.lengths == prepared.prompt_slots).all()) and jax.default_backend() == "gpu"
+        return self._prefill_jit(self.state, self._put(prepared.inputs, rows), cache_len=cache_len,
+                                 plain_causal=plain)
+
+    def decode_step(self, tokens, positions, slot: int, cache, kv_seg):
+        """One cached step: tokens [rows] at RoPE `positions` [rows] written to cache `slot`.
+
+        kv_seg [rows, cache_len]: the segment id of every cache slot (0 = padding, 1 = this row's
+        prompt and answer). Returns (logits [rows, V] fp32, the updated cache; the input is donated).
+        """
+        return self._step_jit(self.state, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
+                              slot, cache, jnp.asarray(kv_seg, jnp.int32))
+
+    def kv_segments(self, prepared: PreparedBatch, new_slots: int) -> np.ndarray:
+        """Segment ids of every cache slot: the prompt's, then 1 for the answer slots."""
+        seg = prepared.inputs["segment_ids"]
+        return np.concatenate([seg, np.ones((seg.shape[0], new_slots), seg.dtype)], axis=1)
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams = SamplingParams()) -> list[Generation]:
+        """Answers for `prompts` (one batch; rows and lengths bucketed)."""
+        prepared = self.prepare(prompts)
+        return self.generate_prepared(prepared, params)
+
+    def generate_prepared(self, prepared: PreparedBatch, params: SamplingParams) -> list[Generation]:
+        room = self.max_length - int(prepared.lengths.max())
+        if room < 1:
+            raise PromptTooLongError(f"a prompt fills the model maximum of {self.max_length} tokens; "
+                                     "no room to generate")
+        max_new = min(params.max_new_tokens, room)
+        new_slots = length_bucket(max_new, self.min_new_bucket)
+        rows = len(prepared.lengths)
+        first_logits, cache = self.prefill(prepared, prepared.prompt_slots + new_slots)
+        eos_ids = self.eos_ids if params.eos_ids is None else [int(e) for e in params.eos_ids]
+        if len(eos_ids) > MAX_EOS_IDS:
+            raise InputError(f"at most {MAX_EOS_IDS} eos ids are supported, got {eos_ids}")
+        eos = np.full(MAX_EOS_IDS, -1, np.int32)
+        eos[: len(eos_ids)] = eos_ids
+        controls = {
+            "max_new": np.int32(max_new), "temperature": np.float32(params.temperature),
+            "top_k": np.int32(params.top_k), "top_p": np.float32(params.top_p), "eos": eos,
+            "pad": np.int32(self.pad_id),
+            "vocab_limit": np.int32(self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size),
+        }
+        kv_seg = self._put({"kv_seg": self.kv_segments(prepared, new_slots)}, rows)["kv_seg"]
+        next_pos = self._put({"next_pos": prepared.lengths}, rows)["next_pos"]
+        out, count, done, cache = self._decode_jit(
+            self.state, first_logits, cache, kv_seg, next_pos, controls, jax.random.key(params.seed),
+            greedy=params.greedy, new_slots=new_slots,
+        )
+        del cache
+        out, count, done = np.asarray(out), np.asarray(count), np.asarray(done)
+        return [
+            Generation(out[r, : count[r]].tolist(), "eos" if done[r] else "length", int(prepared.lengths[r]))
+            for r in range(prepared.num_prompts)
+        ]
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        """Sum of log-probabilities of each request's target tokens (one full forward, no cache)."""
+        if not requests:
+            raise InputError("no score requests given")
+        samples, spans = [], []
+        for i, req in enumerate(requests):
+            sample = self.process(req.ids, req.images, str(i))
+            ids = np.asarray(list(req.ids))
+            if not 1 <= req.target_start < req.target_end <= len(ids):
+                raise InputError(f"request {i}: target [{req.target_start}, {req.target_end}) must lie inside "
+                                 f"the {len(ids)} ids and leave at least one token before it")
+            if (ids[req.target_start:req.target_end] == IMAGE_TOKEN_INDEX).any():
+                raise InputError(f"request {i}: the scored tokens must not contain an image placeholder")
+            # Expanded index of an unexpanded position: each earlier image adds (T - 1) slots.
+            widths = np.ones(len(ids), np.int64)
+            widths[ids == IMAGE_TOKEN_INDEX] = [p.num_tokens for p in sample.plans]
+            expanded_start = np.cumsum(widths) - widths
+            targets = ids[req.target_start:req.target_end]
+            spans.append((expanded_start[req.target_start:req.target_end] - 1, targets))
+            samples.append(sample)
+        rows = rows_bucket(len(samples))
+        seq_len = length_bucket(max(s.expanded_length for s in samples), self.min_prompt_bucket)
+        batch = self._assemble(samples, seq_len, rows)
+        width = length_bucket(max(len(t) for _, t in spans), 8)
+        pred_pos = np.zeros((rows, width), np.int32)
+        tgt = np.zeros((rows, width), np.int32)
+        valid = np.zeros((rows, width), bool)
+        for r, (pos, t) in enumerate(spans):
+            pred_pos[r, : len(t)], tgt[r, : len(t)], valid[r, : len(t)] = pos, t, True
+        limit = self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size
+        inputs = self._put(batch.to_model_inputs(), rows)
+        extra = self._put({"pred_pos": pred_pos, "targets": tgt, "valid": valid}, rows)
+        logprob, greedy = self._score_jit(self.state, inputs, extra["pred_pos"], extra["targets"], extra["valid"],
+                                          np.int32(limit))
+        logprob, greedy = np.asarray(logprob), np.asarray(greedy)
+        return [ScoreResult(float(logprob[r]), len(spans[r][1]), bool(greedy[r])) for r in range(len(requests))]
+
+
+def left_pad(inputs: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """A right-padded batch (assemble_batch, one sample per row) -> left-padded: each row ends at S-1.
+
+    Row r moves right by S - lengths[r]; the plan's flat destinations move with it.
+    """
+    out = dict(inputs)
+    rows, seq = inputs["input_ids"].shape
+    shift = (seq - np.asarray(lengths, np.int64)).astype(np.int64)
+    source = (np.arange(seq)[None, :] - shift[:, None]) % seq  # new[r, s] = old[r, s - shift[r]]
+    for name in ("input_ids", "positions", "segment_ids", "labels", "query_mask"):
+        if name in inputs:
+            out[name] = np.take_along_axis(inputs[name], source, axis=1)
+    dst = inputs["plan_dst"].astype(np.int64)
+    real = dst < rows * seq
+    row = np.where(real, dst // seq, 0)
+    out["plan_dst"] = np.where(real, dst + shift[row], dst).astype(inputs["plan_dst"].dtype)
+    return out

@@ -1,0 +1,207 @@
+"""lmms-eval model adapter: `generate_until` and `loglikelihood` on our JAX engine.
+
+It mirrors the original evaluation adapter (`lmms-eval/lmms_eval/models/llava_onevision.py`,
+SPEC §7.2): qwen_1_5 prompts with one "<image>" per visual prepended when the context has none,
+pad mode for more than one image, greedy decoding with max_new_tokens 1024 by default, answers
+decoded without special tokens and stripped, generation stopped on the checkpoint's eos ids.
+
+Differences from the original, on purpose:
+- `loglikelihood` returns the **sum of the log-probabilities of the continuation's tokens** (what
+  lmms-eval's API asks for), not the original's mean cross-entropy over the continuation plus the
+  closing "<|im_end|>\\n"; `is_greedy` is computed on aligned positions (the original compares
+  slices taken at unexpanded positions of the expanded logits).
+- Requests with identical generation kwargs are batched (`batch_size`, left-padded; outputs are
+  the same as one by one). The original requires batch size 1.
+- `until` is ignored by default, as in the original (it pops it); `apply_until=True` cuts answers
+  at the first stop string, as lmms-eval's API describes.
+- Videos and JSON-encoded multi-turn contexts are not supported (contexts are plain questions).
+
+lmms-eval itself is imported lazily: it is not a dependency (0.7.3 pulls torchvision, wandb,
+datasets, sentence-transformers and more, and is not installable offline here). When it is
+importable, `LlavaOVManagerJax` subclasses its `lmms` base class; register it with the entry
+point `[project.entry-points."lmms_eval.models"] llava_ov_manager_jax =
+"manager_jax.infer.lmms_adapter:lmms_eval_manifest"` or by calling `register()`. The adapter only
+uses the request attributes `args` (= `arguments`) and the evaluator's `task_dict`, so it runs
+with any object that has them (the tests use a stand-in `Instance`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+
+from manager_jax.infer.engine import InferenceEngine, InputError
+from manager_jax.infer.loading import default_vocab_limit, load_model, read_eos_ids
+from manager_jax.infer.requests import generation_prompt, score_request
+from manager_jax.infer.sampling import SamplingParams
+
+MODEL_NAME = "llava_ov_manager_jax"
+DEFAULT_MAX_NEW_TOKENS = 1024  # the original adapter's default
+
+
+def _lmms_base() -> type:
+    try:
+        from lmms_eval.api.model import lmms
+    except ImportError:  # lmms-eval not installed: a plain class with the same methods
+        return object
+    return lmms
+
+
+_Base = _lmms_base()
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "y")
+    return bool(value)
+
+
+class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
+    """lmms-eval model `llava_ov_manager_jax`.
+
+    Args (lmms-eval `--model_args`, strings accepted):
+      pretrained: our params directory (or training checkpoint).
+      tokenizer: local HF tokenizer directory (default: the offline Qwen2 tokenizer).
+      dtype: compute dtype ("float16" as the original evaluation; "float32" / "bfloat16").
+      batch_size: requests per generation batch.
+      apply_until: cut answers at lmms-eval's `until` strings (the original ignores them).
+      vocab_limit: ids >= this are excluded (default: len(tokenizer) without <image>/<video>,
+        as the original's `resize_token_embeddings(len(tokenizer))`; -1 = whole vocabulary).
+      max_length: longest prompt + answer (default: the model's maximum).
+      engine: an existing `InferenceEngine` (then `pretrained` is not loaded) with `tokenizer_obj`.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        tokenizer: str | None = None,
+        dtype: str = "float16",
+        batch_size: int | str = 1,
+        apply_until: bool | str = False,
+        vocab_limit: int | str | None = None,
+        max_length: int | str | None = None,
+        engine: InferenceEngine | None = None,
+        tokenizer_obj: Any = None,
+        **unused: Any,  # lmms-eval passes device etc.; JAX places the model itself
+    ) -> None:
+        if _Base is not object:
+            super().__init__()
+        else:
+            self.task_dict: dict = {}
+        from manager_jax.data.tokenizer import load_tokenizer
+
+        self.tokenizer = tokenizer_obj if tokenizer_obj is not None else load_tokenizer(tokenizer)
+        if engine is None:
+            if not pretrained:
+                raise ValueError("pass pretrained=<params directory> (or an engine)")
+            model = load_model(pretrained, dtype=dtype)
+            vocab = model.cfg.text.vocab_size
+            if vocab_limit is None:
+                limit = default_vocab_limit(self.tokenizer, vocab)
+            else:
+                limit = vocab if int(vocab_limit) < 0 else min(int(vocab_limit), vocab)
+            engine = InferenceEngine(
+                model, eos_ids=read_eos_ids(pretrained, self.tokenizer.eos_ids), pad_id=self.tokenizer.pad_id,
+                im_start_id=self.tokenizer.im_start_id, vocab_limit=limit,
+                max_length=int(max_length) if max_length is not None else None,
+            )
+        self.engine = engine
+        self.batch_size_per_gpu = max(int(batch_size), 1)
+        self.apply_until = _as_bool(apply_until)
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _visuals(self, doc_to_visual, task: str, split: str, doc_id) -> list[Image.Image]:
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
+        if visuals is None:
+            return []
+        if not isinstance(visuals, (list, tuple)):
+            visuals = [visuals]
+        for v in visuals:
+            if not isinstance(v, Image.Image):
+                raise InputError(f"{task}/{split}/{doc_id}: only PIL images are supported, got {type(v).__name__} "
+                                 "(videos are not)")
+        return list(visuals)
+
+    @staticmethod
+    def _sampling(gen_kwargs: dict) -> tuple[SamplingParams, list[str]]:
+        """lmms-eval generation kwargs -> sampling params and stop strings (SPEC §7.2 step 5)."""
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.pop("until", None)
+        until = [until] if isinstance(until, str) else list(until or [])
+        do_sample = _as_bool(kwargs.get("do_sample", False))
+        temperature = float(kwargs.get("temperature") or 0.0) if do_sample else 0.0
+        params = SamplingParams(
+            max_new_tokens=int(kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+            temperature=temperature,
+            top_p=float(kwargs.get("top_p") or 1.0) if do_sample else 1.0,
+            top_k=int(kwargs.get("top_k") or 0) if do_sample else 0,
+        )
+        return params, until
+
+    # ---- lmms-eval API ---------------------------------------------------------------------
+    def generate_until(self, requests: Sequence[Any]) -> list[str]:
+        """One answer per request; request.args = (context, gen_kwargs, doc_to_visual, doc_id, task, split)."""
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            gen_kwargs = request.args[1]
+            key = json.dumps(gen_kwargs, sort_keys=True, default=str)
+            groups.setdefault(key, []).append(index)
+        for indices in groups.values():
+            params, until = self._sampling(requests[indices[0]].args[1])
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                prompts = []
+                for index in chunk:
+                    context, _, doc_to_visual, doc_id, task, split = requests[index].args
+                    images = self._visuals(doc_to_visual, task, split, doc_id)
+                    prompts.append(generation_prompt(context, images, self.tokenizer))
+                for index, gen in zip(chunk, self.engine.generate(prompts, params)):
+                    text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+                    if self.apply_until:
+                        for stop in until:
+                            if stop:
+                                text = text.split(stop)[0]
+                    results[index] = text.strip()
+        return [r if r is not None else "" for r in results]
+
+    def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
+        """(sum of log p of the continuation's tokens, is greedy) per request;
+        request.args = (context, doc_to_target, doc_to_visual, doc_id, task, split)."""
+        results: list[tuple[float, bool]] = []
+        for request in requests:
+            context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
+            continuation = (doc_to_target if isinstance(doc_to_target, str)
+                            else doc_to_target(self.task_dict[task][split][doc_id]))
+            images = self._visuals(doc_to_visual, task, split, doc_id)
+            score = score_request(context, continuation, images, self.tokenizer)
+            if score is None:
+                results.append((0.0, True))
+                continue
+            result = self.engine.score([score])[0]
+            results.append((result.logprob, result.is_greedy))
+        return results
+
+    def generate_until_multi_round(self, requests: Sequence[Any]) -> list[str]:
+        raise NotImplementedError("multi-round generation is not supported by llava_ov_manager_jax")
+
+
+def lmms_eval_manifest():
+    """Entry-point payload for lmms-eval >= 0.7 (`lmms_eval.models` group)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.LlavaOVManagerJax")
+
+
+def register() -> None:
+    """Registers the adapter in lmms-eval's decorator registry (older lmms-eval versions)."""
+    from lmms_eval.api.registry import register_model
+
+    register_model(MODEL_NAME)(LlavaOVManagerJax)

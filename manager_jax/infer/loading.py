@@ -1,0 +1,137 @@
+"""Loading what inference needs, with clear errors: checkpoints, parameter trees, images, eos ids."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image, UnidentifiedImageError
+
+from manager_jax.config import ModelConfig
+from manager_jax.models.llava_ov import LlavaOV
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint that is missing or cannot be read."""
+
+
+class ImageLoadError(ValueError):
+    """An image file that is missing or cannot be decoded."""
+
+
+def _get(tree: Mapping, path: Sequence):
+    node = tree
+    for key in path:
+        if isinstance(node, Mapping):
+            if key in node:
+                node = node[key]
+            elif str(key) in node:  # trees written as JSON-like dicts have string list indices
+                node = node[str(key)]
+            else:
+                raise KeyError(key)
+        else:
+            node = node[key]
+    return node
+
+
+def model_from_params(cfg: ModelConfig, params: Mapping, *, dtype: str | None = None) -> LlavaOV:
+    """An `LlavaOV` whose parameters are `params` (nested dict of the docs/CONTRACTS.md §3 tree).
+
+    The model is built abstractly (no random init); every leaf must be present with the right
+    shape. `dtype` (e.g. "bfloat16") sets the compute and parameter dtype of the returned model.
+    """
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+    cfg = cfg.replace(remat_policy="none")
+    abstract = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    problems = []
+
+    def fill(path, leaf):
+        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+        name = ".".join(map(str, keys))
+        try:
+            value = _get(params, keys)
+        except (KeyError, IndexError, TypeError):
+            problems.append(f"missing parameter {name}")
+            return leaf
+        if tuple(np.shape(value)) != tuple(leaf.shape):
+            problems.append(f"{name}: shape {tuple(np.shape(value))}, expected {tuple(leaf.shape)}")
+            return leaf
+        return jnp.asarray(value, dtype=leaf.dtype)
+
+    filled = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
+    if problems:
+        raise ValueError("parameters do not fit the model config:\n  - " + "\n  - ".join(problems[:20]))
+    nnx.replace_by_pure_dict(state, filled)
+    return nnx.merge(graphdef, state)
+
+
+def load_model(checkpoint: str, *, dtype: str | None = None) -> LlavaOV:
+    """The model of a checkpoint directory (our Orbax / converted format, via `params_io`)."""
+    if not checkpoint or not os.path.exists(checkpoint):
+        raise CheckpointError(f"checkpoint not found: {checkpoint!r} (expected a directory written by "
+                              "`python -m tools.convert_weights` or by training)")
+    if not os.path.isdir(checkpoint):
+        raise CheckpointError(f"checkpoint {checkpoint!r} is a file; pass the checkpoint directory")
+    try:
+        from manager_jax.params_io import load_params
+    except ImportError as e:  # pragma: no cover - params_io is part of the package
+        raise CheckpointError(f"cannot load checkpoints: manager_jax.params_io is unavailable ({e})") from e
+    from manager_jax.params_io import ParamsError
+
+    try:
+        cfg, params = load_params(checkpoint)
+    except (FileNotFoundError, ParamsError) as e:
+        raise CheckpointError(f"cannot read checkpoint {checkpoint!r}: {e}") from e
+    try:
+        return model_from_params(cfg, params, dtype=dtype)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {checkpoint!r}: {e}") from e
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image file fully (so a truncated file fails here, not later), as RGB-convertible PIL."""
+    if not os.path.isfile(path):
+        raise ImageLoadError(f"image not found: {path!r}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageLoadError(f"cannot read image {path!r}: {e}") from e
+
+
+def read_eos_ids(checkpoint: str | None, fallback: Sequence[int]) -> list[int]:
+    """eos ids of the checkpoint's generation_config.json (SPEC §7.2 step 9), else `fallback`."""
+    if checkpoint:
+        path = os.path.join(checkpoint, "generation_config.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                eos = json.load(f).get("eos_token_id")
+            if eos is not None:
+                return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    return [int(e) for e in fallback]
+
+
+def default_vocab_limit(tokenizer, model_vocab: int) -> int:
+    """The original evaluation's vocabulary: `resize_token_embeddings(len(tokenizer))` (SPEC §3.9 #8).
+
+    The original tokenizer has no `<image>`/`<video>` tokens (151646 ids for Qwen2); the HF-style
+    tokenizers here append them, so ids from `<image>` on are excluded.
+    """
+    limit = int(tokenizer.vocab_size)
+    image_id = getattr(tokenizer, "image_token_id", None)
+    if image_id is not None and 0 <= image_id < limit:
+        limit = int(image_id)
+    return min(limit, int(model_vocab))
+
+
+def device_summary() -> str:
+    devices = jax.devices()
+    return f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})"

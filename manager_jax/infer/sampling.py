@@ -1,0 +1,94 @@
+"""Next-token selection: greedy, or sampling with temperature / top-k / top-p (HF semantics).
+
+The order of the HF logits warpers is kept: temperature, then top-k, then top-p, then a
+categorical draw. Every knob is a traced value, so changing it never recompiles; only the choice
+greedy vs sampling is static (greedy skips the vocabulary sort).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. `temperature == 0` means greedy (argmax), like `do_sample=False`.
+
+    top_k: keep the k most likely tokens (0 = off). top_p: keep the smallest set of tokens whose
+    probability mass reaches top_p (1.0 = off). seed: the sampling RNG seed. eos_ids: stop ids
+    overriding the engine's.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    eos_ids: tuple[int, ...] | None = None  # None: the engine's (the checkpoint's eos ids)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def limit_vocab(logits: jax.Array, vocab_limit: jax.Array | int | None) -> jax.Array:
+    """Logits [..., V] with ids >= vocab_limit set to -inf (the original evaluation shrinks the
+    embedding to len(tokenizer), so those ids can never be produced nor take probability mass)."""
+    if vocab_limit is None:
+        return logits
+    ids = jnp.arange(logits.shape[-1])
+    return jnp.where(ids < vocab_limit, logits, NEG_INF)
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Temperature, top-k and top-p applied to fp32 logits [B, V]; removed tokens get -inf.
+
+    Ties at the top-k / top-p boundary are kept (HF's top-k does the same; its top-p breaks ties by
+    sort order, a measure-zero difference for real-valued logits).
+    """
+    logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    vocab = logits.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
+    logits = jnp.where(logits < kth, NEG_INF, logits)
+    sorted_desc = jnp.where(sorted_desc < kth, NEG_INF, sorted_desc)
+    # top-p: HF removes token i when the ascending cumulative mass up to it is <= 1 - top_p, i.e.
+    # when the mass of the strictly more likely tokens is >= top_p. The most likely one stays.
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (mass_before < top_p) | (jnp.arange(vocab) == 0)
+    cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, NEG_INF, logits)
+
+
+def select_tokens(
+    logits: jax.Array,
+    key: jax.Array,
+    *,
+    greedy: bool,
+    temperature: jax.Array | float = 1.0,
+    top_k: jax.Array | int = 0,
+    top_p: jax.Array | float = 1.0,
+) -> jax.Array:
+    """logits [B, V] -> token ids [B] int32. `greedy` is static; the rest may be traced."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
+                             jnp.asarray(top_p, jnp.float32))
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)

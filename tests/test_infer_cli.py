@@ -1,0 +1,147 @@
+"""`run.py generate` / `run.py score` on a tiny checkpoint with the real Qwen2 vocabulary size.
+
+Expected answers and log-likelihoods are recomputed here with the model's uncached full forward
+over the prompt built by the conversation module; errors are checked by their messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from manager_jax import params_io
+from manager_jax.data.conversation import build_eval_prompt
+from manager_jax.data.tokenizer import load_tokenizer
+from manager_jax.infer.cli import generate_main, score_main
+from manager_jax.infer.engine import InferenceEngine, Prompt
+from manager_jax.infer.loading import load_model
+from manager_jax.reference.parity import random_image
+from tests.test_infer_engine import full_forward_logits, tiny_model
+
+VOCAB = 151936
+LIMIT = 151646  # len(tokenizer) of the original evaluation: ids from <image> (151646) on are excluded
+
+
+def save_tiny_checkpoint(directory: str) -> str:
+    """A tiny Manager model (square images) with the full Qwen2 vocabulary, as a params directory."""
+    from flax import nnx
+
+    from manager_jax.config import tiny
+
+    model = tiny_model("manager", vocab=VOCAB)
+    cfg = tiny("manager", image_token_id=151646).replace(text=model.cfg.text)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return params_io.save_params(directory, params, cfg)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """(params directory, an image file, the folder holding them); shared with the adapter tests."""
+    root = tmp_path_factory.mktemp("infer_cli")
+    ckpt = save_tiny_checkpoint(str(root / "ckpt"))
+    image = root / "photo.png"
+    random_image((90, 70), 11).save(image)
+    (root / "broken.png").write_bytes(b"not an image at all")
+    return ckpt, str(image), root
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(checkpoint):
+    return load_model(checkpoint[0]), load_tokenizer(None)
+
+
+def greedy_reference(model, tok, question: str, image_paths: list[str], steps: int) -> list[int]:
+    """Greedy answer from uncached full forwards, stopping on Qwen2-Instruct's eos ids."""
+    from PIL import Image
+
+    images = [Image.open(p) for p in image_paths]
+    prompt = Prompt(build_eval_prompt(question, len(images), tok), images)
+    helper = InferenceEngine(model)  # only its preprocessing is used here
+    out: list[int] = []
+    for _ in range(steps):
+        token = int(np.argmax(full_forward_logits(model, helper, prompt, out)[:LIMIT]))
+        out.append(token)
+        if token in (151645, 151643):
+            break
+    return out
+
+
+def run(main, argv, capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_json_matches_full_forward_greedy(checkpoint, model_and_tokenizer, capsys):
+    ckpt, image, _ = checkpoint
+    code, out, err = run(generate_main, ["--checkpoint", ckpt, "--image", image, "--prompt", "What is shown?",
+                                         "--max-new-tokens", "5", "--json"], capsys)
+    assert code == 0, err
+    record = json.loads(out)
+    model, tok = model_and_tokenizer
+    expected = greedy_reference(model, tok, "What is shown?", [image], 5)
+    assert record["token_ids"] == expected
+    assert record["text"] == tok.decode(expected, skip_special_tokens=True).strip()
+    assert record["finish_reason"] in ("eos", "length")
+
+
+def test_generate_jsonl_batch_equals_single_prompts(checkpoint, capsys, tmp_path):
+    ckpt, image, root = checkpoint
+    prompts = tmp_path / "prompts.jsonl"
+    os.symlink(image, tmp_path / "local.png")
+    prompts.write_text(json.dumps({"prompt": "Describe it.", "images": ["local.png"]}) + "\n\n"
+                       + json.dumps({"prompt": "Say something long and unrelated to images."}) + "\n")
+    code, out, err = run(generate_main, ["--checkpoint", ckpt, "--prompts", str(prompts), "--max-new-tokens", "4",
+                                         "--json"], capsys)
+    assert code == 0, err
+    batch = [json.loads(line) for line in out.strip().splitlines()]
+    assert len(batch) == 2
+    code, out, _ = run(generate_main, ["--checkpoint", ckpt, "--image", image, "--prompt", "Describe it.",
+                                       "--max-new-tokens", "4", "--json"], capsys)
+    assert json.loads(out) == batch[0]
+
+
+def test_score_matches_full_forward_loglikelihood(checkpoint, model_and_tokenizer, capsys):
+    ckpt, image, _ = checkpoint
+    model, tok = model_and_tokenizer
+    code, out, err = run(score_main, ["--checkpoint", ckpt, "--image", image, "--prompt", "What colour?",
+                                      "--continuation", "Blue sky", "--json"], capsys)
+    assert code == 0, err
+    record = json.loads(out)
+    from PIL import Image
+
+    prompt = Prompt(build_eval_prompt("What colour?", 1, tok), [Image.open(image)])
+    continuation = tok.encode("Blue sky")
+    helper = InferenceEngine(model)
+    logprob, greedy = 0.0, True
+    for i, token in enumerate(continuation):
+        logits = full_forward_logits(model, helper, prompt, continuation[:i])[:LIMIT].astype(np.float64)
+        logprob += logits[token] - (np.log(np.sum(np.exp(logits - logits.max()))) + logits.max())
+        greedy &= int(np.argmax(logits)) == token
+    assert record["num_tokens"] == len(continuation) == 2
+    assert abs(record["logprob"] - logprob) < 1e-4
+    assert record["is_greedy"] == greedy
+
+
+def test_clear_errors(checkpoint, capsys, tmp_path):
+    ckpt, image, root = checkpoint
+    code, _, err = run(generate_main, ["--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"], capsys)
+    assert code == 1 and "checkpoint not found" in err
+    code, _, err = run(generate_main, ["--checkpoint", ckpt, "--image", str(root / "missing.png"), "--prompt", "hi"],
+                       capsys)
+    assert code == 1 and "image not found" in err
+    code, _, err = run(generate_main, ["--checkpoint", ckpt, "--image", str(root / "broken.png"), "--prompt", "hi"],
+                       capsys)
+    assert code == 1 and "cannot read image" in err
+    code, _, err = run(score_main, ["--checkpoint", ckpt, "--image", image, "--prompt", "hi", "--continuation", "x",
+                                    "--max-length", "300"], capsys)
+    assert code == 1 and "more than the model maximum of 300" in err
+    code, _, err = run(generate_main, ["--checkpoint", str(root), "--prompt", "hi"], capsys)
+    assert code == 1 and "cannot read checkpoint" in err
+    with pytest.raises(SystemExit):
+        generate_main(["--checkpoint", ckpt, "--prompt", "hi", "--prompts", "x.jsonl"])
+    with pytest.raises(SystemExit):
+        generate_main(["--checkpoint", ckpt, "--prompt", "hi", "--top-p", "0"])

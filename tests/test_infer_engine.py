@@ -1,0 +1,218 @@
+"""The inference engine on our own tiny random models: cached decoding against full forwards,
+left padding, stopping, sampling knobs, sharding and input errors.
+
+Expected values come from the model's full (uncached) forward over the whole sequence, recomputed
+here per step, or from the rules being tested (buckets, padding layout), never from the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from manager_jax.config import tiny
+from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
+from manager_jax.infer.engine import (
+    InferenceEngine,
+    InputError,
+    Prompt,
+    PromptTooLongError,
+    count_bucket,
+    length_bucket,
+    rows_bucket,
+)
+from manager_jax.infer.sampling import SamplingParams
+from manager_jax.models.llava_ov import LlavaOV
+from manager_jax.reference.parity import random_image
+
+NEW = 6
+
+
+def tiny_model(variant: str, vocab: int | None = None) -> LlavaOV:
+    """A random tiny model whose greedy answers vary: unit-variance embeddings and large decoder
+    projections (with small ones every answer repeats its last input token); non-zero Manager scores."""
+    cfg = tiny(variant, image_token_id=500)
+    if vocab is not None:
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab))
+    model = LlavaOV(cfg, rngs=nnx.Rngs(3))
+    keys = iter(jax.random.split(jax.random.key(4), 16))
+    model.text.embed.embedding[...] = jax.random.normal(next(keys), model.text.embed.embedding.shape)
+    layers = model.text.layers
+    for linear in (layers.attn.q, layers.attn.k, layers.attn.v, layers.attn.o, layers.mlp.gate, layers.mlp.up,
+                   layers.mlp.down):
+        linear.kernel[...] = 0.3 * jax.random.normal(next(keys), linear.kernel.shape)
+    if variant.endswith("manager"):
+        for block in model.manager.blocks:
+            block.layer_scores[...] = 0.5 * jax.random.normal(next(keys), block.layer_scores.shape)
+    return model
+
+
+@pytest.fixture(scope="module")
+def manager_engine():
+    model = tiny_model("manager")  # square images (729 tokens, no newline) + a static Manager
+    return model, InferenceEngine(model, pad_id=0)
+
+
+@pytest.fixture(scope="module")
+def baseline_engine():
+    model = tiny_model("baseline")
+    return model, InferenceEngine(model, pad_id=0)
+
+
+def mixed_prompts() -> list[Prompt]:
+    return [Prompt([1, 2, 3, IMAGE_TOKEN_INDEX, 4, 5], [random_image((90, 60), 7)]), Prompt([6, 7, 8, 9, 10, 11, 12, 13])]
+
+
+def expanded_ids(engine: InferenceEngine, prompt: Prompt) -> tuple[np.ndarray, list[int]]:
+    """The prompt's ids with each image expanded to its T slots (id 0), and the image slot indices."""
+    sample = engine.process(prompt.ids, prompt.images, "p")
+    ids, slots, k = [], [], 0
+    for token in prompt.ids:
+        if token == IMAGE_TOKEN_INDEX:
+            slots += list(range(len(ids), len(ids) + sample.plans[k].num_tokens))
+            ids += [0] * sample.plans[k].num_tokens
+            k += 1
+        else:
+            ids.append(token)
+    return np.asarray(ids, np.int32), slots
+
+
+FULL_LENGTH = 768  # the uncached reference forward runs at one padded length: one compilation
+
+
+@nnx.jit
+def _logits(model: LlavaOV, batch: dict) -> jax.Array:
+    return model(batch)
+
+
+def full_forward_logits(model: LlavaOV, engine: InferenceEngine, prompt: Prompt, answer: list[int],
+                        length: int = FULL_LENGTH) -> np.ndarray:
+    """Logits predicting the token after prompt + answer, from one uncached forward (right padded)."""
+    sample = engine.process(list(prompt.ids) + answer, prompt.images, "f")
+    batch = engine._assemble([sample], length, 1).to_model_inputs()
+    return np.asarray(_logits(model, jax.tree.map(jnp.asarray, batch)))[0, sample.expanded_length - 1]
+
+
+def test_buckets():
+    assert [length_bucket(n) for n in (1, 64, 65, 96, 97, 129, 200)] == [64, 64, 96, 96, 128, 192, 256]
+    assert [count_bucket(n) for n in (0, 1, 3, 8, 9, 17)] == [0, 1, 4, 8, 16, 24]
+    assert [rows_bucket(n) for n in (1, 3, 4, 5, 9)] == [1, 3, 4, 8, 16]
+
+
+def test_prepare_left_pads_rows_and_image_destinations(manager_engine):
+    _, engine = manager_engine
+    prompts = mixed_prompts()
+    prepared = engine.prepare(prompts)
+    inputs = prepared.inputs
+    rows, seq = inputs["input_ids"].shape
+    assert seq == length_bucket(max(prepared.lengths))
+    for r, prompt in enumerate(prompts):
+        ids, image_slots = expanded_ids(engine, prompt)
+        pad = seq - len(ids)
+        np.testing.assert_array_equal(inputs["segment_ids"][r], [0] * pad + [1] * len(ids))
+        np.testing.assert_array_equal(inputs["positions"][r, pad:], np.arange(len(ids)))
+        text = np.ones(len(ids), bool)
+        text[image_slots] = False
+        np.testing.assert_array_equal(inputs["input_ids"][r, pad:][text], ids[text])
+        dst = inputs["plan_dst"][(inputs["plan_dst"] // seq == r) & (inputs["plan_dst"] < rows * seq)]
+        np.testing.assert_array_equal(np.sort(dst), r * seq + pad + np.asarray(image_slots, int))
+
+
+def test_cached_decoding_matches_full_forward(manager_engine):
+    model, engine = manager_engine
+    prompts = mixed_prompts()
+    gens = engine.generate(prompts, SamplingParams(max_new_tokens=NEW))
+    for prompt, gen in zip(prompts, gens):
+        assert gen.finish_reason == "length" and len(gen.token_ids) == NEW
+        expected = []
+        for _ in range(NEW):  # greedy loop re-running the uncached forward (Manager included)
+            expected.append(int(np.argmax(full_forward_logits(model, engine, prompt, expected))))
+        assert gen.token_ids == expected
+    assert len({t for g in gens for t in g.token_ids}) > 4
+
+    # The public prefill / decode_step API gives the same logits as the full forward.
+    prepared = engine.prepare(prompts)
+    slots = prepared.prompt_slots
+    logits, cache = engine.prefill(prepared, slots + 4)
+    kv_seg = engine.kv_segments(prepared, 4)
+    for step in range(3):
+        for r, (prompt, gen) in enumerate(zip(prompts, gens)):
+            ref = full_forward_logits(model, engine, prompt, gen.token_ids[:step])
+            np.testing.assert_allclose(np.asarray(logits)[r], ref, atol=2e-4, rtol=2e-4)
+        tokens = np.asarray([g.token_ids[step] for g in gens], np.int32)
+        logits, cache = engine.decode_step(tokens, prepared.lengths + step, slots + step, cache, kv_seg)
+
+
+def test_eos_stops_each_row(manager_engine):
+    _, engine = manager_engine
+    prompts = mixed_prompts()
+    free = engine.generate(prompts, SamplingParams(max_new_tokens=NEW))
+    stop = free[0].token_ids[2]
+    first = free[0].token_ids.index(stop)
+    gens = engine.generate(prompts, SamplingParams(max_new_tokens=NEW, eos_ids=(stop, 511)))
+    assert gens[0].token_ids == free[0].token_ids[: first + 1] and gens[0].finish_reason == "eos"
+    other = free[1].token_ids
+    if stop in other:
+        assert gens[1].token_ids == other[: other.index(stop) + 1] and gens[1].finish_reason == "eos"
+    else:
+        assert gens[1].token_ids == other and gens[1].finish_reason == "length"
+
+
+def test_max_new_tokens_is_traced_not_shape(manager_engine):
+    _, engine = manager_engine
+    short = engine.generate(mixed_prompts(), SamplingParams(max_new_tokens=3))
+    full = engine.generate(mixed_prompts(), SamplingParams(max_new_tokens=NEW))
+    assert [g.token_ids for g in short] == [g.token_ids[:3] for g in full]
+    assert engine._decode_jit._cache_size() == 1  # 3 and 6 share one bucket: no recompilation
+
+
+def test_sampling_seeded_and_vocab_limited(baseline_engine):
+    model, _ = baseline_engine
+    engine = InferenceEngine(model, pad_id=0, vocab_limit=300)
+    prompts = [Prompt([5, 6, 7]), Prompt([8, 9])]
+
+    def run(**kw):
+        return [g.token_ids for g in engine.generate(prompts, SamplingParams(max_new_tokens=12, **kw))]
+
+    hot = dict(temperature=1.5, top_p=0.95, top_k=100)
+    a, b, c = run(seed=1, **hot), run(seed=1, **hot), run(seed=2, **hot)
+    assert a == b and a != c
+    assert max(t for row in a + c for t in row) < 300
+    assert run(temperature=0.8, top_k=1, seed=3) == run()  # top-k 1 is greedy
+    full = InferenceEngine(model, pad_id=0).generate(prompts, SamplingParams(max_new_tokens=12))
+    assert any(t >= 300 for g in full for t in g.token_ids)  # so the limit above did something
+
+
+def test_sharded_generation_equals_single_device(baseline_engine):
+    from manager_jax.sharding import MeshConfig, make_mesh
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py provides them on CPU")
+    model, single = baseline_engine
+    prompts = [Prompt([5, 6, 7]), Prompt([8, 9]), Prompt([10, 11, 12, 13]), Prompt([14])]
+    params = SamplingParams(max_new_tokens=NEW)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    sharded = InferenceEngine(model, pad_id=0, mesh=mesh)
+    kernel = nnx.to_pure_dict(sharded.state)["text"]["layers"]["mlp"]["up"]["kernel"]
+    assert len(kernel.sharding.device_set) > 1  # the parameters really are distributed
+    assert [g.token_ids for g in sharded.generate(prompts, params)] == [g.token_ids for g in single.generate(prompts, params)]
+
+
+def test_input_errors(manager_engine):
+    model, engine = manager_engine
+    with pytest.raises(InputError, match="1 image placeholders but 0 images"):
+        engine.prepare([Prompt([1, IMAGE_TOKEN_INDEX, 2])])
+    with pytest.raises(InputError, match="outside the model vocabulary"):
+        engine.prepare([Prompt([1, 100000])])
+    with pytest.raises(InputError, match="no prompts"):
+        engine.prepare([])
+    short = InferenceEngine(model, pad_id=0, max_length=500)
+    with pytest.raises(PromptTooLongError, match=r"731 tokens after image expansion .* maximum of 500"):
+        short.prepare([Prompt([1, IMAGE_TOKEN_INDEX, 2], [random_image((40, 40), 1)])])
+    with pytest.raises(PromptTooLongError, match="no room"):
+        InferenceEngine(model, pad_id=0, max_length=3).generate([Prompt([1, 2, 3])])

@@ -1,0 +1,115 @@
+"""The lmms-eval adapter on Instance objects with local images.
+
+lmms-eval is not installed (it is not installable offline and pulls many large packages), so the
+requests are a stand-in with the attributes the adapter reads from lmms-eval's `Instance`
+(`arguments` and the `args` property). Expected values: answers from the engine fed prompts built
+here by the conversation module (one "<image>" per visual, pad mode for two images), and
+log-likelihoods from the model's uncached full forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from manager_jax.data.conversation import build_eval_prompt
+from manager_jax.data.tokenizer import load_tokenizer
+from manager_jax.infer.engine import Prompt
+from manager_jax.infer.lmms_adapter import LlavaOVManagerJax
+from manager_jax.infer.sampling import SamplingParams
+from manager_jax.reference.parity import random_image
+from tests.test_infer_cli import LIMIT, checkpoint  # noqa: F401 (a shared fixture)
+from tests.test_infer_engine import full_forward_logits
+
+TASK, SPLIT = "demo_task", "test"
+
+
+@dataclass
+class Instance:
+    """Stand-in for `lmms_eval.api.instance.Instance` (same `arguments` / `args`)."""
+
+    request_type: str
+    arguments: tuple
+    idx: int = 0
+    metadata: dict = field(default_factory=lambda: {"task": TASK, "doc_id": 0, "repeats": 1})
+
+    @property
+    def args(self) -> tuple:
+        return self.arguments if isinstance(self.arguments, tuple) else (self.arguments,)
+
+
+def doc_to_visual(doc: dict) -> list[Image.Image]:
+    return [Image.open(path).convert("RGB") for path in doc["images"]]
+
+
+@pytest.fixture(scope="module")
+def adapter(checkpoint):
+    ckpt, _, root = checkpoint
+    paths = []
+    for seed, size in ((1, (80, 60)), (2, (50, 90))):
+        paths.append(str(root / f"lmms_img{seed}.png"))
+        random_image(size, seed).save(paths[-1])
+    lm = LlavaOVManagerJax(pretrained=ckpt, dtype="float32", batch_size="2", device="cuda:0")
+    lm.task_dict = {TASK: {SPLIT: {0: {"images": paths[:1], "answer": "A cat"},
+                                   1: {"images": paths, "answer": "Two"}}}}
+    return lm
+
+
+def test_generate_until(adapter):
+    gen_kwargs = {"max_new_tokens": 4, "until": ["\n\n"], "temperature": 0, "do_sample": False}
+    questions = [("What is in the image?", 0), ("Compare the images.", 1)]
+
+    def requests(kwargs):
+        return [Instance("generate_until", (q, dict(kwargs), doc_to_visual, d, TASK, SPLIT)) for q, d in questions]
+
+    answers = adapter.generate_until(requests(gen_kwargs))
+    tok, engine = adapter.tokenizer, adapter.engine
+    prompts = []
+    for (question, doc_id), image_tokens in zip(questions, (729, 2 * 729)):
+        images = doc_to_visual(adapter.task_dict[TASK][SPLIT][doc_id])
+        prompts.append(Prompt(build_eval_prompt(question, len(images), tok), images))
+        assert engine.process(prompts[-1].ids, images, "p").num_image_tokens == image_tokens  # pad: 729 each
+    gens = engine.generate(prompts, SamplingParams(max_new_tokens=4))
+    assert answers == [tok.decode(g.token_ids, skip_special_tokens=True).strip() for g in gens]
+    # apply_until cuts answers at the first stop string (the original ignores `until`).
+    assert len(answers[0]) >= 3
+    stop = answers[0][1:3]
+    cutting = LlavaOVManagerJax(engine=engine, tokenizer_obj=tok, apply_until=True, batch_size=2)
+    cutting.task_dict = adapter.task_dict
+    cut = cutting.generate_until(requests(dict(gen_kwargs, until=[stop])))
+    assert cut[0] == answers[0].split(stop)[0].strip() and len(cut[0]) < len(answers[0])
+
+
+def test_loglikelihood(adapter):
+    requests = [Instance("loglikelihood", ("What is it?", "A cat", doc_to_visual, 0, TASK, SPLIT)),
+                Instance("loglikelihood", ("How many?", lambda doc: doc["answer"] + "s", doc_to_visual, 0, TASK, SPLIT))]
+    results = adapter.loglikelihood(requests)
+    tok, engine = adapter.tokenizer, adapter.engine
+    model = nnx.merge(engine.graphdef, engine.state)
+    for (question, continuation, doc_id), (logprob, greedy) in zip(
+            (("What is it?", "A cat", 0), ("How many?", "A cats", 0)), results):
+        images = doc_to_visual(adapter.task_dict[TASK][SPLIT][doc_id])
+        prompt = Prompt(build_eval_prompt(question, len(images), tok), images)
+        cont = tok.encode(continuation)
+        expected, expected_greedy = 0.0, True
+        for i, token in enumerate(cont):
+            logits = full_forward_logits(model, engine, prompt, cont[:i])[:LIMIT].astype(np.float64)
+            shift = logits.max()
+            expected += logits[token] - shift - np.log(np.exp(logits - shift).sum())
+            expected_greedy &= int(np.argmax(logits)) == token
+        assert isinstance(logprob, float) and isinstance(greedy, bool)
+        assert abs(logprob - expected) < 1e-4
+        assert greedy == expected_greedy
+
+
+def test_default_tokenizer_and_unsupported_visuals(adapter):
+    assert adapter.tokenizer is load_tokenizer(None)
+    request = Instance("generate_until", ("Q", {"max_new_tokens": 2}, lambda doc: ["video.mp4"], 0, TASK, SPLIT))
+    with pytest.raises(ValueError, match="only PIL images"):
+        adapter.generate_until([request])
+    with pytest.raises(NotImplementedError):
+        adapter.generate_until_multi_round([request])

@@ -1,0 +1,81 @@
+"""Token selection: HF logits-warper semantics (checked against transformers' own warpers),
+greedy, the vocabulary limit and the sampling distribution."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from manager_jax.infer.sampling import SamplingParams, filter_logits, limit_vocab, select_tokens
+
+
+def hf_filtered(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    scores = torch.tensor(logits)
+    ids = torch.zeros((logits.shape[0], 1), dtype=torch.long)
+    scores = TemperatureLogitsWarper(temperature)(ids, scores)
+    if top_k > 0:
+        scores = TopKLogitsWarper(top_k)(ids, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(ids, scores)
+    return scores.numpy()
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.9), (0.5, 20, 0.8), (1.0, 3, 0.5), (2.0, 0, 0.05)],
+)
+def test_filter_logits_matches_transformers_warpers(temperature, top_k, top_p):
+    logits = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32) * 3
+    ours = np.asarray(filter_logits(jnp.asarray(logits), jnp.float32(temperature), jnp.int32(top_k),
+                                    jnp.float32(top_p)))
+    ref = hf_filtered(logits, temperature, top_k, top_p)
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
+    kept = np.isfinite(ref)
+    np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-6)
+    assert 1 <= kept.sum(axis=1).min()
+
+
+def test_greedy_and_top_k_one_pick_the_argmax():
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(8, 100)), jnp.float32)
+    expected = np.argmax(np.asarray(logits), axis=-1)
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(select_tokens(logits, key, greedy=True), expected)
+    np.testing.assert_array_equal(select_tokens(logits, key, greedy=False, temperature=1.0, top_k=1), expected)
+
+
+def test_sampling_follows_the_filtered_distribution():
+    logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]], jnp.float32))
+    keys = jax.random.split(jax.random.key(0), 10000)
+    draw = jax.vmap(lambda k: select_tokens(logits, k, greedy=False, temperature=1.0, top_p=0.8)[0])
+    counts = np.bincount(np.asarray(draw(keys)), minlength=5) / 10000
+    # top_p 0.8 keeps 0.5, 0.2, 0.15 (mass before 0.15 is 0.7 < 0.8; before 0.1 is 0.85), renormalised.
+    np.testing.assert_allclose(counts, [0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0], atol=0.02)
+
+
+def test_vocab_limit_excludes_high_ids():
+    logits = jnp.zeros((2, 10)).at[:, 8].set(5.0)  # the best id lies beyond the limit
+    limited = limit_vocab(logits, 6)
+    assert np.all(np.isneginf(np.asarray(limited)[:, 6:]))
+    assert np.all(np.asarray(select_tokens(limited, jax.random.key(0), greedy=True)) < 6)
+    samples = jax.vmap(lambda k: select_tokens(limited, k, greedy=False))(jax.random.split(jax.random.key(1), 200))
+    assert np.asarray(samples).max() < 6
+    np.testing.assert_array_equal(limit_vocab(logits, None), logits)
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0),
+                                    dict(top_p=1.5), dict(top_k=-2)])
+def test_sampling_params_reject_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+def test_greedy_flag():
+    assert SamplingParams(temperature=0.0).greedy and not SamplingParams(temperature=0.5).greedy
