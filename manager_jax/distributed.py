@@ -1,0 +1,90 @@
+"""Multi-host start-up, in one place (call it before anything touches a JAX backend).
+
+The same `python run.py train ...` runs on one CPU, one GPU, a GPU cluster or every host of a TPU
+pod. `initialize()` calls `jax.distributed.initialize` only when the environment describes several
+processes:
+
+- explicitly: ``JAX_COORDINATOR_ADDRESS`` (host:port), ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``
+  (and optionally ``JAX_LOCAL_DEVICE_IDS``), e.g. several local CPU processes in tests;
+- Cloud TPU pods (more than one entry in ``TPU_WORKER_HOSTNAMES``), SLURM jobs with several tasks,
+  Open MPI launches: JAX detects the cluster itself.
+
+On CPU, cross-process collectives need gloo (``jax_cpu_collectives_implementation``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+_initialized = False
+
+
+def cluster_detected(env: dict[str, str] | None = None) -> bool:
+    """Whether the environment describes a multi-process job that JAX can auto-detect."""
+    env = dict(os.environ if env is None else env)
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1:
+        return True
+    if int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1 and "SLURM_JOB_ID" in env:
+        return True
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return True
+    return False
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: list[int] | None = None,
+) -> bool:
+    """Starts JAX's multi-process runtime when asked or detected; returns whether it did.
+
+    Arguments override the ``JAX_*`` environment variables. Safe to call more than once.
+    """
+    global _initialized
+    if _initialized:
+        return True
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    if local_device_ids is None and os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+        local_device_ids = [int(x) for x in os.environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
+    explicit = coordinator_address is not None and (num_processes or 1) > 1
+    if not explicit and not cluster_detected():
+        return False
+
+    import jax
+
+    # CPU devices exchange data across processes through gloo (the default has no cross-process
+    # collectives); the setting only concerns the CPU backend, so GPU/TPU jobs are unaffected.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        if process_id is None:
+            raise ValueError("JAX_COORDINATOR_ADDRESS is set but JAX_PROCESS_ID is not")
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            local_device_ids=local_device_ids,
+        )
+    else:
+        jax.distributed.initialize()
+    _initialized = True
+    logger.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    )
+    return True
+
+
+def is_primary() -> bool:
+    """Process 0 (writes logs, metrics, config files)."""
+    import jax
+
+    return jax.process_index() == 0

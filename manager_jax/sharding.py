@@ -1,0 +1,234 @@
+"""Device mesh and logical axis rules (DESIGN.md "Sharding").
+
+The model files carry no sharding annotations. Instead, one table maps every parameter *path*
+(``text.layers.attn.q.kernel``) to logical axis names per dimension, and one short rules table maps
+logical names to mesh axes. Optimizer-state leaves (``...mu.text.layers.attn.q.kernel``) end with
+their parameter's path, so the same table shards them too: FSDP for params, gradients and
+optimizer state comes from sharding the ``embed`` dimension over ``fsdp``.
+
+A dimension whose size is not a multiple of its mesh axes is left unsharded (e.g. 2 KV heads on a
+tensor axis of 4); a mesh axis is never used twice in one spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+logger = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axes the batch is split over (pure data parallelism plus FSDP's data parallelism).
+BATCH_AXES = ("data", "fsdp")
+
+
+class ShardingError(ValueError):
+    """A mesh or parameter that the sharding rules cannot handle."""
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Sizes of the mesh axes; one axis may be -1 (= all remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> dict[str, int]:
+        """Axis sizes with -1 resolved; raises ShardingError when they do not multiply to num_devices."""
+        sizes = {a: int(getattr(self, a)) for a in MESH_AXES}
+        fill = [a for a, s in sizes.items() if s == -1]
+        if len(fill) > 1:
+            raise ShardingError(f"at most one mesh axis may be -1, got {sizes}")
+        if any(s == 0 or s < -1 for s in sizes.values()):
+            raise ShardingError(f"mesh axis sizes must be >= 1 or -1, got {sizes}")
+        known = math.prod(s for s in sizes.values() if s != -1)
+        if fill:
+            if num_devices % known:
+                raise ShardingError(f"{num_devices} devices cannot fill mesh {sizes}: not a multiple of {known}")
+            sizes[fill[0]] = num_devices // known
+        if math.prod(sizes.values()) != num_devices:
+            raise ShardingError(
+                f"mesh {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are available"
+            )
+        return sizes
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
+    """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all devices of all processes).
+
+    On TPU, `mesh_utils.create_device_mesh` orders devices along the physical torus so that the
+    innermost axis (tensor) gets the fastest links.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = config.shape(len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+    except Exception:  # CPU / unusual topologies: plain order is fine
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+# ---- parameter rules -------------------------------------------------------------------------
+# (regex searched in the dotted path, logical axes of the dimensions). First match wins.
+PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    # Qwen2 decoder (stacked layers: leading "layers" axis).
+    (r"text\.embed\.embedding$", ("vocab", "embed")),
+    (r"lm_head\.kernel$", ("embed", "vocab")),
+    (r"text\.layers\.attn\.q\.kernel$", ("layers", "embed", "heads")),
+    (r"text\.layers\.attn\.[kv]\.kernel$", ("layers", "embed", "kv_heads")),
+    (r"text\.layers\.attn\.q\.bias$", ("layers", "heads")),
+    (r"text\.layers\.attn\.[kv]\.bias$", ("layers", "kv_heads")),
+    (r"text\.layers\.attn\.o\.kernel$", ("layers", "heads", "embed")),
+    (r"text\.layers\.mlp\.(gate|up)\.kernel$", ("layers", "embed", "mlp")),
+    (r"text\.layers\.mlp\.down\.kernel$", ("layers", "mlp", "embed")),
+    (r"text\.layers\.\w+norm\.scale$", ("layers", "norm")),
+    (r"text\.norm\.scale$", ("norm",)),
+    # SigLIP tower.
+    (r"vision\.patch_embed\.kernel$", (None, None, None, "vision_embed")),
+    (r"vision\.pos_embed$", (None, "vision_embed")),
+    (r"vision\.layers\.attn\.[qkv]\.kernel$", ("layers", "vision_embed", "vision_heads")),
+    (r"vision\.layers\.attn\.[qkv]\.bias$", ("layers", "vision_heads")),
+    (r"vision\.layers\.attn\.o\.kernel$", ("layers", "vision_heads", "vision_embed")),
+    (r"vision\.layers\.mlp\.fc1\.kernel$", ("layers", "vision_embed", "vision_mlp")),
+    (r"vision\.layers\.mlp\.fc1\.bias$", ("layers", "vision_mlp")),
+    (r"vision\.layers\.mlp\.fc2\.kernel$", ("layers", "vision_mlp", "vision_embed")),
+    (r"vision\.layers\.[\w.]+$", ("layers", "norm")),  # layer norms, o / fc2 biases
+    (r"vision\.[\w.]+$", ("norm",)),  # patch bias, post_ln
+    # Projector, newline, Manager.
+    (r"projector\.linear1\.kernel$", ("vision_embed", "mlp")),
+    (r"projector\.linear1\.bias$", ("mlp",)),
+    (r"projector\.linear2\.kernel$", ("mlp", "embed")),
+    (r"projector\.linear2\.bias$", ("norm",)),
+    (r"image_newline$", ("norm",)),
+    (r"manager\.layer_embedding$", (None, "embed")),
+    (r"manager\.blocks\.\d+\.(layer_scores|zero_gate)$", (None, "embed")),
+    (r"manager\.blocks\.\d+\.controller\.kernel$", ("embed", None)),
+    (r"manager\.blocks\.\d+\.fusion_[qk]\.kernel$", ("embed", "mlp")),
+    (r"manager\.blocks\.\d+\.fusion_[qk]\.bias$", ("mlp",)),
+)
+
+# Logical axis -> mesh axes. None = replicated.
+LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
+    "batch": BATCH_AXES,
+    "embed": "fsdp",
+    "vision_embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vision_heads": "tensor",
+    "vision_mlp": "tensor",
+    "layers": None,
+    "norm": None,
+}
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """Dotted name of a jax key path: (DictKey('text'), DictKey('embed'), ...) -> 'text.embed'."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+def logical_axes(path: str, shape: Sequence[int]) -> tuple[str | None, ...]:
+    """Logical axis names of a parameter (or optimizer-state leaf) from its dotted path.
+
+    Scalars and leaves no rule knows (step counters, ...) are replicated.
+    """
+    if len(shape) == 0:
+        return ()
+    for pattern, axes in PARAM_RULES:
+        if re.search(pattern, path):
+            if len(axes) != len(shape):
+                raise ShardingError(
+                    f"sharding rule {pattern!r} gives {len(axes)} axes {axes} for {path!r} of shape {tuple(shape)}"
+                )
+            return axes
+    return (None,) * len(shape)
+
+
+def spec_for(
+    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: dict | None = None
+) -> P:
+    """PartitionSpec for one array: logical names -> mesh axes, dropping non-dividing or reused axes."""
+    rules = LOGICAL_RULES if rules is None else rules
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical, shape):
+        target = rules.get(name) if name is not None else None
+        if target is None:
+            spec.append(None)
+            continue
+        axes = (target,) if isinstance(target, str) else tuple(target)
+        axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
+        n = math.prod(mesh.shape[a] for a in axes)
+        if not axes or size % n:
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return P(*spec)
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every leaf of a params / optimizer-state tree (arrays or ShapeDtypeStructs)."""
+
+    def one(path, leaf):
+        shape = getattr(leaf, "shape", ())
+        return NamedSharding(mesh, spec_for(logical_axes(path_str(path), shape), shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, shard_dim: int = 1) -> NamedSharding:
+    """Sharding of a batch array whose dimension `shard_dim` indexes data shards."""
+    spec = [None] * ndim
+    spec[shard_dim] = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
+    return NamedSharding(mesh, P(*spec))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Number of devices the batch is split over (data x fsdp)."""
+    return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+
+
+def local_shard_indices(mesh: Mesh, num_shards: int) -> list[int]:
+    """The data shards (rows of the shard dimension) that this process's devices hold, in order.
+
+    Each process feeds exactly these shards; together the processes cover 0..num_shards-1 once.
+    """
+    if num_shards % data_parallel_size(mesh):
+        raise ShardingError(
+            f"batch_shards={num_shards} must be a multiple of the data-parallel size "
+            f"data*fsdp={data_parallel_size(mesh)}"
+        )
+    sharding = batch_sharding(mesh, 2, shard_dim=0)
+    index_map = sharding.addressable_devices_indices_map((num_shards, 1))
+    rows: set[int] = set()
+    for index in index_map.values():
+        rows.update(range(*index[0].indices(num_shards)))
+    return sorted(rows)

@@ -1,0 +1,181 @@
+"""Ahead-of-time compilation of the train step for a TPU topology, on a CPU host.
+
+    python run.py compile --config configs/llava_ov.py:stage2_grid_manager_7b --topology v5p:2x2x2
+
+Builds compile-only TPU devices from libtpu (`jax.experimental.topologies.get_topology_desc`), the
+mesh of the recipe over them, the abstract train state (`nnx.eval_shape`: nothing is allocated),
+lowers and compiles the jitted step exactly as the loop would run it, and reports memory per chip
+and FLOPs per step. `--topology cpu:N` compiles for N local CPU devices instead (no libtpu needed).
+
+libtpu is not a requirement of this project: `pip install libtpu` (the version `jax[tpu]` pins for
+the installed jax) to use TPU topologies.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+
+from manager_jax.sharding import data_parallel_size, make_mesh
+from manager_jax.train import flops as flops_lib
+from manager_jax.train.recipe import TrainConfig, resolve_batch_layout
+from manager_jax.train.state import abstract_step_batch, batch_field_shapes, jit_train_step, make_setup
+from manager_jax.train.step import LossConfig
+
+logger = logging.getLogger(__name__)
+
+# HBM per chip (GiB) by device_kind substring, most specific first.
+HBM_GIB = (
+    ("TPU v5 lite", 16.0),
+    ("TPU v5e", 16.0),
+    ("TPU v5", 95.0),  # v5p
+    ("TPU v6 lite", 32.0),
+    ("TPU v4", 32.0),
+    ("H200", 141.0),
+    ("H100", 80.0),
+)
+
+
+class AotError(RuntimeError):
+    """A topology that cannot be compiled for here (e.g. libtpu missing)."""
+
+
+def hbm_gib(device_kind: str) -> float | None:
+    for key, value in HBM_GIB:
+        if key.lower() in device_kind.lower():
+            return value
+    return None
+
+
+def libtpu_available() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def topology_devices(topology: str) -> list[Any]:
+    """Compile-only devices of a TPU topology ("v5p:2x2x2"), or local CPU devices ("cpu:8")."""
+    name = topology.strip()
+    if name.lower().startswith("cpu"):
+        devices = jax.devices("cpu")
+        count = name.split(":", 1)[1] if ":" in name else ""
+        n = int(count) if count else len(devices)
+        if n > len(devices):
+            raise AotError(
+                f"topology {topology!r} needs {n} CPU devices, {len(devices)} exist "
+                "(set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting Python)"
+            )
+        return devices[:n]
+    if ":" not in name:
+        raise AotError(f"topology {topology!r}: expected like 'v5p:2x2x2', 'v5e:4x4' or 'cpu:8'")
+    if not libtpu_available():
+        raise AotError(
+            f"compiling for TPU topology {topology!r} needs libtpu, which is not installed (it is not in "
+            "requirements.txt): pip install libtpu  # the version jax[tpu] pins for this jax"
+        )
+    # libtpu looks for its hosts; compile-only use needs none but the variable must be set.
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(name, "tpu")
+    except Exception as err:  # libtpu reports unknown names / bad shapes with its own exceptions
+        raise AotError(f"libtpu cannot build topology {topology!r}: {err}") from err
+    return list(desc.devices)
+
+
+def compile_for_topology(config: TrainConfig, topology: str) -> dict[str, Any]:
+    """Lowers and compiles the train step of `config` for `topology`; returns a report dict."""
+    devices = topology_devices(topology)
+    mesh = make_mesh(config.mesh, devices)
+    shards, accum = resolve_batch_layout(config, data_parallel_size(mesh))
+    loss_cfg = LossConfig(config.loss_normalization, config.loss_token_budget, config.loss_chunk_size)
+    setup = make_setup(
+        config.model, mesh, tunable_parts=config.tunable_parts, optim=config.optim,
+        total_steps=config.num_steps, loss=loss_cfg,
+    )
+    pixel_dtype = None if config.model.dtype == "float32" else config.model.dtype
+    fields = batch_field_shapes(
+        config.model, rows=config.data.rows_per_host, seq_len=config.data.seq_len,
+        max_crops=config.data.max_crops, max_image_tokens=config.data.max_image_tokens, pixel_dtype=pixel_dtype,
+    )
+    batch = abstract_step_batch(setup, fields, accum=accum, shards=shards)
+    step = jit_train_step(setup, batch)
+    t0 = time.perf_counter()
+    lowered = step.lower(setup.abstract_state, batch)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    kind = devices[0].device_kind
+    per_chip = None
+    if mem is not None:
+        per_chip = {
+            "arguments_gib": mem.argument_size_in_bytes / 2**30,
+            "outputs_gib": mem.output_size_in_bytes / 2**30,
+            "aliased_gib": mem.alias_size_in_bytes / 2**30,
+            "temporaries_gib": mem.temp_size_in_bytes / 2**30,
+            "code_gib": mem.generated_code_size_in_bytes / 2**30,
+        }
+        # Donated state aliases its outputs, so aliased bytes are counted once.
+        per_chip["total_gib"] = (
+            per_chip["arguments_gib"] + per_chip["outputs_gib"] - per_chip["aliased_gib"]
+            + per_chip["temporaries_gib"] + per_chip["code_gib"]
+        )
+    rows = shards * accum * config.data.rows_per_host
+    crops_per_row = config.data.max_crops / max(config.data.rows_per_host, 1)
+    # Upper bound: every row one sample filling seq_len, every crop real.
+    full_batch_flops = rows * flops_lib.train_flops(
+        config.model, crops=crops_per_row, tokens=config.data.seq_len,
+        sum_sq_lengths=float(config.data.seq_len) ** 2, trainable=setup.tunable_groups,
+    )
+    capacity = hbm_gib(kind)
+    return {
+        "recipe": config.name,
+        "topology": topology,
+        "device_kind": kind,
+        "devices": len(devices),
+        "mesh": dict(mesh.shape),
+        "batch": {"shards": shards, "grad_accum": accum, "rows_per_shard": config.data.rows_per_host,
+                  "seq_len": config.data.seq_len, "rows_per_step": rows},
+        "params": setup.num_params(),
+        "trainable_params": setup.num_params(trainable_only=True),
+        "compile_s": compile_s,
+        "memory_per_chip": per_chip,
+        "hbm_per_chip_gib": capacity,
+        "fits": (per_chip["total_gib"] <= capacity) if (per_chip and capacity) else None,
+        # XLA's count of the compiled program for one device (loops may be counted once per body).
+        "xla_flops_per_device": float(cost.get("flops", 0.0)) or None,
+        "model_flops_per_step": full_batch_flops,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Human-readable summary of `compile_for_topology`."""
+    lines = [
+        f"recipe {report['recipe']} on {report['topology']} ({report['devices']} x {report['device_kind']}), mesh {report['mesh']}",
+        f"batch: {report['batch']}",
+        f"params: {report['params']:,} ({report['trainable_params']:,} trainable); compiled in {report['compile_s']:.1f} s",
+    ]
+    mem = report["memory_per_chip"]
+    if mem:
+        cap = report["hbm_per_chip_gib"]
+        fit = "" if report["fits"] is None else (" -> fits" if report["fits"] else " -> DOES NOT FIT")
+        lines.append(
+            f"memory per chip: {mem['total_gib']:.2f} GiB (arguments {mem['arguments_gib']:.2f}, outputs "
+            f"{mem['outputs_gib']:.2f}, aliased {mem['aliased_gib']:.2f}, temporaries {mem['temporaries_gib']:.2f})"
+            + (f" of {cap:.0f} GiB HBM{fit}" if cap else "")
+        )
+    else:
+        lines.append("memory per chip: not reported by this backend")
+    if report["xla_flops_per_device"]:
+        lines.append(f"XLA FLOPs per device per step: {report['xla_flops_per_device']:.4g}")
+    lines.append(f"model FLOPs per step (full rows): {report['model_flops_per_step']:.4g}")
+    return "\n".join(lines)

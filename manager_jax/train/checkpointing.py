@@ -1,0 +1,194 @@
+"""Training checkpoints: an Orbax CheckpointManager directory (async, atomic, keep last K).
+
+Layout (``<output_dir>/checkpoints``)::
+
+    config.json           the ModelConfig (so params_io / `run.py generate` read the directory)
+    <step>/params/        pure parameter dict (PyTree; Manager block indices stored as strings)
+    <step>/opt_state/     optimizer state, flattened to {key path: array}
+    <step>/train_state/   {"step", "rng"}
+    <step>/data/          JSON: the data iterator state of every shard (all processes)
+    <step>/recipe/        JSON: the resolved run config
+
+Every array is restored onto the shardings of an abstract target (``jax.ShapeDtypeStruct`` with
+``.sharding``), so a checkpoint written on one mesh restores on another (8 devices -> 1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from manager_jax.sharding import path_str
+
+logger = logging.getLogger(__name__)
+
+ITEMS = ("params", "opt_state", "train_state", "data", "recipe")
+
+
+def _str_keys(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _int_keys(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def flatten_tree(tree: Any) -> dict[str, Any]:
+    """{dotted key path: leaf}; optimizer states (named tuples, masked nodes) become a plain dict."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = path_str(path) or "_"
+        if key in flat:
+            raise ValueError(f"two leaves share the key path {key!r}")
+        flat[key] = leaf
+    return flat
+
+
+def unflatten_like(target: Any, flat: Mapping[str, Any]) -> Any:
+    """Inverse of flatten_tree with the structure of `target`."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+    leaves = []
+    for path, _ in paths:
+        key = path_str(path) or "_"
+        if key not in flat:
+            raise KeyError(f"checkpoint has no entry {key!r}")
+        leaves.append(flat[key])
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _restore_args(abstract: Any) -> Any:
+    def one(leaf):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(leaf.shape), dtype=leaf.dtype)
+
+    return jax.tree.map(one, abstract)
+
+
+class Checkpointer:
+    """Saves and restores the train state, the data iterator states and the run config."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True) -> None:
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep if keep > 0 else None,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def write_model_config(self, model_config: Any) -> None:
+        """config.json at the root (process 0), so the directory is a params_io source."""
+        if jax.process_index() == 0:
+            os.makedirs(self.directory, exist_ok=True)
+            tmp = os.path.join(self.directory, ".config.json.tmp")
+            model_config.save(tmp)
+            os.replace(tmp, os.path.join(self.directory, "config.json"))
+
+    def save(self, step: int, state: dict, data_states: list[Any], recipe: dict) -> bool:
+        """Starts an (async) save of everything; returns whether a save was started."""
+        args = ocp.args.Composite(
+            params=ocp.args.PyTreeSave(_str_keys(state["params"])),
+            opt_state=ocp.args.PyTreeSave(flatten_tree(state["opt_state"])),
+            train_state=ocp.args.PyTreeSave({"step": state["step"], "rng": state["rng"]}),
+            data=ocp.args.JsonSave({"shards": data_states}),
+            recipe=ocp.args.JsonSave(recipe),
+        )
+        return self.manager.save(int(step), args=args, force=True)
+
+    def restore(self, step: int, abstract_state: dict) -> tuple[dict, list[Any], dict]:
+        """(state on the abstract target's shardings, data states per shard, recipe dict)."""
+        abstract_params = _str_keys(abstract_state["params"])
+        abstract_opt = flatten_tree(abstract_state["opt_state"])
+        abstract_ts = {"step": abstract_state["step"], "rng": abstract_state["rng"]}
+        args = ocp.args.Composite(
+            params=ocp.args.PyTreeRestore(item=abstract_params, restore_args=_restore_args(abstract_params)),
+            opt_state=ocp.args.PyTreeRestore(item=abstract_opt, restore_args=_restore_args(abstract_opt)),
+            train_state=ocp.args.PyTreeRestore(item=abstract_ts, restore_args=_restore_args(abstract_ts)),
+            data=ocp.args.JsonRestore(),
+            recipe=ocp.args.JsonRestore(),
+        )
+        out = self.manager.restore(int(step), args=args)
+        state = {
+            "params": _int_keys(out["params"]),
+            "opt_state": unflatten_like(abstract_state["opt_state"], out["opt_state"]),
+            "step": out["train_state"]["step"],
+            "rng": out["train_state"]["rng"],
+        }
+        return state, list(out["data"]["shards"]), dict(out["recipe"])
+
+    def read_recipe(self, step: int | None = None) -> dict:
+        """The run config saved with a checkpoint (latest by default)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint")
+        out = self.manager.restore(step, args=ocp.args.Composite(recipe=ocp.args.JsonRestore()))
+        return dict(out["recipe"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def gather_shard_states(local: Mapping[int, Any], num_shards: int) -> list[Any]:
+    """The data states of all shards, on every process, from each process's own shards.
+
+    Serialised as JSON bytes and exchanged with one all-gather (every process calls this).
+    """
+    if jax.process_count() == 1:
+        missing = [k for k in range(num_shards) if k not in local]
+        if missing:
+            raise ValueError(f"no data state for shards {missing}")
+        return [local[k] for k in range(num_shards)]
+    from jax.experimental import multihost_utils
+
+    payload = json.dumps({str(k): v for k, v in local.items()}).encode()
+    length = np.asarray([len(payload)], np.int64)
+    lengths = np.asarray(multihost_utils.process_allgather(length)).reshape(-1)
+    buf = np.zeros(int(lengths.max()), np.uint8)
+    buf[: len(payload)] = np.frombuffer(payload, np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(lengths), -1)
+    merged: dict[int, Any] = {}
+    for row, n in zip(gathered, lengths):
+        merged.update({int(k): v for k, v in json.loads(bytes(row[: int(n)]).decode()).items()})
+    missing = [k for k in range(num_shards) if k not in merged]
+    if missing:
+        raise ValueError(f"no process holds the data state of shards {missing}")
+    return [merged[k] for k in range(num_shards)]
+
+
+def load_trained_params(directory: str, step: int | None = None) -> tuple[Any, dict]:
+    """(ModelConfig, numpy params) of a training checkpoint directory (latest step by default)."""
+    from manager_jax.config import ModelConfig
+
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint")
+        out = ckpt.manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(), recipe=ocp.args.JsonRestore()))
+    finally:
+        ckpt.close()
+    cfg = ModelConfig.from_dict(out["recipe"]["model"])
+    return cfg, _int_keys(jax.tree.map(np.asarray, out["params"]))

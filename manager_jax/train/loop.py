@@ -1,0 +1,408 @@
+"""The training loop: data feed, resume, checkpoints, metrics, SIGTERM, non-finite steps.
+
+`train(config)` is what `python run.py train` runs, on one device or on every process of a
+multi-host job (call `manager_jax.distributed.initialize()` first).
+
+Data: a step consumes ``grad_accum x batch_shards`` shard batches. Shard k is the data pipeline's
+host-share k of ``batch_shards`` (``make_train_iterator(process_index=k, process_count=shards)``);
+each process reads only the shards its devices hold and builds global arrays with
+``jax.make_array_from_process_local_data``. The data order therefore depends on the recipe only,
+not on the number of processes or devices, and a run resumes exactly: the checkpoint holds every
+shard's iterator state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from manager_jax.sharding import data_parallel_size, local_shard_indices, make_mesh
+from manager_jax.train import flops as flops_lib
+from manager_jax.train.checkpointing import Checkpointer, gather_shard_states
+from manager_jax.train.metrics import MetricsWriter, Progress
+from manager_jax.train.recipe import TrainConfig, resolve_batch_layout
+from manager_jax.train.state import (
+    TrainSetup,
+    abstract_step_batch,
+    batch_field_shapes,
+    init_params,
+    init_state,
+    jit_train_step,
+    make_setup,
+    place_batch,
+)
+from manager_jax.train.step import MODEL_FIELDS, LossConfig
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (non-finite losses, data problems, bad checkpoints)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a call to `train` did."""
+
+    first_step: int  # step the run started from (0, or the restored step)
+    last_step: int  # steps completed when it returned
+    losses: list[float]  # loss of every step run in this call
+    status: str  # "completed" | "stopped" (SIGTERM / stop_at_step) | "data_exhausted"
+    checkpoint_dir: str
+    state: dict | None = None  # final train state (kept only when asked)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+class DataFeed:
+    """This process's shard iterators; stacks their batches into [accum, local_shards, ...] arrays."""
+
+    def __init__(self, config: TrainConfig, setup: TrainSetup, *, shards: int, accum: int, tokenizer: Any) -> None:
+        from manager_jax.data.pipeline import make_train_iterator, open_source
+
+        self.shards, self.accum = shards, accum
+        self.shard_ids = local_shard_indices(setup.mesh, shards)
+        source = open_source(config.data)  # opened once, shared by this process's shard iterators
+        self.iterators = {
+            k: make_train_iterator(
+                config.data, config.model, tokenizer, process_index=k, process_count=shards, source=source
+            )
+            for k in self.shard_ids
+        }
+        self.pixel_dtype = np.dtype(config.model.dtype) if config.model.dtype != "float32" else np.float32
+        self.token_budget = config.loss_token_budget
+
+    def next(self) -> tuple[dict[str, np.ndarray], bool] | None:
+        """(this step's local arrays, whether a shard batch exceeds the loss token budget), or None
+        when a shard has run out of data."""
+        per_micro = []
+        over_budget = False
+        for _ in range(self.accum):
+            shard_batches = []
+            for k in self.shard_ids:
+                try:
+                    batch = next(self.iterators[k])
+                except StopIteration:
+                    return None
+                arrays = batch.to_model_inputs()
+                if self.token_budget:
+                    over_budget |= supervised_count(arrays["labels"], arrays["segment_ids"]) > self.token_budget
+                shard_batches.append(arrays)
+            per_micro.append(shard_batches)
+        out = {}
+        for name in MODEL_FIELDS:
+            stacked = np.stack([np.stack([b[name] for b in micro]) for micro in per_micro])
+            if name == "pixel_values" and stacked.dtype != self.pixel_dtype:
+                stacked = stacked.astype(self.pixel_dtype)  # the tower casts to its dtype anyway
+            out[name] = stacked
+        return out, over_budget
+
+    def get_states(self) -> dict[int, Any]:
+        return {k: it.get_state() for k, it in self.iterators.items()}
+
+    def set_states(self, states: list[Any]) -> None:
+        if len(states) != self.shards:
+            raise TrainingError(
+                f"the checkpoint has data states for {len(states)} shards but this run uses batch_shards={self.shards}; "
+                "resume with the same batch_shards"
+            )
+        for k, it in self.iterators.items():
+            it.set_state(states[k])
+
+    def close(self) -> None:
+        for it in self.iterators.values():
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def supervised_count(labels: np.ndarray, segment_ids: np.ndarray) -> int:
+    """Positions with a next-token target (numpy twin of llava_ov.shifted_targets)."""
+    same = segment_ids[:, 1:] == segment_ids[:, :-1]
+    return int(((labels[:, 1:] != -100) & same & (segment_ids[:, :-1] != 0)).sum())
+
+
+def _prepare_synthetic_data(config: TrainConfig) -> None:
+    """Generates the demo data set into the output dir (per process: no shared filesystem needed)."""
+    from manager_jax.data.synthetic import DEFAULT_SIZES, make_synthetic_dataset
+
+    sub = "data" if jax.process_count() == 1 else f"data/process_{jax.process_index()}"
+    out = os.path.join(config.output_dir, sub)
+    sizes = [tuple(s) for s in config.synthetic_image_sizes] if config.synthetic_image_sizes else DEFAULT_SIZES
+    ds = make_synthetic_dataset(out, num_records=config.synthetic_records, seed=config.data.seed, sizes=sizes)
+    config.data.data_path = ds.records_path
+    config.data.image_folder = ds.image_folder
+    config.data.mixture = None
+
+
+def load_initial_params(setup: TrainSetup, params: dict, init_from: str, strict: bool) -> tuple[dict, list[str]]:
+    """Overwrites `params` with the leaves found in the params dirs / checkpoints of `init_from`.
+
+    Returns (params, names of params left at their random init). Shapes must match; stored leaves the
+    model does not have are reported and ignored.
+    """
+    from manager_jax import params_io
+
+    flat_params = _flatten(params)
+    flat_abstract = _flatten(setup.abstract_params)
+    loaded: set[tuple] = set()
+    for directory in [d.strip() for d in init_from.split(",") if d.strip()]:
+        item, _ = params_io.resolve_params_dir(directory)
+        stored = _flatten(params_io.tree_metadata(item))
+        wanted = {}
+        for path, meta in stored.items():
+            if path not in flat_abstract:
+                logger.warning("init_from %s: %s is not a parameter of this model; ignored", directory, _dotted(path))
+                continue
+            target = flat_abstract[path]
+            if tuple(meta.shape) != tuple(target.shape):
+                raise TrainingError(
+                    f"init_from {directory}: {_dotted(path)} has shape {tuple(meta.shape)}, the model needs {tuple(target.shape)}"
+                )
+            wanted[path] = target
+        if not wanted:
+            raise TrainingError(f"init_from {directory}: no parameter of this model found there")
+        restored = _flatten(params_io.restore_tree(item, _unflatten(wanted), partial=True))
+        for path, value in restored.items():
+            flat_params[path] = value
+            loaded.add(path)
+        logger.info("init_from %s: loaded %d parameters", directory, len(wanted))
+    missing = sorted(_dotted(p) for p in flat_abstract if p not in loaded)
+    if missing and strict:
+        raise TrainingError(f"init_strict: {len(missing)} parameters are not in init_from: {missing[:10]}")
+    if missing:
+        logger.warning("%d parameters keep their random init (not in init_from): %s", len(missing), missing[:10])
+    return _unflatten(flat_params), missing
+
+
+def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflatten(flat: dict[tuple, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+class _StopFlag:
+    """SIGTERM (preemption) sets the flag; the loop saves a checkpoint and returns."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def install(self) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        logger.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        self.requested = True
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _agree(flags: tuple[bool, ...]) -> tuple[bool, ...]:
+    """Logical OR of per-process flags over all processes (every process must call it)."""
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
+    return tuple(bool(x) for x in gathered.reshape(-1, len(flags)).any(axis=0))
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+def train(
+    config: TrainConfig,
+    *,
+    stop_at_step: int | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    keep_state: bool = False,
+) -> TrainResult:
+    """Runs (or resumes) training until `config.num_steps`, SIGTERM, or `stop_at_step`.
+
+    `on_step(step, metrics)` is called after every step (tests, custom monitoring).
+    """
+    primary = jax.process_index() == 0
+    if config.synthetic_records:
+        _prepare_synthetic_data(config)
+    mesh = make_mesh(config.mesh)
+    shards, accum = resolve_batch_layout(config, data_parallel_size(mesh))
+    loss_cfg = LossConfig(config.loss_normalization, config.loss_token_budget, config.loss_chunk_size)
+    setup = make_setup(
+        config.model, mesh, tunable_parts=config.tunable_parts, optim=config.optim,
+        total_steps=config.num_steps, loss=loss_cfg,
+    )
+    if primary:
+        os.makedirs(config.output_dir, exist_ok=True)
+        with open(os.path.join(config.output_dir, "recipe.json"), "w") as f:
+            f.write(config.to_json())
+    logger.info(
+        "mesh %s; %d shards x %d rows x %d accumulation steps per step; %d params (%d trainable: %s)",
+        dict(mesh.shape), shards, config.data.rows_per_host, accum, setup.num_params(),
+        setup.num_params(trainable_only=True), ",".join(sorted(setup.tunable_groups)),
+    )
+
+    ckpt = Checkpointer(config.checkpoint_dir(), keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    ckpt.write_model_config(config.model)
+    latest = ckpt.latest_step() if config.checkpoint.resume else None
+    data_states = None
+    if latest is not None:
+        logger.info("resuming from %s step %d", ckpt.directory, latest)
+        state, data_states, _ = ckpt.restore(latest, setup.abstract_state)
+    else:
+        params = init_params(setup, config.seed)
+        if config.init_from:
+            params, _ = load_initial_params(setup, params, config.init_from, config.init_strict)
+        state = init_state(setup, params, config.seed)
+    first_step = int(jax.device_get(state["step"]))
+
+    from manager_jax.data.tokenizer import load_tokenizer
+
+    feed = DataFeed(config, setup, shards=shards, accum=accum, tokenizer=load_tokenizer(config.data.tokenizer_path))
+    if data_states is not None:
+        feed.set_states(data_states)
+    fields = batch_field_shapes(
+        config.model, rows=config.data.rows_per_host, seq_len=config.data.seq_len,
+        max_crops=config.data.max_crops, max_image_tokens=config.data.max_image_tokens, pixel_dtype=feed.pixel_dtype,
+    )
+    batch_abstract = abstract_step_batch(setup, fields, accum=accum, shards=shards)
+    step_fn = jit_train_step(setup, batch_abstract)
+
+    writer = MetricsWriter(
+        config.output_dir, enabled=primary, tensorboard=config.logging.tensorboard, wandb=config.logging.wandb,
+        wandb_project=config.logging.wandb_project, wandb_run_name=config.logging.wandb_run_name,
+        config=config.to_dict(),
+    )
+    progress = Progress(config.num_steps, first_step, enabled=primary and config.logging.progress_bar)
+    stop = _StopFlag()
+    stop.install()
+    peak = config.peak_tflops_per_device or flops_lib.peak_tflops(jax.devices()[0].device_kind)
+    recipe_dict = config.to_dict()
+
+    def save(step: int, local_states: dict[int, Any]) -> None:
+        states = gather_shard_states(local_states, shards)
+        ckpt.save(step, state, states, recipe_dict)
+        writer.event(step, "checkpoint", directory=ckpt.directory)
+
+    losses: list[float] = []
+    status = "completed"
+    nonfinite_streak = 0
+    step = first_step
+    full_loss_step = None  # compiled on first use: a batch with more supervised tokens than the budget
+
+    try:
+        fetched = feed.next() if step < config.num_steps else None
+        if fetched is None and step < config.num_steps:
+            status = "data_exhausted"
+        t_prev = time.perf_counter()
+        while fetched is not None and step < config.num_steps:
+            local, over_budget = fetched
+            batch = place_batch(setup, local, shards=shards)
+            run = step_fn
+            if over_budget:
+                if full_loss_step is None:
+                    logger.info("a batch exceeds loss_token_budget=%d; using the step without a budget for such batches",
+                                config.loss_token_budget)
+                    full_loss_step = jit_train_step(setup, batch_abstract, dataclasses.replace(loss_cfg, token_budget=0))
+                run = full_loss_step
+            state, metrics = run(state, batch)
+            # Data states after this step's batches: captured before reading ahead.
+            data_after = feed.get_states()
+            fetched = feed.next() if step + 1 < config.num_steps else None
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            step_time, t_prev = now - t_prev, now
+            step += 1
+            loss = float(metrics["loss"])
+            losses.append(loss)
+            if not bool(metrics["finite"]):
+                nonfinite_streak += 1
+                writer.event(step, "nonfinite_step_skipped", loss=loss, grad_norm=float(metrics["grad_norm"]))
+                logger.warning("step %d: non-finite loss %s / grad norm %s; update skipped", step, loss, metrics["grad_norm"])
+                if nonfinite_streak >= config.max_nonfinite_steps:
+                    raise TrainingError(f"{nonfinite_streak} non-finite steps in a row (max_nonfinite_steps); aborting")
+            else:
+                nonfinite_streak = 0
+            record = _step_record(config, setup, metrics, step_time, peak, first=(step == first_step + 1))
+            if step % config.logging.every_steps == 0 or step == config.num_steps:
+                writer.write(step, record)
+            progress.update(loss)
+            if on_step is not None:
+                on_step(step, record)
+            stop_requested, exhausted = _agree((stop.requested or step == stop_at_step, fetched is None and step < config.num_steps))
+            every = config.checkpoint.every_steps
+            if stop_requested or exhausted or step == config.num_steps or (every and step % every == 0):
+                save(step, data_after)  # the iterator states before the read-ahead
+            if stop_requested:
+                status = "stopped"
+                break
+            if exhausted:
+                status = "data_exhausted"
+                logger.warning("the data ran out at step %d (num_steps %d)", step, config.num_steps)
+                break
+    finally:
+        progress.close()
+        stop.uninstall()
+        ckpt.close()
+        feed.close()
+        writer.close()
+    if primary and losses:
+        logger.info("steps %d..%d: first loss %.4f, last loss %.4f (%s)", first_step + 1, step, losses[0], losses[-1], status)
+    return TrainResult(first_step, step, losses, status, ckpt.directory, state if keep_state else None)
+
+
+def _step_record(config: TrainConfig, setup: TrainSetup, m: dict, step_time: float, peak: float | None, first: bool) -> dict:
+    n_dev = setup.mesh.devices.size
+    model_flops = flops_lib.train_flops(
+        config.model, crops=float(m["crops"]), tokens=float(m["real_tokens"]), sum_sq_lengths=float(m["attn_sq"]),
+        trainable=setup.tunable_groups,
+    )
+    record = {
+        "loss": float(m["loss"]),
+        "token_mean_loss": float(m["token_mean_loss"]),
+        "grad_norm": float(m["grad_norm"]),
+        "skipped": not bool(m["finite"]),
+        "supervised_tokens": int(m["supervised_tokens"]),
+        "tokens": int(m["real_tokens"]),
+        "samples": int(m["samples"]),
+        "step_time_s": step_time,
+        "tokens_per_s": float(m["real_tokens"]) / step_time,
+        "samples_per_s": float(m["samples"]) / step_time,
+        "model_tflops": model_flops / 1e12,
+        "mfu": (model_flops / step_time / (n_dev * peak * 1e12)) if peak else None,
+        **{k: float(v) for k, v in m.items() if k.startswith("lr/")},
+    }
+    if first:
+        record["includes_compile"] = True
+    if not math.isfinite(record["loss"]):
+        record["loss"] = str(record["loss"])
+    return record

@@ -1,0 +1,129 @@
+"""Where per-step metrics go: `<output_dir>/metrics.jsonl`, TensorBoard, wandb (optional), tqdm.
+
+Only process 0 writes; every other process gets a no-op writer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _plain(value: Any) -> Any:
+    """Python scalars for JSON (numpy / jax scalars, non-finite floats as strings JSON accepts)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Fan-out of metric records: JSONL always, TensorBoard / wandb when enabled and available."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        wandb_project: str = "manager_jax",
+        wandb_run_name: str | None = None,
+        config: dict | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self._jsonl = open(self.path, "a", buffering=1)
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            except ImportError:
+                logger.warning("tensorboardX is not installed; TensorBoard logging is off")
+        if wandb:
+            try:
+                import wandb as wandb_lib
+            except ImportError:
+                logger.warning("logging.wandb=True but the wandb package is not installed; wandb logging is off")
+            else:
+                self._wandb = wandb_lib.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        """One record: {"step": step, **metrics}."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        numeric = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+
+    def event(self, step: int, kind: str, **info: Any) -> None:
+        """A non-metric record (checkpoint saved, step skipped, ...) in metrics.jsonl."""
+        if self.enabled:
+            self._jsonl.write(json.dumps({"step": int(step), "event": kind, **{k: _plain(v) for k, v in info.items()}}) + "\n")
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Records of a metrics.jsonl (metric records only, events left out)."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rec = json.loads(line)
+                if "event" not in rec:
+                    out.append(rec)
+    return out
+
+
+class Progress:
+    """tqdm progress bar on process 0 (silent elsewhere or when disabled)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, loss: float | None = None, **postfix: Any) -> None:
+        if self._bar is not None:
+            if loss is not None:
+                postfix = {"loss": f"{loss:.4f}", **postfix}
+            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,332 @@
+"""Run configuration: dataclasses, loading a recipe file and applying ``--set key=value`` overrides.
+
+A recipe file is a Python file with ``get_config(...) -> TrainConfig`` (see ``configs/``):
+
+    python run.py train --config configs/demo.py --set optim.lr=3e-4 --set output_dir=/tmp/run
+    python run.py train --config configs/llava_ov.py:stage2_grid_manager_0.5b
+    python run.py train --config configs/llava_ov.py --set recipe=stage2_grid_manager_0.5b
+
+``path:arg`` passes ``arg`` as the first argument of ``get_config``; an override whose key is a
+parameter of ``get_config`` (``recipe=...``) is passed to it as a keyword; every other override sets
+a (nested) field of the returned config. Values are parsed as Python literals (``3e-4``, ``True``,
+``None``, ``[1, 2]``); anything else is a string.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import inspect
+import json
+import os
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from manager_jax.config import ModelConfig, tiny
+from manager_jax.sharding import MeshConfig
+from manager_jax.train.optimizer import OptimConfig
+
+
+class RecipeError(ValueError):
+    """A recipe file or override that cannot be applied."""
+
+
+def _data_config_cls():
+    try:
+        from manager_jax.data.pipeline import DataConfig
+    except ImportError as err:  # the data pipeline is a separate part of the package
+        raise RecipeError(f"manager_jax.data.pipeline is unavailable ({err}); cannot build a data config") from err
+    return DataConfig
+
+
+def _default_data():
+    return _data_config_cls()()
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """Orbax checkpoints under ``<output_dir>/checkpoints`` (or ``dir``)."""
+
+    dir: str | None = None
+    every_steps: int = 100  # 0 = only at the end (and on SIGTERM)
+    keep: int = 3  # last K checkpoints kept
+    async_save: bool = True
+    resume: bool = True  # continue from the latest checkpoint in `dir` when there is one
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    every_steps: int = 1  # metrics.jsonl / TensorBoard / wandb cadence
+    progress_bar: bool = True
+    tensorboard: bool = True
+    wandb: bool = False  # only when the wandb package is installed
+    wandb_project: str = "manager_jax"
+    wandb_run_name: str | None = None
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs; saved (resolved) next to every checkpoint.
+
+    Batch layout: each optimizer step consumes ``grad_accum`` micro-steps of ``batch_shards``
+    independent shard batches, each ``data.rows_per_host`` rows of ``data.seq_len`` tokens. Shard k
+    reads host-share k of ``batch_shards`` from the data pipeline, so the data order does not
+    depend on the number of processes or devices. ``batch_shards=-1`` = the data-parallel device
+    count (data x fsdp); ``grad_accum=-1`` = derived from ``global_batch_size`` (in rows).
+    """
+
+    name: str = "custom"
+    output_dir: str = "runs/custom"
+    model: ModelConfig = dataclasses.field(default_factory=lambda: tiny("grid_manager"))
+    data: Any = dataclasses.field(default_factory=_default_data)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    # The original's --mm_tunable_parts (comma separated; SPEC §2.8).
+    tunable_parts: str = "mm_mlp_adapter"
+    num_steps: int = 100
+    global_batch_size: int = 512  # rows per optimizer step (= samples without packing)
+    batch_shards: int = -1
+    grad_accum: int = -1
+    seed: int = 0
+    # Initial parameters: params directories (params_io) / training checkpoints, comma separated;
+    # later ones override earlier ones (e.g. "llm_and_tower,stage1_projector").
+    init_from: str | None = None
+    init_strict: bool = False  # every parameter must come from init_from
+    loss_normalization: str = "shard_mean"  # shard_mean (original) | token_mean
+    loss_token_budget: int = 0  # supervised positions per shard batch through the LM head (0 = all)
+    loss_chunk_size: int = 0
+    max_nonfinite_steps: int = 5  # abort after this many non-finite steps in a row
+    peak_tflops_per_device: float | None = None  # MFU denominator; None = by device kind
+    # Generate a synthetic data set into <output_dir>/data at start (the demo); None = use `data`.
+    synthetic_records: int | None = None
+    synthetic_image_sizes: Any = None  # (W, H) pairs for the synthetic images; None = defaults
+
+    # ---- derived values ----------------------------------------------------------------------
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.output_dir, "checkpoints")
+
+    def to_dict(self) -> dict:
+        return _to_jsonable(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Inverse of to_dict (used to read the config saved with a checkpoint)."""
+        d = dict(d)
+        kw: dict[str, Any] = {}
+        kw["model"] = ModelConfig.from_dict(d.pop("model"))
+        kw["data"] = _build(_data_config_cls(), d.pop("data"))
+        kw["optim"] = _build(OptimConfig, d.pop("optim"))
+        kw["mesh"] = _build(MeshConfig, d.pop("mesh"))
+        kw["checkpoint"] = _build(CheckpointConfig, d.pop("checkpoint"))
+        kw["logging"] = _build(LoggingConfig, d.pop("logging"))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise RecipeError(f"unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**kw, **d)
+
+
+def _build(cls, d: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise RecipeError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+    return cls(**d)
+
+
+def _to_jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_jsonable(v) for v in x]
+    return x
+
+
+# ---- overrides -----------------------------------------------------------------------------------
+def parse_value(text: str) -> Any:
+    """A Python literal when `text` is one ("3e-4", "True", "None", "[1, 2]"), else the string itself."""
+    lowered = text.strip()
+    if lowered.lower() in ("true", "false"):
+        return lowered.lower() == "true"
+    if lowered.lower() in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(lowered)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _field_type(obj: Any, name: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    return hints.get(name)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Light type check / conversion of an override value against the field annotation."""
+    if annotation is None or annotation is Any:
+        return value
+    origin = typing.get_origin(annotation)
+    options = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise RecipeError(f"--set {key}=None: the field does not accept None")
+    for opt in options:
+        if opt is type(None):
+            continue
+        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if opt is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if opt is bool and isinstance(value, bool):
+            return value
+        if opt is str:
+            if isinstance(value, str):
+                return value
+            if len(options) == 1 or all(o in (str, type(None)) for o in options):
+                return str(value) if not isinstance(value, (list, dict)) else value
+        if typing.get_origin(opt) in (list, tuple) or opt in (list, tuple):
+            if isinstance(value, (list, tuple)):
+                return value
+        if opt is Any:
+            return value
+    if any(o in (list, tuple, dict) or typing.get_origin(o) in (list, tuple, dict) for o in options):
+        return value
+    raise RecipeError(f"--set {key}={value!r}: expected {annotation}")
+
+
+def apply_override(config: Any, key: str, value: Any) -> None:
+    """Sets ``config.a.b.c = value`` (dataclasses all the way down), checking the names and the type."""
+    parts = key.split(".")
+    obj = config
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj):
+            raise RecipeError(f"--set {key}: {'.'.join(parts[:i])} is not a config section")
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            where = ".".join(parts[:i]) or "the run config"
+            raise RecipeError(f"--set {key}: {where} has no field {part!r}; fields: {', '.join(names)}")
+        if i == len(parts) - 1:
+            current = getattr(obj, part)
+            if dataclasses.is_dataclass(current) and not isinstance(value, dict):
+                raise RecipeError(f"--set {key}: {part!r} is a section; set one of its fields ({key}.<field>=...)")
+            if isinstance(value, dict) and dataclasses.is_dataclass(current):
+                for k, v in value.items():
+                    apply_override(current, k, v)
+                return
+            setattr(obj, part, _coerce(value, _field_type(obj, part), key))
+        else:
+            obj = getattr(obj, part)
+
+
+def split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} must look like key=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise RecipeError(f"override {text!r} has an empty key")
+    return key, parse_value(value)
+
+
+def _load_module(path: str) -> types.ModuleType:
+    if not os.path.isfile(path):
+        raise RecipeError(f"config file not found: {path}")
+    name = "recipe_" + os.path.splitext(os.path.basename(path))[0].replace(".", "_").replace("-", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise RecipeError(f"cannot import config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise RecipeError(f"{path} defines no get_config() function")
+    return module
+
+
+def load_recipe(path: str, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The run config of a recipe file (``path`` or ``path:arg``) with ``key=value`` overrides applied.
+
+    After the overrides, model and data configs are re-validated (their ``__post_init__``) so a bad
+    combination fails here with the config's own message.
+    """
+    arg = None
+    if ":" in os.path.basename(path):
+        path, arg = path.rsplit(":", 1)
+    module = _load_module(path)
+    signature = inspect.signature(module.get_config)
+    selectors, field_overrides = {}, []
+    for text in overrides:
+        key, value = split_override(text)
+        if "." not in key and key in signature.parameters:
+            selectors[key] = value
+        else:
+            field_overrides.append((key, value))
+    args = [arg] if arg is not None else []
+    try:
+        config = module.get_config(*args, **selectors)
+    except TypeError as err:
+        raise RecipeError(f"{path}: get_config{tuple(args)} {selectors}: {err}") from err
+    if not isinstance(config, TrainConfig):
+        raise RecipeError(f"{path}: get_config() returned {type(config).__name__}, expected TrainConfig")
+    for key, value in field_overrides:
+        apply_override(config, key, value)
+    config.model.validate()
+    if hasattr(config.data, "__post_init__"):
+        config.data.__post_init__()
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Checks of the run config that need no devices (device-dependent checks run in the loop)."""
+    from manager_jax.train.optimizer import parse_tunable_parts
+    from manager_jax.train.step import LOSS_NORMALIZATIONS
+
+    problems = []
+    try:
+        parse_tunable_parts(config.tunable_parts)
+    except ValueError as err:
+        problems.append(str(err))
+    if config.num_steps < 1:
+        problems.append("num_steps must be >= 1")
+    if config.loss_normalization not in LOSS_NORMALIZATIONS:
+        problems.append(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}")
+    if config.batch_shards == 0 or config.batch_shards < -1:
+        problems.append("batch_shards must be >= 1 or -1")
+    if config.grad_accum == 0 or config.grad_accum < -1:
+        problems.append("grad_accum must be >= 1 or -1")
+    if config.global_batch_size < 1:
+        problems.append("global_batch_size must be >= 1")
+    if config.optim.warmup_ratio < 0 or config.optim.warmup_ratio > 1:
+        problems.append("optim.warmup_ratio must lie in [0, 1]")
+    if config.max_nonfinite_steps < 1:
+        problems.append("max_nonfinite_steps must be >= 1")
+    if problems:
+        raise RecipeError("invalid run config:\n  - " + "\n  - ".join(problems))
+
+
+def resolve_batch_layout(config: TrainConfig, data_parallel: int) -> tuple[int, int]:
+    """(batch_shards, grad_accum) for a mesh with `data_parallel` = data x fsdp devices."""
+    shards = data_parallel if config.batch_shards == -1 else config.batch_shards
+    if shards % data_parallel:
+        raise RecipeError(
+            f"batch_shards={shards} must be a multiple of the data-parallel device count {data_parallel}"
+        )
+    rows = config.data.rows_per_host
+    if config.grad_accum != -1:
+        return shards, config.grad_accum
+    per_micro = shards * rows
+    if config.global_batch_size % per_micro:
+        raise RecipeError(
+            f"global_batch_size={config.global_batch_size} is not a multiple of batch_shards x rows_per_host "
+            f"= {shards} x {rows}; set grad_accum explicitly or change the sizes"
+        )
+    return shards, config.global_batch_size // per_micro

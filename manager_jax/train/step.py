@@ -1,0 +1,199 @@
+"""The jitted train step over pure state (DESIGN.md "Sharding").
+
+State is a plain dict ``{"params", "opt_state", "step", "rng"}``: ``params`` the full pure param
+dict (docs/CONTRACTS.md §3), ``opt_state`` the optimizer state of the *trainable* subtree only.
+The model is rebuilt inside the step with ``nnx.merge(graphdef, params)``.
+
+A step's batch stacks ``accum x shards`` fixed-shape batches (docs/CONTRACTS.md §2) on two leading
+axes: every array is ``[accum, shards, ...]``. Each shard is one independent batch (its crops, plan
+indices and rows are local to it), so the model is ``vmap``-ed over shards and the shard axis is
+sharded over the (data, fsdp) mesh axes: gathers and scatters of the token plan never cross
+devices. Gradient accumulation scans over ``accum``.
+
+Loss normalisation (``loss_normalization``):
+- ``shard_mean``: mean token CE per shard batch, averaged over shards and accumulation steps, as
+  the original (HF Trainer 4.40 + DDP: mean per micro-batch, gradients averaged over ranks and
+  divided by the accumulation steps).
+- ``token_mean``: one mean over every supervised token of the global batch.
+
+Only the hidden states at supervised positions go through the LM head (at most
+``loss_token_budget`` per shard, 0 = all positions), in chunks of ``loss_chunk_size`` with
+rematerialisation: fp32 logits of [B, S, V] are never materialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from manager_jax.models.llava_ov import shifted_targets
+from manager_jax.train.optimizer import merge_trainable, split_trainable
+
+LOSS_NORMALIZATIONS = ("shard_mean", "token_mean")
+# Fields of the batch contract that the model reads.
+MODEL_FIELDS = (
+    "input_ids", "positions", "segment_ids", "labels", "pixel_values", "crop_mask", "plan_src",
+    "plan_weight", "plan_newline", "plan_dst", "plan_manager", "plan_image", "query_mask",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    normalization: str = "shard_mean"
+    token_budget: int = 0  # supervised positions per shard batch sent through the LM head; 0 = all
+    chunk_size: int = 0  # LM-head chunk (positions); 0 = one chunk
+
+    def __post_init__(self) -> None:
+        if self.normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {self.normalization!r}")
+        if self.token_budget < 0 or self.chunk_size < 0:
+            raise ValueError("loss_token_budget and loss_chunk_size must be >= 0")
+
+
+def supervised_nll(model, hidden: jax.Array, labels: jax.Array, segment_ids: jax.Array, cfg: LossConfig):
+    """(sum of token CE, number of supervised tokens) of one shard batch, from hidden states [B, S, D]."""
+    b, s, d = hidden.shape
+    targets, valid = shifted_targets(labels, segment_ids)
+    flat_h, flat_t, flat_v = hidden.reshape(b * s, d), targets.reshape(-1), valid.reshape(-1)
+    if cfg.token_budget and cfg.token_budget < b * s:
+        # First `token_budget` supervised positions (the loop checks that none are left out).
+        (idx,) = jnp.nonzero(flat_v, size=cfg.token_budget, fill_value=0)
+        keep = jnp.arange(cfg.token_budget) < flat_v.sum()
+        flat_h, flat_t, flat_v = flat_h[idx], flat_t[idx], keep
+    n = flat_h.shape[0]
+    chunk = cfg.chunk_size if cfg.chunk_size and cfg.chunk_size < n else n
+    pad = -n % chunk
+    if pad:
+        flat_h = jnp.pad(flat_h, ((0, pad), (0, 0)))
+        flat_t = jnp.pad(flat_t, (0, pad))
+        flat_v = jnp.pad(flat_v, (0, pad))
+    chunks = (flat_h.reshape(-1, chunk, d), flat_t.reshape(-1, chunk), flat_v.reshape(-1, chunk))
+
+    @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
+    def chunk_nll(h, t, v):
+        logp = jax.nn.log_softmax(model.logits(h[None])[0], axis=-1)
+        nll = -jnp.take_along_axis(logp, t[:, None], axis=-1)[:, 0]
+        return jnp.where(v, nll, 0.0).sum()
+
+    if chunks[0].shape[0] == 1:
+        total = chunk_nll(chunks[0][0], chunks[1][0], chunks[2][0])
+    else:
+        total, _ = jax.lax.scan(lambda acc, xs: (acc + chunk_nll(*xs), None), jnp.zeros((), jnp.float32), chunks)
+    return total, valid.sum()
+
+
+def count_supervised(labels: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Supervised (target-bearing) positions of a batch, with the model's shift rule."""
+    return shifted_targets(labels, segment_ids)[1].sum()
+
+
+def batch_stats(batch: dict) -> dict[str, jax.Array]:
+    """Work done by a [accum, shards, ...] batch: real tokens, sum of squared segment lengths, crops, samples.
+
+    Computed on device so the FLOP count covers every process's shards without a host exchange.
+    """
+    seg = batch["segment_ids"]
+    rows = seg.reshape(-1, seg.shape[-1])
+    lengths = jax.vmap(lambda r: jnp.bincount(r, length=r.shape[0] + 1)[1:])(rows).astype(jnp.float32)
+    return {
+        "real_tokens": (seg > 0).sum(),
+        "attn_sq": (lengths**2).sum(),
+        "crops": batch["crop_mask"].sum(),
+        "samples": rows.max(axis=-1).sum(),
+    }
+
+
+def make_train_step(
+    graphdef: Any,
+    trainable_mask: Any,
+    tx: optax.GradientTransformation,
+    schedules: dict[str, Callable],
+    loss_cfg: LossConfig,
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """train_step(state, batch) -> (new state, metrics). Pure; jit it with shardings (loop / aot)."""
+
+    def shard_nll(params, shard, key):
+        model = nnx.merge(graphdef, params)
+        hidden = model.hidden_states(shard, jitter_key=key)
+        return supervised_nll(model, hidden, shard["labels"], shard["segment_ids"], loss_cfg)
+
+    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+        batch = {k: v for k, v in batch.items() if k in MODEL_FIELDS}
+        params, step = state["params"], state["step"]
+        trainable, frozen = split_trainable(params, trainable_mask)
+        accum, shards = batch["input_ids"].shape[:2]
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        keys = jax.random.split(step_key, accum * shards).reshape(accum, shards)
+        total_tokens = jnp.maximum(
+            jax.vmap(jax.vmap(count_supervised))(batch["labels"], batch["segment_ids"]).sum(), 1
+        )
+
+        def micro_loss(tr, micro, micro_keys):
+            full = merge_trainable(tr, frozen)
+            sums, counts = jax.vmap(lambda shard, k: shard_nll(full, shard, k))(micro, micro_keys)
+            if loss_cfg.normalization == "shard_mean":
+                loss = jnp.mean(sums / jnp.maximum(counts, 1)) / accum
+            else:
+                loss = sums.sum() / total_tokens
+            return loss, (sums.sum(), counts.sum())
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def accumulate(carry, xs):
+            grads, loss, nll, count = carry
+            (l, (s, c)), g = grad_fn(trainable, *xs)
+            return (jax.tree.map(jnp.add, grads, g), loss + l, nll + s, count + c), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (grads, loss, nll, count), _ = jax.lax.scan(accumulate, init, (batch, keys))
+
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        # A non-finite loss or gradient skips the update (the loop aborts after K in a row).
+        keep = lambda new, old: jnp.where(finite, new, old)
+        new_trainable = jax.tree.map(keep, new_trainable, trainable)
+        new_opt = jax.tree.map(keep, new_opt, state["opt_state"])
+        new_state = {
+            "params": merge_trainable(new_trainable, frozen),
+            "opt_state": new_opt,
+            "step": step + 1,
+            "rng": state["rng"],
+        }
+        metrics = {
+            "loss": loss,
+            "token_mean_loss": nll / jnp.maximum(count, 1),
+            "grad_norm": grad_norm,
+            "finite": finite,
+            "supervised_tokens": count,
+            **batch_stats(batch),
+            **{f"lr/{g}": sched(step) for g, sched in schedules.items()},
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_loss(graphdef: Any, loss_cfg: LossConfig) -> Callable[[Any, dict], jax.Array]:
+    """loss(params, batch) without jitter and without gradients, same normalisation as training."""
+
+    def eval_loss(params, batch):
+        batch = {k: v for k, v in batch.items() if k in MODEL_FIELDS}
+
+        def shard(sh):
+            model = nnx.merge(graphdef, params)
+            return supervised_nll(model, model.hidden_states(sh), sh["labels"], sh["segment_ids"], loss_cfg)
+
+        sums, counts = jax.vmap(jax.vmap(shard))(batch)
+        if loss_cfg.normalization == "shard_mean":
+            return jnp.mean(sums / jnp.maximum(counts, 1))
+        return sums.sum() / jnp.maximum(counts.sum(), 1)
+
+    return eval_loss

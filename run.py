@@ -1,0 +1,111 @@
+"""manager_jax command line.
+
+    python run.py train --config configs/demo.py [--set key=value ...]
+    python run.py compile --config configs/llava_ov.py:stage2_grid_manager_7b --topology v5p:2x2x2
+    python run.py inspect-data ...        (manager_jax.data.inspect)
+    python run.py generate|score ...      (manager_jax.infer.cli)
+
+`train` is the same command on one CPU, one GPU, a GPU cluster or every host of a TPU pod.
+Subcommands import their modules lazily, so one missing part of the package only breaks itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+DEFAULT_CONFIG = "configs/demo.py"
+
+
+def _lazy(module: str, function: str) -> Callable[[Sequence[str]], int | None]:
+    """The entry function `module.function`, with a clear error when the module is missing."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as err:
+        raise SystemExit(f"error: this subcommand needs {module}, which cannot be imported: {err}") from err
+    fn = getattr(mod, function, None)
+    if fn is None:
+        raise SystemExit(f"error: {module} has no entry function {function}()")
+    return fn
+
+
+def _train_parser(prog: str, aot: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train a model from a recipe." if not aot else
+                                "Compile the train step ahead of time for a TPU topology (on a CPU host).")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="recipe file (path or path:recipe_name); default %(default)s")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (nested with dots); repeatable")
+    if aot:
+        p.add_argument("--topology", required=True,
+                       help="TPU topology like v5p:2x2x2 or v5e:4x4 (needs libtpu), or cpu:N (N local CPU devices)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    args = _train_parser("run.py train", aot=False).parse_args(argv)
+    _setup_logging(args.log_level)
+    from manager_jax import distributed
+
+    distributed.initialize()  # before any JAX computation; a no-op for one process
+    from manager_jax.train.loop import train
+    from manager_jax.train.recipe import load_recipe
+
+    config = load_recipe(args.config, args.overrides)
+    result = train(config)
+    if result.losses:
+        print(f"first loss {result.losses[0]:.4f}  final loss {result.losses[-1]:.4f}  "
+              f"(steps {result.first_step + 1}..{result.last_step}, {result.status})")
+    print(f"checkpoint: {result.checkpoint_dir}")
+    return 0
+
+
+def cmd_compile(argv: Sequence[str]) -> int:
+    args = _train_parser("run.py compile", aot=True).parse_args(argv)
+    _setup_logging(args.log_level)
+    from manager_jax.train.aot import compile_for_topology, format_report
+    from manager_jax.train.recipe import load_recipe
+
+    config = load_recipe(args.config, args.overrides)
+    report = compile_for_topology(config, args.topology)
+    print(format_report(report))
+    return 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax._src", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+COMMANDS: dict[str, tuple[Callable[[], Callable[[Sequence[str]], int | None]], str]] = {
+    "train": (lambda: cmd_train, "train from a recipe"),
+    "compile": (lambda: cmd_compile, "AOT-compile the train step for a TPU topology"),
+    "inspect-data": (lambda: _lazy("manager_jax.data.inspect", "main"), "inspect the data pipeline's batches"),
+    "generate": (lambda: _lazy("manager_jax.infer.cli", "generate_main"), "generate text for images + prompts"),
+    "score": (lambda: _lazy("manager_jax.infer.cli", "score_main"), "score continuations (log-likelihood)"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:14s} {help_text}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    result = COMMANDS[name][0]()(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The jitted train step on one device: loss, stage semantics (what trains, at which LR), NaN skips."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from manager_jax.config import ImageConfig
+from manager_jax.models.llava_ov import LlavaOV, lm_loss
+from manager_jax.sharding import MeshConfig, batch_sharding, make_mesh, path_str
+from manager_jax.train.optimizer import OptimConfig, param_group
+from manager_jax.train.state import init_params, init_state, jit_train_step, make_setup, place_batch
+from manager_jax.train.step import LossConfig, supervised_nll
+from tests.train_batches import compile_cache_fixture, random_step_batch, shard_batch, small_model
+
+ALL_PARTS = "mm_mlp_adapter,mm_manager,mm_language_model,mm_vision_tower"
+GROUP_LRS = OptimConfig(lr=1e-3, projector_lr=2e-3, manager_lr=5e-3, vision_tower_lr=3e-4, warmup_ratio=0.0,
+                        schedule="constant")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    yield from compile_cache_fixture(tmp_path_factory)
+
+
+def newline_model():
+    """Square images with the HF single-crop newline: image_newline exists and gets gradients."""
+    image = ImageConfig(aspect_ratio="square", grid_pinpoints=None, patch_merge_type="spatial_unpad", convention="hf")
+    return small_model("manager", image=image)
+
+
+def one_device_step(cfg, batch, *, tunable, optim, loss=LossConfig()):
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    setup = make_setup(cfg, mesh, tunable_parts=tunable, optim=optim, total_steps=10, loss=loss)
+    state = init_state(setup, init_params(setup, 0), 0)
+    before = jax.tree.map(np.asarray, state["params"])
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    step = jit_train_step(setup, abstract)
+    state, metrics = step(state, place_batch(setup, batch, shards=batch["input_ids"].shape[1]))
+    return setup, before, jax.tree.map(np.asarray, state["params"]), jax.device_get(metrics), state
+
+
+def max_change_per_group(before, after):
+    """{group: max |delta|} over the params of each optimizer group, plus image_newline on its own."""
+    out: dict[str, float] = {}
+    flat_b = jax.tree_util.tree_flatten_with_path(before)[0]
+    flat_a = jax.tree.leaves(after)
+    for (path, b), a in zip(flat_b, flat_a):
+        name = path_str(path)
+        key = "image_newline" if name == "image_newline" else param_group(name)
+        out[key] = max(out.get(key, 0.0), float(np.max(np.abs(a - b))))
+    return out
+
+
+def test_supervised_nll_matches_model_lm_loss():
+    """Budgeted, chunked LM-head loss == the model's own lm_loss over full fp32 logits."""
+    cfg = small_model("manager")
+    batch = {k: jnp.asarray(v) for k, v in shard_batch(cfg, np.random.default_rng(1), rows=2, text_samples=3).items()}
+    graphdef, params = nnx.split(LlavaOV(cfg, rngs=nnx.Rngs(0)))
+
+    @jax.jit
+    def losses(params, batch):
+        model = nnx.merge(graphdef, params)
+        hidden = model.hidden_states(batch)
+        reference = lm_loss(model.logits(hidden), batch["labels"], batch["segment_ids"])
+        ours = []
+        for loss_cfg in (LossConfig(), LossConfig(token_budget=96, chunk_size=40), LossConfig(chunk_size=128)):
+            total, count = supervised_nll(model, hidden, batch["labels"], batch["segment_ids"], loss_cfg)
+            ours.append(total / count)
+        return reference, ours
+
+    expected, ours = losses(params, batch)
+    for value in ours:
+        assert float(value) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_stage1_trains_only_projector_and_manager_at_their_lrs():
+    cfg = newline_model()
+    batch = random_step_batch(cfg, 2, accum=1, shards=1)
+    optim = OptimConfig(lr=1e-3, manager_lr=4e-3, warmup_ratio=0.0, schedule="constant")
+    setup, before, after, metrics, state = one_device_step(cfg, batch, tunable="mm_mlp_adapter,mm_manager", optim=optim)
+    change = max_change_per_group(before, after)
+    assert change["vision_tower"] == 0.0 and change["language_model"] == 0.0 and change["image_newline"] == 0.0
+    # Adam's first step moves every parameter with a non-zero gradient by lr * g/|g| = lr.
+    assert change["projector"] == pytest.approx(1e-3, rel=1e-3)
+    assert change["manager"] == pytest.approx(4e-3, rel=1e-3)
+    assert metrics["lr/projector"] == pytest.approx(1e-3) and metrics["lr/manager"] == pytest.approx(4e-3)
+    # Frozen parameters have no optimizer state: only projector + manager leaves (mu and nu).
+    names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(before)[0]]
+    n_trainable = sum(1 for n in names if n.startswith(("projector.", "manager.")))
+    opt_arrays = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) > 0]
+    assert n_trainable == 4 + 1 + len(cfg.injection_layers())  # 2 linears, layer embedding, blocks
+    assert len(opt_arrays) == 2 * n_trainable
+
+
+def test_all_groups_train_at_their_lrs_and_image_newline_follows_the_lm():
+    cfg = newline_model()
+    batch = random_step_batch(cfg, 3, accum=1, shards=1)
+    _, before, after, metrics, _ = one_device_step(cfg, batch, tunable=ALL_PARTS, optim=GROUP_LRS)
+    change = max_change_per_group(before, after)
+    expected = {"language_model": 1e-3, "image_newline": 1e-3, "projector": 2e-3, "manager": 5e-3, "vision_tower": 3e-4}
+    for group, lr in expected.items():
+        assert change[group] == pytest.approx(lr, rel=1e-3), group
+    assert np.isfinite(metrics["loss"]) and metrics["finite"]
+
+
+def test_nonfinite_loss_skips_the_update():
+    cfg = newline_model()  # the program of the test above: a compilation cache hit
+    batch = random_step_batch(cfg, 4, accum=1, shards=1)
+    batch["pixel_values"] = np.full_like(batch["pixel_values"], np.nan)
+    _, before, after, metrics, state = one_device_step(cfg, batch, tunable=ALL_PARTS, optim=GROUP_LRS)
+    assert not metrics["finite"] and not np.isfinite(metrics["loss"])
+    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["opt_state"]))
+    assert int(state["step"]) == 1  # the data was consumed; only the update is skipped
