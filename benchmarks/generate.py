@@ -1,0 +1,138 @@
+"""Generation speed: prefill latency and decode tokens/s, batch 1 and 16, at the real 0.5B shapes.
+
+    python benchmarks/generate.py [--variant grid_manager] [--batch 1,16] [--image 768x768] \\
+        [--text 64] [--new-tokens 128] [--dtype bfloat16]
+    python benchmarks/generate.py --tiny          # CPU smoke check (tiny model, small workload)
+
+The workload of /work/shared/bench/ref_torch_llava_ov.py --what generate (run_ref_gpu_gen.sh):
+random weights, B prompts each of one HxW image through anyres_max_9 plus `--text` random text
+tokens (16 before the image, the rest after), greedy decoding of exactly `--new-tokens` tokens (no
+eos). Timed like the reference: prefill = a generation of one token; decode per token =
+(full generation - prefill) / (new_tokens - 1). Image preprocessing and host-to-device copies are
+outside the timings (the reference also starts from pixel tensors on the device). Each timing is
+the median of `--repeats` runs after a warm-up run that compiles. Prints one JSON line per batch
+size. Compare with the PyTorch reference only when both ran on the same device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def build_model(args):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from manager_jax import config
+    from manager_jax.models.llava_ov import LlavaOV
+
+    if args.tiny:
+        cfg = config.tiny(args.variant)
+    else:
+        cfg = config.preset("0.5b", args.variant)
+    cfg = cfg.replace(dtype=args.dtype, param_dtype=args.dtype, remat_policy="none")
+    # Random init on the device, in one compiled program (an eager init of 0.9B parameters is slow).
+    model = nnx.jit(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))()
+    if cfg.manager.enabled:  # non-zero scores, so the injections do real work
+        for block in model.manager.blocks:
+            if hasattr(block, "layer_scores"):
+                block.layer_scores[...] = jnp.full(block.layer_scores.shape, 0.01, block.layer_scores.dtype)
+    return model
+
+
+def prompts_for(args, vocab: int, batch: int):
+    import numpy as np
+    from PIL import Image
+
+    from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
+    from manager_jax.infer.engine import Prompt
+
+    height, width = args.hw
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+    before = min(16, args.text)
+    ids = rng.integers(0, min(vocab, 150000), args.text)
+    row = ids[:before].tolist() + [IMAGE_TOKEN_INDEX] + ids[before:].tolist()
+    return [Prompt(row, [image]) for _ in range(batch)]
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(engine, args, batch: int) -> dict:
+    import jax
+
+    from manager_jax.infer.sampling import SamplingParams
+
+    prepared = engine.prepare(prompts_for(args, engine.cfg.text.vocab_size, batch))
+    rows = len(prepared.lengths)
+    prepared.inputs = engine._put(prepared.inputs, rows)  # on the device before timing
+    one, full = SamplingParams(max_new_tokens=1), SamplingParams(max_new_tokens=args.new_tokens)
+
+    def run(params):
+        gens = engine.generate_prepared(prepared, params)
+        assert all(len(g.token_ids) == params.max_new_tokens for g in gens)
+
+    run(one), run(full)  # compile the prefill for both cache lengths and the decode loop
+    prefill = timed(lambda: run(one), args.repeats)
+    total = timed(lambda: run(full), args.repeats)
+    decode = (total - prefill) / max(args.new_tokens - 1, 1)
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    peak = (stats or {}).get("peak_bytes_in_use")
+    sample = prepared.samples[0]
+    return {
+        "what": "generate", "impl": "jax", "variant": args.variant, "tiny": args.tiny, "dtype": args.dtype,
+        "batch": batch, "image": args.image, "crops": sample.num_crops, "prompt_len": int(prepared.lengths[0]),
+        "prompt_bucket": prepared.prompt_slots, "new_tokens": args.new_tokens, "prefill_s": prefill,
+        "decode_s_per_token": decode, "decode_tokens_per_s": batch / decode if decode > 0 else None,
+        "total_s": total, "peak_mem_gb": peak / 2**30 if peak else None,
+        "device": f"{len(jax.devices())} x {device.device_kind}", "jax": jax.__version__,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny model and small workload (CPU smoke check)")
+    p.add_argument("--variant", default="grid_manager", choices=["baseline", "manager", "grid", "grid_manager"])
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,16; tiny: 1,2)")
+    p.add_argument("--image", default=None, help="HxW of the image (default 768x768; tiny: 384x384)")
+    p.add_argument("--text", type=int, default=64, help="text tokens per prompt")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 128; tiny: 8)")
+    p.add_argument("--dtype", default=None, help="compute dtype (default bfloat16; tiny: float32)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 3; tiny: 1)")
+    args = p.parse_args(argv)
+    args.batch = args.batch or ("1,2" if args.tiny else "1,16")
+    args.image = args.image or ("384x384" if args.tiny else "768x768")
+    args.new_tokens = args.new_tokens or (8 if args.tiny else 128)
+    args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
+    args.repeats = args.repeats or (1 if args.tiny else 3)
+    args.hw = tuple(int(x) for x in args.image.split("x"))
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be >= 2 (decode time is measured beyond the first token)")
+
+    from manager_jax.infer.engine import InferenceEngine
+
+    model = build_model(args)
+    engine = InferenceEngine(model, eos_ids=[], pad_id=0, min_new_bucket=args.new_tokens)
+    for batch in (int(b) for b in args.batch.split(",")):
+        print(json.dumps(bench(engine, args, batch)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
