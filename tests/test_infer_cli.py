@@ -145,3 +145,26 @@ def test_clear_errors(checkpoint, capsys, tmp_path):
         generate_main(["--checkpoint", ckpt, "--prompt", "hi", "--prompts", "x.jsonl"])
     with pytest.raises(SystemExit):
         generate_main(["--checkpoint", ckpt, "--prompt", "hi", "--top-p", "0"])
+
+
+def test_load_model_restores_into_shards(checkpoint, model_and_tokenizer, capsys):
+    import jax
+    from flax import nnx
+
+    from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py provides them on CPU")
+    mesh = mesh_from_spec("tensor=2")  # fsdp takes the remaining 4 devices
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    sharded = nnx.to_pure_dict(nnx.state(load_model(checkpoint[0], mesh=mesh)))
+    plain = nnx.to_pure_dict(nnx.state(model_and_tokenizer[0]))
+    embedding = sharded["text"]["embed"]["embedding"]
+    assert embedding.sharding.mesh.shape == mesh.shape and len(embedding.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(embedding), np.asarray(plain["text"]["embed"]["embedding"]))
+    with pytest.raises(MeshSpecError, match="bad mesh entry"):
+        mesh_from_spec("model=2")
+    with pytest.raises(MeshSpecError):
+        mesh_from_spec("data=3")  # 8 devices cannot be split in 3
+    code, _, err = run(generate_main, ["--checkpoint", checkpoint[0], "--prompt", "hi", "--mesh", "data=3"], capsys)
+    assert code == 1 and "mesh 'data=3'" in err

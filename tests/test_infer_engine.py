@@ -65,7 +65,8 @@ def baseline_engine():
 
 
 def mixed_prompts() -> list[Prompt]:
-    return [Prompt([1, 2, 3, IMAGE_TOKEN_INDEX, 4, 5], [random_image((90, 60), 7)]), Prompt([6, 7, 8, 9, 10, 11, 12, 13])]
+    return [Prompt([1, 2, 3, IMAGE_TOKEN_INDEX, 4, 5], [random_image((90, 60), 7)]),
+            Prompt([6, 7, 8, 9, 10, 11, 12, 13])]
 
 
 def expanded_ids(engine: InferenceEngine, prompt: Prompt) -> tuple[np.ndarray, list[int]]:
@@ -148,6 +149,25 @@ def test_cached_decoding_matches_full_forward(manager_engine):
         logits, cache = engine.decode_step(tokens, prepared.lengths + step, slots + step, cache, kv_seg)
 
 
+def test_repetition_penalty_on_generated_ids(manager_engine):
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    model, engine = manager_engine
+    prompts = mixed_prompts()
+    gens = engine.generate(prompts, SamplingParams(max_new_tokens=NEW, repetition_penalty=1.8))
+    penalty = RepetitionPenaltyLogitsProcessor(1.8)
+    for prompt, gen in zip(prompts, gens):
+        expected: list[int] = []
+        for _ in range(NEW):  # HF's processor over the generated ids only (the prompt is not penalised)
+            logits = torch.tensor(full_forward_logits(model, engine, prompt, expected))[None]
+            logits = penalty(torch.tensor([expected], dtype=torch.long), logits)
+            expected.append(int(logits.argmax()))
+        assert gen.token_ids == expected
+    plain = engine.generate(prompts, SamplingParams(max_new_tokens=NEW))
+    assert [g.token_ids for g in gens] != [g.token_ids for g in plain]
+
+
 def test_eos_stops_each_row(manager_engine):
     _, engine = manager_engine
     prompts = mixed_prompts()
@@ -200,7 +220,8 @@ def test_sharded_generation_equals_single_device(baseline_engine):
     sharded = InferenceEngine(model, pad_id=0, mesh=mesh)
     kernel = nnx.to_pure_dict(sharded.state)["text"]["layers"]["mlp"]["up"]["kernel"]
     assert len(kernel.sharding.device_set) > 1  # the parameters really are distributed
-    assert [g.token_ids for g in sharded.generate(prompts, params)] == [g.token_ids for g in single.generate(prompts, params)]
+    expected = [g.token_ids for g in single.generate(prompts, params)]
+    assert [g.token_ids for g in sharded.generate(prompts, params)] == expected
 
 
 def test_input_errors(manager_engine):

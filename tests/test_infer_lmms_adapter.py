@@ -86,7 +86,8 @@ def test_generate_until(adapter):
 
 def test_loglikelihood(adapter):
     requests = [Instance("loglikelihood", ("What is it?", "A cat", doc_to_visual, 0, TASK, SPLIT)),
-                Instance("loglikelihood", ("How many?", lambda doc: doc["answer"] + "s", doc_to_visual, 0, TASK, SPLIT))]
+                Instance("loglikelihood",
+                         ("How many?", lambda doc: doc["answer"] + "s", doc_to_visual, 0, TASK, SPLIT))]
     results = adapter.loglikelihood(requests)
     tok, engine = adapter.tokenizer, adapter.engine
     model = nnx.merge(engine.graphdef, engine.state)

@@ -9,12 +9,19 @@ import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
-from manager_jax.infer.sampling import SamplingParams, filter_logits, limit_vocab, select_tokens
+from manager_jax.infer.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    filter_logits,
+    limit_vocab,
+    select_tokens,
+)
 
 
 def hf_filtered(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -70,8 +77,20 @@ def test_vocab_limit_excludes_high_ids():
     np.testing.assert_array_equal(limit_vocab(logits, None), logits)
 
 
+def test_repetition_penalty_matches_transformers():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(3, 40)).astype(np.float32) * 2
+    generated = rng.integers(0, 40, (3, 6))  # with repeats inside a row
+    seen = np.zeros((3, 40), bool)
+    np.put_along_axis(seen, generated, True, axis=1)
+    for penalty in (1.0, 1.1, 0.7):
+        ref = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor(generated), torch.tensor(logits)).numpy()
+        ours = apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), penalty)
+        np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0),
-                                    dict(top_p=1.5), dict(top_k=-2)])
+                                    dict(top_p=1.5), dict(top_k=-2), dict(repetition_penalty=0.0)])
 def test_sampling_params_reject_bad_values(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)

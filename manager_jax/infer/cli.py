@@ -29,14 +29,17 @@ from manager_jax.infer.loading import (
     ImageLoadError,
     default_vocab_limit,
     load_image,
+    MeshSpecError,
     load_model,
+    mesh_from_spec,
     read_eos_ids,
+    read_repetition_penalty,
 )
 from manager_jax.infer.requests import generation_prompt, score_request
 from manager_jax.infer.sampling import SamplingParams
 
 # Problems of the user's input: reported in one line, without a traceback.
-USER_ERRORS = (FileNotFoundError, CheckpointError, ImageLoadError, InputError, ConfigError)
+USER_ERRORS = (FileNotFoundError, CheckpointError, ImageLoadError, InputError, ConfigError, MeshSpecError)
 
 
 def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -57,24 +60,6 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def _parse_mesh(spec: str | None):
-    if not spec:
-        return None
-    from manager_jax.sharding import MeshConfig, make_mesh
-
-    sizes = {}
-    for part in spec.split(","):
-        name, _, value = part.partition("=")
-        if name.strip() not in ("data", "fsdp", "tensor") or not value.strip().lstrip("-").isdigit():
-            raise InputError(f"bad --mesh entry {part!r}: expected data=N, fsdp=N or tensor=N (N may be -1)")
-        sizes[name.strip()] = int(value)
-    full = {"data": 1, "fsdp": 1, "tensor": 1}
-    full.update(sizes)
-    if -1 not in full.values() and "fsdp" not in sizes:
-        full["fsdp"] = -1  # the unnamed axis takes the remaining devices
-    return make_mesh(MeshConfig(**full))
-
-
 def _tokenizer_path(args) -> str | None:
     if args.tokenizer:
         return args.tokenizer
@@ -86,7 +71,8 @@ def build_engine(args) -> tuple[InferenceEngine, object]:
     """Model, tokenizer and engine from the common command-line options."""
     from manager_jax.data.tokenizer import load_tokenizer
 
-    model = load_model(args.checkpoint, dtype=args.dtype)
+    mesh = mesh_from_spec(args.mesh)
+    model = load_model(args.checkpoint, dtype=args.dtype, mesh=mesh)
     tokenizer = load_tokenizer(_tokenizer_path(args))
     vocab = model.cfg.text.vocab_size
     if args.vocab_limit is None:
@@ -95,8 +81,7 @@ def build_engine(args) -> tuple[InferenceEngine, object]:
         limit = vocab if args.vocab_limit < 0 else min(args.vocab_limit, vocab)
     engine = InferenceEngine(
         model, eos_ids=read_eos_ids(args.checkpoint, tokenizer.eos_ids), pad_id=tokenizer.pad_id,
-        im_start_id=tokenizer.im_start_id, vocab_limit=limit, max_length=args.max_length,
-        mesh=_parse_mesh(args.mesh),
+        im_start_id=tokenizer.im_start_id, vocab_limit=limit, max_length=args.max_length, mesh=mesh,
     )
     return engine, tokenizer
 
@@ -137,6 +122,9 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="HF repetition penalty on the generated ids (default: the checkpoint's "
+                        "generation_config.json value, else 1.0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in --prompts mode")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -148,8 +136,11 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
     try:
+        penalty = args.repetition_penalty
+        if penalty is None:
+            penalty = read_repetition_penalty(args.checkpoint) if os.path.isdir(args.checkpoint) else 1.0
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, repetition_penalty=penalty)
     except ValueError as e:
         p.error(str(e))
     try:

@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from manager_jax.batch import IM_START_TOKEN_ID, ProcessedSample, assemble_batch
 from manager_jax.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from manager_jax.data.image_processing import preprocess_image
-from manager_jax.infer.sampling import SamplingParams, limit_vocab, select_tokens
+from manager_jax.infer.sampling import SamplingParams, apply_repetition_penalty, limit_vocab, select_tokens
 from manager_jax.models.llava_ov import LlavaOV
 
 MAX_EOS_IDS = 8  # eos ids are padded to this many (-1) so their number never recompiles
@@ -186,39 +187,34 @@ class InferenceEngine:
         """Sharding of an array whose first axis is the batch rows (replicated if rows don't divide)."""
         if self.mesh is None:
             return None
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
         from manager_jax.sharding import BATCH_AXES
 
         axes = tuple(a for a in BATCH_AXES if self.mesh.shape.get(a, 1) > 1)
         size = math.prod(self.mesh.shape[a] for a in axes) if axes else 1
         first = axes if axes and rows % size == 0 else None
-        return NamedSharding(self.mesh, P(first, *([None] * (ndim - 1))))
+        return NamedSharding(self.mesh, PartitionSpec(first, *([None] * (ndim - 1))))
 
     def _cache_spec(self, rows: int):
         if self.mesh is None:
             return None
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
+        # [L, B, S, KV, d]: rows over the data axes, KV heads over tensor (as the k/v projections).
         batch = self._batch_spec(5, rows).spec[0]
         tensor = self.mesh.shape.get("tensor", 1)
         kv = "tensor" if tensor > 1 and self.cfg.text.num_kv_heads % tensor == 0 else None
-        return NamedSharding(self.mesh, P(None, batch, None, kv, None))
+        return NamedSharding(self.mesh, PartitionSpec(None, batch, None, kv, None))
 
-    def _put(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, jax.Array]:
+    def _put(self, inputs: dict, rows: int) -> dict[str, jax.Array]:
+        """Host (or device) arrays -> device arrays; per-row fields are split over the data axes."""
         out = {}
         for name, value in inputs.items():
-            value = np.asarray(value)
+            if not isinstance(value, jax.Array):
+                value = np.asarray(value)
             spec = self._batch_spec(value.ndim, rows) if name in ROW_FIELDS else self._replicated()
             out[name] = jax.device_put(value, spec) if spec is not None else jnp.asarray(value)
         return out
 
     def _replicated(self):
-        if self.mesh is None:
-            return None
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        return NamedSharding(self.mesh, P())
+        return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
 
     # ---- batch building -------------------------------------------------------------------
     def image_mode(self, n_images: int) -> str:
@@ -247,7 +243,8 @@ class InferenceEngine:
             )
             pixels.append(px)
             plans.append(plan)
-        px = np.concatenate(pixels) if pixels else np.zeros((0, 384, 384, 3), np.float32)
+        side = self.cfg.vision.image_size
+        px = np.concatenate(pixels) if pixels else np.zeros((0, side, side, 3), np.float32)
         labels = np.full(ids.shape, IGNORE_INDEX, np.int32)
         sample = ProcessedSample(name, ids, labels, px, plans)
         if sample.expanded_length > self.max_length:
@@ -324,33 +321,39 @@ class InferenceEngine:
         prompt_slots = kv_seg.shape[1] - new_slots
         eos, pad = controls["eos"], controls["pad"]
 
-        def pick(logits, key):
+        def pick(logits, seen, key):
             logits = limit_vocab(logits, controls["vocab_limit"])
+            logits = apply_repetition_penalty(logits, seen, controls["repetition_penalty"])
             return select_tokens(logits, key, greedy=greedy, temperature=controls["temperature"],
                                  top_k=controls["top_k"], top_p=controls["top_p"])
 
         def is_eos(tok):
             return (tok[:, None] == eos[None, :]).any(-1)
 
+        def mark(seen, tok):  # ids produced so far, for the repetition penalty
+            return seen.at[jnp.arange(rows), tok].set(True)
+
         key, sub = jax.random.split(key)
-        first = pick(first_logits, sub)
+        seen = jnp.zeros(first_logits.shape, bool)
+        first = pick(first_logits, seen, sub)
         out = jnp.full((rows, new_slots), pad, jnp.int32).at[:, 0].set(first)
-        state0 = (jnp.int32(1), first, out, is_eos(first), jnp.ones((rows,), jnp.int32), cache, key)
+        state0 = (jnp.int32(1), first, out, is_eos(first), jnp.ones((rows,), jnp.int32), cache, key,
+                  mark(seen, first))
 
         def cond(carry):
-            i, _, _, done, _, _, _ = carry
+            i, done = carry[0], carry[3]
             return (i < controls["max_new"]) & ~jnp.all(done)
 
         def body(carry):
-            i, tok, out, done, count, cache, key = carry
+            i, tok, out, done, count, cache, key, seen = carry
             logits, cache = self._step(model, tok, next_pos + i - 1, prompt_slots + i - 1, cache, kv_seg)
             key, sub = jax.random.split(key)
-            new = jnp.where(done, pad, pick(logits, sub))
+            new = jnp.where(done, pad, pick(logits, seen, sub))
             out = jax.lax.dynamic_update_slice(out, new[:, None], (jnp.int32(0), i))
             count = count + (~done).astype(jnp.int32)
-            return i + 1, new, out, done | is_eos(new), count, cache, key
+            return i + 1, new, out, done | is_eos(new), count, cache, key, mark(seen, new)
 
-        _, _, out, done, count, cache, _ = jax.lax.while_loop(cond, body, state0)
+        _, _, out, done, count, cache, _, _ = jax.lax.while_loop(cond, body, state0)
         # The cache is returned so that the donated input buffer is updated in place (aliased).
         return out, count, done, cache
 
@@ -413,6 +416,7 @@ class InferenceEngine:
         controls = {
             "max_new": np.int32(max_new), "temperature": np.float32(params.temperature),
             "top_k": np.int32(params.top_k), "top_p": np.float32(params.top_p), "eos": eos,
+            "repetition_penalty": np.float32(params.repetition_penalty),
             "pad": np.int32(self.pad_id),
             "vocab_limit": np.int32(self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size),
         }

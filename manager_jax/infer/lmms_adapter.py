@@ -14,6 +14,8 @@ Differences from the original, on purpose:
   the same as one by one). The original requires batch size 1.
 - `until` is ignored by default, as in the original (it pops it); `apply_until=True` cuts answers
   at the first stop string, as lmms-eval's API describes.
+- The checkpoint's generation_config.json repetition_penalty, if any, applies to the generated
+  ids only (the original passes the prompt as embeddings, so HF penalises only generated ids).
 - Videos and JSON-encoded multi-turn contexts are not supported (contexts are plain questions).
 
 lmms-eval itself is imported lazily: it is not a dependency (0.7.3 pulls torchvision, wandb,
@@ -34,7 +36,13 @@ from typing import Any
 from PIL import Image
 
 from manager_jax.infer.engine import InferenceEngine, InputError
-from manager_jax.infer.loading import default_vocab_limit, load_model, read_eos_ids
+from manager_jax.infer.loading import (
+    default_vocab_limit,
+    load_model,
+    mesh_from_spec,
+    read_eos_ids,
+    read_repetition_penalty,
+)
 from manager_jax.infer.requests import generation_prompt, score_request
 from manager_jax.infer.sampling import SamplingParams
 
@@ -71,6 +79,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
       vocab_limit: ids >= this are excluded (default: len(tokenizer) without <image>/<video>,
         as the original's `resize_token_embeddings(len(tokenizer))`; -1 = whole vocabulary).
       max_length: longest prompt + answer (default: the model's maximum).
+      mesh: shard over the local devices, e.g. "fsdp=-1" or "data=2,tensor=4" (default: one device).
       engine: an existing `InferenceEngine` (then `pretrained` is not loaded) with `tokenizer_obj`.
     """
 
@@ -83,6 +92,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         apply_until: bool | str = False,
         vocab_limit: int | str | None = None,
         max_length: int | str | None = None,
+        mesh: str | None = None,
         engine: InferenceEngine | None = None,
         tokenizer_obj: Any = None,
         **unused: Any,  # lmms-eval passes device etc.; JAX places the model itself
@@ -97,7 +107,8 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         if engine is None:
             if not pretrained:
                 raise ValueError("pass pretrained=<params directory> (or an engine)")
-            model = load_model(pretrained, dtype=dtype)
+            device_mesh = mesh_from_spec(mesh)
+            model = load_model(pretrained, dtype=dtype, mesh=device_mesh)
             vocab = model.cfg.text.vocab_size
             if vocab_limit is None:
                 limit = default_vocab_limit(self.tokenizer, vocab)
@@ -106,9 +117,11 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
             engine = InferenceEngine(
                 model, eos_ids=read_eos_ids(pretrained, self.tokenizer.eos_ids), pad_id=self.tokenizer.pad_id,
                 im_start_id=self.tokenizer.im_start_id, vocab_limit=limit,
-                max_length=int(max_length) if max_length is not None else None,
+                max_length=int(max_length) if max_length is not None else None, mesh=device_mesh,
             )
         self.engine = engine
+        # HF merges the checkpoint's generation_config into greedy generation too (SPEC §7.2 step 10).
+        self.repetition_penalty = read_repetition_penalty(pretrained) if pretrained else 1.0
         self.batch_size_per_gpu = max(int(batch_size), 1)
         self.apply_until = _as_bool(apply_until)
 
@@ -129,8 +142,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
                                  "(videos are not)")
         return list(visuals)
 
-    @staticmethod
-    def _sampling(gen_kwargs: dict) -> tuple[SamplingParams, list[str]]:
+    def _sampling(self, gen_kwargs: dict) -> tuple[SamplingParams, list[str]]:
         """lmms-eval generation kwargs -> sampling params and stop strings (SPEC §7.2 step 5)."""
         kwargs = dict(gen_kwargs or {})
         until = kwargs.pop("until", None)
@@ -142,6 +154,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
             temperature=temperature,
             top_p=float(kwargs.get("top_p") or 1.0) if do_sample else 1.0,
             top_k=int(kwargs.get("top_k") or 0) if do_sample else 0,
+            repetition_penalty=float(kwargs.get("repetition_penalty") or self.repetition_penalty),
         )
         return params, until
 

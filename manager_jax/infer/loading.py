@@ -72,25 +72,38 @@ def model_from_params(cfg: ModelConfig, params: Mapping, *, dtype: str | None = 
     return nnx.merge(graphdef, state)
 
 
-def load_model(checkpoint: str, *, dtype: str | None = None) -> LlavaOV:
-    """The model of a checkpoint directory (our Orbax / converted format, via `params_io`)."""
+def load_model(checkpoint: str, *, dtype: str | None = None, mesh=None) -> LlavaOV:
+    """The model of a checkpoint directory (our params directory or a training checkpoint).
+
+    dtype: compute and parameter dtype (default: the checkpoint config's); arrays are cast while
+    they are restored. mesh: restore every parameter directly into its shard on this mesh (the
+    rules of `manager_jax.sharding`), so a model larger than one device never lands on one device.
+    """
     if not checkpoint or not os.path.exists(checkpoint):
         raise CheckpointError(f"checkpoint not found: {checkpoint!r} (expected a directory written by "
                               "`python -m tools.convert_weights` or by training)")
     if not os.path.isdir(checkpoint):
         raise CheckpointError(f"checkpoint {checkpoint!r} is a file; pass the checkpoint directory")
-    try:
-        from manager_jax.params_io import load_params
-    except ImportError as e:  # pragma: no cover - params_io is part of the package
-        raise CheckpointError(f"cannot load checkpoints: manager_jax.params_io is unavailable ({e})") from e
-    from manager_jax.params_io import ParamsError
+    from manager_jax import params_io
 
     try:
-        cfg, params = load_params(checkpoint)
-    except (FileNotFoundError, ParamsError) as e:
+        cfg = params_io.load_config(checkpoint)
+        if dtype is not None:
+            cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+        target = None
+        if mesh is not None:
+            from manager_jax.sharding import tree_shardings
+
+            abstract = params_io.abstract_params(cfg)
+            target = jax.tree_util.tree_map(
+                lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                abstract, tree_shardings(abstract, mesh),
+            )
+        _, params = params_io.load_params(checkpoint, target=target, dtype=cfg.param_dtype)
+    except (FileNotFoundError, params_io.ParamsError) as e:
         raise CheckpointError(f"cannot read checkpoint {checkpoint!r}: {e}") from e
     try:
-        return model_from_params(cfg, params, dtype=dtype)
+        return model_from_params(cfg, params)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {checkpoint!r}: {e}") from e
 
@@ -107,16 +120,28 @@ def load_image(path: str) -> Image.Image:
         raise ImageLoadError(f"cannot read image {path!r}: {e}") from e
 
 
-def read_eos_ids(checkpoint: str | None, fallback: Sequence[int]) -> list[int]:
-    """eos ids of the checkpoint's generation_config.json (SPEC §7.2 step 9), else `fallback`."""
+def read_generation_config(checkpoint: str | None) -> dict:
+    """The checkpoint's generation_config.json (written by the converter next to the params), or {}."""
     if checkpoint:
         path = os.path.join(checkpoint, "generation_config.json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
-                eos = json.load(f).get("eos_token_id")
-            if eos is not None:
-                return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+                return json.load(f)
+    return {}
+
+
+def read_eos_ids(checkpoint: str | None, fallback: Sequence[int]) -> list[int]:
+    """eos ids of the checkpoint's generation_config.json (SPEC §7.2 step 9), else `fallback`."""
+    eos = read_generation_config(checkpoint).get("eos_token_id")
+    if eos is not None:
+        return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
     return [int(e) for e in fallback]
+
+
+def read_repetition_penalty(checkpoint: str | None) -> float:
+    """generation_config.json's repetition_penalty (1.0 when absent). HF applies it in greedy mode
+    too, so the original evaluation used it whenever the checkpoint had one (SPEC §7.2 step 10)."""
+    return float(read_generation_config(checkpoint).get("repetition_penalty") or 1.0)
 
 
 def default_vocab_limit(tokenizer, model_vocab: int) -> int:
@@ -132,6 +157,30 @@ def default_vocab_limit(tokenizer, model_vocab: int) -> int:
     return min(limit, int(model_vocab))
 
 
-def device_summary() -> str:
-    devices = jax.devices()
-    return f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})"
+class MeshSpecError(ValueError):
+    """A --mesh / mesh= value that does not describe a mesh over the available devices."""
+
+
+def mesh_from_spec(spec: str | None):
+    """'data=2,tensor=4' -> a Mesh over all devices (`manager_jax.sharding`); None / '' -> None.
+
+    Unnamed axes have size 1, except fsdp, which takes the remaining devices unless an axis is -1.
+    """
+    if not spec:
+        return None
+    from manager_jax.sharding import MeshConfig, make_mesh
+
+    sizes = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in ("data", "fsdp", "tensor") or not value.strip().lstrip("-").isdigit():
+            raise MeshSpecError(f"bad mesh entry {part!r}: expected data=N, fsdp=N or tensor=N (N may be -1)")
+        sizes[name] = int(value)
+    full = {"data": 1, "fsdp": 1, "tensor": 1, **sizes}
+    if -1 not in full.values() and "fsdp" not in sizes:
+        full["fsdp"] = -1
+    try:
+        return make_mesh(MeshConfig(**full))
+    except ValueError as e:
+        raise MeshSpecError(f"mesh {spec!r}: {e}") from e

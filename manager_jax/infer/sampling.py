@@ -1,8 +1,9 @@
 """Next-token selection: greedy, or sampling with temperature / top-k / top-p (HF semantics).
 
-The order of the HF logits warpers is kept: temperature, then top-k, then top-p, then a
-categorical draw. Every knob is a traced value, so changing it never recompiles; only the choice
-greedy vs sampling is static (greedy skips the vocabulary sort).
+The order of HF generation is kept: the repetition penalty (a logits processor, applied in greedy
+mode too), then the warpers temperature, top-k, top-p, then a categorical draw. Every knob is a
+traced value, so changing it never recompiles; only the choice greedy vs sampling is static
+(greedy skips the vocabulary sort).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ class SamplingParams:
 
     top_k: keep the k most likely tokens (0 = off). top_p: keep the smallest set of tokens whose
     probability mass reaches top_p (1.0 = off). seed: the sampling RNG seed. eos_ids: stop ids
-    overriding the engine's.
+    overriding the engine's. repetition_penalty: HF's penalty (1.0 = off) on the ids generated so
+    far; the prompt is not penalised, as in the original evaluation, where the prompt reaches
+    `generate` as embeddings (SPEC §7.2 step 10).
     """
 
     max_new_tokens: int = 128
@@ -30,6 +33,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int = 0
     eos_ids: tuple[int, ...] | None = None  # None: the engine's (the checkpoint's eos ids)
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -40,6 +44,8 @@ class SamplingParams:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
@@ -53,6 +59,13 @@ def limit_vocab(logits: jax.Array, vocab_limit: jax.Array | int | None) -> jax.A
         return logits
     ids = jnp.arange(logits.shape[-1])
     return jnp.where(ids < vocab_limit, logits, NEG_INF)
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array | float) -> jax.Array:
+    """HF RepetitionPenaltyLogitsProcessor: for ids already produced (`seen` [B, V] bool), negative
+    logits are multiplied and positive ones divided by `penalty`."""
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalized, logits)
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
