@@ -105,23 +105,18 @@ def test_buckets():
     assert [rows_bucket(n) for n in (1, 3, 4, 5, 9)] == [1, 3, 4, 8, 16]
 
 
-def test_prepare_left_pads_rows_and_image_destinations(manager_engine):
+def test_prepare_buckets_and_cache_segments(manager_engine):
     _, engine = manager_engine
     prompts = mixed_prompts()
     prepared = engine.prepare(prompts)
-    inputs = prepared.inputs
-    rows, seq = inputs["input_ids"].shape
-    assert seq == length_bucket(max(prepared.lengths))
-    for r, prompt in enumerate(prompts):
-        ids, image_slots = expanded_ids(engine, prompt)
-        pad = seq - len(ids)
-        np.testing.assert_array_equal(inputs["segment_ids"][r], [0] * pad + [1] * len(ids))
-        np.testing.assert_array_equal(inputs["positions"][r, pad:], np.arange(len(ids)))
-        text = np.ones(len(ids), bool)
-        text[image_slots] = False
-        np.testing.assert_array_equal(inputs["input_ids"][r, pad:][text], ids[text])
-        dst = inputs["plan_dst"][(inputs["plan_dst"] // seq == r) & (inputs["plan_dst"] < rows * seq)]
-        np.testing.assert_array_equal(np.sort(dst), r * seq + pad + np.asarray(image_slots, int))
+    lengths = [len(expanded_ids(engine, p)[0]) for p in prompts]
+    np.testing.assert_array_equal(prepared.lengths, lengths)
+    slots = prepared.prompt_slots
+    assert slots == length_bucket(max(lengths)) and prepared.inputs["input_ids"].shape == (2, slots)
+    # The cache is left-padded: prompt b occupies slots P - n_b .. P - 1, answers follow for all rows.
+    kv_seg = engine.kv_segments(prepared, 4)
+    for row, n in zip(kv_seg, lengths):
+        np.testing.assert_array_equal(row, [0] * (slots - n) + [1] * (n + 4))
 
 
 def test_cached_decoding_matches_full_forward(manager_engine):

@@ -190,11 +190,12 @@ def test_static_manager_greedy_matches_torch_reference(static_manager):
     check_manager_generation(*static_manager)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("manager_type", [
-    "adaptive_cross_zerouni",  # reads the extra query (query_mask, shifted by the left padding)
-    pytest.param("adaptive_zerouni", marks=pytest.mark.slow),
-    pytest.param("adaptive_last_zerouni", marks=pytest.mark.slow),
-    pytest.param("adaptive_average_zerouni", marks=pytest.mark.slow),
+    "adaptive_cross_zerouni",  # cross, last and average read the extra query (query_mask)
+    "adaptive_zerouni",
+    "adaptive_last_zerouni",
+    "adaptive_average_zerouni",
 ])
 def test_adaptive_manager_greedy_matches_torch_reference(manager_type):
     check_manager_generation(*manager_setup(manager_type))

@@ -1,9 +1,16 @@
 """Inference: prefill with Manager injection, then KV-cache decoding in one compiled loop; scoring.
 
-Layout of a generation batch (HF generation's): prompts are **left**-padded so that they all end at
-slot P-1 of the cache; padding has segment id 0, RoPE positions are cumsum(mask) - 1 (0..n-1 on the
-real tokens), and token i of the answer sits at slot P + i with position n + i. The attention mask
-is by physical slot and segment id (`models/attention.py`), so a padded slot is never attended.
+Layout of the KV cache (HF generation's left padding): every prompt ends at slot P-1, so all rows
+write answer token i at the same slot P + i, with RoPE position n + i (positions are
+cumsum(mask) - 1: 0..n-1 on the prompt's n real tokens). Padding slots have segment id 0; the
+attention mask is by physical slot and segment id (`models/attention.py`), so they are never
+attended.
+
+The prefill itself runs on right-padded rows (the batch layout of `assemble_batch`): for the real
+tokens that mask is exactly causal, so on GPU it takes the flash-attention path without an explicit
+[B, P, P] mask even when the prompts differ in length. Its keys and values are then moved right by
+P - n per row (one gather), which gives the left-padded cache above; RoPE is already applied to
+the keys, so moving them changes nothing but their slot.
 
 Shapes are bucketed (prompt length, number of new tokens, rows, crops, image tokens) so that a few
 compiled programs serve every request: the prefill compiles once per (rows, prompt bucket, cache
@@ -36,7 +43,7 @@ from manager_jax.models.llava_ov import LlavaOV
 MAX_EOS_IDS = 8  # eos ids are padded to this many (-1) so their number never recompiles
 # Arrays whose first axis is the batch row (sharded over the data axes on a mesh).
 ROW_FIELDS = frozenset({"input_ids", "positions", "segment_ids", "labels", "query_mask", "kv_seg", "next_pos",
-                        "pred_pos", "targets", "valid"})
+                        "lengths", "pred_pos", "targets", "valid"})
 
 
 class InputError(ValueError):
@@ -83,7 +90,7 @@ class ScoreResult:
 
 @dataclass
 class PreparedBatch:
-    """Numpy model inputs (left-padded unless built for scoring) and per-row bookkeeping."""
+    """Numpy model inputs (right-padded rows, `assemble_batch`) and per-row bookkeeping."""
 
     inputs: dict[str, np.ndarray]
     lengths: np.ndarray  # [rows] expanded prompt lengths (0 for filler rows)
@@ -267,7 +274,7 @@ class InferenceEngine:
         )
 
     def prepare(self, prompts: Sequence[Prompt]) -> PreparedBatch:
-        """Prompts -> a left-padded, bucketed batch (numpy)."""
+        """Prompts -> a right-padded, bucketed batch (numpy)."""
         if not prompts:
             raise InputError("no prompts given")
         samples = [self.process(p.ids, p.images, str(i)) for i, p in enumerate(prompts)]
@@ -275,7 +282,7 @@ class InferenceEngine:
         lengths[: len(samples)] = [s.expanded_length for s in samples]
         seq_len = length_bucket(int(lengths.max()), self.min_prompt_bucket)
         batch = self._assemble(samples, seq_len, len(lengths))
-        return PreparedBatch(left_pad(batch.to_model_inputs(), lengths), lengths, len(samples), samples)
+        return PreparedBatch(batch.to_model_inputs(), lengths, len(samples), samples)
 
     # ---- compiled pieces ------------------------------------------------------------------
     def _empty_cache(self, rows: int, cache_len: int):
@@ -288,11 +295,11 @@ class InferenceEngine:
             k, v = jax.lax.with_sharding_constraint(k, spec), jax.lax.with_sharding_constraint(v, spec)
         return k, v
 
-    def _prefill_fn(self, state, inputs, *, cache_len: int, plain_causal: bool = False):
+    def _prefill_fn(self, state, inputs, lengths, *, cache_len: int, plain_causal: bool = False):
         model = nnx.merge(self.graphdef, state)
         h, mtok = model.embed(inputs)
         seg = inputs["segment_ids"]
-        rows = seg.shape[0]
+        rows, slots = seg.shape
         ctx = model.text.context(inputs["positions"], seg, kv_seg=seg, cache_index=jnp.int32(0),
                                  plain_causal=plain_causal)
         layers = tuple(self.cfg.injection_layers())
@@ -301,7 +308,16 @@ class InferenceEngine:
             inject = lambda j, x: model.manager.inject(j, x, mtok, None)
         hidden, cache = model.text(h, ctx, injection_layers=layers, inject=inject,
                                    cache=self._empty_cache(rows, cache_len))
-        return model.logits(hidden[:, -1]), cache
+        last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+        # Right-padded prefill -> left-padded cache: slot s of row b takes slot s - (P - n_b).
+        slot = jnp.arange(cache_len)[None, :]
+        source = jnp.where(slot < slots, (slot - (slots - lengths)[:, None]) % slots, slot)  # [B, cache_len]
+        index = source[None, :, :, None, None]
+        cache = tuple(jnp.take_along_axis(c, index, axis=2) for c in cache)
+        spec = self._cache_spec(rows)
+        if spec is not None:
+            cache = tuple(jax.lax.with_sharding_constraint(c, spec) for c in cache)
+        return model.logits(last), cache
 
     def _step(self, model, tokens, positions, slot, cache, kv_seg):
         h = model.text.embed(tokens[:, None])
@@ -369,16 +385,18 @@ class InferenceEngine:
 
     # ---- public API -----------------------------------------------------------------------
     def prefill(self, prepared: PreparedBatch, cache_len: int | None = None):
-        """(logits of the last prompt slot [rows, V] fp32, KV cache (k, v) [L, rows, cache_len, KV, d])."""
+        """(logits after each prompt's last token [rows, V] fp32, left-padded KV cache (k, v)
+        [L, rows, cache_len, KV, d]: row b's prompt in slots P - n_b .. P - 1)."""
         cache_len = cache_len or prepared.prompt_slots
         if cache_len < prepared.prompt_slots:
             raise ValueError(f"cache_len {cache_len} < prompt slots {prepared.prompt_slots}")
         rows = len(prepared.lengths)
-        # Rows without padding keep plain causal attention (flash kernels on GPU); CPU keeps the
-        # explicit mask, which the XLA path needs.
-        plain = bool((prepared.lengths == prepared.prompt_slots).all()) and jax.default_backend() == "gpu"
-        return self._prefill_jit(self.state, self._put(prepared.inputs, rows), cache_len=cache_len,
-                                 plain_causal=plain)
+        # Right-padded rows are exactly causal for their real tokens: flash kernels on GPU. On other
+        # backends the explicit mask is kept (the XLA path needs it).
+        plain = jax.default_backend() == "gpu"
+        arrays = self._put(dict(prepared.inputs, lengths=prepared.lengths), rows)
+        lengths = arrays.pop("lengths")
+        return self._prefill_jit(self.state, arrays, lengths, cache_len=cache_len, plain_causal=plain)
 
     def decode_step(self, tokens, positions, slot: int, cache, kv_seg):
         """One cached step: tokens [rows] at RoPE `positions` [rows] written to cache `slot`.
@@ -390,9 +408,10 @@ class InferenceEngine:
                               slot, cache, jnp.asarray(kv_seg, jnp.int32))
 
     def kv_segments(self, prepared: PreparedBatch, new_slots: int) -> np.ndarray:
-        """Segment ids of every cache slot: the prompt's, then 1 for the answer slots."""
-        seg = prepared.inputs["segment_ids"]
-        return np.concatenate([seg, np.ones((seg.shape[0], new_slots), seg.dtype)], axis=1)
+        """Segment ids of every slot of the (left-padded) cache: 0 before each prompt, then 1."""
+        slots = prepared.prompt_slots
+        first = slots - prepared.lengths[:, None]
+        return (np.arange(slots + new_slots)[None, :] >= first).astype(np.int32)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams = SamplingParams()) -> list[Generation]:
         """Answers for `prompts` (one batch; rows and lengths bucketed)."""
@@ -469,22 +488,3 @@ class InferenceEngine:
                                           np.int32(limit))
         logprob, greedy = np.asarray(logprob), np.asarray(greedy)
         return [ScoreResult(float(logprob[r]), len(spans[r][1]), bool(greedy[r])) for r in range(len(requests))]
-
-
-def left_pad(inputs: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, np.ndarray]:
-    """A right-padded batch (assemble_batch, one sample per row) -> left-padded: each row ends at S-1.
-
-    Row r moves right by S - lengths[r]; the plan's flat destinations move with it.
-    """
-    out = dict(inputs)
-    rows, seq = inputs["input_ids"].shape
-    shift = (seq - np.asarray(lengths, np.int64)).astype(np.int64)
-    source = (np.arange(seq)[None, :] - shift[:, None]) % seq  # new[r, s] = old[r, s - shift[r]]
-    for name in ("input_ids", "positions", "segment_ids", "labels", "query_mask"):
-        if name in inputs:
-            out[name] = np.take_along_axis(inputs[name], source, axis=1)
-    dst = inputs["plan_dst"].astype(np.int64)
-    real = dst < rows * seq
-    row = np.where(real, dst // seq, 0)
-    out["plan_dst"] = np.where(real, dst + shift[row], dst).astype(inputs["plan_dst"].dtype)
-    return out
