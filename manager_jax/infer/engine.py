@@ -177,7 +177,7 @@ class InferenceEngine:
         self._step_jit = jax.jit(self._decode_step_fn, donate_argnames=("cache",))
         self._decode_jit = jax.jit(self._decode_loop_fn, static_argnames=("greedy", "new_slots"),
                                    donate_argnames=("cache",))
-        self._score_jit = jax.jit(self._score_fn)
+        self._score_jit = jax.jit(self._score_fn, static_argnames=("plain_causal",))
 
     # ---- placement ------------------------------------------------------------------------
     def _place_params(self, state):
@@ -373,9 +373,9 @@ class InferenceEngine:
         # The cache is returned so that the donated input buffer is updated in place (aliased).
         return out, count, done, cache
 
-    def _score_fn(self, state, inputs, pred_pos, targets, valid, vocab_limit):
+    def _score_fn(self, state, inputs, pred_pos, targets, valid, vocab_limit, *, plain_causal: bool = False):
         model = nnx.merge(self.graphdef, state)
-        hidden = model.hidden_states(inputs)
+        hidden = model.hidden_states(inputs, plain_causal=plain_causal)
         h = jnp.take_along_axis(hidden, pred_pos[..., None], axis=1)  # only the scored positions
         logits = limit_vocab(model.logits(h), vocab_limit)
         logp = jax.nn.log_softmax(logits, axis=-1)
@@ -419,6 +419,8 @@ class InferenceEngine:
         return self.generate_prepared(prepared, params)
 
     def generate_prepared(self, prepared: PreparedBatch, params: SamplingParams) -> list[Generation]:
+        """Prefill, then the compiled decode loop, for a batch from `prepare` (max_new_tokens is cut
+        to the room left below max_length)."""
         room = self.max_length - int(prepared.lengths.max())
         if room < 1:
             raise PromptTooLongError(f"a prompt fills the model maximum of {self.max_length} tokens; "
@@ -484,7 +486,8 @@ class InferenceEngine:
         limit = self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size
         inputs = self._put(batch.to_model_inputs(), rows)
         extra = self._put({"pred_pos": pred_pos, "targets": tgt, "valid": valid}, rows)
+        # One right-padded sample per row: exactly causal, so flash attention on GPU (as in prefill).
         logprob, greedy = self._score_jit(self.state, inputs, extra["pred_pos"], extra["targets"], extra["valid"],
-                                          np.int32(limit))
+                                          np.int32(limit), plain_causal=jax.default_backend() == "gpu")
         logprob, greedy = np.asarray(logprob), np.asarray(greedy)
         return [ScoreResult(float(logprob[r]), len(spans[r][1]), bool(greedy[r])) for r in range(len(requests))]
