@@ -3,8 +3,8 @@
   python run.py generate --checkpoint DIR [--tokenizer DIR] --image PATH [--image PATH ...] \\
       --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--json]
   python run.py generate --checkpoint DIR --prompts FILE.jsonl [--batch-size N] [--json]
-  python run.py score --checkpoint DIR [--tokenizer DIR] --image PATH --prompt TEXT \\
-      --continuation TEXT --json
+  python run.py score --checkpoint DIR [--tokenizer DIR] [--image PATH ...] --prompt TEXT \\
+      --continuation TEXT [--json]
 
 Prompts are wrapped in the qwen_1_5 evaluation template (SPEC §4); several images per prompt use
 pad mode (SPEC §7.2). In a JSONL file each line is {"prompt": str, "images": [path, ...]}; relative
@@ -27,9 +27,9 @@ from manager_jax.infer.engine import InferenceEngine, InputError
 from manager_jax.infer.loading import (
     CheckpointError,
     ImageLoadError,
+    MeshSpecError,
     default_vocab_limit,
     load_image,
-    MeshSpecError,
     load_model,
     mesh_from_spec,
     read_eos_ids,
@@ -145,26 +145,36 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         p.error(str(e))
     try:
         items = [(args.prompt, args.image)] if args.prompt is not None else _read_jsonl(args.prompts)
-        # Fail on a bad image before the (slow) model load.
-        loaded = [(text, [load_image(path) for path in paths]) for text, paths in items]
+        if args.prompt is not None:  # fail on a bad image before the (slow) model load
+            for path in args.image:
+                load_image(path)
+        missing = [path for _, paths in items for path in paths if not os.path.isfile(path)]
+        if missing:
+            raise ImageLoadError(f"image not found: {missing[0]!r}" + (f" (and {len(missing) - 1} more)"
+                                                                       if len(missing) > 1 else ""))
         engine, tokenizer = build_engine(args)
-        prompts = [generation_prompt(text, images, tokenizer) for text, images in loaded]
-        results = []
-        for start in range(0, len(prompts), args.batch_size):
-            results.extend(engine.generate(prompts[start : start + args.batch_size], params))
+        index = 0
+        for start in range(0, len(items), args.batch_size):  # images are decoded batch by batch
+            chunk = items[start : start + args.batch_size]
+            prompts = [generation_prompt(text, [load_image(p) for p in paths], tokenizer) for text, paths in chunk]
+            for gen in engine.generate(prompts, params):
+                _print_generation(gen, tokenizer, index, args.json, single=len(items) == 1)
+                index += 1
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for index, gen in enumerate(results):
-        text = tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
-        if args.json:
-            print(json.dumps({"text": text, "token_ids": gen.token_ids, "finish_reason": gen.finish_reason},
-                             ensure_ascii=False))
-        elif len(results) == 1:
-            print(text)
-        else:
-            print(f"### {index}\n{text}")
     return 0
+
+
+def _print_generation(gen, tokenizer, index: int, as_json: bool, single: bool) -> None:
+    text = tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
+    if as_json:
+        print(json.dumps({"text": text, "token_ids": gen.token_ids, "finish_reason": gen.finish_reason},
+                         ensure_ascii=False), flush=True)
+    elif single:
+        print(text)
+    else:
+        print(f"### {index}\n{text}", flush=True)
 
 
 def score_main(argv: Sequence[str] | None = None) -> int:

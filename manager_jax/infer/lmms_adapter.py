@@ -30,6 +30,7 @@ with any object that has them (the tests use a stand-in `Instance`).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,7 +73,8 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
 
     Args (lmms-eval `--model_args`, strings accepted):
       pretrained: our params directory (or training checkpoint).
-      tokenizer: local HF tokenizer directory (default: the offline Qwen2 tokenizer).
+      tokenizer: local HF tokenizer directory (default: the checkpoint's tokenizer/ if present, else
+        the offline Qwen2 tokenizer).
       dtype: compute dtype ("float16" as the original evaluation; "float32" / "bfloat16").
       batch_size: requests per generation batch.
       apply_until: cut answers at lmms-eval's `until` strings (the original ignores them).
@@ -103,6 +105,8 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
             self.task_dict: dict = {}
         from manager_jax.data.tokenizer import load_tokenizer
 
+        if tokenizer is None and pretrained and os.path.isdir(os.path.join(pretrained, "tokenizer")):
+            tokenizer = os.path.join(pretrained, "tokenizer")  # the converter bundles the checkpoint's
         self.tokenizer = tokenizer_obj if tokenizer_obj is not None else load_tokenizer(tokenizer)
         if engine is None:
             if not pretrained:
