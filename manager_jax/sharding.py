@@ -36,11 +36,16 @@ class ShardingError(ValueError):
 
 @dataclasses.dataclass
 class MeshConfig:
-    """Sizes of the mesh axes; one axis may be -1 (= all remaining devices)."""
+    """Sizes of the mesh axes; one axis may be -1 (= all remaining devices).
+
+    `num_devices` = -1 uses every device of every process; N uses the first N (a one-device run on
+    a multi-device host, tests).
+    """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    num_devices: int = -1
 
     def shape(self, num_devices: int) -> dict[str, int]:
         """Axis sizes with -1 resolved; raises ShardingError when they do not multiply to num_devices."""
@@ -69,6 +74,10 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     innermost axis (tensor) gets the fastest links.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if config.num_devices != -1:
+        if not 1 <= config.num_devices <= len(devices):
+            raise ShardingError(f"mesh.num_devices={config.num_devices} but {len(devices)} devices exist")
+        devices = devices[: config.num_devices]
     sizes = config.shape(len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:

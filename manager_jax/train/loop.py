@@ -249,9 +249,11 @@ def train(
 ) -> TrainResult:
     """Runs (or resumes) training until `config.num_steps`, SIGTERM, or `stop_at_step`.
 
-    `on_step(step, metrics)` is called after every step (tests, custom monitoring).
+    `stop_at_step` defaults to `config.stop_at_step`. `on_step(step, metrics)` is called after
+    every step (tests, custom monitoring).
     """
     primary = jax.process_index() == 0
+    stop_at_step = config.stop_at_step if stop_at_step is None else stop_at_step
     if config.synthetic_records:
         _prepare_synthetic_data(config)
     mesh = make_mesh(config.mesh)

@@ -101,6 +101,7 @@ class TrainConfig:
     loss_token_budget: int = 0  # supervised positions per shard batch through the LM head (0 = all)
     loss_chunk_size: int = 0
     max_nonfinite_steps: int = 5  # abort after this many non-finite steps in a row
+    stop_at_step: int | None = None  # save and stop once this step is done (like SIGTERM); resume later
     peak_tflops_per_device: float | None = None  # MFU denominator; None = by device kind
     # Generate a synthetic data set into <output_dir>/data at start (the demo); None = use `data`.
     synthetic_records: int | None = None

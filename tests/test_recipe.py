@@ -1,0 +1,102 @@
+"""Recipe files, `--set` overrides and the table of original recipes (SPEC §2.8)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from manager_jax.config import ANYRES_MAX_9_PINPOINTS, STAGE_1_5_PINPOINTS
+from manager_jax.train.recipe import RecipeError, TrainConfig, load_recipe, resolve_batch_layout
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo.py")
+LLAVA_OV = os.path.join(REPO, "configs", "llava_ov.py")
+
+
+def test_demo_recipe_and_overrides():
+    cfg = load_recipe(DEMO, ["output_dir=/tmp/x", "optim.lr=3e-4", "model.text.num_layers=2", "data.seq_len=900",
+                             "logging.wandb=true", "init_from=None", "synthetic_image_sizes=[(64, 48)]"])
+    assert cfg.output_dir == "/tmp/x" and cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.text.num_layers == 2 and cfg.data.seq_len == 900 and cfg.logging.wandb is True
+    assert cfg.init_from is None and cfg.synthetic_image_sizes == [(64, 48)]
+    assert cfg.checkpoint_dir() == os.path.join("/tmp/x", "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "has no field 'lrr'"),
+        ("optim=3", "is a section"),
+        ("num_steps=abc", "expected"),
+        ("model.text.num_heads=5", "multiple of"),  # re-validated by ModelConfig
+        ("tunable_parts=mm_everything", "unknown mm_tunable_parts"),
+        ("data.seq_len=0", "seq_len must be >= 1"),
+        ("no_equals_sign", "key=value"),
+    ],
+)
+def test_bad_overrides_fail_with_clear_messages(override, message):
+    with pytest.raises((RecipeError, ValueError), match=message):
+        load_recipe(DEMO, [override])
+
+
+def test_saved_config_round_trips():
+    cfg = load_recipe(LLAVA_OV + ":stage2_grid_manager_7b", ["optim.per_group_lr=False"])
+    again = TrainConfig.from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+    assert again.model.image.grid_pinpoints == cfg.model.image.grid_pinpoints
+
+
+def test_recipe_selector_forms_agree():
+    by_suffix = load_recipe(LLAVA_OV + ":stage1.5_manager_72b")
+    by_set = load_recipe(LLAVA_OV, ["recipe=stage1.5_manager_72b"])
+    assert by_suffix.to_dict() == by_set.to_dict()
+    with pytest.raises(RecipeError, match="unknown recipe"):
+        load_recipe(LLAVA_OV, ["recipe=stage3_manager_0.5b"])
+
+
+# The scripts of SPEC §2.8, written out: (template, image mode, merge type, tunable parts, lrs, max_len).
+STAGE_EXPECTED = {
+    "1": ("plain", "mm_mlp_adapter", {"language_model": 1e-3, "projector": 1e-3}),
+    "1.5": ("qwen_1_5", "mm_vision_tower,mm_mlp_adapter,mm_language_model",
+            {"language_model": 1e-5, "projector": 1e-5, "vision_tower": 2e-6}),
+    "2": ("qwen_1_5", "mm_vision_tower,mm_mlp_adapter,mm_language_model",
+          {"language_model": 1e-5, "projector": 1e-5, "vision_tower": 2e-6}),
+}
+
+
+@pytest.mark.parametrize("stage", ["1", "1.5", "2"])
+@pytest.mark.parametrize("variant", ["baseline", "manager", "grid", "grid_manager"])
+@pytest.mark.parametrize("size", ["0.5b", "7b", "72b"])
+def test_original_recipes(stage, variant, size):
+    cfg = load_recipe(f"{LLAVA_OV}:stage{stage}_{variant}_{size}")
+    template, tunable, lrs = STAGE_EXPECTED[stage]
+    manager = variant.endswith("manager")
+    grid = variant.startswith("grid") and stage != "1"
+    assert cfg.data.template == template
+    assert set(cfg.tunable_parts.split(",")) == set(tunable.split(",")) | ({"mm_manager"} if manager else set())
+    group_lrs = cfg.optim.group_lrs()
+    for group, lr in lrs.items():
+        assert group_lrs[group] == lr
+    if manager:
+        assert group_lrs["manager"] == (1e-3 if stage == "1" else 5e-5)
+        assert cfg.model.manager.type == "static_zerouni" and cfg.model.manager.grid_type == "all"
+        assert cfg.model.manager.select_layers == list(range(13, 26))
+    else:
+        assert cfg.model.manager.type is None
+    expected_mode = {"1.5": "anyres", "2": "anyres_max_9"}.get(stage) if grid else "square"
+    assert cfg.model.image.aspect_ratio == expected_mode
+    assert cfg.model.image.patch_merge_type == ("spatial_unpad" if grid else "flat")
+    if grid:
+        expected_pins = STAGE_1_5_PINPOINTS if stage == "1.5" else ANYRES_MAX_9_PINPOINTS
+        assert cfg.model.image.grid_pinpoints == expected_pins
+    # max_len 8192 (stage 1) / 16384; rows are padded to data.seq_len, never longer than max_len.
+    assert cfg.data.seq_len <= (8192 if stage == "1" else 16384)
+    assert cfg.optim.warmup_ratio == 0.03 and cfg.optim.weight_decay == 0.0 and cfg.optim.max_grad_norm == 1.0
+    assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.eps) == (0.9, 0.999, 1e-8)
+    assert cfg.model.text.hidden_size == {"0.5b": 896, "7b": 3584, "72b": 8192}[size]
+    # 512 samples per optimizer step (no packing: one sample per row) on any data-parallel size.
+    assert not cfg.data.pack
+    for dp in (8, 32) + ((256,) if cfg.data.rows_per_host <= 2 else ()):
+        shards, accum = resolve_batch_layout(cfg, dp)
+        assert shards * accum * cfg.data.rows_per_host == 512

@@ -1,0 +1,104 @@
+"""`run.py train` as users run it: the demo end to end, and two processes with jax.distributed.
+
+Both are slow (several fresh processes that each compile the step); run them with `-m slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from manager_jax.train.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 900
+
+
+def _env(devices: int, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    return env
+
+
+def _train_cmd(*overrides: str) -> list[str]:
+    cmd = [sys.executable, "run.py", "train", "--config", "configs/demo.py"]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+@pytest.mark.slow
+def test_demo_trains_then_generates(tmp_path):
+    out = subprocess.run(_train_cmd(f"output_dir={tmp_path}"), cwd=REPO, env=_env(1), capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    match = re.search(r"first loss ([\d.]+)\s+final loss ([\d.]+)", out.stdout)
+    assert match, out.stdout
+    first, final = map(float, match.groups())
+    print(f"demo: first loss {first:.4f}, final loss {final:.4f}")
+    assert final < first - 2.0  # clearly below the start
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "config.json").exists() and (ckpt / "40" / "params").is_dir()
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert any((tmp_path / "tensorboard").iterdir())
+    image = sorted((tmp_path / "data" / "images").iterdir())[0]
+    gen = subprocess.run(
+        [sys.executable, "run.py", "generate", "--checkpoint", str(ckpt), "--image", str(image),
+         "--prompt", "What colour is the shape?", "--max-new-tokens", "4", "--json"],
+        cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    result = json.loads(gen.stdout.strip().splitlines()[-1])
+    assert len(result["token_ids"]) >= 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+COMMON = (
+    "num_steps=4", "synthetic_records=40", "data.seq_len=832", "batch_shards=8", "mesh.fsdp=-1",
+    "checkpoint.every_steps=0", "logging.progress_bar=False", "logging.tensorboard=False",
+)
+
+
+def _two_processes(output_dir, *overrides: str) -> None:
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _train_cmd(f"output_dir={output_dir}", *COMMON, *overrides), cwd=REPO,
+            env=_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_with_resume_match_one_process(tmp_path):
+    # Two processes x 4 devices: steps 1-2, stop (checkpoint), then a new pair resumes for 3-4.
+    _two_processes(tmp_path / "mp", "stop_at_step=2")
+    assert [r["step"] for r in read_metrics(str(tmp_path / "mp" / "metrics.jsonl"))] == [1, 2]
+    _two_processes(tmp_path / "mp")
+    # One process with the same 8 devices and 8 data shards.
+    single = subprocess.run(_train_cmd(f"output_dir={tmp_path / 'sp'}", *COMMON), cwd=REPO, env=_env(8),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert single.returncode == 0, single.stderr[-3000:]
+    mp = read_metrics(str(tmp_path / "mp" / "metrics.jsonl"))
+    sp = read_metrics(str(tmp_path / "sp" / "metrics.jsonl"))
+    assert [r["step"] for r in mp] == [1, 2, 3, 4] == [r["step"] for r in sp]
+    for a, b in zip(mp, sp):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["samples"] == b["samples"] and a["supervised_tokens"] == b["supervised_tokens"]
