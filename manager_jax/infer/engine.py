@@ -419,16 +419,29 @@ class InferenceEngine:
         return self.generate_prepared(prepared, params)
 
     def generate_prepared(self, prepared: PreparedBatch, params: SamplingParams) -> list[Generation]:
-        """Prefill, then the compiled decode loop, for a batch from `prepare` (max_new_tokens is cut
-        to the room left below max_length)."""
+        """Prefill, then the compiled decode loop, for a batch from `prepare`."""
+        new_slots = self.new_slots(prepared, params)
+        first_logits, cache = self.prefill(prepared, prepared.prompt_slots + new_slots)
+        return self.decode(prepared, first_logits, cache, params)
+
+    def new_slots(self, prepared: PreparedBatch, params: SamplingParams) -> int:
+        """Cache slots reserved for the answers (max_new_tokens, cut to the room below max_length, bucketed)."""
+        return length_bucket(self._max_new(prepared, params), self.min_new_bucket)
+
+    def _max_new(self, prepared: PreparedBatch, params: SamplingParams) -> int:
         room = self.max_length - int(prepared.lengths.max())
         if room < 1:
             raise PromptTooLongError(f"a prompt fills the model maximum of {self.max_length} tokens; "
                                      "no room to generate")
-        max_new = min(params.max_new_tokens, room)
-        new_slots = length_bucket(max_new, self.min_new_bucket)
-        rows = len(prepared.lengths)
-        first_logits, cache = self.prefill(prepared, prepared.prompt_slots + new_slots)
+        return min(params.max_new_tokens, room)
+
+    def decode(self, prepared: PreparedBatch, first_logits, cache, params: SamplingParams) -> list[Generation]:
+        """The decode loop after `prefill(prepared, prompt_slots + new_slots(prepared, params))`
+        (the cache is donated)."""
+        max_new = self._max_new(prepared, params)
+        rows, new_slots = len(prepared.lengths), cache[0].shape[2] - prepared.prompt_slots
+        if new_slots < max_new:
+            raise ValueError(f"the cache has {new_slots} answer slots, {max_new} are needed")
         eos_ids = self.eos_ids if params.eos_ids is None else [int(e) for e in params.eos_ids]
         if len(eos_ids) > MAX_EOS_IDS:
             raise InputError(f"at most {MAX_EOS_IDS} eos ids are supported, got {eos_ids}")
