@@ -4,7 +4,7 @@
         [--text 64] [--new-tokens 128] [--dtype bfloat16]
     python benchmarks/generate.py --tiny          # CPU smoke check (tiny model, small workload)
 
-The workload of /work/shared/bench/ref_torch_llava_ov.py --what generate (run_ref_gpu_gen.sh):
+The workload of the shared PyTorch reference `bench/ref_torch_llava_ov.py --what generate` (run_ref_gpu_gen.sh):
 random weights, B prompts each of one HxW image through anyres_max_9 plus `--text` random text
 tokens (16 before the image, the rest after), greedy decoding of exactly `--new-tokens` tokens (no
 eos). prefill_s: the prefill (vision tower, Manager injections, prompt KV cache, first logits);
