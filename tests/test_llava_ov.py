@@ -91,3 +91,14 @@ def test_training_jitter(cfg):
     assert relative_error(j1, j2, case.valid) > 0
     # Row 1 is text-only: no Manager update, no jitter.
     np.testing.assert_array_equal(j1[1], plain[1])
+
+
+def test_plain_causal_flag_keeps_causal_attention_on_every_backend(cfg):
+    """`plain_causal=True` only selects a kernel; the result must equal the masked path."""
+    case = build_case(cfg, [SampleSpec([int(v) for v in np.arange(1, 40)])])
+    batch = jax.tree.map(jnp.asarray, case.batch.to_model_inputs())
+    model = _model(cfg, seed=3)
+    for impl in ("auto", "xla"):
+        model.text.layers.attn.impl = impl
+        np.testing.assert_allclose(np.asarray(model.hidden_states(batch, plain_causal=True)),
+                                   np.asarray(model.hidden_states(batch)), rtol=1e-5, atol=1e-5)
