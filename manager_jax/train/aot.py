@@ -95,7 +95,7 @@ def compile_for_topology(config: TrainConfig, topology: str) -> dict[str, Any]:
     loss_cfg = LossConfig(config.loss_normalization, config.loss_token_budget, config.loss_chunk_size)
     setup = make_setup(
         config.model, mesh, tunable_parts=config.tunable_parts, optim=config.optim,
-        total_steps=config.num_steps, loss=loss_cfg,
+        total_steps=config.num_steps, loss=loss_cfg, plain_causal=not config.data.pack,
     )
     pixel_dtype = None if config.model.dtype == "float32" else config.model.dtype
     fields = batch_field_shapes(

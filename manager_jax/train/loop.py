@@ -261,7 +261,7 @@ def train(
     loss_cfg = LossConfig(config.loss_normalization, config.loss_token_budget, config.loss_chunk_size)
     setup = make_setup(
         config.model, mesh, tunable_parts=config.tunable_parts, optim=config.optim,
-        total_steps=config.num_steps, loss=loss_cfg,
+        total_steps=config.num_steps, loss=loss_cfg, plain_causal=not config.data.pack,
     )
     if primary:
         os.makedirs(config.output_dir, exist_ok=True)

@@ -41,6 +41,7 @@ class TrainSetup:
     schedules: dict[str, Callable]
     abstract_state: dict  # {"params", "opt_state", "step", "rng"} ShapeDtypeStructs with shardings
     loss: LossConfig
+    plain_causal: bool = False  # rows hold one right-padded sample each (no packing)
 
     @property
     def state_shardings(self) -> dict:
@@ -71,6 +72,7 @@ def make_setup(
     optim: Any,
     total_steps: int,
     loss: LossConfig,
+    plain_causal: bool = False,
 ) -> TrainSetup:
     """Shapes and shardings of params, optimizer state and the whole train state."""
     graphdef, params = model_abstract(model_config)
@@ -91,7 +93,7 @@ def make_setup(
     return TrainSetup(
         model_config=model_config, mesh=mesh, graphdef=graphdef, abstract_params=abstract_params, mask=mask,
         tunable_groups=parse_tunable_parts(tunable_parts), tx=tx, schedules=schedules,
-        abstract_state=abstract_state, loss=loss,
+        abstract_state=abstract_state, loss=loss, plain_causal=plain_causal,
     )
 
 
@@ -153,7 +155,8 @@ def jit_train_step(setup: TrainSetup, batch_abstract: dict, loss: LossConfig | N
 
     `loss` overrides `setup.loss` (the loop's fallback without a token budget).
     """
-    step = make_train_step(setup.graphdef, setup.mask, setup.tx, setup.schedules, loss or setup.loss)
+    step = make_train_step(setup.graphdef, setup.mask, setup.tx, setup.schedules, loss or setup.loss,
+                           plain_causal=setup.plain_causal)
     state_sh = setup.state_shardings
     batch_sh = {k: v.sharding for k, v in batch_abstract.items()}
     return jax.jit(

@@ -1,0 +1,171 @@
+"""Train-step benchmark at the real LLaVA-OV-0.5B shapes, comparable with the PyTorch reference.
+
+Workload (as /work/shared/bench/ref_torch_llava_ov.py `--what train`): B samples per device, each
+one HxW image through the anyres_max_9 multi-grid path (768x768: 5 crops, 3,699 image tokens) plus
+T text tokens (16 before the image, T-16 after; seq 4,099 for T=400), every parameter trainable,
+AdamW, bf16 compute with fp32 master weights. The step is the real one of `run.py train`
+(manager_jax.train.state.jit_train_step: vmapped shard batches, FSDP over the devices, donation).
+MFU uses the reference's FLOP formula (manager_jax.train.flops.reference_train_flops).
+
+    python benchmarks/train_step.py                      # 0.5B, B=2 per device, 768x768 + 400 text
+    python benchmarks/train_step.py --tiny               # CPU smoke check (tiny model, small image)
+    python benchmarks/train_step.py --variant grid_manager --remat full
+
+Prints one JSON line (step time median/min, tokens/s, MFU, peak memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from manager_jax import multigrid  # noqa: E402
+from manager_jax.batch import ProcessedSample, assemble_batch  # noqa: E402
+from manager_jax.config import preset, tiny  # noqa: E402
+from manager_jax.sharding import MeshConfig, batch_sharding, data_parallel_size, make_mesh  # noqa: E402
+from manager_jax.train import flops  # noqa: E402
+from manager_jax.train.optimizer import OptimConfig  # noqa: E402
+from manager_jax.train.state import init_params, init_state, jit_train_step, make_setup, place_batch  # noqa: E402
+from manager_jax.train.step import LossConfig  # noqa: E402
+
+ALL_PARTS = "mm_vision_tower,mm_mlp_adapter,mm_manager,mm_language_model"
+
+
+def build_model_config(args):
+    if args.tiny:
+        cfg = tiny(args.variant)
+    else:
+        cfg = preset("0.5b", args.variant)
+    return cfg.replace(dtype=args.dtype, param_dtype="float32", remat_policy=args.remat, scan_layers=True,
+                       attention_impl=args.attention)
+
+
+def shard_batch(cfg, rng, *, rows: int, image_hw: tuple[int, int], text: int) -> tuple[dict, int, int]:
+    """`rows` samples, one per row: 16 text tokens, the image, text-16 tokens; all text supervised."""
+    h, w = image_hw
+    plan = multigrid.plan_image(
+        (w, h), mode=cfg.image.aspect_ratio, pinpoints=cfg.image.grid_pinpoints, convention=cfg.image.convention,
+        unpad=cfg.image.has_newline, grid_type=cfg.manager.grid_type if cfg.manager.enabled else None,
+    )
+    vocab = min(cfg.text.vocab_size, cfg.image_token_id)
+    samples = []
+    for i in range(rows):
+        ids = np.concatenate([rng.integers(0, vocab, 16), [-200], rng.integers(0, vocab, text - 16)])
+        labels = np.where(ids == -200, -100, ids)
+        pixels = rng.normal(size=(plan.num_crops, 384, 384, 3)).astype(np.float32)
+        samples.append(ProcessedSample(id=str(i), ids=ids, labels=labels, pixels=pixels, plans=[plan]))
+    seq = text + plan.num_tokens
+    batch = assemble_batch(
+        samples, rows=rows, seq_len=seq, max_crops=rows * plan.num_crops, max_image_tokens=rows * plan.num_tokens,
+        pack=False, grid_type=cfg.manager.grid_type if cfg.manager.enabled else None, query_type=cfg.manager.query_type,
+    )
+    return batch.to_model_inputs(), plan.num_crops, plan.num_tokens
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny model and a 384x384 image + 64 text tokens (CPU smoke)")
+    p.add_argument("--variant", default="grid", choices=["baseline", "manager", "grid", "grid_manager"],
+                   help="grid = the reference's LLaVA-OV (no Manager)")
+    p.add_argument("--batch-per-device", type=int, default=2)
+    p.add_argument("--image", default=None, help="HxW of the image (default 768x768; 384x384 with --tiny)")
+    p.add_argument("--text", type=int, default=None, help="text tokens per sample (default 400; 64 with --tiny)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch", "save_attn_out"])
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+    p.add_argument("--loss-token-budget", type=int, default=0,
+                   help="supervised positions per shard through the LM head (0 = all, as the reference)")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="LM-head chunk (positions)")
+    p.add_argument("--fsdp", type=int, default=-1)
+    p.add_argument("--tensor", type=int, default=1)
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device bf16 peak (default: by device kind)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="lower + compile the real step and print its memory per device, without running it")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 2)
+    image = args.image or ("384x384" if args.tiny else "768x768")
+    text = args.text or (64 if args.tiny else 400)
+    hw = tuple(int(x) for x in image.split("x"))
+
+    cfg = build_model_config(args)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=args.fsdp, tensor=args.tensor))
+    shards = data_parallel_size(mesh)
+    loss = LossConfig("shard_mean", args.loss_token_budget, args.loss_chunk)
+    setup = make_setup(cfg, mesh, tunable_parts=ALL_PARTS, optim=OptimConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"),
+                       total_steps=1000, loss=loss, plain_causal=True)  # one unpadded sample per row
+    rng = np.random.default_rng(0)
+    per_shard = []
+    for _ in range(shards):
+        arrays, n_crops, n_img = shard_batch(cfg, rng, rows=args.batch_per_device, image_hw=hw, text=text)
+        per_shard.append(arrays)
+    local = {k: np.stack([s[k] for s in per_shard])[None] for k in per_shard[0]}  # [accum=1, shards, ...]
+    if cfg.dtype != "float32":
+        local["pixel_values"] = local["pixel_values"].astype(jax.numpy.dtype(cfg.dtype))
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, v.ndim)) for k, v in local.items()}
+    step = jit_train_step(setup, abstract)
+    if args.compile_only:
+        t0 = time.perf_counter()
+        compiled = step.lower(setup.abstract_state, abstract).compile()
+        mem = compiled.memory_analysis()
+        result = dict(what="compile", model="tiny" if args.tiny else "0.5b", variant=args.variant, devices=mesh.devices.size,
+                      seq=text + n_img, crops=n_crops, image_tokens=n_img, compile_s=time.perf_counter() - t0,
+                      arguments_gib=mem.argument_size_in_bytes / 2**30, temporaries_gib=mem.temp_size_in_bytes / 2**30)
+        print(json.dumps(result), flush=True)
+        return result
+    state = init_state(setup, init_params(setup, 0), 0)
+    batch = place_batch(setup, local, shards=shards)
+
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    for _ in range(max(args.warmup - 1, 0)):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+
+    seq = text + n_img
+    n_dev = mesh.devices.size
+    global_batch = args.batch_per_device * n_dev
+    model_flops = flops.reference_train_flops(cfg, batch=global_batch, crops_per_sample=n_crops, seq=seq)
+    kind = jax.devices()[0].device_kind
+    peak = args.peak_tflops or flops.peak_tflops(kind)
+    med = statistics.median(times)
+    mem = None
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        mem = stats.get("peak_bytes_in_use", 0) / 2**30 or None
+    except Exception:  # CPU backends may not report memory
+        pass
+    result = dict(
+        what="train", impl="jax-manager_jax", model="tiny" if args.tiny else "0.5b", variant=args.variant,
+        devices=n_dev, device=kind, batch_per_device=args.batch_per_device, image=image, crops=n_crops,
+        image_tokens=n_img, seq=seq, tokens_per_step=global_batch * seq, dtype=cfg.dtype, remat=args.remat,
+        compile_s=compile_s, step_s_median=med, step_s_min=min(times), tokens_per_s=global_batch * seq / med,
+        samples_per_s=global_batch / med, model_tflops_per_step=model_flops / 1e12,
+        mfu=(model_flops / med / (n_dev * peak * 1e12)) if peak else None,
+        loss=float(metrics["loss"]), peak_mem_gb=mem, params_total=setup.num_params(), jax=jax.__version__,
+    )
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
