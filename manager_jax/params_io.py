@@ -154,11 +154,16 @@ def _string_keys(tree: Any) -> Any:
 # ---- params directories ---------------------------------------------------------------------------
 
 
+# Where `run.py train` keeps its checkpoints inside `output_dir` (manager_jax/train/loop.py).
+TRAINING_CHECKPOINTS = "checkpoints"
+
+
 def resolve_params_dir(path: str) -> tuple[str, str | None]:
     """(Orbax params item directory, config.json path or None) for a params dir or training checkpoint.
 
     A training checkpoint directory holds numbered step directories; the latest one with a `params`
-    item wins. Its config is looked up in the step directory, then the checkpoint root.
+    item wins. Its config is looked up in the step directory, then the checkpoint root. A training
+    `output_dir` (holding `checkpoints/`) resolves to its latest checkpoint.
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -171,6 +176,8 @@ def resolve_params_dir(path: str) -> tuple[str, str | None]:
         for name in os.listdir(path)
         if name.isdigit() and os.path.isdir(os.path.join(path, name, PARAMS_ITEM))
     )
+    if not steps and os.path.isdir(os.path.join(path, TRAINING_CHECKPOINTS)):
+        return resolve_params_dir(os.path.join(path, TRAINING_CHECKPOINTS))  # a training output_dir
     if not steps:
         raise ParamsError(
             f"{path}: neither a params directory ({PARAMS_ITEM}/ + {CONFIG_FILE}) nor a training checkpoint "

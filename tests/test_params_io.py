@@ -139,3 +139,14 @@ def test_restore_into_model_and_shape_errors(cfg):
     tree["projector"]["linear1"]["bias"] = np.zeros(3, np.float32)
     with pytest.raises(params_io.ParamsError, match="projector.linear1.bias has shape"):
         params_io.restore_into(model, tree)
+
+
+def test_training_output_dir_resolves_to_its_latest_checkpoint(tmp_path):
+    from manager_jax.params_io import resolve_params_dir
+
+    for step in (10, 20):
+        (tmp_path / "checkpoints" / str(step) / "params").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "config.json").write_text("{}")
+    params, cfg = resolve_params_dir(str(tmp_path))
+    assert params == str(tmp_path / "checkpoints" / "20" / "params")
+    assert cfg == str(tmp_path / "checkpoints" / "config.json")
