@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-DEFAULT_CONFIG = "configs/demo.py"
+# The demo recipe is the default, wherever run.py is started from.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.py")
 
 
 def _lazy(module: str, function: str) -> Callable[[Sequence[str]], int | None]:
@@ -35,7 +37,7 @@ def _lazy(module: str, function: str) -> Callable[[Sequence[str]], int | None]:
 def _train_parser(prog: str, aot: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train a model from a recipe." if not aot else
                                 "Compile the train step ahead of time for a TPU topology (on a CPU host).")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="recipe file (path or path:recipe_name); default %(default)s")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="recipe file (path or path:recipe_name); default: configs/demo.py")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (nested with dots); repeatable")
     if aot:

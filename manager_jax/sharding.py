@@ -199,12 +199,19 @@ def spec_for(
     return P(*spec)
 
 
-def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+# Params as the forward / backward pass uses them: gathered over the FSDP axis (each device computes
+# its own batch shard with whole weights), still split over "tensor".
+COMPUTE_RULES: dict[str, tuple[str, ...] | str | None] = {
+    k: (None if v == "fsdp" else v) for k, v in LOGICAL_RULES.items()
+}
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: dict | None = None) -> Any:
     """NamedShardings for every leaf of a params / optimizer-state tree (arrays or ShapeDtypeStructs)."""
 
     def one(path, leaf):
         shape = getattr(leaf, "shape", ())
-        return NamedSharding(mesh, spec_for(logical_axes(path_str(path), shape), shape, mesh))
+        return NamedSharding(mesh, spec_for(logical_axes(path_str(path), shape), shape, mesh, rules))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 

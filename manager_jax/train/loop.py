@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from manager_jax.sharding import data_parallel_size, local_shard_indices, make_mesh
@@ -76,7 +77,7 @@ class DataFeed:
             )
             for k in self.shard_ids
         }
-        self.pixel_dtype = np.dtype(config.model.dtype) if config.model.dtype != "float32" else np.float32
+        self.pixel_dtype = np.dtype(jnp.dtype(config.model.dtype))
         self.token_budget = config.loss_token_budget
 
     def next(self) -> tuple[dict[str, np.ndarray], bool] | None:

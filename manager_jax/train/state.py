@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from manager_jax.config import ModelConfig
 from manager_jax.models.llava_ov import LlavaOV
-from manager_jax.sharding import batch_sharding, replicated, tree_shardings
+from manager_jax.sharding import COMPUTE_RULES, batch_sharding, replicated, tree_shardings
 from manager_jax.train.optimizer import make_optimizer, parse_tunable_parts, split_trainable, trainable_mask
 from manager_jax.train.step import MODEL_FIELDS, LossConfig, make_train_step
 
@@ -155,8 +155,13 @@ def jit_train_step(setup: TrainSetup, batch_abstract: dict, loss: LossConfig | N
 
     `loss` overrides `setup.loss` (the loop's fallback without a token budget).
     """
-    step = make_train_step(setup.graphdef, setup.mask, setup.tx, setup.schedules, loss or setup.loss,
-                           plain_causal=setup.plain_causal)
+    param_sh = jax.tree.map(lambda s: s.sharding, setup.abstract_params)
+    compute_dtype = None if setup.model_config.dtype == setup.model_config.param_dtype else setup.model_config.dtype
+    step = make_train_step(
+        setup.graphdef, setup.mask, setup.tx, setup.schedules, loss or setup.loss, plain_causal=setup.plain_causal,
+        param_shardings=param_sh, compute_shardings=tree_shardings(setup.abstract_params, setup.mesh, COMPUTE_RULES),
+        compute_dtype=compute_dtype,
+    )
     state_sh = setup.state_shardings
     batch_sh = {k: v.sharding for k, v in batch_abstract.items()}
     return jax.jit(

@@ -124,12 +124,37 @@ def make_train_step(
     schedules: dict[str, Callable],
     loss_cfg: LossConfig,
     plain_causal: bool = False,
+    *,
+    param_shardings: Any = None,
+    compute_shardings: Any = None,
+    compute_dtype: Any = None,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """train_step(state, batch) -> (new state, metrics). Pure; jit it with shardings (loop / aot).
 
     `plain_causal`: every row holds one sample (no packing), see `use_plain_causal`.
+    `compute_shardings` (params gathered over the FSDP axis) and `compute_dtype`: each
+    micro-step casts the params to the compute dtype and all-gathers them once, so every device
+    runs its batch shards with whole (tensor-split) weights; without this, GSPMD propagates the
+    weights' FSDP split into the activations and all-reduces activations instead. Gradients are
+    reduce-scattered back onto `param_shardings`.
     """
     plain = use_plain_causal(plain_causal)
+
+    def for_compute(params):
+        if compute_shardings is None:
+            return params
+
+        def one(p, sharding):
+            if compute_dtype is not None and jnp.issubdtype(p.dtype, jnp.floating):
+                p = p.astype(compute_dtype)  # the model casts every weight to its compute dtype anyway
+            return jax.lax.with_sharding_constraint(p, sharding)
+
+        return jax.tree.map(one, params, compute_shardings)
+
+    def on_param_shardings(tree):
+        if param_shardings is None:
+            return tree
+        return jax.tree.map(lambda g, s: jax.lax.with_sharding_constraint(g, s), tree, split_trainable(param_shardings, trainable_mask)[0])
 
     def shard_nll(params, shard, key):
         model = nnx.merge(graphdef, params)
@@ -148,7 +173,7 @@ def make_train_step(
         )
 
         def micro_loss(tr, micro, micro_keys):
-            full = merge_trainable(tr, frozen)
+            full = for_compute(merge_trainable(tr, frozen))
             sums, counts = jax.vmap(lambda shard, k: shard_nll(full, shard, k))(micro, micro_keys)
             if loss_cfg.normalization == "shard_mean":
                 loss = jnp.mean(sums / jnp.maximum(counts, 1)) / accum
@@ -161,7 +186,7 @@ def make_train_step(
         def accumulate(carry, xs):
             grads, loss, nll, count = carry
             (l, (s, c)), g = grad_fn(trainable, *xs)
-            return (jax.tree.map(jnp.add, grads, g), loss + l, nll + s, count + c), None
+            return (on_param_shardings(jax.tree.map(jnp.add, grads, g)), loss + l, nll + s, count + c), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
