@@ -127,3 +127,11 @@ def test_init_from_loads_the_parameters_it_finds(tmp_path):
     assert "text.embed.embedding" in missing and not any(m.startswith("projector.") for m in missing)
     with pytest.raises(loop_lib.TrainingError, match="init_strict"):
         loop_lib.load_initial_params(setup, init_params(setup, seed=8), str(tmp_path / "projector_only"), strict=True)
+
+
+def test_batches_over_the_loss_token_budget_use_the_full_loss(straight_run, tmp_path):
+    """A batch with more supervised tokens than loss_token_budget falls back to all positions."""
+    _, a = straight_run
+    result = loop_lib.train(demo_config(tmp_path, "loss_token_budget=4", "stop_at_step=1"))
+    assert result.status == "stopped"
+    assert result.losses[0] == pytest.approx(a.losses[0], rel=1e-6)

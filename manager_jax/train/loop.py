@@ -324,14 +324,14 @@ def train(
 
     try:
         fetched = feed.next() if step < config.num_steps else None
-        if fetched is None and step < config.num_steps:
-            status = "data_exhausted"
+        if _agree((fetched is None,))[0] and step < config.num_steps:
+            status, fetched = "data_exhausted", None
         t_prev = time.perf_counter()
         while fetched is not None and step < config.num_steps:
             local, over_budget = fetched
             batch = place_batch(setup, local, shards=shards)
             run = step_fn
-            if over_budget:
+            if config.loss_token_budget and _agree((over_budget,))[0]:  # every process runs the same program
                 if full_loss_step is None:
                     logger.info("a batch exceeds loss_token_budget=%d; using the step without a budget for such batches",
                                 config.loss_token_budget)

@@ -219,20 +219,3 @@ def make_train_step(
 
     return train_step
 
-
-def make_eval_loss(graphdef: Any, loss_cfg: LossConfig) -> Callable[[Any, dict], jax.Array]:
-    """loss(params, batch) without jitter and without gradients, same normalisation as training."""
-
-    def eval_loss(params, batch):
-        batch = {k: v for k, v in batch.items() if k in MODEL_FIELDS}
-
-        def shard(sh):
-            model = nnx.merge(graphdef, params)
-            return supervised_nll(model, model.hidden_states(sh), sh["labels"], sh["segment_ids"], loss_cfg)
-
-        sums, counts = jax.vmap(jax.vmap(shard))(batch)
-        if loss_cfg.normalization == "shard_mean":
-            return jnp.mean(sums / jnp.maximum(counts, 1))
-        return sums.sum() / jnp.maximum(counts.sum(), 1)
-
-    return eval_loss
