@@ -206,7 +206,7 @@ def load_config(path: str) -> ModelConfig:
     return ModelConfig.from_json_file(cfg_path)
 
 
-def _write_atomically(directory: str, fill: Callable[[str], None], overwrite: bool) -> str:
+def write_atomically(directory: str, fill: Callable[[str], None], overwrite: bool) -> str:
     """Runs fill(tmp_dir) and renames tmp_dir to `directory` only if it succeeds."""
     directory = os.path.abspath(directory.rstrip("/"))
     if os.path.exists(directory) and not overwrite:
@@ -304,7 +304,7 @@ def save_params(
             else:
                 shutil.copyfile(content, dst)
 
-    return _write_atomically(directory, fill, overwrite)
+    return write_atomically(directory, fill, overwrite)
 
 
 def load_params(

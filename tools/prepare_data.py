@@ -27,12 +27,11 @@ from manager_jax.data.mixture import load_mixture
 from manager_jax.data.records import RecordSource, open_records
 from manager_jax.data.samples import (
     BAD_RECORD,
-    MISSING_IMAGE,
-    UNREADABLE_IMAGE,
     ZERO_SIZE_IMAGE,
     SkipCounter,
     SkipSample,
     load_image,
+    read_image_file,
     record_id,
 )
 
@@ -54,13 +53,7 @@ def read_image_bytes(record: dict, image_folder: str | None, *, verify: bool, ri
     blobs = []
     for name in _image_names(record):
         path = name if folder is None else os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise SkipSample(MISSING_IMAGE, rid, f"no file {path!r}")
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as err:
-            raise SkipSample(UNREADABLE_IMAGE, rid, f"{path!r}: {err}") from None
+        data = read_image_file(path, rid)
         if not data:
             raise SkipSample(ZERO_SIZE_IMAGE, rid, f"{path!r} is empty")
         if verify:

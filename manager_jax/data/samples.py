@@ -199,17 +199,21 @@ def _image_entries(record: Mapping[str, Any], rid: str) -> list[tuple[str, bytes
     return [(n, bytes(b)) for n, b in zip(names, blobs)]
 
 
+def read_image_file(path: str, rid: str) -> bytes:
+    """The bytes of an image file; SkipSample when it is missing or unreadable."""
+    if not os.path.isfile(path):
+        raise SkipSample(MISSING_IMAGE, rid, f"no file {path!r}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise SkipSample(UNREADABLE_IMAGE, rid, f"{path!r}: {err}") from None
+
+
 def load_image(name: str, data: bytes | None, *, image_folder: str | None, rid: str) -> Image.Image:
     """Open one image fully (from ``data`` or the file) and convert it to RGB; bad ones -> SkipSample."""
     if data is None:
-        path = name if image_folder is None else os.path.join(image_folder, name)
-        if not os.path.isfile(path):
-            raise SkipSample(MISSING_IMAGE, rid, f"no file {path!r}")
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as err:
-            raise SkipSample(UNREADABLE_IMAGE, rid, f"{path!r}: {err}") from None
+        data = read_image_file(name if image_folder is None else os.path.join(image_folder, name), rid)
     if len(data) == 0:
         raise SkipSample(ZERO_SIZE_IMAGE, rid, f"{name!r} is an empty file")
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -357,33 +356,21 @@ def from_orbax(
     plan = plan_export(source, fmt, dtype, hf_naming)
     max_bytes = parse_size(max_shard_size)
     tok_dir = tokenizer or source.tokenizer_dir()
-    dst = os.path.abspath(dst.rstrip("/"))
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        files = write_checkpoint(tmp, plan.tensors, max_shard_bytes=max_bytes, progress=progress)
+    written: list[str] = []
+
+    def fill(tmp: str) -> None:
+        written.extend(write_checkpoint(tmp, plan.tensors, max_shard_bytes=max_bytes, progress=progress))
         source.release()
-        copied = []
         if tok_dir:
             for name, path in aux_files(tok_dir).items():
                 shutil.copyfile(path, os.path.join(tmp, name))
-                copied.append(name)
+                written.append(name)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(plan.config_json, f, indent=2)
         _verify_written(tmp, plan)
-        if os.path.exists(dst):
-            old = os.path.join(parent, f".{os.path.basename(dst)}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return files + copied + ["config.json"]
+
+    params_io.write_atomically(dst, fill, overwrite=True)  # the destination was checked above
+    return written + ["config.json"]
 
 
 def _verify_written(directory: str, plan: ExportPlan) -> None:
