@@ -76,8 +76,10 @@ def topology_devices(topology: str) -> list[Any]:
             f"compiling for TPU topology {topology!r} needs libtpu, which is not installed (it is not in "
             "requirements.txt): pip install libtpu  # the version jax[tpu] pins for this jax"
         )
-    # libtpu looks for its hosts; compile-only use needs none but the variable must be set.
+    # libtpu looks for its hosts; compile-only use needs none but the variable must be set. Another
+    # process on this host may hold libtpu's lock file; compiling needs no exclusive TPU access.
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     try:
