@@ -1,6 +1,6 @@
 """Train-step benchmark at the real LLaVA-OV-0.5B shapes, comparable with the PyTorch reference.
 
-Workload (as /work/shared/bench/ref_torch_llava_ov.py `--what train`): B samples per device, each
+Workload (as ../shared/bench/ref_torch_llava_ov.py `--what train`): B samples per device, each
 one HxW image through the anyres_max_9 multi-grid path (768x768: 5 crops, 3,699 image tokens) plus
 T text tokens (16 before the image, T-16 after; seq 4,099 for T=400), every parameter trainable,
 AdamW, bf16 compute with fp32 master weights. The step is the real one of `run.py train`

@@ -1,6 +1,6 @@
 """Analytic model FLOPs and MFU.
 
-The formula is the one of the PyTorch reference benchmark (/work/shared/bench/ref_torch_llava_ov.py,
+The formula is the one of the PyTorch reference benchmark (../shared/bench/ref_torch_llava_ov.py,
 `train_flops`), so MFU numbers are comparable: per sample, 6·N·T for the weight matmuls plus the
 attention score/value matmuls, 12·L·T²·D, non-causal for the ViT and halved (causal) for the LLM.
 N_vit counts the vision tower; N_llm the decoder without the embedding table plus one V·D matrix
