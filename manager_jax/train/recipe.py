@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from manager_jax.config import ModelConfig, tiny
+from manager_jax.params_io import TRAINING_CHECKPOINTS
 from manager_jax.sharding import MeshConfig
 from manager_jax.train.optimizer import OptimConfig
 
@@ -109,7 +110,7 @@ class TrainConfig:
 
     # ---- derived values ----------------------------------------------------------------------
     def checkpoint_dir(self) -> str:
-        return self.checkpoint.dir or os.path.join(self.output_dir, "checkpoints")
+        return self.checkpoint.dir or os.path.join(self.output_dir, TRAINING_CHECKPOINTS)
 
     def to_dict(self) -> dict:
         return _to_jsonable(dataclasses.asdict(self))
