@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+# The XLA path handles queries in blocks of this many positions (rematerialised), so its fp32 scores
+# are [block, S] rather than [S, S]: 16k-token training rows fit without a fused kernel.
+QUERY_BLOCK = 2048
 
 
 def segment_causal_mask(
@@ -76,4 +79,20 @@ def dot_product_attention(
     if mask is None and plain_causal:
         t, s = q.shape[1], k.shape[1]
         mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None, None]
-    return _xla_attention(q, k, v, mask, scale)
+    return _blocked_attention(q, k, v, mask, scale, QUERY_BLOCK)
+
+
+def _blocked_attention(q, k, v, mask, scale, block):
+    """`_xla_attention` over query blocks (exact: every block sees all keys), rematerialised."""
+    b, t, h, d = q.shape
+    if t <= block:
+        return _xla_attention(q, k, v, mask, scale)
+    n = -(-t // block)
+    pad = n * block - t
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, block, h, d).swapaxes(0, 1)
+    if mask is not None:
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
+        mask = mask.reshape(mask.shape[:2] + (n, block, mask.shape[-1])).transpose(2, 0, 1, 3, 4)
+    step = jax.checkpoint(lambda qm: _xla_attention(qm[0], k, v, qm[1], scale))
+    out = jax.lax.map(step, (q, mask))  # [n, B, block, H, d]
+    return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
