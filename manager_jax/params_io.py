@@ -232,8 +232,8 @@ def write_atomically(directory: str, fill: Callable[[str], None], overwrite: boo
 
 def check_tree(params: Mapping, expected: Mapping) -> list[str]:
     """Problems (missing / unexpected leaves, shape mismatches) of `params` against `expected`."""
-    flat_exp = _flatten(expected)
-    flat_got = _flatten(params)
+    flat_exp = flatten_tree(expected)
+    flat_got = flatten_tree(params)
     problems = []
     for p in sorted(flat_exp.keys() - flat_got.keys(), key=str):
         problems.append(f"missing parameter {_dotted(p)} {list(flat_exp[p].shape)}")
@@ -286,10 +286,10 @@ def save_params(
         # Read back what Orbax recorded before the directory becomes visible.
         written = tree_metadata(os.path.join(tmp, PARAMS_ITEM))
         problems = check_tree(written, params)
-        given = _flatten(params)
+        given = flatten_tree(params)
         problems += [
             f"parameter {_dotted(p)} was written as {leaf.dtype}, given {np.dtype(given[p].dtype)}"
-            for p, leaf in _flatten(written).items()
+            for p, leaf in flatten_tree(written).items()
             if p in given and np.dtype(leaf.dtype) != np.dtype(given[p].dtype)
         ]
         if problems:
@@ -357,11 +357,12 @@ def restore_into(model, params: Mapping) -> None:
 # ---- small helpers ------------------------------------------------------------------------------
 
 
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+def flatten_tree(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+    """Nested dict -> {path tuple: leaf}."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
+            out.update(flatten_tree(v, prefix + (k,)))
         else:
             out[prefix + (k,)] = v
     return out

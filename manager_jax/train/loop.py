@@ -152,12 +152,12 @@ def load_initial_params(setup: TrainSetup, params: dict, init_from: str, strict:
     """
     from manager_jax import params_io
 
-    flat_params = _flatten(params)
-    flat_abstract = _flatten(setup.abstract_params)
+    flat_params = params_io.flatten_tree(params)
+    flat_abstract = params_io.flatten_tree(setup.abstract_params)
     loaded: set[tuple] = set()
     for directory in [d.strip() for d in init_from.split(",") if d.strip()]:
         item, _ = params_io.resolve_params_dir(directory)
-        stored = _flatten(params_io.tree_metadata(item))
+        stored = params_io.flatten_tree(params_io.tree_metadata(item))
         wanted = {}
         for path, meta in stored.items():
             if path not in flat_abstract:
@@ -171,7 +171,7 @@ def load_initial_params(setup: TrainSetup, params: dict, init_from: str, strict:
             wanted[path] = target
         if not wanted:
             raise TrainingError(f"init_from {directory}: no parameter of this model found there")
-        restored = _flatten(params_io.restore_tree(item, _unflatten(wanted), partial=True))
+        restored = params_io.flatten_tree(params_io.restore_tree(item, _unflatten(wanted), partial=True))
         for path, value in restored.items():
             flat_params[path] = value
             loaded.add(path)
@@ -182,16 +182,6 @@ def load_initial_params(setup: TrainSetup, params: dict, init_from: str, strict:
     if missing:
         logger.warning("%d parameters keep their random init (not in init_from): %s", len(missing), missing[:10])
     return _unflatten(flat_params), missing
-
-
-def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
 
 
 def _unflatten(flat: dict[tuple, Any]) -> dict:

@@ -385,15 +385,11 @@ def get_path(tree: dict, path: Sequence):
     return node
 
 
-def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
+def flatten(tree: dict) -> dict[tuple, object]:
     """Nested dict -> {path tuple: leaf}."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
+    from manager_jax.params_io import flatten_tree
+
+    return flatten_tree(tree)
 
 
 # ---- readable key listings ----------------------------------------------------------------------
