@@ -2,6 +2,9 @@
 
 import json
 import pickle
+import random
+import sys
+import threading
 
 import pytest
 
@@ -46,6 +49,33 @@ def test_jsonl_skips_blank_lines_and_flags_bad_lines(tmp_path):
     # Pickles without its open file handle (worker processes reopen it).
     clone = pickle.loads(pickle.dumps(src))
     assert clone[2] == RECORDS[1]
+
+
+def test_jsonl_random_access_is_thread_safe(tmp_path):
+    # Grain's read threads share one source; each must get the record it asked for.
+    records = [{"id": f"t{i}", "conversations": [{"from": "gpt", "value": "x" * (i * 37 % 500)}]} for i in range(400)]
+    write_records(str(tmp_path / "t.jsonl"), records)
+    src = JsonlRecords(str(tmp_path / "t.jsonl"))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often so that a race shows up
+    wrong = []
+
+    def reader(seed):
+        rng = random.Random(seed)
+        for _ in range(3000):
+            i = rng.randrange(len(records))
+            if src[i]["id"] != records[i]["id"]:
+                wrong.append(i)
+
+    try:
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong, f"{len(wrong)} reads returned another record"
 
 
 def test_bad_json_files_raise_clear_errors(tmp_path):

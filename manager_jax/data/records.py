@@ -7,6 +7,7 @@ folder. Every source has ``len()`` and ``source[i] -> dict``, which is what Grai
 
 - :class:`JsonRecords`: a JSON array, loaded once (as the original does).
 - :class:`JsonlRecords`: JSON Lines, indexed by byte offset in one streaming pass, each line
+  read with ``os.pread`` (no shared file position, so Grain's read threads can share it) and
   parsed on access, so a large file never sits in memory.
 - :func:`iter_jsonl`: plain streaming iteration.
 - ``data_path`` may also be the original's brace form ``dir/{a,b}.json`` (several files).
@@ -75,27 +76,30 @@ class JsonlRecords:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        offsets, lines = [], []
+        offsets, sizes, lines = [], [], []
         with open(path, "rb") as f:
             position = 0
             for number, line in enumerate(f, start=1):
                 if line.strip():
                     offsets.append(position)
+                    sizes.append(len(line))
                     lines.append(number)
                 position += len(line)
         self._offsets = np.asarray(offsets, np.int64)
+        self._sizes = np.asarray(sizes, np.int64)
         self._line_numbers = np.asarray(lines, np.int64)
-        self._file = None
+        self._fd: int | None = None
 
     def __len__(self) -> int:
         return len(self._offsets)
 
     def __getitem__(self, index: int) -> dict:
         index = _check_index(index, len(self))
-        if self._file is None:
-            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for fast random access
-        self._file.seek(int(self._offsets[index]))
-        line = self._file.readline()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)  # kept open for fast random access
+        # pread takes the offset itself: a seek + readline on one shared handle lets concurrent
+        # read threads receive each other's lines.
+        line = os.pread(self._fd, int(self._sizes[index]), int(self._offsets[index]))
         try:
             return json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -104,8 +108,12 @@ class JsonlRecords:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_file"] = None  # file handles do not cross into worker processes
+        state["_fd"] = None  # file descriptors do not cross into worker processes
         return state
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def __repr__(self) -> str:
         return f"JsonlRecords({self.path!r}, n={len(self)})"
