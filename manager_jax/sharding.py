@@ -206,12 +206,43 @@ COMPUTE_RULES: dict[str, tuple[str, ...] | str | None] = {
 }
 
 
+def _leaf_path(path: Sequence[Any]) -> str:
+    # Variables inside an nnx State flatten with a trailing ".value"; the rules name the param.
+    name = path_str(path)
+    return name[: -len(".value")] if name.endswith(".value") else name
+
+
+def compute_shardings(tree: Any, mesh: Mesh) -> Any:
+    """Shardings of the params as a micro-step hands them to the model.
+
+    Params outside the layer stacks (embeddings, projector, Manager, norms) are gathered over the
+    FSDP axis once per micro-step. Stacked layer params (leading ``layers`` axis) keep their FSDP
+    split: :func:`layer_compute_sharding` gathers them one layer at a time inside the layer scan,
+    so a whole stack of gathered weights is never alive at once.
+    """
+
+    def one(path, leaf):
+        shape = getattr(leaf, "shape", ())
+        logical = logical_axes(_leaf_path(path), shape)
+        rules = LOGICAL_RULES if logical[:1] == ("layers",) else COMPUTE_RULES
+        return NamedSharding(mesh, spec_for(logical, shape, mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def layer_compute_sharding(stack_path: str, path: Sequence[Any], layer_shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    """Gathered sharding of one layer's slice of a stacked param (``stack_path`` e.g. "text.layers")."""
+    full = f"{stack_path}.{_leaf_path(path)}"
+    logical = logical_axes(full, (1, *layer_shape))[1:]
+    return NamedSharding(mesh, spec_for(logical, layer_shape, mesh, COMPUTE_RULES))
+
+
 def tree_shardings(tree: Any, mesh: Mesh, rules: dict | None = None) -> Any:
     """NamedShardings for every leaf of a params / optimizer-state tree (arrays or ShapeDtypeStructs)."""
 
     def one(path, leaf):
         shape = getattr(leaf, "shape", ())
-        return NamedSharding(mesh, spec_for(logical_axes(path_str(path), shape), shape, mesh, rules))
+        return NamedSharding(mesh, spec_for(logical_axes(_leaf_path(path), shape), shape, mesh, rules))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 

@@ -33,6 +33,30 @@ def test_compile_for_local_cpu_devices_reports_memory_and_flops():
     assert "memory per chip" in format_report(report)
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py)")
+def test_fsdp_gathers_layer_weights_one_layer_at_a_time():
+    """Doubling the text layers must not add the gathered weights of the new layers to the peak.
+
+    The step gathers each layer's FSDP-split weights inside the layer scan (train/step.py
+    gather_stacked_layers); gathering the whole stack per micro-step (and making its gradient
+    whole) would add at least the new layers' bf16 weights, and in fact about 4x that.
+    """
+
+    def compile_with(layers):
+        config = load_recipe(os.path.join(REPO, "configs", "demo.py"), [
+            "mesh.fsdp=8", "synthetic_records=None", "model.text.vocab_size=1024", "model.image_token_id=1000",
+            "model.text.hidden_size=256", "model.text.intermediate_size=4096", "model.text.head_dim=64",
+            "model.remat_policy=full", f"model.text.num_layers={layers}",
+        ])
+        report = compile_for_topology(config, "cpu:8")
+        return report["params"], report["memory_per_chip"]["temporaries_gib"] * 2**30
+
+    params_8, temp_8 = compile_with(8)
+    params_16, temp_16 = compile_with(16)
+    added_bf16_bytes = 2 * (params_16 - params_8)
+    assert temp_16 - temp_8 < added_bf16_bytes, (temp_8, temp_16, added_bf16_bytes)
+
+
 def test_bad_topologies_fail_clearly():
     with pytest.raises(AotError, match="expected like"):
         topology_devices("v5p")
@@ -49,9 +73,7 @@ def test_stage2_7b_grid_manager_compiles_for_v5p_and_fits():
     """The real recipe on 8 v5p chips, run as the CLI does (a fresh process: libtpu owns its backend)."""
     cmd = [
         sys.executable, "run.py", "compile", "--config", "configs/llava_ov.py:stage2_grid_manager_7b",
-        "--topology", "v5p:2x2x2",
-        # 16k-token rows: the XLA reference attention holds [heads, S, S] scores, so split the heads.
-        "--set", "mesh.fsdp=2", "--set", "mesh.tensor=4",
+        "--topology", "v5p:2x2x2",  # the recipe's own mesh: fsdp over all 8 chips
     ]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,29 @@ _REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
 }
+
+
+# A transform of each layer's params, applied inside the layer body of `run_stacked` (see
+# `layer_params_transform`). None outside training.
+_LAYER_PARAMS_TRANSFORM: contextvars.ContextVar[Callable[[nnx.Module, Any], Any] | None] = contextvars.ContextVar(
+    "layer_params_transform", default=None
+)
+
+
+@contextlib.contextmanager
+def layer_params_transform(transform: Callable[[nnx.Module, Any], Any]) -> Iterator[None]:
+    """While tracing inside this block, `run_stacked` maps each layer's param state through
+    ``transform(stacked_module, layer_state)`` inside the (scanned, rematerialised) layer body.
+
+    The train step uses it to all-gather FSDP-sharded weights one layer at a time: the gather sits
+    in the loop body, so only the current layer's whole weights are alive (and, under remat, the
+    backward pass gathers them again), and each layer's gradient is reduce-scattered as it is made.
+    """
+    token = _LAYER_PARAMS_TRANSFORM.set(transform)
+    try:
+        yield
+    finally:
+        _LAYER_PARAMS_TRANSFORM.reset(token)
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -86,8 +111,12 @@ def run_stacked(
     if xs is not None:
         xs = jax.tree.map(lambda a: a[start:stop], xs)
 
+    transform = _LAYER_PARAMS_TRANSFORM.get()
+
     def step(c, inputs):
         layer_state, x = inputs
+        if transform is not None:
+            layer_state = transform(layers, layer_state)
         layer = nnx.merge(graphdef, layer_state)
         c, y = body(layer, c, x)
         return c, (y if collect else None)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from manager_jax.config import ModelConfig
 from manager_jax.models.llava_ov import LlavaOV
-from manager_jax.sharding import COMPUTE_RULES, batch_sharding, replicated, tree_shardings
+from manager_jax.sharding import batch_sharding, compute_shardings, replicated, tree_shardings
 from manager_jax.train.optimizer import make_optimizer, parse_tunable_parts, split_trainable, trainable_mask
 from manager_jax.train.step import MODEL_FIELDS, LossConfig, make_train_step
 
@@ -159,7 +159,7 @@ def jit_train_step(setup: TrainSetup, batch_abstract: dict, loss: LossConfig | N
     compute_dtype = None if setup.model_config.dtype == setup.model_config.param_dtype else setup.model_config.dtype
     step = make_train_step(
         setup.graphdef, setup.mask, setup.tx, setup.schedules, loss or setup.loss, plain_causal=setup.plain_causal,
-        param_shardings=param_sh, compute_shardings=tree_shardings(setup.abstract_params, setup.mesh, COMPUTE_RULES),
+        param_shardings=param_sh, compute_shardings=compute_shardings(setup.abstract_params, setup.mesh),
         compute_dtype=compute_dtype,
     )
     state_sh = setup.state_shardings

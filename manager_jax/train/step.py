@@ -23,6 +23,7 @@ rematerialisation: fp32 logits of [B, S, V] are never materialised.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -31,7 +32,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from manager_jax.models.layers import layer_params_transform
 from manager_jax.models.llava_ov import shifted_targets
+from manager_jax.sharding import layer_compute_sharding
 from manager_jax.train.optimizer import merge_trainable, split_trainable
 
 LOSS_NORMALIZATIONS = ("shard_mean", "token_mean")
@@ -87,6 +90,34 @@ def supervised_nll(model, hidden: jax.Array, labels: jax.Array, segment_ids: jax
     return total, valid.sum()
 
 
+def gather_stacked_layers(model: nnx.Module, mesh: Any):
+    """A context in which the model's layer scans all-gather each layer's weights in the layer body.
+
+    Outside, the stacked params stay FSDP-sharded; inside the (rematerialised) body each layer's
+    slice is constrained to its gathered compute sharding. Peak memory then holds one layer of
+    whole weights instead of the whole model, and the backward pass reduce-scatters each layer's
+    gradient as it is made.
+    """
+    stacks = {
+        id(node): ".".join(str(p) for p in path)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Module) and path and path[-1] == "layers"
+    }
+
+    def gather(layers: nnx.Module, layer_state: Any) -> Any:
+        stack_path = stacks.get(id(layers))
+        if stack_path is None:
+            return layer_state
+
+        def one(path, leaf):
+            sharding = layer_compute_sharding(stack_path, path, leaf.shape, mesh)
+            return jax.lax.with_sharding_constraint(leaf, sharding)
+
+        return jax.tree_util.tree_map_with_path(one, layer_state)
+
+    return layer_params_transform(gather)
+
+
 def count_supervised(labels: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """Supervised (target-bearing) positions of a batch, with the model's shift rule."""
     return shifted_targets(labels, segment_ids)[1].sum()
@@ -132,11 +163,13 @@ def make_train_step(
     """train_step(state, batch) -> (new state, metrics). Pure; jit it with shardings (loop / aot).
 
     `plain_causal`: every row holds one sample (no packing), see `use_plain_causal`.
-    `compute_shardings` (params gathered over the FSDP axis) and `compute_dtype`: each
-    micro-step casts the params to the compute dtype and all-gathers them once, so every device
+    `compute_shardings` (``sharding.compute_shardings``) and `compute_dtype`: each micro-step
+    casts the params to the compute dtype and all-gathers them over the FSDP axis, so every device
     runs its batch shards with whole (tensor-split) weights; without this, GSPMD propagates the
-    weights' FSDP split into the activations and all-reduces activations instead. Gradients are
-    reduce-scattered back onto `param_shardings`.
+    weights' FSDP split into the activations and all-reduces activations instead. Params outside
+    the layer stacks are gathered once per micro-step; stacked layer params one layer at a time
+    inside the layer scan (:func:`gather_stacked_layers`). Gradients are reduce-scattered back
+    onto `param_shardings`.
     """
     plain = use_plain_causal(plain_causal)
 
@@ -156,9 +189,13 @@ def make_train_step(
             return tree
         return jax.tree.map(lambda g, s: jax.lax.with_sharding_constraint(g, s), tree, split_trainable(param_shardings, trainable_mask)[0])
 
+    mesh = None if compute_shardings is None else jax.tree.leaves(compute_shardings)[0].mesh
+
     def shard_nll(params, shard, key):
         model = nnx.merge(graphdef, params)
-        hidden = model.hidden_states(shard, jitter_key=key, plain_causal=plain)
+        gather = contextlib.nullcontext() if mesh is None else gather_stacked_layers(model, mesh)
+        with gather:
+            hidden = model.hidden_states(shard, jitter_key=key, plain_causal=plain)
         return supervised_nll(model, hidden, shard["labels"], shard["segment_ids"], loss_cfg)
 
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
