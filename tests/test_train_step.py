@@ -13,7 +13,7 @@ from manager_jax.models.llava_ov import LlavaOV, lm_loss
 from manager_jax.sharding import MeshConfig, batch_sharding, make_mesh, path_str
 from manager_jax.train.optimizer import OptimConfig, param_group
 from manager_jax.train.state import init_params, init_state, jit_train_step, make_setup, place_batch
-from manager_jax.train.step import LossConfig, supervised_nll
+from manager_jax.train.step import LossConfig, _even_chunk, supervised_nll
 from tests.train_batches import compile_cache_fixture, random_step_batch, shard_batch, small_model
 
 ALL_PARTS = "mm_mlp_adapter,mm_manager,mm_language_model,mm_vision_tower"
@@ -55,9 +55,11 @@ def max_change_per_group(before, after):
     return out
 
 
-def test_supervised_nll_matches_model_lm_loss():
+@pytest.mark.parametrize("tied", [True, False])
+def test_supervised_nll_matches_model_lm_loss(tied):
     """Budgeted, chunked LM-head loss == the model's own lm_loss over full fp32 logits."""
     cfg = small_model("manager")
+    cfg.text.tie_word_embeddings = tied
     batch = {k: jnp.asarray(v) for k, v in shard_batch(cfg, np.random.default_rng(1), rows=2, text_samples=3).items()}
     graphdef, params = nnx.split(LlavaOV(cfg, rngs=nnx.Rngs(0)))
 
@@ -67,7 +69,8 @@ def test_supervised_nll_matches_model_lm_loss():
         hidden = model.hidden_states(batch)
         reference = lm_loss(model.logits(hidden), batch["labels"], batch["segment_ids"])
         ours = []
-        for loss_cfg in (LossConfig(), LossConfig(token_budget=96, chunk_size=40), LossConfig(chunk_size=128)):
+        for loss_cfg in (LossConfig(), LossConfig(token_budget=96, chunk_size=40), LossConfig(chunk_size=128),
+                         LossConfig(chunk_size=37)):
             total, count = supervised_nll(model, hidden, batch["labels"], batch["segment_ids"], loss_cfg)
             ours.append(total / count)
         return reference, ours
@@ -75,6 +78,30 @@ def test_supervised_nll_matches_model_lm_loss():
     expected, ours = losses(params, batch)
     for value in ours:
         assert float(value) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_target_logits_are_the_logits_at_the_targets(tied, dtype):
+    cfg = small_model("manager", dtype=dtype)
+    cfg.text.tie_word_embeddings = tied
+    model = LlavaOV(cfg, rngs=nnx.Rngs(3))
+    hidden = jax.random.normal(jax.random.key(0), (2, 5, cfg.text.hidden_size))
+    targets = jax.random.randint(jax.random.key(1), (2, 5), 0, cfg.text.vocab_size)
+    expected = jnp.take_along_axis(model.logits(hidden), targets[..., None], axis=-1)[..., 0]
+    got = model.target_logits(hidden, targets)
+    assert got.dtype == jnp.float32
+    tol = 1e-6 if dtype == "float32" else 2 ** -7  # bf16: the two roundings may differ by one ulp
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("n,max_chunk", [(3098, 1024), (8198, 1024), (100, 37), (16384, 4096), (5, 4), (1000, 7)])
+def test_lm_head_chunks_are_even(n, max_chunk):
+    chunk = _even_chunk(n, max_chunk)
+    num_chunks = -(-n // chunk)
+    assert chunk <= max_chunk
+    assert num_chunks == -(-n // max_chunk)  # no more chunks than chunk_size asks for
+    assert num_chunks * chunk - n < 8 * num_chunks or chunk == max_chunk  # padding: < 8 per chunk
 
 
 def test_stage1_trains_only_projector_and_manager_at_their_lrs():

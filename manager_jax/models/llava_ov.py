@@ -121,6 +121,18 @@ class LlavaOV(nnx.Module):
             logits = self.lm_head(hidden)
         return logits.astype(jnp.float32)
 
+    def target_logits(self, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+        """``logits(hidden)`` at the ids ``targets`` ([..., D], [...] -> [...] fp32), one dot per
+        position instead of a slice of the [..., V] logits (whose gradient would be [..., V] too)."""
+        if self.cfg.text.tie_word_embeddings:
+            rows = self.text.embed.embedding[...][targets]
+        else:
+            rows = jnp.moveaxis(jnp.take(self.lm_head.kernel[...], targets, axis=1), 0, -1)
+        dtype = self.text.embed.dtype or rows.dtype
+        # fp32 accumulation rounded to the compute dtype, as the logits matmul's output is.
+        dot = jnp.einsum("...d,...d->...", hidden.astype(dtype), rows.astype(dtype), preferred_element_type=jnp.float32)
+        return dot.astype(dtype).astype(jnp.float32)
+
     def __call__(self, batch: dict, *, jitter_key: jax.Array | None = None) -> jax.Array:
         """Logits [B, S, V] in fp32. `jitter_key` enables the training-time score jitter."""
         return self.logits(self.hidden_states(batch, jitter_key=jitter_key))
