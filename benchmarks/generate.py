@@ -33,13 +33,10 @@ def build_model(args):
     import jax.numpy as jnp
     from flax import nnx
 
-    from manager_jax import config
+    from benchmarks.shapes import benchmark_model_config
     from manager_jax.models.llava_ov import LlavaOV
 
-    if args.tiny:
-        cfg = config.tiny(args.variant)
-    else:
-        cfg = config.preset("0.5b", args.variant)
+    cfg = benchmark_model_config(args.tiny, args.variant)
     cfg = cfg.replace(dtype=args.dtype, param_dtype=args.dtype, remat_policy="none")
     # Random init on the device, in one compiled program (an eager init of 0.9B parameters is slow).
     model = nnx.jit(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))()
@@ -121,7 +118,7 @@ def bench(engine, args, batch: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny model and small workload (CPU smoke check)")
+    p.add_argument("--tiny", action="store_true", help="the reference's tiny shapes (benchmarks/shapes.py) and a small workload (CPU)")
     p.add_argument("--variant", default="grid_manager", choices=["baseline", "manager", "grid", "grid_manager"])
     p.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,16; tiny: 1,2)")
     p.add_argument("--image", default=None, help="HxW of the image (default 768x768; tiny: 384x384)")

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from manager_jax import multigrid  # noqa: E402
 from manager_jax.batch import ProcessedSample, assemble_batch  # noqa: E402
-from manager_jax.config import preset, tiny  # noqa: E402
+from benchmarks.shapes import benchmark_model_config  # noqa: E402
 from manager_jax.sharding import MeshConfig, batch_sharding, data_parallel_size, make_mesh  # noqa: E402
 from manager_jax.train import flops  # noqa: E402
 from manager_jax.train.optimizer import OptimConfig  # noqa: E402
@@ -41,10 +41,7 @@ ALL_PARTS = "mm_vision_tower,mm_mlp_adapter,mm_manager,mm_language_model"
 
 
 def build_model_config(args):
-    if args.tiny:
-        cfg = tiny(args.variant)
-    else:
-        cfg = preset("0.5b", args.variant)
+    cfg = benchmark_model_config(args.tiny, args.variant)
     return cfg.replace(dtype=args.dtype, param_dtype="float32", remat_policy=args.remat, scan_layers=True,
                        attention_impl=args.attention)
 
@@ -73,7 +70,7 @@ def shard_batch(cfg, rng, *, rows: int, image_hw: tuple[int, int], text: int) ->
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny model and a 384x384 image + 64 text tokens (CPU smoke)")
+    p.add_argument("--tiny", action="store_true", help="the reference's tiny shapes (benchmarks/shapes.py), a 384x384 image + 64 text tokens (CPU)")
     p.add_argument("--variant", default="grid", choices=["baseline", "manager", "grid", "grid_manager"],
                    help="grid = the reference's LLaVA-OV (no Manager)")
     p.add_argument("--batch-per-device", type=int, default=2)

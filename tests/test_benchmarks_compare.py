@@ -1,0 +1,43 @@
+"""benchmarks/compare.py: pairs our lines with the reference's from the same file."""
+
+import json
+
+from benchmarks.compare import main, read_lines, table
+
+
+def _write(path, rows):
+    path.write_text("noise line\n" + "\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+
+
+def test_pairs_train_and_generate_lines_and_judges_targets_only_on_h100(tmp_path, capsys):
+    rows = [
+        {"what": "train", "impl": "jax-manager_jax", "batch_per_device": 2, "image": "768x768", "variant": "grid",
+         "remat": "none", "tokens_per_s": 80000.0, "mfu": 0.45, "step_s_median": 0.1, "device": "NVIDIA H100 80GB HBM3"},
+        {"what": "train", "impl": "torch-hf", "batch": 2, "compile": True, "tokens_per_s": 41900.0, "device": "NVIDIA H100 80GB HBM3"},
+        {"what": "train", "impl": "torch-hf", "batch": 2, "compile": False, "tokens_per_s": 32000.0, "mfu": 0.2,
+         "step_s_median": 0.25, "device": "NVIDIA H100 80GB HBM3"},
+        {"what": "generate", "impl": "jax", "batch": 16, "image": "768x768", "variant": "grid", "new_tokens": 128,
+         "decode_tokens_per_s": 12000.0, "prefill_s": 0.2, "device": "1 x NVIDIA H100 80GB HBM3"},
+        {"what": "generate", "impl": "torch-hf", "batch": 16, "decode_tokens_per_s": 200.0, "prefill_s": 0.4},
+    ]
+    path = tmp_path / "bench.jsonl"
+    _write(path, rows)
+    assert len(read_lines([str(path)])) == len(rows)
+    text = "\n".join(table(read_lines([str(path)])))
+    train = next(line for line in text.splitlines() if "tokens/s" in line and line.startswith("| train"))
+    assert f"{80000 / 32000:.2f}x" in train and ": met |" in train  # vs eager, not compiled
+    gen = next(line for line in text.splitlines() if line.startswith("| generate B=16"))
+    assert f"{12000 / 200:.1f}x" in gen and ": not met |" in gen  # 12,000 < 15,000
+    prefill = next(line for line in text.splitlines() if "prefill ms" in line)
+    assert "200.0" in prefill and "400.0" in prefill and "2.00x" in prefill
+    assert main([str(path)]) == 0 and "| workload |" in capsys.readouterr().out
+
+
+def test_other_devices_are_not_judged_and_empty_input_fails(tmp_path):
+    path = tmp_path / "cpu.jsonl"
+    _write(path, [{"what": "generate", "impl": "jax", "batch": 1, "decode_tokens_per_s": 9999.0, "device": "1 x cpu"}])
+    text = "\n".join(table(read_lines([str(path)])))
+    assert ": met" not in text and ": not met" not in text and "not judged" in text
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main([str(empty)]) == 1
