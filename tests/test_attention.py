@@ -41,3 +41,62 @@ def test_blocked_attention_equals_full_softmax(block, monkeypatch):
     blocked = loss(lambda x: A.dot_product_attention(x, jnp.asarray(k), jnp.asarray(v), mask=mask))
     full = loss(lambda x: A._xla_attention(x, jnp.asarray(k), jnp.asarray(v), mask, d**-0.5))
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), rtol=1e-4, atol=1e-5)
+
+
+def _packed_inputs(rows, t, h, kv, d, seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.normal(size=(rows, t, n, d)).astype(np.float32) for n in (h, kv, kv))
+    seg = np.ones((rows, t), np.int32)
+    seg[0, 50:170] = 2  # three packed segments in row 0, padding at its end
+    seg[0, 170:230] = 3
+    seg[0, 230:] = 0
+    return q, k, v, seg
+
+
+def test_splash_kernel_equals_the_reference_on_packed_rows():
+    """The TPU Splash kernel (Pallas interpret mode on CPU): packed segments, padding, GQA, gradients."""
+    from jax.sharding import Mesh
+
+    b, t, h, kv, d = 2, 256, 4, 2, 16
+    q, k, v, seg = _packed_inputs(b, t, h, kv, d)
+    slots = jnp.arange(t)
+    mask = np.asarray(A.segment_causal_mask(slots, slots, jnp.asarray(seg), jnp.asarray(seg)))
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    with A.sharded_attention(A.AttentionMesh(mesh)):
+        assert A.splash_applies("splash", t) and not A.splash_applies("auto", t)  # auto: TPU meshes only
+        with pytest.raises(ValueError, match="multiple of 128"):
+            A.splash_applies("splash", t + 8)
+        splash = lambda q, k, v: A.splash_attention(q, k, v, jnp.asarray(seg))
+        got = splash(*map(jnp.asarray, (q, k, v)))
+        np.testing.assert_allclose(np.asarray(got), _naive(q, k, v, mask), rtol=1e-4, atol=1e-5)
+        loss = lambda fn: jax.grad(lambda *x: (fn(*x) ** 2).sum(), argnums=(0, 1, 2))(*map(jnp.asarray, (q, k, v)))
+        reference = lambda q, k, v: A._xla_attention(q, k, v, jnp.asarray(mask), d**-0.5)
+        for a, r in zip(loss(splash), loss(reference)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-4)
+    assert not A.splash_applies("splash", t)  # outside the training pass: the XLA path
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py)")
+def test_splash_on_a_mesh_keeps_shards_and_heads_in_place():
+    """vmap over shards (spmd_axis_name) + shard_map over heads, as the train step runs it."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    shards, b, t, h, kv, d = 4, 1, 256, 4, 2, 16
+    parts = [_packed_inputs(b, t, h, kv, d, seed=s) for s in range(shards)]
+    q, k, v, seg = (np.stack([p[i] for p in parts]) for i in range(4))
+    spread = NamedSharding(mesh, P(("data", "fsdp")))
+    args = [jax.device_put(jnp.asarray(x), spread) for x in (q, k, v, seg)]
+
+    def step(q, k, v, seg):
+        with A.sharded_attention(A.AttentionMesh(mesh)):
+            return jax.vmap(A.splash_attention, spmd_axis_name=("data", "fsdp"))(q, k, v, seg)
+
+    compiled = jax.jit(step).lower(*args).compile()
+    out = compiled(*args)
+    assert "all-gather" not in compiled.as_text()  # no activation moves between devices
+    assert out.sharding.spec == P(("data", "fsdp"), None, None, "tensor")
+    slots = jnp.arange(t)
+    for i in range(shards):
+        mask = np.asarray(A.segment_causal_mask(slots, slots, jnp.asarray(seg[i]), jnp.asarray(seg[i])))
+        np.testing.assert_allclose(np.asarray(out[i]), _naive(q[i], k[i], v[i], mask), rtol=1e-4, atol=1e-5)

@@ -30,6 +30,7 @@ def test_compile_for_local_cpu_devices_reports_memory_and_flops():
     full_state_gib = 3 * report["params"] * 4 / 2**30
     assert mem["arguments_gib"] < full_state_gib
     assert report["model_flops_per_step"] > 0
+    assert report["attention"] == "xla" and report["mosaic_calls"] == 0  # auto: Splash on TPU meshes only
     assert "memory per chip" in format_report(report)
 
 
@@ -80,3 +81,4 @@ def test_stage2_7b_grid_manager_compiles_for_v5p_and_fits():
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)
     assert "8 x TPU v5" in out.stdout and "-> fits" in out.stdout
+    assert "text attention: splash" in out.stdout  # auto picks the Splash kernel on TPU

@@ -2,19 +2,140 @@
 
 `xla` is the reference path (any backend, arbitrary masks, fp32 softmax as the PyTorch eager code).
 `cudnn` uses `jax.nn.dot_product_attention(implementation="cudnn")` (GPU flash attention); it is taken
-only where the mask is plain causal or full, and `auto` picks it on GPU for those cases. A TPU
-Splash kernel plugs in here later.
+only where the mask is plain causal or full, and `auto` picks it on GPU for those cases.
+`splash` is the TPU Splash kernel (Pallas) for the training pass: causal attention within packed
+segments, GQA, no [T, S] scores in memory. It runs inside :func:`sharded_attention` (the train step
+enters it with its mesh), on rows whose length is a multiple of 128; `auto` picks it when that
+mesh is made of TPUs. Elsewhere (inference, the vision tower's 729-token crops) the XLA / cuDNN
+paths run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import functools
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 # The XLA path handles queries in blocks of this many positions (rematerialised), so its fp32 scores
 # are [block, S] rather than [S, S]: 16k-token training rows fit without a fused kernel.
 QUERY_BLOCK = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMesh:
+    """Where the training pass runs: its mesh and the mesh axis that splits heads. The train step
+    vmaps the model over batch shards with ``spmd_axis_name`` = the batch axes, so a shard_map
+    inside keeps each shard on its devices."""
+
+    mesh: Mesh
+    head_axis: str | None = "tensor"
+
+    @property
+    def platform(self) -> str:
+        return self.mesh.devices.flat[0].platform
+
+    @property
+    def interpret(self) -> bool:
+        # On CPU an explicit attention_impl="splash" runs the kernel in Pallas interpret mode
+        # (slow, exact: for tests of the TPU path without a TPU).
+        return self.platform == "cpu"
+
+
+_ATTENTION_MESH: contextvars.ContextVar[AttentionMesh | None] = contextvars.ContextVar("attention_mesh", default=None)
+
+
+@contextlib.contextmanager
+def sharded_attention(where: AttentionMesh) -> Iterator[None]:
+    """Lets the packed training attention use the Splash kernel on `where` (see the module doc)."""
+    token = _ATTENTION_MESH.set(where)
+    try:
+        yield
+    finally:
+        _ATTENTION_MESH.reset(token)
+
+
+SPLASH_LANES = 128  # Splash tiles the sequence in blocks that are multiples of 128
+
+
+def splash_applies(impl: str, seq_len: int) -> bool:
+    """Whether a packed causal self-attention over rows of `seq_len` runs on the Splash kernel."""
+    where = _ATTENTION_MESH.get()
+    if where is None or impl not in ("splash", "auto"):
+        return False  # outside the training pass "splash" means the XLA path
+    if where.platform != "tpu":
+        if impl == "auto":
+            return False
+        if not where.interpret:
+            raise ValueError(f"attention_impl='splash' is a TPU kernel; this mesh is {where.platform}")
+    if seq_len % SPLASH_LANES:
+        if impl == "splash":
+            raise ValueError(f"attention_impl='splash' needs rows of a multiple of {SPLASH_LANES} tokens, got {seq_len}")
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(groups: int, seq_len: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    block = next(b for b in (512, 256, 128) if seq_len % b == 0)
+    sizes = sk.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
+        block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+    )
+    mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(groups)])
+    # One MQA kernel per KV head: the G query heads of a group share its keys and values. Its
+    # block-mask tables are built concretely (not as tracers of the step being traced), so the
+    # cached kernel can serve every later trace.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)
+
+
+def _splash_local(q, k, v, segment_ids, interpret: bool):
+    """Splash on this device's rows: q [B, T, H, d], k/v [B, T, KV, d], segment_ids [B, T]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    kernel = _splash_kernel(h // kv, t, interpret)
+    q = (q * d**-0.5).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, d]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, d]
+
+    def row(q_row, k_row, v_row, seg):
+        ids = SegmentIds(q=seg, kv=seg)
+        return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(q_row, k_row, v_row)
+
+    out = jax.vmap(row)(q, k, v, segment_ids)  # [B, KV, G, T, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Causal attention within segments (packed rows; segment 0 = padding attends to padding).
+
+    q [B, T, H, d], k/v [B, T, KV, d] -> [B, T, H, d]. On a mesh it is a shard_map: the rows'
+    shard axis (vmapped by the train step with ``spmd_axis_name``) and the heads stay where they
+    are, so the kernel never moves activations between devices.
+    """
+    where = _ATTENTION_MESH.get()
+    local = functools.partial(_splash_local, interpret=where.interpret)
+    mesh = where.mesh
+    if mesh.size == 1:
+        return local(q, k, v, segment_ids)
+    heads = where.head_axis if where.head_axis in mesh.shape else None
+    if heads is not None and (q.shape[2] % mesh.shape[heads] or k.shape[2] % mesh.shape[heads]):
+        heads = None  # heads that do not divide the axis are replicated, as the q/k/v weights are
+    qkv = P(None, None, heads)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P()), out_specs=qkv, check_vma=False)(
+        q, k, v, segment_ids
+    )
 
 
 def segment_causal_mask(

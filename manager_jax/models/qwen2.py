@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from manager_jax.config import TextConfig
-from manager_jax.models.attention import dot_product_attention, segment_causal_mask
+from manager_jax.models.attention import dot_product_attention, segment_causal_mask, splash_applies, splash_attention
 from manager_jax.models.layers import RMSNorm, linear, make_stacked, run_stacked
 
 
@@ -89,7 +89,9 @@ class Qwen2Attention(nnx.Module):
         else:
             fresh = True
         kv_slot = jnp.arange(k.shape[1])
-        if ctx.plain_causal and fresh and self.impl != "xla":
+        if cache is None and splash_applies(self.impl, t):  # training rows: packed, causal, fresh keys
+            out = splash_attention(q, k, v, ctx.q_seg)
+        elif ctx.plain_causal and fresh and self.impl not in ("xla", "splash"):
             out = dot_product_attention(q, k, v, mask=None, impl=self.impl, plain_causal=True)
         else:
             mask = segment_causal_mask(ctx.q_slot, kv_slot, ctx.q_seg, ctx.kv_seg)

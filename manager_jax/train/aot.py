@@ -139,6 +139,8 @@ def compile_for_topology(config: TrainConfig, topology: str) -> dict[str, Any]:
         sum_sq_lengths=float(config.data.seq_len) ** 2, trainable=setup.tunable_groups,
     )
     capacity = hbm_gib(kind)
+    # Pallas TPU kernels (the Splash attention) appear as Mosaic custom calls in the program.
+    mosaic_calls = (compiled.as_text() or "").count('custom_call_target="tpu_custom_call"')
     return {
         "recipe": config.name,
         "topology": topology,
@@ -156,6 +158,8 @@ def compile_for_topology(config: TrainConfig, topology: str) -> dict[str, Any]:
         # XLA's count of the compiled program for one device (loops may be counted once per body).
         "xla_flops_per_device": float(cost.get("flops", 0.0)) or None,
         "model_flops_per_step": full_batch_flops,
+        "attention": "splash" if mosaic_calls else "xla",
+        "mosaic_calls": mosaic_calls,
     }
 
 
@@ -165,6 +169,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"recipe {report['recipe']} on {report['topology']} ({report['devices']} x {report['device_kind']}), mesh {report['mesh']}",
         f"batch: {report['batch']}",
         f"params: {report['params']:,} ({report['trainable_params']:,} trainable); compiled in {report['compile_s']:.1f} s",
+        f"text attention: {report['attention']} ({report['mosaic_calls']} Mosaic kernel calls in the program)",
     ]
     mem = report["memory_per_chip"]
     if mem:

@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from manager_jax.models.attention import AttentionMesh, sharded_attention
 from manager_jax.models.layers import layer_params_transform
 from manager_jax.models.llava_ov import shifted_targets
-from manager_jax.sharding import layer_compute_sharding
+from manager_jax.sharding import BATCH_AXES, layer_compute_sharding
 from manager_jax.train.optimizer import merge_trainable, split_trainable
 
 LOSS_NORMALIZATIONS = ("shard_mean", "token_mean")
@@ -203,11 +204,16 @@ def make_train_step(
         return jax.tree.map(lambda g, s: jax.lax.with_sharding_constraint(g, s), tree, split_trainable(param_shardings, trainable_mask)[0])
 
     mesh = None if compute_shardings is None else jax.tree.leaves(compute_shardings)[0].mesh
+    # The shard axis is split over these mesh axes; telling vmap so lets shard_maps inside the
+    # model (the Splash attention) keep each shard on its own devices.
+    shard_axes = None if mesh is None else tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
 
     def shard_nll(params, shard, key):
         model = nnx.merge(graphdef, params)
-        gather = contextlib.nullcontext() if mesh is None else gather_stacked_layers(model, mesh)
-        with gather:
+        with contextlib.ExitStack() as scope:
+            if mesh is not None:
+                scope.enter_context(gather_stacked_layers(model, mesh))
+                scope.enter_context(sharded_attention(AttentionMesh(mesh)))
             hidden = model.hidden_states(shard, jitter_key=key, plain_causal=plain)
         return supervised_nll(model, hidden, shard["labels"], shard["segment_ids"], loss_cfg)
 
@@ -224,7 +230,7 @@ def make_train_step(
 
         def micro_loss(tr, micro, micro_keys):
             full = for_compute(merge_trainable(tr, frozen))
-            sums, counts = jax.vmap(lambda shard, k: shard_nll(full, shard, k))(micro, micro_keys)
+            sums, counts = jax.vmap(lambda shard, k: shard_nll(full, shard, k), spmd_axis_name=shard_axes)(micro, micro_keys)
             if loss_cfg.normalization == "shard_mean":
                 loss = jnp.mean(sums / jnp.maximum(counts, 1)) / accum
             else:
