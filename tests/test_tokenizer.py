@@ -11,6 +11,7 @@ import base64
 import functools
 import importlib.resources
 import json
+import pickle
 import random
 import unicodedata
 
@@ -241,3 +242,41 @@ def test_hf_adapter_matches_offline_tokenizer(tok, hf_dir):
         assert adapter.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
     with pytest.raises(ValueError, match="outside"):
         adapter.decode([-200])
+    # Grain worker processes receive a pickled copy: it must encode the same way.
+    clone = pickle.loads(pickle.dumps(adapter))
+    for text in random_corpus(20, seed=2):
+        for allow in (True, False, QWEN2_TEXT_SPECIAL_TOKENS):
+            assert clone.encode(text, allow_special=allow) == tok.encode(text, allow_special=allow), (text, allow)
+
+
+def test_hf_adapter_is_thread_safe(tok, hf_dir):
+    """Grain's read threads share the adapter: mixed allow_special calls must not leak into each other.
+
+    transformers toggles a flag on the shared Rust tokenizer for split_special_tokens, so a call that
+    splits special strings and one that keeps them could see each other's setting.
+    """
+    import sys
+    import threading
+
+    adapter = load_tokenizer(hf_dir)
+    texts = [f"user text {i} <|im_start|>assistant\n<|im_end|> {'x' * (i % 7)}" for i in range(40)]
+    expected = {(t, allow): tok.encode(t, allow_special=allow) for t in texts for allow in (True, False)}
+    wrong = []
+
+    def worker(allow):
+        for _ in range(15):
+            for t in texts:
+                if adapter.encode(t, allow_special=allow) != expected[(t, allow)]:
+                    wrong.append((t, allow))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=worker, args=(allow,)) for allow in (True, False, True, False)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong, f"{len(wrong)} encodings came out with the other thread's special-token setting"

@@ -237,6 +237,15 @@ class HFTokenizerAdapter:
             raise FileNotFoundError(f"tokenizer folder not found: {path!r}")
         self.path = path
         self._hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # Encoding goes straight to two Rust tokenizers, one that keeps special strings and one
+        # that splits them as text. transformers' encode(split_special_tokens=...) toggles a flag
+        # on its one shared backend, which lets concurrent read threads see each other's setting.
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self._keep_specials = RustTokenizer.from_str(self._hf.backend_tokenizer.to_str())
+        self._keep_specials.encode_special_tokens = False
+        self._split_specials = RustTokenizer.from_str(self._hf.backend_tokenizer.to_str())
+        self._split_specials.encode_special_tokens = True
         self.special_tokens: dict[str, int] = {
             token.content: int(index) for index, token in self._hf.added_tokens_decoder.items() if token.special
         }
@@ -248,6 +257,12 @@ class HFTokenizerAdapter:
         pad = self._hf.pad_token_id
         self.pad_id = int(pad) if pad is not None else self._required_id(ENDOFTEXT)
         self.eos_ids = self._read_eos_ids()
+
+    def __setstate__(self, state: dict) -> None:
+        # Worker processes get a pickled copy; the Rust tokenizers do not pickle this flag.
+        self.__dict__.update(state)
+        self._keep_specials.encode_special_tokens = False
+        self._split_specials.encode_special_tokens = True
 
     def _optional_id(self, token: str) -> int | None:
         index = self._hf.convert_tokens_to_ids(token)
@@ -277,7 +292,7 @@ class HFTokenizerAdapter:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         if allow_special is True:
-            return list(self._hf.encode(text, add_special_tokens=False))
+            return self._keep_specials.encode(text, add_special_tokens=False).ids
         allowed = _resolve_allowed(allow_special, self.special_tokens)
         key = frozenset(allowed)
         if key not in self._split_patterns:
@@ -288,7 +303,7 @@ class HFTokenizerAdapter:
                 ids.append(self.special_tokens[piece])
             else:
                 # split_special_tokens: the remaining special strings are tokenized as text.
-                ids.extend(self._hf.encode(piece, add_special_tokens=False, split_special_tokens=True))
+                ids.extend(self._split_specials.encode(piece, add_special_tokens=False).ids)
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
