@@ -3,8 +3,6 @@
 import json
 import pickle
 import random
-import sys
-import threading
 
 import pytest
 
@@ -19,6 +17,7 @@ from manager_jax.data.records import (
     open_records,
     write_records,
 )
+from tests.threads import run_racing
 
 RECORDS = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "é" * i}]}
            for i in range(5)]
@@ -56,8 +55,6 @@ def test_jsonl_random_access_is_thread_safe(tmp_path):
     records = [{"id": f"t{i}", "conversations": [{"from": "gpt", "value": "x" * (i * 37 % 500)}]} for i in range(400)]
     write_records(str(tmp_path / "t.jsonl"), records)
     src = JsonlRecords(str(tmp_path / "t.jsonl"))
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads often so that a race shows up
     wrong = []
 
     def reader(seed):
@@ -67,14 +64,7 @@ def test_jsonl_random_access_is_thread_safe(tmp_path):
             if src[i]["id"] != records[i]["id"]:
                 wrong.append(i)
 
-    try:
-        threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_racing(reader, [(seed,) for seed in range(4)])
     assert not wrong, f"{len(wrong)} reads returned another record"
 
 

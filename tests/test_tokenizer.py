@@ -23,6 +23,7 @@ from manager_jax.data.tokenizer import (
     QwenTokenizer,
     load_tokenizer,
 )
+from tests.threads import run_racing
 
 SPECIALS = {
     "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<image>": 151646, "<video>": 151647,
@@ -255,9 +256,6 @@ def test_hf_adapter_is_thread_safe(tok, hf_dir):
     transformers toggles a flag on the shared Rust tokenizer for split_special_tokens, so a call that
     splits special strings and one that keeps them could see each other's setting.
     """
-    import sys
-    import threading
-
     adapter = load_tokenizer(hf_dir)
     texts = [f"user text {i} <|im_start|>assistant\n<|im_end|> {'x' * (i % 7)}" for i in range(40)]
     expected = {(t, allow): tok.encode(t, allow_special=allow) for t in texts for allow in (True, False)}
@@ -269,14 +267,5 @@ def test_hf_adapter_is_thread_safe(tok, hf_dir):
                 if adapter.encode(t, allow_special=allow) != expected[(t, allow)]:
                     wrong.append((t, allow))
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=worker, args=(allow,)) for allow in (True, False, True, False)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_racing(worker, [(True,), (False,), (True,), (False,)])
     assert not wrong, f"{len(wrong)} encodings came out with the other thread's special-token setting"
