@@ -40,6 +40,10 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _times(ratio: float | None, spec: str = ".2f") -> str:
+    return "-" if ratio is None else f"{ratio:{spec}}x"
+
+
 def _ratio(ours: float | None, ref: float | None) -> float | None:
     return ours / ref if ours and ref else None
 
@@ -59,7 +63,7 @@ def table(rows: list[dict]) -> list[str]:
         verdict = "-" if ratio is None or not on_h100 else ("met" if ratio >= TRAIN_TARGET_RATIO else "not met")
         label = f"train B={mine.get('batch_per_device')} {mine.get('image')} ({mine.get('variant')}, remat {mine.get('remat')})"
         out.append(f"| {label} | tokens/s | {_fmt(mine.get('tokens_per_s'), ',.0f')} | "
-                   f"{_fmt(ref and ref.get('tokens_per_s'), ',.0f')} | {_fmt(ratio, '.2f')}x | "
+                   f"{_fmt(ref and ref.get('tokens_per_s'), ',.0f')} | {_times(ratio)} | "
                    f">= {TRAIN_TARGET_RATIO:g}x: {verdict} |")
         out.append(f"| | MFU | {_fmt(mine.get('mfu'), '.1%')} | {_fmt(ref and ref.get('mfu'), '.1%')} | | >= 40% |")
         out.append(f"| | step s | {_fmt(mine.get('step_s_median'), '.3f')} | "
@@ -72,14 +76,15 @@ def table(rows: list[dict]) -> list[str]:
         ratio = _ratio(tps, ref and ref.get("decode_tokens_per_s"))
         floor = GENERATE_TARGET_TOKENS_PER_S.get(batch)
         verdict = "-" if floor is None or not on_h100 else ("met" if tps and tps >= floor else "not met")
-        label = f"generate B={batch} {mine.get('image')} ({mine.get('variant')}, {mine.get('new_tokens')} new)"
+        layers = f", {mine['decode_layers']} layers" if mine.get("decode_layers") else ""
+        label = f"generate B={batch} {mine.get('image')} ({mine.get('variant')}, {mine.get('new_tokens')} new{layers})"
         out.append(f"| {label} | decode tokens/s | {_fmt(tps, ',.0f')} | "
-                   f"{_fmt(ref and ref.get('decode_tokens_per_s'), ',.1f')} | {_fmt(ratio, '.1f')}x | "
+                   f"{_fmt(ref and ref.get('decode_tokens_per_s'), ',.1f')} | {_times(ratio, '.1f')} | "
                    f"{'-' if floor is None else f'>= {floor:,.0f}'}: {verdict} |")
         prefill, ref_prefill = mine.get("prefill_s"), ref and ref.get("prefill_s")
         out.append(f"| | prefill ms | {_fmt(prefill and prefill * 1e3, '.1f')} | "
                    f"{_fmt(ref_prefill and ref_prefill * 1e3, '.1f')} | "
-                   f"{_fmt(_ratio(ref_prefill, prefill), '.2f')}x | |")
+                   f"{_times(_ratio(ref_prefill, prefill))} | |")
     devices = sorted({str(r.get("device")) for r in rows if r.get("device")})
     out.append("")
     out.append(f"devices: {', '.join(devices) or 'unknown'}" + ("" if on_h100 else " (targets are for one H100: not judged)"))

@@ -108,6 +108,7 @@ def bench(engine, args, batch: int) -> dict:
     sample = prepared.samples[0]
     return {
         "what": "generate", "impl": "jax", "variant": args.variant, "tiny": args.tiny, "dtype": args.dtype,
+        "decode_layers": "scan" if args.decode_scan else "unrolled",
         "batch": batch, "image": args.image, "crops": sample.num_crops, "prompt_len": int(prepared.lengths[0]),
         "prompt_bucket": prepared.prompt_slots, "new_tokens": args.new_tokens, "prefill_s": prefill_s,
         "decode_s_per_token": decode, "decode_tokens_per_s": batch / decode, "total_s": total_s,
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 128; tiny: 8)")
     p.add_argument("--dtype", default=None, help="compute dtype (default bfloat16; tiny: float32)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 3; tiny: 1)")
+    p.add_argument("--decode-scan", action="store_true",
+                   help="scan the decoder layers in each decode step instead of unrolling them (engine default)")
     args = p.parse_args(argv)
     args.batch = args.batch or ("1,2" if args.tiny else "1,16")
     args.image = args.image or ("384x384" if args.tiny else "768x768")
@@ -139,7 +142,8 @@ def main(argv=None) -> int:
     from manager_jax.infer.engine import InferenceEngine
 
     model = build_model(args)
-    engine = InferenceEngine(model, eos_ids=[], pad_id=0, min_new_bucket=args.new_tokens)
+    engine = InferenceEngine(model, eos_ids=[], pad_id=0, min_new_bucket=args.new_tokens,
+                             decode_scan_layers=args.decode_scan)
     for batch in (int(b) for b in args.batch.split(",")):
         print(json.dumps(bench(engine, args, batch)), flush=True)
     return 0

@@ -66,3 +66,9 @@ fi
 
 echo "== summary"
 $PY benchmarks/compare.py "$LOG"
+
+# With time left: the decode steps with the decoder layers scanned instead of unrolled (the
+# engine's default), to check that default on this device.
+step generate_jax_scan "${T_GEN_SCAN:-100}" $PY benchmarks/generate.py "${ours_gen[@]}" --batch 1 --decode-scan
+echo "== summary with the scanned decode"
+$PY benchmarks/compare.py "$LOG"

@@ -178,6 +178,24 @@ def test_eos_stops_each_row(manager_engine):
         assert gens[1].token_ids == other and gens[1].finish_reason == "length"
 
 
+def test_scanned_and_unrolled_decode_layers_agree(manager_engine):
+    model, unrolled = manager_engine
+    scanned = InferenceEngine(model, pad_id=0, decode_scan_layers=True)
+    params = SamplingParams(max_new_tokens=NEW)
+    assert [g.token_ids for g in scanned.generate(mixed_prompts(), params)] == \
+        [g.token_ids for g in unrolled.generate(mixed_prompts(), params)]
+
+    def loops_in_decode_step(engine):  # while loops in one compiled decode step
+        prepared = engine.prepare(mixed_prompts())
+        logits, cache = engine.prefill(prepared, prepared.prompt_slots + 2)
+        kv_seg = jnp.asarray(engine.kv_segments(prepared, 2))
+        args = (engine.state, jnp.zeros(len(prepared.lengths), jnp.int32), jnp.asarray(prepared.lengths),
+                prepared.prompt_slots, cache, kv_seg)
+        return engine._step_jit.lower(*args).compile().as_text().count(" while(")
+
+    assert loops_in_decode_step(unrolled) == 0 < loops_in_decode_step(scanned)
+
+
 def test_lengths_within_a_bucket_do_not_recompile(manager_engine):
     _, engine = manager_engine
     short = engine.generate(mixed_prompts(), SamplingParams(max_new_tokens=3))

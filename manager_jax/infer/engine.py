@@ -145,6 +145,10 @@ class InferenceEngine:
       mesh: a `jax.sharding.Mesh` with the axes of `manager_jax.sharding` to shard the parameters
         (FSDP / tensor) and the batch and KV cache (data); None = one device.
       min_prompt_bucket / min_new_bucket: smallest prompt-length / new-token buckets.
+      decode_scan_layers: False (default) runs each decode step's decoder layers unrolled: one
+        flat program per token, no per-layer loop inside the token loop (the usual serving choice;
+        a loop iteration can cost as much as a small layer at batch 1). True scans them: a smaller
+        program that compiles faster. Prefill and scoring follow the model's `scan_layers`.
     """
 
     def __init__(
@@ -159,8 +163,10 @@ class InferenceEngine:
         mesh=None,
         min_prompt_bucket: int = 64,
         min_new_bucket: int = 16,
+        decode_scan_layers: bool = False,
     ):
         self.cfg = model.cfg
+        self.decode_scan_layers = bool(decode_scan_layers)
         if len(eos_ids) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} eos ids are supported, got {list(eos_ids)}")
         self.eos_ids = [int(e) for e in eos_ids]
@@ -172,6 +178,11 @@ class InferenceEngine:
         self.min_new_bucket = min_new_bucket
         self.mesh = mesh
         self.graphdef, state = nnx.split(model)
+        # The decode steps' own graph: the same params with the decoder's layer loop as asked.
+        scan_layers = model.text.scan_layers
+        model.text.scan_layers = self.decode_scan_layers
+        self.decode_graphdef = nnx.split(model)[0]
+        model.text.scan_layers = scan_layers
         self.state = self._place_params(state)
         self._prefill_jit = jax.jit(self._prefill_fn, static_argnames=("cache_len", "plain_causal"))
         self._step_jit = jax.jit(self._decode_step_fn, donate_argnames=("cache",))
@@ -327,12 +338,12 @@ class InferenceEngine:
         return model.logits(hidden[:, 0]), cache
 
     def _decode_step_fn(self, state, tokens, positions, slot, cache, kv_seg):
-        return self._step(nnx.merge(self.graphdef, state), tokens, positions, jnp.asarray(slot, jnp.int32),
+        return self._step(nnx.merge(self.decode_graphdef, state), tokens, positions, jnp.asarray(slot, jnp.int32),
                           cache, kv_seg)
 
     def _decode_loop_fn(self, state, first_logits, cache, kv_seg, next_pos, controls, key, *, greedy: bool,
                         new_slots: int):
-        model = nnx.merge(self.graphdef, state)
+        model = nnx.merge(self.decode_graphdef, state)
         rows = first_logits.shape[0]
         prompt_slots = kv_seg.shape[1] - new_slots
         eos, pad = controls["eos"], controls["pad"]
