@@ -22,6 +22,7 @@ from manager_jax.infer.engine import (
     InputError,
     Prompt,
     PromptTooLongError,
+    ScoreRequest,
     count_bucket,
     length_bucket,
     rows_bucket,
@@ -239,6 +240,37 @@ def test_sharded_generation_equals_single_device(baseline_engine):
     assert len(kernel.sharding.device_set) > 1  # the parameters really are distributed
     expected = [g.token_ids for g in single.generate(prompts, params)]
     assert [g.token_ids for g in sharded.generate(prompts, params)] == expected
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_splash_prefill_and_scoring_equal_the_xla_path(manager_engine, sharded, monkeypatch):
+    """attention_impl="splash" (the TPU kernel, Pallas interpret mode on CPU) in prefill and scoring."""
+    from manager_jax.models import attention
+    from manager_jax.sharding import MeshConfig, make_mesh
+
+    if sharded and len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py provides them on CPU")
+    model, xla_engine = manager_engine
+    graphdef, state = nnx.split(model)
+    splash_model = nnx.merge(graphdef, state)
+    splash_model.text.layers.attn.impl = "splash"
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2, num_devices=4)) if sharded else None
+    engine = InferenceEngine(splash_model, pad_id=0, mesh=mesh)
+    traced = []
+    real = attention._splash_local
+    monkeypatch.setattr(attention, "_splash_local", lambda *a, **k: traced.append(a[0].shape) or real(*a, **k))
+
+    prompts = [mixed_prompts()[0], Prompt([3, IMAGE_TOKEN_INDEX, 9, 8], [random_image((50, 80), 9)])]
+    params = SamplingParams(max_new_tokens=NEW)
+    assert [g.token_ids for g in engine.generate(prompts, params)] == \
+        [g.token_ids for g in xla_engine.generate(prompts, params)]
+    requests = [ScoreRequest([1, IMAGE_TOKEN_INDEX, 4, 5, 6, 7], 3, 6, [random_image((40, 40), 3)])]
+    (got,), (expected,) = engine.score(requests), xla_engine.score(requests)
+    assert got.logprob == pytest.approx(expected.logprob, rel=1e-5, abs=1e-4) and got.is_greedy == expected.is_greedy
+    # The kernel ran (768-slot rows: 729 image tokens + text); sharded: rows and heads split in two.
+    assert traced and all(shape[1] == 768 for shape in traced)
+    assert {shape[0] for shape in traced} == ({1} if sharded else {2, 1})
+    assert {shape[2] for shape in traced} == ({2} if sharded else {4})
 
 
 def test_input_errors(manager_engine):

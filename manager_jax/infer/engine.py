@@ -38,6 +38,7 @@ from manager_jax.batch import IM_START_TOKEN_ID, ProcessedSample, assemble_batch
 from manager_jax.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from manager_jax.data.image_processing import preprocess_image
 from manager_jax.infer.sampling import SamplingParams, apply_repetition_penalty, limit_vocab, select_tokens
+from manager_jax.models.attention import AttentionMesh, sharded_attention
 from manager_jax.models.llava_ov import LlavaOV
 
 MAX_EOS_IDS = 8  # eos ids are padded to this many (-1) so their number never recompiles
@@ -177,6 +178,7 @@ class InferenceEngine:
         self.min_prompt_bucket = min_prompt_bucket
         self.min_new_bucket = min_new_bucket
         self.mesh = mesh
+        self._attention = self._attention_mesh(mesh)
         self.graphdef, state = nnx.split(model)
         # The decode steps' own graph: the same params with the decoder's layer loop as asked.
         scan_layers = model.text.scan_layers
@@ -189,6 +191,18 @@ class InferenceEngine:
         self._decode_jit = jax.jit(self._decode_loop_fn, static_argnames=("greedy", "new_slots"),
                                    donate_argnames=("cache",))
         self._score_jit = jax.jit(self._score_fn, static_argnames=("plain_causal",))
+
+    @staticmethod
+    def _attention_mesh(mesh) -> AttentionMesh:
+        """Where prefill and scoring attention runs (the Splash kernel on TPU, models/attention.py)."""
+        from jax.sharding import Mesh
+
+        from manager_jax.sharding import BATCH_AXES, MESH_AXES
+
+        if mesh is None:
+            return AttentionMesh(Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES))
+        rows = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+        return AttentionMesh(mesh, row_axes=rows or None)
 
     # ---- placement ------------------------------------------------------------------------
     def _place_params(self, state):
@@ -307,6 +321,10 @@ class InferenceEngine:
         return k, v
 
     def _prefill_fn(self, state, inputs, lengths, *, cache_len: int, plain_causal: bool = False):
+        with sharded_attention(self._attention):
+            return self._prefill(state, inputs, lengths, cache_len, plain_causal)
+
+    def _prefill(self, state, inputs, lengths, cache_len: int, plain_causal: bool):
         model = nnx.merge(self.graphdef, state)
         h, mtok = model.embed(inputs)
         seg = inputs["segment_ids"]
@@ -386,7 +404,8 @@ class InferenceEngine:
 
     def _score_fn(self, state, inputs, pred_pos, targets, valid, vocab_limit, *, plain_causal: bool = False):
         model = nnx.merge(self.graphdef, state)
-        hidden = model.hidden_states(inputs, plain_causal=plain_causal)
+        with sharded_attention(self._attention):
+            hidden = model.hidden_states(inputs, plain_causal=plain_causal)
         h = jnp.take_along_axis(hidden, pred_pos[..., None], axis=1)  # only the scored positions
         logits = limit_vocab(model.logits(h), vocab_limit)
         logp = jax.nn.log_softmax(logits, axis=-1)

@@ -3,11 +3,11 @@
 `xla` is the reference path (any backend, arbitrary masks, fp32 softmax as the PyTorch eager code).
 `cudnn` uses `jax.nn.dot_product_attention(implementation="cudnn")` (GPU flash attention); it is taken
 only where the mask is plain causal or full, and `auto` picks it on GPU for those cases.
-`splash` is the TPU Splash kernel (Pallas) for the training pass: causal attention within packed
-segments, GQA, no [T, S] scores in memory. It runs inside :func:`sharded_attention` (the train step
-enters it with its mesh), on rows whose length is a multiple of 128; `auto` picks it when that
-mesh is made of TPUs. Elsewhere (inference, the vision tower's 729-token crops) the XLA / cuDNN
-paths run.
+`splash` is the TPU Splash kernel (Pallas) for fresh causal self-attention: training rows (packed
+segments) and inference prefill / scoring, GQA, no [T, S] scores in memory. It runs inside
+:func:`sharded_attention` (the train step and the inference engine enter it with their mesh), on
+rows whose length is a multiple of 128; `auto` picks it when that mesh is made of TPUs. Elsewhere
+(decode steps, the vision tower's 729-token crops) the XLA / cuDNN paths run.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import math
 from collections.abc import Iterator
 
 import jax
@@ -36,6 +37,9 @@ class AttentionMesh:
 
     mesh: Mesh
     head_axis: str | None = "tensor"
+    # Mesh axes the rows (the batch axis of q/k/v) are split over: None inside the train step,
+    # whose shard vmap carries the data split; the inference engine's batch axes otherwise.
+    row_axes: tuple[str, ...] | None = None
 
     @property
     def platform(self) -> str:
@@ -132,8 +136,11 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     heads = where.head_axis if where.head_axis in mesh.shape else None
     if heads is not None and (q.shape[2] % mesh.shape[heads] or k.shape[2] % mesh.shape[heads]):
         heads = None  # heads that do not divide the axis are replicated, as the q/k/v weights are
-    qkv = P(None, None, heads)
-    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P()), out_specs=qkv, check_vma=False)(
+    rows = where.row_axes or None
+    if rows is not None and q.shape[0] % math.prod(mesh.shape[a] for a in rows):
+        rows = None
+    qkv = P(rows, None, heads)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows)), out_specs=qkv, check_vma=False)(
         q, k, v, segment_ids
     )
 

@@ -45,12 +45,15 @@ class AttentionContext:
     kv_seg: jax.Array  # [B, S] (S = T without cache, cache length with one)
     cache_index: jax.Array | None = None  # where the new keys go in the cache
     plain_causal: bool = False
+    # Queries at slots 0..T-1 attending to their own keys with the same segments (training rows,
+    # prefill, scoring): what the Splash kernel computes.
+    fresh_causal: bool = False
 
 
 jax.tree_util.register_dataclass(
     AttentionContext,
     data_fields=["cos", "sin", "q_slot", "q_seg", "kv_seg", "cache_index"],
-    meta_fields=["plain_causal"],
+    meta_fields=["plain_causal", "fresh_causal"],
 )
 
 
@@ -89,7 +92,7 @@ class Qwen2Attention(nnx.Module):
         else:
             fresh = True
         kv_slot = jnp.arange(k.shape[1])
-        if cache is None and splash_applies(self.impl, t):  # training rows: packed, causal, fresh keys
+        if fresh and ctx.fresh_causal and splash_applies(self.impl, t):  # training rows, prefill
             out = splash_attention(q, k, v, ctx.q_seg)
         elif ctx.plain_causal and fresh and self.impl not in ("xla", "splash"):
             out = dot_product_attention(q, k, v, mask=None, impl=self.impl, plain_causal=True)
@@ -140,8 +143,10 @@ class Qwen2Decoder(nnx.Module):
     def context(self, positions, q_seg, *, kv_seg=None, q_slot=None, cache_index=None, plain_causal=False):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
         t = positions.shape[1]
+        fresh_causal = q_slot is None and (kv_seg is None or kv_seg is q_seg)
         q_slot = jnp.arange(t) if q_slot is None else q_slot
-        return AttentionContext(cos, sin, q_slot, q_seg, q_seg if kv_seg is None else kv_seg, cache_index, plain_causal)
+        return AttentionContext(cos, sin, q_slot, q_seg, q_seg if kv_seg is None else kv_seg, cache_index, plain_causal,
+                                fresh_causal)
 
     def __call__(
         self,
