@@ -43,6 +43,34 @@ def test_blocked_attention_equals_full_softmax(block, monkeypatch):
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("t", [64, 99])
+def test_padded_flash_attention_equals_the_unpadded_softmax(causal, t):
+    """The padding that lets cuDNN take any row length changes no real output, nor its gradients.
+
+    Run through jax.nn's XLA implementation (the same call the GPU path makes with "cudnn").
+    """
+    rng = np.random.default_rng(1)
+    b, h, kv, d = 2, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)).astype(np.float32)) for n in (h, kv, kv))
+    mask = np.tril(np.ones((t, t), bool))[None, None] if causal else np.ones((1, 1, t, t), bool)
+    fn = lambda q, k, v: A.padded_flash_attention(q, k, v, scale=d**-0.5, causal=causal, implementation=None)
+    got = fn(q, k, v)
+    assert got.shape == q.shape
+    np.testing.assert_allclose(np.asarray(got), _naive(*map(np.asarray, (q, k, v)), mask), rtol=1e-5, atol=1e-5)
+    w = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
+    grads = jax.grad(lambda *a: (fn(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(lambda *a: (A._xla_attention(*a, jnp.asarray(mask), d**-0.5) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+
+
+def test_cudnn_refuses_masks_it_cannot_express():
+    x = jnp.zeros((1, 8, 2, 8))
+    with pytest.raises(ValueError, match="causal .unpacked. or unmasked"):
+        A.dot_product_attention(x, x, x, mask=jnp.ones((1, 1, 8, 8), bool), impl="cudnn")
+
+
 def _packed_inputs(rows, t, h, kv, d, seed=0):
     rng = np.random.default_rng(seed)
     q, k, v = (rng.normal(size=(rows, t, n, d)).astype(np.float32) for n in (h, kv, kv))

@@ -1,8 +1,9 @@
 """Attention dispatch: one entry point for every attention in the model.
 
 `xla` is the reference path (any backend, arbitrary masks, fp32 softmax as the PyTorch eager code).
-`cudnn` uses `jax.nn.dot_product_attention(implementation="cudnn")` (GPU flash attention); it is taken
-only where the mask is plain causal or full, and `auto` picks it on GPU for those cases.
+`cudnn` uses `jax.nn.dot_product_attention(implementation="cudnn")` (GPU flash attention) on rows padded
+to a multiple of 64; it is taken only where the mask is plain causal (one right-padded sample per
+row) or absent (the vision tower), and `auto` picks it on GPU for those cases.
 `splash` is the TPU Splash kernel (Pallas) for fresh causal self-attention: training rows (packed
 segments) and inference prefill / scoring, GQA, no [T, S] scores in memory. It runs inside
 :func:`sharded_attention` (the train step and the inference engine enter it with their mesh), on
@@ -27,6 +28,8 @@ NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 # The XLA path handles queries in blocks of this many positions (rematerialised), so its fp32 scores
 # are [block, S] rather than [S, S]: 16k-token training rows fit without a fused kernel.
 QUERY_BLOCK = 2048
+# Row lengths for the cuDNN flash kernels are padded to a multiple of this (see padded_flash_attention).
+FLASH_SEQ_MULTIPLE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,18 +199,44 @@ def dot_product_attention(
     inside the row), which lets the cuDNN kernel run without an explicit mask.
     """
     scale = q.shape[-1] ** -0.5
+    full = mask is None and not plain_causal  # no mask at all: every query sees every key
     if impl == "auto":
-        impl = "cudnn" if (jax.default_backend() == "gpu" and plain_causal) else "xla"
+        impl = "cudnn" if (jax.default_backend() == "gpu" and (plain_causal or full)) else "xla"
     if impl == "cudnn":
-        if not plain_causal and mask is not None:
-            raise ValueError("attention_impl='cudnn' supports causal (unpacked) attention only")
-        return jax.nn.dot_product_attention(
-            q, k, v, scale=scale, is_causal=plain_causal, implementation="cudnn"
-        )
+        if not (plain_causal or full):
+            raise ValueError("attention_impl='cudnn' supports causal (unpacked) or unmasked attention only")
+        return padded_flash_attention(q, k, v, scale=scale, causal=plain_causal, implementation="cudnn")
     if mask is None and plain_causal:
         t, s = q.shape[1], k.shape[1]
         mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None, None]
     return _blocked_attention(q, k, v, mask, scale, QUERY_BLOCK)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def padded_flash_attention(q, k, v, *, scale: float, causal: bool, implementation: str | None = "cudnn"):
+    """`jax.nn.dot_product_attention` on rows padded to a multiple of FLASH_SEQ_MULTIPLE.
+
+    cuDNN's flash kernels refuse some lengths in training (a 4,099-token row: "Unsupported
+    sequence length"). Causal: padding keys sit after every real query, so no real query sees
+    them. Unmasked: the true lengths go in as sequence lengths, so the padding keys are masked.
+    The padded query rows are dropped. `implementation=None` runs the same call through XLA,
+    which is how the padding is tested off the GPU.
+    """
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    if causal and t != s:
+        raise ValueError(f"padded causal flash attention needs fresh rows (queries == keys), got {t} vs {s}")
+    tp, sp = _round_up(t, FLASH_SEQ_MULTIPLE), _round_up(s, FLASH_SEQ_MULTIPLE)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))) if n != x.shape[1] else x
+    lengths = {}
+    if not causal and (tp, sp) != (t, s):
+        lengths = dict(query_seq_lengths=jnp.full((b,), t, jnp.int32), key_value_seq_lengths=jnp.full((b,), s, jnp.int32))
+    out = jax.nn.dot_product_attention(
+        pad(q, tp), pad(k, sp), pad(v, sp), scale=scale, is_causal=causal, implementation=implementation, **lengths
+    )
+    return out[:, :t]
 
 
 def _blocked_attention(q, k, v, mask, scale, block):

@@ -12,17 +12,18 @@ from manager_jax.models.layers import linear, make_stacked, run_stacked
 
 
 class SiglipAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, impl: str = "auto", rngs: nnx.Rngs):
         d = cfg.hidden_size
         mk = lambda: linear(d, d, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q, self.k, self.v, self.o = mk(), mk(), mk(), mk()
         self.num_heads = cfg.num_heads
-        self.impl = "xla"
+        # Crops attend fully (no mask): cuDNN on GPU under "auto"; Splash is the text model's only.
+        self.impl = "xla" if impl == "splash" else impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
         heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-        out = dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask=None, impl="xla")
+        out = dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask=None, impl=self.impl)
         return self.o(out.reshape(b, t, d))
 
 
@@ -36,10 +37,10 @@ class SiglipMLP(nnx.Module):
 
 
 class SiglipLayer(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, impl: str = "auto", rngs: nnx.Rngs):
         ln = lambda: nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.ln1 = ln()
-        self.attn = SiglipAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = SiglipAttention(cfg, dtype=dtype, param_dtype=param_dtype, impl=impl, rngs=rngs)
         self.ln2 = ln()
         self.mlp = SiglipMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -51,7 +52,8 @@ class SiglipLayer(nnx.Module):
 class SiglipTower(nnx.Module):
     """pixels [C, 384, 384, 3] -> hidden states; one scan over the encoder layers."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, scan_layers=True, remat_policy="none", rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, scan_layers=True, remat_policy="none",
+                 impl: str = "auto", rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         self.patch_embed = nnx.Conv(
@@ -62,7 +64,7 @@ class SiglipTower(nnx.Module):
             jax.random.normal(rngs.params(), (cfg.num_patches, cfg.hidden_size), param_dtype) * 0.02
         )
         self.layers = make_stacked(
-            lambda r: SiglipLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_layers, rngs
+            lambda r: SiglipLayer(cfg, dtype=dtype, param_dtype=param_dtype, impl=impl, rngs=r), cfg.num_layers, rngs
         )
         self.post_ln = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.scan_layers = scan_layers
