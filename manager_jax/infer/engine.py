@@ -39,6 +39,7 @@ from manager_jax.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from manager_jax.data.image_processing import preprocess_image
 from manager_jax.infer.sampling import SamplingParams, apply_repetition_penalty, limit_vocab, select_tokens
 from manager_jax.models.attention import AttentionMesh, sharded_attention
+from manager_jax.models.layers import unstack_layers
 from manager_jax.models.llava_ov import LlavaOV
 
 MAX_EOS_IDS = 8  # eos ids are padded to this many (-1) so their number never recompiles
@@ -348,20 +349,27 @@ class InferenceEngine:
             cache = tuple(jax.lax.with_sharding_constraint(c, spec) for c in cache)
         return model.logits(last), cache
 
-    def _step(self, model, tokens, positions, slot, cache, kv_seg):
+    def _step(self, model, layers, tokens, positions, slot, cache, kv_seg):
         h = model.text.embed(tokens[:, None])
         q_seg = jnp.ones((tokens.shape[0], 1), jnp.int32)
         ctx = model.text.context(positions[:, None], q_seg, kv_seg=kv_seg, q_slot=slot[None], cache_index=slot)
-        hidden, cache = model.text(h, ctx, cache=cache)
+        hidden, cache = model.text(h, ctx, cache=cache, layers=layers)
         return model.logits(hidden[:, 0]), cache
 
+    def _decode_layers(self, model):
+        """Unrolled decode: the decoder layers as separate modules, sliced out of the stacks once per
+        call (outside the token loop), so no token step slices (on GPU: copies) a weight stack."""
+        return None if self.decode_scan_layers else unstack_layers(model.text.layers)
+
     def _decode_step_fn(self, state, tokens, positions, slot, cache, kv_seg):
-        return self._step(nnx.merge(self.decode_graphdef, state), tokens, positions, jnp.asarray(slot, jnp.int32),
+        model = nnx.merge(self.decode_graphdef, state)
+        return self._step(model, self._decode_layers(model), tokens, positions, jnp.asarray(slot, jnp.int32),
                           cache, kv_seg)
 
     def _decode_loop_fn(self, state, first_logits, cache, kv_seg, next_pos, controls, key, *, greedy: bool,
                         new_slots: int):
         model = nnx.merge(self.decode_graphdef, state)
+        layers = self._decode_layers(model)
         rows = first_logits.shape[0]
         prompt_slots = kv_seg.shape[1] - new_slots
         eos, pad = controls["eos"], controls["pad"]
@@ -391,7 +399,7 @@ class InferenceEngine:
 
         def body(carry):
             i, tok, out, done, count, cache, key, seen = carry
-            logits, cache = self._step(model, tok, next_pos + i - 1, prompt_slots + i - 1, cache, kv_seg)
+            logits, cache = self._step(model, layers, tok, next_pos + i - 1, prompt_slots + i - 1, cache, kv_seg)
             key, sub = jax.random.split(key)
             new = jnp.where(done, pad, pick(logits, seen, sub))
             out = jax.lax.dynamic_update_slice(out, new[:, None], (jnp.int32(0), i))

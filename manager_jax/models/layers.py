@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +84,20 @@ def make_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: n
     return create(rngs)
 
 
+def unstack_layers(layers: nnx.Module) -> list[nnx.Module]:
+    """The layers of a stacked module as separate modules, each parameter sliced out once.
+
+    The inference decode loop runs on these: sliced outside its token loop, the per-layer weights
+    are plain buffers inside it (slicing the stacks per token made XLA copy every weight matrix of
+    every layer for every token on GPU).
+    """
+    graphdef, state = nnx.split(layers)
+    num = jax.tree.leaves(state)[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(num)]
+
+
 def run_stacked(
-    layers: nnx.Module,
+    layers: nnx.Module | Sequence[nnx.Module],
     carry,
     body: Callable,
     *,
@@ -101,7 +113,19 @@ def run_stacked(
     With `scan=True` this is one `lax.scan` over the layer axis (one compiled layer body);
     `scan=False` unrolls a Python loop (debugging). `xs` are per-layer inputs sliced alongside the
     params (e.g. a KV cache). Returns (carry, stacked ys or None).
+
+    `layers` may also be a sequence of separate layer modules (`unstack_layers`, inference): they
+    run unrolled, without remat (which only matters under differentiation).
     """
+    if isinstance(layers, (list, tuple)):
+        if scan:
+            raise ValueError("separate layer modules run unrolled: pass scan=False")
+        stop = len(layers) if stop is None else stop
+        ys = []
+        for i in range(start, stop):
+            carry, y = body(layers[i], carry, None if xs is None else jax.tree.map(lambda a: a[i], xs))
+            ys.append(y)
+        return carry, (jax.tree.map(lambda *a: jnp.stack(a), *ys) if collect and ys else None)
     graphdef, state = nnx.split(layers)
     num = jax.tree.leaves(state)[0].shape[0]
     stop = num if stop is None else stop

@@ -7,10 +7,11 @@ callback is applied before each injection layer (prefill / full forward only).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
@@ -86,9 +87,15 @@ class Qwen2Attention(nnx.Module):
             # (a prefill written at slot 0), use them directly instead of reading them back.
             fresh = ctx.kv_seg.shape[1] == t
             if not fresh:
-                read = (1, b, ctx.kv_seg.shape[1]) + ck.shape[3:]
-                k = jax.lax.dynamic_slice(ck, (layer, zero, zero, zero, zero), read)[0].astype(q.dtype)
-                v = jax.lax.dynamic_slice(cv, (layer, zero, zero, zero, zero), read)[0].astype(q.dtype)
+                slots = ctx.kv_seg.shape[1]
+                if isinstance(layer, (int, np.integer)):
+                    # Unrolled layers: a static slice, which XLA reads in place (a dynamic one was
+                    # copied out of the cache for every layer and token).
+                    k, v = ck[int(layer), :, :slots].astype(q.dtype), cv[int(layer), :, :slots].astype(q.dtype)
+                else:
+                    read = (1, b, slots) + ck.shape[3:]
+                    k = jax.lax.dynamic_slice(ck, (layer, zero, zero, zero, zero), read)[0].astype(q.dtype)
+                    v = jax.lax.dynamic_slice(cv, (layer, zero, zero, zero, zero), read)[0].astype(q.dtype)
         else:
             fresh = True
         kv_slot = jnp.arange(k.shape[1])
@@ -156,13 +163,15 @@ class Qwen2Decoder(nnx.Module):
         injection_layers: tuple[int, ...] = (),
         inject: Callable[[int, jax.Array], jax.Array] | None = None,
         cache: tuple | None = None,
+        layers: Sequence[nnx.Module] | None = None,
     ):
         """h [B, T, D] input embeddings -> (normed hidden [B, T, D], new cache).
 
         `cache` is (k, v) with k/v [L, B, S_max, KV, d]; it is carried whole through the layer scan
         and each layer writes its new keys/values at `ctx.cache_index` in place; attention reads the
         first `ctx.kv_seg.shape[1]` slots. Injections run before the layers in `injection_layers`
-        (prefill only).
+        (prefill only). `layers`: separate per-layer modules (`unstack_layers`) to run unrolled
+        instead of the stacked ones (the inference decode loop).
         """
         bounds = sorted(set([0, *injection_layers, self.cfg.num_layers]))
         if cache is None:
@@ -174,13 +183,15 @@ class Qwen2Decoder(nnx.Module):
                 x, kv = carry
                 x, kv = layer(x, ctx, (kv, index))
                 return (x, kv), None
-            layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+            # numpy ids: the unrolled loop hands each layer a Python-level index (static slices).
+            layer_ids = np.arange(self.cfg.num_layers, dtype=np.int32)
         for a, b in zip(bounds[:-1], bounds[1:]):
             if inject is not None and a in injection_layers:
                 h = inject(injection_layers.index(a), h)
             carry = h if cache is None else (h, cache)
             carry, _ = run_stacked(
-                self.layers, carry, body, start=a, stop=b, scan=self.scan_layers,
+                self.layers if layers is None else layers, carry, body, start=a, stop=b,
+                scan=self.scan_layers and layers is None,
                 remat_policy=self.remat_policy, xs=layer_ids,
             )
             h, cache = (carry, None) if cache is None else carry
