@@ -61,7 +61,9 @@ def table(rows: list[dict]) -> list[str]:
         ref = next((r for r in refs if r.get("batch") == mine.get("batch_per_device")), None)
         ratio = _ratio(mine.get("tokens_per_s"), ref and ref.get("tokens_per_s"))
         verdict = "-" if ratio is None or not on_h100 else ("met" if ratio >= TRAIN_TARGET_RATIO else "not met")
-        label = f"train B={mine.get('batch_per_device')} {mine.get('image')} ({mine.get('variant')}, remat {mine.get('remat')})"
+        layers = f", {mine['layers']} layers" if mine.get("layers") else ""
+        label = (f"train B={mine.get('batch_per_device')} {mine.get('image')} "
+                 f"({mine.get('variant')}, remat {mine.get('remat')}{layers})")
         out.append(f"| {label} | tokens/s | {_fmt(mine.get('tokens_per_s'), ',.0f')} | "
                    f"{_fmt(ref and ref.get('tokens_per_s'), ',.0f')} | {_times(ratio)} | "
                    f">= {TRAIN_TARGET_RATIO:g}x: {verdict} |")

@@ -72,7 +72,7 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench(engine, args, batch: int) -> dict:
+def bench(engine, args, batch: int, profile: str | None = None) -> dict:
     import jax
 
     from manager_jax.infer.sampling import SamplingParams
@@ -106,7 +106,7 @@ def bench(engine, args, batch: int) -> dict:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     peak = (stats or {}).get("peak_bytes_in_use")
     sample = prepared.samples[0]
-    return {
+    result = {
         "what": "generate", "impl": "jax", "variant": args.variant, "tiny": args.tiny, "dtype": args.dtype,
         "decode_layers": "scan" if args.decode_scan else "unrolled",
         "batch": batch, "image": args.image, "crops": sample.num_crops, "prompt_len": int(prepared.lengths[0]),
@@ -115,6 +115,11 @@ def bench(engine, args, batch: int) -> dict:
         "peak_mem_gb": peak / 2**30 if peak else None,
         "device": f"{len(jax.devices())} x {device.device_kind}", "jax": jax.__version__,
     }
+    if profile:
+        from benchmarks.profiling import capture_xplane
+
+        capture_xplane(generate, profile, calls=1)
+    return result
 
 
 def main(argv=None) -> int:
@@ -129,6 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 3; tiny: 1)")
     p.add_argument("--decode-scan", action="store_true",
                    help="scan the decoder layers in each decode step instead of unrolling them (engine default)")
+    p.add_argument("--profile", default=None, metavar="FILE.xplane.pb",
+                   help="after timing, profile one prefill + decode per batch size (FILE with _b<batch> before .xplane.pb)")
     args = p.parse_args(argv)
     args.batch = args.batch or ("1,2" if args.tiny else "1,16")
     args.image = args.image or ("384x384" if args.tiny else "768x768")
@@ -145,7 +152,8 @@ def main(argv=None) -> int:
     engine = InferenceEngine(model, eos_ids=[], pad_id=0, min_new_bucket=args.new_tokens,
                              decode_scan_layers=args.decode_scan)
     for batch in (int(b) for b in args.batch.split(",")):
-        print(json.dumps(bench(engine, args, batch)), flush=True)
+        profile = args.profile.replace(".xplane.pb", f"_b{batch}.xplane.pb") if args.profile else None
+        print(json.dumps(bench(engine, args, batch, profile=profile)), flush=True)
     return 0
 
 

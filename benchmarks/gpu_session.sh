@@ -10,17 +10,23 @@
 #   device run: carry [".bench_ref"], timeout_s 590,
 #     command: bash benchmarks/gpu_session.sh
 #
+# BUDGET (seconds, default 550) bounds the whole script, so it ends inside the call's limit.
+# TRAIN_VARIANTS="--remat dots;--unroll-layers" adds train-step runs with those flags;
+# REF_TRAIN=0 and REF_GEN_BATCHES="16" narrow the reference runs; SCAN=0 skips the scanned decode.
 # Every step runs under its own `timeout` and prints its JSON line as soon as it has one, so a
 # step that hangs costs only its own budget. SMOKE=1 runs the same steps on the CPU with the
 # reference's tiny shapes in fp32 (benchmarks/shapes.py). Logs go to $OUT (or a temporary folder).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}  # JAX steps only; torch ignores it
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 REF=${REF:-.bench_ref/ref_torch_llava_ov.py}
 PY=${PY:-python3}
 LOG="$OUT/bench.jsonl"
+LOGS="$OUT/logs"  # one log per step; packed into logs.tar.gz at the end (a device call returns 8 files)
+mkdir -p "$LOGS"
 : > "$LOG"
 
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -31,21 +37,28 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   ours_train=(); ours_gen=(--batch 1,16 --variant grid)
   ref_common=(); ref_train=(--steps 10); ref_gen=(--text 64 --new-tokens 128 --steps 3); gen_batches=(1 16)
-  t_train=${T_TRAIN:-180}; t_ref_train=${T_REF_TRAIN:-90}; t_gen=${T_GEN:-170}; t_ref_gen=${T_REF_GEN:-50}
+  t_train=${T_TRAIN:-160}; t_ref_train=${T_REF_TRAIN:-75}; t_gen=${T_GEN:-160}; t_ref_gen=${T_REF_GEN:-55}
 fi
+
+BUDGET=${BUDGET:-550}  # seconds for the whole script: a step gets what is left, at most its own limit
 
 step() {  # step NAME SECONDS CMD...: run under timeout, keep JSON lines, show the rest's tail on failure
   local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 30 ]; then echo "== $name skipped: ${left}s of the budget left"; return 1; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s): $*"
   local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  grep -E '^\{' "$OUT/$name.log" | tee -a "$LOG"
+  grep -E '^\{' "$LOGS/$name.log" | tee -a "$LOG"
+  grep -E '^profile:' "$LOGS/$name.log"
   if [ $rc -ne 0 ]; then
     echo "   $name failed (rc=$rc; 124 = timed out); last lines:"
-    tail -n 8 "$OUT/$name.log" | sed 's/^/   | /'
+    grep -vE '^\{' "$LOGS/$name.log" | tail -n 8 | sed 's/^/   | /'
   fi
   echo "   $name took $((SECONDS - start))s"
+  return $rc
 }
 
 echo "== environment"
@@ -53,22 +66,36 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,dr
 $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 
 # Ours first: they are what is not measured yet; the reference has numbers in REFERENCE_RESULTS.md.
-step train_jax "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}"
-step generate_jax "$t_gen" $PY benchmarks/generate.py "${ours_gen[@]}"
+# Each of ours also leaves a profile (.xplane.pb, read with xprof off the device) under $OUT.
+step train_jax "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" --profile "$OUT/train.xplane.pb" ||
+  step train_jax_xla_attention "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" --attention xla \
+    --profile "$OUT/train_xla_attention.xplane.pb"
+step generate_jax "$t_gen" $PY benchmarks/generate.py "${ours_gen[@]}" --profile "$OUT/generate.xplane.pb"
+# Train-step variants (TRAIN_VARIANTS, ';'-separated flag sets), e.g. "--remat dots;--unroll-layers".
+IFS=';' read -ra train_variants <<< "${TRAIN_VARIANTS:-}"
+for i in "${!train_variants[@]}"; do
+  read -ra flags <<< "${train_variants[$i]}"
+  step "train_jax_variant$i" "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" "${flags[@]}"
+done
 if [ -f "$REF" ]; then
-  step train_ref "$t_ref_train" $PY "$REF" "${ref_common[@]}" --what train "${ref_train[@]}"
-  for b in "${gen_batches[@]}"; do
+  if [ "${REF_TRAIN:-1}" = 1 ]; then
+    step train_ref "$t_ref_train" $PY "$REF" "${ref_common[@]}" --what train "${ref_train[@]}"
+  fi
+  for b in ${REF_GEN_BATCHES:-${gen_batches[@]}}; do
     step "generate_ref_b$b" "$t_ref_gen" $PY "$REF" "${ref_common[@]}" --what generate --batch "$b" "${ref_gen[@]}"
   done
 else
   echo "== reference skipped: $REF not found (see the top of this script)"
 fi
+gzip -f "$OUT"/*.xplane.pb 2> /dev/null
 
 echo "== summary"
 $PY benchmarks/compare.py "$LOG"
 
 # With time left: the decode steps with the decoder layers scanned instead of unrolled (the
 # engine's default), to check that default on this device.
-step generate_jax_scan "${T_GEN_SCAN:-100}" $PY benchmarks/generate.py "${ours_gen[@]}" --batch 1 --decode-scan
-echo "== summary with the scanned decode"
-$PY benchmarks/compare.py "$LOG"
+if [ "${SCAN:-1}" = 1 ] && step generate_jax_scan "${T_GEN_SCAN:-100}" $PY benchmarks/generate.py "${ours_gen[@]}" --batch 1 --decode-scan; then
+  echo "== summary with the scanned decode"
+  $PY benchmarks/compare.py "$LOG"
+fi
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -r "$LOGS"
