@@ -48,6 +48,11 @@ def _ratio(ours: float | None, ref: float | None) -> float | None:
     return ours / ref if ours and ref else None
 
 
+def _flags(row: dict) -> str:
+    """The XLA_FLAGS a run had, for its label (variants differ by them)."""
+    return f", XLA_FLAGS={row['xla_flags']}" if row.get("xla_flags") else ""
+
+
 def table(rows: list[dict]) -> list[str]:
     on_h100 = any("H100" in str(r.get("device", "")) for r in rows)
     out = [
@@ -63,7 +68,7 @@ def table(rows: list[dict]) -> list[str]:
         verdict = "-" if ratio is None or not on_h100 else ("met" if ratio >= TRAIN_TARGET_RATIO else "not met")
         layers = f", {mine['layers']} layers" if mine.get("layers") else ""
         label = (f"train B={mine.get('batch_per_device')} {mine.get('image')} "
-                 f"({mine.get('variant')}, remat {mine.get('remat')}{layers})")
+                 f"({mine.get('variant')}, remat {mine.get('remat')}{layers}{_flags(mine)})")
         out.append(f"| {label} | tokens/s | {_fmt(mine.get('tokens_per_s'), ',.0f')} | "
                    f"{_fmt(ref and ref.get('tokens_per_s'), ',.0f')} | {_times(ratio)} | "
                    f">= {TRAIN_TARGET_RATIO:g}x: {verdict} |")
@@ -79,7 +84,7 @@ def table(rows: list[dict]) -> list[str]:
         floor = GENERATE_TARGET_TOKENS_PER_S.get(batch)
         verdict = "-" if floor is None or not on_h100 else ("met" if tps and tps >= floor else "not met")
         layers = f", {mine['decode_layers']} layers" if mine.get("decode_layers") else ""
-        label = f"generate B={batch} {mine.get('image')} ({mine.get('variant')}, {mine.get('new_tokens')} new{layers})"
+        label = f"generate B={batch} {mine.get('image')} ({mine.get('variant')}, {mine.get('new_tokens')} new{layers}{_flags(mine)})"
         out.append(f"| {label} | decode tokens/s | {_fmt(tps, ',.0f')} | "
                    f"{_fmt(ref and ref.get('decode_tokens_per_s'), ',.1f')} | {_times(ratio, '.1f')} | "
                    f"{'-' if floor is None else f'>= {floor:,.0f}'}: {verdict} |")

@@ -114,6 +114,7 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
         "decode_s_per_token": decode, "decode_tokens_per_s": batch / decode, "total_s": total_s,
         "peak_mem_gb": peak / 2**30 if peak else None,
         "device": f"{len(jax.devices())} x {device.device_kind}", "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS"),
     }
     if profile:
         from benchmarks.profiling import capture_xplane

@@ -11,7 +11,8 @@
 #     command: bash benchmarks/gpu_session.sh
 #
 # BUDGET (seconds, default 550) bounds the whole script, so it ends inside the call's limit.
-# TRAIN_VARIANTS="--remat dots;--unroll-layers" adds train-step runs with those flags;
+# TRAIN_VARIANTS / GEN_VARIANTS="--remat full;--unroll-layers" add runs with those flags (and
+# environments, see `variants` below);
 # REF_TRAIN=0 and REF_GEN_BATCHES="16" narrow the reference runs; SCAN=0 skips the scanned decode.
 # Every step runs under its own `timeout` and prints its JSON line as soon as it has one, so a
 # step that hangs costs only its own budget. SMOKE=1 runs the same steps on the CPU with the
@@ -71,12 +72,23 @@ step train_jax "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" --prof
   step train_jax_xla_attention "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" --attention xla \
     --profile "$OUT/train_xla_attention.xplane.pb"
 step generate_jax "$t_gen" $PY benchmarks/generate.py "${ours_gen[@]}" --profile "$OUT/generate.xplane.pb"
-# Train-step variants (TRAIN_VARIANTS, ';'-separated flag sets), e.g. "--remat dots;--unroll-layers".
-IFS=';' read -ra train_variants <<< "${TRAIN_VARIANTS:-}"
-for i in "${!train_variants[@]}"; do
-  read -ra flags <<< "${train_variants[$i]}"
-  step "train_jax_variant$i" "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" "${flags[@]}"
-done
+# Variants (';'-separated flag sets; leading NAME=VALUE words become the run's environment), e.g.
+# TRAIN_VARIANTS="--remat full;XLA_FLAGS=--xla_gpu_enable_command_buffer= --remat dots".
+variants() {  # variants KIND SCRIPT LIMIT SETS FIXED...
+  local kind=$1 script=$2 limit=$3 sets=$4; shift 4
+  local i=0 set words envs flags w
+  IFS=';' read -ra set <<< "$sets"
+  for words in "${set[@]}"; do
+    envs=(); flags=()
+    for w in $words; do
+      if [ ${#flags[@]} -eq 0 ] && [[ $w == [A-Z_]*=* ]]; then envs+=("$w"); else flags+=("$w"); fi
+    done
+    step "${kind}_variant$i" "$limit" env "${envs[@]}" $PY "$script" "$@" "${flags[@]}"
+    i=$((i + 1))
+  done
+}
+variants train_jax benchmarks/train_step.py "$t_train" "${TRAIN_VARIANTS:-}" "${ours_train[@]}"
+variants generate_jax benchmarks/generate.py "$t_gen" "${GEN_VARIANTS:-}" "${ours_gen[@]}"
 if [ -f "$REF" ]; then
   if [ "${REF_TRAIN:-1}" = 1 ]; then
     step train_ref "$t_ref_train" $PY "$REF" "${ref_common[@]}" --what train "${ref_train[@]}"

@@ -161,6 +161,7 @@ def main(argv=None) -> dict:
         devices=n_dev, device=kind, batch_per_device=args.batch_per_device, image=image, crops=n_crops,
         image_tokens=n_img, seq=seq, tokens_per_step=global_batch * seq, dtype=cfg.dtype, remat=args.remat,
         layers="unrolled" if args.unroll_layers else "scan", attention=args.attention,
+        xla_flags=os.environ.get("XLA_FLAGS"),
         compile_s=compile_s, step_s_median=med, step_s_min=min(times), tokens_per_s=global_batch * seq / med,
         samples_per_s=global_batch / med, model_tflops_per_step=model_flops / 1e12,
         mfu=(model_flops / med / (n_dev * peak * 1e12)) if peak else None,
