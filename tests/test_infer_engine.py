@@ -238,6 +238,20 @@ def test_unrolled_decode_slices_the_weight_stacks_outside_the_token_loop(manager
     assert before and not inside, inside[:3]
 
 
+def test_decode_min_rows_pads_the_decode_and_keeps_the_answers(manager_engine):
+    model, engine = manager_engine
+    padded = InferenceEngine(model, pad_id=0, decode_min_rows=3)
+    rows, jitted = [], padded._decode_jit
+    padded._decode_jit = lambda state, first_logits, *a, **k: rows.append(first_logits.shape[0]) or jitted(
+        state, first_logits, *a, **k)
+    prompt = mixed_prompts()[:1]
+    params = SamplingParams(max_new_tokens=NEW)
+    assert [g.token_ids for g in padded.generate(prompt, params)] == [g.token_ids for g in engine.generate(prompt, params)]
+    assert rows == [3]  # one prompt, decoded as three rows
+    with pytest.raises(ValueError, match="decode_min_rows"):
+        InferenceEngine(model, pad_id=0, decode_min_rows=0)
+
+
 def test_lengths_within_a_bucket_do_not_recompile(manager_engine):
     _, engine = manager_engine
     short = engine.generate(mixed_prompts(), SamplingParams(max_new_tokens=3))

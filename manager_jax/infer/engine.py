@@ -151,6 +151,10 @@ class InferenceEngine:
         flat program per token, no per-layer loop inside the token loop (the usual serving choice;
         a loop iteration can cost as much as a small layer at batch 1). True scans them: a smaller
         program that compiles faster. Prefill and scoring follow the model's `scan_layers`.
+      decode_min_rows: decode at least this many rows, repeating the last one (prefill is not
+        affected). An experiment for batch 1 on GPU: XLA turns one-row matmuls with weights under
+        10M elements into a multiply and a column reduction, which read the weights at a third of
+        the bandwidth on an H100; with two rows they stay matmuls. Not measured yet (RESULTS.md).
     """
 
     def __init__(
@@ -166,9 +170,13 @@ class InferenceEngine:
         min_prompt_bucket: int = 64,
         min_new_bucket: int = 16,
         decode_scan_layers: bool = False,
+        decode_min_rows: int = 1,
     ):
         self.cfg = model.cfg
         self.decode_scan_layers = bool(decode_scan_layers)
+        if decode_min_rows < 1:
+            raise ValueError(f"decode_min_rows must be >= 1, got {decode_min_rows}")
+        self.decode_min_rows = int(decode_min_rows)
         if len(eos_ids) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} eos ids are supported, got {list(eos_ids)}")
         self.eos_ids = [int(e) for e in eos_ids]
@@ -492,8 +500,15 @@ class InferenceEngine:
             "pad": np.int32(self.pad_id),
             "vocab_limit": np.int32(self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size),
         }
-        kv_seg = self._put({"kv_seg": self.kv_segments(prepared, new_slots)}, rows)["kv_seg"]
-        next_pos = self._put({"next_pos": prepared.lengths}, rows)["next_pos"]
+        kv_seg, next_pos = self.kv_segments(prepared, new_slots), prepared.lengths
+        if rows < self.decode_min_rows:  # filler rows repeat the last row; their answers are dropped
+            fill = self.decode_min_rows - rows
+            kv_seg, next_pos = (np.concatenate([a, np.repeat(a[-1:], fill, 0)]) for a in (kv_seg, next_pos))
+            first_logits = jnp.concatenate([first_logits, jnp.repeat(first_logits[-1:], fill, 0)])
+            cache = tuple(jnp.concatenate([c, jnp.repeat(c[:, -1:], fill, 1)], axis=1) for c in cache)
+            rows = self.decode_min_rows
+        kv_seg = self._put({"kv_seg": kv_seg}, rows)["kv_seg"]
+        next_pos = self._put({"next_pos": next_pos}, rows)["next_pos"]
         out, count, done, cache = self._decode_jit(
             self.state, first_logits, cache, kv_seg, next_pos, controls, jax.random.key(params.seed),
             greedy=params.greedy, new_slots=new_slots,
