@@ -12,6 +12,11 @@ image paths are resolved against the JSONL file's directory. With --json, genera
 {"text", "token_ids", "finish_reason"} object per prompt and line; score prints
 {"logprob", "num_tokens", "is_greedy"} where logprob is the sum of the log-probabilities of the
 continuation's tokens (not the original adapter's mean loss, SPEC §7.2).
+
+Several hosts: run the same command on every host with --mesh, and JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or on a cluster that jax.distributed detects). The mesh
+spans every host's devices, the parameters are restored straight into their shards, and process 0
+prints.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="never produce / normalise over ids >= this (default: the tokenizer's vocabulary "
                         "without <image>/<video>, as the original evaluation; -1 = the whole model vocabulary)")
     p.add_argument("--mesh", default=None,
-                   help="shard over local devices, e.g. 'fsdp=-1' or 'data=2,tensor=4' (default: one device)")
+                   help="shard over the devices (every host's in a multi-process run), e.g. 'fsdp=-1' or "
+                        "'data=2,tensor=4' (default: one device)")
     return p
 
 
@@ -69,8 +75,10 @@ def _tokenizer_path(args) -> str | None:
 
 def build_engine(args) -> tuple[InferenceEngine, object]:
     """Model, tokenizer and engine from the common command-line options."""
+    from manager_jax import distributed
     from manager_jax.data.tokenizer import load_tokenizer
 
+    distributed.initialize()  # several processes (JAX_* variables or a detected cluster): one global mesh
     mesh = mesh_from_spec(args.mesh)
     model = load_model(args.checkpoint, dtype=args.dtype, mesh=mesh)
     tokenizer = load_tokenizer(_tokenizer_path(args))
@@ -167,6 +175,10 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_generation(gen, tokenizer, index: int, as_json: bool, single: bool) -> None:
+    from manager_jax import distributed
+
+    if not distributed.is_primary():  # every process of a multi-host run holds the same answers
+        return
     text = tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
     if as_json:
         print(json.dumps({"text": text, "token_ids": gen.token_ids, "finish_reason": gen.finish_reason},
@@ -197,6 +209,10 @@ def score_main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    from manager_jax import distributed
+
+    if not distributed.is_primary():  # every process of a multi-host run holds the same result
+        return 0
     if args.json:
         print(json.dumps({"logprob": logprob, "num_tokens": num_tokens, "is_greedy": greedy}))
     else:

@@ -257,6 +257,13 @@ class InferenceEngine:
     def _replicated(self):
         return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
 
+    def _on_every_process(self, *results):
+        """Small results replicated over the mesh, so every process can read them (rows split over
+        the data axes of a multi-process mesh would otherwise live partly on other hosts)."""
+        if self.mesh is None:
+            return results
+        return tuple(jax.lax.with_sharding_constraint(r, self._replicated()) for r in results)
+
     # ---- batch building -------------------------------------------------------------------
     def image_mode(self, n_images: int) -> str:
         """Several images in one prompt use pad mode, as the original evaluation does (SPEC §7.2)."""
@@ -416,7 +423,7 @@ class InferenceEngine:
 
         _, _, out, done, count, cache, _, _ = jax.lax.while_loop(cond, body, state0)
         # The cache is returned so that the donated input buffer is updated in place (aliased).
-        return out, count, done, cache
+        return (*self._on_every_process(out, count, done), cache)
 
     def _score_fn(self, state, inputs, pred_pos, targets, valid, vocab_limit, *, plain_causal: bool = False):
         model = nnx.merge(self.graphdef, state)
@@ -427,7 +434,7 @@ class InferenceEngine:
         logp = jax.nn.log_softmax(logits, axis=-1)
         token_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         greedy = jnp.argmax(logits, axis=-1) == targets
-        return jnp.sum(jnp.where(valid, token_lp, 0.0), axis=1), jnp.all(greedy | ~valid, axis=1)
+        return self._on_every_process(jnp.sum(jnp.where(valid, token_lp, 0.0), axis=1), jnp.all(greedy | ~valid, axis=1))
 
     # ---- public API -----------------------------------------------------------------------
     def prefill(self, prepared: PreparedBatch, cache_len: int | None = None):
