@@ -149,8 +149,10 @@ class InferenceEngine:
       min_prompt_bucket / min_new_bucket: smallest prompt-length / new-token buckets.
       decode_scan_layers: False (default) runs each decode step's decoder layers unrolled: one
         flat program per token, no per-layer loop inside the token loop (the usual serving choice;
-        a loop iteration can cost as much as a small layer at batch 1). True scans them: a smaller
-        program that compiles faster. Prefill and scoring follow the model's `scan_layers`.
+        a loop iteration can cost as much as a small layer at batch 1). The layers are sliced out
+        of the weight stacks once per decode call, so the decoder's weights are held twice while
+        decoding. True scans them: a smaller program that compiles faster and needs no second
+        copy (for a model that only just fits). Prefill and scoring follow the model's `scan_layers`.
       decode_min_rows: decode at least this many rows, repeating the last one (prefill is not
         affected). An experiment for batch 1 on GPU: XLA turns one-row matmuls with weights under
         10M elements into a multiply and a column reduction, which read the weights at a third of
