@@ -65,6 +65,35 @@ def test_padded_flash_attention_equals_the_unpadded_softmax(causal, t):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_attention_equals_the_xla_path_on_gpu(causal):
+    """The GPU path itself (run by benchmarks/gpu_session.sh first): cuDNN on padded rows against
+    the fp32 XLA softmax, outputs and gradients, at the 0.5B shapes (GQA 14/2, head 64; SigLIP's
+    729-token crops with 16 heads of 72)."""
+    rng = np.random.default_rng(2)
+    b, t, h, kv, d = (2, 1000, 14, 2, 64) if causal else (3, 729, 16, 16, 72)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.bfloat16) for n in (h, kv, kv))
+    w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    mask = jnp.asarray(np.tril(np.ones((t, t), bool)) if causal else np.ones((t, t), bool))[None, None]
+
+    def loss(impl, q, k, v):
+        if impl == "cudnn":
+            out = A.dot_product_attention(q, k, v, mask=None, impl="cudnn", plain_causal=causal)
+        else:
+            out = A._xla_attention(q, k, v, mask, d**-0.5)
+        return (out.astype(jnp.float32) * w).sum(), out
+
+    results = {impl: jax.jit(jax.value_and_grad(lambda *a, i=impl: loss(i, *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+               for impl in ("cudnn", "xla")}
+    (_, out_c), grads_c = results["cudnn"]
+    (_, out_x), grads_x = results["xla"]
+    rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
+    assert rel(out_c, out_x) < 2e-2
+    for gc, gx in zip(grads_c, grads_x):
+        assert rel(gc, gx) < 3e-2
+
+
 def test_cudnn_refuses_masks_it_cannot_express():
     x = jnp.zeros((1, 8, 2, 8))
     with pytest.raises(ValueError, match="causal .unpacked. or unmasked"):
