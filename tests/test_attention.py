@@ -157,3 +157,79 @@ def test_splash_on_a_mesh_keeps_shards_and_heads_in_place():
     for i in range(shards):
         mask = np.asarray(A.segment_causal_mask(slots, slots, jnp.asarray(seg[i]), jnp.asarray(seg[i])))
         np.testing.assert_allclose(np.asarray(out[i]), _naive(q[i], k[i], v[i], mask), rtol=1e-4, atol=1e-5)
+
+
+def _kernel_calls(jaxpr) -> list[str]:
+    """Names of the fused attention kernel calls in a jaxpr, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(str(eqn.params["name"]))
+        elif eqn.primitive.name.startswith("dot_product_attention_"):
+            found.append(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _kernel_calls(inner)
+    return found
+
+
+def _stacked_attention_grad_jaxpr(attend, remat_policy: str, t: int = 128):
+    """The gradient jaxpr of two stacked layers (q/k/v projections + `attend`) run by
+    `run_stacked` under `remat_policy`, as the model's layer scans run them."""
+    from flax import nnx
+
+    from manager_jax.models.layers import make_stacked, run_stacked
+
+    h, kv, d = 4, 2, 16
+
+    class Layer(nnx.Module):
+        def __init__(self, rngs):
+            self.qkv = nnx.Linear(h * d, (h + 2 * kv) * d, rngs=rngs)
+
+        def __call__(self, x):
+            q, k, v = jnp.split(self.qkv(x), [h * d, (h + kv) * d], axis=-1)
+            split = lambda y, n: y.reshape(*y.shape[:2], n, d)
+            return x + attend(split(q, h), split(k, kv), split(v, kv)).reshape(x.shape)
+
+    layers = make_stacked(Layer, 2, nnx.Rngs(0))
+    graphdef, state = nnx.split(layers)
+
+    def loss(state, x):
+        body = lambda layer, c, _: (layer(c), None)
+        out, _ = run_stacked(nnx.merge(graphdef, state), x, body, remat_policy=remat_policy)
+        return (out**2).sum()
+
+    return jax.make_jaxpr(jax.grad(loss))(state, jnp.ones((1, t, h * d), jnp.float32)).jaxpr
+
+
+def test_remat_dots_keeps_the_splash_forward_for_the_backward():
+    """Under remat "dots" the backward pass reuses the Splash forward's outputs instead of running
+    the kernel again (jax's plain checkpoint_dots policy reruns it in every layer)."""
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    seg = jnp.ones((1, 128), jnp.int32)
+    with A.sharded_attention(A.AttentionMesh(mesh)):
+        calls = _kernel_calls(_stacked_attention_grad_jaxpr(lambda q, k, v: A.splash_attention(q, k, v, seg), "dots"))
+    forward = [c for c in calls if "fwd" in c]
+    backward = [c for c in calls if "dq" in c or "dkv" in c]
+    assert len(forward) == 1 and len(backward) == 2, calls  # one scan body each way
+
+
+def test_remat_dots_keeps_the_cudnn_forward_for_the_backward(monkeypatch):
+    """The same for cuDNN flash attention. Only traced, never run: jax's cuDNN presence checks are
+    stubbed so that the jaxpr can be built on a machine without a GPU."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda *a: True)
+    bf16 = lambda y: y.astype(jnp.bfloat16)
+    attend = lambda q, k, v: A.dot_product_attention(bf16(q), bf16(k), bf16(v), mask=None, impl="cudnn",
+                                                     plain_causal=True).astype(q.dtype)
+    calls = {policy: _kernel_calls(_stacked_attention_grad_jaxpr(attend, policy)) for policy in ("dots", "full")}
+    assert calls["dots"].count("dot_product_attention_fwd_wrapper") == 1, calls["dots"]
+    assert calls["dots"].count("dot_product_attention_bwd_wrapper") == 1, calls["dots"]
+    # Remat "full" recomputes the layer, so there the forward kernel runs again in the backward.
+    assert calls["full"].count("dot_product_attention_fwd_wrapper") == 2, calls["full"]

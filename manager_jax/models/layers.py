@@ -10,9 +10,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# Forward calls of the fused attention kernels (cuDNN flash attention on GPU, the Pallas Splash
+# kernel on TPU). Their outputs (the attention output and its softmax statistics) are what their
+# backward needs: not saved, the backward pass runs every layer's attention forward a second time.
+ATTENTION_KERNEL_PRIMITIVES = frozenset({"dot_product_attention_fwd_wrapper", "dot_product_attention_fwd", "pallas_call"})
+
+
+def save_dots_and_attention_kernels(prim, *args, **params) -> bool:
+    """Remat policy "dots": keep the outputs of matmuls and of the fused attention kernels."""
+    return prim.name in ATTENTION_KERNEL_PRIMITIVES or jax.checkpoint_policies.checkpoint_dots(prim, *args, **params)
+
+
 _REMAT_POLICIES = {
     "full": None,  # recompute everything
-    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots": save_dots_and_attention_kernels,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
 }
