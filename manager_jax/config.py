@@ -151,6 +151,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    # The vision tower's layers run on crops padded to a multiple of this many tokens (exact, the
+    # padding is masked); 0 = what the attention prefers (768 for cuDNN on GPU, else unpadded).
+    vision_token_multiple: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -188,6 +191,8 @@ class ModelConfig:
             problems.append(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             problems.append(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
+        if self.vision_token_multiple < 0:
+            problems.append(f"vision_token_multiple must be >= 0 (0 = automatic), got {self.vision_token_multiple}")
         if problems:
             raise ConfigError("invalid model config:\n  - " + "\n  - ".join(problems))
 

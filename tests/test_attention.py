@@ -65,24 +65,60 @@ def test_padded_flash_attention_equals_the_unpadded_softmax(causal, t):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["flash", "xla"])
+def test_rows_padded_by_the_caller_attend_to_their_real_keys_only(impl):
+    """`valid_len`: rows that arrive padded (the vision tower pads its crops once for all layers).
+    The padding holds large random values, not zeros, so a leak would show."""
+    rng = np.random.default_rng(3)
+    b, n, t, h, d = 2, 50, 64, 4, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)).astype(np.float32)) for _ in range(3))
+    k, v = (x.at[:, n:].multiply(100.0) for x in (k, v))
+    if impl == "flash":
+        fn = lambda q, k, v: A.padded_flash_attention(q, k, v, scale=d**-0.5, causal=False, implementation=None,
+                                                      valid_len=n)
+    else:
+        fn = lambda q, k, v: A.dot_product_attention(q, k, v, mask=None, impl="xla", valid_len=n)
+    got = fn(q, k, v)
+    real = lambda x: np.asarray(x[:, :n])
+    np.testing.assert_allclose(real(got), _naive(real(q), real(k), real(v), np.ones((1, 1, n, n), bool)),
+                               rtol=1e-5, atol=1e-5)
+    w = jnp.asarray(rng.normal(size=q.shape).astype(np.float32)).at[:, n:].set(0.0)  # padding rows are dropped
+    grads = jax.grad(lambda *a: (fn(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(lambda *a: (A._xla_attention(*a, None, d**-0.5) * w[:, :n]).sum(), argnums=(0, 1, 2))(
+        q[:, :n], k[:, :n], v[:, :n])
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(real(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+        assert not np.asarray(g[:, n:]).any()  # nothing flows into the padding
+
+
+def test_unmasked_rows_are_padded_to_what_the_attention_runs_unpadded():
+    assert A.unmasked_row_multiple("cudnn") == A.FLASH_SEQ_MULTIPLE
+    assert A.unmasked_row_multiple("xla") == 1
+    assert A.unmasked_row_multiple("auto") == (A.FLASH_SEQ_MULTIPLE if jax.default_backend() == "gpu" else 1)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
-@pytest.mark.parametrize("causal", [True, False])
-def test_cudnn_attention_equals_the_xla_path_on_gpu(causal):
+@pytest.mark.parametrize("case", ["causal", "unmasked", "padded_by_the_caller"])
+def test_cudnn_attention_equals_the_xla_path_on_gpu(case):
     """The GPU path itself (run by benchmarks/gpu_session.sh first): cuDNN on padded rows against
     the fp32 XLA softmax, outputs and gradients, at the 0.5B shapes (GQA 14/2, head 64; SigLIP's
-    729-token crops with 16 heads of 72)."""
+    729-token crops with 16 heads of 72, also as the tower runs them: padded to 768 with non-zero
+    padding rows, where nothing may leak into the real rows and nothing may turn NaN)."""
     rng = np.random.default_rng(2)
-    b, t, h, kv, d = (2, 1000, 14, 2, 64) if causal else (3, 729, 16, 16, 72)
-    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.bfloat16) for n in (h, kv, kv))
-    w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
-    mask = jnp.asarray(np.tril(np.ones((t, t), bool)) if causal else np.ones((t, t), bool))[None, None]
+    causal = case == "causal"
+    b, n, h, kv, d = (2, 1000, 14, 2, 64) if causal else (3, 729, 16, 16, 72)
+    t = 768 if case == "padded_by_the_caller" else n
+    valid_len = n if t != n else None
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, m, d)), jnp.bfloat16) for m in (h, kv, kv))
+    w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32).at[:, n:].set(0.0)
+    mask = jnp.asarray(np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool))[None, None]
 
     def loss(impl, q, k, v):
         if impl == "cudnn":
-            out = A.dot_product_attention(q, k, v, mask=None, impl="cudnn", plain_causal=causal)
+            out = A.dot_product_attention(q, k, v, mask=None, impl="cudnn", plain_causal=causal, valid_len=valid_len)
         else:
-            out = A._xla_attention(q, k, v, mask, d**-0.5)
-        return (out.astype(jnp.float32) * w).sum(), out
+            out = A._xla_attention(q[:, :n], k[:, :n], v[:, :n], mask, d**-0.5)
+        return (out[:, :n].astype(jnp.float32) * w[:, :n]).sum(), out[:, :n]
 
     results = {impl: jax.jit(jax.value_and_grad(lambda *a, i=impl: loss(i, *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
                for impl in ("cudnn", "xla")}
@@ -91,7 +127,9 @@ def test_cudnn_attention_equals_the_xla_path_on_gpu(causal):
     rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
     assert rel(out_c, out_x) < 2e-2
     for gc, gx in zip(grads_c, grads_x):
-        assert rel(gc, gx) < 3e-2
+        assert bool(jnp.isfinite(gc.astype(jnp.float32)).all())
+        assert rel(gc[:, :n], gx[:, :n]) < 3e-2
+        assert not bool(gc[:, n:].astype(jnp.float32).any())  # nothing flows into the padding
 
 
 def test_cudnn_refuses_masks_it_cannot_express():

@@ -192,47 +192,71 @@ def dot_product_attention(
     mask: jax.Array | None,
     impl: str = "auto",
     plain_causal: bool = False,
+    valid_len: int | None = None,
 ) -> jax.Array:
     """q [B,T,H,d], k/v [B,S,KV,d] (GQA when KV < H) -> [B,T,H,d].
 
     `plain_causal=True` promises the caller's mask is exactly causal (single segment, no padding
-    inside the row), which lets the cuDNN kernel run without an explicit mask.
+    inside the row), which lets the cuDNN kernel run without an explicit mask. `valid_len` (with
+    no mask): only the first `valid_len` keys are real, the rest is the caller's padding.
     """
     scale = q.shape[-1] ** -0.5
     full = mask is None and not plain_causal  # no mask at all: every query sees every key
-    if impl == "auto":
-        impl = "cudnn" if (jax.default_backend() == "gpu" and (plain_causal or full)) else "xla"
-    if impl == "cudnn":
+    if valid_len is not None and not full:
+        raise ValueError("valid_len is for unmasked attention only")
+    if resolve_impl(impl, plain_causal or full) == "cudnn":
         if not (plain_causal or full):
             raise ValueError("attention_impl='cudnn' supports causal (unpacked) or unmasked attention only")
-        return padded_flash_attention(q, k, v, scale=scale, causal=plain_causal, implementation="cudnn")
+        return padded_flash_attention(q, k, v, scale=scale, causal=plain_causal, implementation="cudnn",
+                                      valid_len=valid_len)
+    t, s = q.shape[1], k.shape[1]
     if mask is None and plain_causal:
-        t, s = q.shape[1], k.shape[1]
         mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None, None]
+    if valid_len is not None and valid_len < s:
+        mask = jnp.broadcast_to(jnp.arange(s) < valid_len, (1, 1, t, s))
     return _blocked_attention(q, k, v, mask, scale, QUERY_BLOCK)
+
+
+def resolve_impl(impl: str, cudnn_expressible: bool) -> str:
+    """The path `impl` takes for an attention the cuDNN kernel can express (causal or unmasked) or
+    not: "auto" is cuDNN on GPU where it can be, XLA elsewhere."""
+    if impl == "auto":
+        return "cudnn" if (jax.default_backend() == "gpu" and cudnn_expressible) else "xla"
+    return impl
+
+
+def unmasked_row_multiple(impl: str) -> int:
+    """The row length that unmasked attention under `impl` runs without padding: a caller that
+    pads its rows to a multiple of this once (the vision tower, all its layers) saves the per-layer
+    padding of `padded_flash_attention`."""
+    return FLASH_SEQ_MULTIPLE if resolve_impl(impl, True) == "cudnn" else 1
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def padded_flash_attention(q, k, v, *, scale: float, causal: bool, implementation: str | None = "cudnn"):
+def padded_flash_attention(q, k, v, *, scale: float, causal: bool, implementation: str | None = "cudnn",
+                           valid_len: int | None = None):
     """`jax.nn.dot_product_attention` on rows padded to a multiple of FLASH_SEQ_MULTIPLE.
 
     cuDNN's flash kernels refuse some lengths in training (a 4,099-token row: "Unsupported
     sequence length"). Causal: padding keys sit after every real query, so no real query sees
-    them. Unmasked: the true lengths go in as sequence lengths, so the padding keys are masked.
-    The padded query rows are dropped. `implementation=None` runs the same call through XLA,
-    which is how the padding is tested off the GPU.
+    them. Unmasked: the true lengths go in as sequence lengths, so the padding keys are masked;
+    `valid_len` says that the rows come padded already and only their first `valid_len` positions
+    are real. The padded query rows are dropped. `implementation=None` runs the same call through
+    XLA, which is how the padding is tested off the GPU.
     """
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
-    if causal and t != s:
-        raise ValueError(f"padded causal flash attention needs fresh rows (queries == keys), got {t} vs {s}")
+    if causal and (t != s or valid_len is not None):
+        raise ValueError(f"padded causal flash attention needs fresh unpadded rows (queries == keys), got {t} vs {s}")
     tp, sp = _round_up(t, FLASH_SEQ_MULTIPLE), _round_up(s, FLASH_SEQ_MULTIPLE)
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))) if n != x.shape[1] else x
     lengths = {}
-    if not causal and (tp, sp) != (t, s):
-        lengths = dict(query_seq_lengths=jnp.full((b,), t, jnp.int32), key_value_seq_lengths=jnp.full((b,), s, jnp.int32))
+    real_t, real_s = (t, s) if valid_len is None else (min(valid_len, t), min(valid_len, s))
+    if not causal and (tp, sp) != (real_t, real_s):
+        lengths = dict(query_seq_lengths=jnp.full((b,), real_t, jnp.int32),
+                       key_value_seq_lengths=jnp.full((b,), real_s, jnp.int32))
     out = jax.nn.dot_product_attention(
         pad(q, tp), pad(k, sp), pad(v, sp), scale=scale, is_causal=causal, implementation=implementation, **lengths
     )

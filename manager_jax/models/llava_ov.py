@@ -50,7 +50,8 @@ class LlavaOV(nnx.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         d = cfg.text.hidden_size
         self.vision = SiglipTower(cfg.vision, dtype=dtype, param_dtype=param_dtype, scan_layers=cfg.scan_layers,
-                                  remat_policy=cfg.remat_policy, impl=cfg.attention_impl, rngs=rngs)
+                                  remat_policy=cfg.remat_policy, impl=cfg.attention_impl,
+                                  token_multiple=cfg.vision_token_multiple, rngs=rngs)
         self.projector = Projector(cfg.vision.hidden_size, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if cfg.image.has_newline:
             self.image_newline = nnx.Param(jax.random.normal(rngs.params(), (d,), param_dtype) / jnp.sqrt(d))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from manager_jax.config import VisionConfig
-from manager_jax.models.attention import dot_product_attention
+from manager_jax.models.attention import dot_product_attention, unmasked_row_multiple
 from manager_jax.models.layers import linear, make_stacked, run_stacked
 
 
@@ -20,11 +20,19 @@ class SiglipAttention(nnx.Module):
         # Crops attend fully (no mask): cuDNN on GPU under "auto"; Splash is the text model's only.
         self.impl = "xla" if impl == "splash" else impl
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, valid_len: int | None = None) -> jax.Array:
+        """x [C, T, D]; `valid_len`: the crops come padded and only their first `valid_len` tokens
+        are real (the padding keys are masked, the padding rows' outputs zeroed)."""
         b, t, d = x.shape
         heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-        out = dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask=None, impl=self.impl)
-        return self.o(out.reshape(b, t, d))
+        out = dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask=None, impl=self.impl,
+                                    valid_len=valid_len)
+        out = out.reshape(b, t, d)
+        if valid_len is not None:
+            # Whatever a kernel leaves in padding rows stays out of later layers' (masked) keys,
+            # where a NaN would still reach real rows through 0 * NaN.
+            out = jnp.where(jnp.arange(t)[:, None] < valid_len, out, 0)
+        return self.o(out)
 
 
 class SiglipMLP(nnx.Module):
@@ -44,8 +52,8 @@ class SiglipLayer(nnx.Module):
         self.ln2 = ln()
         self.mlp = SiglipMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.ln1(x))
+    def __call__(self, x: jax.Array, valid_len: int | None = None) -> jax.Array:
+        x = x + self.attn(self.ln1(x), valid_len)
         return x + self.mlp(self.ln2(x))
 
 
@@ -53,9 +61,14 @@ class SiglipTower(nnx.Module):
     """pixels [C, 384, 384, 3] -> hidden states; one scan over the encoder layers."""
 
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, scan_layers=True, remat_policy="none",
-                 impl: str = "auto", rngs: nnx.Rngs):
+                 impl: str = "auto", token_multiple: int = 0, rngs: nnx.Rngs):
+        """`token_multiple`: the encoder layers run on crops padded to a multiple of this many tokens
+        (exact: the padding is masked out of attention); 0 = the attention's own preference
+        (`unmasked_row_multiple`: 729 -> 768 for cuDNN, unpadded elsewhere)."""
         self.cfg = cfg
         self.dtype = dtype
+        self.token_multiple = token_multiple
+        self.attention_impl = impl
         self.patch_embed = nnx.Conv(
             3, cfg.hidden_size, kernel_size=(cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
             padding="VALID", use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -90,18 +103,27 @@ class SiglipTower(nnx.Module):
         before post_layernorm.
         """
         h0 = self.embed(pixels)
-        body = lambda layer, h, _: (lambda y: (y, y))(layer(h))
+        n = h0.shape[1]
+        multiple = self.token_multiple or unmasked_row_multiple(self.attention_impl)
+        padded = -(-n // multiple) * multiple
+        valid_len = n if padded != n else None
+        # Padded once for every layer: the rows' matmuls get aligned shapes (7,290 rows of 10
+        # crops made the weight-gradient GEMMs take 2-element-aligned kernels on GPU) and the
+        # flash kernel needs no per-layer padding.
+        h0_run = jnp.pad(h0, ((0, 0), (0, padded - n), (0, 0))) if valid_len else h0
+        body = lambda layer, h, _: (lambda y: (y, y))(layer(h, valid_len))
         run = lambda h, start, stop, collect: run_stacked(
             self.layers, h, body, start=start, stop=stop, scan=self.scan_layers,
             remat_policy=self.remat_policy, collect=collect,
         )
+        real = lambda h: h[..., :n, :] if valid_len else h
         if not select_layers:
-            return run(h0, 0, None, False)[0], None
+            return real(run(h0_run, 0, None, False)[0]), None
         # Only layers at or after the first selected one keep their outputs (memory).
         first = max(min(select_layers) - 1, 0)
-        h, _ = run(h0, 0, first, False)
+        h, _ = run(h0_run, 0, first, False)
         last, tail = run(h, first, None, True)
         # hidden_states[k] for k >= first + 1 is tail[k - first - 1]; k = 0 is the embeddings.
         stacked = jnp.concatenate([h[None], tail], axis=0)  # hidden_states[first:]
-        picked = [h0 if k == 0 else stacked[k - first] for k in select_layers]
-        return last, jnp.stack(picked)
+        picked = [h0_run if k == 0 else stacked[k - first] for k in select_layers]
+        return real(last), real(jnp.stack(picked))
