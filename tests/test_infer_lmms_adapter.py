@@ -112,5 +112,42 @@ def test_default_tokenizer_and_unsupported_visuals(adapter):
     request = Instance("generate_until", ("Q", {"max_new_tokens": 2}, lambda doc: ["video.mp4"], 0, TASK, SPLIT))
     with pytest.raises(ValueError, match="only PIL images"):
         adapter.generate_until([request])
-    with pytest.raises(NotImplementedError):
-        adapter.generate_until_multi_round([request])
+
+
+def test_generate_until_multi_round(adapter):
+    """Rounds as the original adapter runs them: round 0 on the request, later rounds on what the
+    task's doc_to_text returns, until it signals the end; its answer list is the result."""
+    tok, engine = adapter.tokenizer, adapter.engine
+    two_images = doc_to_visual(adapter.task_dict[TASK][SPLIT][1])
+    calls = []
+
+    def doc_to_text(doc, previous_output, round_idx, previous_round_info):
+        calls.append((doc["answer"], list(previous_output), round_idx, previous_round_info))
+        if round_idx == 1:
+            return two_images, f"You said {previous_output[-1]!r}. Compare.", False, previous_output, {"round": 1}
+        return None, "", True, previous_output + ["(kept by the task)"], None
+
+    gen_kwargs = {"max_new_tokens": 3, "until": ["\n\n"], "do_sample": False}
+    request = Instance("generate_until_multi_round",
+                       ("What is in the image?", gen_kwargs, doc_to_visual, doc_to_text, 0, TASK, SPLIT))
+    [answers] = adapter.generate_until_multi_round([request])
+
+    greedy = lambda question, images: tok.decode(engine.generate(
+        [Prompt(build_eval_prompt(question, len(images), tok), images)], SamplingParams(max_new_tokens=3)
+    )[0].token_ids, skip_special_tokens=True).strip()
+    first = greedy("What is in the image?", doc_to_visual(adapter.task_dict[TASK][SPLIT][0]))
+    second = greedy(f"You said {first!r}. Compare.", two_images)
+    assert answers == (first, second, "(kept by the task)")
+    assert calls == [("A cat", [first], 1, None), ("A cat", [first, second], 2, {"round": 1})]
+
+
+def test_multi_round_stops_at_max_rounds(adapter):
+    endless = lambda doc, previous_output, round_idx, previous_round_info: (None, "Again?", False, previous_output, None)
+    request = Instance("generate_until_multi_round",
+                       ("Q", {"max_new_tokens": 1}, doc_to_visual, endless, 0, TASK, SPLIT))
+    adapter.max_rounds = 2
+    try:
+        with pytest.raises(ValueError, match="no terminal signal after 2 rounds"):
+            adapter.generate_until_multi_round([request])
+    finally:
+        adapter.max_rounds = 32

@@ -17,6 +17,9 @@ Differences from the original, on purpose:
 - The checkpoint's generation_config.json repetition_penalty, if any, applies to the generated
   ids only (the original passes the prompt as embeddings, so HF penalises only generated ids).
 - Videos and JSON-encoded multi-turn contexts are not supported (contexts are plain questions).
+- `generate_until_multi_round` follows the original's round protocol (the task's `doc_to_text`
+  gives each next round's visuals and context and says when to stop), one request at a time, with
+  a round limit (`max_rounds`) instead of looping for ever on a task that never says stop.
 
 lmms-eval itself is imported lazily: it is not a dependency (0.7.3 pulls torchvision, wandb,
 datasets, sentence-transformers and more, and is not installable offline here). When it is
@@ -82,6 +85,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         as the original's `resize_token_embeddings(len(tokenizer))`; -1 = whole vocabulary).
       max_length: longest prompt + answer (default: the model's maximum).
       mesh: shard over the local devices, e.g. "fsdp=-1" or "data=2,tensor=4" (default: one device).
+      max_rounds: most rounds of one multi-round request (`generate_until_multi_round`).
       engine: an existing `InferenceEngine` (then `pretrained` is not loaded) with `tokenizer_obj`.
     """
 
@@ -95,6 +99,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         vocab_limit: int | str | None = None,
         max_length: int | str | None = None,
         mesh: str | None = None,
+        max_rounds: int | str = 32,
         engine: InferenceEngine | None = None,
         tokenizer_obj: Any = None,
         **unused: Any,  # lmms-eval passes device etc.; JAX places the model itself
@@ -128,6 +133,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         self.repetition_penalty = read_repetition_penalty(pretrained) if pretrained else 1.0
         self.batch_size_per_gpu = max(int(batch_size), 1)
         self.apply_until = _as_bool(apply_until)
+        self.max_rounds = int(max_rounds)
 
     @property
     def batch_size(self) -> int:
@@ -136,15 +142,19 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
     # ---- helpers ---------------------------------------------------------------------------
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id) -> list[Image.Image]:
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
-        if visuals is None:
-            return []
-        if not isinstance(visuals, (list, tuple)):
-            visuals = [visuals]
-        for v in visuals:
-            if not isinstance(v, Image.Image):
-                raise InputError(f"{task}/{split}/{doc_id}: only PIL images are supported, got {type(v).__name__} "
-                                 "(videos are not)")
-        return list(visuals)
+        return _images(visuals, f"{task}/{split}/{doc_id}")
+
+    def _answers(self, prompts: list, params: SamplingParams, until: list[str]) -> list[str]:
+        """Decoded, stripped answers to prompts generated as one batch."""
+        answers = []
+        for gen in self.engine.generate(prompts, params):
+            text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+            if self.apply_until:
+                for stop in until:
+                    if stop:
+                        text = text.split(stop)[0]
+            answers.append(text.strip())
+        return answers
 
     def _sampling(self, gen_kwargs: dict) -> tuple[SamplingParams, list[str]]:
         """lmms-eval generation kwargs -> sampling params and stop strings (SPEC §7.2 step 5)."""
@@ -180,13 +190,8 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
                     context, _, doc_to_visual, doc_id, task, split = requests[index].args
                     images = self._visuals(doc_to_visual, task, split, doc_id)
                     prompts.append(generation_prompt(context, images, self.tokenizer))
-                for index, gen in zip(chunk, self.engine.generate(prompts, params)):
-                    text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
-                    if self.apply_until:
-                        for stop in until:
-                            if stop:
-                                text = text.split(stop)[0]
-                    results[index] = text.strip()
+                for index, answer in zip(chunk, self._answers(prompts, params, until)):
+                    results[index] = answer
         return [r if r is not None else "" for r in results]
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
@@ -206,8 +211,51 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
             results.append((result.logprob, result.is_greedy))
         return results
 
-    def generate_until_multi_round(self, requests: Sequence[Any]) -> list[str]:
-        raise NotImplementedError("multi-round generation is not supported by llava_ov_manager_jax")
+    def generate_until_multi_round(self, requests: Sequence[Any]) -> list[tuple[str, ...]]:
+        """Every round's answer per request, as the original adapter runs lmms-eval's multi-round
+        tasks. request.args = (context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split).
+
+        Round 0 answers the request's context and visuals. Before each later round the task's
+        ``doc_to_text(doc, previous_output=answers so far, round_idx=r, previous_round_info=info)``
+        returns (visuals, context, terminal, answers, info): the next round's inputs, whether to
+        stop, and the answers as the task keeps them (they replace ours, as in the original).
+        """
+        results = []
+        for request in requests:
+            context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
+            where = f"{task}/{split}/{doc_id}"
+            params, until = self._sampling(gen_kwargs)
+            doc = self.task_dict[task][split][doc_id]
+            images = self._visuals(doc_to_visual, task, split, doc_id)
+            answers: list[str] = []
+            info = None
+            for round_idx in range(self.max_rounds + 1):
+                if round_idx:
+                    visuals, context, terminal, answers, info = doc_to_text(
+                        doc, previous_output=list(answers), round_idx=round_idx, previous_round_info=info
+                    )
+                    answers = list(answers)
+                    if terminal:
+                        break
+                    if round_idx == self.max_rounds:
+                        raise InputError(f"{where}: no terminal signal after {self.max_rounds} rounds "
+                                         "(raise max_rounds if the task needs more)")
+                    images = _images(visuals, where)
+                answers.append(self._answers([generation_prompt(context, images, self.tokenizer)], params, until)[0])
+            results.append(tuple(answers))
+        return results
+
+
+def _images(visuals: Any, where: str) -> list[Image.Image]:
+    """A task's visuals (None, one image or a list of them) as a list of PIL images."""
+    if visuals is None:
+        return []
+    if not isinstance(visuals, (list, tuple)):
+        visuals = [visuals]
+    for v in visuals:
+        if not isinstance(v, Image.Image):
+            raise InputError(f"{where}: only PIL images are supported, got {type(v).__name__} (videos are not)")
+    return list(visuals)
 
 
 def lmms_eval_manifest():
