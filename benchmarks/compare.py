@@ -67,6 +67,9 @@ def table(rows: list[dict]) -> list[str]:
         ratio = _ratio(mine.get("tokens_per_s"), ref and ref.get("tokens_per_s"))
         verdict = "-" if ratio is None or not on_h100 else ("met" if ratio >= TRAIN_TARGET_RATIO else "not met")
         layers = f", {mine['layers']} layers" if mine.get("layers") else ""
+        multiple = mine.get("vision_token_multiple")
+        if multiple:  # 0 = automatic, not shown
+            layers += ", crops unpadded" if multiple == 1 else f", crops padded to x{multiple}"
         label = (f"train B={mine.get('batch_per_device')} {mine.get('image')} "
                  f"({mine.get('variant')}, remat {mine.get('remat')}{layers}{_flags(mine)})")
         out.append(f"| {label} | tokens/s | {_fmt(mine.get('tokens_per_s'), ',.0f')} | "
@@ -84,6 +87,8 @@ def table(rows: list[dict]) -> list[str]:
         floor = GENERATE_TARGET_TOKENS_PER_S.get(batch)
         verdict = "-" if floor is None or not on_h100 else ("met" if tps and tps >= floor else "not met")
         layers = f", {mine['decode_layers']} layers" if mine.get("decode_layers") else ""
+        if (mine.get("decode_min_rows") or 1) > 1:
+            layers += f", decoded as >= {mine['decode_min_rows']} rows"
         label = f"generate B={batch} {mine.get('image')} ({mine.get('variant')}, {mine.get('new_tokens')} new{layers}{_flags(mine)})"
         out.append(f"| {label} | decode tokens/s | {_fmt(tps, ',.0f')} | "
                    f"{_fmt(ref and ref.get('decode_tokens_per_s'), ',.1f')} | {_times(ratio, '.1f')} | "

@@ -50,3 +50,19 @@ def test_variants_are_labelled_by_their_layers_and_xla_flags(tmp_path):
     labels = [line for line in table(read_lines([str(path)])) if "tokens/s" in line]
     assert "remat dots, scan layers)" in labels[0]
     assert "remat dots, unrolled layers, XLA_FLAGS=--xla_foo=1)" in labels[1]
+
+
+def test_generate_and_train_experiments_are_labelled(tmp_path):
+    path = tmp_path / "experiments.jsonl"
+    _write(path, [
+        {"what": "train", "impl": "jax-manager_jax", "batch_per_device": 2, "remat": "dots", "layers": "scan",
+         "vision_token_multiple": 1, "tokens_per_s": 1.0},
+        {"what": "generate", "impl": "jax", "batch": 1, "new_tokens": 8, "decode_layers": "unrolled",
+         "decode_min_rows": 2, "decode_tokens_per_s": 1.0},
+        {"what": "generate", "impl": "jax", "batch": 1, "new_tokens": 8, "decode_layers": "unrolled",
+         "decode_min_rows": 1, "decode_tokens_per_s": 1.0},
+    ])
+    labels = [line for line in table(read_lines([str(path)])) if "tokens/s" in line]
+    assert "scan layers, crops unpadded)" in labels[0]
+    assert "unrolled layers, decoded as >= 2 rows)" in labels[1]
+    assert "rows" not in labels[2]
