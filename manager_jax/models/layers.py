@@ -17,8 +17,12 @@ ATTENTION_KERNEL_PRIMITIVES = frozenset({"dot_product_attention_fwd_wrapper", "d
 
 
 def save_dots_and_attention_kernels(prim, *args, **params) -> bool:
-    """Remat policy "dots": keep the outputs of matmuls and of the fused attention kernels."""
-    return prim.name in ATTENTION_KERNEL_PRIMITIVES or jax.checkpoint_policies.checkpoint_dots(prim, *args, **params)
+    """Remat policy "dots": keep the outputs of the weight matmuls (dots without batch dimensions)
+    and of the fused attention kernels. The XLA attention path's batched dots are recomputed: kept,
+    their [T, S] scores would cost more memory than all the other residuals together."""
+    return prim.name in ATTENTION_KERNEL_PRIMITIVES or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(
+        prim, *args, **params
+    )
 
 
 _REMAT_POLICIES = {
