@@ -108,7 +108,7 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
     sample = prepared.samples[0]
     result = {
         "what": "generate", "impl": "jax", "variant": args.variant, "tiny": args.tiny, "dtype": args.dtype,
-        "decode_layers": "scan" if args.decode_scan else "unrolled", "decode_min_rows": args.decode_min_rows,
+        "decode_layers": "scan" if args.decode_scan else "unrolled", "decode_min_rows": engine.decode_min_rows,
         "batch": batch, "image": args.image, "crops": sample.num_crops, "prompt_len": int(prepared.lengths[0]),
         "prompt_bucket": prepared.prompt_slots, "new_tokens": args.new_tokens, "prefill_s": prefill_s,
         "decode_s_per_token": decode, "decode_tokens_per_s": batch / decode, "total_s": total_s,
@@ -135,8 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 3; tiny: 1)")
     p.add_argument("--decode-scan", action="store_true",
                    help="scan the decoder layers in each decode step instead of unrolling them (engine default)")
-    p.add_argument("--decode-min-rows", type=int, default=1,
-                   help="decode at least this many rows (InferenceEngine decode_min_rows; an experiment for batch 1)")
+    p.add_argument("--decode-min-rows", type=int, default=None,
+                   help="decode at least this many rows (InferenceEngine decode_min_rows; default: 2 on GPU, 1 elsewhere)")
     p.add_argument("--profile", default=None, metavar="FILE.xplane.pb",
                    help="after timing, profile one prefill + decode per batch size (FILE with _b<batch> before .xplane.pb)")
     args = p.parse_args(argv)
