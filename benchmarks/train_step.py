@@ -34,6 +34,7 @@ from manager_jax.batch import ProcessedSample, assemble_batch  # noqa: E402
 from benchmarks.shapes import benchmark_model_config  # noqa: E402
 from manager_jax.sharding import MeshConfig, batch_sharding, data_parallel_size, make_mesh  # noqa: E402
 from manager_jax.train import flops  # noqa: E402
+from manager_jax.train.loop import supervised_count  # noqa: E402
 from manager_jax.train.optimizer import OptimConfig  # noqa: E402
 from manager_jax.train.state import init_params, init_state, jit_train_step, make_setup, place_batch  # noqa: E402
 from manager_jax.train.step import LossConfig  # noqa: E402
@@ -88,8 +89,9 @@ def main(argv=None) -> dict:
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     p.add_argument("--vision-token-multiple", type=int, default=0,
                    help="pad the crops through the vision tower to a multiple of this (0 = auto: 768 with cuDNN, 1 = off)")
-    p.add_argument("--loss-token-budget", type=int, default=0,
-                   help="supervised positions per shard through the LM head (0 = all, as the reference)")
+    p.add_argument("--loss-token-budget", type=int, default=-1,
+                   help="positions per shard sent through the LM head: -1 = the batch's supervised ones (rounded up "
+                        "to a multiple of 128; the same loss), 0 = all positions, as the reference computes them")
     p.add_argument("--loss-chunk", type=int, default=1024, help="LM-head chunk (positions)")
     p.add_argument("--fsdp", type=int, default=-1)
     p.add_argument("--tensor", type=int, default=1)
@@ -108,14 +110,18 @@ def main(argv=None) -> dict:
     cfg = build_model_config(args)
     mesh = make_mesh(MeshConfig(data=1, fsdp=args.fsdp, tensor=args.tensor))
     shards = data_parallel_size(mesh)
-    loss = LossConfig("shard_mean", args.loss_token_budget, args.loss_chunk)
-    setup = make_setup(cfg, mesh, tunable_parts=ALL_PARTS, optim=OptimConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"),
-                       total_steps=1000, loss=loss, plain_causal=True)  # one unpadded sample per row
     rng = np.random.default_rng(0)
     per_shard = []
     for _ in range(shards):
         arrays, n_crops, n_img = shard_batch(cfg, rng, rows=args.batch_per_device, image_hw=hw, text=text)
         per_shard.append(arrays)
+    budget = args.loss_token_budget
+    if budget < 0:  # only the supervised positions need logits: the loss is the same
+        most = max(supervised_count(s["labels"], s["segment_ids"]) for s in per_shard)
+        budget = -(-most // 128) * 128
+    loss = LossConfig("shard_mean", budget, args.loss_chunk)
+    setup = make_setup(cfg, mesh, tunable_parts=ALL_PARTS, optim=OptimConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"),
+                       total_steps=1000, loss=loss, plain_causal=True)  # one unpadded sample per row
     local = {k: np.stack([s[k] for s in per_shard])[None] for k in per_shard[0]}  # [accum=1, shards, ...]
     if cfg.dtype != "float32":
         local["pixel_values"] = local["pixel_values"].astype(jax.numpy.dtype(cfg.dtype))
@@ -165,7 +171,7 @@ def main(argv=None) -> dict:
         devices=n_dev, device=kind, batch_per_device=args.batch_per_device, image=image, crops=n_crops,
         image_tokens=n_img, seq=seq, tokens_per_step=global_batch * seq, dtype=cfg.dtype, remat=args.remat,
         layers="unrolled" if args.unroll_layers else "scan", attention=args.attention,
-        vision_token_multiple=args.vision_token_multiple,
+        vision_token_multiple=args.vision_token_multiple, loss_token_budget=budget,
         xla_flags=os.environ.get("XLA_FLAGS"),
         compile_s=compile_s, step_s_median=med, step_s_min=min(times), tokens_per_s=global_batch * seq / med,
         samples_per_s=global_batch / med, model_tflops_per_step=model_flops / 1e12,
