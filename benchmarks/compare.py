@@ -67,6 +67,8 @@ def table(rows: list[dict]) -> list[str]:
         ratio = _ratio(mine.get("tokens_per_s"), ref and ref.get("tokens_per_s"))
         verdict = "-" if ratio is None or not on_h100 else ("met" if ratio >= TRAIN_TARGET_RATIO else "not met")
         layers = f", {mine['layers']} layers" if mine.get("layers") else ""
+        if mine.get("loss_token_budget"):
+            layers += f", LM head on {mine['loss_token_budget']} positions per shard"
         multiple = mine.get("vision_token_multiple")
         if multiple:  # 0 = automatic, not shown
             layers += ", crops unpadded" if multiple == 1 else f", crops padded to x{multiple}"
