@@ -70,6 +70,15 @@ def shard_batch(cfg, rng, *, rows: int, image_hw: tuple[int, int], text: int) ->
     return batch.to_model_inputs(), plan.num_crops, plan.num_tokens
 
 
+def loss_token_budget(requested: int, per_shard: list[dict]) -> int:
+    """`--loss-token-budget`: -1 = the shard batches' largest supervised count rounded up to a
+    multiple of 128 (only supervised positions need logits: the loss is the same)."""
+    if requested >= 0:
+        return requested
+    most = max(supervised_count(s["labels"], s["segment_ids"]) for s in per_shard)
+    return -(-most // 128) * 128
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the reference's tiny shapes (benchmarks/shapes.py), a 384x384 image + 64 text tokens (CPU)")
@@ -115,10 +124,7 @@ def main(argv=None) -> dict:
     for _ in range(shards):
         arrays, n_crops, n_img = shard_batch(cfg, rng, rows=args.batch_per_device, image_hw=hw, text=text)
         per_shard.append(arrays)
-    budget = args.loss_token_budget
-    if budget < 0:  # only the supervised positions need logits: the loss is the same
-        most = max(supervised_count(s["labels"], s["segment_ids"]) for s in per_shard)
-        budget = -(-most // 128) * 128
+    budget = loss_token_budget(args.loss_token_budget, per_shard)
     loss = LossConfig("shard_mean", budget, args.loss_chunk)
     setup = make_setup(cfg, mesh, tunable_parts=ALL_PARTS, optim=OptimConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"),
                        total_steps=1000, loss=loss, plain_causal=True)  # one unpadded sample per row

@@ -1,0 +1,145 @@
+"""Compile the benchmarks' train step or decode loop for an H100 on a machine without a GPU.
+
+    pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # a separate venv
+    python benchmarks/gpu_deviceless.py --what train --out train.hlo      # 0.5B, B=2, 768x768 + 400
+    python benchmarks/gpu_deviceless.py --what decode --rows 16 --out decode.hlo
+
+XLA compiles for a GPU described by a target config (`GpuTargetConfigProto`) without one attached
+(`jax.experimental.topologies.get_topology_desc(..., "cuda", target_config=...)`). The program is
+the one the GPU would run, except for the choices that need the card itself: with no autotuning,
+every matmul becomes a Triton GEMM with default tiles (on the card, cuBLAS takes some). The script
+writes the optimized HLO and prints its launches and bytes written by kind (benchmarks/hlo_traffic.py).
+It is for reading the program: zero-filled stacks, layout transposes, per-layer copies, kernels
+per decoded token. Timings come from the device (benchmarks/gpu_session.sh).
+
+The model's "auto" choices follow `jax.default_backend()`, which is "cpu" here; the script makes it
+answer "gpu" so that the compiled program is the GPU one (cuDNN attention, two-row decode, crops
+padded to 768).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; XLA only compiles for the target
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+# An H100 SXM (80 GB HBM3), as XLA's own tests describe it.
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+runtime_version { major: 12 minor: 8 }
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 7 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+def gpu_devices():
+    from jax.experimental.topologies import get_topology_desc
+
+    try:
+        topology = get_topology_desc("h100", "cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1")
+    except Exception as err:  # noqa: BLE001 - no CUDA plugin: say how to get one
+        raise SystemExit(f"cannot build a compile-only GPU ({type(err).__name__}: {err}); install the CUDA plugin "
+                         f'of this jax: pip install "jax[cuda12]=={jax.__version__}"') from err
+    return list(topology.devices)
+
+
+def compile_train(args, devices) -> str:
+    from benchmarks import train_step as bench
+    from manager_jax.sharding import MeshConfig, batch_sharding, make_mesh
+    from manager_jax.train.optimizer import OptimConfig
+    from manager_jax.train.state import jit_train_step, make_setup
+    from manager_jax.train.step import LossConfig
+
+    cfg = bench.build_model_config(args)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices=devices)
+    arrays, _, _ = bench.shard_batch(cfg, np.random.default_rng(0), rows=args.batch_per_device, image_hw=(768, 768),
+                                     text=400)
+    budget = bench.loss_token_budget(args.loss_token_budget, [arrays])
+    setup = make_setup(cfg, mesh, tunable_parts=bench.ALL_PARTS,
+                       optim=OptimConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"), total_steps=1000,
+                       loss=LossConfig("shard_mean", budget, 1024), plain_causal=True)
+    local = {k: np.asarray(v)[None, None] for k, v in arrays.items()}
+    local["pixel_values"] = local["pixel_values"].astype(jnp.dtype(cfg.dtype))
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, v.ndim)) for k, v in local.items()}
+    return jit_train_step(setup, abstract).lower(setup.abstract_state, abstract).compile().as_text()
+
+
+def compile_decode(args, devices) -> str:
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from benchmarks.shapes import benchmark_model_config
+    from manager_jax.infer.engine import MAX_EOS_IDS, InferenceEngine
+    from manager_jax.models.llava_ov import LlavaOV
+
+    cfg = benchmark_model_config(False, args.variant).replace(dtype="bfloat16", param_dtype="bfloat16")
+    model = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))  # shapes only: nothing is allocated
+    engine = InferenceEngine(model, eos_ids=[], pad_id=0, decode_min_rows=args.decode_min_rows)
+    rows = max(args.rows, engine.decode_min_rows)
+    here = NamedSharding(Mesh(np.asarray(devices[:1]), ("x",)), PartitionSpec())
+    shaped = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=here)
+    t = cfg.text
+    cache_len = args.prompt_slots + args.new_tokens
+    cache = tuple(shaped((t.num_layers, rows, cache_len, t.num_kv_heads, t.head_dim), jnp.bfloat16) for _ in range(2))
+    controls = {"max_new": np.int32(0), "temperature": np.float32(0), "top_k": np.int32(0), "top_p": np.float32(1),
+                "eos": np.zeros(MAX_EOS_IDS, np.int32), "repetition_penalty": np.float32(1), "pad": np.int32(0),
+                "vocab_limit": np.int32(0)}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    lowered = engine._decode_jit.lower(
+        jax.tree.map(lambda a: shaped(a.shape, a.dtype), engine.state), shaped((rows, t.vocab_size), jnp.float32), cache,
+        shaped((rows, cache_len), jnp.int32), shaped((rows,), jnp.int32),
+        {k: shaped(np.shape(v), np.asarray(v).dtype) for k, v in controls.items()}, shaped(key.shape, key.dtype),
+        greedy=True, new_slots=args.new_tokens,
+    )
+    return lowered.compile().as_text()
+
+
+def main(argv=None) -> int:
+    from benchmarks.hlo_traffic import report
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", choices=["train", "decode"], default="train")
+    p.add_argument("--out", required=True, help="where the optimized HLO text goes")
+    p.add_argument("--variant", default="grid", choices=["baseline", "manager", "grid", "grid_manager"])
+    p.add_argument("--top", type=int, default=15, help="list the N launches that write the most")
+    train = p.add_argument_group("train (the shapes of benchmarks/train_step.py)")
+    train.add_argument("--batch-per-device", type=int, default=2)
+    train.add_argument("--remat", default="dots")
+    train.add_argument("--vision-token-multiple", type=int, default=0)
+    train.add_argument("--loss-token-budget", type=int, default=-1)
+    decode = p.add_argument_group("decode (the shapes of benchmarks/generate.py)")
+    decode.add_argument("--rows", type=int, default=1, help="prompts decoded together")
+    decode.add_argument("--decode-min-rows", type=int, default=None, help="InferenceEngine decode_min_rows")
+    decode.add_argument("--prompt-slots", type=int, default=4096)
+    decode.add_argument("--new-tokens", type=int, default=128)
+    args = p.parse_args(argv)
+    args.tiny, args.dtype, args.unroll_layers, args.attention = False, "bfloat16", False, "auto"
+
+    devices = gpu_devices()
+    jax.default_backend = lambda: "gpu"  # the model's "auto" choices are the GPU ones (module doc)
+    text = compile_train(args, devices) if args.what == "train" else compile_decode(args, devices)
+    with open(args.out, "w") as f:
+        f.write(text)
+    per = "per step" if args.what == "train" else "per decoded token (plus the loop's one-off work)"
+    print(f"{args.what}: {args.out} ({len(text) / 2**20:.1f} MiB of HLO); launches and bytes written {per}:")
+    print(report(text, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Kernel launches and bytes written per step, by kind, read from an optimized XLA HLO dump.
+
+    python benchmarks/hlo_traffic.py step.hlo [--top 30]
+
+The HLO is the text of a compiled program (`jax.jit(f).lower(...).compile().as_text()`, or what
+`benchmarks/gpu_deviceless.py` writes). Every top-level instruction of the entry computation and of
+the loop bodies it reaches is a launch (fusions, custom calls, copies), counted once per loop
+iteration when the trip count is known (layer scans); a loop with an unknown trip count (the
+decode loop) counts once, so its numbers are per iteration. Bytes are the instruction's output
+size; a dynamic-update-slice fusion writes in place, so it counts the size of its updates.
+
+This is a static reading of the program, not a timing: it shows where the memory traffic and the
+launches are (zero-filled stacks, layout transposes, per-layer copies), which is what the GPU
+profiles pointed at. Numbers come from runs on the device (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+from dataclasses import dataclass
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"(?:ROOT )?%?([\w.\-]+) = (.*?) ([\w\-]+)\(")
+_NO_LAUNCH = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id",
+              "replica-id", "copy-done", "fusion-done", "all-gather-done", "all-reduce-done", "send-done",
+              "recv-done", "opt-barrier"}
+
+
+@dataclass
+class Launch:
+    name: str
+    kind: str
+    shape: str
+    bytes_written: int
+    count: int  # launches per step (loop trip counts multiplied in)
+    op_name: str
+
+
+def array_bytes(shape: str) -> int:
+    """Bytes of every array in an HLO shape string (a tuple adds its elements up)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _DTYPE_BYTES[dtype]
+    return total
+
+
+def computations(text: str) -> tuple[dict[str, list[str]], str]:
+    """{name: instruction lines} of every computation, and the entry computation's name."""
+    comps: dict[str, list[str]] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            m = re.match(r"(ENTRY )?%?([\w.\-]+)", line)
+            if m:
+                current = m.group(2)
+                comps[current] = []
+                if m.group(1):
+                    entry = current
+                continue
+        if current is not None and line.startswith("  "):
+            comps[current].append(line.strip())
+    if not entry:
+        raise ValueError("no ENTRY computation in this HLO text")
+    return comps, entry
+
+
+_ROOT_KINDS = {"dynamic-update-slice": "dynamic-update-slice (in place)", "dynamic-slice": "dynamic-slice copy",
+               "broadcast": "broadcast (fill)", "transpose": "transpose", "copy": "copy", "reduce": "reduction",
+               "scatter": "scatter", "gather": "gather", "dot": "matmul", "convolution": "matmul"}
+
+
+def _root_op(comps: dict[str, list[str]], called: str) -> str:
+    """The op at the root of a fused computation, looking through bitcasts and tuples."""
+    lines = comps.get(called, [])
+    defs = {}
+    root = None
+    for inner in lines:
+        m = _INSTRUCTION.match(inner)
+        if m:
+            defs[m.group(1)] = (m.group(3), inner)
+            if inner.startswith("ROOT "):
+                root = m.group(1)
+    seen = 0
+    while root in defs and seen < 8:
+        op, inner = defs[root]
+        if op not in ("bitcast", "tuple", "reshape", "convert"):
+            return op
+        operand = re.search(r"\(%?([\w.\-]+)", inner[inner.index(op + "("):])
+        root, seen = (operand.group(1) if operand else None), seen + 1
+    return "?"
+
+
+def kind_of(comps: dict[str, list[str]], line: str, op: str) -> str:
+    if op in ("fusion", "fusion-start"):
+        if "triton_gemm" in line or "triton_nested_gemm" in line:
+            return "matmul"
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        if called and "dynamic_update_slice" in called.group(1):
+            return _ROOT_KINDS["dynamic-update-slice"]
+        if called and "dynamic_slice" in called.group(1):
+            return _ROOT_KINDS["dynamic-slice"]
+        body = comps.get(called.group(1), []) if called else []
+        if any(re.search(r" (dot|convolution)\(", inner) for inner in body):
+            return "matmul"
+        return _ROOT_KINDS.get(_root_op(comps, called.group(1)) if called else "?", "elementwise")
+    if op == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        target = target.group(1) if target else "?"
+        if "cudnn" in target:
+            return "cuDNN"
+        return "matmul" if ("cublas" in target or "gemm" in target) else f"custom-call {target}"
+    if op in ("copy", "copy-start"):
+        return "copy"
+    return _ROOT_KINDS.get(op, op)
+
+
+def _update_bytes(comps: dict[str, list[str]], line: str, whole: int) -> int:
+    """Bytes a dynamic-update-slice fusion writes: its update operands, not the buffer it updates."""
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    body = comps.get(called.group(1), []) if called else []
+    shapes = {}
+    for inner in body:
+        m = _INSTRUCTION.match(inner)
+        if m:
+            shapes[m.group(1)] = m.group(2)
+    written = 0
+    for inner in body:
+        m = re.search(r" dynamic-update-slice\(%?([\w.\-]+), %?([\w.\-]+)", inner)
+        if m and m.group(2) in shapes:
+            written += array_bytes(shapes[m.group(2)])
+    return written or whole
+
+
+def launches(text: str) -> list[Launch]:
+    comps, entry = computations(text)
+    found: list[Launch] = []
+
+    def walk(comp: str, count: int, trip: int) -> None:
+        for line in comps.get(comp, []):
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            name, shape, op = m.groups()
+            if op == "while":
+                body = re.search(r"body=%?([\w.\-]+)", line).group(1)
+                n = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                n = int(n.group(1)) if n else 1
+                walk(body, count * n, n)
+                continue
+            if op in ("call", "conditional"):
+                for called in re.findall(r"(?:to_apply|true_computation|false_computation)=%?([\w.\-]+)", line):
+                    walk(called, count, trip)
+                for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                    for called in re.findall(r"%?([\w.\-]+)", group):
+                        walk(called, count, trip)
+                continue
+            if op in _NO_LAUNCH:
+                continue
+            kind = kind_of(comps, line, op)
+            if op == "fusion-start":  # async: the output tuple repeats the operands
+                shape = shape.rsplit("}, ", 1)[-1] if "}, " in shape else shape
+            written = array_bytes(shape)
+            if kind == "dynamic-update-slice (in place)":
+                written = _update_bytes(comps, line, written)
+            op_name = re.search(r'op_name="([^"]+)"', line)
+            found.append(Launch(name, kind, shape, written, count, op_name.group(1) if op_name else ""))
+
+    walk(entry, 1, 1)
+    return found
+
+
+def table(found: list[Launch]) -> list[str]:
+    totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for launch in found:
+        totals[launch.kind][0] += launch.count
+        totals[launch.kind][1] += launch.count * launch.bytes_written
+    out = ["| kind | launches | GB written |", "|---|---|---|"]
+    for kind, (n, written) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        out.append(f"| {kind} | {n:,} | {written / 1e9:.2f} |")
+    n_all = sum(v[0] for v in totals.values())
+    written_all = sum(v[1] for v in totals.values())
+    out.append(f"| **all** | **{n_all:,}** | **{written_all / 1e9:.2f}** |")
+    return out
+
+
+def top(found: list[Launch], n: int) -> list[str]:
+    rows = sorted(found, key=lambda launch: -launch.count * launch.bytes_written)[:n]
+    return [f"{r.count * r.bytes_written / 1e9:7.2f} GB  x{r.count:<4d} {r.kind:32s} {r.shape[:70]:70s} {r.op_name[-70:]}"
+            for r in rows]
+
+
+def report(text: str, top_n: int = 0) -> str:
+    """The kind table of an HLO text, then its `top_n` biggest writers."""
+    found = launches(text)
+    return "\n".join(table(found) + (top(found, top_n) if top_n else []))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("hlo", help="optimized HLO text")
+    p.add_argument("--top", type=int, default=0, help="also list the N launches that write the most")
+    args = p.parse_args(argv)
+    with open(args.hlo) as f:
+        print(report(f.read(), args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
