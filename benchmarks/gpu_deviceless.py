@@ -135,9 +135,9 @@ def main(argv=None) -> int:
     text = compile_train(args, devices) if args.what == "train" else compile_decode(args, devices)
     with open(args.out, "w") as f:
         f.write(text)
-    per = "per step" if args.what == "train" else "per decoded token (plus the loop's one-off work)"
+    per = "per step" if args.what == "train" else "per decoded token (the token loop's body)"
     print(f"{args.what}: {args.out} ({len(text) / 2**20:.1f} MiB of HLO); launches and bytes written {per}:")
-    print(report(text, args.top))
+    print(report(text, args.top, in_loops_only=args.what == "decode"))
     return 0
 
 

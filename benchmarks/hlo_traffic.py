@@ -39,6 +39,7 @@ class Launch:
     bytes_written: int
     count: int  # launches per step (loop trip counts multiplied in)
     op_name: str
+    loop_depth: int  # 0 = outside every loop
 
 
 def array_bytes(shape: str) -> int:
@@ -143,7 +144,7 @@ def launches(text: str) -> list[Launch]:
     comps, entry = computations(text)
     found: list[Launch] = []
 
-    def walk(comp: str, count: int, trip: int) -> None:
+    def walk(comp: str, count: int, depth: int) -> None:
         for line in comps.get(comp, []):
             m = _INSTRUCTION.match(line)
             if not m:
@@ -153,14 +154,14 @@ def launches(text: str) -> list[Launch]:
                 body = re.search(r"body=%?([\w.\-]+)", line).group(1)
                 n = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
                 n = int(n.group(1)) if n else 1
-                walk(body, count * n, n)
+                walk(body, count * n, depth + 1)
                 continue
             if op in ("call", "conditional"):
                 for called in re.findall(r"(?:to_apply|true_computation|false_computation)=%?([\w.\-]+)", line):
-                    walk(called, count, trip)
+                    walk(called, count, depth)
                 for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
                     for called in re.findall(r"%?([\w.\-]+)", group):
-                        walk(called, count, trip)
+                        walk(called, count, depth)
                 continue
             if op in _NO_LAUNCH:
                 continue
@@ -171,9 +172,9 @@ def launches(text: str) -> list[Launch]:
             if kind == "dynamic-update-slice (in place)":
                 written = _update_bytes(comps, line, written)
             op_name = re.search(r'op_name="([^"]+)"', line)
-            found.append(Launch(name, kind, shape, written, count, op_name.group(1) if op_name else ""))
+            found.append(Launch(name, kind, shape, written, count, op_name.group(1) if op_name else "", depth))
 
-    walk(entry, 1, 1)
+    walk(entry, 1, 0)
     return found
 
 
@@ -197,9 +198,10 @@ def top(found: list[Launch], n: int) -> list[str]:
             for r in rows]
 
 
-def report(text: str, top_n: int = 0) -> str:
-    """The kind table of an HLO text, then its `top_n` biggest writers."""
-    found = launches(text)
+def report(text: str, top_n: int = 0, in_loops_only: bool = False) -> str:
+    """The kind table of an HLO text, then its `top_n` biggest writers. `in_loops_only`: only what
+    runs inside loops (a decode loop's per-token work, without its one-off set-up)."""
+    found = [l for l in launches(text) if l.loop_depth or not in_loops_only]
     return "\n".join(table(found) + (top(found, top_n) if top_n else []))
 
 
