@@ -198,12 +198,23 @@ def dot_product_attention(
 
     `plain_causal=True` promises the caller's mask is exactly causal (single segment, no padding
     inside the row), which lets the cuDNN kernel run without an explicit mask. `valid_len` (with
-    no mask): only the first `valid_len` keys are real, the rest is the caller's padding.
+    no mask): only the first `valid_len` positions are real, the rest is the caller's padding: it
+    is masked as keys, its output rows are zero and no gradient reaches it, whatever a kernel
+    leaves in padding rows (a NaN there would reach real rows through 0 * NaN, or the weights
+    through the projections' gradients).
     """
-    scale = q.shape[-1] ** -0.5
     full = mask is None and not plain_causal  # no mask at all: every query sees every key
-    if valid_len is not None and not full:
+    if valid_len is None or valid_len >= max(q.shape[1], k.shape[1]):
+        return _attend(q, k, v, mask, impl, plain_causal, None)
+    if not full:
         raise ValueError("valid_len is for unmasked attention only")
+    real = lambda x: jnp.where((jnp.arange(x.shape[1]) < valid_len)[:, None, None], x, jnp.zeros((), x.dtype))
+    return real(_attend(real(q), real(k), real(v), None, impl, False, valid_len))
+
+
+def _attend(q, k, v, mask, impl: str, plain_causal: bool, valid_len: int | None) -> jax.Array:
+    scale = q.shape[-1] ** -0.5
+    full = mask is None and not plain_causal
     if resolve_impl(impl, plain_causal or full) == "cudnn":
         if not (plain_causal or full):
             raise ValueError("attention_impl='cudnn' supports causal (unpacked) or unmasked attention only")

@@ -22,17 +22,12 @@ class SiglipAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, valid_len: int | None = None) -> jax.Array:
         """x [C, T, D]; `valid_len`: the crops come padded and only their first `valid_len` tokens
-        are real (the padding keys are masked, the padding rows' outputs zeroed)."""
+        are real (see `dot_product_attention`)."""
         b, t, d = x.shape
         heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
         out = dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask=None, impl=self.impl,
                                     valid_len=valid_len)
-        out = out.reshape(b, t, d)
-        if valid_len is not None:
-            # Whatever a kernel leaves in padding rows stays out of later layers' (masked) keys,
-            # where a NaN would still reach real rows through 0 * NaN.
-            out = jnp.where(jnp.arange(t)[:, None] < valid_len, out, 0)
-        return self.o(out)
+        return self.o(out.reshape(b, t, d))
 
 
 class SiglipMLP(nnx.Module):
