@@ -76,7 +76,19 @@ step train_jax "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" --prof
   step train_jax_xla_attention "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" --attention xla \
     --profile "$OUT/train_xla_attention.xplane.pb"
 step generate_jax "$t_gen" $PY benchmarks/generate.py "${ours_gen[@]}" --profile "$OUT/generate.xplane.pb"
-# Variants (';'-separated flag sets; leading NAME=VALUE words become the run's environment), e.g.
+# The reference next, before the variants: a ratio is only given between numbers of one call.
+if [ -f "$REF" ]; then
+  if [ "${REF_TRAIN:-1}" = 1 ]; then
+    step train_ref "$t_ref_train" $PY "$REF" "${ref_common[@]}" --what train "${ref_train[@]}"
+  fi
+  for b in ${REF_GEN_BATCHES:-${gen_batches[@]}}; do
+    step "generate_ref_b$b" "$t_ref_gen" $PY "$REF" "${ref_common[@]}" --what generate --batch "$b" "${ref_gen[@]}"
+  done
+else
+  echo "== reference skipped: $REF not found (see the top of this script)"
+fi
+# Variants with the time left (';'-separated flag sets; leading NAME=VALUE words become the run's
+# environment), e.g.
 # TRAIN_VARIANTS="--remat full;XLA_FLAGS=--xla_gpu_enable_command_buffer= --remat dots".
 variants() {  # variants KIND SCRIPT LIMIT SETS FIXED...
   local kind=$1 script=$2 limit=$3 sets=$4; shift 4
@@ -93,16 +105,6 @@ variants() {  # variants KIND SCRIPT LIMIT SETS FIXED...
 }
 variants train_jax benchmarks/train_step.py "$t_train" "${TRAIN_VARIANTS:-}" "${ours_train[@]}"
 variants generate_jax benchmarks/generate.py "$t_gen" "${GEN_VARIANTS:-}" "${ours_gen[@]}"
-if [ -f "$REF" ]; then
-  if [ "${REF_TRAIN:-1}" = 1 ]; then
-    step train_ref "$t_ref_train" $PY "$REF" "${ref_common[@]}" --what train "${ref_train[@]}"
-  fi
-  for b in ${REF_GEN_BATCHES:-${gen_batches[@]}}; do
-    step "generate_ref_b$b" "$t_ref_gen" $PY "$REF" "${ref_common[@]}" --what generate --batch "$b" "${ref_gen[@]}"
-  done
-else
-  echo "== reference skipped: $REF not found (see the top of this script)"
-fi
 gzip -f "$OUT"/*.xplane.pb 2> /dev/null
 
 echo "== summary"
