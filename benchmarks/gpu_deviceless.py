@@ -1,6 +1,7 @@
 """Compile the benchmarks' train step or decode loop for an H100 on a machine without a GPU.
 
-    pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # a separate venv
+    # a separate venv with this repository's requirements and the CUDA plugin of the same jax:
+    pip install -r requirements.txt "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"
     python benchmarks/gpu_deviceless.py --what train --out train.hlo      # 0.5B, B=2, 768x768 + 400
     python benchmarks/gpu_deviceless.py --what decode --rows 16 --out decode.hlo
 
