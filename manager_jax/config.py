@@ -152,7 +152,8 @@ class ModelConfig:
     remat_policy: str = "none"
     attention_impl: str = "auto"
     # The vision tower's layers run on crops padded to a multiple of this many tokens (exact, the
-    # padding is masked); 0 = what the attention prefers (768 for cuDNN on GPU, else unpadded).
+    # padding is masked); 0 = what the attention prefers (768 for cuDNN on GPU and Splash on TPU,
+    # else unpadded).
     vision_token_multiple: int = 0
 
     def __post_init__(self) -> None:

@@ -65,13 +65,21 @@ def test_padded_flash_attention_equals_the_unpadded_softmax(causal, t):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["flash", "dispatch"])
+def _cpu_attention_mesh():
+    from jax.sharding import Mesh
+
+    return A.AttentionMesh(Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor")))
+
+
+@pytest.mark.parametrize("impl", ["flash", "dispatch", "splash"])
 def test_rows_padded_by_the_caller_attend_to_their_real_keys_only(impl):
     """`valid_len`: rows that arrive padded (the vision tower pads its crops once for all layers).
     The padding holds large values for the flash call itself, and NaN for the dispatch, whose
-    contract is that nothing in padding rows reaches the real rows or the gradients."""
+    contract is that nothing in padding rows reaches the real rows or the gradients. "splash": the
+    dispatch on a TPU-style mesh (Pallas interpret mode), the unmasked Splash kernel with the
+    padding in its own segment."""
     rng = np.random.default_rng(3)
-    b, n, t, h, d = 2, 50, 64, 4, 8
+    b, n, t, h, d = (2, 100, 128, 2, 8) if impl == "splash" else (2, 50, 64, 4, 8)
     q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)).astype(np.float32)) for _ in range(3))
     if impl == "flash":
         k, v = (x.at[:, n:].multiply(100.0) for x in (k, v))
@@ -79,7 +87,16 @@ def test_rows_padded_by_the_caller_attend_to_their_real_keys_only(impl):
                                                       valid_len=n)
     else:
         q, k, v = (x.at[:, n:].set(jnp.nan) for x in (q, k, v))
-        fn = lambda q, k, v: A.dot_product_attention(q, k, v, mask=None, impl="xla", valid_len=n)
+        dispatch = lambda q, k, v: A.dot_product_attention(q, k, v, mask=None, impl=impl.replace("dispatch", "xla"),
+                                                           valid_len=n)
+        if impl == "splash":
+            def fn(q, k, v):
+                with A.sharded_attention(_cpu_attention_mesh()):
+                    return dispatch(q, k, v)
+
+            assert "pallas_call" in str(jax.make_jaxpr(fn)(q, k, v))
+        else:
+            fn = dispatch
     got = fn(q, k, v)
     real = lambda x: np.asarray(x[:, :n])
     np.testing.assert_allclose(real(got), _naive(real(q), real(k), real(v), np.ones((1, 1, n, n), bool)),
@@ -99,6 +116,14 @@ def test_unmasked_rows_are_padded_to_what_the_attention_runs_unpadded():
     assert A.unmasked_row_multiple("cudnn") == A.FLASH_SEQ_MULTIPLE
     assert A.unmasked_row_multiple("xla") == 1
     assert A.unmasked_row_multiple("auto") == (A.FLASH_SEQ_MULTIPLE if jax.default_backend() == "gpu" else 1)
+    assert A.unmasked_row_multiple("splash") == 1  # outside a training / inference pass: the XLA path
+    with A.sharded_attention(_cpu_attention_mesh()):
+        assert A.unmasked_row_multiple("splash") == A.SPLASH_LANES  # Splash (interpret mode on CPU)
+        assert A.unmasked_row_multiple("auto") == (A.FLASH_SEQ_MULTIPLE if jax.default_backend() == "gpu" else 1)
+        # A row length Splash cannot take runs on the XLA path instead of failing.
+        x = jnp.ones((1, 100, 2, 8))
+        assert "pallas_call" not in str(jax.make_jaxpr(
+            lambda x: A.dot_product_attention(x, x, x, mask=None, impl="splash"))(x))
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")

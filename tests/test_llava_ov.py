@@ -62,10 +62,16 @@ def test_scan_equals_unrolled_and_remat_keeps_gradients(cfg):
     assert float(jnp.abs(g0["manager"]["blocks"][0]["layer_scores"][...]).sum()) > 0  # gradients reach the Manager
 
 
-@pytest.mark.parametrize("multiple", [64, 100])
+@pytest.mark.parametrize("multiple", [64, 100, "splash"])
 def test_vision_tower_on_padded_crops_equals_the_unpadded_tower(cfg, multiple):
     """vision_token_multiple pads every crop once for all the tower's layers (729 -> 768 for cuDNN
-    on GPU): the last and the Manager's selected hidden states and every gradient stay the same."""
+    on GPU): the last and the Manager's selected hidden states and every gradient stay the same.
+    "splash": the TPU path (Pallas interpret mode here), crops padded to 768 by the tower itself
+    and attended by the unmasked Splash kernel with the padding in its own segment."""
+    from jax.sharding import Mesh
+
+    from manager_jax.models import attention as A
+
     rng = np.random.default_rng(7)
     pixels = jnp.asarray(rng.normal(size=(3, 384, 384, 3)).astype(np.float32))
     select = list(cfg.manager.select_layers)
@@ -84,7 +90,16 @@ def test_vision_tower_on_padded_crops_equals_the_unpadded_tower(cfg, multiple):
         return outs, grads
 
     (last0, sel0), g0 = run(_model(cfg.replace(vision_token_multiple=1)))
-    (last1, sel1), g1 = run(_model(cfg.replace(vision_token_multiple=multiple)))
+    if multiple == "splash":
+        mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+        with A.sharded_attention(A.AttentionMesh(mesh)):
+            model = _model(cfg.replace(attention_impl="splash"))
+            assert A.unmasked_row_multiple("splash") == 128
+            jaxpr = str(jax.make_jaxpr(lambda x: model.vision(x, select))(pixels))
+            assert "pallas_call" in jaxpr  # the kernel runs
+            (last1, sel1), g1 = run(model)
+    else:
+        (last1, sel1), g1 = run(_model(cfg.replace(vision_token_multiple=multiple)))
     assert last1.shape == last0.shape == (3, 729, cfg.vision.hidden_size) and sel1.shape == sel0.shape
     # fp32 rounding only (other reduction orders): a leak of the padding would be O(1).
     assert relative_error(last1, last0) < 1e-6 and relative_error(sel1, sel0) < 1e-6

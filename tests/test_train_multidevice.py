@@ -119,8 +119,10 @@ def test_splash_attention_step_equals_xla_step_on_a_mesh(monkeypatch):
         step = jit_train_step(setup, abstract)
         state, metrics = step(state, place_batch(setup, batch, shards=4))
         results[impl] = (float(metrics["loss"]), float(metrics["grad_norm"]), state["params"])
-    # Every text layer's attention ran on the kernel, per device: 1 row, 256 slots, 2 of 4 heads.
-    assert traced and set(traced) == {(1, 256, 2, base.text.head_dim)}
+    # Every attention ran on the kernel, per device: the text layers' (1 row, 256 slots, 2 of 4
+    # heads) and the vision tower's (its crops padded to 768 tokens, half the heads).
+    v = base.vision
+    assert set(traced) == {(1, 256, 2, base.text.head_dim), (1, 768, v.num_heads // 2, v.hidden_size // v.num_heads)}
     (xla_loss, xla_norm, xla_params), (sp_loss, sp_norm, sp_params) = results["xla"], results["splash"]
     assert sp_loss == pytest.approx(xla_loss, rel=1e-5)
     assert sp_norm == pytest.approx(xla_norm, rel=1e-4)

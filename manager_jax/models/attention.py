@@ -4,11 +4,12 @@
 `cudnn` uses `jax.nn.dot_product_attention(implementation="cudnn")` (GPU flash attention) on rows padded
 to a multiple of 64; it is taken only where the mask is plain causal (one right-padded sample per
 row) or absent (the vision tower), and `auto` picks it on GPU for those cases.
-`splash` is the TPU Splash kernel (Pallas) for fresh causal self-attention: training rows (packed
-segments) and inference prefill / scoring, GQA, no [T, S] scores in memory. It runs inside
-:func:`sharded_attention` (the train step and the inference engine enter it with their mesh), on
-rows whose length is a multiple of 128; `auto` picks it when that mesh is made of TPUs. Elsewhere
-(decode steps, the vision tower's 729-token crops) the XLA / cuDNN paths run.
+`splash` is the TPU Splash kernel (Pallas) for fresh self-attention: causal for the text model's
+training rows (packed segments) and inference prefill / scoring, unmasked for the vision tower's
+crops (padded to 768 tokens, the padding kept apart by segment ids); GQA, no [T, S] scores in
+memory. It runs inside :func:`sharded_attention` (the train step and the inference engine enter it
+with their mesh), on rows whose length is a multiple of 128; `auto` picks it when that mesh is
+made of TPUs. Elsewhere (decode steps) the XLA / cuDNN paths run.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def splash_applies(impl: str, seq_len: int) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _splash_kernel(groups: int, seq_len: int, interpret: bool):
+def _splash_kernel(groups: int, seq_len: int, interpret: bool, causal: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -98,7 +99,8 @@ def _splash_kernel(groups: int, seq_len: int, interpret: bool):
         block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
         block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
     )
-    mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(groups)])
+    shape = sm.CausalMask if causal else sm.FullMask
+    mask = sm.MultiHeadMask([shape((seq_len, seq_len)) for _ in range(groups)])
     # One MQA kernel per KV head: the G query heads of a group share its keys and values. Its
     # block-mask tables are built concretely (not as tracers of the step being traced), so the
     # cached kernel can serve every later trace.
@@ -106,13 +108,13 @@ def _splash_kernel(groups: int, seq_len: int, interpret: bool):
         return sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)
 
 
-def _splash_local(q, k, v, segment_ids, interpret: bool):
+def _splash_local(q, k, v, segment_ids, interpret: bool, causal: bool):
     """Splash on this device's rows: q [B, T, H, d], k/v [B, T, KV, d], segment_ids [B, T]."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     b, t, h, d = q.shape
     kv = k.shape[2]
-    kernel = _splash_kernel(h // kv, t, interpret)
+    kernel = _splash_kernel(h // kv, t, interpret, causal)
     q = (q * d**-0.5).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, d]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, d]
 
@@ -124,15 +126,15 @@ def _splash_local(q, k, v, segment_ids, interpret: bool):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """Causal attention within segments (packed rows; segment 0 = padding attends to padding).
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, causal: bool = True) -> jax.Array:
+    """Attention within segments, causal or not (packed rows; segment 0 = padding attends to padding).
 
     q [B, T, H, d], k/v [B, T, KV, d] -> [B, T, H, d]. On a mesh it is a shard_map: the rows'
     shard axis (vmapped by the train step with ``spmd_axis_name``) and the heads stay where they
     are, so the kernel never moves activations between devices.
     """
     where = _ATTENTION_MESH.get()
-    local = functools.partial(_splash_local, interpret=where.interpret)
+    local = functools.partial(_splash_local, interpret=where.interpret, causal=causal)
     mesh = where.mesh
     if mesh.size == 1:
         return local(q, k, v, segment_ids)
@@ -215,12 +217,17 @@ def dot_product_attention(
 def _attend(q, k, v, mask, impl: str, plain_causal: bool, valid_len: int | None) -> jax.Array:
     scale = q.shape[-1] ** -0.5
     full = mask is None and not plain_causal
+    t, s = q.shape[1], k.shape[1]
+    if full and t == s and t % SPLASH_LANES == 0 and splash_applies(impl, t):
+        # Unmasked self-attention (the vision tower's crops): real positions are segment 1, the
+        # caller's padding segment 0, so neither attends to the other.
+        segment_ids = jnp.broadcast_to((jnp.arange(t) < (valid_len or t)).astype(jnp.int32), q.shape[:2])
+        return splash_attention(q, k, v, segment_ids, causal=False)
     if resolve_impl(impl, plain_causal or full) == "cudnn":
         if not (plain_causal or full):
             raise ValueError("attention_impl='cudnn' supports causal (unpacked) or unmasked attention only")
         return padded_flash_attention(q, k, v, scale=scale, causal=plain_causal, implementation="cudnn",
                                       valid_len=valid_len)
-    t, s = q.shape[1], k.shape[1]
     if mask is None and plain_causal:
         mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None, None]
     if valid_len is not None and valid_len < s:
@@ -237,10 +244,13 @@ def resolve_impl(impl: str, cudnn_expressible: bool) -> str:
 
 
 def unmasked_row_multiple(impl: str) -> int:
-    """The row length that unmasked attention under `impl` runs without padding: a caller that
+    """The row length that unmasked attention under `impl` needs for its fused kernel: a caller that
     pads its rows to a multiple of this once (the vision tower, all its layers) saves the per-layer
-    padding of `padded_flash_attention`."""
-    return FLASH_SEQ_MULTIPLE if resolve_impl(impl, True) == "cudnn" else 1
+    padding of `padded_flash_attention` (cuDNN: 64) or gets the Splash kernel at all (TPU: 128;
+    rows of another length take the XLA path)."""
+    if resolve_impl(impl, True) == "cudnn":
+        return FLASH_SEQ_MULTIPLE
+    return SPLASH_LANES if splash_applies(impl, SPLASH_LANES) else 1
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -17,8 +17,8 @@ class SiglipAttention(nnx.Module):
         mk = lambda: linear(d, d, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q, self.k, self.v, self.o = mk(), mk(), mk(), mk()
         self.num_heads = cfg.num_heads
-        # Crops attend fully (no mask): cuDNN on GPU under "auto"; Splash is the text model's only.
-        self.impl = "xla" if impl == "splash" else impl
+        # Crops attend fully (no mask): under "auto" cuDNN on GPU, Splash on TPU (crops padded to 768).
+        self.impl = impl
 
     def __call__(self, x: jax.Array, valid_len: int | None = None) -> jax.Array:
         """x [C, T, D]; `valid_len`: the crops come padded and only their first `valid_len` tokens
@@ -59,7 +59,7 @@ class SiglipTower(nnx.Module):
                  impl: str = "auto", token_multiple: int = 0, rngs: nnx.Rngs):
         """`token_multiple`: the encoder layers run on crops padded to a multiple of this many tokens
         (exact: the padding is masked out of attention); 0 = the attention's own preference
-        (`unmasked_row_multiple`: 729 -> 768 for cuDNN, unpadded elsewhere)."""
+        (`unmasked_row_multiple`: 729 -> 768 for cuDNN and Splash, unpadded elsewhere)."""
         self.cfg = cfg
         self.dtype = dtype
         self.token_multiple = token_multiple
@@ -104,7 +104,7 @@ class SiglipTower(nnx.Module):
         valid_len = n if padded != n else None
         # Padded once for every layer: the rows' matmuls get aligned shapes (7,290 rows of 10
         # crops made the weight-gradient GEMMs take 2-element-aligned kernels on GPU) and the
-        # flash kernel needs no per-layer padding.
+        # flash kernel needs no per-layer padding; on TPU the Splash kernel needs 128-multiples.
         h0_run = jnp.pad(h0, ((0, 0), (0, padded - n), (0, 0))) if valid_len else h0
         body = lambda layer, h, _: (lambda y: (y, y))(layer(h, valid_len))
         run = lambda h, start, stop, collect: run_stacked(
