@@ -43,6 +43,8 @@ def _train_parser(prog: str, aot: bool) -> argparse.ArgumentParser:
     if aot:
         p.add_argument("--topology", required=True,
                        help="TPU topology like v5p:2x2x2 or v5e:4x4 (needs libtpu), or cpu:N (N local CPU devices)")
+        p.add_argument("--hlo-out", metavar="PATH",
+                       help="also write the compiled program's HLO text there (read it with benchmarks/hlo_traffic.py)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -72,8 +74,10 @@ def cmd_compile(argv: Sequence[str]) -> int:
     from manager_jax.train.recipe import load_recipe
 
     config = load_recipe(args.config, args.overrides)
-    report = compile_for_topology(config, args.topology)
+    report = compile_for_topology(config, args.topology, hlo_out=args.hlo_out)
     print(format_report(report))
+    if args.hlo_out:
+        print(f"HLO: {args.hlo_out}")
     return 0
 
 

@@ -89,8 +89,9 @@ def topology_devices(topology: str) -> list[Any]:
     return list(desc.devices)
 
 
-def compile_for_topology(config: TrainConfig, topology: str) -> dict[str, Any]:
-    """Lowers and compiles the train step of `config` for `topology`; returns a report dict."""
+def compile_for_topology(config: TrainConfig, topology: str, hlo_out: str | None = None) -> dict[str, Any]:
+    """Lowers and compiles the train step of `config` for `topology`; returns a report dict.
+    `hlo_out`: also write the compiled program's HLO text to this path (whole or not at all)."""
     devices = topology_devices(topology)
     mesh = make_mesh(config.mesh, devices)
     shards, accum = resolve_batch_layout(config, data_parallel_size(mesh))
@@ -139,8 +140,15 @@ def compile_for_topology(config: TrainConfig, topology: str) -> dict[str, Any]:
         sum_sq_lengths=float(config.data.seq_len) ** 2, trainable=setup.tunable_groups,
     )
     capacity = hbm_gib(kind)
-    # Pallas TPU kernels (the Splash attention) appear as Mosaic custom calls in the program.
-    mosaic_calls = (compiled.as_text() or "").count('custom_call_target="tpu_custom_call"')
+    # Pallas TPU kernels (the Splash attention of the text model and of the vision tower) appear as
+    # Mosaic custom calls in the program.
+    hlo = compiled.as_text() or ""
+    mosaic_calls = hlo.count('custom_call_target="tpu_custom_call"')
+    if hlo_out:
+        partial = f"{hlo_out}.partial"
+        with open(partial, "w") as f:
+            f.write(hlo)
+        os.replace(partial, hlo_out)
     return {
         "recipe": config.name,
         "topology": topology,
@@ -169,7 +177,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"recipe {report['recipe']} on {report['topology']} ({report['devices']} x {report['device_kind']}), mesh {report['mesh']}",
         f"batch: {report['batch']}",
         f"params: {report['params']:,} ({report['trainable_params']:,} trainable); compiled in {report['compile_s']:.1f} s",
-        f"text attention: {report['attention']} ({report['mosaic_calls']} Mosaic kernel calls in the program)",
+        f"attention: {report['attention']} ({report['mosaic_calls']} Mosaic kernel calls in the program)",
     ]
     mem = report["memory_per_chip"]
     if mem:
