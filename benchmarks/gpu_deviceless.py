@@ -123,13 +123,14 @@ def main(argv=None) -> int:
     train.add_argument("--remat", default="dots")
     train.add_argument("--vision-token-multiple", type=int, default=0)
     train.add_argument("--loss-token-budget", type=int, default=-1)
+    train.add_argument("--unroll-layers", action="store_true", help="a Python loop over the layers instead of a scan")
     decode = p.add_argument_group("decode (the shapes of benchmarks/generate.py)")
     decode.add_argument("--rows", type=int, default=1, help="prompts decoded together")
     decode.add_argument("--decode-min-rows", type=int, default=None, help="InferenceEngine decode_min_rows")
     decode.add_argument("--prompt-slots", type=int, default=4096)
     decode.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args(argv)
-    args.tiny, args.dtype, args.unroll_layers, args.attention = False, "bfloat16", False, "auto"
+    args.tiny, args.dtype, args.attention = False, "bfloat16", "auto"
 
     devices = gpu_devices()
     jax.default_backend = lambda: "gpu"  # the model's "auto" choices are the GPU ones (module doc)

@@ -88,7 +88,7 @@ else
   echo "== reference skipped: $REF not found (see the top of this script)"
 fi
 # Variants with the time left (';'-separated flag sets; leading NAME=VALUE words become the run's
-# environment), e.g.
+# environment; {OUT} stands for the output folder, for a variant's --profile), e.g.
 # TRAIN_VARIANTS="--remat full;XLA_FLAGS=--xla_gpu_enable_command_buffer= --remat dots".
 variants() {  # variants KIND SCRIPT LIMIT SETS FIXED...
   local kind=$1 script=$2 limit=$3 sets=$4; shift 4
@@ -97,14 +97,16 @@ variants() {  # variants KIND SCRIPT LIMIT SETS FIXED...
   for words in "${set[@]}"; do
     envs=(); flags=()
     for w in $words; do
+      w=${w//\{OUT\}/$OUT}
       if [ ${#flags[@]} -eq 0 ] && [[ $w == [A-Z_]*=* ]]; then envs+=("$w"); else flags+=("$w"); fi
     done
     step "${kind}_variant$i" "$limit" env "${envs[@]}" $PY "$script" "$@" "${flags[@]}"
     i=$((i + 1))
   done
 }
-variants train_jax benchmarks/train_step.py "$t_train" "${TRAIN_VARIANTS:-}" "${ours_train[@]}"
+# The decode variants first: each is shorter than a train variant.
 variants generate_jax benchmarks/generate.py "$t_gen" "${GEN_VARIANTS:-}" "${ours_gen[@]}"
+variants train_jax benchmarks/train_step.py "$t_train" "${TRAIN_VARIANTS:-}" "${ours_train[@]}"
 gzip -f "$OUT"/*.xplane.pb 2> /dev/null
 
 echo "== summary"
