@@ -310,11 +310,13 @@ def test_splash_prefill_and_scoring_equal_the_xla_path(manager_engine, sharded, 
     graphdef, state = nnx.split(model)
     splash_model = nnx.merge(graphdef, state)
     splash_model.text.layers.attn.impl = "splash"
+    splash_model.vision.attention_impl = splash_model.vision.layers.attn.impl = "splash"  # crops too
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2, num_devices=4)) if sharded else None
     engine = InferenceEngine(splash_model, pad_id=0, mesh=mesh)
     traced = []
     real = attention._splash_local
-    monkeypatch.setattr(attention, "_splash_local", lambda *a, **k: traced.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(attention, "_splash_local",
+                        lambda *a, **k: traced.append((k["causal"], a[0].shape)) or real(*a, **k))
 
     prompts = [mixed_prompts()[0], Prompt([3, IMAGE_TOKEN_INDEX, 9, 8], [random_image((50, 80), 9)])]
     params = SamplingParams(max_new_tokens=NEW)
@@ -323,10 +325,14 @@ def test_splash_prefill_and_scoring_equal_the_xla_path(manager_engine, sharded, 
     requests = [ScoreRequest([1, IMAGE_TOKEN_INDEX, 4, 5, 6, 7], 3, 6, [random_image((40, 40), 3)])]
     (got,), (expected,) = engine.score(requests), xla_engine.score(requests)
     assert got.logprob == pytest.approx(expected.logprob, rel=1e-5, abs=1e-4) and got.is_greedy == expected.is_greedy
-    # The kernel ran (768-slot rows: 729 image tokens + text); sharded: rows and heads split in two.
-    assert traced and all(shape[1] == 768 for shape in traced)
-    assert {shape[0] for shape in traced} == ({1} if sharded else {2, 1})
-    assert {shape[2] for shape in traced} == ({2} if sharded else {4})
+    # The kernel ran on the text rows (768 slots: 729 image tokens + text; sharded: rows and heads
+    # split in two) and on the crops (729 tokens padded to 768; sharded: heads split in two).
+    text = [shape for causal, shape in traced if causal]
+    crops = [shape for causal, shape in traced if not causal]
+    assert text and crops and all(shape[1] == 768 for _, shape in traced)
+    assert {shape[0] for shape in text} == ({1} if sharded else {2, 1})
+    assert {shape[2] for shape in text} == ({2} if sharded else {4})
+    assert {shape[2] for shape in crops} == {model.cfg.vision.num_heads // (2 if sharded else 1)}
 
 
 def test_input_errors(manager_engine):
