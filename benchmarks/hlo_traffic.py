@@ -5,7 +5,8 @@
 The HLO is the text of a compiled program (`jax.jit(f).lower(...).compile().as_text()`, or what
 `benchmarks/gpu_deviceless.py` writes). Every top-level instruction of the entry computation and of
 the loop bodies it reaches is a launch (fusions, custom calls, copies), counted once per loop
-iteration when the trip count is known (layer scans); a loop with an unknown trip count (the
+iteration when the trip count is known (layer scans: XLA's annotation, or on TPU programs, which
+carry none, read from the loop's `counter < N` condition); a loop with an unknown trip count (the
 decode loop) counts once, so its numbers are per iteration. Bytes are the instruction's output
 size; a dynamic-update-slice fusion writes in place, so it counts the size of its updates.
 
@@ -140,6 +141,91 @@ def _update_bytes(comps: dict[str, list[str]], line: str, whole: int) -> int:
     return written or whole
 
 
+def _definitions(lines: list[str]) -> dict[str, tuple[str, str]]:
+    """{instruction name: (op, line)} of one computation."""
+    defs = {}
+    for inner in lines:
+        m = _INSTRUCTION.match(inner)
+        if m:
+            defs[m.group(1)] = (m.group(3), inner)
+    return defs
+
+
+def _operands(line: str, op: str) -> list[str]:
+    args = line[line.index(op + "(") + len(op) + 1:]
+    return re.findall(r"%?([\w.\-]+)(?=[,)])", args[: args.index(")") + 1])
+
+
+def _through_copies(defs: dict[str, tuple[str, str]], name: str) -> tuple[str, str]:
+    """The (op, line) that defines `name`, looking through copies and bitcasts."""
+    op, line = defs.get(name, ("", ""))
+    for _ in range(4):
+        if op not in ("copy", "bitcast"):
+            break
+        op, line = defs.get(_operands(line, op)[0], ("", ""))
+    return op, line
+
+
+def _loop_compare(comps: dict[str, list[str]], cond: str) -> tuple[str, str, str] | None:
+    """(left operand, right operand, direction) of a loop condition's root compare, in the
+    condition's own names (a compare wrapped in a fusion is looked through)."""
+    defs = _definitions(comps.get(cond, []))
+    root = next((inner for _, inner in defs.values() if inner.startswith("ROOT ")), "")
+    op = _INSTRUCTION.match(root).group(3) if _INSTRUCTION.match(root) else ""
+    args = _operands(root, op) if op else []
+    if op == "fusion":
+        called = re.search(r"calls=%?([\w.\-]+)", root)
+        inner = _definitions(comps.get(called.group(1), [])) if called else {}
+        root = next((line for _, line in inner.values() if line.startswith("ROOT ")), "")
+        if " compare(" not in root:
+            return None
+        params = {name: int(re.search(r"parameter\((\d+)\)", line).group(1))
+                  for name, (kind, line) in inner.items() if kind == "parameter"}
+        picked = [params.get(name) for name in _operands(root, "compare")[:2]]
+        if None in picked:
+            return None
+        args = [args[i] for i in picked]
+    elif op != "compare":
+        return None
+    direction = re.search(r"direction=(\w+)", root)
+    return (args[0], args[1], direction.group(1)) if direction and len(args) >= 2 else None
+
+
+def trip_count(comps: dict[str, list[str]], parent: str, line: str) -> int:
+    """Iterations of the while loop `line` (an instruction of computation `parent`).
+
+    XLA's own annotation where there is one (GPU and CPU programs); otherwise read from the loop
+    (TPU programs carry none): a condition `counter < N` with the counter's initial value a constant
+    in the loop's init tuple (0 if it cannot be found), the counter stepping by one as jax's scans
+    and fori_loops do. 1 (count the body once) when neither says.
+    """
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", line)
+    compare = _loop_compare(comps, cond.group(1)) if cond else None
+    if compare is None or compare[2] not in ("LT", "GT"):
+        return 1
+    counter, bound, direction = compare
+    if direction == "GT":  # N > counter
+        counter, bound = bound, counter
+    defs = _definitions(comps.get(cond.group(1), []))
+    counter_op, counter_line = _through_copies(defs, counter)
+    bound_op, bound_line = _through_copies(defs, bound)
+    if counter_op != "get-tuple-element" or bound_op != "constant":
+        return 1
+    index = int(re.search(r"index=(\d+)", counter_line).group(1))
+    limit = int(re.search(r"constant\((-?\d+)\)", bound_line).group(1))
+    start = 0
+    parent_defs = _definitions(comps.get(parent, []))
+    init_op, init_line = _through_copies(parent_defs, _operands(line, "while")[0])
+    if init_op == "tuple":
+        first_op, first_line = _through_copies(parent_defs, _operands(init_line, "tuple")[index])
+        value = re.search(r"constant\((-?\d+)\)", first_line) if first_op == "constant" else None
+        start = int(value.group(1)) if value else 0
+    return max(limit - start, 1)
+
+
 def launches(text: str) -> list[Launch]:
     comps, entry = computations(text)
     found: list[Launch] = []
@@ -152,9 +238,7 @@ def launches(text: str) -> list[Launch]:
             name, shape, op = m.groups()
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", line).group(1)
-                n = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-                n = int(n.group(1)) if n else 1
-                walk(body, count * n, depth + 1)
+                walk(body, count * trip_count(comps, comp, line), depth + 1)
                 continue
             if op in ("call", "conditional"):
                 for called in re.findall(r"(?:to_apply|true_computation|false_computation)=%?([\w.\-]+)", line):

@@ -1,10 +1,12 @@
 """benchmarks/hlo_traffic.py on programs compiled here: loop bodies count once per iteration, and
 a dynamic-update-slice counts the slice it writes, not the buffer it writes into."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 
-from benchmarks.hlo_traffic import array_bytes, launches, table
+from benchmarks.hlo_traffic import array_bytes, launches, table, trip_count
 
 
 def _scan_program(length: int) -> str:
@@ -31,3 +33,21 @@ def test_loop_bodies_count_per_iteration():
 def test_array_bytes_adds_up_tuples():
     assert array_bytes("bf16[2,3]{1,0}") == 12
     assert array_bytes("(f32[4]{0}, pred[8]{0}, s32[])") == 16 + 8 + 4
+
+
+def test_trip_counts_are_read_from_the_loop_where_xla_does_not_annotate_them():
+    """TPU programs carry no `known_trip_count`: the count comes from the `counter < N` condition
+    (here a CPU program with the annotation removed; its compare sits in a fusion and its counter
+    starts as a copied constant)."""
+    for length in (3, 6):
+        stripped = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", _scan_program(length))
+        assert "known_trip_count" not in stripped
+        assert sum(l.count for l in launches(stripped) if l.kind == "matmul") == length
+    # A condition that is not `counter < constant` leaves the body counted once.
+    comps = {"main": ["%t = (s32[]) tuple(%c)", "%c = s32[] constant(0)"],
+             "cond": ["%p = (s32[]) parameter(0)", "%i = s32[] get-tuple-element(%p), index=0",
+                      "ROOT %r = pred[] compare(%i, %i), direction=LT"]}
+    assert trip_count(comps, "main", "%w = (s32[]) while(%t), condition=%cond, body=%body") == 1
+    comps["cond"][-1:] = ["%n = s32[] constant(10)", "ROOT %r = pred[] compare(%n, %i), direction=GT"]
+    comps["main"][1] = "%c = s32[] constant(4)"
+    assert trip_count(comps, "main", "%w = (s32[]) while(%t), condition=%cond, body=%body") == 6
