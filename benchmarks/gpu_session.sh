@@ -107,6 +107,17 @@ variants() {  # variants KIND SCRIPT LIMIT SETS FIXED...
 # The decode variants first: each is shorter than a train variant.
 variants generate_jax benchmarks/generate.py "$t_gen" "${GEN_VARIANTS:-}" "${ours_gen[@]}"
 variants train_jax benchmarks/train_step.py "$t_train" "${TRAIN_VARIANTS:-}" "${ours_train[@]}"
+# Where the device time went, read from the profiles on the device (benchmarks/profile_summary.py;
+# the full files come back gzipped): per train step (2 profiled) and per decoded token (1 call).
+decode_steps=$([ "${SMOKE:-0}" = 1 ] && echo 7 || echo 127)
+for f in "$OUT"/*.xplane.pb; do
+  [ -f "$f" ] || continue
+  case $(basename "$f") in
+    train*) echo "== profile $(basename "$f"), per step"; args=(--module train_step --per 2) ;;
+    *) echo "== profile $(basename "$f"), per decoded token"; args=(--module decode --per "$decode_steps") ;;
+  esac
+  timeout 120 $PY benchmarks/profile_summary.py "$f" "${args[@]}" --top 5 2>&1 | head -n 19
+done
 gzip -f "$OUT"/*.xplane.pb 2> /dev/null
 
 echo "== summary"
