@@ -109,6 +109,7 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
     result = {
         "what": "generate", "impl": "jax", "variant": args.variant, "tiny": args.tiny, "dtype": args.dtype,
         "decode_layers": "scan" if args.decode_scan else "unrolled", "decode_min_rows": engine.decode_min_rows,
+        "decode_attention": engine.decode_attention,
         "batch": batch, "image": args.image, "crops": sample.num_crops, "prompt_len": int(prepared.lengths[0]),
         "prompt_bucket": prepared.prompt_slots, "new_tokens": args.new_tokens, "prefill_s": prefill_s,
         "decode_s_per_token": decode, "decode_tokens_per_s": batch / decode, "total_s": total_s,
@@ -137,6 +138,8 @@ def main(argv=None) -> int:
                    help="scan the decoder layers in each decode step instead of unrolling them (engine default)")
     p.add_argument("--decode-min-rows", type=int, default=None,
                    help="decode at least this many rows (InferenceEngine decode_min_rows; default: 2 on GPU, 1 elsewhere)")
+    p.add_argument("--decode-attention", default="xla", choices=["xla", "pallas"],
+                   help="the decode steps' attention (InferenceEngine decode_attention): XLA's, or the fused kernel")
     p.add_argument("--profile", default=None, metavar="FILE.xplane.pb",
                    help="after timing, profile one prefill + decode per batch size (FILE with _b<batch> before .xplane.pb)")
     args = p.parse_args(argv)
@@ -153,7 +156,8 @@ def main(argv=None) -> int:
 
     model = build_model(args)
     engine = InferenceEngine(model, eos_ids=[], pad_id=0, min_new_bucket=args.new_tokens,
-                             decode_scan_layers=args.decode_scan, decode_min_rows=args.decode_min_rows)
+                             decode_scan_layers=args.decode_scan, decode_min_rows=args.decode_min_rows,
+                             decode_attention=args.decode_attention)
     for batch in (int(b) for b in args.batch.split(",")):
         profile = args.profile.replace(".xplane.pb", f"_b{batch}.xplane.pb") if args.profile else None
         print(json.dumps(bench(engine, args, batch, profile=profile)), flush=True)

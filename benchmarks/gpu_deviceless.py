@@ -56,7 +56,10 @@ def gpu_devices():
     except Exception as err:  # noqa: BLE001 - no CUDA plugin: say how to get one
         raise SystemExit(f"cannot build a compile-only GPU ({type(err).__name__}: {err}); install the CUDA plugin "
                          f'of this jax: pip install "jax[cuda12]=={jax.__version__}"') from err
-    return list(topology.devices)
+    devices = list(topology.devices)
+    # Pallas GPU kernels (Triton) read the target GPU from the default device (jax >= 0.11).
+    jax.config.update("jax_default_device", devices[0])
+    return devices
 
 
 def compile_train(args, devices) -> str:
@@ -90,7 +93,8 @@ def compile_decode(args, devices) -> str:
 
     cfg = benchmark_model_config(False, args.variant).replace(dtype="bfloat16", param_dtype="bfloat16")
     model = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))  # shapes only: nothing is allocated
-    engine = InferenceEngine(model, eos_ids=[], pad_id=0, decode_min_rows=args.decode_min_rows)
+    engine = InferenceEngine(model, eos_ids=[], pad_id=0, decode_min_rows=args.decode_min_rows,
+                             decode_attention=args.decode_attention)
     rows = max(args.rows, engine.decode_min_rows)
     here = NamedSharding(Mesh(np.asarray(devices[:1]), ("x",)), PartitionSpec())
     shaped = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=here)
@@ -127,6 +131,8 @@ def main(argv=None) -> int:
     decode = p.add_argument_group("decode (the shapes of benchmarks/generate.py)")
     decode.add_argument("--rows", type=int, default=1, help="prompts decoded together")
     decode.add_argument("--decode-min-rows", type=int, default=None, help="InferenceEngine decode_min_rows")
+    decode.add_argument("--decode-attention", default="xla", choices=["xla", "pallas"],
+                        help="InferenceEngine decode_attention")
     decode.add_argument("--prompt-slots", type=int, default=4096)
     decode.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args(argv)

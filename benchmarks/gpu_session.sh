@@ -66,8 +66,9 @@ echo "== environment"
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 
-# The GPU-only correctness checks first (cuDNN attention against the XLA path; skipped on CPU).
-step gpu_checks "${T_CHECKS:-90}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py -k gpu
+# The GPU-only correctness checks first (cuDNN attention and the Triton decode-attention kernel
+# against the XLA path; skipped on CPU).
+step gpu_checks "${T_CHECKS:-90}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_decode_attention.py -k gpu
 tail -n 1 "$LOGS/gpu_checks.log"
 
 # Ours first: they are what is not measured yet; the reference has numbers in REFERENCE_RESULTS.md.

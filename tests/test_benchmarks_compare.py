@@ -61,8 +61,11 @@ def test_generate_and_train_experiments_are_labelled(tmp_path):
          "decode_min_rows": 2, "decode_tokens_per_s": 1.0},
         {"what": "generate", "impl": "jax", "batch": 1, "new_tokens": 8, "decode_layers": "unrolled",
          "decode_min_rows": 1, "decode_tokens_per_s": 1.0},
+        {"what": "generate", "impl": "jax", "batch": 16, "new_tokens": 8, "decode_layers": "unrolled",
+         "decode_min_rows": 2, "decode_attention": "pallas", "decode_tokens_per_s": 1.0},
     ])
     labels = [line for line in table(read_lines([str(path)])) if "tokens/s" in line]
     assert "scan layers, LM head on 896 positions per shard, crops unpadded)" in labels[0]
     assert "unrolled layers, decoded as >= 2 rows)" in labels[1]
-    assert "rows" not in labels[2]
+    assert "rows" not in labels[2] and "decode attention" not in labels[2]
+    assert "unrolled layers, decoded as >= 2 rows, pallas decode attention)" in labels[3]

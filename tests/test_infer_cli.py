@@ -75,10 +75,12 @@ def run(main, argv, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_generate_json_matches_full_forward_greedy(checkpoint, model_and_tokenizer, capsys):
+@pytest.mark.parametrize("decode_attention", ["xla", "pallas"])
+def test_generate_json_matches_full_forward_greedy(checkpoint, model_and_tokenizer, capsys, decode_attention):
     ckpt, image, _ = checkpoint
     code, out, err = run(generate_main, ["--checkpoint", ckpt, "--image", image, "--prompt", "What is shown?",
-                                         "--max-new-tokens", "5", "--json"], capsys)
+                                         "--max-new-tokens", "5", "--json", "--decode-attention", decode_attention],
+                         capsys)
     assert code == 0, err
     record = json.loads(out)
     model, tok = model_and_tokenizer

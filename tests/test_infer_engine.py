@@ -348,3 +348,21 @@ def test_input_errors(manager_engine):
         short.prepare([Prompt([1, IMAGE_TOKEN_INDEX, 2], [random_image((40, 40), 1)])])
     with pytest.raises(PromptTooLongError, match="no room"):
         InferenceEngine(model, pad_id=0, max_length=3).generate([Prompt([1, 2, 3])])
+
+
+def test_pallas_decode_attention_gives_the_xla_decodes_tokens(manager_engine):
+    """The fused decode-attention kernel (Pallas interpret mode here) in the whole decode loop:
+    prompts of different lengths (left padding the kernel skips) and image counts, greedy."""
+    model, engine = manager_engine
+    fused = InferenceEngine(model, pad_id=0, decode_attention="pallas")
+    lowered, jitted = [], fused._decode_jit
+    fused._decode_jit = lambda *a, **k: lowered.append(jitted.lower(*a, **k).as_text()) or jitted(*a, **k)
+    params = SamplingParams(max_new_tokens=NEW)
+    assert [g.token_ids for g in fused.generate(mixed_prompts(), params)] == \
+        [g.token_ids for g in engine.generate(mixed_prompts(), params)]
+    # The kernel ran: one call per layer in the token loop.
+    assert len(re.findall(r"call @decode_attention(_\d+)?\(", lowered[0])) == model.cfg.text.num_layers
+    for bad, match in (({"decode_attention": "cudnn"}, "decode_attention must be"),
+                       ({"decode_attention": "pallas", "decode_scan_layers": True}, "unrolled decode")):
+        with pytest.raises(ValueError, match=match):
+            InferenceEngine(model, pad_id=0, **bad)

@@ -63,6 +63,9 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None,
                    help="shard over the devices (every host's in a multi-process run), e.g. 'fsdp=-1' or "
                         "'data=2,tensor=4' (default: one device)")
+    p.add_argument("--decode-attention", default="xla", choices=["xla", "pallas"],
+                   help="attention of the decode steps: XLA's, or one fused GPU kernel per layer (one device; "
+                        "off the GPU it is interpreted, for tests only)")
     return p
 
 
@@ -90,6 +93,7 @@ def build_engine(args) -> tuple[InferenceEngine, object]:
     engine = InferenceEngine(
         model, eos_ids=read_eos_ids(args.checkpoint, tokenizer.eos_ids), pad_id=tokenizer.pad_id,
         im_start_id=tokenizer.im_start_id, vocab_limit=limit, max_length=args.max_length, mesh=mesh,
+        decode_attention=args.decode_attention,
     )
     return engine, tokenizer
 

@@ -159,6 +159,10 @@ class InferenceEngine:
         column reduction. In the batch-1 profile those took about 1.0 of the 1.76 ms per token,
         while the batch-16 decode's matmuls (Triton GEMMs) over the same weights took 0.32 ms per
         token (RESULTS.md, H100). With two rows the matmuls stay matmuls.
+      decode_attention: the decode steps' attention over the KV cache: "xla" (default) or "pallas",
+        one fused GPU kernel per layer instead of XLA's four (models/decode_attention.py: no fp32
+        scores in memory, blocks of other prompts' padding not read). It needs one device and the
+        unrolled decode; off the GPU it runs in Pallas interpret mode (tests).
     """
 
     def __init__(
@@ -175,6 +179,7 @@ class InferenceEngine:
         min_new_bucket: int = 16,
         decode_scan_layers: bool = False,
         decode_min_rows: int | None = None,
+        decode_attention: str = "xla",
     ):
         self.cfg = model.cfg
         self.decode_scan_layers = bool(decode_scan_layers)
@@ -183,6 +188,16 @@ class InferenceEngine:
         if decode_min_rows < 1:
             raise ValueError(f"decode_min_rows must be >= 1, got {decode_min_rows}")
         self.decode_min_rows = int(decode_min_rows)
+        if decode_attention not in ("xla", "pallas"):
+            raise ValueError(f"decode_attention must be 'xla' or 'pallas', got {decode_attention!r}")
+        if decode_attention == "pallas":
+            if self.decode_scan_layers:
+                raise ValueError("decode_attention='pallas' needs the unrolled decode (decode_scan_layers=False)")
+            if mesh is not None and mesh.size > 1:
+                raise ValueError(f"decode_attention='pallas' runs on one device; this mesh has {mesh.size}")
+            if jax.default_backend() not in ("gpu", "cpu"):
+                raise ValueError(f"decode_attention='pallas' is a GPU kernel; the backend is {jax.default_backend()}")
+        self.decode_attention = decode_attention
         if len(eos_ids) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} eos ids are supported, got {list(eos_ids)}")
         self.eos_ids = [int(e) for e in eos_ids]
@@ -196,10 +211,11 @@ class InferenceEngine:
         self._attention = self._attention_mesh(mesh)
         self.graphdef, state = nnx.split(model)
         # The decode steps' own graph: the same params with the decoder's layer loop as asked.
-        scan_layers = model.text.scan_layers
-        model.text.scan_layers = self.decode_scan_layers
+        attn = model.text.layers.attn
+        scan_layers, decode_impl = model.text.scan_layers, attn.decode_impl
+        model.text.scan_layers, attn.decode_impl = self.decode_scan_layers, decode_attention
         self.decode_graphdef = nnx.split(model)[0]
-        model.text.scan_layers = scan_layers
+        model.text.scan_layers, attn.decode_impl = scan_layers, decode_impl
         self.state = self._place_params(state)
         self._prefill_jit = jax.jit(self._prefill_fn, static_argnames=("cache_len", "plain_causal"))
         self._step_jit = jax.jit(self._decode_step_fn, donate_argnames=("cache",))

@@ -17,6 +17,7 @@ from flax import nnx
 
 from manager_jax.config import TextConfig
 from manager_jax.models.attention import dot_product_attention, segment_causal_mask, splash_applies, splash_attention
+from manager_jax.models.decode_attention import decode_attention, supported
 from manager_jax.models.layers import RMSNorm, linear, make_stacked, run_stacked
 
 
@@ -67,6 +68,10 @@ class Qwen2Attention(nnx.Module):
         self.o = linear(cfg.num_heads * hd, d, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.impl = impl
+        # One-token decode steps over the KV cache: "xla" (the XLA path) or "pallas" (one fused GPU
+        # kernel, models/decode_attention.py; Pallas interpret mode off the GPU). The inference
+        # engine sets it on its decode graph.
+        self.decode_impl = "xla"
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, cache: tuple | None = None):
         b, t, _ = x.shape
@@ -88,7 +93,13 @@ class Qwen2Attention(nnx.Module):
             fresh = ctx.kv_seg.shape[1] == t
             if not fresh:
                 slots = ctx.kv_seg.shape[1]
-                if isinstance(layer, (int, np.integer)):
+                static_layer = isinstance(layer, (int, np.integer))
+                if static_layer and t == 1 and self.decode_impl == "pallas" and supported(slots, self.head_dim):
+                    # The kernel reads the layer's keys out of the whole cache (no slice).
+                    out = decode_attention(q[:, 0], ck, cv, ctx.q_seg[:, 0], ctx.kv_seg, ctx.q_slot[0], layer=int(layer),
+                                           interpret=jax.default_backend() != "gpu")
+                    return self.o(out.reshape(b, t, -1)), cache
+                if static_layer:
                     # Unrolled layers: a static slice, which XLA reads in place (a dynamic one was
                     # copied out of the cache for every layer and token).
                     k, v = ck[int(layer), :, :slots].astype(q.dtype), cv[int(layer), :, :slots].astype(q.dtype)
