@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode-min-rows", type=int, default=None,
                    help="decode at least this many rows (InferenceEngine decode_min_rows; default: 2 on GPU, 1 elsewhere)")
     p.add_argument("--decode-attention", default="xla", choices=["xla", "pallas"],
-                   help="the decode steps' attention (InferenceEngine decode_attention): XLA's, or the fused kernel")
+                   help="the decode steps' attention (InferenceEngine decode_attention): XLA's, or the fused Pallas kernels")
     p.add_argument("--profile", default=None, metavar="FILE.xplane.pb",
                    help="after timing, profile one prefill + decode per batch size (FILE with _b<batch> before .xplane.pb)")
     args = p.parse_args(argv)

@@ -8,7 +8,9 @@ the loop bodies it reaches is a launch (fusions, custom calls, copies), counted 
 iteration when the trip count is known (layer scans: XLA's annotation, or on TPU programs, which
 carry none, read from the loop's `counter < N` condition); a loop with an unknown trip count (the
 decode loop) counts once, so its numbers are per iteration. Bytes are the instruction's output
-size; a dynamic-update-slice fusion writes in place, so it counts the size of its updates.
+size; a dynamic-update-slice fusion writes in place, so it counts the size of its updates, and a
+custom call's outputs that alias its operands (a kernel updating a buffer in place) are not
+counted.
 
 This is a static reading of the program, not a timing: it shows where the memory traffic and the
 launches are (zero-filled stacks, layout transposes, per-layer copies), which is what the GPU
@@ -141,6 +143,21 @@ def _update_bytes(comps: dict[str, list[str]], line: str, whole: int) -> int:
     return written or whole
 
 
+def _aliased_output_bytes(line: str, shape: str) -> int:
+    """Bytes of a custom call's outputs that alias its operands (`output_to_operand_aliasing`): a
+    kernel that updates a buffer in place (a KV cache written at one slot) does not write it whole."""
+    aliasing = re.search(r"output_to_operand_aliasing=\{(.*?)\}\s*(?:,\s*[a-z_]+=|$)", line)
+    if not aliasing:
+        return 0
+    outputs = re.findall(r"\{(\d*)\}:", aliasing.group(1))
+    elements = _ARRAY.findall(shape)
+    total = 0
+    for index in outputs:
+        dtype, dims = elements[int(index) if index else 0]
+        total += array_bytes(f"{dtype}[{dims}]")
+    return total
+
+
 def _definitions(lines: list[str]) -> dict[str, tuple[str, str]]:
     """{instruction name: (op, line)} of one computation."""
     defs = {}
@@ -252,7 +269,7 @@ def launches(text: str) -> list[Launch]:
             kind = kind_of(comps, line, op)
             if op == "fusion-start":  # async: the output tuple repeats the operands
                 shape = shape.rsplit("}, ", 1)[-1] if "}, " in shape else shape
-            written = array_bytes(shape)
+            written = array_bytes(shape) - _aliased_output_bytes(line, shape)
             if kind == "dynamic-update-slice (in place)":
                 written = _update_bytes(comps, line, written)
             op_name = re.search(r'op_name="([^"]+)"', line)

@@ -51,3 +51,17 @@ def test_trip_counts_are_read_from_the_loop_where_xla_does_not_annotate_them():
     comps["cond"][-1:] = ["%n = s32[] constant(10)", "ROOT %r = pred[] compare(%n, %i), direction=GT"]
     comps["main"][1] = "%c = s32[] constant(4)"
     assert trip_count(comps, "main", "%w = (s32[]) while(%t), condition=%cond, body=%body") == 6
+
+
+def test_custom_call_outputs_aliasing_operands_are_written_in_place():
+    """A kernel that updates a buffer it was given (here a [4, 1024] f32 cache) writes its other
+    outputs only; the same call without the aliasing writes the buffer whole."""
+    call = ('  ROOT %k = (f32[8]{0}, f32[4,1024]{1,0}) custom-call(f32[8]{0} %a, f32[4,1024]{1,0} %c), '
+            'custom_call_target="__gpu$xla.gpu.triton"{aliasing}, api_version=API_VERSION_TYPED_FFI')
+    program = lambda aliasing: ("HloModule m\n\nENTRY %main (a: f32[8], c: f32[4,1024]) -> (f32[8], f32[4,1024]) {\n"
+                                "  %a = f32[8]{0} parameter(0)\n  %c = f32[4,1024]{1,0} parameter(1)\n"
+                                + call.replace("{aliasing}", aliasing) + "\n}\n")
+    [aliased] = launches(program(", output_to_operand_aliasing={{1}: (1, {})}"))
+    [whole] = launches(program(""))
+    assert aliased.bytes_written == 8 * 4
+    assert whole.bytes_written == 8 * 4 + 4 * 1024 * 4

@@ -1,11 +1,14 @@
-"""The fused decode-attention kernel against the XLA attention path it replaces.
+"""The fused decode-attention kernels against the XLA decode step they replace.
 
-Off the GPU the kernel runs in Pallas interpret mode (the same kernel program, evaluated by JAX);
-the `gpu` test runs it compiled by Triton on a GPU (part of benchmarks/gpu_session.sh's checks).
-Expected values come from `_xla_attention` with `segment_causal_mask`, the decode steps' XLA path.
+Off the GPU the kernels run in Pallas interpret mode (the same kernel programs, evaluated by JAX);
+the `gpu` test runs them compiled by Triton on a GPU (part of benchmarks/gpu_session.sh's checks).
+Expected values come from the decode step written with the model's own pieces: biases, `apply_rope`,
+the cache write, then `_xla_attention` with `segment_causal_mask`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +17,7 @@ import pytest
 
 from manager_jax.models.attention import _xla_attention, segment_causal_mask
 from manager_jax.models.decode_attention import decode_attention, key_block, num_splits, supported
-
-
-def xla_decode(q, k_cache, v_cache, q_seg, kv_seg, q_slot, layer):
-    s = kv_seg.shape[1]
-    mask = segment_causal_mask(jnp.asarray([q_slot]), jnp.arange(s), q_seg[:, None], kv_seg)
-    k, v = k_cache[layer, :, :s], v_cache[layer, :, :s]
-    return _xla_attention(q[:, None], k, v, mask, q.shape[-1] ** -0.5)[:, 0]
+from manager_jax.models.qwen2 import apply_rope, rope_cos_sin
 
 
 def left_padded_cache(rng, rows, slots, prompt_slots, lengths, kv, d, layers=2, dtype=jnp.float32):
@@ -38,45 +35,81 @@ def left_padded_cache(rng, rows, slots, prompt_slots, lengths, kv, d, layers=2, 
     return jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(seg)
 
 
-@pytest.mark.parametrize("heads,kv,d", [(14, 2, 64), (8, 8, 32), (16, 2, 16)])
-def test_kernel_equals_the_xla_path_on_a_left_padded_cache(heads, kv, d):
+def new_token(rng, rows, heads, kv, d, dtype=jnp.float32):
+    """The decoded token's projections without biases [B, H + 2 KV, d], the biases, and cos / sin
+    [B, d] of per-row positions."""
+    qkv = jnp.asarray(rng.normal(size=(rows, heads + 2 * kv, d)), dtype)
+    biases = tuple(jnp.asarray(rng.normal(size=(n, d)), dtype) for n in (heads, kv, kv))
+    positions = jnp.asarray(rng.integers(0, 4000, size=(rows, 1)))
+    cos, sin = rope_cos_sin(positions, d, 10000.0, dtype)
+    return qkv, biases, cos[:, 0], sin[:, 0]
+
+
+def xla_step(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_slot, layer):
+    """The XLA decode step: biases and RoPE, the new key and value written at q_slot, then attention."""
+    heads = biases[0].shape[0]
+    kv = biases[1].shape[0]
+    q, k, v = qkv[:, :heads] + biases[0], qkv[:, heads:heads + kv] + biases[1], qkv[:, heads + kv:] + biases[2]
+    rope = lambda x: apply_rope(x[:, None], cos[:, None], sin[:, None])[:, 0]
+    q, k = rope(q), rope(k)
+    k_cache, v_cache = k_cache.at[layer, :, q_slot].set(k), v_cache.at[layer, :, q_slot].set(v)
+    s = kv_seg.shape[1]
+    mask = segment_causal_mask(jnp.asarray([q_slot]), jnp.arange(s), q_seg[:, None], kv_seg)
+    out = _xla_attention(q[:, None], k_cache[layer, :, :s], v_cache[layer, :, :s], mask, q.shape[-1] ** -0.5)[:, 0]
+    return out, k_cache, v_cache
+
+
+def both(token, k, v, q_seg, seg, q_slot, layer):
+    """(kernel, XLA) results of one decode step: (out, k_cache, v_cache) each."""
+    got = decode_attention(*token, k, v, q_seg, seg, q_slot, layer=layer, interpret=True)
+    return got, xla_step(*token, k, v, q_seg, seg, q_slot, layer)
+
+
+@pytest.mark.parametrize("heads,kv,d", [(14, 2, 64), (8, 8, 32), (16, 2, 32)])
+def test_kernel_equals_the_xla_step_on_a_left_padded_cache(heads, kv, d):
     rng = np.random.default_rng(heads)
     prompt_slots, slots = 256, 320
     # Rows of very different lengths: the shortest leaves whole key blocks of padding (skipped).
     k, v, seg = left_padded_cache(rng, 3, slots, prompt_slots, [250, 37, 129], kv, d)
-    q = jnp.asarray(rng.normal(size=(3, heads, d)), jnp.float32)
+    token = new_token(rng, 3, heads, kv, d)
     q_seg = jnp.ones((3,), jnp.int32)
     for q_slot in (prompt_slots, prompt_slots + 41):  # the first decoded token and a later one
-        got = decode_attention(q, k, v, q_seg, seg, q_slot, layer=1, interpret=True)
-        want = xla_decode(q, k, v, q_seg, seg, q_slot, 1)
-        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+        (out, k_out, v_out), (want, k_want, v_want) = both(token, k, v, q_seg, seg, q_slot, 1)
+        np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+        # The new key (bias and RoPE applied) and value are written at the query's slot of its
+        # layer, and nothing else changes.
+        np.testing.assert_allclose(k_out, k_want, atol=1e-6, rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(k_out) != np.asarray(k), np.asarray(k_want) != np.asarray(k))
+        np.testing.assert_allclose(v_out, v_want, atol=1e-6, rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(v_out) != np.asarray(v), np.asarray(v_want) != np.asarray(v))
 
 
 def test_kernel_reads_only_the_first_slots_it_is_given_and_ignores_later_ones():
-    """kv_seg may cover fewer slots than the cache holds; slots after the query are never seen."""
+    """kv_seg may cover fewer slots than the cache holds; what the cache holds at or after the
+    query's slot (the slot itself is overwritten) changes nothing."""
     rng = np.random.default_rng(1)
     k, v, seg = left_padded_cache(rng, 2, 192, 128, [100, 128], 2, 32)
-    q = jnp.asarray(rng.normal(size=(2, 4, 32)), jnp.float32)
+    token = new_token(rng, 2, 4, 2, 32)
     q_seg = jnp.ones((2,), jnp.int32)
-    got = decode_attention(q, k, v, q_seg, seg[:, :144], 130, layer=0, interpret=True)
-    np.testing.assert_allclose(got, xla_decode(q, k, v, q_seg, seg[:, :144], 130, 0), atol=2e-5, rtol=2e-5)
-    # Changing what lies after the query's slot changes nothing.
-    k2 = k.at[:, :, 131:].set(1e4)
-    v2 = v.at[:, :, 131:].set(1e4)
-    np.testing.assert_array_equal(got, decode_attention(q, k2, v2, q_seg, seg[:, :144], 130, layer=0, interpret=True))
+    (got, _, _), (want, _, _) = both(token, k, v, q_seg, seg[:, :144], 130, 0)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    k2, v2 = k.at[:, :, 130:].set(1e4), v.at[:, :, 130:].set(1e4)
+    again = decode_attention(*token, k2, v2, q_seg, seg[:, :144], 130, layer=0, interpret=True)[0]
+    np.testing.assert_array_equal(got, again)
 
 
-def test_kernel_in_bf16_is_as_close_to_fp32_as_the_xla_path():
+def test_kernel_in_bf16_is_as_close_to_fp32_as_the_xla_step():
     rng = np.random.default_rng(2)
     k, v, seg = left_padded_cache(rng, 2, 256, 192, [150, 60], 2, 64, dtype=jnp.bfloat16)
-    q = jnp.asarray(rng.normal(size=(2, 14, 64)), jnp.bfloat16)
+    token = new_token(rng, 2, 14, 2, 64, jnp.bfloat16)
     q_seg = jnp.ones((2,), jnp.int32)
-    exact = xla_decode(*(x.astype(jnp.float32) for x in (q, k, v)), q_seg, seg, 200, 1)
-    got = decode_attention(q, k, v, q_seg, seg, 200, layer=1, interpret=True)
-    xla = xla_decode(q, k, v, q_seg, seg, 200, 1)
-    assert got.dtype == jnp.bfloat16
+    exact = xla_step(*jax.tree.map(lambda x: x.astype(jnp.float32), (*token, k, v)), q_seg, seg, 200, 1)[0]
+    (got, k_out, _), (xla, k_want, _) = both(token, k, v, q_seg, seg, 200, 1)
+    assert got.dtype == k_out.dtype == jnp.bfloat16
     err = float(jnp.abs(got.astype(jnp.float32) - exact).max())
     assert err <= 2 * float(jnp.abs(xla.astype(jnp.float32) - exact).max()) + 1e-2
+    # The rotated key may round differently in its last bit (fp32 inside the kernel).
+    np.testing.assert_allclose(k_out.astype(jnp.float32), k_want.astype(jnp.float32), atol=0.05, rtol=1e-2)
 
 
 def test_splits_and_key_blocks():
@@ -85,22 +118,28 @@ def test_splits_and_key_blocks():
     # 33 blocks of 128 keys: batch 1 decoded as two rows x 2 KV heads -> 33 splits (132 programs);
     # 16 rows -> 11 splits (352 programs, the divisor nearest 264).
     assert num_splits(33, 4) == 33 and num_splits(33, 32) == 11
+    token = (jnp.zeros((1, 4, 32)), (jnp.zeros((2, 32)), jnp.zeros((1, 32)), jnp.zeros((1, 32))), jnp.zeros((1, 32)),
+             jnp.zeros((1, 32)))
+    cache = jnp.zeros((1, 1, 40, 1, 32))
     with pytest.raises(ValueError, match="multiple of 16 cache slots"):
-        decode_attention(jnp.zeros((1, 2, 16)), jnp.zeros((1, 1, 40, 1, 16)), jnp.zeros((1, 1, 40, 1, 16)),
-                         jnp.ones((1,), jnp.int32), jnp.ones((1, 40), jnp.int32), 3, layer=0, interpret=True)
+        decode_attention(*token, cache, cache, jnp.ones((1,), jnp.int32), jnp.ones((1, 40), jnp.int32), 3, layer=0,
+                         interpret=True)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Triton-compiled kernel needs a GPU")
-def test_gpu_kernel_equals_the_xla_path_at_the_benchmark_shapes():
-    """Qwen2-0.5B's decode attention (14 heads, 2 KV heads, d 64) over a 4,224-slot cache, bf16, at
-    the benchmark's batch sizes (two rows for batch 1, and 16)."""
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Triton-compiled kernels need a GPU")
+def test_gpu_kernel_equals_the_xla_step_at_the_benchmark_shapes():
+    """Qwen2-0.5B's decode step (14 heads, 2 KV heads, d 64) over a 4,224-slot cache, bf16, at the
+    benchmark's batch sizes (two rows for batch 1, and 16)."""
     rng = np.random.default_rng(3)
     for rows in (2, 16):
         lengths = list(rng.integers(1000, 4096, size=rows))
         k, v, seg = left_padded_cache(rng, rows, 4224, 4096, lengths, 2, 64, layers=3, dtype=jnp.bfloat16)
-        q = jnp.asarray(rng.normal(size=(rows, 14, 64)), jnp.bfloat16)
+        token = new_token(rng, rows, 14, 2, 64, jnp.bfloat16)
         q_seg = jnp.ones((rows,), jnp.int32)
-        got = decode_attention(q, k, v, q_seg, seg, 4100, layer=2).astype(jnp.float32)
-        exact = xla_decode(*(x.astype(jnp.float32) for x in (q, k, v)), q_seg, seg, 4100, 2)
-        xla = xla_decode(q, k, v, q_seg, seg, 4100, 2).astype(jnp.float32)
-        assert float(jnp.abs(got - exact).max()) <= 2 * float(jnp.abs(xla - exact).max()) + 1e-2
+        exact = xla_step(*jax.tree.map(lambda x: x.astype(jnp.float32), (*token, k, v)), q_seg, seg, 4100, 2)[0]
+        xla, k_want, v_want = xla_step(*token, k, v, q_seg, seg, 4100, 2)
+        got, k_out, v_out = jax.jit(functools.partial(decode_attention, layer=2))(*token, k, v, q_seg, seg, 4100)
+        err = float(jnp.abs(got.astype(jnp.float32) - exact).max())
+        assert err <= 2 * float(jnp.abs(xla.astype(jnp.float32) - exact).max()) + 1e-2
+        np.testing.assert_allclose(k_out.astype(jnp.float32), k_want.astype(jnp.float32), atol=0.05, rtol=1e-2)
+        np.testing.assert_array_equal(v_out, v_want)

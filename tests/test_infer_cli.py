@@ -26,12 +26,13 @@ LIMIT = 151646  # len(tokenizer) of the original evaluation: ids from <image> (1
 
 
 def save_tiny_checkpoint(directory: str) -> str:
-    """A tiny Manager model (square images) with the full Qwen2 vocabulary, as a params directory."""
+    """A tiny Manager model (square images) with the full Qwen2 vocabulary, as a params directory.
+    Heads of 32, the smallest the fused decode kernels take (`--decode-attention pallas`)."""
     from flax import nnx
 
     from manager_jax.config import tiny
 
-    model = tiny_model("manager", vocab=VOCAB)
+    model = tiny_model("manager", vocab=VOCAB, head_dim=32)
     cfg = tiny("manager", image_token_id=151646).replace(text=model.cfg.text)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return params_io.save_params(directory, params, cfg)

@@ -36,12 +36,14 @@ from manager_jax.reference.parity import random_image
 NEW = 6
 
 
-def tiny_model(variant: str, vocab: int | None = None) -> LlavaOV:
+def tiny_model(variant: str, vocab: int | None = None, head_dim: int | None = None) -> LlavaOV:
     """A random tiny model whose greedy answers vary: unit-variance embeddings and large decoder
     projections (with small ones every answer repeats its last input token); non-zero Manager scores."""
     cfg = tiny(variant, image_token_id=500)
     if vocab is not None:
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab))
+    if head_dim is not None:
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, head_dim=head_dim))
     model = LlavaOV(cfg, rngs=nnx.Rngs(3))
     keys = iter(jax.random.split(jax.random.key(4), 16))
     model.text.embed.embedding[...] = jax.random.normal(next(keys), model.text.embed.embedding.shape)
@@ -350,10 +352,12 @@ def test_input_errors(manager_engine):
         InferenceEngine(model, pad_id=0, max_length=3).generate([Prompt([1, 2, 3])])
 
 
-def test_pallas_decode_attention_gives_the_xla_decodes_tokens(manager_engine):
+def test_pallas_decode_attention_gives_the_xla_decodes_tokens():
     """The fused decode-attention kernel (Pallas interpret mode here) in the whole decode loop:
-    prompts of different lengths (left padding the kernel skips) and image counts, greedy."""
-    model, engine = manager_engine
+    prompts of different lengths (left padding the kernel skips) and image counts, greedy. Heads of
+    32 (the kernel splits a head in halves for RoPE, and Triton's tiles are at least 16 wide)."""
+    model = tiny_model("manager", head_dim=32)
+    engine = InferenceEngine(model, pad_id=0)
     fused = InferenceEngine(model, pad_id=0, decode_attention="pallas")
     lowered, jitted = [], fused._decode_jit
     fused._decode_jit = lambda *a, **k: lowered.append(jitted.lower(*a, **k).as_text()) or jitted(*a, **k)

@@ -64,7 +64,7 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="shard over the devices (every host's in a multi-process run), e.g. 'fsdp=-1' or "
                         "'data=2,tensor=4' (default: one device)")
     p.add_argument("--decode-attention", default="xla", choices=["xla", "pallas"],
-                   help="attention of the decode steps: XLA's, or one fused GPU kernel per layer (one device; "
+                   help="attention of the decode steps: XLA's, or two fused GPU kernels per layer (one device; "
                         "off the GPU it is interpreted, for tests only)")
     return p
 

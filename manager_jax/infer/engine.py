@@ -159,10 +159,11 @@ class InferenceEngine:
         column reduction. In the batch-1 profile those took about 1.0 of the 1.76 ms per token,
         while the batch-16 decode's matmuls (Triton GEMMs) over the same weights took 0.32 ms per
         token (RESULTS.md, H100). With two rows the matmuls stay matmuls.
-      decode_attention: the decode steps' attention over the KV cache: "xla" (default) or "pallas",
-        one fused GPU kernel per layer instead of XLA's four (models/decode_attention.py: no fp32
-        scores in memory, blocks of other prompts' padding not read). It needs one device and the
-        unrolled decode; off the GPU it runs in Pallas interpret mode (tests).
+      decode_attention: the decode steps' attention block: "xla" (default) or "pallas", two GPU
+        kernels per layer for what XLA runs in seven (models/decode_attention.py: biases, RoPE,
+        cache write and attention; no fp32 scores in memory, blocks of prompt padding not read).
+        It needs one device, the unrolled decode and heads of at least 32; off the GPU it runs in
+        Pallas interpret mode (tests).
     """
 
     def __init__(

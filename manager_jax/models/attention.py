@@ -10,7 +10,7 @@ crops (padded to 768 tokens, the padding kept apart by segment ids); GQA, no [T,
 memory. It runs inside :func:`sharded_attention` (the train step and the inference engine enter it
 with their mesh), on rows whose length is a multiple of 128; `auto` picks it when that mesh is
 made of TPUs. Elsewhere the XLA / cuDNN paths run, except in one-token decode steps on a GPU, which may
-use the fused kernel of `decode_attention.py` (the inference engine's `decode_attention`).
+use the fused kernels of `decode_attention.py` (the inference engine's `decode_attention`).
 """
 
 from __future__ import annotations

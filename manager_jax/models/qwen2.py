@@ -73,8 +73,28 @@ class Qwen2Attention(nnx.Module):
         # engine sets it on its decode graph.
         self.decode_impl = "xla"
 
+    def _fused_decode(self, x: jax.Array, ctx: AttentionContext, cache: tuple):
+        """A one-token decode step on the fused GPU kernels (`decode_impl="pallas"`): the q/k/v
+        matmuls without their biases go in as they are (XLA merges them into one matmul whose output
+        the kernel reads in place); biases, RoPE, the cache write and attention happen inside."""
+        (ck, cv), layer = cache
+        b = x.shape[0]
+        dtype = self.q.dtype or x.dtype
+        rows = x[:, 0].astype(dtype)
+        project = lambda lin: rows @ lin.kernel[...].astype(dtype)
+        qkv = jnp.concatenate([project(self.q), project(self.k), project(self.v)], axis=-1)
+        qkv = qkv.reshape(b, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        biases = tuple(lin.bias[...].astype(dtype).reshape(-1, self.head_dim) for lin in (self.q, self.k, self.v))
+        out, ck, cv = decode_attention(qkv, biases, ctx.cos[:, 0], ctx.sin[:, 0], ck, cv, ctx.q_seg[:, 0], ctx.kv_seg,
+                                       ctx.cache_index, layer=int(layer), interpret=jax.default_backend() != "gpu")
+        return self.o(out.reshape(b, 1, -1)), (ck, cv)
+
     def __call__(self, x: jax.Array, ctx: AttentionContext, cache: tuple | None = None):
         b, t, _ = x.shape
+        if (cache is not None and self.decode_impl == "pallas" and t == 1 < ctx.kv_seg.shape[1]
+                and isinstance(cache[1], (int, np.integer)) and supported(ctx.kv_seg.shape[1], self.head_dim)
+                and cache[0][0].dtype == (self.q.dtype or x.dtype)):
+            return self._fused_decode(x, ctx, cache)
         q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -93,13 +113,7 @@ class Qwen2Attention(nnx.Module):
             fresh = ctx.kv_seg.shape[1] == t
             if not fresh:
                 slots = ctx.kv_seg.shape[1]
-                static_layer = isinstance(layer, (int, np.integer))
-                if static_layer and t == 1 and self.decode_impl == "pallas" and supported(slots, self.head_dim):
-                    # The kernel reads the layer's keys out of the whole cache (no slice).
-                    out = decode_attention(q[:, 0], ck, cv, ctx.q_seg[:, 0], ctx.kv_seg, ctx.q_slot[0], layer=int(layer),
-                                           interpret=jax.default_backend() != "gpu")
-                    return self.o(out.reshape(b, t, -1)), cache
-                if static_layer:
+                if isinstance(layer, (int, np.integer)):
                     # Unrolled layers: a static slice, which XLA reads in place (a dynamic one was
                     # copied out of the cache for every layer and token).
                     k, v = ck[int(layer), :, :slots].astype(q.dtype), cv[int(layer), :, :slots].astype(q.dtype)
