@@ -72,7 +72,7 @@ def compile_train(args, devices) -> str:
     cfg = bench.build_model_config(args)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices=devices)
     arrays, _, _ = bench.shard_batch(cfg, np.random.default_rng(0), rows=args.batch_per_device, image_hw=(768, 768),
-                                     text=400)
+                                     text=400, row_multiple=args.row_multiple)
     budget = bench.loss_token_budget(args.loss_token_budget, [arrays])
     setup = make_setup(cfg, mesh, tunable_parts=bench.ALL_PARTS,
                        optim=OptimConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"), total_steps=1000,
@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     train.add_argument("--vision-token-multiple", type=int, default=0)
     train.add_argument("--loss-token-budget", type=int, default=-1)
     train.add_argument("--unroll-layers", action="store_true", help="a Python loop over the layers instead of a scan")
+    train.add_argument("--row-multiple", type=int, default=1, help="right-pad rows to a multiple of this")
     decode = p.add_argument_group("decode (the shapes of benchmarks/generate.py)")
     decode.add_argument("--rows", type=int, default=1, help="prompts decoded together")
     decode.add_argument("--decode-min-rows", type=int, default=None, help="InferenceEngine decode_min_rows")

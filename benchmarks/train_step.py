@@ -48,8 +48,10 @@ def build_model_config(args):
                        attention_impl=args.attention, vision_token_multiple=args.vision_token_multiple)
 
 
-def shard_batch(cfg, rng, *, rows: int, image_hw: tuple[int, int], text: int) -> tuple[dict, int, int]:
-    """`rows` samples, one per row: 16 text tokens, the image, text-16 tokens; all text supervised."""
+def shard_batch(cfg, rng, *, rows: int, image_hw: tuple[int, int], text: int, row_multiple: int = 1
+                ) -> tuple[dict, int, int]:
+    """`rows` samples, one per row: 16 text tokens, the image, text-16 tokens; all text supervised.
+    Rows are the sample's length, or right-padded to a multiple of `row_multiple`."""
     h, w = image_hw
     plan = multigrid.plan_image(
         (w, h), mode=cfg.image.aspect_ratio, pinpoints=cfg.image.grid_pinpoints, convention=cfg.image.convention,
@@ -62,7 +64,7 @@ def shard_batch(cfg, rng, *, rows: int, image_hw: tuple[int, int], text: int) ->
         labels = np.where(ids == -200, -100, ids)
         pixels = rng.normal(size=(plan.num_crops, 384, 384, 3)).astype(np.float32)
         samples.append(ProcessedSample(id=str(i), ids=ids, labels=labels, pixels=pixels, plans=[plan]))
-    seq = text + plan.num_tokens
+    seq = -(-(text + plan.num_tokens) // row_multiple) * row_multiple
     batch = assemble_batch(
         samples, rows=rows, seq_len=seq, max_crops=rows * plan.num_crops, max_image_tokens=rows * plan.num_tokens,
         pack=False, grid_type=cfg.manager.grid_type if cfg.manager.enabled else None, query_type=cfg.manager.query_type,
@@ -102,6 +104,9 @@ def main(argv=None) -> dict:
                    help="positions per shard sent through the LM head: -1 = the batch's supervised ones (rounded up "
                         "to a multiple of 128; the same loss), 0 = all positions, as the reference computes them")
     p.add_argument("--loss-chunk", type=int, default=1024, help="LM-head chunk (positions)")
+    p.add_argument("--row-multiple", type=int, default=1,
+                   help="right-pad each row to a multiple of this (64: the cuDNN kernels' multiple, so no layer pads "
+                        "its attention rows); tokens/s and MFU count the sample's tokens only")
     p.add_argument("--fsdp", type=int, default=-1)
     p.add_argument("--tensor", type=int, default=1)
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device bf16 peak (default: by device kind)")
@@ -122,7 +127,8 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(0)
     per_shard = []
     for _ in range(shards):
-        arrays, n_crops, n_img = shard_batch(cfg, rng, rows=args.batch_per_device, image_hw=hw, text=text)
+        arrays, n_crops, n_img = shard_batch(cfg, rng, rows=args.batch_per_device, image_hw=hw, text=text,
+                                             row_multiple=args.row_multiple)
         per_shard.append(arrays)
     budget = loss_token_budget(args.loss_token_budget, per_shard)
     loss = LossConfig("shard_mean", budget, args.loss_chunk)
@@ -175,7 +181,8 @@ def main(argv=None) -> dict:
     result = dict(
         what="train", impl="jax-manager_jax", model="tiny" if args.tiny else "0.5b", variant=args.variant,
         devices=n_dev, device=kind, batch_per_device=args.batch_per_device, image=image, crops=n_crops,
-        image_tokens=n_img, seq=seq, tokens_per_step=global_batch * seq, dtype=cfg.dtype, remat=args.remat,
+        image_tokens=n_img, seq=seq, row_len=int(local["segment_ids"].shape[-1]), tokens_per_step=global_batch * seq,
+        dtype=cfg.dtype, remat=args.remat,
         layers="unrolled" if args.unroll_layers else "scan", attention=args.attention,
         vision_token_multiple=args.vision_token_multiple, loss_token_budget=budget,
         xla_flags=os.environ.get("XLA_FLAGS"),
