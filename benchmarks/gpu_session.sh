@@ -13,7 +13,9 @@
 # BUDGET (seconds, default 550) bounds the whole script, so it ends inside the call's limit.
 # TRAIN_VARIANTS / GEN_VARIANTS="--remat full;--unroll-layers" add runs with those flags (and
 # environments, see `variants` below);
-# REF_TRAIN=0 and REF_GEN_BATCHES="16" narrow the reference runs; SCAN=0 skips the scanned decode.
+# REF_TRAIN=0 and REF_GEN_BATCHES="16" narrow the reference runs; SCAN=0 skips the scanned decode;
+# GEN=0 skips every generate run (ours, the reference's, the variants: a second call for the train
+# variants, whose baseline is the default train run of the same call).
 # Every step runs under its own `timeout` and prints its JSON line as soon as it has one, so a
 # step that hangs costs only its own budget. SMOKE=1 runs the same steps on the CPU with the
 # reference's tiny shapes in fp32 (benchmarks/shapes.py). Logs go to $OUT (or a temporary folder).
@@ -76,15 +78,17 @@ tail -n 1 "$LOGS/gpu_checks.log"
 step train_jax "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" --profile "$OUT/train.xplane.pb" ||
   step train_jax_xla_attention "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" --attention xla \
     --profile "$OUT/train_xla_attention.xplane.pb"
-step generate_jax "$t_gen" $PY benchmarks/generate.py "${ours_gen[@]}" --profile "$OUT/generate.xplane.pb"
+[ "${GEN:-1}" = 1 ] && step generate_jax "$t_gen" $PY benchmarks/generate.py "${ours_gen[@]}" --profile "$OUT/generate.xplane.pb"
 # The reference next, before the variants: a ratio is only given between numbers of one call.
 if [ -f "$REF" ]; then
   if [ "${REF_TRAIN:-1}" = 1 ]; then
     step train_ref "$t_ref_train" $PY "$REF" "${ref_common[@]}" --what train "${ref_train[@]}"
   fi
-  for b in ${REF_GEN_BATCHES:-${gen_batches[@]}}; do
-    step "generate_ref_b$b" "$t_ref_gen" $PY "$REF" "${ref_common[@]}" --what generate --batch "$b" "${ref_gen[@]}"
-  done
+  if [ "${GEN:-1}" = 1 ]; then
+    for b in ${REF_GEN_BATCHES:-${gen_batches[@]}}; do
+      step "generate_ref_b$b" "$t_ref_gen" $PY "$REF" "${ref_common[@]}" --what generate --batch "$b" "${ref_gen[@]}"
+    done
+  fi
 else
   echo "== reference skipped: $REF not found (see the top of this script)"
 fi
@@ -106,7 +110,7 @@ variants() {  # variants KIND SCRIPT LIMIT SETS FIXED...
   done
 }
 # The decode variants first: each is shorter than a train variant.
-variants generate_jax benchmarks/generate.py "$t_gen" "${GEN_VARIANTS:-}" "${ours_gen[@]}"
+[ "${GEN:-1}" = 1 ] && variants generate_jax benchmarks/generate.py "$t_gen" "${GEN_VARIANTS:-}" "${ours_gen[@]}"
 variants train_jax benchmarks/train_step.py "$t_train" "${TRAIN_VARIANTS:-}" "${ours_train[@]}"
 # Where the device time went, read from the profiles on the device (benchmarks/profile_summary.py;
 # the full files come back gzipped): per train step (2 profiled) and per decoded token (1 call).
@@ -126,7 +130,7 @@ $PY benchmarks/compare.py "$LOG"
 
 # With time left: the decode steps with the decoder layers scanned instead of unrolled (the
 # engine's default), to check that default on this device.
-if [ "${SCAN:-1}" = 1 ] && step generate_jax_scan "${T_GEN_SCAN:-100}" $PY benchmarks/generate.py "${ours_gen[@]}" --batch 1 --decode-scan; then
+if [ "${GEN:-1}" = 1 ] && [ "${SCAN:-1}" = 1 ] && step generate_jax_scan "${T_GEN_SCAN:-100}" $PY benchmarks/generate.py "${ours_gen[@]}" --batch 1 --decode-scan; then
   echo "== summary with the scanned decode"
   $PY benchmarks/compare.py "$LOG"
 fi
