@@ -93,7 +93,7 @@ def table(rows: list[dict]) -> list[str]:
         layers = f", {mine['decode_layers']} layers" if mine.get("decode_layers") else ""
         if (mine.get("decode_min_rows") or 1) > 1:
             layers += f", decoded as >= {mine['decode_min_rows']} rows"
-        if mine.get("decode_attention", "xla") != "xla":
+        if mine.get("decode_attention"):
             layers += f", {mine['decode_attention']} decode attention"
         label = f"generate B={batch} {mine.get('image')} ({mine.get('variant')}, {mine.get('new_tokens')} new{layers}{_flags(mine)})"
         out.append(f"| {label} | decode tokens/s | {_fmt(tps, ',.0f')} | "

@@ -138,8 +138,9 @@ def main(argv=None) -> int:
                    help="scan the decoder layers in each decode step instead of unrolling them (engine default)")
     p.add_argument("--decode-min-rows", type=int, default=None,
                    help="decode at least this many rows (InferenceEngine decode_min_rows; default: 2 on GPU, 1 elsewhere)")
-    p.add_argument("--decode-attention", default="xla", choices=["xla", "pallas"],
-                   help="the decode steps' attention (InferenceEngine decode_attention): XLA's, or the fused Pallas kernels")
+    p.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
+                   help="the decode steps' attention (InferenceEngine decode_attention): XLA's, the fused Pallas kernels, "
+                        "or auto (the kernels on one GPU)")
     p.add_argument("--profile", default=None, metavar="FILE.xplane.pb",
                    help="after timing, profile one prefill + decode per batch size (FILE with _b<batch> before .xplane.pb)")
     args = p.parse_args(argv)

@@ -14,8 +14,8 @@ It is for reading the program: zero-filled stacks, layout transposes, per-layer 
 per decoded token. Timings come from the device (benchmarks/gpu_session.sh).
 
 The model's "auto" choices follow `jax.default_backend()`, which is "cpu" here; the script makes it
-answer "gpu" so that the compiled program is the GPU one (cuDNN attention, two-row decode, crops
-padded to 768).
+answer "gpu" so that the compiled program is the GPU one (cuDNN attention, two-row decode, the
+Pallas decode attention, crops padded to 768).
 """
 
 from __future__ import annotations
@@ -128,12 +128,13 @@ def main(argv=None) -> int:
     train.add_argument("--vision-token-multiple", type=int, default=0)
     train.add_argument("--loss-token-budget", type=int, default=-1)
     train.add_argument("--unroll-layers", action="store_true", help="a Python loop over the layers instead of a scan")
-    train.add_argument("--row-multiple", type=int, default=1, help="right-pad rows to a multiple of this")
+    train.add_argument("--row-multiple", type=int, default=64,
+                       help="right-pad rows to a multiple of this (train_step.py's default)")
     decode = p.add_argument_group("decode (the shapes of benchmarks/generate.py)")
     decode.add_argument("--rows", type=int, default=1, help="prompts decoded together")
     decode.add_argument("--decode-min-rows", type=int, default=None, help="InferenceEngine decode_min_rows")
-    decode.add_argument("--decode-attention", default="xla", choices=["xla", "pallas"],
-                        help="InferenceEngine decode_attention")
+    decode.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
+                        help="InferenceEngine decode_attention (auto: pallas, as on one GPU)")
     decode.add_argument("--prompt-slots", type=int, default=4096)
     decode.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args(argv)

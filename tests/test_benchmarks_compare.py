@@ -58,7 +58,7 @@ def test_generate_and_train_experiments_are_labelled(tmp_path):
         {"what": "train", "impl": "jax-manager_jax", "batch_per_device": 2, "remat": "dots", "layers": "scan",
          "vision_token_multiple": 1, "loss_token_budget": 896, "seq": 4099, "row_len": 4160, "tokens_per_s": 1.0},
         {"what": "generate", "impl": "jax", "batch": 1, "new_tokens": 8, "decode_layers": "unrolled",
-         "decode_min_rows": 2, "decode_tokens_per_s": 1.0},
+         "decode_min_rows": 2, "decode_attention": "xla", "decode_tokens_per_s": 1.0},
         {"what": "generate", "impl": "jax", "batch": 1, "new_tokens": 8, "decode_layers": "unrolled",
          "decode_min_rows": 1, "decode_tokens_per_s": 1.0},
         {"what": "generate", "impl": "jax", "batch": 16, "new_tokens": 8, "decode_layers": "unrolled",
@@ -66,6 +66,6 @@ def test_generate_and_train_experiments_are_labelled(tmp_path):
     ])
     labels = [line for line in table(read_lines([str(path)])) if "tokens/s" in line]
     assert "scan layers, LM head on 896 positions per shard, crops unpadded, rows padded to 4160)" in labels[0]
-    assert "unrolled layers, decoded as >= 2 rows)" in labels[1]
+    assert "unrolled layers, decoded as >= 2 rows, xla decode attention)" in labels[1]
     assert "rows" not in labels[2] and "decode attention" not in labels[2]
     assert "unrolled layers, decoded as >= 2 rows, pallas decode attention)" in labels[3]

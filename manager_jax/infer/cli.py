@@ -63,9 +63,9 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None,
                    help="shard over the devices (every host's in a multi-process run), e.g. 'fsdp=-1' or "
                         "'data=2,tensor=4' (default: one device)")
-    p.add_argument("--decode-attention", default="xla", choices=["xla", "pallas"],
+    p.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
                    help="attention of the decode steps: XLA's, or two fused GPU kernels per layer (one device; "
-                        "off the GPU it is interpreted, for tests only)")
+                        "off the GPU it is interpreted, for tests only); auto: the kernels on one GPU, XLA's elsewhere")
     return p
 
 
