@@ -15,7 +15,8 @@
 # environments, see `variants` below);
 # REF_TRAIN=0 and REF_GEN_BATCHES="16" narrow the reference runs; SCAN=0 skips the scanned decode;
 # GEN=0 skips every generate run (ours, the reference's, the variants: a second call for the train
-# variants, whose baseline is the default train run of the same call).
+# variants, whose baseline is the default train run of the same call); KERNELS=0 skips the
+# decode-attention kernel sweep.
 # Every step runs under its own `timeout` and prints its JSON line as soon as it has one, so a
 # step that hangs costs only its own budget. SMOKE=1 runs the same steps on the CPU with the
 # reference's tiny shapes in fp32 (benchmarks/shapes.py). Logs go to $OUT (or a temporary folder).
@@ -72,6 +73,13 @@ $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__
 # against the XLA path; skipped on CPU).
 step gpu_checks "${T_CHECKS:-90}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_decode_attention.py -k gpu
 tail -n 1 "$LOGS/gpu_checks.log"
+# The decode-attention kernels alone under several divisions of the work, against XLA's path
+# (benchmarks/decode_attention.py; KERNELS=0 skips it).
+if [ "${KERNELS:-1}" = 1 ]; then
+  kernel_args=(); [ "${SMOKE:-0}" = 1 ] && kernel_args=(--tiny --rows 2 --configs "32,4,4,2")
+  step decode_attention_kernels "${T_KERNELS:-150}" $PY benchmarks/decode_attention.py "${kernel_args[@]}"
+  grep -E '^\|' "$LOGS/decode_attention_kernels.log"
+fi
 
 # Ours first: they are what is not measured yet; the reference has numbers in REFERENCE_RESULTS.md.
 # Each of ours also leaves a profile (.xplane.pb, read with xprof off the device) under $OUT.

@@ -3,7 +3,8 @@
 Off the GPU the kernels run in Pallas interpret mode (the same kernel programs, evaluated by JAX);
 the `gpu` test runs them compiled by Triton on a GPU (part of benchmarks/gpu_session.sh's checks).
 Expected values come from the decode step written with the model's own pieces: biases, `apply_rope`,
-the cache write, then `_xla_attention` with `segment_causal_mask`.
+the cache write, then `_xla_attention` with `segment_causal_mask` (`benchmarks/decode_attention.py
+xla_step`, which the kernels' benchmark times them against).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from manager_jax.models.attention import _xla_attention, segment_causal_mask
-from manager_jax.models.decode_attention import decode_attention, key_block, num_splits, supported
-from manager_jax.models.qwen2 import apply_rope, rope_cos_sin
+from benchmarks.decode_attention import xla_step
+from manager_jax.models.decode_attention import KernelConfig, decode_attention, key_block, num_splits, supported
+from manager_jax.models.qwen2 import rope_cos_sin
 
 
 def left_padded_cache(rng, rows, slots, prompt_slots, lengths, kv, d, layers=2, dtype=jnp.float32):
@@ -45,24 +46,10 @@ def new_token(rng, rows, heads, kv, d, dtype=jnp.float32):
     return qkv, biases, cos[:, 0], sin[:, 0]
 
 
-def xla_step(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_slot, layer):
-    """The XLA decode step: biases and RoPE, the new key and value written at q_slot, then attention."""
-    heads = biases[0].shape[0]
-    kv = biases[1].shape[0]
-    q, k, v = qkv[:, :heads] + biases[0], qkv[:, heads:heads + kv] + biases[1], qkv[:, heads + kv:] + biases[2]
-    rope = lambda x: apply_rope(x[:, None], cos[:, None], sin[:, None])[:, 0]
-    q, k = rope(q), rope(k)
-    k_cache, v_cache = k_cache.at[layer, :, q_slot].set(k), v_cache.at[layer, :, q_slot].set(v)
-    s = kv_seg.shape[1]
-    mask = segment_causal_mask(jnp.asarray([q_slot]), jnp.arange(s), q_seg[:, None], kv_seg)
-    out = _xla_attention(q[:, None], k_cache[layer, :, :s], v_cache[layer, :, :s], mask, q.shape[-1] ** -0.5)[:, 0]
-    return out, k_cache, v_cache
-
-
 def both(token, k, v, q_seg, seg, q_slot, layer):
     """(kernel, XLA) results of one decode step: (out, k_cache, v_cache) each."""
     got = decode_attention(*token, k, v, q_seg, seg, q_slot, layer=layer, interpret=True)
-    return got, xla_step(*token, k, v, q_seg, seg, q_slot, layer)
+    return got, xla_step(*token, k, v, q_seg, seg, q_slot, layer=layer)
 
 
 @pytest.mark.parametrize("heads,kv,d", [(14, 2, 64), (8, 8, 32), (16, 2, 32)])
@@ -84,6 +71,20 @@ def test_kernel_equals_the_xla_step_on_a_left_padded_cache(heads, kv, d):
         np.testing.assert_array_equal(np.asarray(v_out) != np.asarray(v), np.asarray(v_want) != np.asarray(v))
 
 
+@pytest.mark.parametrize("config", [KernelConfig(block=32, programs=1), KernelConfig(block=256, programs=64),
+                                    KernelConfig(block=64, programs=10_000, num_stages=1)])
+def test_every_division_of_the_work_gives_the_xla_steps_result(config):
+    """One split or many, small key blocks or blocks larger than a split's share of a row's padding."""
+    rng = np.random.default_rng(7)
+    k, v, seg = left_padded_cache(rng, 2, 512, 448, [440, 70], 2, 32)
+    token = new_token(rng, 2, 4, 2, 32)
+    q_seg = jnp.ones((2,), jnp.int32)
+    got = decode_attention(*token, k, v, q_seg, seg, 460, layer=0, interpret=True, config=config)
+    want = xla_step(*token, k, v, q_seg, seg, 460, layer=0)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+
+
 def test_kernel_reads_only_the_first_slots_it_is_given_and_ignores_later_ones():
     """kv_seg may cover fewer slots than the cache holds; what the cache holds at or after the
     query's slot (the slot itself is overwritten) changes nothing."""
@@ -103,7 +104,7 @@ def test_kernel_in_bf16_is_as_close_to_fp32_as_the_xla_step():
     k, v, seg = left_padded_cache(rng, 2, 256, 192, [150, 60], 2, 64, dtype=jnp.bfloat16)
     token = new_token(rng, 2, 14, 2, 64, jnp.bfloat16)
     q_seg = jnp.ones((2,), jnp.int32)
-    exact = xla_step(*jax.tree.map(lambda x: x.astype(jnp.float32), (*token, k, v)), q_seg, seg, 200, 1)[0]
+    exact = xla_step(*jax.tree.map(lambda x: x.astype(jnp.float32), (*token, k, v)), q_seg, seg, 200, layer=1)[0]
     (got, k_out, _), (xla, k_want, _) = both(token, k, v, q_seg, seg, 200, 1)
     assert got.dtype == k_out.dtype == jnp.bfloat16
     err = float(jnp.abs(got.astype(jnp.float32) - exact).max())
@@ -114,6 +115,7 @@ def test_kernel_in_bf16_is_as_close_to_fp32_as_the_xla_step():
 
 def test_splits_and_key_blocks():
     assert key_block(4224) == 128 and key_block(4160) == 64 and key_block(80) == 16 and key_block(4100) is None
+    assert key_block(4096, 256) == 256 and key_block(4224, 256) == 128 and key_block(4224, 32) == 32
     assert supported(4224, 64) and supported(4224, 128) and not supported(4224, 72) and not supported(4100, 64)
     # 33 blocks of 128 keys: batch 1 decoded as two rows x 2 KV heads -> 33 splits (132 programs);
     # 16 rows -> 11 splits (352 programs, the divisor nearest 264).
@@ -136,8 +138,8 @@ def test_gpu_kernel_equals_the_xla_step_at_the_benchmark_shapes():
         k, v, seg = left_padded_cache(rng, rows, 4224, 4096, lengths, 2, 64, layers=3, dtype=jnp.bfloat16)
         token = new_token(rng, rows, 14, 2, 64, jnp.bfloat16)
         q_seg = jnp.ones((rows,), jnp.int32)
-        exact = xla_step(*jax.tree.map(lambda x: x.astype(jnp.float32), (*token, k, v)), q_seg, seg, 4100, 2)[0]
-        xla, k_want, v_want = xla_step(*token, k, v, q_seg, seg, 4100, 2)
+        exact = xla_step(*jax.tree.map(lambda x: x.astype(jnp.float32), (*token, k, v)), q_seg, seg, 4100, layer=2)[0]
+        xla, k_want, v_want = xla_step(*token, k, v, q_seg, seg, 4100, layer=2)
         got, k_out, v_out = jax.jit(functools.partial(decode_attention, layer=2))(*token, k, v, q_seg, seg, 4100)
         err = float(jnp.abs(got.astype(jnp.float32) - exact).max())
         assert err <= 2 * float(jnp.abs(xla.astype(jnp.float32) - exact).max()) + 1e-2

@@ -17,7 +17,8 @@ reduction. Here the same work is two kernels:
 Mask: the rule of :func:`manager_jax.models.attention.segment_causal_mask` for a single query at
 cache slot `q_slot`: key slot s is seen when `kv_seg[b, s] == q_seg[b]` and `s <= q_slot`; the
 query's own slot holds its own token, which it always sees. Blocks after the query's slot, and
-blocks without a key of the query's segment (a shorter prompt's left padding), are not read.
+blocks before the first key of the query's segment (a shorter prompt's left padding), are not
+read.
 
 The kernels read the layer's keys straight out of the whole cache [L, B, S, KV, d] (no slice is
 copied); `layer` is static, as in the unrolled decode step. Off the GPU they run in Pallas
@@ -26,6 +27,7 @@ interpret mode, which is how the tests check them against the XLA path.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -34,61 +36,70 @@ from jax.experimental import pallas as pl
 
 # Query heads of one KV head are padded to this many rows: Triton's matmuls need 16.
 _MIN_ROWS = 16
-# Programs to aim for: two per streaming multiprocessor of an H100 (132), so that the key reads
-# keep the whole memory system busy at batch 1 as at batch 16.
-_TARGET_PROGRAMS = 264
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def key_block(cache_len: int) -> int | None:
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """How the main kernel divides the work (speed only: every choice gives the same result).
+
+    block: key slots per loop step, the largest power of two <= this that divides the slots.
+    programs: programs to aim for; the keys are split into the divisor of the blocks nearest
+      to it (264: two per streaming multiprocessor of an H100, so that the key reads keep the
+      memory system busy at batch 1 as at batch 16).
+    num_warps / num_stages: Triton's, for the main kernel (num_stages > 1 prefetches the next
+      block's keys and values while the current one is used).
+    """
+
+    block: int = 128
+    programs: int = 264
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def key_block(cache_len: int, largest: int = 128) -> int | None:
     """The key block the kernel streams for a cache of this length (None: the kernel cannot run)."""
-    return next((b for b in (128, 64, 32, 16) if cache_len % b == 0), None)
+    sizes = [b for b in (256, 128, 64, 32, 16) if b <= largest]
+    return next((b for b in sizes if cache_len % b == 0), None)
 
 
 def supported(cache_len: int, head_dim: int) -> bool:
-    """Whether the kernels run for these slots and head size: Triton tiles are powers of two >= 16,
-    and RoPE works on the two halves of a head."""
+    """Whether the kernels run for these slots and head size: Triton tiles are powers of two >= 16."""
     return key_block(cache_len) is not None and head_dim >= 32 and head_dim & (head_dim - 1) == 0
 
 
-def num_splits(blocks: int, programs_per_split: int) -> int:
+def num_splits(blocks: int, programs_per_split: int, programs: int = KernelConfig.programs) -> int:
     """How many parts the key blocks are split into: a divisor of `blocks` (each part reads whole
-    blocks) that brings the grid nearest to `_TARGET_PROGRAMS` programs."""
+    blocks) that brings the grid nearest to `programs` programs."""
     divisors = [n for n in range(1, blocks + 1) if blocks % n == 0]
-    return min(divisors, key=lambda n: abs(n * programs_per_split - _TARGET_PROGRAMS))
+    return min(divisors, key=lambda n: abs(n * programs_per_split - programs))
 
 
-def _halves(ref, rows, half: int, mask=None):
-    """The two halves of the last axis of `ref` at `rows` (an index, a `pl.ds`, or None for a 1-D
-    ref), in fp32."""
+def _load(ref_at, mask=None):
+    """A Triton load in fp32 (`other` only goes with a mask)."""
     from jax.experimental.pallas import triton as plgpu
 
-    at = lambda cols: ref.at[cols] if rows is None else ref.at[rows, cols]
-    masked = {} if mask is None else dict(mask=mask, other=0.0)  # Triton takes `other` only with a mask
-
-    def load(cols):
-        return plgpu.load(at(cols), **masked).astype(jnp.float32)
-
-    return load(pl.ds(0, half)), load(pl.ds(half, half))
+    masked = {} if mask is None else dict(mask=mask, other=0.0)
+    return plgpu.load(ref_at, **masked).astype(jnp.float32)
 
 
-def _with_bias_and_rope(raw, bias, cos, sin, dtype):
+def _with_bias_and_rope(ref, bias_ref, rows, bias_rows, cols, partner, cos, sin, dtype, mask=None):
     """(x + bias) rounded to the activation dtype, then rotated as `qwen2.apply_rope`:
-    x * cos + rotate_half(x) * sin, with rotate_half([lo, hi]) = [-hi, lo]. Halves in, halves out."""
-    lo, hi = (jnp.asarray(r + b).astype(dtype).astype(jnp.float32) for r, b in zip(raw, bias))
-    return (lo * cos[0] - hi * sin[0]).astype(dtype), (hi * cos[1] + lo * sin[1]).astype(dtype)
+    x * cos + rotate_half(x) * sin, where rotate_half(x)[c] is -x[c + d/2] in the first half and
+    x[c - d/2] in the second. `partner` holds those columns (an index array): the rotation is read
+    from memory, a second load of the same row, since Triton cannot slice a value."""
+    x = (_load(ref.at[rows, cols], mask) + _load(bias_ref.at[bias_rows, cols], mask)).astype(dtype)
+    xp = (_load(ref.at[rows, partner], mask) + _load(bias_ref.at[bias_rows, partner], mask)).astype(dtype)
+    sign = jnp.where(cols < ref.shape[-1] // 2, -1.0, 1.0)
+    return (x.astype(jnp.float32) * cos + (sign * xp.astype(jnp.float32)) * sin).astype(dtype)
 
 
-def _new_token(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, q_rows, q_mask, *, heads: int, kv: int,
-               half: int, dtype):
-    """This program's rotated queries (halves), and the rotated key (halves) and value of its KV head."""
+def _new_key_and_value(qkv_ref, bk_ref, bv_ref, cols, partner, cos, sin, *, heads: int, kv: int, dtype):
+    """The rotated new key [d] and the value [d] of this program's KV head."""
     j = pl.program_id(1)
-    cos, sin = _halves(cos_ref, None, half), _halves(sin_ref, None, half)
-    q = _with_bias_and_rope(_halves(qkv_ref, q_rows, half, q_mask), _halves(bq_ref, q_rows, half, q_mask), cos, sin,
-                            dtype)
-    k = _with_bias_and_rope(_halves(qkv_ref, heads + j, half), _halves(bk_ref, j, half), cos, sin, dtype)
+    k = _with_bias_and_rope(qkv_ref, bk_ref, heads + j, j, cols, partner, cos, sin, dtype)
     v = (qkv_ref[heads + kv + j, :].astype(jnp.float32) + bv_ref[j, :].astype(jnp.float32)).astype(dtype)
-    return q, k, v
+    return k, v
 
 
 def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg_ref, info_ref,
@@ -98,46 +109,45 @@ def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg
     and sum l [R] over the split's keys before the query's slot. The split that holds the slot
     writes the new key and value there (the cache outputs alias the cache inputs); nothing here
     reads that slot: the combine adds the query's own key."""
-    half = k_ref.shape[1] // 2
+    d = k_ref.shape[1]
     start = pl.program_id(2) * chunk
-    q_seg, q_slot = info_ref[0], info_ref[1]
-    first = pl.program_id(1) * group
-    q_mask = jax.lax.broadcasted_iota(jnp.int32, (rows, half), 0) < group
-    q, k_new, v_new = _new_token(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, pl.ds(first, rows), q_mask,
-                                 heads=heads, kv=kv, half=half, dtype=k_ref.dtype)
+    q_seg, q_slot, seg_start = info_ref[0], info_ref[1], info_ref[2]
+    cos, sin = cos_ref[...].astype(jnp.float32), sin_ref[...].astype(jnp.float32)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (d,), 0)
+    partner = (cols + d // 2) % d
+    row = pl.program_id(1) * group + jax.lax.broadcasted_iota(jnp.int32, (rows, d), 0)
+    in_group = jax.lax.broadcasted_iota(jnp.int32, (rows, d), 0) < group
+    q = _with_bias_and_rope(qkv_ref, bq_ref, row, row, jnp.broadcast_to(cols, (rows, d)),
+                            jnp.broadcast_to(partner, (rows, d)), cos, sin, k_ref.dtype, in_group)
+    k_new, v_new = _new_key_and_value(qkv_ref, bk_ref, bv_ref, cols, partner, cos, sin, heads=heads, kv=kv,
+                                      dtype=k_ref.dtype)
 
     @pl.when((q_slot >= start) & (q_slot < start + chunk))
     def _():
-        k_out_ref[q_slot - start, pl.ds(0, half)] = k_new[0]
-        k_out_ref[q_slot - start, pl.ds(half, half)] = k_new[1]
+        k_out_ref[q_slot - start, :] = k_new
         v_out_ref[q_slot - start, :] = v_new
 
-    def attend(offset, seen, carry):
+    def body(i, carry):
         o, m, l = carry
+        offset = pl.multiple_of(i * block, block)
         keys = pl.ds(offset, block)
-        s = (jnp.dot(q[0], k_ref[keys, pl.ds(0, half)].T, preferred_element_type=jnp.float32)
-             + jnp.dot(q[1], k_ref[keys, pl.ds(half, half)].T, preferred_element_type=jnp.float32)) * scale
-        s = jnp.where(seen, s, _NEG)
+        k, v, seg = k_ref[keys, :], v_ref[keys, :], seg_ref[keys]  # all loads first: one wait
+        slot = start + offset + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+        seen = ((seg == q_seg) & (slot < q_slot))[None, :]
+        s = jnp.where(seen, jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(seen, jnp.exp(s - m_new[:, None]), 0.0)
         rescale = jnp.exp(m - m_new)
-        v = v_ref[keys, :]
         o = o * rescale[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return o, m_new, l * rescale + jnp.sum(p, axis=1)
 
-    def body(i, carry):
-        offset = pl.multiple_of(i * block, block)
-        seg = seg_ref[pl.ds(offset, block)]
-        slot = start + offset + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
-        seen = ((seg == q_seg) & (slot < q_slot)).astype(jnp.int32)
-        # A block with no key of the query's segment (a shorter prompt's padding) is not read.
-        return jax.lax.cond(jnp.max(seen) > 0, lambda c: attend(offset, seen[None, :] > 0, c), lambda c: c, carry)
-
-    # Blocks that start at or after the query's slot hold no key for this kernel: not read.
+    # Only the blocks from the one holding the segment's first key (before it: a shorter prompt's
+    # left padding) to the one before the query's slot are read; a plain loop, which Triton
+    # pipelines (num_stages).
+    first = jnp.clip((seg_start - start) // block, 0, chunk // block)
     last = jnp.clip((q_slot - 1 - start) // block + 1, 0, chunk // block)
-    init = (jnp.zeros((rows, 2 * half), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(0, last, body, init)
+    init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    o, m, l = jax.lax.fori_loop(first, last, body, init)
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
@@ -155,11 +165,14 @@ def _combine_kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, o_ref, m_
 
     head = pl.program_id(2)
     row = pl.program_id(1) * group + head
-    half = o_ref.shape[2] // 2
-    q, k_new, v_new = _new_token(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, row, None, heads=heads, kv=kv,
-                                 half=half, dtype=out_ref.dtype)
-    s_new = (jnp.sum(q[0].astype(jnp.float32) * k_new[0].astype(jnp.float32))
-             + jnp.sum(q[1].astype(jnp.float32) * k_new[1].astype(jnp.float32))) * scale
+    d = o_ref.shape[2]
+    cos, sin = cos_ref[...].astype(jnp.float32), sin_ref[...].astype(jnp.float32)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (d,), 0)
+    partner = (cols + d // 2) % d
+    q = _with_bias_and_rope(qkv_ref, bq_ref, row, row, cols, partner, cos, sin, out_ref.dtype)
+    k_new, v_new = _new_key_and_value(qkv_ref, bk_ref, bv_ref, cols, partner, cos, sin, heads=heads, kv=kv,
+                                      dtype=out_ref.dtype)
+    s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)) * scale
     parts = jax.lax.broadcasted_iota(jnp.int32, (o_ref.shape[0],), 0) < splits
     m = plgpu.load(m_ref.at[:, head], mask=parts, other=_NEG)
     l = plgpu.load(l_ref.at[:, head], mask=parts, other=0.0)
@@ -172,9 +185,9 @@ def _combine_kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, o_ref, m_
     out_ref[row, :] = (num / (jnp.sum(l * weight) + p_new)).astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "interpret"))
+@functools.partial(jax.jit, static_argnames=("layer", "interpret", "config"))
 def decode_attention(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_slot, *, layer: int,
-                     interpret: bool = False):
+                     interpret: bool = False, config: KernelConfig = KernelConfig()):
     """One decode step's attention in layer `layer`, from the q/k/v projections to the heads' outputs.
 
     qkv [B, H + 2 KV, d]: the q, k and v projections of the new token without their biases (the
@@ -184,7 +197,7 @@ def decode_attention(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_s
     S <= S_max slots (the ones attended); q_slot the token's cache slot, a scalar (the same for
     every row) -> (out [B, H, d], k_cache, v_cache with the new key (bias and RoPE applied) and value
     at `q_slot` of layer `layer`). Scores and softmax in fp32, probabilities cast to the values'
-    dtype for their matmul (as the XLA path).
+    dtype for their matmul (as the XLA path). `config` divides the work (speed only).
     """
     from jax.experimental.pallas import triton as plgpu
 
@@ -195,13 +208,17 @@ def decode_attention(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_s
         raise ValueError(f"decode_attention reads a multiple of 16 cache slots, at most the cache's "
                          f"{k_cache.shape[2]}, with a head size that is a power of two >= 32; got {s} slots "
                          f"of head size {d}")
-    block = key_block(s)
+    block = key_block(s, config.block)
     g = h // kv
     rows = max(_MIN_ROWS, 1 << (g - 1).bit_length())  # Triton tiles are powers of two
-    splits = num_splits(s // block, b * kv)
+    splits = num_splits(s // block, b * kv, config.programs)
     chunk = s // splits
     parts = 1 << (splits - 1).bit_length()  # the partials' leading axis, a power of two for the combine
-    info = jnp.stack([q_seg.astype(jnp.int32), jnp.broadcast_to(jnp.asarray(q_slot, jnp.int32), (b,))], axis=1)
+    # Per row: the query's segment, its slot, the first slot of its segment (0 if none is), and a
+    # zero (Triton blocks are powers of two).
+    seg_start = jnp.argmax(kv_seg == q_seg[:, None], axis=1).astype(jnp.int32)
+    info = jnp.stack([q_seg.astype(jnp.int32), jnp.broadcast_to(jnp.asarray(q_slot, jnp.int32), (b,)), seg_start,
+                      jnp.zeros((b,), jnp.int32)], axis=1)
     statics = dict(heads=h, kv=kv, scale=d**-0.5, group=g)
     token_specs = [
         pl.BlockSpec((None, h + 2 * kv, d), lambda i, *_: (i, 0, 0)),  # qkv
@@ -221,7 +238,7 @@ def decode_attention(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_s
             cache_spec,
             cache_spec,
             pl.BlockSpec((None, chunk), lambda i, j, n: (i, n)),
-            pl.BlockSpec((None, 2), lambda i, j, n: (i, 0)),
+            pl.BlockSpec((None, 4), lambda i, j, n: (i, 0)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, rows, d), lambda i, j, n: (n, i, j, 0, 0)),
@@ -238,7 +255,7 @@ def decode_attention(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_s
             jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
         ],
         input_output_aliases={6: 3, 7: 4},  # the cache, written in place at one slot
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="decode_attention",
     )(*token, k_cache, v_cache, kv_seg.astype(jnp.int32), info)

@@ -1,0 +1,155 @@
+"""A decode step's attention block alone: the Pallas kernels under several divisions of the work
+against XLA's path, at the generate benchmark's shapes (GPU).
+
+    python benchmarks/decode_attention.py                   # rows 2 and 16, the default grid
+    python benchmarks/decode_attention.py --rows 16 --configs "128,264,4,2;64,528,4,3"
+    python benchmarks/decode_attention.py --tiny            # CPU smoke check (interpret mode, small)
+
+Qwen2-0.5B's heads (14 query heads, 2 KV heads of 64) over a bf16 cache of the benchmark's
+4,224 slots (a 4,096-slot prompt bucket and 128 new tokens), the query at slot 4,100, every
+row's prompt 3,763 tokens long (left-padded, as the engine lays it out). One call runs the block
+for all 24 layers in a row, as a decode step does, with the cache donated and written in place.
+The time is the median of `--repeats` calls after a warm-up call, divided by the layers.
+
+Each config is `block,programs,num_warps,num_stages` (`models/decode_attention.py KernelConfig`).
+Prints one JSON line per (rows, path) and a table with the keys and values read per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from manager_jax.models.attention import _xla_attention, segment_causal_mask  # noqa: E402
+from manager_jax.models.decode_attention import KernelConfig, decode_attention, key_block  # noqa: E402
+from manager_jax.models.qwen2 import apply_rope, rope_cos_sin  # noqa: E402
+
+DEFAULT_CONFIGS = ";".join([
+    "128,264,4,2",  # the default
+    "128,264,4,1", "128,264,4,3", "128,264,8,2", "128,264,2,2",
+    "128,132,4,2", "128,528,4,2", "128,1056,4,2",
+    "64,528,4,2", "64,1056,4,3", "32,1056,4,2",
+])
+
+
+def xla_step(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_slot, *, layer: int):
+    """What the kernels replace, as the model's XLA path computes it: biases and RoPE, the new key
+    and value written at q_slot, then attention over the first kv_seg.shape[1] slots."""
+    heads, kv = biases[0].shape[0], biases[1].shape[0]
+    q, k, v = qkv[:, :heads] + biases[0], qkv[:, heads:heads + kv] + biases[1], qkv[:, heads + kv:] + biases[2]
+    rope = lambda x: apply_rope(x[:, None], cos[:, None], sin[:, None])[:, 0]
+    q, k = rope(q), rope(k)
+    k_cache, v_cache = k_cache.at[layer, :, q_slot].set(k), v_cache.at[layer, :, q_slot].set(v)
+    s = kv_seg.shape[1]
+    mask = segment_causal_mask(jnp.asarray([q_slot]), jnp.arange(s), q_seg[:, None], kv_seg)
+    out = _xla_attention(q[:, None], k_cache[layer, :, :s], v_cache[layer, :, :s], mask, q.shape[-1] ** -0.5)[:, 0]
+    return out, k_cache, v_cache
+
+
+def parse_configs(text: str) -> list[KernelConfig]:
+    configs = []
+    for item in filter(None, (c.strip() for c in text.split(";"))):
+        fields = [int(x) for x in item.split(",")]
+        if len(fields) != 4:
+            raise SystemExit(f"a config is block,programs,num_warps,num_stages; got {item!r}")
+        configs.append(KernelConfig(*fields))
+    return configs
+
+
+def workload(rows: int, layers: int, slots: int, prompt: int, bucket: int, heads: int, kv: int, d: int, dtype):
+    """(token inputs, k_cache, v_cache, q_seg, kv_seg): random values, each row's prompt left-padded
+    in the first `bucket` slots, new tokens after them."""
+    rng = np.random.default_rng(0)
+    qkv = jnp.asarray(rng.normal(size=(rows, heads + 2 * kv, d)), dtype)
+    biases = tuple(jnp.asarray(rng.normal(size=(n, d)), dtype) for n in (heads, kv, kv))
+    cos, sin = rope_cos_sin(jnp.full((rows, 1), bucket + 4), d, 1e6, dtype)
+    seg = np.zeros((rows, slots), np.int32)
+    seg[:, bucket - prompt:] = 1
+    cache = lambda: jnp.asarray(rng.normal(size=(layers, rows, slots, kv, d)), dtype)
+    return (qkv, biases, cos[:, 0], sin[:, 0]), cache(), cache(), jnp.ones((rows,), jnp.int32), jnp.asarray(seg)
+
+
+def time_block(step, token, k, v, q_seg, seg, q_slot, layers: int, repeats: int):
+    """Seconds per layer of `step(*token, k, v, q_seg, seg, q_slot, layer=layer)` run for every layer,
+    and the caches (the ones passed in are donated)."""
+
+    @functools.partial(jax.jit, donate_argnums=(1, 2))
+    def all_layers(token, k, v, q_seg, seg):
+        outs = []
+        for layer in range(layers):
+            out, k, v = step(*token, k, v, q_seg, seg, q_slot, layer=layer)
+            outs.append(out)
+        return jnp.stack(outs), k, v
+
+    out, k, v = all_layers(token, k, v, q_seg, seg)  # compiles
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out, k, v = all_layers(token, k, v, q_seg, seg)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / layers, k, v
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="2,16", help="rows decoded together (2: batch 1 decoded as two rows)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help="';'-separated block,programs,num_warps,num_stages")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke check: 2 layers, 256 slots, interpret mode")
+    args = p.parse_args(argv)
+    interpret = jax.default_backend() != "gpu"
+    if interpret and not args.tiny:
+        raise SystemExit("the kernels are timed on a GPU; off the GPU only --tiny runs (interpret mode)")
+    layers, slots, prompt, bucket, q_slot = (2, 256, 150, 192, 196) if args.tiny else (24, 4224, 3763, 4096, 4100)
+    heads, kv, d, dtype = 14, 2, 64, jnp.bfloat16
+    configs = parse_configs(args.configs)
+    repeats = 1 if args.tiny else args.repeats
+    lines = []
+    for rows in (int(r) for r in args.rows.split(",")):
+        token, k, v, q_seg, seg = workload(rows, layers, slots, prompt, bucket, heads, kv, d, dtype)
+        # Keys and values a layer reads: the prompt's and the decoded tokens' slots before the query.
+        read_bytes = 2 * rows * (prompt + q_slot - bucket) * kv * d * jnp.dtype(dtype).itemsize
+        paths = [("xla", None, xla_step)] + [
+            ("pallas", c, functools.partial(decode_attention, interpret=interpret, config=c)) for c in configs]
+        for name, config, step in paths:
+            try:
+                per_layer, k, v = time_block(step, token, k, v, q_seg, seg, q_slot, layers, repeats)
+            except Exception as e:  # a config Triton cannot compile is reported, not fatal
+                print(f"# rows {rows} {name} {config}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                if k.is_deleted():  # it failed after taking the caches
+                    _, k, v, _, _ = workload(rows, layers, slots, prompt, bucket, heads, kv, d, dtype)
+                continue
+            line = {"what": "decode_attention", "rows": rows, "path": name, "us_per_layer": per_layer * 1e6,
+                    "kv_read_gb_per_s": read_bytes / per_layer / 1e9, "slots": slots, "layers": layers,
+                    "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+            if config is not None:
+                line.update(dataclasses.asdict(config), key_block=key_block(slots, config.block))
+            lines.append(line)
+            print(json.dumps(line), flush=True)
+    print("| rows | path | block | programs | warps | stages | us per layer | KV read GB/s | vs XLA |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for line in lines:
+        base = next((x for x in lines if x["rows"] == line["rows"] and x["path"] == "xla"), None)
+        ratio = f"{base['us_per_layer'] / line['us_per_layer']:.2f}x" if base else "-"
+        cfg = [str(line.get(f, "-")) for f in ("key_block", "programs", "num_warps", "num_stages")]
+        print(f"| {line['rows']} | {line['path']} | {' | '.join(cfg)} | {line['us_per_layer']:.1f} | "
+              f"{line['kv_read_gb_per_s']:.0f} | {ratio} |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
