@@ -355,7 +355,7 @@ def test_input_errors(manager_engine):
 def test_pallas_decode_attention_gives_the_xla_decodes_tokens():
     """The fused decode-attention kernel (Pallas interpret mode here) in the whole decode loop:
     prompts of different lengths (left padding the kernel skips) and image counts, greedy. Heads of
-    32 (the kernel splits a head in halves for RoPE, and Triton's tiles are at least 16 wide)."""
+    32, the smallest the kernels take."""
     model = tiny_model("manager", head_dim=32)
     engine = InferenceEngine(model, pad_id=0)
     fused = InferenceEngine(model, pad_id=0, decode_attention="pallas")
@@ -370,3 +370,14 @@ def test_pallas_decode_attention_gives_the_xla_decodes_tokens():
                        ({"decode_attention": "pallas", "decode_scan_layers": True}, "unrolled decode")):
         with pytest.raises(ValueError, match=match):
             InferenceEngine(model, pad_id=0, **bad)
+
+
+def test_decode_attention_auto_picks_the_kernels_on_one_gpu_only(monkeypatch):
+    from manager_jax.sharding import MeshConfig, make_mesh
+
+    model = tiny_model("manager", head_dim=32)
+    assert InferenceEngine(model, pad_id=0).decode_attention == "xla"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert InferenceEngine(model, pad_id=0).decode_attention == "pallas"
+    assert InferenceEngine(model, pad_id=0, decode_scan_layers=True).decode_attention == "xla"
+    assert InferenceEngine(model, pad_id=0, mesh=make_mesh(MeshConfig(data=2, fsdp=-1))).decode_attention == "xla"
