@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from manager_jax.models.layers import RMSNorm, linear, make_stacked, run_stacked
+from manager_jax.models.layers import RMSNorm, linear, make_stacked, run_stacked, split_stack
 
 
 class _Layer(nnx.Module):
@@ -55,3 +55,27 @@ def test_unrolled_gradient_is_one_stack_per_parameter_not_a_sum_of_pads():
     loss, state = _loss_and_state()
     jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(state, False))
     assert " pad[" not in jaxpr and "optimization_barrier" in jaxpr
+
+
+def test_a_stack_run_in_pieces_from_one_split_has_one_gradient_stack():
+    """The Manager runs the decoder in pieces between its injections: from one `split_stack`, the
+    pieces' gradients are one stack per parameter (no pads, one barrier per leaf), and equal the scan's."""
+    layers = make_stacked(_Layer, 5, nnx.Rngs(0))
+    graphdef, state = nnx.split(layers)
+    x = jax.random.normal(jax.random.key(1), (3, 16))
+    body = lambda layer, c, _: (layer(c), None)
+
+    def loss(state, scan):
+        stack = nnx.merge(graphdef, state)
+        pieces = stack if scan else split_stack(stack)
+        for a, b in ((0, 2), (2, 3), (3, 5)):
+            x_ = x if a == 0 else c
+            c, _ = run_stacked(pieces, x_, body, start=a, stop=b, scan=scan, remat_policy="dots")
+        return (c**2).sum()
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(state, False))
+    assert " pad[" not in jaxpr and jaxpr.count("optimization_barrier") == len(jax.tree.leaves(state))
+    for g, w in zip(jax.tree.leaves(jax.grad(loss)(state, False)), jax.tree.leaves(jax.grad(loss)(state, True))):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="runs unrolled"):
+        run_stacked(split_stack(layers), x, body, scan=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -136,8 +137,28 @@ def _unstack_bwd(_, grads):
 unstack.defvjp(_unstack_fwd, _unstack_bwd)
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitStack:
+    """A layer stack's per-layer parameter states, sliced out once (`split_stack`) for unrolled
+    runs. A model that runs its stack in several pieces (between the Manager's injections) splits
+    it once per forward pass, so that the stack's gradient is one stack, not one per piece."""
+
+    stacked: nnx.Module  # the stacked module (what `layer_params_transform` is keyed on)
+    graphdef: Any
+    states: tuple  # per layer, the param state of one layer
+
+
+def split_stack(layers: nnx.Module) -> SplitStack:
+    graphdef, state = nnx.split(layers)
+    per_leaf = jax.tree.map(unstack, state)
+    num = jax.tree.leaves(state)[0].shape[0]
+    is_parts = lambda x: isinstance(x, tuple)
+    states = tuple(jax.tree.map(lambda parts, i=i: parts[i], per_leaf, is_leaf=is_parts) for i in range(num))
+    return SplitStack(layers, graphdef, states)
+
+
 def run_stacked(
-    layers: nnx.Module | Sequence[nnx.Module],
+    layers: nnx.Module | SplitStack | Sequence[nnx.Module],
     carry,
     body: Callable,
     *,
@@ -151,11 +172,13 @@ def run_stacked(
     """Applies stacked layers [start, stop) in order: carry = body(layer, carry, x) -> (carry, y).
 
     With `scan=True` this is one `lax.scan` over the layer axis (one compiled layer body);
-    `scan=False` unrolls a Python loop (debugging). `xs` are per-layer inputs sliced alongside the
-    params (e.g. a KV cache). Returns (carry, stacked ys or None).
+    `scan=False` unrolls a Python loop: a longer program without the scan's stacking of saved
+    activations. `xs` are per-layer inputs sliced alongside the params (e.g. a KV cache). Returns
+    (carry, stacked ys or None).
 
-    `layers` may also be a sequence of separate layer modules (`unstack_layers`, inference): they
-    run unrolled, without remat (which only matters under differentiation).
+    `layers` may also be a `SplitStack` (unrolled; a model that runs its stack in pieces passes
+    the same one to each), or a sequence of separate layer modules (`unstack_layers`, inference):
+    they run unrolled, without remat (which only matters under differentiation).
     """
     if isinstance(layers, (list, tuple)):
         if scan:
@@ -166,12 +189,19 @@ def run_stacked(
             carry, y = body(layers[i], carry, None if xs is None else jax.tree.map(lambda a: a[i], xs))
             ys.append(y)
         return carry, (jax.tree.map(lambda *a: jnp.stack(a), *ys) if collect and ys else None)
-    graphdef, state = nnx.split(layers)
-    num = jax.tree.leaves(state)[0].shape[0]
+    if isinstance(layers, SplitStack) and scan:
+        raise ValueError("a SplitStack runs unrolled: pass scan=False")
+    if not scan and not isinstance(layers, SplitStack):
+        layers = split_stack(layers)
+    if isinstance(layers, SplitStack):
+        stacked, graphdef, num = layers.stacked, layers.graphdef, len(layers.states)
+    else:
+        stacked = layers
+        graphdef, state = nnx.split(layers)
+        num = jax.tree.leaves(state)[0].shape[0]
     stop = num if stop is None else stop
     if stop <= start:
         return carry, None
-    state = jax.tree.map(lambda a: a[start:stop], state)
     if xs is not None:
         xs = jax.tree.map(lambda a: a[start:stop], xs)
 
@@ -180,7 +210,7 @@ def run_stacked(
     def step(c, inputs):
         layer_state, x = inputs
         if transform is not None:
-            layer_state = transform(layers, layer_state)
+            layer_state = transform(stacked, layer_state)
         layer = nnx.merge(graphdef, layer_state)
         c, y = body(layer, c, x)
         return c, (y if collect else None)
@@ -188,13 +218,11 @@ def run_stacked(
     if remat_policy != "none":
         step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat_policy], prevent_cse=not scan)
     if scan:
-        return jax.lax.scan(step, carry, (state, xs))
+        return jax.lax.scan(step, carry, (jax.tree.map(lambda a: a[start:stop], state), xs))
     ys = []
-    per_layer = jax.tree.map(unstack, state)
     for i in range(stop - start):
-        layer_state = jax.tree.map(lambda parts: parts[i], per_layer, is_leaf=lambda x: isinstance(x, tuple))
-        c_in = (layer_state, None if xs is None else jax.tree.map(lambda a: a[i], xs))
+        c_in = (layers.states[start + i], None if xs is None else jax.tree.map(lambda a: a[i], xs))
         carry, y = step(carry, c_in)
         ys.append(y)
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *ys) if collect else None
-    return carry, stacked
+    stacked_ys = jax.tree.map(lambda *a: jnp.stack(a), *ys) if collect else None
+    return carry, stacked_ys

@@ -18,7 +18,7 @@ from flax import nnx
 from manager_jax.config import TextConfig
 from manager_jax.models.attention import dot_product_attention, segment_causal_mask, splash_applies, splash_attention
 from manager_jax.models.decode_attention import decode_attention, supported
-from manager_jax.models.layers import RMSNorm, linear, make_stacked, run_stacked
+from manager_jax.models.layers import RMSNorm, linear, make_stacked, run_stacked, split_stack
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
@@ -210,14 +210,15 @@ class Qwen2Decoder(nnx.Module):
                 return (x, kv), None
             # numpy ids: the unrolled loop hands each layer a Python-level index (static slices).
             layer_ids = np.arange(self.cfg.num_layers, dtype=np.int32)
+        scan = self.scan_layers and layers is None
+        if layers is None:  # unrolled: split once for every piece between injections
+            layers = self.layers if scan else split_stack(self.layers)
         for a, b in zip(bounds[:-1], bounds[1:]):
             if inject is not None and a in injection_layers:
                 h = inject(injection_layers.index(a), h)
             carry = h if cache is None else (h, cache)
             carry, _ = run_stacked(
-                self.layers if layers is None else layers, carry, body, start=a, stop=b,
-                scan=self.scan_layers and layers is None,
-                remat_policy=self.remat_policy, xs=layer_ids,
+                layers, carry, body, start=a, stop=b, scan=scan, remat_policy=self.remat_policy, xs=layer_ids,
             )
             h, cache = (carry, None) if cache is None else carry
         return self.norm(h), cache

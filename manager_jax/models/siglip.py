@@ -8,7 +8,7 @@ from flax import nnx
 
 from manager_jax.config import VisionConfig
 from manager_jax.models.attention import dot_product_attention, unmasked_row_multiple
-from manager_jax.models.layers import linear, make_stacked, run_stacked
+from manager_jax.models.layers import linear, make_stacked, run_stacked, split_stack
 
 
 class SiglipAttention(nnx.Module):
@@ -107,8 +107,9 @@ class SiglipTower(nnx.Module):
         # flash kernel needs no per-layer padding; on TPU the Splash kernel needs 128-multiples.
         h0_run = jnp.pad(h0, ((0, 0), (0, padded - n), (0, 0))) if valid_len else h0
         body = lambda layer, h, _: (lambda y: (y, y))(layer(h, valid_len))
+        layers = self.layers if self.scan_layers else split_stack(self.layers)  # split once for both runs
         run = lambda h, start, stop, collect: run_stacked(
-            self.layers, h, body, start=start, stop=stop, scan=self.scan_layers,
+            layers, h, body, start=start, stop=stop, scan=self.scan_layers,
             remat_policy=self.remat_policy, collect=collect,
         )
         real = lambda h: h[..., :n, :] if valid_len else h
