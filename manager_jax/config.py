@@ -23,7 +23,7 @@ MANAGER_TYPES = (
 GRID_TYPES = ("main", "all", "grid")
 CONVENTIONS = ("original", "hf")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
+REMAT_POLICIES = ("none", "full", "dots", "dots_acts", "dots_no_batch", "save_attn_out")
 
 # The 36 (width, height) pinpoints of "(1x1),...,(6x6)" with 384-pixel tiles (SPEC §3.3).
 ANYRES_MAX_9_PINPOINTS = "(1x1),...,(6x6)"

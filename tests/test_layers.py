@@ -79,3 +79,27 @@ def test_a_stack_run_in_pieces_from_one_split_has_one_gradient_stack():
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="runs unrolled"):
         run_stacked(split_stack(layers), x, body, scan=True)
+
+
+def test_remat_dots_acts_keeps_the_mlp_activation_and_the_attention_inputs(capsys):
+    """What each remat policy saves for the backward pass of a SigLIP layer on padded crops: "dots"
+    the matmul outputs only; "dots_acts" also the GELU output and the attention's masked inputs and
+    output, and no longer the q/k/v projections they are made from."""
+    from manager_jax.config import tiny
+    from manager_jax.models.layers import _REMAT_POLICIES
+    from manager_jax.models.siglip import SiglipLayer
+
+    vision = tiny("grid").vision
+    layer = SiglipLayer(vision, dtype=jnp.float32, param_dtype=jnp.float32, impl="xla", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 16, vision.hidden_size))
+    graphdef, params = nnx.split(layer)
+    loss = lambda p, x: nnx.merge(graphdef, p)(x, valid_len=12).sum()
+    saved = {}
+    for policy in ("dots", "dots_acts"):
+        jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=_REMAT_POLICIES[policy]), params, x)
+        saved[policy] = capsys.readouterr().out
+    assert "named 'mlp_activation'" not in saved["dots"] and "named 'attention_io'" not in saved["dots"]
+    assert saved["dots_acts"].count("named 'mlp_activation'") == 1
+    assert saved["dots_acts"].count("named 'attention_io'") == 4  # q, k, v and the masked output
+    dots = lambda text: text.count("output of dot_general")
+    assert dots(saved["dots_acts"]) < dots(saved["dots"])

@@ -24,7 +24,10 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
+
+from manager_jax.models.layers import ATTENTION_IO
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 # The XLA path handles queries in blocks of this many positions (rematerialised), so its fp32 scores
@@ -207,12 +210,14 @@ def dot_product_attention(
     through the projections' gradients).
     """
     full = mask is None and not plain_causal  # no mask at all: every query sees every key
+    # Named for remat "dots_acts", which keeps them (models/layers.py); a no-op otherwise.
+    named = lambda *xs: tuple(checkpoint_name(x, ATTENTION_IO) for x in xs)
     if valid_len is None or valid_len >= max(q.shape[1], k.shape[1]):
-        return _attend(q, k, v, mask, impl, plain_causal, None)
+        return _attend(*named(q, k, v), mask, impl, plain_causal, None)
     if not full:
         raise ValueError("valid_len is for unmasked attention only")
     real = lambda x: jnp.where((jnp.arange(x.shape[1]) < valid_len)[:, None, None], x, jnp.zeros((), x.dtype))
-    return real(_attend(real(q), real(k), real(v), None, impl, False, valid_len))
+    return named(real(_attend(*named(real(q), real(k), real(v)), None, impl, False, valid_len)))[0]
 
 
 def _attend(q, k, v, mask, impl: str, plain_causal: bool, valid_len: int | None) -> jax.Array:

@@ -26,9 +26,40 @@ def save_dots_and_attention_kernels(prim, *args, **params) -> bool:
     )
 
 
+# Names (`jax.ad_checkpoint.checkpoint_name`) of the values that remat "dots_acts" keeps besides
+# what "dots" keeps: the MLP activation (SigLIP's GELU output, Qwen2's silu(gate) * up), and the
+# attention's inputs (q, k, v after bias, RoPE and the padding mask) and masked output.
+MLP_ACTIVATION = "mlp_activation"
+ATTENTION_IO = "attention_io"
+
+
+def save_dots_activations_and_attention_io(prim, *args, **params) -> bool:
+    """Remat policy "dots_acts": "dots", plus the MLP activations and the attention's inputs and
+    masked output.
+
+    The MLP activation is the down projection's input, which its weight gradient reads. Recomputed,
+    the backward pass runs the activation again and writes it out again; on GPU the SigLIP GELU's
+    backward also splits into two kernels around a recomputed tanh. Kept, it costs one
+    [tokens, intermediate] array per layer.
+
+    The attention's inputs replace the q/k/v matmul outputs as residuals, at the same size: the
+    backward no longer needs those. Recomputing bias, RoPE and the padding mask from them was one
+    more pass over q, k and v per layer. XLA also merges the three matmuls into one and copied
+    each slice out of it to keep them apart.
+
+    Deviceless H100, unrolled 0.5B step: non-matmul traffic 117.5 -> 100.3 GB, 2,977 -> 2,603
+    launches, +4 GiB of memory. With the layers in a scan, every kept value also gets a stacked
+    buffer, and the program does not shrink (RESULTS.md, session 7).
+    """
+    if prim.name == "name":
+        return params.get("name") in (MLP_ACTIVATION, ATTENTION_IO)
+    return save_dots_and_attention_kernels(prim, *args, **params)
+
+
 _REMAT_POLICIES = {
     "full": None,  # recompute everything
     "dots": save_dots_and_attention_kernels,
+    "dots_acts": save_dots_activations_and_attention_io,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
 }

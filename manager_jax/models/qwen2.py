@@ -18,7 +18,7 @@ from flax import nnx
 from manager_jax.config import TextConfig
 from manager_jax.models.attention import dot_product_attention, segment_causal_mask, splash_applies, splash_attention
 from manager_jax.models.decode_attention import decode_attention, supported
-from manager_jax.models.layers import RMSNorm, linear, make_stacked, run_stacked, split_stack
+from manager_jax.models.layers import MLP_ACTIVATION, RMSNorm, linear, make_stacked, run_stacked, split_stack
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
@@ -143,7 +143,7 @@ class Qwen2MLP(nnx.Module):
         self.down = mk(cfg.intermediate_size, cfg.hidden_size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        return self.down(checkpoint_name(jax.nn.silu(self.gate(x)) * self.up(x), MLP_ACTIVATION))
 
 
 class Qwen2Layer(nnx.Module):

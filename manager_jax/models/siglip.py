@@ -5,10 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from manager_jax.config import VisionConfig
 from manager_jax.models.attention import dot_product_attention, unmasked_row_multiple
-from manager_jax.models.layers import linear, make_stacked, run_stacked, split_stack
+from manager_jax.models.layers import MLP_ACTIVATION, linear, make_stacked, run_stacked, split_stack
 
 
 class SiglipAttention(nnx.Module):
@@ -36,7 +37,7 @@ class SiglipMLP(nnx.Module):
         self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))  # gelu_pytorch_tanh
+        return self.fc2(checkpoint_name(jax.nn.gelu(self.fc1(x), approximate=True), MLP_ACTIVATION))  # gelu_pytorch_tanh
 
 
 class SiglipLayer(nnx.Module):
