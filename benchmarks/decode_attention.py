@@ -8,8 +8,9 @@ against XLA's path, at the generate benchmark's shapes (GPU).
 Qwen2-0.5B's heads (14 query heads, 2 KV heads of 64) over a bf16 cache of the benchmark's
 4,224 slots (a 4,096-slot prompt bucket and 128 new tokens), the query at slot 4,100, every
 row's prompt 3,763 tokens long (left-padded, as the engine lays it out). One call runs the block
-for all 24 layers in a row, as a decode step does, with the cache donated and written in place.
-The time is the median of `--repeats` calls after a warm-up call, divided by the layers.
+for `--layers` layers in a row (4: each layer is its own Triton compile), as a decode step does,
+with the cache donated and written in place. The time is the median of `--repeats` calls after a
+warm-up call, divided by the layers.
 
 Each config is `block,programs,num_warps,num_stages` (`models/decode_attention.py KernelConfig`).
 Prints one JSON line per (rows, path) and a table with the keys and values read per second.
@@ -109,12 +110,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--rows", default="2,16", help="rows decoded together (2: batch 1 decoded as two rows)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="';'-separated block,programs,num_warps,num_stages")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--layers", type=int, default=4, help="layers per timed call (a decode step has 24)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke check: 2 layers, 256 slots, interpret mode")
     args = p.parse_args(argv)
     interpret = jax.default_backend() != "gpu"
     if interpret and not args.tiny:
         raise SystemExit("the kernels are timed on a GPU; off the GPU only --tiny runs (interpret mode)")
-    layers, slots, prompt, bucket, q_slot = (2, 256, 150, 192, 196) if args.tiny else (24, 4224, 3763, 4096, 4100)
+    slots, prompt, bucket, q_slot = (256, 150, 192, 196) if args.tiny else (4224, 3763, 4096, 4100)
+    layers = 2 if args.tiny else args.layers
     heads, kv, d, dtype = 14, 2, 64, jnp.bfloat16
     configs = parse_configs(args.configs)
     repeats = 1 if args.tiny else args.repeats
