@@ -381,3 +381,6 @@ def test_decode_attention_auto_picks_the_kernels_on_one_gpu_only(monkeypatch):
     assert InferenceEngine(model, pad_id=0).decode_attention == "pallas"
     assert InferenceEngine(model, pad_id=0, decode_scan_layers=True).decode_attention == "xla"
     assert InferenceEngine(model, pad_id=0, mesh=make_mesh(MeshConfig(data=2, fsdp=-1))).decode_attention == "xla"
+    # A jax without Pallas's Triton backend (deprecated since 0.11) decodes with XLA's attention.
+    monkeypatch.setattr("manager_jax.infer.engine.decode_kernels_available", lambda: False)
+    assert InferenceEngine(model, pad_id=0).decode_attention == "xla"

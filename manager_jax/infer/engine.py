@@ -39,6 +39,7 @@ from manager_jax.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from manager_jax.data.image_processing import preprocess_image
 from manager_jax.infer.sampling import SamplingParams, apply_repetition_penalty, limit_vocab, select_tokens
 from manager_jax.models.attention import AttentionMesh, sharded_attention
+from manager_jax.models.decode_attention import available as decode_kernels_available
 from manager_jax.models.layers import unstack_layers
 from manager_jax.models.llava_ov import LlavaOV
 
@@ -196,7 +197,7 @@ class InferenceEngine:
             raise ValueError(f"decode_attention must be 'auto', 'xla' or 'pallas', got {decode_attention!r}")
         one_device = mesh is None or mesh.size == 1
         if decode_attention == "auto":
-            on_gpu = jax.default_backend() == "gpu"
+            on_gpu = jax.default_backend() == "gpu" and decode_kernels_available()
             decode_attention = "pallas" if on_gpu and one_device and not self.decode_scan_layers else "xla"
         if decode_attention == "pallas":
             if self.decode_scan_layers:

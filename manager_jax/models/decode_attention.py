@@ -57,6 +57,15 @@ class KernelConfig:
     num_stages: int = 2
 
 
+def available() -> bool:
+    """Whether this jax has Pallas's Triton backend (deprecated in jax 0.11, in favour of Mosaic GPU)."""
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def key_block(cache_len: int, largest: int = 128) -> int | None:
     """The key block the kernel streams for a cache of this length (None: the kernel cannot run)."""
     sizes = [b for b in (256, 128, 64, 32, 16) if b <= largest]
