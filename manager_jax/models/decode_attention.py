@@ -121,6 +121,21 @@ def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg
     d = k_ref.shape[1]
     start = pl.program_id(2) * chunk
     q_seg, q_slot, seg_start = info_ref[0], info_ref[1], info_ref[2]
+    # Only the blocks from the one holding the segment's first key (before it: a shorter prompt's
+    # left padding) to the one before the query's slot are read.
+    blocks = chunk // block
+    first = jnp.clip((seg_start - start) // block, 0, blocks)
+    last = jnp.clip((q_slot - 1 - start) // block + 1, 0, blocks)
+
+    def load(i):
+        offset = pl.multiple_of(jnp.minimum(i, blocks - 1) * block, block)
+        keys = pl.ds(offset, block)
+        return offset, k_ref[keys, :], v_ref[keys, :], seg_ref[keys]
+
+    # The first block is loaded before the queries are made, so that its memory latency overlaps
+    # theirs: a split of one block (many programs) then waits for memory once.
+    first_block = load(first)
+
     cos, sin = cos_ref[...].astype(jnp.float32), sin_ref[...].astype(jnp.float32)
     cols = jax.lax.broadcasted_iota(jnp.int32, (d,), 0)
     partner = (cols + d // 2) % d
@@ -136,13 +151,12 @@ def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg
         k_out_ref[q_slot - start, :] = k_new
         v_out_ref[q_slot - start, :] = v_new
 
-    def body(i, carry):
+    def attend(loaded, carry, live=True):
+        """Online softmax over one block; `live` False: the block is only masked (a no-op)."""
+        offset, k, v, seg = loaded
         o, m, l = carry
-        offset = pl.multiple_of(i * block, block)
-        keys = pl.ds(offset, block)
-        k, v, seg = k_ref[keys, :], v_ref[keys, :], seg_ref[keys]  # all loads first: one wait
         slot = start + offset + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
-        seen = ((seg == q_seg) & (slot < q_slot))[None, :]
+        seen = ((seg == q_seg) & (slot < q_slot) & live)[None, :]
         s = jnp.where(seen, jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(seen, jnp.exp(s - m_new[:, None]), 0.0)
@@ -150,13 +164,10 @@ def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg
         o = o * rescale[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return o, m_new, l * rescale + jnp.sum(p, axis=1)
 
-    # Only the blocks from the one holding the segment's first key (before it: a shorter prompt's
-    # left padding) to the one before the query's slot are read; a plain loop, which Triton
-    # pipelines (num_stages).
-    first = jnp.clip((seg_start - start) // block, 0, chunk // block)
-    last = jnp.clip((q_slot - 1 - start) // block + 1, 0, chunk // block)
     init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(first, last, body, init)
+    carry = attend(first_block, init, first < last)
+    # The rest in a plain loop, which Triton pipelines (num_stages).
+    o, m, l = jax.lax.fori_loop(first + 1, last, lambda i, c: attend(load(i), c), carry)
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
