@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from benchmarks.decode_attention import xla_step
-from manager_jax.models.decode_attention import KernelConfig, decode_attention, key_block, num_splits, supported
+from manager_jax.models.decode_attention import (KernelConfig, decode_attention, key_block, num_splits,
+                                                 parse_kernel_configs, supported)
 from manager_jax.models.qwen2 import rope_cos_sin
 
 
@@ -72,9 +73,11 @@ def test_kernel_equals_the_xla_step_on_a_left_padded_cache(heads, kv, d):
 
 
 @pytest.mark.parametrize("config", [KernelConfig(block=32, programs=1), KernelConfig(block=256, programs=64),
-                                    KernelConfig(block=64, programs=10_000, num_stages=1)])
+                                    KernelConfig(block=64, programs=10_000, num_stages=1),
+                                    KernelConfig(block=32, programs=12, num_warps=2)])
 def test_every_division_of_the_work_gives_the_xla_steps_result(config):
-    """One split or many, small key blocks or blocks larger than a split's share of a row's padding."""
+    """One split or many, small key blocks or blocks larger than a split's share of a row's padding;
+    splits that share a row's keys unevenly, and one left without keys (the short row, 3 splits)."""
     rng = np.random.default_rng(7)
     k, v, seg = left_padded_cache(rng, 2, 512, 448, [440, 70], 2, 32)
     token = new_token(rng, 2, 4, 2, 32)
@@ -117,15 +120,24 @@ def test_splits_and_key_blocks():
     assert key_block(4224) == 128 and key_block(4160) == 64 and key_block(80) == 16 and key_block(4100) is None
     assert key_block(4096, 256) == 256 and key_block(4224, 256) == 128 and key_block(4224, 32) == 32
     assert supported(4224, 64) and supported(4224, 128) and not supported(4224, 72) and not supported(4100, 64)
-    # 33 blocks of 128 keys: batch 1 decoded as two rows x 2 KV heads -> 33 splits (132 programs);
-    # 16 rows -> 11 splits (352 programs, the divisor nearest 264).
-    assert num_splits(33, 4) == 33 and num_splits(33, 32) == 11
+    # 33 blocks of 128 keys: batch 1 decoded as two rows x 2 KV heads -> at most one split per
+    # block (33, 132 programs); 16 rows -> 8 splits (256 programs, the nearest to 264).
+    assert num_splits(33, 4) == 33 and num_splits(33, 32) == 8 and num_splits(33, 32, 1) == 1
     token = (jnp.zeros((1, 4, 32)), (jnp.zeros((2, 32)), jnp.zeros((1, 32)), jnp.zeros((1, 32))), jnp.zeros((1, 32)),
              jnp.zeros((1, 32)))
     cache = jnp.zeros((1, 1, 40, 1, 32))
     with pytest.raises(ValueError, match="multiple of 16 cache slots"):
         decode_attention(*token, cache, cache, jnp.ones((1,), jnp.int32), jnp.ones((1, 40), jnp.int32), 3, layer=0,
                          interpret=True)
+
+
+def test_kernel_configs_by_rows_parse_and_print_back():
+    configs = parse_kernel_configs("2:128,132,4,2; 16:64,528,8,3;")
+    assert configs == {2: KernelConfig(128, 132, 4, 2), 16: KernelConfig(64, 528, 8, 3)}
+    assert parse_kernel_configs(";".join(f"{r}:{c}" for r, c in configs.items())) == configs
+    for bad in ("128,132,4,2", "x:128,132,4,2", "0:128,132,4,2", "2:128,132,4", "2:128,0,4,2", "2:a,b,c,d"):
+        with pytest.raises(ValueError, match="kernel config"):
+            parse_kernel_configs(bad)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Triton-compiled kernels need a GPU")

@@ -372,6 +372,30 @@ def test_pallas_decode_attention_gives_the_xla_decodes_tokens():
             InferenceEngine(model, pad_id=0, **bad)
 
 
+def test_decode_kernel_configs_reach_the_kernel_by_rows_and_keep_the_tokens(monkeypatch):
+    """`decode_kernels` picks the kernels' division of the work by the rows decoded together (a
+    spy records the config each kernel call gets); the tokens stay the XLA decode's."""
+    from manager_jax.models import qwen2
+    from manager_jax.models.decode_attention import KernelConfig, decode_attention
+
+    seen = []
+    spy = lambda *a, **k: seen.append((a[0].shape[0], k["config"])) or decode_attention(*a, **k)
+    monkeypatch.setattr(qwen2, "decode_attention", spy)
+    model = tiny_model("manager", head_dim=32)
+    one_split, many = KernelConfig(block=16, programs=1, num_stages=1), KernelConfig(block=32, programs=10_000)
+    tuned = InferenceEngine(model, pad_id=0, decode_attention="pallas", decode_kernels={2: one_split, 3: many})
+    plain = InferenceEngine(model, pad_id=0)
+    params = SamplingParams(max_new_tokens=NEW)
+    prompts = mixed_prompts()
+    for batch in (prompts, prompts + prompts[:1], prompts[:1]):
+        assert [g.token_ids for g in tuned.generate(batch, params)] == [g.token_ids for g in plain.generate(batch, params)]
+    assert set(seen) == {(2, one_split), (3, many), (1, KernelConfig())}  # 1 row: not listed, the default
+    with pytest.raises(ValueError, match="decode_kernels maps rows"):
+        InferenceEngine(model, pad_id=0, decode_kernels={0: one_split})
+    with pytest.raises(ValueError, match="decode_kernels maps rows"):
+        InferenceEngine(model, pad_id=0, decode_kernels={2: "128,264,4,2"})
+
+
 def test_decode_attention_auto_picks_the_kernels_on_one_gpu_only(monkeypatch):
     from manager_jax.sharding import MeshConfig, make_mesh
 

@@ -24,7 +24,7 @@ produced an eos id or after max_new_tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import jax
@@ -39,6 +39,7 @@ from manager_jax.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from manager_jax.data.image_processing import preprocess_image
 from manager_jax.infer.sampling import SamplingParams, apply_repetition_penalty, limit_vocab, select_tokens
 from manager_jax.models.attention import AttentionMesh, sharded_attention
+from manager_jax.models.decode_attention import KernelConfig
 from manager_jax.models.decode_attention import available as decode_kernels_available
 from manager_jax.models.layers import unstack_layers
 from manager_jax.models.llava_ov import LlavaOV
@@ -168,6 +169,10 @@ class InferenceEngine:
         layer whose cache or heads the kernels cannot take (heads under 32 or not a power of two)
         runs XLA's. "pallas" needs one device and the unrolled decode; off the GPU it runs in
         Pallas interpret mode (tests).
+      decode_kernels: how the Pallas kernels divide the work, by the rows decoded together
+        ({rows: KernelConfig}; rows not listed get KernelConfig's default). Speed only: every
+        config gives the same tokens. benchmarks/decode_attention.py times configs and prints the
+        fastest per row count in the form `parse_kernel_configs` reads.
     """
 
     def __init__(
@@ -185,6 +190,7 @@ class InferenceEngine:
         decode_scan_layers: bool = False,
         decode_min_rows: int | None = None,
         decode_attention: str = "auto",
+        decode_kernels: Mapping[int, KernelConfig] | None = None,
     ):
         self.cfg = model.cfg
         self.decode_scan_layers = bool(decode_scan_layers)
@@ -207,6 +213,11 @@ class InferenceEngine:
             if jax.default_backend() not in ("gpu", "cpu"):
                 raise ValueError(f"decode_attention='pallas' is a GPU kernel; the backend is {jax.default_backend()}")
         self.decode_attention = decode_attention
+        decode_kernels = dict(decode_kernels or {})
+        for rows, config in decode_kernels.items():
+            if not (isinstance(rows, (int, np.integer)) and rows >= 1 and isinstance(config, KernelConfig)):
+                raise ValueError(f"decode_kernels maps rows (>= 1) to KernelConfig; got {rows!r}: {config!r}")
+        self.decode_kernels = tuple(sorted((int(r), c) for r, c in decode_kernels.items()))
         if len(eos_ids) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} eos ids are supported, got {list(eos_ids)}")
         self.eos_ids = [int(e) for e in eos_ids]
@@ -221,10 +232,11 @@ class InferenceEngine:
         self.graphdef, state = nnx.split(model)
         # The decode steps' own graph: the same params with the decoder's layer loop as asked.
         attn = model.text.layers.attn
-        scan_layers, decode_impl = model.text.scan_layers, attn.decode_impl
-        model.text.scan_layers, attn.decode_impl = self.decode_scan_layers, decode_attention
+        saved = model.text.scan_layers, attn.decode_impl, attn.decode_kernels
+        model.text.scan_layers, attn.decode_impl, attn.decode_kernels = (self.decode_scan_layers, decode_attention,
+                                                                          self.decode_kernels)
         self.decode_graphdef = nnx.split(model)[0]
-        model.text.scan_layers, attn.decode_impl = scan_layers, decode_impl
+        model.text.scan_layers, attn.decode_impl, attn.decode_kernels = saved
         self.state = self._place_params(state)
         self._prefill_jit = jax.jit(self._prefill_fn, static_argnames=("cache_len", "plain_causal"))
         self._step_jit = jax.jit(self._decode_step_fn, donate_argnames=("cache",))

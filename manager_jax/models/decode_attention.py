@@ -44,9 +44,10 @@ class KernelConfig:
     """How the main kernel divides the work (speed only: every choice gives the same result).
 
     block: key slots per loop step, the largest power of two <= this that divides the slots.
-    programs: programs to aim for; the keys are split into the divisor of the blocks nearest
-      to it (264: two per streaming multiprocessor of an H100, so that the key reads keep the
-      memory system busy at batch 1 as at batch 16).
+    programs: programs to aim for: each row's keys (from its segment's first block to the query's)
+      are split evenly among programs / (rows x KV heads) programs, at most one per key block
+      (264: two per streaming multiprocessor of an H100, so that the key reads keep the memory
+      system busy at batch 1 as at batch 16).
     num_warps / num_stages: Triton's, for the main kernel (num_stages > 1 prefetches the next
       block's keys and values while the current one is used).
     """
@@ -55,6 +56,33 @@ class KernelConfig:
     programs: int = 264
     num_warps: int = 4
     num_stages: int = 2
+
+    @classmethod
+    def parse(cls, text: str) -> "KernelConfig":
+        """"block,programs,num_warps,num_stages", e.g. "64,528,4,3"."""
+        try:
+            fields = [int(x) for x in text.split(",")]
+        except ValueError:
+            fields = []
+        if len(fields) != 4 or min(fields) < 1:
+            raise ValueError(f"a kernel config is four positive integers block,programs,num_warps,num_stages; "
+                             f"got {text!r}")
+        return cls(*fields)
+
+    def __str__(self) -> str:
+        return f"{self.block},{self.programs},{self.num_warps},{self.num_stages}"
+
+
+def parse_kernel_configs(text: str) -> dict[int, KernelConfig]:
+    """Configs by the rows decoded together: "ROWS:block,programs,warps,stages;..." (what
+    benchmarks/decode_attention.py prints as the fastest), e.g. "2:128,132,4,2;16:64,528,4,3"."""
+    configs = {}
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        rows, sep, config = item.partition(":")
+        if not sep or not rows.strip().isdigit() or int(rows) < 1:
+            raise ValueError(f"a kernel config by rows is ROWS:block,programs,num_warps,num_stages; got {item!r}")
+        configs[int(rows)] = KernelConfig.parse(config)
+    return configs
 
 
 def available() -> bool:
@@ -78,10 +106,9 @@ def supported(cache_len: int, head_dim: int) -> bool:
 
 
 def num_splits(blocks: int, programs_per_split: int, programs: int = KernelConfig.programs) -> int:
-    """How many parts the key blocks are split into: a divisor of `blocks` (each part reads whole
-    blocks) that brings the grid nearest to `programs` programs."""
-    divisors = [n for n in range(1, blocks + 1) if blocks % n == 0]
-    return min(divisors, key=lambda n: abs(n * programs_per_split - programs))
+    """How many parts each row's keys are split into: the number that brings the grid nearest to
+    `programs` programs, at most one part per key block."""
+    return max(1, min(blocks, round(programs / programs_per_split)))
 
 
 def _load(ref_at, mask=None):
@@ -112,23 +139,28 @@ def _new_key_and_value(qkv_ref, bk_ref, bv_ref, cols, partner, cos, sin, *, head
 
 
 def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg_ref, info_ref,
-            o_ref, m_ref, l_ref, k_out_ref, v_out_ref, *, block: int, chunk: int, scale: float, rows: int, group: int,
-            heads: int, kv: int):
-    """One (row, KV head, split of the keys): the group's queries -> unnormalised o [R, d], max m [R]
-    and sum l [R] over the split's keys before the query's slot. The split that holds the slot
-    writes the new key and value there (the cache outputs alias the cache inputs); nothing here
-    reads that slot: the combine adds the query's own key."""
+            o_ref, m_ref, l_ref, k_out_ref, v_out_ref, *, block: int, blocks: int, splits: int, scale: float,
+            rows: int, group: int, heads: int, kv: int):
+    """One (row, KV head, split of the row's keys): the group's queries -> unnormalised o [R, d],
+    max m [R] and sum l [R] over the split's keys before the query's slot. The first split writes
+    the new key and value at the query's slot (the cache outputs alias the cache inputs); nothing
+    here reads that slot: the combine adds the query's own key.
+
+    k_ref / v_ref [S_max, d] are the layer's whole cache row for this KV head; `blocks` key blocks
+    of its first slots are the ones attended."""
     d = k_ref.shape[1]
-    start = pl.program_id(2) * chunk
     q_seg, q_slot, seg_start = info_ref[0], info_ref[1], info_ref[2]
-    # Only the blocks from the one holding the segment's first key (before it: a shorter prompt's
-    # left padding) to the one before the query's slot are read.
-    blocks = chunk // block
-    first = jnp.clip((seg_start - start) // block, 0, blocks)
-    last = jnp.clip((q_slot - 1 - start) // block + 1, 0, blocks)
+    # The row's keys: from the block holding its segment's first key (before it: a shorter prompt's
+    # left padding) to the one holding the key before the query. They are divided at run time, so
+    # every split of every row gets an even share whatever the row's padding and position.
+    row_first = jnp.clip(seg_start // block, 0, blocks)
+    row_last = jnp.clip((q_slot + block - 1) // block, row_first, blocks)
+    share = (row_last - row_first + splits - 1) // splits
+    first = jnp.minimum(row_first + pl.program_id(2) * share, row_last)
+    last = jnp.minimum(first + share, row_last)
 
     def load(i):
-        offset = pl.multiple_of(jnp.minimum(i, blocks - 1) * block, block)
+        offset = pl.multiple_of(jnp.clip(i, 0, blocks - 1) * block, block)
         keys = pl.ds(offset, block)
         return offset, k_ref[keys, :], v_ref[keys, :], seg_ref[keys]
 
@@ -146,16 +178,16 @@ def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg
     k_new, v_new = _new_key_and_value(qkv_ref, bk_ref, bv_ref, cols, partner, cos, sin, heads=heads, kv=kv,
                                       dtype=k_ref.dtype)
 
-    @pl.when((q_slot >= start) & (q_slot < start + chunk))
+    @pl.when(pl.program_id(2) == 0)
     def _():
-        k_out_ref[q_slot - start, :] = k_new
-        v_out_ref[q_slot - start, :] = v_new
+        k_out_ref[q_slot, :] = k_new
+        v_out_ref[q_slot, :] = v_new
 
     def attend(loaded, carry, live=True):
         """Online softmax over one block; `live` False: the block is only masked (a no-op)."""
         offset, k, v, seg = loaded
         o, m, l = carry
-        slot = start + offset + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+        slot = offset + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
         seen = ((seg == q_seg) & (slot < q_slot) & live)[None, :]
         s = jnp.where(seen, jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -232,7 +264,6 @@ def decode_attention(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_s
     g = h // kv
     rows = max(_MIN_ROWS, 1 << (g - 1).bit_length())  # Triton tiles are powers of two
     splits = num_splits(s // block, b * kv, config.programs)
-    chunk = s // splits
     parts = 1 << (splits - 1).bit_length()  # the partials' leading axis, a power of two for the combine
     # Per row: the query's segment, its slot, the first slot of its segment (0 if none is), and a
     # zero (Triton blocks are powers of two).
@@ -249,15 +280,16 @@ def decode_attention(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_s
         pl.BlockSpec((None, d), lambda i, *_: (i, 0)),  # sin
     ]
     token = (qkv, *biases, cos, sin)
-    cache_spec = pl.BlockSpec((None, None, chunk, None, d), lambda i, j, n: (layer, i, n, j, 0))
+    # The layer's whole cache row per (row, KV head): each split finds its keys at run time.
+    cache_spec = pl.BlockSpec((None, None, k_cache.shape[2], None, d), lambda i, j, n: (layer, i, 0, j, 0))
     o, m, l, k_cache, v_cache = pl.pallas_call(
-        functools.partial(_kernel, block=block, chunk=chunk, rows=rows, **statics),
+        functools.partial(_kernel, block=block, blocks=s // block, splits=splits, rows=rows, **statics),
         grid=(b, kv, splits),
         in_specs=[
             *token_specs,
             cache_spec,
             cache_spec,
-            pl.BlockSpec((None, chunk), lambda i, j, n: (i, n)),
+            pl.BlockSpec((None, s), lambda i, j, n: (i, 0)),
             pl.BlockSpec((None, 4), lambda i, j, n: (i, 0)),
         ],
         out_specs=[

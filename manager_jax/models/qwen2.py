@@ -17,7 +17,7 @@ from flax import nnx
 
 from manager_jax.config import TextConfig
 from manager_jax.models.attention import dot_product_attention, segment_causal_mask, splash_applies, splash_attention
-from manager_jax.models.decode_attention import decode_attention, supported
+from manager_jax.models.decode_attention import KernelConfig, decode_attention, supported
 from manager_jax.models.layers import MLP_ACTIVATION, RMSNorm, linear, make_stacked, run_stacked, split_stack
 
 
@@ -72,6 +72,9 @@ class Qwen2Attention(nnx.Module):
         # kernel, models/decode_attention.py; Pallas interpret mode off the GPU). The inference
         # engine sets it on its decode graph.
         self.decode_impl = "xla"
+        # The fused kernels' division of the work, by the rows decoded together: ((rows,
+        # KernelConfig), ...); rows not listed get KernelConfig's default. Set by the engine too.
+        self.decode_kernels = ()
 
     def _fused_decode(self, x: jax.Array, ctx: AttentionContext, cache: tuple):
         """A one-token decode step on the fused GPU kernels (`decode_impl="pallas"`): the q/k/v
@@ -86,7 +89,8 @@ class Qwen2Attention(nnx.Module):
         qkv = qkv.reshape(b, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         biases = tuple(lin.bias[...].astype(dtype).reshape(-1, self.head_dim) for lin in (self.q, self.k, self.v))
         out, ck, cv = decode_attention(qkv, biases, ctx.cos[:, 0], ctx.sin[:, 0], ck, cv, ctx.q_seg[:, 0], ctx.kv_seg,
-                                       ctx.cache_index, layer=int(layer), interpret=jax.default_backend() != "gpu")
+                                       ctx.cache_index, layer=int(layer), interpret=jax.default_backend() != "gpu",
+                                       config=dict(self.decode_kernels).get(b, KernelConfig()))
         return self.o(out.reshape(b, 1, -1)), (ck, cv)
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, cache: tuple | None = None):
