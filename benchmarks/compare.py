@@ -95,6 +95,8 @@ def table(rows: list[dict]) -> list[str]:
             layers += f", decoded as >= {mine['decode_min_rows']} rows"
         if mine.get("decode_attention"):
             layers += f", {mine['decode_attention']} decode attention"
+        if mine.get("decode_kernel"):
+            layers += f" {mine['decode_kernel']}"
         label = f"generate B={batch} {mine.get('image')} ({mine.get('variant')}, {mine.get('new_tokens')} new{layers}{_flags(mine)})"
         out.append(f"| {label} | decode tokens/s | {_fmt(tps, ',.0f')} | "
                    f"{_fmt(ref and ref.get('decode_tokens_per_s'), ',.1f')} | {_times(ratio, '.1f')} | "

@@ -13,7 +13,9 @@ with the cache donated and written in place. The time is the median of `--repeat
 warm-up call, divided by the layers.
 
 Each config is `block,programs,num_warps,num_stages` (`models/decode_attention.py KernelConfig`).
-Prints one JSON line per (rows, path) and a table with the keys and values read per second.
+Prints one JSON line per (rows, path), a table with the keys and values read per second, and the
+fastest config per row count as `fastest kernels: 2:...;16:...`, which
+`benchmarks/generate.py --decode-kernels` takes.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ from manager_jax.models.qwen2 import apply_rope, rope_cos_sin  # noqa: E402
 
 DEFAULT_CONFIGS = ";".join([
     "128,264,4,2",  # the default
-    "128,264,4,1", "128,264,4,3", "128,264,8,2", "128,264,2,2",
-    "128,132,4,2", "128,528,4,2", "128,1056,4,2",
-    "64,528,4,2", "64,1056,4,3", "64,2112,4,2", "32,1056,4,2",
+    "128,132,4,2", "128,396,4,2", "128,528,4,2", "128,1056,4,2",  # programs
+    "128,264,4,1", "128,264,4,3", "128,264,8,2",  # stages, warps
+    "64,264,4,3", "64,528,4,3", "64,1056,4,3", "32,528,4,3",  # smaller key blocks
 ])
 
 
@@ -60,13 +62,20 @@ def xla_step(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_slot, *, 
 
 
 def parse_configs(text: str) -> list[KernelConfig]:
-    configs = []
-    for item in filter(None, (c.strip() for c in text.split(";"))):
-        fields = [int(x) for x in item.split(",")]
-        if len(fields) != 4:
-            raise SystemExit(f"a config is block,programs,num_warps,num_stages; got {item!r}")
-        configs.append(KernelConfig(*fields))
-    return configs
+    try:
+        return [KernelConfig.parse(c.strip()) for c in text.split(";") if c.strip()]
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+
+
+def fastest(lines: list[dict]) -> dict[int, KernelConfig]:
+    """The fastest kernel config per row count, among the timed ones."""
+    best = {}
+    for line in lines:
+        if line["path"] == "pallas" and (line["rows"] not in best or line["us_per_layer"] < best[line["rows"]][0]):
+            best[line["rows"]] = (line["us_per_layer"], KernelConfig(*(line[f] for f in ("block", "programs", "num_warps",
+                                                                                          "num_stages"))))
+    return {rows: config for rows, (_, config) in best.items()}
 
 
 def workload(rows: int, layers: int, slots: int, prompt: int, bucket: int, heads: int, kv: int, d: int, dtype):
@@ -112,6 +121,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--layers", type=int, default=4, help="layers per timed call (a decode step has 24)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke check: 2 layers, 256 slots, interpret mode")
+    p.add_argument("--budget-s", type=float, default=0,
+                   help="start no config after this many seconds (0: no limit); the table and the fastest follow")
     args = p.parse_args(argv)
     interpret = jax.default_backend() != "gpu"
     if interpret and not args.tiny:
@@ -121,21 +132,30 @@ def main(argv=None) -> list[dict]:
     heads, kv, d, dtype = 14, 2, 64, jnp.bfloat16
     configs = parse_configs(args.configs)
     repeats = 1 if args.tiny else args.repeats
-    lines = []
-    for rows in (int(r) for r in args.rows.split(",")):
-        token, k, v, q_seg, seg = workload(rows, layers, slots, prompt, bucket, heads, kv, d, dtype)
-        # Keys and values a layer reads: the prompt's and the decoded tokens' slots before the query.
-        read_bytes = 2 * rows * (prompt + q_slot - bucket) * kv * d * jnp.dtype(dtype).itemsize
-        paths = [("xla", None, xla_step)] + [
-            ("pallas", c, functools.partial(decode_attention, interpret=interpret, config=c)) for c in configs]
-        for name, config, step in paths:
+    all_rows = [int(r) for r in args.rows.split(",")]
+    work = {rows: workload(rows, layers, slots, prompt, bucket, heads, kv, d, dtype) for rows in all_rows}
+    paths = [("xla", None, xla_step)] + [
+        ("pallas", c, functools.partial(decode_attention, interpret=interpret, config=c)) for c in configs]
+    lines, start = [], time.perf_counter()
+    # Config by config, every row count for each, so that a sweep cut short by its budget still
+    # compares row counts on the configs it reached.
+    for i, (name, config, step) in enumerate(paths):
+        if i and args.budget_s and time.perf_counter() - start > args.budget_s:  # XLA's path, the baseline, always runs
+            print(f"# budget of {args.budget_s:g}s spent: {name} {config} and the configs after it not timed", flush=True)
+            break
+        for rows in all_rows:
+            token, k, v, q_seg, seg = work[rows]
+            # Keys and values a layer reads: the prompt's and the decoded tokens' slots before the query.
+            read_bytes = 2 * rows * (prompt + q_slot - bucket) * kv * d * jnp.dtype(dtype).itemsize
             try:
                 per_layer, k, v = time_block(step, token, k, v, q_seg, seg, q_slot, layers, repeats)
             except Exception as e:  # a config Triton cannot compile is reported, not fatal
                 print(f"# rows {rows} {name} {config}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 if k.is_deleted():  # it failed after taking the caches
-                    _, k, v, _, _ = workload(rows, layers, slots, prompt, bucket, heads, kv, d, dtype)
+                    k, v = workload(rows, layers, slots, prompt, bucket, heads, kv, d, dtype)[1:3]
+                work[rows] = (token, k, v, q_seg, seg)
                 continue
+            work[rows] = (token, k, v, q_seg, seg)  # the old caches were donated
             line = {"what": "decode_attention", "rows": rows, "path": name, "us_per_layer": per_layer * 1e6,
                     "kv_read_gb_per_s": read_bytes / per_layer / 1e9, "slots": slots, "layers": layers,
                     "device": jax.devices()[0].device_kind, "jax": jax.__version__}
@@ -143,6 +163,7 @@ def main(argv=None) -> list[dict]:
                 line.update(dataclasses.asdict(config), key_block=key_block(slots, config.block))
             lines.append(line)
             print(json.dumps(line), flush=True)
+    lines.sort(key=lambda x: all_rows.index(x["rows"]))  # the table by row count, in path order
     print("| rows | path | block | programs | warps | stages | us per layer | KV read GB/s | vs XLA |")
     print("|---|---|---|---|---|---|---|---|---|")
     for line in lines:
@@ -151,6 +172,8 @@ def main(argv=None) -> list[dict]:
         cfg = [str(line.get(f, "-")) for f in ("key_block", "programs", "num_warps", "num_stages")]
         print(f"| {line['rows']} | {line['path']} | {' | '.join(cfg)} | {line['us_per_layer']:.1f} | "
               f"{line['kv_read_gb_per_s']:.0f} | {ratio} |")
+    # For `benchmarks/generate.py --decode-kernels` (gpu_session.sh reads this line).
+    print("fastest kernels: " + ";".join(f"{rows}:{config}" for rows, config in fastest(lines).items()))
     return lines
 
 

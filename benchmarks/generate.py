@@ -76,6 +76,7 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
     import jax
 
     from manager_jax.infer.sampling import SamplingParams
+    from manager_jax.models.decode_attention import KernelConfig
 
     prepared = engine.prepare(prompts_for(args, engine.cfg.text.vocab_size, batch))
     rows = len(prepared.lengths)
@@ -110,6 +111,8 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
         "what": "generate", "impl": "jax", "variant": args.variant, "tiny": args.tiny, "dtype": args.dtype,
         "decode_layers": "scan" if args.decode_scan else "unrolled", "decode_min_rows": engine.decode_min_rows,
         "decode_attention": engine.decode_attention,
+        "decode_kernel": str(dict(engine.decode_kernels).get(max(batch, engine.decode_min_rows), KernelConfig()))
+        if engine.decode_attention == "pallas" else None,
         "batch": batch, "image": args.image, "crops": sample.num_crops, "prompt_len": int(prepared.lengths[0]),
         "prompt_bucket": prepared.prompt_slots, "new_tokens": args.new_tokens, "prefill_s": prefill_s,
         "decode_s_per_token": decode, "decode_tokens_per_s": batch / decode, "total_s": total_s,
@@ -141,6 +144,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
                    help="the decode steps' attention (InferenceEngine decode_attention): XLA's, the fused Pallas kernels, "
                         "or auto (the kernels on one GPU)")
+    p.add_argument("--decode-kernels", default="", metavar="ROWS:B,P,W,S;...",
+                   help="the Pallas kernels' configs by rows decoded together (InferenceEngine decode_kernels), as "
+                        "benchmarks/decode_attention.py prints the fastest; rows not listed: the default")
     p.add_argument("--profile", default=None, metavar="FILE.xplane.pb",
                    help="after timing, profile one prefill + decode per batch size (FILE with _b<batch> before .xplane.pb)")
     args = p.parse_args(argv)
@@ -154,11 +160,16 @@ def main(argv=None) -> int:
         p.error("--new-tokens must be >= 2 (decode time is measured beyond the first token)")
 
     from manager_jax.infer.engine import InferenceEngine
+    from manager_jax.models.decode_attention import parse_kernel_configs
 
+    try:
+        decode_kernels = parse_kernel_configs(args.decode_kernels)
+    except ValueError as err:
+        p.error(str(err))
     model = build_model(args)
     engine = InferenceEngine(model, eos_ids=[], pad_id=0, min_new_bucket=args.new_tokens,
                              decode_scan_layers=args.decode_scan, decode_min_rows=args.decode_min_rows,
-                             decode_attention=args.decode_attention)
+                             decode_attention=args.decode_attention, decode_kernels=decode_kernels)
     for batch in (int(b) for b in args.batch.split(",")):
         profile = args.profile.replace(".xplane.pb", f"_b{batch}.xplane.pb") if args.profile else None
         print(json.dumps(bench(engine, args, batch, profile=profile)), flush=True)

@@ -16,7 +16,8 @@
 # REF_TRAIN=0 and REF_GEN_BATCHES="16" narrow the reference runs; SCAN=0 skips the scanned decode;
 # GEN=0 skips every generate run (ours, the reference's, the variants: a second call for the train
 # variants, whose baseline is the default train run of the same call); KERNELS=0 skips the
-# decode-attention kernel sweep.
+# decode-attention kernel sweep, whose fastest configs our generate runs otherwise use
+# (DECODE_KERNELS sets them by hand).
 # Every step runs under its own `timeout` and prints its JSON line as soon as it has one, so a
 # step that hangs costs only its own budget. SMOKE=1 runs the same steps on the CPU with the
 # reference's tiny shapes in fp32 (benchmarks/shapes.py). Logs go to $OUT (or a temporary folder).
@@ -75,11 +76,21 @@ step gpu_checks "${T_CHECKS:-90}" $PY -m pytest -q -p no:cacheprovider tests/tes
 tail -n 1 "$LOGS/gpu_checks.log"
 # The decode-attention kernels alone under several divisions of the work, against XLA's path
 # (benchmarks/decode_attention.py; KERNELS=0 skips it).
+# Our generate runs then decode with the fastest config per row count (DECODE_KERNELS, which a
+# caller may also set by hand: "2:128,132,4,2;16:64,528,4,3"); their JSON lines record it.
+DECODE_KERNELS=${DECODE_KERNELS:-}
 if [ "${KERNELS:-1}" = 1 ]; then
-  kernel_args=(); [ "${SMOKE:-0}" = 1 ] && kernel_args=(--tiny --rows 2 --configs "32,4,4,2")
-  step decode_attention_kernels "${T_KERNELS:-150}" $PY benchmarks/decode_attention.py "${kernel_args[@]}"
-  grep -E '^\|' "$LOGS/decode_attention_kernels.log"
+  kernel_args=(); [ "${SMOKE:-0}" = 1 ] && kernel_args=(--tiny --rows 1,2 --configs "32,4,4,2;16,8,4,1")
+  t_kernels=${T_KERNELS:-150}
+  step decode_attention_kernels "$t_kernels" $PY benchmarks/decode_attention.py "${kernel_args[@]}" \
+    --budget-s $((t_kernels > 60 ? t_kernels - 30 : t_kernels / 2))
+  grep -E '^(\||# budget)' "$LOGS/decode_attention_kernels.log"
+  if [ -z "$DECODE_KERNELS" ]; then
+    DECODE_KERNELS=$(sed -n 's/^fastest kernels: //p' "$LOGS/decode_attention_kernels.log" | tail -n 1)
+  fi
 fi
+[ -n "$DECODE_KERNELS" ] && echo "== decode kernels for our generate runs: $DECODE_KERNELS" &&
+  ours_gen+=(--decode-kernels "$DECODE_KERNELS")
 
 # Ours first: they are what is not measured yet; the reference has numbers in REFERENCE_RESULTS.md.
 # Each of ours also leaves a profile (.xplane.pb, read with xprof off the device) under $OUT.

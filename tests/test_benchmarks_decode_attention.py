@@ -10,3 +10,18 @@ def test_tiny_run_reports_the_xla_path_and_each_config(capsys):
     assert [(x["path"], x.get("key_block")) for x in lines] == [("xla", None), ("pallas", 32), ("pallas", 64)]
     assert all(x["us_per_layer"] > 0 and x["rows"] == 2 for x in lines)
     assert out.count("| 2 | pallas |") == 2 and "failed" not in out
+    # The fastest config per row count, in the form generate.py --decode-kernels reads.
+    from manager_jax.models.decode_attention import KernelConfig, parse_kernel_configs
+
+    best = min((x for x in lines if x["path"] == "pallas"), key=lambda x: x["us_per_layer"])
+    picked = parse_kernel_configs(out.split("fastest kernels: ")[1].splitlines()[0])
+    assert picked == {2: KernelConfig(best["block"], best["programs"], best["num_warps"], best["num_stages"])}
+
+
+def test_a_spent_budget_stops_the_sweep_and_still_reports(capsys):
+    """With its budget spent after the first path (XLA's, every row count), the sweep times no
+    config, then prints the table and an empty pick instead of failing."""
+    lines = decode_attention.main(["--tiny", "--rows", "2,3", "--configs", "32,4,4,2", "--budget-s", "1e-9"])
+    out = capsys.readouterr().out
+    assert [(x["rows"], x["path"]) for x in lines] == [(2, "xla"), (3, "xla")]
+    assert "budget of 1e-09s spent: pallas 32,4,4,2" in out and "fastest kernels: \n" in out

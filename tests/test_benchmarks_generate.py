@@ -1,0 +1,23 @@
+"""benchmarks/generate.py on CPU (--tiny): one JSON line per batch size, with the decode
+attention and the kernel config each batch size decoded with."""
+
+import json
+
+import pytest
+
+from benchmarks import generate
+
+
+def test_tiny_run_reports_each_batch_with_its_kernel_config(capsys):
+    assert generate.main(["--tiny", "--batch", "1,2", "--new-tokens", "3", "--decode-attention", "pallas",
+                          "--decode-kernels", "2:16,4,4,1"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [(x["batch"], x["decode_attention"], x["decode_kernel"]) for x in lines] == \
+        [(1, "pallas", "128,264,4,2"), (2, "pallas", "16,4,4,1")]  # batch 1 is not listed: the default
+    assert all(x["decode_tokens_per_s"] > 0 and x["prefill_s"] > 0 and x["new_tokens"] == 3 for x in lines)
+
+
+def test_a_malformed_kernel_config_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        generate.main(["--tiny", "--decode-kernels", "16:64,528"])
+    assert "kernel config" in capsys.readouterr().err
