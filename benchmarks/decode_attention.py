@@ -39,11 +39,11 @@ from manager_jax.models.attention import _xla_attention, segment_causal_mask  # 
 from manager_jax.models.decode_attention import KernelConfig, decode_attention, key_block  # noqa: E402
 from manager_jax.models.qwen2 import apply_rope, rope_cos_sin  # noqa: E402
 
+# The likeliest first: a sweep cut short by --budget-s times the ones at the front.
 DEFAULT_CONFIGS = ";".join([
     "128,264,4,2",  # the default
-    "128,132,4,2", "128,396,4,2", "128,528,4,2", "128,1056,4,2",  # programs
-    "128,264,4,1", "128,264,4,3", "128,264,8,2",  # stages, warps
-    "64,264,4,3", "64,528,4,3", "64,1056,4,3", "32,528,4,3",  # smaller key blocks
+    "128,528,4,2", "64,528,4,3", "128,264,4,3", "64,264,4,3", "128,132,4,2", "128,1056,4,2",
+    "64,1056,4,3", "32,528,4,3", "128,264,8,2", "128,264,4,1", "128,396,4,2",
 ])
 
 
