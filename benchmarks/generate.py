@@ -143,7 +143,7 @@ def main(argv=None) -> int:
                    help="decode at least this many rows (InferenceEngine decode_min_rows; default: 2 on GPU, 1 elsewhere)")
     p.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
                    help="the decode steps' attention (InferenceEngine decode_attention): XLA's, the fused Pallas kernels, "
-                        "or auto (the kernels on one GPU)")
+                        "or auto (the kernels on GPUs)")
     p.add_argument("--decode-kernels", default="", metavar="ROWS:B,P,W,S;...",
                    help="the Pallas kernels' configs by rows decoded together (InferenceEngine decode_kernels), as "
                         "benchmarks/decode_attention.py prints the fastest; rows not listed: the default")

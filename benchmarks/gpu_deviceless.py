@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     decode.add_argument("--rows", type=int, default=1, help="prompts decoded together")
     decode.add_argument("--decode-min-rows", type=int, default=None, help="InferenceEngine decode_min_rows")
     decode.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
-                        help="InferenceEngine decode_attention (auto: pallas, as on one GPU)")
+                        help="InferenceEngine decode_attention (auto: pallas, as on GPUs)")
     decode.add_argument("--prompt-slots", type=int, default=4096)
     decode.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args(argv)

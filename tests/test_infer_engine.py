@@ -36,9 +36,10 @@ from manager_jax.reference.parity import random_image
 NEW = 6
 
 
-def tiny_model(variant: str, vocab: int | None = None, head_dim: int | None = None) -> LlavaOV:
+def tiny_model(variant: str, vocab: int | None = None, head_dim: int | None = None, qkv_biases: bool = False) -> LlavaOV:
     """A random tiny model whose greedy answers vary: unit-variance embeddings and large decoder
-    projections (with small ones every answer repeats its last input token); non-zero Manager scores."""
+    projections (with small ones every answer repeats its last input token); non-zero Manager
+    scores; `qkv_biases`: non-zero q/k/v biases too (which the fused decode kernels add)."""
     cfg = tiny(variant, image_token_id=500)
     if vocab is not None:
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab))
@@ -51,6 +52,8 @@ def tiny_model(variant: str, vocab: int | None = None, head_dim: int | None = No
     for linear in (layers.attn.q, layers.attn.k, layers.attn.v, layers.attn.o, layers.mlp.gate, layers.mlp.up,
                    layers.mlp.down):
         linear.kernel[...] = 0.3 * jax.random.normal(next(keys), linear.kernel.shape)
+    for linear in (layers.attn.q, layers.attn.k, layers.attn.v) if qkv_biases else ():
+        linear.bias[...] = 0.5 * jax.random.normal(next(keys), linear.bias.shape)
     if variant.endswith("manager"):
         for block in model.manager.blocks:
             block.layer_scores[...] = 0.5 * jax.random.normal(next(keys), block.layer_scores.shape)
@@ -300,6 +303,29 @@ def test_sharded_generation_equals_single_device(baseline_engine):
     assert [g.token_ids for g in sharded.generate(prompts, params)] == expected
 
 
+@pytest.mark.parametrize("axes,prompts", [((2, 2, 2), 4), ((2, 1, 4), 3)])
+def test_pallas_decode_on_a_mesh_gives_the_single_device_tokens(axes, prompts, monkeypatch):
+    """The fused decode kernels (interpret mode) per device on a mesh: rows over the data axes and
+    KV heads over tensor (2 x 2 x 2, 4 prompts); then neither divides (tensor 4 over 2 KV heads,
+    3 prompts over 2 data shards) and both are replicated. The tokens are the one-device XLA decode's."""
+    from manager_jax.models import qwen2
+    from manager_jax.sharding import MeshConfig, make_mesh
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py provides them on CPU")
+    calls = []
+    on_mesh = qwen2.decode_attention_on_mesh
+    monkeypatch.setattr(qwen2, "decode_attention_on_mesh", lambda *a, **k: calls.append(k["mesh"]) or on_mesh(*a, **k))
+    model = tiny_model("manager", head_dim=32, qkv_biases=True)
+    batch = (mixed_prompts() * 2)[:prompts]
+    params = SamplingParams(max_new_tokens=NEW)
+    mesh = make_mesh(MeshConfig(*axes))
+    sharded = InferenceEngine(model, pad_id=0, mesh=mesh, decode_attention="pallas")
+    expected = [g.token_ids for g in InferenceEngine(model, pad_id=0).generate(batch, params)]
+    assert [g.token_ids for g in sharded.generate(batch, params)] == expected
+    assert calls and all(m is mesh for m in calls)  # every layer's kernels ran on the mesh
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 def test_splash_prefill_and_scoring_equal_the_xla_path(manager_engine, sharded, monkeypatch):
     """attention_impl="splash" (the TPU kernel, Pallas interpret mode on CPU) in prefill and scoring."""
@@ -356,7 +382,7 @@ def test_pallas_decode_attention_gives_the_xla_decodes_tokens():
     """The fused decode-attention kernel (Pallas interpret mode here) in the whole decode loop:
     prompts of different lengths (left padding the kernel skips) and image counts, greedy. Heads of
     32, the smallest the kernels take."""
-    model = tiny_model("manager", head_dim=32)
+    model = tiny_model("manager", head_dim=32, qkv_biases=True)
     engine = InferenceEngine(model, pad_id=0)
     fused = InferenceEngine(model, pad_id=0, decode_attention="pallas")
     lowered, jitted = [], fused._decode_jit
@@ -381,7 +407,7 @@ def test_decode_kernel_configs_reach_the_kernel_by_rows_and_keep_the_tokens(monk
     seen = []
     spy = lambda *a, **k: seen.append((a[0].shape[0], k["config"])) or decode_attention(*a, **k)
     monkeypatch.setattr(qwen2, "decode_attention", spy)
-    model = tiny_model("manager", head_dim=32)
+    model = tiny_model("manager", head_dim=32, qkv_biases=True)
     one_split, many = KernelConfig(block=16, programs=1, num_stages=1), KernelConfig(block=32, programs=10_000)
     tuned = InferenceEngine(model, pad_id=0, decode_attention="pallas", decode_kernels={2: one_split, 3: many})
     plain = InferenceEngine(model, pad_id=0)
@@ -396,15 +422,16 @@ def test_decode_kernel_configs_reach_the_kernel_by_rows_and_keep_the_tokens(monk
         InferenceEngine(model, pad_id=0, decode_kernels={2: "128,264,4,2"})
 
 
-def test_decode_attention_auto_picks_the_kernels_on_one_gpu_only(monkeypatch):
+def test_decode_attention_auto_picks_the_kernels_on_gpus_only(monkeypatch):
     from manager_jax.sharding import MeshConfig, make_mesh
 
-    model = tiny_model("manager", head_dim=32)
+    model = tiny_model("manager", head_dim=32, qkv_biases=True)
     assert InferenceEngine(model, pad_id=0).decode_attention == "xla"  # this CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert InferenceEngine(model, pad_id=0).decode_attention == "pallas"
     assert InferenceEngine(model, pad_id=0, decode_scan_layers=True).decode_attention == "xla"
-    assert InferenceEngine(model, pad_id=0, mesh=make_mesh(MeshConfig(data=2, fsdp=-1))).decode_attention == "xla"
+    # On a mesh too: each device runs the kernels on its rows and heads.
+    assert InferenceEngine(model, pad_id=0, mesh=make_mesh(MeshConfig(data=2, fsdp=-1))).decode_attention == "pallas"
     # A jax without Pallas's Triton backend (deprecated since 0.11) decodes with XLA's attention.
     monkeypatch.setattr("manager_jax.infer.engine.decode_kernels_available", lambda: False)
     assert InferenceEngine(model, pad_id=0).decode_attention == "xla"

@@ -64,8 +64,8 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="shard over the devices (every host's in a multi-process run), e.g. 'fsdp=-1' or "
                         "'data=2,tensor=4' (default: one device)")
     p.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
-                   help="attention of the decode steps: XLA's, or two fused GPU kernels per layer (one device; "
-                        "off the GPU it is interpreted, for tests only); auto: the kernels on one GPU, XLA's elsewhere")
+                   help="attention of the decode steps: XLA's, or two fused GPU kernels per layer (per device on a "
+                        "mesh; off the GPU it is interpreted, for tests only); auto: the kernels on GPUs, XLA's elsewhere")
     return p
 
 

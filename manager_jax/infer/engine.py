@@ -164,13 +164,15 @@ class InferenceEngine:
       decode_attention: the decode steps' attention block: "xla", "pallas" (two GPU kernels per
         layer for what XLA runs in seven, models/decode_attention.py: biases, RoPE, cache write and
         attention; no fp32 scores in memory, blocks of prompt padding not read) or "auto" (default:
-        "pallas" for the unrolled decode on one GPU, "xla" elsewhere; on an H100 the kernels
+        "pallas" for the unrolled decode on GPUs, "xla" elsewhere; on an H100 the kernels
         decode 986 vs 793 tokens/s at batch 1 and 12,005 vs 7,853 at batch 16, RESULTS.md). A
         layer whose cache or heads the kernels cannot take (heads under 32 or not a power of two)
-        runs XLA's. "pallas" needs one device and the unrolled decode; off the GPU it runs in
+        runs XLA's. On a mesh each device runs them on its rows and KV heads, where the cache
+        keeps them (a shard_map). "pallas" needs the unrolled decode; off the GPU it runs in
         Pallas interpret mode (tests).
       decode_kernels: how the Pallas kernels divide the work, by the rows decoded together
-        ({rows: KernelConfig}; rows not listed get KernelConfig's default). Speed only: every
+        ({rows: KernelConfig}, rows of the whole batch; rows not listed get KernelConfig's
+        default). On a mesh a device holds fewer rows and heads: time configs for those. Speed only: every
         config gives the same tokens. benchmarks/decode_attention.py times configs and prints the
         fastest per row count in the form `parse_kernel_configs` reads.
     """
@@ -201,15 +203,12 @@ class InferenceEngine:
         self.decode_min_rows = int(decode_min_rows)
         if decode_attention not in ("auto", "xla", "pallas"):
             raise ValueError(f"decode_attention must be 'auto', 'xla' or 'pallas', got {decode_attention!r}")
-        one_device = mesh is None or mesh.size == 1
         if decode_attention == "auto":
             on_gpu = jax.default_backend() == "gpu" and decode_kernels_available()
-            decode_attention = "pallas" if on_gpu and one_device and not self.decode_scan_layers else "xla"
+            decode_attention = "pallas" if on_gpu and not self.decode_scan_layers else "xla"
         if decode_attention == "pallas":
             if self.decode_scan_layers:
                 raise ValueError("decode_attention='pallas' needs the unrolled decode (decode_scan_layers=False)")
-            if not one_device:
-                raise ValueError(f"decode_attention='pallas' runs on one device; this mesh has {mesh.size}")
             if jax.default_backend() not in ("gpu", "cpu"):
                 raise ValueError(f"decode_attention='pallas' is a GPU kernel; the backend is {jax.default_backend()}")
         self.decode_attention = decode_attention
@@ -411,7 +410,8 @@ class InferenceEngine:
         h = model.text.embed(tokens[:, None])
         q_seg = jnp.ones((tokens.shape[0], 1), jnp.int32)
         ctx = model.text.context(positions[:, None], q_seg, kv_seg=kv_seg, q_slot=slot[None], cache_index=slot)
-        hidden, cache = model.text(h, ctx, cache=cache, layers=layers)
+        with sharded_attention(self._attention):  # the fused decode kernels run per device on a mesh
+            hidden, cache = model.text(h, ctx, cache=cache, layers=layers)
         return model.logits(hidden[:, 0]), cache
 
     def _decode_layers(self, model):

@@ -65,12 +65,18 @@ _ATTENTION_MESH: contextvars.ContextVar[AttentionMesh | None] = contextvars.Cont
 
 @contextlib.contextmanager
 def sharded_attention(where: AttentionMesh) -> Iterator[None]:
-    """Lets the packed training attention use the Splash kernel on `where` (see the module doc)."""
+    """Lets the packed training attention use the Splash kernel on `where` (see the module doc), and
+    the fused decode kernels (models/decode_attention.py) run per device on its mesh."""
     token = _ATTENTION_MESH.set(where)
     try:
         yield
     finally:
         _ATTENTION_MESH.reset(token)
+
+
+def current_attention_mesh() -> AttentionMesh | None:
+    """The mesh set by the innermost `sharded_attention`, if any (the fused kernels' shard_maps)."""
+    return _ATTENTION_MESH.get()
 
 
 SPLASH_LANES = 128  # Splash tiles the sequence in blocks that are multiples of 128

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -327,3 +328,37 @@ def decode_attention(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_s
         name="decode_attention_combine",
     )(*token, o, m, l)
     return out, k_cache, v_cache
+
+
+def decode_attention_on_mesh(q, k, v, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_slot, *, layer: int,
+                             mesh, row_axes=None, head_axis: str | None = None, interpret: bool = False,
+                             config: KernelConfig = KernelConfig()):
+    """`decode_attention` on a mesh: each device runs the kernels on its own rows and KV heads
+    (a shard_map), where the engine keeps them: the rows split over `row_axes`, the heads (query
+    heads and their KV head together) over `head_axis`. An axis that does not divide the rows or
+    the heads is not split (those are replicated, as the engine's cache then is).
+
+    q [B, H, d], k / v [B, KV, d]: the projections without their biases, given apart (on a mesh
+    their head axes are split separately; each device joins its own); the rest as in
+    `decode_attention`. -> (out [B, H, d], k_cache, v_cache).
+    """
+    from jax.sharding import PartitionSpec as P
+
+    b, h, kv = q.shape[0], q.shape[1], k.shape[1]
+    rows = tuple(a for a in (row_axes or ()) if mesh.shape.get(a, 1) > 1) or None
+    if rows is not None and b % math.prod(mesh.shape[a] for a in rows):
+        rows = None
+    heads = head_axis if mesh.shape.get(head_axis, 1) > 1 else None
+    if heads is not None and (h % mesh.shape[heads] or kv % mesh.shape[heads]):
+        heads = None
+
+    def local(q, k, v, bq, bk, bv, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_slot):
+        return decode_attention(jnp.concatenate([q, k, v], axis=1), (bq, bk, bv), cos, sin, k_cache, v_cache, q_seg,
+                                kv_seg, q_slot, layer=layer, interpret=interpret, config=config)
+
+    token, bias, row = P(rows, heads, None), P(heads, None), P(rows, None)
+    cache = P(None, rows, None, heads, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(token, token, token, bias, bias, bias, row, row, cache, cache,
+                                                    P(rows), row, P()),
+                         out_specs=(token, cache, cache), check_vma=False)(
+        q, k, v, *biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, jnp.asarray(q_slot, jnp.int32))

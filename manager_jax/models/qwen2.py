@@ -16,8 +16,9 @@ from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from manager_jax.config import TextConfig
-from manager_jax.models.attention import dot_product_attention, segment_causal_mask, splash_applies, splash_attention
-from manager_jax.models.decode_attention import KernelConfig, decode_attention, supported
+from manager_jax.models.attention import (current_attention_mesh, dot_product_attention, segment_causal_mask,
+                                         splash_applies, splash_attention)
+from manager_jax.models.decode_attention import KernelConfig, decode_attention, decode_attention_on_mesh, supported
 from manager_jax.models.layers import MLP_ACTIVATION, RMSNorm, linear, make_stacked, run_stacked, split_stack
 
 
@@ -84,13 +85,19 @@ class Qwen2Attention(nnx.Module):
         b = x.shape[0]
         dtype = self.q.dtype or x.dtype
         rows = x[:, 0].astype(dtype)
-        project = lambda lin: rows @ lin.kernel[...].astype(dtype)
-        qkv = jnp.concatenate([project(self.q), project(self.k), project(self.v)], axis=-1)
-        qkv = qkv.reshape(b, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        project = lambda lin: (rows @ lin.kernel[...].astype(dtype)).reshape(b, -1, self.head_dim)
         biases = tuple(lin.bias[...].astype(dtype).reshape(-1, self.head_dim) for lin in (self.q, self.k, self.v))
-        out, ck, cv = decode_attention(qkv, biases, ctx.cos[:, 0], ctx.sin[:, 0], ck, cv, ctx.q_seg[:, 0], ctx.kv_seg,
-                                       ctx.cache_index, layer=int(layer), interpret=jax.default_backend() != "gpu",
-                                       config=dict(self.decode_kernels).get(b, KernelConfig()))
+        step = dict(layer=int(layer), interpret=jax.default_backend() != "gpu",
+                    config=dict(self.decode_kernels).get(b, KernelConfig()))
+        token = (ctx.cos[:, 0], ctx.sin[:, 0], ck, cv, ctx.q_seg[:, 0], ctx.kv_seg, ctx.cache_index)
+        where = current_attention_mesh()
+        if where is None or where.mesh.size == 1:
+            qkv = jnp.concatenate([project(self.q), project(self.k), project(self.v)], axis=1)
+            out, ck, cv = decode_attention(qkv, biases, *token, **step)
+        else:  # each device on its rows and heads
+            out, ck, cv = decode_attention_on_mesh(project(self.q), project(self.k), project(self.v), biases, *token,
+                                                   mesh=where.mesh, row_axes=where.row_axes,
+                                                   head_axis=where.head_axis, **step)
         return self.o(out.reshape(b, 1, -1)), (ck, cv)
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, cache: tuple | None = None):
