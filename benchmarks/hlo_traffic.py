@@ -107,11 +107,14 @@ def kind_of(comps: dict[str, list[str]], line: str, op: str) -> str:
         if "triton_gemm" in line or "triton_nested_gemm" in line:
             return "matmul"
         called = re.search(r"calls=%?([\w.\-]+)", line)
+        body = comps.get(called.group(1), []) if called else []
+        # A cuBLAS GEMM that reads its operands through slices in place (XLA's dynamic-slice fusion).
+        if any(re.search(r'custom_call_target="[^"]*(cublas|gemm)', inner) for inner in body):
+            return "matmul"
         if called and "dynamic_update_slice" in called.group(1):
             return _ROOT_KINDS["dynamic-update-slice"]
         if called and "dynamic_slice" in called.group(1):
             return _ROOT_KINDS["dynamic-slice"]
-        body = comps.get(called.group(1), []) if called else []
         if any(re.search(r" (dot|convolution)\(", inner) for inner in body):
             return "matmul"
         return _ROOT_KINDS.get(_root_op(comps, called.group(1)) if called else "?", "elementwise")
@@ -141,6 +144,12 @@ def _update_bytes(comps: dict[str, list[str]], line: str, whole: int) -> int:
         if m and m.group(2) in shapes:
             written += array_bytes(shapes[m.group(2)])
     return written or whole
+
+
+def _workspace_bytes(kind: str, shape: str) -> int:
+    """A cuBLAS GEMM's scratch space (the s8[N] last in its output tuple): not written out."""
+    m = re.search(r", s8\[(\d+)\](\{[^}]*\})?\)$", shape) if kind == "matmul" and shape.startswith("(") else None
+    return int(m.group(1)) if m else 0
 
 
 def _aliased_output_bytes(line: str, shape: str) -> int:
@@ -269,7 +278,7 @@ def launches(text: str) -> list[Launch]:
             kind = kind_of(comps, line, op)
             if op == "fusion-start":  # async: the output tuple repeats the operands
                 shape = shape.rsplit("}, ", 1)[-1] if "}, " in shape else shape
-            written = array_bytes(shape) - _aliased_output_bytes(line, shape)
+            written = array_bytes(shape) - _aliased_output_bytes(line, shape) - _workspace_bytes(kind, shape)
             if kind == "dynamic-update-slice (in place)":
                 written = _update_bytes(comps, line, written)
             op_name = re.search(r'op_name="([^"]+)"', line)

@@ -65,3 +65,26 @@ def test_custom_call_outputs_aliasing_operands_are_written_in_place():
     [whole] = launches(program(""))
     assert aliased.bytes_written == 8 * 4
     assert whole.bytes_written == 8 * 4 + 4 * 1024 * 4
+
+
+def test_cublas_gemms_reading_slices_in_place_are_matmuls_without_their_workspace():
+    """XLA's dynamic-slice fusion: a cuBLAS GEMM reading one layer of a weight stack in place. It is a
+    matmul, and writes its [64, 32] bf16 result, not its s8 scratch space."""
+    program = """HloModule m
+
+%dynamic-slice-fusion (p0: bf16[4,16,32], p1: bf16[64,16]) -> (bf16[64,32], s8[4096]) {
+  %p1 = bf16[64,16]{1,0} parameter(1)
+  %p0 = bf16[4,16,32]{2,1,0} parameter(0)
+  %slice.1 = bf16[1,16,32]{2,1,0} slice(%p0), slice={[2:3], [0:16], [0:32]}
+  %bitcast.1 = bf16[16,32]{1,0} bitcast(%slice.1)
+  ROOT %custom-call.1 = (bf16[64,32]{1,0}, s8[4096]{0}) custom-call(%p1, %bitcast.1), custom_call_target="__cublas$lt$matmul"
+}
+
+ENTRY %main (w: bf16[4,16,32], x: bf16[64,16]) -> (bf16[64,32], s8[4096]) {
+  %w = bf16[4,16,32]{2,1,0} parameter(0)
+  %x = bf16[64,16]{1,0} parameter(1)
+  ROOT %dynamic_slice_fusion = (bf16[64,32]{1,0}, s8[4096]{0}) fusion(%w, %x), kind=kCustom, calls=%dynamic-slice-fusion
+}
+"""
+    [gemm] = launches(program)
+    assert gemm.kind == "matmul" and gemm.bytes_written == 64 * 32 * 2
