@@ -40,10 +40,11 @@ from manager_jax.models.decode_attention import KernelConfig, decode_attention, 
 from manager_jax.models.qwen2 import apply_rope, rope_cos_sin  # noqa: E402
 
 # The likeliest first: a sweep cut short by --budget-s times the ones at the front.
+# "128,32,4,4": one split per (row, KV head) at 16 rows, so no combine kernel runs.
 DEFAULT_CONFIGS = ";".join([
     "128,264,4,2",  # the default
-    "128,528,4,2", "64,528,4,3", "128,264,4,3", "64,264,4,3", "128,132,4,2", "128,1056,4,2",
-    "64,1056,4,3", "32,528,4,3", "128,264,8,2", "128,264,4,1", "128,396,4,2",
+    "128,528,4,2", "64,528,4,3", "128,264,4,3", "64,264,4,3", "128,32,4,4", "128,132,4,2",
+    "128,1056,4,2", "64,1056,4,3", "32,528,4,3", "128,264,8,2", "64,528,4,4",
 ])
 
 

@@ -86,6 +86,25 @@ def test_every_division_of_the_work_gives_the_xla_steps_result(config):
     want = xla_step(*token, k, v, q_seg, seg, 460, layer=0)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+    # One split per row and KV head: the main kernel adds the own key itself, and no combine runs.
+    one_split = num_splits(512 // key_block(512, config.block), 2 * 2, config.programs) == 1
+    step = functools.partial(decode_attention, layer=0, interpret=True, config=config)
+    kernels = _pallas_calls(jax.make_jaxpr(step)(*token, k, v, q_seg, seg, 460).jaxpr)
+    assert kernels == (["decode_attention"] if one_split else ["decode_attention", "decode_attention_combine"])
+
+
+def _pallas_calls(jaxpr) -> list[str]:
+    """Names of the Pallas kernels a jaxpr calls, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(str(eqn.params["name_and_src_info"]).split()[0] if "name_and_src_info" in eqn.params
+                         else str(eqn.params.get("name")))
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                found += _pallas_calls(inner)
+    return found
 
 
 def test_kernel_reads_only_the_first_slots_it_is_given_and_ignores_later_ones():

@@ -12,7 +12,9 @@ reduction. Here the same work is two kernels:
   the query's slot with flash attention's online softmax, one program per (row, KV head, split of
   the keys); the scores never leave the chip;
 - the combine kernel, one program per query head, merges the splits' partial outputs and the
-  query's own new key.
+  query's own new key. With one split per (row, KV head) (a large batch, or `KernelConfig`'s
+  programs at most rows x KV heads) there is no combine: the main kernel adds the own key and
+  writes the heads' outputs.
 
 Mask: the rule of :func:`manager_jax.models.attention.segment_causal_mask` for a single query at
 cache slot `q_slot`: key slot s is seen when `kv_seg[b, s] == q_seg[b]` and `s <= q_slot`; the
@@ -139,13 +141,16 @@ def _new_key_and_value(qkv_ref, bk_ref, bv_ref, cols, partner, cos, sin, *, head
     return k, v
 
 
-def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg_ref, info_ref,
-            o_ref, m_ref, l_ref, k_out_ref, v_out_ref, *, block: int, blocks: int, splits: int, scale: float,
-            rows: int, group: int, heads: int, kv: int):
+def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg_ref, info_ref, *out_refs,
+            block: int, blocks: int, splits: int, scale: float, rows: int, group: int, heads: int, kv: int):
     """One (row, KV head, split of the row's keys): the group's queries -> unnormalised o [R, d],
     max m [R] and sum l [R] over the split's keys before the query's slot. The first split writes
     the new key and value at the query's slot (the cache outputs alias the cache inputs); nothing
-    here reads that slot: the combine adds the query's own key.
+    here reads that slot: the combine adds the query's own key. With one split there is no
+    combine: the program adds the own key and writes the heads' outputs.
+
+    out_refs: (o_ref, m_ref, l_ref, k_out_ref, v_out_ref), or with one split (out_ref [H, d] of
+    the row, k_out_ref, v_out_ref).
 
     k_ref / v_ref [S_max, d] are the layer's whole cache row for this KV head; `blocks` key blocks
     of its first slots are the ones attended."""
@@ -179,6 +184,8 @@ def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg
     k_new, v_new = _new_key_and_value(qkv_ref, bk_ref, bv_ref, cols, partner, cos, sin, heads=heads, kv=kv,
                                       dtype=k_ref.dtype)
 
+    k_out_ref, v_out_ref = out_refs[-2:]
+
     @pl.when(pl.program_id(2) == 0)
     def _():
         k_out_ref[q_slot, :] = k_new
@@ -201,9 +208,17 @@ def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg
     carry = attend(first_block, init, first < last)
     # The rest in a plain loop, which Triton pipelines (num_stages).
     o, m, l = jax.lax.fori_loop(first + 1, last, lambda i, c: attend(load(i), c), carry)
-    o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l
+    if splits == 1:
+        from jax.experimental.pallas import triton as plgpu
+
+        out_ref = out_refs[0]
+        out = _with_own_key(o, m, l, q, k_new, v_new, scale)
+        plgpu.store(out_ref.at[row, jnp.broadcast_to(cols, (rows, d))], out.astype(out_ref.dtype), mask=in_group)
+    else:
+        o_ref, m_ref, l_ref = out_refs[:3]
+        o_ref[...] = o
+        m_ref[...] = m
+        l_ref[...] = l
 
 
 def _combine_kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, o_ref, m_ref, l_ref, out_ref, *, splits: int,
@@ -225,17 +240,26 @@ def _combine_kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, o_ref, m_
     q = _with_bias_and_rope(qkv_ref, bq_ref, row, row, cols, partner, cos, sin, out_ref.dtype)
     k_new, v_new = _new_key_and_value(qkv_ref, bk_ref, bv_ref, cols, partner, cos, sin, heads=heads, kv=kv,
                                       dtype=out_ref.dtype)
-    s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)) * scale
     parts = jax.lax.broadcasted_iota(jnp.int32, (o_ref.shape[0],), 0) < splits
     m = plgpu.load(m_ref.at[:, head], mask=parts, other=_NEG)
     l = plgpu.load(l_ref.at[:, head], mask=parts, other=0.0)
     o = plgpu.load(o_ref.at[:, head, :], mask=parts[:, None], other=0.0)
-    top = jnp.maximum(jnp.max(m), s_new)
-    weight = jnp.exp(m - top)  # a split that saw no key has l = 0 and m = _NEG: weight 0
-    p_new = jnp.exp(s_new - top)
-    num = jnp.sum(o * weight[:, None], axis=0) + p_new.astype(v_new.dtype).astype(jnp.float32) * v_new.astype(
-        jnp.float32)
-    out_ref[row, :] = (num / (jnp.sum(l * weight) + p_new)).astype(out_ref.dtype)
+    # The splits, rescaled to their overall max (a split that saw no key has l = 0), then the own key.
+    top = jnp.max(m, keepdims=True)
+    weight = jnp.exp(m - top)
+    o, l = jnp.sum(o * weight[:, None], axis=0, keepdims=True), jnp.sum(l * weight, keepdims=True)
+    out_ref[row, :] = _with_own_key(o, top, l, q[None], k_new, v_new, scale)[0].astype(out_ref.dtype)
+
+
+def _with_own_key(o, m, l, q, k_new, v_new, scale: float):
+    """Attention outputs [R, d] from the partial results over the cache (o [R, d] unnormalised, its
+    max m [R] and sum l [R]) and each query's own new key and value: the query's score, then all
+    rescaled to their max. A query that saw no key in the cache (l = 0, m = _NEG) gets its value."""
+    s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1) * scale
+    top = jnp.maximum(m, s_new)
+    weight, p_new = jnp.exp(m - top), jnp.exp(s_new - top)
+    num = o * weight[:, None] + p_new.astype(v_new.dtype).astype(jnp.float32)[:, None] * v_new.astype(jnp.float32)
+    return num / (l * weight + p_new)[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "interpret", "config"))
@@ -283,7 +307,8 @@ def decode_attention(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_s
     token = (qkv, *biases, cos, sin)
     # The layer's whole cache row per (row, KV head): each split finds its keys at run time.
     cache_spec = pl.BlockSpec((None, None, k_cache.shape[2], None, d), lambda i, j, n: (layer, i, 0, j, 0))
-    o, m, l, k_cache, v_cache = pl.pallas_call(
+    main = functools.partial(
+        pl.pallas_call,
         functools.partial(_kernel, block=block, blocks=s // block, splits=splits, rows=rows, **statics),
         grid=(b, kv, splits),
         in_specs=[
@@ -293,6 +318,18 @@ def decode_attention(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_s
             pl.BlockSpec((None, s), lambda i, j, n: (i, 0)),
             pl.BlockSpec((None, 4), lambda i, j, n: (i, 0)),
         ],
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )
+    cache_out = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+    if splits == 1:  # the programs add the own key themselves: no partials, no combine
+        return tuple(main(
+            out_specs=[pl.BlockSpec((None, h, d), lambda i, *_: (i, 0, 0)), cache_spec, cache_spec],
+            out_shape=[jax.ShapeDtypeStruct((b, h, d), k_cache.dtype), *cache_out],
+            input_output_aliases={6: 1, 7: 2},  # the cache, written in place at one slot
+        )(*token, k_cache, v_cache, kv_seg.astype(jnp.int32), info))
+    o, m, l, k_cache, v_cache = main(
         out_specs=[
             pl.BlockSpec((None, None, None, rows, d), lambda i, j, n: (n, i, j, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda i, j, n: (n, i, j, 0)),
@@ -304,13 +341,9 @@ def decode_attention(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_s
             jax.ShapeDtypeStruct((parts, b, kv, rows, d), jnp.float32),
             jax.ShapeDtypeStruct((parts, b, kv, rows), jnp.float32),
             jax.ShapeDtypeStruct((parts, b, kv, rows), jnp.float32),
-            jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+            *cache_out,
         ],
         input_output_aliases={6: 3, 7: 4},  # the cache, written in place at one slot
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
-        interpret=interpret,
-        name="decode_attention",
     )(*token, k_cache, v_cache, kv_seg.astype(jnp.int32), info)
     out = pl.pallas_call(
         functools.partial(_combine_kernel, splits=splits, **statics),
