@@ -13,8 +13,10 @@ with the cache donated and written in place. The time is the median of `--repeat
 warm-up call, divided by the layers.
 
 Each config is `block,programs,num_warps,num_stages` (`models/decode_attention.py KernelConfig`).
-Prints one JSON line per (rows, path), a table with the keys and values read per second, and the
-fastest config per row count as `fastest kernels: 2:...;16:...`, which
+Each path's output is checked against the XLA step in fp32 first: a config more than twice as
+far off as XLA's bf16 path is reported WRONG and never picked. Prints one JSON line per
+(rows, path), a table with the keys and values read per second, and the fastest config per row
+count as `fastest kernels: 2:...;16:...`, which
 `benchmarks/generate.py --decode-kernels` takes.
 """
 
@@ -70,9 +72,11 @@ def parse_configs(text: str) -> list[KernelConfig]:
 
 
 def fastest(lines: list[dict]) -> dict[int, KernelConfig]:
-    """The fastest kernel config per row count, among the timed ones."""
+    """The fastest kernel config per row count, among the timed ones that computed correctly."""
     best = {}
     for line in lines:
+        if not line.get("correct", True):
+            continue
         if line["path"] == "pallas" and (line["rows"] not in best or line["us_per_layer"] < best[line["rows"]][0]):
             best[line["rows"]] = (line["us_per_layer"], KernelConfig(*(line[f] for f in ("block", "programs", "num_warps",
                                                                                           "num_stages"))))
@@ -137,6 +141,11 @@ def main(argv=None) -> list[dict]:
     work = {rows: workload(rows, layers, slots, prompt, bucket, heads, kv, d, dtype) for rows in all_rows}
     paths = [("xla", None, xla_step)] + [
         ("pallas", c, functools.partial(decode_attention, interpret=interpret, config=c)) for c in configs]
+    # Each path's output against the XLA step in fp32: a config whose kernel compiles but computes
+    # wrongly is reported and never picked.
+    exact = {rows: xla_step(*jax.tree.map(lambda x: x.astype(jnp.float32), (*w[0], w[1], w[2])), w[3], w[4], q_slot,
+                            layer=0)[0] for rows, w in work.items()}
+    tolerance = {}
     lines, start = [], time.perf_counter()
     # Config by config, every row count for each, so that a sweep cut short by its budget still
     # compares row counts on the configs it reached.
@@ -149,6 +158,8 @@ def main(argv=None) -> list[dict]:
             # Keys and values a layer reads: the prompt's and the decoded tokens' slots before the query.
             read_bytes = 2 * rows * (prompt + q_slot - bucket) * kv * d * jnp.dtype(dtype).itemsize
             try:
+                got = step(*token, k, v, q_seg, seg, q_slot, layer=0)[0]
+                err = float(jnp.abs(got.astype(jnp.float32) - exact[rows]).max())
                 per_layer, k, v = time_block(step, token, k, v, q_seg, seg, q_slot, layers, repeats)
             except Exception as e:  # a config Triton cannot compile is reported, not fatal
                 print(f"# rows {rows} {name} {config}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -157,22 +168,28 @@ def main(argv=None) -> list[dict]:
                 work[rows] = (token, k, v, q_seg, seg)
                 continue
             work[rows] = (token, k, v, q_seg, seg)  # the old caches were donated
+            if name == "xla":  # the baseline, timed first: a kernel may be twice as far off
+                tolerance[rows] = 2 * err + 1e-2
+            tol = tolerance.get(rows, 1e-2)
             line = {"what": "decode_attention", "rows": rows, "path": name, "us_per_layer": per_layer * 1e6,
-                    "kv_read_gb_per_s": read_bytes / per_layer / 1e9, "slots": slots, "layers": layers,
+                    "kv_read_gb_per_s": read_bytes / per_layer / 1e9, "max_err": err,
+                    "correct": err <= tol, "slots": slots, "layers": layers,
                     "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+            if not line["correct"]:
+                print(f"# rows {rows} {name} {config}: WRONG, max error {err:.3g} against {tol:.3g}", flush=True)
             if config is not None:
                 line.update(dataclasses.asdict(config), key_block=key_block(slots, config.block))
             lines.append(line)
             print(json.dumps(line), flush=True)
     lines.sort(key=lambda x: all_rows.index(x["rows"]))  # the table by row count, in path order
-    print("| rows | path | block | programs | warps | stages | us per layer | KV read GB/s | vs XLA |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| rows | path | block | programs | warps | stages | us per layer | KV read GB/s | vs XLA | max error |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for line in lines:
         base = next((x for x in lines if x["rows"] == line["rows"] and x["path"] == "xla"), None)
         ratio = f"{base['us_per_layer'] / line['us_per_layer']:.2f}x" if base else "-"
         cfg = [str(line.get(f, "-")) for f in ("key_block", "programs", "num_warps", "num_stages")]
         print(f"| {line['rows']} | {line['path']} | {' | '.join(cfg)} | {line['us_per_layer']:.1f} | "
-              f"{line['kv_read_gb_per_s']:.0f} | {ratio} |")
+              f"{line['kv_read_gb_per_s']:.0f} | {ratio} | {line['max_err']:.2g}{'' if line['correct'] else ' WRONG'} |")
     # For `benchmarks/generate.py --decode-kernels` (gpu_session.sh reads this line).
     print("fastest kernels: " + ";".join(f"{rows}:{config}" for rows, config in fastest(lines).items()))
     return lines

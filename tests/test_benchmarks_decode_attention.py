@@ -25,3 +25,22 @@ def test_a_spent_budget_stops_the_sweep_and_still_reports(capsys):
     out = capsys.readouterr().out
     assert [(x["rows"], x["path"]) for x in lines] == [(2, "xla"), (3, "xla")]
     assert "budget of 1e-09s spent: pallas 32,4,4,2" in out and "fastest kernels: \n" in out
+
+
+def test_a_config_that_computes_wrongly_is_reported_and_never_picked(capsys, monkeypatch):
+    """Fault injection: the kernels with one config return a slightly shifted output. The sweep
+    times it, marks it WRONG and picks the other config, even though the wrong one is listed first."""
+    from manager_jax.models.decode_attention import KernelConfig
+    from manager_jax.models.decode_attention import decode_attention as kernels
+
+    bad = KernelConfig(32, 4, 4, 2)
+
+    def shifted(*a, config, **k):
+        out, kc, vc = kernels(*a, config=config, **k)
+        return (out + 0.5 if config == bad else out), kc, vc
+
+    monkeypatch.setattr(decode_attention, "decode_attention", shifted)
+    lines = decode_attention.main(["--tiny", "--rows", "2", "--configs", "32,4,4,2;64,1,4,1"])
+    out = capsys.readouterr().out
+    assert [(x["path"], x["correct"]) for x in lines] == [("xla", True), ("pallas", False), ("pallas", True)]
+    assert "WRONG, max error" in out and "fastest kernels: 2:64,1,4,1\n" in out
