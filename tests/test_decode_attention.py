@@ -162,16 +162,19 @@ def test_kernel_configs_by_rows_parse_and_print_back():
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Triton-compiled kernels need a GPU")
 def test_gpu_kernel_equals_the_xla_step_at_the_benchmark_shapes():
     """Qwen2-0.5B's decode step (14 heads, 2 KV heads, d 64) over a 4,224-slot cache, bf16, at the
-    benchmark's batch sizes (two rows for batch 1, and 16)."""
+    benchmark's batch sizes (two rows for batch 1, and 16), with the default division of the work
+    and with one split per (row, KV head) (no combine kernel)."""
     rng = np.random.default_rng(3)
-    for rows in (2, 16):
+    for rows, config in ((2, KernelConfig()), (16, KernelConfig()), (2, KernelConfig(128, 4, 4, 3)),
+                         (16, KernelConfig(128, 32, 4, 4))):
         lengths = list(rng.integers(1000, 4096, size=rows))
         k, v, seg = left_padded_cache(rng, rows, 4224, 4096, lengths, 2, 64, layers=3, dtype=jnp.bfloat16)
         token = new_token(rng, rows, 14, 2, 64, jnp.bfloat16)
         q_seg = jnp.ones((rows,), jnp.int32)
         exact = xla_step(*jax.tree.map(lambda x: x.astype(jnp.float32), (*token, k, v)), q_seg, seg, 4100, layer=2)[0]
         xla, k_want, v_want = xla_step(*token, k, v, q_seg, seg, 4100, layer=2)
-        got, k_out, v_out = jax.jit(functools.partial(decode_attention, layer=2))(*token, k, v, q_seg, seg, 4100)
+        got, k_out, v_out = jax.jit(functools.partial(decode_attention, layer=2, config=config))(*token, k, v, q_seg,
+                                                                                                  seg, 4100)
         err = float(jnp.abs(got.astype(jnp.float32) - exact).max())
         assert err <= 2 * float(jnp.abs(xla.astype(jnp.float32) - exact).max()) + 1e-2
         np.testing.assert_allclose(k_out.astype(jnp.float32), k_want.astype(jnp.float32), atol=0.05, rtol=1e-2)
