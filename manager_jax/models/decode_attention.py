@@ -186,7 +186,7 @@ def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg
 
     k_out_ref, v_out_ref = out_refs[-2:]
 
-    @pl.when(pl.program_id(2) == 0)
+    @pl.when((pl.program_id(2) == 0) & (q_slot < k_out_ref.shape[0]))  # never a write past the cache
     def _():
         k_out_ref[q_slot, :] = k_new
         v_out_ref[q_slot, :] = v_new
