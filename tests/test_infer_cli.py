@@ -79,9 +79,11 @@ def run(main, argv, capsys) -> tuple[int, str, str]:
 @pytest.mark.parametrize("decode_attention", ["xla", "pallas"])
 def test_generate_json_matches_full_forward_greedy(checkpoint, model_and_tokenizer, capsys, decode_attention):
     ckpt, image, _ = checkpoint
+    # The kernels with one split per row and KV head (no combine kernel): the same tokens.
+    kernels = ["--decode-kernels", "1:16,1,4,1"] if decode_attention == "pallas" else []
     code, out, err = run(generate_main, ["--checkpoint", ckpt, "--image", image, "--prompt", "What is shown?",
-                                         "--max-new-tokens", "5", "--json", "--decode-attention", decode_attention],
-                         capsys)
+                                         "--max-new-tokens", "5", "--json", "--decode-attention", decode_attention,
+                                         *kernels], capsys)
     assert code == 0, err
     record = json.loads(out)
     model, tok = model_and_tokenizer
@@ -144,6 +146,8 @@ def test_clear_errors(checkpoint, capsys, tmp_path):
     assert code == 1 and "more than the model maximum of 300" in err
     code, _, err = run(generate_main, ["--checkpoint", str(root), "--prompt", "hi"], capsys)
     assert code == 1 and "cannot read checkpoint" in err
+    code, _, err = run(generate_main, ["--checkpoint", ckpt, "--prompt", "hi", "--decode-kernels", "16:64,528"], capsys)
+    assert code == 1 and "--decode-kernels: a kernel config is four positive integers" in err
     with pytest.raises(SystemExit):
         generate_main(["--checkpoint", ckpt, "--prompt", "hi", "--prompts", "x.jsonl"])
     with pytest.raises(SystemExit):

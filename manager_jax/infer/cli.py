@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 from manager_jax.config import ConfigError
 from manager_jax.infer.engine import InferenceEngine, InputError
+from manager_jax.models.decode_attention import parse_kernel_configs
 from manager_jax.infer.loading import (
     CheckpointError,
     ImageLoadError,
@@ -66,6 +67,9 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
                    help="attention of the decode steps: XLA's, or two fused GPU kernels per layer (per device on a "
                         "mesh; off the GPU it is interpreted, for tests only); auto: the kernels on GPUs, XLA's elsewhere")
+    p.add_argument("--decode-kernels", default="", metavar="ROWS:B,P,W,S;...",
+                   help="the fused kernels' division of the work by rows decoded together, as "
+                        "benchmarks/decode_attention.py prints the fastest (speed only; default: built in)")
     return p
 
 
@@ -81,6 +85,10 @@ def build_engine(args) -> tuple[InferenceEngine, object]:
     from manager_jax import distributed
     from manager_jax.data.tokenizer import load_tokenizer
 
+    try:
+        decode_kernels = parse_kernel_configs(args.decode_kernels)
+    except ValueError as err:
+        raise InputError(f"--decode-kernels: {err}") from None
     distributed.initialize()  # several processes (JAX_* variables or a detected cluster): one global mesh
     mesh = mesh_from_spec(args.mesh)
     model = load_model(args.checkpoint, dtype=args.dtype, mesh=mesh)
@@ -93,7 +101,7 @@ def build_engine(args) -> tuple[InferenceEngine, object]:
     engine = InferenceEngine(
         model, eos_ids=read_eos_ids(args.checkpoint, tokenizer.eos_ids), pad_id=tokenizer.pad_id,
         im_start_id=tokenizer.im_start_id, vocab_limit=limit, max_length=args.max_length, mesh=mesh,
-        decode_attention=args.decode_attention,
+        decode_attention=args.decode_attention, decode_kernels=decode_kernels,
     )
     return engine, tokenizer
 
