@@ -70,15 +70,19 @@ def cmd_train(argv: Sequence[str]) -> int:
 def cmd_compile(argv: Sequence[str]) -> int:
     args = _train_parser("run.py compile", aot=True).parse_args(argv)
     _setup_logging(args.log_level)
-    from manager_jax.train.aot import compile_for_topology, format_report
+    from manager_jax.train.aot import AotError, compile_for_topology, format_report
     from manager_jax.train.recipe import load_recipe
 
     config = load_recipe(args.config, args.overrides)
-    report = compile_for_topology(config, args.topology, hlo_out=args.hlo_out)
+    try:
+        report = compile_for_topology(config, args.topology, hlo_out=args.hlo_out)
+    except AotError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(format_report(report))
-    if args.hlo_out:
+    if args.hlo_out and report.get("refused_temporaries_gib") is None:
         print(f"HLO: {args.hlo_out}")
-    return 0
+    return 1 if report["fits"] is False else 0  # a launch script can stop on it
 
 
 def _setup_logging(level: str) -> None:

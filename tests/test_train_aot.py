@@ -9,7 +9,8 @@ import sys
 import jax
 import pytest
 
-from manager_jax.train.aot import AotError, compile_for_topology, format_report, libtpu_available, topology_devices
+from manager_jax.train.aot import (AotError, compile_for_topology, compile_time_oom, format_report, libtpu_available,
+                                   topology_devices)
 from manager_jax.train.recipe import load_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +60,28 @@ def test_fsdp_gathers_layer_weights_one_layer_at_a_time():
     assert temp_16 - temp_8 < added_bf16_bytes, (temp_8, temp_16, added_bf16_bytes)
 
 
+def test_the_tpu_compilers_out_of_memory_refusal_is_a_report_that_does_not_fit():
+    """libtpu refuses to compile a step whose temporaries exceed the chip (the 72B recipe on 64 v5p
+    chips, in its own words): that is the command's answer, not a crash."""
+    message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required "
+               "for HLO temporaries (133.00G) exceeds available HBM (95.73G). HLO module: jit_train_step.")
+    assert compile_time_oom(message) == pytest.approx((133.0, 95.73))
+    assert compile_time_oom("RESOURCE_EXHAUSTED: out of host memory") is None
+    report = {"recipe": "r", "topology": "v5p:4x4x4", "devices": 64, "device_kind": "TPU v5", "mesh": {"fsdp": 8},
+              "batch": {}, "params": 10, "trainable_params": 10, "compile_s": 1.0, "hbm_per_chip_gib": 95.73,
+              "refused_temporaries_gib": 133.0, "fits": False}
+    text = format_report(report)
+    assert "temporaries alone need 133.00 GiB of 95.73 GiB HBM -> DOES NOT FIT" in text and "to fit:" in text
+
+
+def test_compile_cli_errors_are_one_line_not_a_traceback():
+    out = subprocess.run([sys.executable, "run.py", "compile", "--config", "configs/demo.py", "--topology", "v9z:2x2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    # (libtpu, where installed, prints its own warnings first)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+
+
 def test_bad_topologies_fail_clearly():
     with pytest.raises(AotError, match="expected like"):
         topology_devices("v5p")
@@ -83,3 +106,16 @@ def test_stage2_7b_grid_manager_compiles_for_v5p_and_fits():
     print(out.stdout)
     assert "8 x TPU v5" in out.stdout and "-> fits" in out.stdout
     assert "attention: splash" in out.stdout  # auto picks the Splash kernel on TPU
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+def test_stage2_72b_on_64_v5p_chips_does_not_fit_and_says_so():
+    """The 72B recipe's stage 2 on v5p:4x4x4 (fsdp 8 x tensor 8): libtpu refuses it for memory. The
+    command reports it and exits 1, so a launch script stops there."""
+    cmd = [sys.executable, "run.py", "compile", "--config", "configs/llava_ov.py:stage2_grid_manager_72b",
+           "--topology", "v5p:4x4x4"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "64 x TPU v5" in out.stdout and "DOES NOT FIT" in out.stdout and "Traceback" not in out.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -43,6 +44,20 @@ HBM_GIB = (
 
 class AotError(RuntimeError):
     """A topology that cannot be compiled for here (e.g. libtpu missing)."""
+
+
+# What the TPU compiler says when the step's temporaries cannot fit the chip: it refuses to compile.
+_COMPILE_TIME_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def compile_time_oom(message: str) -> tuple[float, float] | None:
+    """(temporaries GiB, HBM GiB) from the TPU compiler's out-of-memory refusal, or None."""
+    m = _COMPILE_TIME_OOM.search(message)
+    if not m:
+        return None
+    gib = lambda value, unit: float(value) * _UNITS[unit] / 2**30
+    return gib(m.group(1), m.group(2)), gib(m.group(3), m.group(4))
 
 
 def hbm_gib(device_kind: str) -> float | None:
@@ -109,7 +124,29 @@ def compile_for_topology(config: TrainConfig, topology: str, hlo_out: str | None
     step = jit_train_step(setup, batch)
     t0 = time.perf_counter()
     lowered = step.lower(setup.abstract_state, batch)
-    compiled = lowered.compile()
+    kind = devices[0].device_kind
+    rows = shards * accum * config.data.rows_per_host
+    report = {
+        "recipe": config.name,
+        "topology": topology,
+        "device_kind": kind,
+        "devices": len(devices),
+        "mesh": dict(mesh.shape),
+        "batch": {"shards": shards, "grad_accum": accum, "rows_per_shard": config.data.rows_per_host,
+                  "seq_len": config.data.seq_len, "rows_per_step": rows},
+        "params": setup.num_params(),
+        "trainable_params": setup.num_params(trainable_only=True),
+    }
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+        oom = compile_time_oom(str(err))
+        if oom is None:
+            raise
+        # The compiler refused: the step does not fit. Reported like any other answer.
+        return {**report, "compile_s": time.perf_counter() - t0, "memory_per_chip": None, "hbm_per_chip_gib": oom[1],
+                "fits": False, "refused_temporaries_gib": oom[0], "xla_flops_per_device": None,
+                "model_flops_per_step": None, "attention": None, "mosaic_calls": None}
     compile_s = time.perf_counter() - t0
 
     mem = compiled.memory_analysis()
@@ -117,7 +154,6 @@ def compile_for_topology(config: TrainConfig, topology: str, hlo_out: str | None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     cost = cost or {}
-    kind = devices[0].device_kind
     per_chip = None
     if mem is not None:
         per_chip = {
@@ -132,7 +168,6 @@ def compile_for_topology(config: TrainConfig, topology: str, hlo_out: str | None
             per_chip["arguments_gib"] + per_chip["outputs_gib"] - per_chip["aliased_gib"]
             + per_chip["temporaries_gib"] + per_chip["code_gib"]
         )
-    rows = shards * accum * config.data.rows_per_host
     crops_per_row = config.data.max_crops / max(config.data.rows_per_host, 1)
     # Upper bound: every row one sample filling seq_len, every crop real.
     full_batch_flops = rows * flops_lib.train_flops(
@@ -150,15 +185,7 @@ def compile_for_topology(config: TrainConfig, topology: str, hlo_out: str | None
             f.write(hlo)
         os.replace(partial, hlo_out)
     return {
-        "recipe": config.name,
-        "topology": topology,
-        "device_kind": kind,
-        "devices": len(devices),
-        "mesh": dict(mesh.shape),
-        "batch": {"shards": shards, "grad_accum": accum, "rows_per_shard": config.data.rows_per_host,
-                  "seq_len": config.data.seq_len, "rows_per_step": rows},
-        "params": setup.num_params(),
-        "trainable_params": setup.num_params(trainable_only=True),
+        **report,
         "compile_s": compile_s,
         "memory_per_chip": per_chip,
         "hbm_per_chip_gib": capacity,
@@ -176,6 +203,17 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"recipe {report['recipe']} on {report['topology']} ({report['devices']} x {report['device_kind']}), mesh {report['mesh']}",
         f"batch: {report['batch']}",
+    ]
+    if report.get("refused_temporaries_gib") is not None:
+        lines += [
+            f"params: {report['params']:,} ({report['trainable_params']:,} trainable); the compiler refused after "
+            f"{report['compile_s']:.1f} s",
+            f"memory per chip: temporaries alone need {report['refused_temporaries_gib']:.2f} GiB of "
+            f"{report['hbm_per_chip_gib']:.2f} GiB HBM -> DOES NOT FIT",
+            NOT_FIT_HINT,
+        ]
+        return "\n".join(lines)
+    lines += [
         f"params: {report['params']:,} ({report['trainable_params']:,} trainable); compiled in {report['compile_s']:.1f} s",
         f"attention: {report['attention']} ({report['mosaic_calls']} Mosaic kernel calls in the program)",
     ]
@@ -193,4 +231,10 @@ def format_report(report: dict[str, Any]) -> str:
     if report["xla_flops_per_device"]:
         lines.append(f"XLA FLOPs per device per step: {report['xla_flops_per_device']:.4g}")
     lines.append(f"model FLOPs per step (full rows): {report['model_flops_per_step']:.4g}")
+    if report["fits"] is False:
+        lines.append(NOT_FIT_HINT)
     return "\n".join(lines)
+
+
+NOT_FIT_HINT = ("to fit: more chips (a larger --topology; fsdp=-1 takes them), --set mesh.tensor=N, fewer rows per "
+                "shard (--set data.rows_per_host=1), or --set model.remat_policy=full")
