@@ -1,5 +1,7 @@
 """Manager injection math against an independent numpy transcription of SPEC §2.6-§2.7."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +73,30 @@ def test_static_jitter_is_per_image_and_bounded():
     assert not np.allclose(ratio[img == 0][0], ratio[img == 1][0])
     again = np.asarray(mgr.inject(j, jnp.asarray(h), tokens, jax.random.key(3))).reshape(B * S, D)
     np.testing.assert_array_equal(out, again)
+
+
+def test_jittered_injection_gradients_are_the_plain_formulas():
+    """The jittered weighted sum is rematerialised (its [T, N, D] per-token scores are not kept for
+    the backward pass); its gradients for the scores and the features are still the plain ones:
+    d/dF[n, t] = scores[n] * jitter[img(t), n] * g[t] and d/dscores[n] = sum_t jitter * F[n, t] * g[t]."""
+    cfg, mgr, tokens, h, d = _setup("static_zerouni")
+    j, key = 1, jax.random.key(5)
+    g = jnp.asarray(np.random.default_rng(1).normal(size=(B * S, D)).astype(np.float32))
+    graphdef, params = nnx.split(mgr)
+
+    def loss(params, feats):
+        out = nnx.merge(graphdef, params).inject(j, jnp.asarray(h), dataclasses.replace(tokens, features=feats), key)
+        return jnp.sum(out.reshape(B * S, D) * g)
+
+    d_params, d_feats = jax.grad(loss, argnums=(0, 1))(params, tokens.features)
+    d_scores = nnx.to_pure_dict(d_params)["blocks"][j]["layer_scores"]
+    scores = mgr.blocks[j].layer_scores[...]
+    jitter = np.asarray(mgr._uniform(key, (tokens.num_images,) + scores.shape, jnp.float32))[d["image"]]  # [T, N, D]
+    g_tok = np.where(d["active"][:, None], np.asarray(g)[d["dst"]], 0.0)  # [T, D]
+    want_feats = np.asarray(scores)[:, None, :] * jitter.transpose(1, 0, 2) * g_tok[None]
+    want_scores = np.einsum("tnd,ntd,td->nd", jitter, d["feats"], g_tok)
+    np.testing.assert_allclose(np.asarray(d_feats), want_feats, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(d_scores), want_scores, rtol=1e-4, atol=1e-4)
 
 
 def _np_adaptive(query_type, p, q, h_flat, d, n):
