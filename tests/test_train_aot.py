@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from manager_jax.train.aot import (AotError, compile_for_topology, compile_time_oom, format_report, libtpu_available,
-                                   topology_devices)
+                                   topology_devices, ways_to_fit)
 from manager_jax.train.recipe import load_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,11 +67,17 @@ def test_the_tpu_compilers_out_of_memory_refusal_is_a_report_that_does_not_fit()
                "for HLO temporaries (133.00G) exceeds available HBM (95.73G). HLO module: jit_train_step.")
     assert compile_time_oom(message) == pytest.approx((133.0, 95.73))
     assert compile_time_oom("RESOURCE_EXHAUSTED: out of host memory") is None
+    config = load_recipe(os.path.join(REPO, "configs", "llava_ov.py:stage2_grid_manager_72b"))
+    ways = ways_to_fit(config, {"data": 1, "fsdp": 8, "tensor": 8})
+    # 8 KV heads already split 8 ways, one row per shard, full remat: only more chips are left.
+    assert ways == ["more chips (a larger --topology; fsdp=-1 takes them)"]
+    assert len(ways_to_fit(config, {"fsdp": 64, "tensor": 1})) == 2  # + --set mesh.tensor=2
     report = {"recipe": "r", "topology": "v5p:4x4x4", "devices": 64, "device_kind": "TPU v5", "mesh": {"fsdp": 8},
               "batch": {}, "params": 10, "trainable_params": 10, "compile_s": 1.0, "hbm_per_chip_gib": 95.73,
-              "refused_temporaries_gib": 133.0, "fits": False}
+              "refused_temporaries_gib": 133.0, "fits": False, "to_fit": ways}
     text = format_report(report)
-    assert "temporaries alone need 133.00 GiB of 95.73 GiB HBM -> DOES NOT FIT" in text and "to fit:" in text
+    assert "temporaries alone need 133.00 GiB of 95.73 GiB HBM -> DOES NOT FIT" in text
+    assert "to fit: more chips" in text
 
 
 def test_compile_cli_errors_are_one_line_not_a_traceback():

@@ -136,6 +136,7 @@ def compile_for_topology(config: TrainConfig, topology: str, hlo_out: str | None
                   "seq_len": config.data.seq_len, "rows_per_step": rows},
         "params": setup.num_params(),
         "trainable_params": setup.num_params(trainable_only=True),
+        "to_fit": ways_to_fit(config, dict(mesh.shape)),
     }
     try:
         compiled = lowered.compile()
@@ -216,7 +217,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{report['compile_s']:.1f} s",
             f"memory per chip: temporaries alone need {report['refused_temporaries_gib']:.2f} GiB of "
             f"{report['hbm_per_chip_gib']:.2f} GiB HBM -> DOES NOT FIT",
-            NOT_FIT_HINT,
+            "to fit: " + "; ".join(report["to_fit"]),
         ]
         return "\n".join(lines)
     lines += [
@@ -239,9 +240,19 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"XLA FLOPs per device per step: {report['xla_flops_per_device']:.4g}")
     lines.append(f"model FLOPs per step (full rows): {report['model_flops_per_step']:.4g}")
     if report["fits"] is False:
-        lines.append(NOT_FIT_HINT)
+        lines.append("to fit: " + "; ".join(report["to_fit"]))
     return "\n".join(lines)
 
 
-NOT_FIT_HINT = ("to fit: more chips (a larger --topology; fsdp=-1 takes them), --set mesh.tensor=N, fewer rows per "
-                "shard (--set data.rows_per_host=1), or --set model.remat_policy=full")
+def ways_to_fit(config: TrainConfig, mesh_shape: dict[str, int]) -> list[str]:
+    """What could bring the step under the chip's memory, leaving out what the config already does."""
+    ways = ["more chips (a larger --topology; fsdp=-1 takes them)"]
+    heads = config.model.text.num_kv_heads
+    tensor = mesh_shape.get("tensor", 1)
+    if heads % (2 * tensor) == 0:
+        ways.append(f"--set mesh.tensor={2 * tensor}")
+    if config.data.rows_per_host > 1:
+        ways.append("--set data.rows_per_host=1 (more accumulation steps)")
+    if config.model.remat_policy != "full":
+        ways.append("--set model.remat_policy=full")
+    return ways
