@@ -8,6 +8,11 @@ optimizer state comes from sharding the ``embed`` dimension over ``fsdp``.
 
 A dimension whose size is not a multiple of its mesh axes is left unsharded (e.g. 2 KV heads on a
 tensor axis of 4); a mesh axis is never used twice in one spec.
+
+Activations are left to GSPMD's propagation, with one exception: the Manager's multi-layer
+features are split over "tensor" on their width (`models.attention.split_width_over_heads_axis`,
+active inside the train step's and the engine's `sharded_attention`). Propagated from the
+replicated residual stream they stay whole, 13 copies of the stream per image token.
 """
 
 from __future__ import annotations

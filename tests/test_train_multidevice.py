@@ -128,3 +128,22 @@ def test_splash_attention_step_equals_xla_step_on_a_mesh(monkeypatch):
     assert sp_norm == pytest.approx(xla_norm, rel=1e-4)
     for a, b in zip(jax.tree.leaves(sp_params), jax.tree.leaves(xla_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=0.01 * OPTIM.manager_lr)
+
+
+def test_manager_features_are_split_over_the_tensor_axis():
+    """The Manager's [N, T, D] features (and every injection's [T, D] update) are split over
+    "tensor" on D. Whole, GSPMD leaves them replicated like the residual stream, and at 72B
+    (tensor 8) their copies alone overfill a v5p chip (`run.py compile`, RESULTS.md)."""
+    import re
+
+    cfg = small_model("grid_manager")  # grid: T (plan tokens) differs from P (crop patches)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    setup = make_setup(cfg, mesh, tunable_parts=TUNABLE, optim=OPTIM, total_steps=10, loss=LossConfig())
+    state = init_state(setup, init_params(setup, 0), 0)
+    batch = random_step_batch(cfg, 5, accum=1, shards=8, seq_len=1664)
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    hlo = jit_train_step(setup, abstract).lower(state, abstract).compile().as_text()
+    t, d = batch["plan_src"].shape[-2], cfg.text.hidden_size
+    per_token = lambda width: set(re.findall(rf"\w+\[[0-9,]*\b{t},{width}\]", hlo))  # noqa: E731
+    assert per_token(d // 2), "no per-image-token array split over tensor"
+    assert not per_token(d), f"per-image-token arrays left whole: {sorted(per_token(d))}"

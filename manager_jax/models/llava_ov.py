@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from manager_jax.config import ModelConfig
+from manager_jax.models.attention import split_width_over_heads_axis
 from manager_jax.models.layers import linear
 from manager_jax.models.manager import Manager, ManagerTokens
 from manager_jax.models.qwen2 import Qwen2Decoder
@@ -73,6 +74,9 @@ class LlavaOV(nnx.Module):
             return main, None
         mgr = self.projector(selected)  # the same projector (SPEC §2.3)
         mgr = mgr + self.manager.layer_embedding[...].astype(mgr.dtype)[:, None, None, :]
+        # Split over the tensor axis from here on (the projector reduce-scatters into it): every
+        # injection reads all N layers of every image token, and whole they would fill a 72B chip.
+        mgr = split_width_over_heads_axis(mgr)
         return main, mgr.reshape(mgr.shape[0], -1, mgr.shape[-1])
 
     def _newline(self, dtype):
@@ -101,7 +105,7 @@ class LlavaOV(nnx.Module):
         if mgr is None:
             return h, None
         mtok = ManagerTokens(
-            features=self.image_tokens(mgr, batch),
+            features=split_width_over_heads_axis(self.image_tokens(mgr, batch)),
             dst=batch["plan_dst"],
             active=batch["plan_manager"] & (batch["plan_dst"] < b * s),
             image=batch["plan_image"],
