@@ -2,6 +2,7 @@
 
     python run.py train --config configs/demo.py [--set key=value ...]
     python run.py compile --config configs/llava_ov.py:stage2_grid_manager_7b --topology v5p:2x2x2
+    python run.py compile-generate --model 72b:grid_manager --topology v5p:2x2x2 --mesh tensor=8
     python run.py inspect-data ...        (manager_jax.data.inspect)
     python run.py generate|score ...      (manager_jax.infer.cli)
 
@@ -95,6 +96,8 @@ def _setup_logging(level: str) -> None:
 COMMANDS: dict[str, tuple[Callable[[], Callable[[Sequence[str]], int | None]], str]] = {
     "train": (lambda: cmd_train, "train from a recipe"),
     "compile": (lambda: cmd_compile, "AOT-compile the train step for a TPU topology"),
+    "compile-generate": (lambda: _lazy("manager_jax.infer.aot", "main"),
+                         "AOT-compile generation (prefill + decode) for a TPU topology"),
     "inspect-data": (lambda: _lazy("manager_jax.data.inspect", "main"), "inspect the data pipeline's batches"),
     "generate": (lambda: _lazy("manager_jax.infer.cli", "generate_main"), "generate text for images + prompts"),
     "score": (lambda: _lazy("manager_jax.infer.cli", "score_main"), "score continuations (log-likelihood)"),

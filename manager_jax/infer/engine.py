@@ -261,8 +261,13 @@ class InferenceEngine:
             return state
         from manager_jax.sharding import tree_shardings
 
+        def place(leaf, sharding):  # abstract params (an nnx.eval_shape model) get their sharding
+            if isinstance(leaf, jax.ShapeDtypeStruct):
+                return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+            return jax.device_put(leaf, sharding)
+
         pure = nnx.to_pure_dict(state)
-        placed = jax.tree_util.tree_map(jax.device_put, pure, tree_shardings(pure, self.mesh))
+        placed = jax.tree_util.tree_map(place, pure, tree_shardings(pure, self.mesh))
         nnx.replace_by_pure_dict(state, placed)
         return state
 
@@ -286,15 +291,25 @@ class InferenceEngine:
         kv = "tensor" if tensor > 1 and self.cfg.text.num_kv_heads % tensor == 0 else None
         return NamedSharding(self.mesh, PartitionSpec(None, batch, None, kv, None))
 
+    def _input_sharding(self, name: str, ndim: int, rows: int):
+        """Per-row fields are split over the data axes, the others replicated (None: one device)."""
+        return self._batch_spec(ndim, rows) if name in ROW_FIELDS else self._replicated()
+
     def _put(self, inputs: dict, rows: int) -> dict[str, jax.Array]:
-        """Host (or device) arrays -> device arrays; per-row fields are split over the data axes."""
+        """Host (or device) arrays -> device arrays, placed by `_input_sharding`."""
         out = {}
         for name, value in inputs.items():
             if not isinstance(value, jax.Array):
                 value = np.asarray(value)
-            spec = self._batch_spec(value.ndim, rows) if name in ROW_FIELDS else self._replicated()
+            spec = self._input_sharding(name, value.ndim, rows)
             out[name] = jax.device_put(value, spec) if spec is not None else jnp.asarray(value)
         return out
+
+    def _abstract(self, inputs: dict, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """What `_put` would make of `inputs`, without data (ahead-of-time compilation)."""
+        return {name: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
+                                           sharding=self._input_sharding(name, np.ndim(v), rows))
+                for name, v in inputs.items()}
 
     def _replicated(self):
         return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
@@ -534,23 +549,8 @@ class InferenceEngine:
     def decode(self, prepared: PreparedBatch, first_logits, cache, params: SamplingParams) -> list[Generation]:
         """The decode loop after `prefill(prepared, prompt_slots + new_slots(prepared, params))`
         (the cache is donated)."""
-        max_new = self._max_new(prepared, params)
         rows, new_slots = len(prepared.lengths), cache[0].shape[2] - prepared.prompt_slots
-        if new_slots < max_new:
-            raise ValueError(f"the cache has {new_slots} answer slots, {max_new} are needed")
-        eos_ids = self.eos_ids if params.eos_ids is None else [int(e) for e in params.eos_ids]
-        if len(eos_ids) > MAX_EOS_IDS:
-            raise InputError(f"at most {MAX_EOS_IDS} eos ids are supported, got {eos_ids}")
-        eos = np.full(MAX_EOS_IDS, -1, np.int32)
-        eos[: len(eos_ids)] = eos_ids
-        controls = {
-            "max_new": np.int32(max_new), "temperature": np.float32(params.temperature),
-            "top_k": np.int32(params.top_k), "top_p": np.float32(params.top_p), "eos": eos,
-            "repetition_penalty": np.float32(params.repetition_penalty),
-            "pad": np.int32(self.pad_id),
-            "vocab_limit": np.int32(self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size),
-        }
-        kv_seg, next_pos = self.kv_segments(prepared, new_slots), prepared.lengths
+        controls, kv_seg, next_pos = self._decode_controls(prepared, params, new_slots)
         if rows < self.decode_min_rows:  # filler rows repeat the last row; their answers are dropped
             fill = self.decode_min_rows - rows
             kv_seg, next_pos = (np.concatenate([a, np.repeat(a[-1:], fill, 0)]) for a in (kv_seg, next_pos))
@@ -569,6 +569,50 @@ class InferenceEngine:
             Generation(out[r, : count[r]].tolist(), "eos" if done[r] else "length", int(prepared.lengths[r]))
             for r in range(prepared.num_prompts)
         ]
+
+    def _decode_controls(self, prepared: PreparedBatch, params: SamplingParams, new_slots: int):
+        """The decode loop's host inputs: (controls, kv_seg [rows, slots], next_pos [rows])."""
+        max_new = self._max_new(prepared, params)
+        if new_slots < max_new:
+            raise ValueError(f"the cache has {new_slots} answer slots, {max_new} are needed")
+        eos_ids = self.eos_ids if params.eos_ids is None else [int(e) for e in params.eos_ids]
+        if len(eos_ids) > MAX_EOS_IDS:
+            raise InputError(f"at most {MAX_EOS_IDS} eos ids are supported, got {eos_ids}")
+        eos = np.full(MAX_EOS_IDS, -1, np.int32)
+        eos[: len(eos_ids)] = eos_ids
+        controls = {
+            "max_new": np.int32(max_new), "temperature": np.float32(params.temperature),
+            "top_k": np.int32(params.top_k), "top_p": np.float32(params.top_p), "eos": eos,
+            "repetition_penalty": np.float32(params.repetition_penalty),
+            "pad": np.int32(self.pad_id),
+            "vocab_limit": np.int32(self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size),
+        }
+        return controls, self.kv_segments(prepared, new_slots), prepared.lengths
+
+    # ---- ahead of time --------------------------------------------------------------------
+    def compile_generate(self, prepared: PreparedBatch, params: SamplingParams = SamplingParams()):
+        """Compiles, without running, the two programs `generate_prepared(prepared, params)` runs:
+        {"prefill": Compiled, "decode": Compiled} (memory_analysis, cost_analysis, as_text). The
+        engine may hold abstract params (an `nnx.eval_shape` model on compile-only devices)."""
+        new_slots = self.new_slots(prepared, params)
+        rows = len(prepared.lengths)
+        if rows < self.decode_min_rows:
+            raise ValueError(f"compile_generate needs at least decode_min_rows={self.decode_min_rows} rows")
+        inputs = self._abstract(dict(prepared.inputs, lengths=prepared.lengths), rows)
+        lengths = inputs.pop("lengths")
+        prefill = self._prefill_jit.lower(self.state, inputs, lengths, cache_len=prepared.prompt_slots + new_slots,
+                                          plain_causal=jax.default_backend() == "gpu").compile()
+        first_logits, cache = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype,
+                                                                                       sharding=sharding),
+                                           prefill.out_info, prefill.output_shardings)
+        controls, kv_seg, next_pos = self._decode_controls(prepared, params, new_slots)
+        host = self._abstract(dict(controls, kv_seg=kv_seg, next_pos=next_pos), rows)
+        kv_seg, next_pos = host.pop("kv_seg"), host.pop("next_pos")
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self._replicated())
+        decode = self._decode_jit.lower(self.state, first_logits, cache, kv_seg, next_pos, host, key,
+                                        greedy=params.greedy, new_slots=new_slots).compile()
+        return {"prefill": prefill, "decode": decode}
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """Sum of log-probabilities of each request's target tokens (one full forward, no cache)."""

@@ -161,8 +161,8 @@ class MeshSpecError(ValueError):
     """A --mesh / mesh= value that does not describe a mesh over the available devices."""
 
 
-def mesh_from_spec(spec: str | None):
-    """'data=2,tensor=4' -> a Mesh over all devices (`manager_jax.sharding`); None / '' -> None.
+def mesh_from_spec(spec: str | None, devices=None):
+    """'data=2,tensor=4' -> a Mesh over `devices` (default: all; `manager_jax.sharding`); None / '' -> None.
 
     Unnamed axes have size 1, except fsdp, which takes the remaining devices unless an axis is -1.
     """
@@ -181,6 +181,6 @@ def mesh_from_spec(spec: str | None):
     if -1 not in full.values() and "fsdp" not in sizes:
         full["fsdp"] = -1
     try:
-        return make_mesh(MeshConfig(**full))
+        return make_mesh(MeshConfig(**full), devices)
     except ValueError as e:
         raise MeshSpecError(f"mesh {spec!r}: {e}") from e

@@ -104,6 +104,27 @@ def topology_devices(topology: str) -> list[Any]:
     return list(desc.devices)
 
 
+def memory_per_chip(compiled: Any) -> dict[str, float] | None:
+    """A compiled program's memory on one device, GiB: arguments, outputs, aliased, temporaries,
+    code and their total (None where the backend does not report it)."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    per_chip = {
+        "arguments_gib": mem.argument_size_in_bytes / 2**30,
+        "outputs_gib": mem.output_size_in_bytes / 2**30,
+        "aliased_gib": mem.alias_size_in_bytes / 2**30,
+        "temporaries_gib": mem.temp_size_in_bytes / 2**30,
+        "code_gib": mem.generated_code_size_in_bytes / 2**30,
+    }
+    # Donated inputs alias their outputs, so aliased bytes are counted once.
+    per_chip["total_gib"] = (
+        per_chip["arguments_gib"] + per_chip["outputs_gib"] - per_chip["aliased_gib"]
+        + per_chip["temporaries_gib"] + per_chip["code_gib"]
+    )
+    return per_chip
+
+
 def compile_for_topology(config: TrainConfig, topology: str, hlo_out: str | None = None) -> dict[str, Any]:
     """Lowers and compiles the train step of `config` for `topology`; returns a report dict.
     `hlo_out`: also write the compiled program's HLO text to this path (whole or not at all)."""
@@ -150,25 +171,11 @@ def compile_for_topology(config: TrainConfig, topology: str, hlo_out: str | None
                 "model_flops_per_step": None, "attention": None, "mosaic_calls": None}
     compile_s = time.perf_counter() - t0
 
-    mem = compiled.memory_analysis()
+    per_chip = memory_per_chip(compiled)
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     cost = cost or {}
-    per_chip = None
-    if mem is not None:
-        per_chip = {
-            "arguments_gib": mem.argument_size_in_bytes / 2**30,
-            "outputs_gib": mem.output_size_in_bytes / 2**30,
-            "aliased_gib": mem.alias_size_in_bytes / 2**30,
-            "temporaries_gib": mem.temp_size_in_bytes / 2**30,
-            "code_gib": mem.generated_code_size_in_bytes / 2**30,
-        }
-        # Donated state aliases its outputs, so aliased bytes are counted once.
-        per_chip["total_gib"] = (
-            per_chip["arguments_gib"] + per_chip["outputs_gib"] - per_chip["aliased_gib"]
-            + per_chip["temporaries_gib"] + per_chip["code_gib"]
-        )
     crops_per_row = config.data.max_crops / max(config.data.rows_per_host, 1)
     # Upper bound: every row one sample filling seq_len, every crop real.
     full_batch_flops = rows * flops_lib.train_flops(

@@ -1,0 +1,159 @@
+"""Ahead-of-time compilation of generation for a TPU topology, on a CPU host.
+
+    python run.py compile-generate --model 72b:grid_manager --topology v5p:2x2x2 --mesh tensor=8
+
+Builds the inference engine over an abstract model (`nnx.eval_shape`: no weights are made) on the
+compile-only devices of the topology (`train.aot.topology_devices`), prepares one real batch of
+prompts (a generated image of the asked size, random text ids), and compiles the two programs that
+`InferenceEngine.generate` runs for it: the prefill (vision tower, Manager, decoder, KV cache) and
+the decode loop. It reports each program's memory per chip, so a serving mesh is checked before a
+pod is booked. `--topology cpu:N` compiles for N local CPU devices (no libtpu needed; CPU reports
+no HBM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from manager_jax.config import VARIANTS, ConfigError, ModelConfig, preset
+from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
+from manager_jax.infer.engine import InferenceEngine, Prompt
+from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
+from manager_jax.infer.sampling import SamplingParams
+from manager_jax.models.llava_ov import LlavaOV
+from manager_jax.train.aot import AotError, compile_time_oom, hbm_gib, memory_per_chip, topology_devices
+
+PROGRAMS = ("prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateWorkload:
+    """What one generate call holds: `rows` prompts of one image and `prompt_tokens` text tokens each."""
+
+    rows: int = 1
+    image_size: tuple[int, int] = (768, 768)  # width, height
+    prompt_tokens: int = 64
+    new_tokens: int = 128
+
+    def prompts(self, vocab_size: int, seed: int = 0) -> list[Prompt]:
+        rng = np.random.default_rng(seed)
+        image = Image.fromarray(rng.integers(0, 256, (self.image_size[1], self.image_size[0], 3), np.uint8))
+        return [Prompt([IMAGE_TOKEN_INDEX, *rng.integers(1, vocab_size, self.prompt_tokens).tolist()], [image])
+                for _ in range(self.rows)]
+
+
+def model_config(spec: str, dtype: str | None) -> ModelConfig:
+    """'72b:grid_manager' (a preset: size[:variant]) -> its ModelConfig in `dtype`."""
+    size, _, variant = spec.partition(":")
+    cfg = preset(size.strip().lower(), variant.strip() or "grid_manager")
+    return cfg.replace(dtype=dtype, param_dtype=dtype) if dtype else cfg
+
+
+def compile_generate_for_topology(cfg: ModelConfig, topology: str, *, mesh: str | None = None,
+                                  workload: GenerateWorkload = GenerateWorkload(),
+                                  decode_scan_layers: bool = False) -> dict[str, Any]:
+    """Compiles prefill and the decode loop of `cfg` for `topology`; returns a report dict."""
+    devices = topology_devices(topology)
+    device_mesh = mesh_from_spec(mesh, devices) if mesh else mesh_from_spec("fsdp=-1", devices)
+    model = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))
+    engine = InferenceEngine(model, mesh=device_mesh, decode_scan_layers=decode_scan_layers)
+    prepared = engine.prepare(workload.prompts(cfg.text.vocab_size))
+    params = SamplingParams(max_new_tokens=workload.new_tokens)
+    kind = devices[0].device_kind
+    params_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    report: dict[str, Any] = {
+        "model": f"{cfg.text.num_layers} text layers, width {cfg.text.hidden_size}, {cfg.dtype}",
+        "topology": topology, "device_kind": kind, "devices": len(devices), "mesh": dict(device_mesh.shape),
+        "workload": dataclasses.asdict(workload),
+        "prompt_slots": prepared.prompt_slots, "cache_slots": prepared.prompt_slots + engine.new_slots(prepared, params),
+        "params_gib": params_bytes / 2**30, "decode": "scanned layers" if decode_scan_layers else "unrolled layers",
+        "hbm_per_chip_gib": hbm_gib(kind),
+    }
+    t0 = time.perf_counter()
+    try:
+        compiled = engine.compile_generate(prepared, params)
+    except jax.errors.JaxRuntimeError as err:
+        oom = compile_time_oom(str(err))
+        if oom is None:
+            raise
+        return {**report, "compile_s": time.perf_counter() - t0, "programs": None, "fits": False,
+                "refused_temporaries_gib": oom[0], "hbm_per_chip_gib": oom[1]}
+    programs = {name: memory_per_chip(compiled[name]) for name in PROGRAMS}
+    capacity = report["hbm_per_chip_gib"]
+    totals = [p["total_gib"] for p in programs.values() if p]
+    fits = (max(totals) <= capacity) if (capacity and len(totals) == len(PROGRAMS)) else None
+    return {**report, "compile_s": time.perf_counter() - t0, "programs": programs, "fits": fits}
+
+
+def format_generate_report(report: dict[str, Any]) -> str:
+    w = report["workload"]
+    lines = [
+        f"model: {report['model']}, params {report['params_gib']:.2f} GiB",
+        f"on {report['topology']} ({report['devices']} x {report['device_kind']}), mesh {report['mesh']}",
+        f"workload: {w['rows']} prompt(s) of a {w['image_size'][0]}x{w['image_size'][1]} image + "
+        f"{w['prompt_tokens']} text tokens ({report['prompt_slots']} slots), {w['new_tokens']} new tokens; "
+        f"cache {report['cache_slots']} slots; decode with {report['decode']}",
+    ]
+    cap = report["hbm_per_chip_gib"]
+    if report["programs"] is None:
+        lines.append(f"the compiler refused after {report['compile_s']:.1f} s: temporaries alone need "
+                     f"{report['refused_temporaries_gib']:.2f} GiB of {cap:.2f} GiB HBM -> DOES NOT FIT")
+        return "\n".join(lines)
+    lines.append(f"compiled in {report['compile_s']:.1f} s; memory per chip:")
+    for name, mem in report["programs"].items():
+        if mem is None:
+            lines.append(f"  {name:8s} not reported by this backend")
+            continue
+        lines.append(f"  {name:8s} {mem['total_gib']:7.2f} GiB (arguments {mem['arguments_gib']:.2f}, outputs "
+                     f"{mem['outputs_gib']:.2f}, aliased {mem['aliased_gib']:.2f}, temporaries "
+                     f"{mem['temporaries_gib']:.2f})")
+    if report["fits"] is not None:
+        lines.append(f"of {cap:.0f} GiB HBM -> " + ("fits" if report["fits"] else "DOES NOT FIT"))
+    return "\n".join(lines)
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, sep, h = text.lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 768x768, got {text!r}")
+    return int(w), int(h)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="run.py compile-generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="0.5b:grid_manager",
+                   help=f"preset size[:variant]: sizes 0.5b, 7b, 72b; variants {', '.join(VARIANTS)}")
+    p.add_argument("--topology", required=True, help="TPU topology like v5p:2x2x2 (needs libtpu), or cpu:N")
+    p.add_argument("--mesh", default=None, help="like 'tensor=8' or 'data=2,tensor=4' (default: fsdp over all devices)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="params and compute dtype")
+    p.add_argument("--rows", type=int, default=1, help="prompts decoded together")
+    p.add_argument("--image-size", type=_size, default=(768, 768), metavar="WxH")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per prompt besides the image")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--decode-scan-layers", action="store_true",
+                   help="scan the decoder layers while decoding (no second copy of the decoder weights)")
+    args = p.parse_args(argv)
+    if min(args.rows, args.prompt_tokens, args.new_tokens) < 1:
+        p.error("--rows, --prompt-tokens and --new-tokens must be >= 1")
+    try:
+        cfg = model_config(args.model, args.dtype)
+        report = compile_generate_for_topology(
+            cfg, args.topology, mesh=args.mesh, decode_scan_layers=args.decode_scan_layers,
+            workload=GenerateWorkload(args.rows, args.image_size, args.prompt_tokens, args.new_tokens),
+        )
+    except (AotError, ConfigError, MeshSpecError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_generate_report(report))
+    return 1 if report["fits"] is False else 0

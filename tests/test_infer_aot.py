@@ -1,0 +1,101 @@
+"""Generation compiled ahead of time (`InferenceEngine.compile_generate`, `run.py compile-generate`).
+
+The programs it compiles must be the ones `generate` runs: run with real inputs they give
+`generate`'s tokens. Over an abstract model on a mesh, the parameters arrive sharded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
+from manager_jax.infer.aot import GenerateWorkload, compile_generate_for_topology, main, model_config
+from manager_jax.infer.engine import InferenceEngine, Prompt
+from manager_jax.infer.sampling import SamplingParams
+from manager_jax.models.llava_ov import LlavaOV
+from manager_jax.reference.parity import random_image
+from manager_jax.train.aot import libtpu_available
+from tests.test_infer_engine import tiny_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
+
+
+def test_compiled_programs_are_the_ones_generate_runs():
+    model = tiny_model("grid_manager")
+    engine = InferenceEngine(model, pad_id=0)
+    prompts = [Prompt([1, 2, IMAGE_TOKEN_INDEX, 3], [random_image((200, 120), 1)]), Prompt([4, 5, 6, 7, 8])]
+    params = SamplingParams(max_new_tokens=7)
+    prepared = engine.prepare(prompts)
+    compiled = engine.compile_generate(prepared, params)
+
+    rows, new_slots = len(prepared.lengths), engine.new_slots(prepared, params)
+    inputs = engine._put(dict(prepared.inputs, lengths=prepared.lengths), rows)
+    lengths = inputs.pop("lengths")
+    first_logits, cache = compiled["prefill"](engine.state, inputs, lengths)
+    controls, kv_seg, next_pos = engine._decode_controls(prepared, params, new_slots)
+    out, count, _, _ = compiled["decode"](engine.state, first_logits, cache, kv_seg, next_pos, controls,
+                                          jax.random.key(params.seed))
+    tokens = [np.asarray(out)[r, : int(count[r])].tolist() for r in range(len(prompts))]
+    assert tokens == [g.token_ids for g in engine.generate(prompts, params)]
+
+
+@needs_8
+def test_an_abstract_model_on_a_mesh_compiles_with_sharded_params():
+    cfg = tiny_model("grid_manager").cfg
+    work = GenerateWorkload(rows=2, image_size=(500, 300), prompt_tokens=9, new_tokens=5)
+    sharded = compile_generate_for_topology(cfg, "cpu:8", mesh="fsdp=4,tensor=2", workload=work)
+    whole = compile_generate_for_topology(cfg, "cpu:1", workload=work)
+    assert sharded["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert sharded["hbm_per_chip_gib"] is None and sharded["fits"] is None  # CPU: no HBM to fit
+    model = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))
+    params = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert sharded["params_gib"] * 2**30 == params
+    # The prompts' inputs are the same per chip either way (pixels replicated, 2 rows on 1 data
+    # shard); the parameters are split 8 ways on the mesh (a few small ones whole).
+    saved = (whole["programs"]["prefill"]["arguments_gib"] - sharded["programs"]["prefill"]["arguments_gib"]) * 2**30
+    assert 0.6 * params < saved <= params * 7 / 8
+    assert sharded["cache_slots"] >= sharded["prompt_slots"] + 5
+
+
+@needs_8
+def test_cli_reports_memory_per_program_for_the_real_shapes(capsys):
+    code = main(["--model", "0.5b:grid_manager", "--topology", "cpu:8", "--mesh", "tensor=2", "--rows", "2",
+                 "--new-tokens", "16"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "24 text layers, width 896, bfloat16" in out and "mesh {'data': 1, 'fsdp': 4, 'tensor': 2}" in out
+    assert "2 prompt(s) of a 768x768 image + 64 text tokens" in out
+    assert "prefill" in out and "decode" in out
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert main(["--model", "13b", "--topology", "cpu:1"]) == 2
+    assert "unknown size" in capsys.readouterr().err
+    assert main(["--model", "0.5b", "--topology", "cpu:1", "--mesh", "tensor=x"]) == 2
+    assert "bad mesh entry" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--topology", "cpu:1", "--image-size", "768"])
+    assert model_config("7b:baseline", "bfloat16").manager.enabled is False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+def test_72b_generation_fits_8_v5p_chips_with_tensor_8():
+    """The 72B grid + Manager model (136 GiB of bf16 params) served on v5p:2x2x2, run as the CLI does
+    (a fresh process: libtpu owns its backend)."""
+    cmd = [sys.executable, "run.py", "compile-generate", "--model", "72b:grid_manager", "--topology", "v5p:2x2x2",
+           "--mesh", "tensor=8"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    print(out.stdout)
+    assert "80 text layers, width 8192" in out.stdout and "8 x TPU v5" in out.stdout and "-> fits" in out.stdout
