@@ -110,7 +110,7 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
     result = {
         "what": "generate", "impl": "jax", "variant": args.variant, "tiny": args.tiny, "dtype": args.dtype,
         "decode_layers": "scan" if args.decode_scan else "unrolled", "decode_min_rows": engine.decode_min_rows,
-        "decode_attention": engine.decode_attention,
+        "decode_attention": engine.decode_attention, "decode_check_every": engine.decode_check_every,
         "decode_kernel": str(dict(engine.decode_kernels).get(max(batch, engine.decode_min_rows), KernelConfig()))
         if engine.decode_attention == "pallas" else None,
         "batch": batch, "image": args.image, "crops": sample.num_crops, "prompt_len": int(prepared.lengths[0]),
@@ -147,6 +147,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-kernels", default="", metavar="ROWS:B,P,W,S;...",
                    help="the Pallas kernels' configs by rows decoded together (InferenceEngine decode_kernels), as "
                         "benchmarks/decode_attention.py prints the fastest; rows not listed: the default")
+    p.add_argument("--decode-check-every", type=int, default=8,
+                   help="tokens decoded between the loop's checks for the end (InferenceEngine decode_check_every; "
+                        "1: every token, a host round trip each on GPU)")
     p.add_argument("--profile", default=None, metavar="FILE.xplane.pb",
                    help="after timing, profile one prefill + decode per batch size (FILE with _b<batch> before .xplane.pb)")
     args = p.parse_args(argv)
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
     model = build_model(args)
     engine = InferenceEngine(model, eos_ids=[], pad_id=0, min_new_bucket=args.new_tokens,
                              decode_scan_layers=args.decode_scan, decode_min_rows=args.decode_min_rows,
-                             decode_attention=args.decode_attention, decode_kernels=decode_kernels)
+                             decode_attention=args.decode_attention, decode_kernels=decode_kernels,
+                             decode_check_every=args.decode_check_every)
     for batch in (int(b) for b in args.batch.split(",")):
         profile = args.profile.replace(".xplane.pb", f"_b{batch}.xplane.pb") if args.profile else None
         print(json.dumps(bench(engine, args, batch, profile=profile)), flush=True)

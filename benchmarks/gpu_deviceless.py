@@ -93,8 +93,10 @@ def compile_decode(args, devices) -> str:
 
     cfg = benchmark_model_config(False, args.variant).replace(dtype="bfloat16", param_dtype="bfloat16")
     model = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))  # shapes only: nothing is allocated
+    # decode_check_every=1: one token loop, so the counts are per token. The engine's default runs
+    # the same body in fixed runs of tokens (a nested loop of known trip count).
     engine = InferenceEngine(model, eos_ids=[], pad_id=0, decode_min_rows=args.decode_min_rows,
-                             decode_attention=args.decode_attention)
+                             decode_attention=args.decode_attention, decode_check_every=1)
     rows = max(args.rows, engine.decode_min_rows)
     here = NamedSharding(Mesh(np.asarray(devices[:1]), ("x",)), PartitionSpec())
     shaped = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=here)

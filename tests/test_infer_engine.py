@@ -186,6 +186,28 @@ def test_eos_stops_each_row(manager_engine):
         assert gens[1].token_ids == other and gens[1].finish_reason == "length"
 
 
+def test_fixed_token_runs_between_end_checks_keep_every_answer(manager_engine):
+    """Runs of 4 or 8 tokens between the loop's checks for the end: the same tokens, ends and
+    sampled draws as checking after every token, with answers ending inside a run and a
+    max_new_tokens that no run length divides."""
+    model, _ = manager_engine
+    engines = {n: InferenceEngine(model, pad_id=0, decode_check_every=n) for n in (1, 4, 8)}
+    prompts = mixed_prompts()
+    free = engines[1].generate(prompts, SamplingParams(max_new_tokens=13))
+    assert [len(g.token_ids) for g in free] == [13, 13]
+    stop = free[0].token_ids[6]  # row 0 ends inside the second run of 4
+    cases = [SamplingParams(max_new_tokens=13), SamplingParams(max_new_tokens=13, eos_ids=(stop,)),
+             SamplingParams(max_new_tokens=11, temperature=1.0, top_k=50, seed=3)]
+    for params in cases:
+        expected = [(g.token_ids, g.finish_reason) for g in engines[1].generate(prompts, params)]
+        for n in (4, 8):
+            assert [(g.token_ids, g.finish_reason) for g in engines[n].generate(prompts, params)] == expected, (n, params)
+    ended = engines[4].generate(prompts, cases[1])[0]
+    assert ended.finish_reason == "eos" and len(ended.token_ids) == free[0].token_ids.index(stop) + 1
+    with pytest.raises(ValueError, match="decode_check_every"):
+        InferenceEngine(model, decode_check_every=0)
+
+
 def test_scanned_and_unrolled_decode_layers_agree(manager_engine):
     model, unrolled = manager_engine
     scanned = InferenceEngine(model, pad_id=0, decode_scan_layers=True)
@@ -390,8 +412,8 @@ def test_pallas_decode_attention_gives_the_xla_decodes_tokens():
     params = SamplingParams(max_new_tokens=NEW)
     assert [g.token_ids for g in fused.generate(mixed_prompts(), params)] == \
         [g.token_ids for g in engine.generate(mixed_prompts(), params)]
-    # The kernel ran: one call per layer in the token loop.
-    assert len(re.findall(r"call @decode_attention(_\d+)?\(", lowered[0])) == model.cfg.text.num_layers
+    # The kernel ran: one call per layer in each token loop (the fixed runs, the single-token rest).
+    assert len(re.findall(r"call @decode_attention(_\d+)?\(", lowered[0])) == 2 * model.cfg.text.num_layers
     for bad, match in (({"decode_attention": "cudnn"}, "decode_attention must be"),
                        ({"decode_attention": "pallas", "decode_scan_layers": True}, "unrolled decode")):
         with pytest.raises(ValueError, match=match):

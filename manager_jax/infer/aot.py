@@ -67,7 +67,10 @@ def compile_generate_for_topology(cfg: ModelConfig, topology: str, *, mesh: str 
     devices = topology_devices(topology)
     device_mesh = mesh_from_spec(mesh, devices) if mesh else mesh_from_spec("fsdp=-1", devices)
     model = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))
-    engine = InferenceEngine(model, mesh=device_mesh, decode_scan_layers=decode_scan_layers)
+    # The engine's "auto" choices follow the host's backend; these follow the devices compiled for.
+    on_gpu = devices[0].platform == "gpu"
+    engine = InferenceEngine(model, mesh=device_mesh, decode_scan_layers=decode_scan_layers,
+                             decode_min_rows=None if on_gpu else 1, decode_attention="auto" if on_gpu else "xla")
     prepared = engine.prepare(workload.prompts(cfg.text.vocab_size))
     params = SamplingParams(max_new_tokens=workload.new_tokens)
     kind = devices[0].device_kind

@@ -170,6 +170,13 @@ class InferenceEngine:
         runs XLA's. On a mesh each device runs them on its rows and KV heads, where the cache
         keeps them (a shard_map). "pallas" needs the unrolled decode; off the GPU it runs in
         Pallas interpret mode (tests).
+      decode_check_every: the decode loop runs fixed runs of this many tokens between its checks
+        for the end (every row done, or max_new reached), then single tokens for the rest. On GPU,
+        XLA runs a loop of fixed length without the host: a loop that tests a device value copies it
+        to the host and waits for the device every iteration (one idle gap per token in the batch-1
+        profile). Rows that end inside a run get padding, as after any end; the tokens do not
+        depend on this value, at most `decode_check_every - 1` steps are computed after the last
+        row ended. 1 checks every token.
       decode_kernels: how the Pallas kernels divide the work, by the rows decoded together
         ({rows: KernelConfig}, rows of the whole batch; rows not listed get KernelConfig's
         default). On a mesh a device holds fewer rows and heads: time configs for those. Speed only: every
@@ -193,6 +200,7 @@ class InferenceEngine:
         decode_min_rows: int | None = None,
         decode_attention: str = "auto",
         decode_kernels: Mapping[int, KernelConfig] | None = None,
+        decode_check_every: int = 8,
     ):
         self.cfg = model.cfg
         self.decode_scan_layers = bool(decode_scan_layers)
@@ -201,6 +209,9 @@ class InferenceEngine:
         if decode_min_rows < 1:
             raise ValueError(f"decode_min_rows must be >= 1, got {decode_min_rows}")
         self.decode_min_rows = int(decode_min_rows)
+        if decode_check_every < 1:
+            raise ValueError(f"decode_check_every must be >= 1, got {decode_check_every}")
+        self.decode_check_every = int(decode_check_every)
         if decode_attention not in ("auto", "xla", "pallas"):
             raise ValueError(f"decode_attention must be 'auto', 'xla' or 'pallas', got {decode_attention!r}")
         if decode_attention == "auto":
@@ -466,9 +477,11 @@ class InferenceEngine:
         state0 = (jnp.int32(1), first, out, is_eos(first), jnp.ones((rows,), jnp.int32), cache, key,
                   mark(seen, first))
 
-        def cond(carry):
-            i, done = carry[0], carry[3]
-            return (i < controls["max_new"]) & ~jnp.all(done)
+        def room_for(steps):  # a token loop may run `steps` more steps (step i makes token i)
+            def cond(carry):
+                i, done = carry[0], carry[3]
+                return (i + steps <= controls["max_new"]) & ~jnp.all(done)
+            return cond
 
         def body(carry):
             i, tok, out, done, count, cache, key, seen = carry
@@ -479,7 +492,12 @@ class InferenceEngine:
             count = count + (~done).astype(jnp.int32)
             return i + 1, new, out, done | is_eos(new), count, cache, key, mark(seen, new)
 
-        _, _, out, done, count, cache, _, _ = jax.lax.while_loop(cond, body, state0)
+        run = self.decode_check_every
+        carry = state0
+        if run > 1:  # fixed runs: a loop with a static trip count (no host round trip per token)
+            carry = jax.lax.while_loop(room_for(run), lambda c: jax.lax.fori_loop(0, run, lambda _, x: body(x), c),
+                                       carry)
+        _, _, out, done, count, cache, _, _ = jax.lax.while_loop(room_for(1), body, carry)
         # The cache is returned so that the donated input buffer is updated in place (aliased).
         return (*self._on_every_process(out, count, done), cache)
 
@@ -600,8 +618,11 @@ class InferenceEngine:
             raise ValueError(f"compile_generate needs at least decode_min_rows={self.decode_min_rows} rows")
         inputs = self._abstract(dict(prepared.inputs, lengths=prepared.lengths), rows)
         lengths = inputs.pop("lengths")
+        # As `prefill` on the devices compiled for (on a host of another platform, e.g. a TPU pod's
+        # program compiled on a GPU host).
+        plain = self._attention.platform == "gpu"
         prefill = self._prefill_jit.lower(self.state, inputs, lengths, cache_len=prepared.prompt_slots + new_slots,
-                                          plain_causal=jax.default_backend() == "gpu").compile()
+                                          plain_causal=plain).compile()
         first_logits, cache = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype,
                                                                                        sharding=sharding),
                                            prefill.out_info, prefill.output_shardings)

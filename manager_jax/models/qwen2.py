@@ -85,14 +85,17 @@ class Qwen2Attention(nnx.Module):
         b = x.shape[0]
         dtype = self.q.dtype or x.dtype
         rows = x[:, 0].astype(dtype)
-        project = lambda lin: (rows @ lin.kernel[...].astype(dtype)).reshape(b, -1, self.head_dim)
+        flat = lambda lin: rows @ lin.kernel[...].astype(dtype)
+        project = lambda lin: flat(lin).reshape(b, -1, self.head_dim)
         biases = tuple(lin.bias[...].astype(dtype).reshape(-1, self.head_dim) for lin in (self.q, self.k, self.v))
         step = dict(layer=int(layer), interpret=jax.default_backend() != "gpu",
                     config=dict(self.decode_kernels).get(b, KernelConfig()))
         token = (ctx.cos[:, 0], ctx.sin[:, 0], ck, cv, ctx.q_seg[:, 0], ctx.kv_seg, ctx.cache_index)
         where = current_attention_mesh()
         if where is None or where.mesh.size == 1:
-            qkv = jnp.concatenate([project(self.q), project(self.k), project(self.v)], axis=1)
+            # Joined before splitting into heads: XLA's merged q/k/v matmul output then is the
+            # kernel's input as it is. Joined per head, a copy kernel rebuilt it every layer.
+            qkv = jnp.concatenate([flat(self.q), flat(self.k), flat(self.v)], axis=1).reshape(b, -1, self.head_dim)
             out, ck, cv = decode_attention(qkv, biases, *token, **step)
         else:  # each device on its rows and heads
             out, ck, cv = decode_attention_on_mesh(project(self.q), project(self.k), project(self.v), biases, *token,
