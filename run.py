@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__.strip())
         print("\ncommands:")
         for name, (_, help_text) in COMMANDS.items():
-            print(f"  {name:14s} {help_text}")
+            print(f"  {name:17s} {help_text}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -82,6 +82,8 @@ def test_cli_errors_are_one_line(capsys):
     assert "unknown size" in capsys.readouterr().err
     assert main(["--model", "0.5b", "--topology", "cpu:1", "--mesh", "tensor=x"]) == 2
     assert "bad mesh entry" in capsys.readouterr().err
+    assert main(["--checkpoint", "no/such/dir", "--topology", "cpu:1"]) == 2
+    assert "cannot read the model config" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--topology", "cpu:1", "--image-size", "768"])
     assert model_config("7b:baseline", "bfloat16").manager.enabled is False
@@ -99,3 +101,18 @@ def test_72b_generation_fits_8_v5p_chips_with_tensor_8():
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)
     assert "80 text layers, width 8192" in out.stdout and "8 x TPU v5" in out.stdout and "-> fits" in out.stdout
+
+
+def test_the_model_config_can_come_from_a_checkpoint_directory(tmp_path):
+    """`--checkpoint DIR` takes the model config written beside the params; no weights are read."""
+    import json
+
+    from manager_jax.params_io import CONFIG_FILE, PARAMS_ITEM
+
+    cfg = tiny_model("grid_manager").cfg
+    (tmp_path / PARAMS_ITEM).mkdir()  # an empty params item: reading any weight would fail
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict()))
+    got = model_config(None, "bfloat16", str(tmp_path))
+    assert got.text == cfg.text and got.manager == cfg.manager and got.dtype == "bfloat16"
+    report = compile_generate_for_topology(got, "cpu:1", workload=GenerateWorkload(image_size=(64, 64), new_tokens=4))
+    assert report["model"] == f"{cfg.text.num_layers} text layers, width {cfg.text.hidden_size}, bfloat16"

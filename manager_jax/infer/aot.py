@@ -53,10 +53,19 @@ class GenerateWorkload:
                 for _ in range(self.rows)]
 
 
-def model_config(spec: str, dtype: str | None) -> ModelConfig:
-    """'72b:grid_manager' (a preset: size[:variant]) -> its ModelConfig in `dtype`."""
-    size, _, variant = spec.partition(":")
-    cfg = preset(size.strip().lower(), variant.strip() or "grid_manager")
+def model_config(spec: str | None, dtype: str | None, checkpoint: str | None = None) -> ModelConfig:
+    """'72b:grid_manager' (a preset: size[:variant]), or the config of a checkpoint directory (its
+    weights are not read) -> the ModelConfig in `dtype`."""
+    if checkpoint is not None:
+        from manager_jax.params_io import ParamsError, load_config
+
+        try:
+            cfg = load_config(checkpoint)
+        except (FileNotFoundError, ParamsError) as err:
+            raise ConfigError(f"cannot read the model config of checkpoint {checkpoint!r}: {err}") from err
+    else:
+        size, _, variant = (spec or "0.5b").partition(":")
+        cfg = preset(size.strip().lower(), variant.strip() or "grid_manager")
     return cfg.replace(dtype=dtype, param_dtype=dtype) if dtype else cfg
 
 
@@ -135,8 +144,11 @@ def _size(text: str) -> tuple[int, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="run.py compile-generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="0.5b:grid_manager",
-                   help=f"preset size[:variant]: sizes 0.5b, 7b, 72b; variants {', '.join(VARIANTS)}")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default="0.5b:grid_manager",
+                       help=f"preset size[:variant]: sizes 0.5b, 7b, 72b; variants {', '.join(VARIANTS)}")
+    which.add_argument("--checkpoint", default=None,
+                       help="take the model config of this checkpoint directory instead (no weights are read)")
     p.add_argument("--topology", required=True, help="TPU topology like v5p:2x2x2 (needs libtpu), or cpu:N")
     p.add_argument("--mesh", default=None, help="like 'tensor=8' or 'data=2,tensor=4' (default: fsdp over all devices)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="params and compute dtype")
@@ -150,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(args.rows, args.prompt_tokens, args.new_tokens) < 1:
         p.error("--rows, --prompt-tokens and --new-tokens must be >= 1")
     try:
-        cfg = model_config(args.model, args.dtype)
+        cfg = model_config(args.model, args.dtype, args.checkpoint)
         report = compile_generate_for_topology(
             cfg, args.topology, mesh=args.mesh, decode_scan_layers=args.decode_scan_layers,
             workload=GenerateWorkload(args.rows, args.image_size, args.prompt_tokens, args.new_tokens),
