@@ -13,9 +13,9 @@ writes the optimized HLO and prints its launches and bytes written by kind (benc
 It is for reading the program: zero-filled stacks, layout transposes, per-layer copies, kernels
 per decoded token. Timings come from the device (benchmarks/gpu_session.sh).
 
-The model's "auto" choices follow `jax.default_backend()`, which is "cpu" here; the script makes it
-answer "gpu" so that the compiled program is the GPU one (cuDNN attention, two-row decode, the
-Pallas decode attention, crops padded to 768).
+The model's "auto" choices follow the platform being compiled for (`manager_jax.platform`), so the
+compiled program is the GPU one (cuDNN attention, two-row decode, the Pallas decode attention,
+crops padded to 768).
 """
 
 from __future__ import annotations
@@ -31,35 +31,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-# An H100 SXM (80 GB HBM3), as XLA's own tests describe it.
-H100_TARGET_CONFIG = """
-gpu_device_info {
-  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
-  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
-  device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
-}
-runtime_version { major: 12 minor: 8 }
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 7 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
-
 
 def gpu_devices():
-    from jax.experimental.topologies import get_topology_desc
+    from manager_jax.train.aot import AotError, topology_devices
 
     try:
-        topology = get_topology_desc("h100", "cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1")
-    except Exception as err:  # noqa: BLE001 - no CUDA plugin: say how to get one
-        raise SystemExit(f"cannot build a compile-only GPU ({type(err).__name__}: {err}); install the CUDA plugin "
-                         f'of this jax: pip install "jax[cuda12]=={jax.__version__}"') from err
-    devices = list(topology.devices)
-    # Pallas GPU kernels (Triton) read the target GPU from the default device (jax >= 0.11).
-    jax.config.update("jax_default_device", devices[0])
-    return devices
+        return topology_devices("h100:1")  # an H100 SXM (80 GB HBM3) described to XLA, not attached
+    except AotError as err:
+        raise SystemExit(str(err)) from err
 
 
 def compile_train(args, devices) -> str:
@@ -142,9 +121,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.tiny, args.dtype, args.attention = False, "bfloat16", "auto"
 
+    from manager_jax.train.aot import building_for
+
     devices = gpu_devices()
-    jax.default_backend = lambda: "gpu"  # the model's "auto" choices are the GPU ones (module doc)
-    text = compile_train(args, devices) if args.what == "train" else compile_decode(args, devices)
+    with building_for(devices):  # the model's "auto" choices are the GPU ones (module doc)
+        text = compile_train(args, devices) if args.what == "train" else compile_decode(args, devices)
     with open(args.out, "w") as f:
         f.write(text)
     per = "per step" if args.what == "train" else "per decoded token (the token loop's body)"

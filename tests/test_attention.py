@@ -126,6 +126,45 @@ def test_unmasked_rows_are_padded_to_what_the_attention_runs_unpadded():
             lambda x: A.dot_product_attention(x, x, x, mask=None, impl="splash"))(x))
 
 
+def test_auto_attention_follows_the_platform_compiled_for_and_what_cudnn_takes():
+    """"auto" takes cuDNN on GPU only for 16-bit inputs and head dims it supports: fp32 (the parity
+    tests, the CPU demo recipe run on a GPU) took cuDNN and failed. While compiling ahead of time
+    for GPUs (`platform.compiling_for`), the choice is the GPU's on any host."""
+    from manager_jax.platform import compiling_for, target_platform
+
+    x16, x32 = jnp.ones((1, 64, 2, 16), jnp.bfloat16), jnp.ones((1, 64, 2, 16), jnp.float32)
+    with compiling_for("gpu"):
+        assert target_platform() == "gpu"
+        assert A.unmasked_row_multiple("auto", jnp.bfloat16, 72) == A.FLASH_SEQ_MULTIPLE
+        assert A.unmasked_row_multiple("auto", jnp.float32, 72) == 1
+        assert A.unmasked_row_multiple("auto", jnp.bfloat16, 20) == 1  # not a multiple of 8
+        assert A.unmasked_row_multiple("auto", jnp.bfloat16, 256) == 1
+        # fp32 traces the XLA path (no cuDNN call, which would need cuDNN's plugin to trace at all).
+        jaxpr = str(jax.make_jaxpr(lambda x: A.dot_product_attention(x, x, x, mask=None, impl="auto"))(x32))
+        assert "cudnn" not in jaxpr and "dot_general" in jaxpr
+    assert target_platform() == jax.default_backend()
+    if jax.default_backend() != "gpu":
+        assert A.unmasked_row_multiple("auto", jnp.bfloat16, 64) == 1
+        assert "cudnn" not in str(jax.make_jaxpr(lambda x: A.dot_product_attention(x, x, x, mask=None))(x16))
+
+
+def test_padded_cudnn_attention_traces_under_vmap():
+    """The train step vmaps the model over its shards. The crops' padded cuDNN attention passes
+    sequence lengths, and jax's cuDNN batching rule reshapes them to the vmapped batch: constant
+    lengths failed to trace on any mesh of more than one shard (a multi-GPU run with images).
+    Tracing needs jax's CUDA plugin (cuDNN), not a GPU."""
+    q = jnp.zeros((3, 2, 100, 4, 64), jnp.bfloat16)  # [shards, crops, tokens, heads, d]
+    f = jax.vmap(lambda x: A.padded_flash_attention(x, x, x, scale=0.125, causal=False, implementation="cudnn",
+                                                    valid_len=90))
+    try:
+        out = jax.eval_shape(f, q)
+    except RuntimeError as err:
+        if "cuDNN is not detected" in str(err):
+            pytest.skip("needs jax's CUDA plugin")
+        raise
+    assert out.shape == q.shape
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
 @pytest.mark.parametrize("case", ["causal", "unmasked", "padded_by_the_caller"])
 def test_cudnn_attention_equals_the_xla_path_on_gpu(case):

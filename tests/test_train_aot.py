@@ -9,8 +9,8 @@ import sys
 import jax
 import pytest
 
-from manager_jax.train.aot import (AotError, compile_for_topology, compile_time_oom, format_report, libtpu_available,
-                                   topology_devices, ways_to_fit)
+from manager_jax.train.aot import (AotError, compile_for_topology, compile_time_oom, format_report, gpu_memory_gib,
+                                   libtpu_available, topology_devices, ways_to_fit)
 from manager_jax.train.recipe import load_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ def test_compile_for_local_cpu_devices_reports_memory_and_flops(tmp_path):
     full_state_gib = 3 * report["params"] * 4 / 2**30
     assert mem["arguments_gib"] < full_state_gib
     assert report["model_flops_per_step"] > 0
-    assert report["attention"] == "xla" and report["mosaic_calls"] == 0  # auto: Splash on TPU meshes only
+    assert report["attention"] == "xla" and report["attention_kernel_calls"] == 0  # auto: Splash on TPU meshes only
     assert "memory per chip" in format_report(report)
 
 
@@ -140,3 +140,33 @@ def test_stage2_72b_on_8_v5p_chips_does_not_fit_and_says_so():
     assert out.returncode == 1, out.stderr[-3000:]
     assert "8 x TPU v5" in out.stdout and "DOES NOT FIT" in out.stdout and "more chips" in out.stdout
     assert "Traceback" not in out.stderr
+
+
+def _gpu_devices_or_skip(topology: str):
+    try:
+        return topology_devices(topology)
+    except AotError as err:
+        assert "jax[cuda12]" in str(err)  # says what to install
+        pytest.skip("needs jax's CUDA plugin (compile-only GPUs)")
+
+
+def test_gpu_topologies_name_hosts_and_cards():
+    with pytest.raises(AotError, match="h100:GPUS or h100:HOSTSxGPUS"):
+        topology_devices("h100:2x")
+    devices = _gpu_devices_or_skip("h200:2x4")
+    assert len(devices) == 8 and {d.process_index for d in devices} == {0, 1}
+    assert {(d.platform, d.device_kind) for d in devices} == {("gpu", "NVIDIA H200")}
+    total, usable = gpu_memory_gib("NVIDIA H200")
+    assert 140 < total < 141 and usable == pytest.approx(0.75 * total)
+
+
+def test_compile_for_gpus_without_one_makes_the_gpu_choices():
+    """bf16 demo recipe on 2 hosts of 4 H100s: the crops' attention is cuDNN's, as on the cards, and
+    the shards' vmap traces (jax's cuDNN batching rule, tests/test_attention.py)."""
+    _gpu_devices_or_skip("h100:1")
+    config = load_recipe(os.path.join(REPO, "configs", "demo.py"), [
+        "model.dtype=bfloat16", "mesh.fsdp=4", "mesh.tensor=2", "synthetic_records=None"])
+    report = compile_for_topology(config, "h100:2x4")
+    assert report["device_kind"] == "NVIDIA H100 80GB HBM3" and report["devices"] == 8
+    assert report["attention"] == "cudnn" and report["attention_kernel_calls"] > 0
+    assert report["fits"] is True and "XLA_PYTHON_CLIENT_MEM_FRACTION" in format_report(report)

@@ -1,14 +1,15 @@
-"""Ahead-of-time compilation of generation for a TPU topology, on a CPU host.
+"""Ahead-of-time compilation of generation for a TPU slice or GPUs, on a CPU host.
 
     python run.py compile-generate --model 72b:grid_manager --topology v5p:2x2x2 --mesh tensor=8
+    python run.py compile-generate --model 72b:grid_manager --topology h100:8 --mesh tensor=8
 
 Builds the inference engine over an abstract model (`nnx.eval_shape`: no weights are made) on the
 compile-only devices of the topology (`train.aot.topology_devices`), prepares one real batch of
 prompts (a generated image of the asked size, random text ids), and compiles the two programs that
 `InferenceEngine.generate` runs for it: the prefill (vision tower, Manager, decoder, KV cache) and
-the decode loop. It reports each program's memory per chip, so a serving mesh is checked before a
-pod is booked. `--topology cpu:N` compiles for N local CPU devices (no libtpu needed; CPU reports
-no HBM).
+the decode loop. It reports each program's memory per chip, so a serving mesh is checked before
+the machines are booked. Topologies are those of `run.py compile` (`train/aot.py`); `cpu:N`
+compiles for N local CPU devices (CPU reports no memory to fit).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from manager_jax.infer.engine import InferenceEngine, Prompt
 from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
 from manager_jax.infer.sampling import SamplingParams
 from manager_jax.models.llava_ov import LlavaOV
-from manager_jax.train.aot import AotError, compile_time_oom, hbm_gib, memory_per_chip, topology_devices
+from manager_jax.train.aot import (AotError, building_for, compile_time_oom, memory_capacity, memory_per_chip,
+                                   topology_devices)
 
 PROGRAMS = ("prefill", "decode")
 
@@ -74,12 +76,14 @@ def compile_generate_for_topology(cfg: ModelConfig, topology: str, *, mesh: str 
                                   decode_scan_layers: bool = False) -> dict[str, Any]:
     """Compiles prefill and the decode loop of `cfg` for `topology`; returns a report dict."""
     devices = topology_devices(topology)
+    with building_for(devices):  # the engine's "auto" choices follow the devices, not this host
+        return _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers)
+
+
+def _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers) -> dict[str, Any]:
     device_mesh = mesh_from_spec(mesh, devices) if mesh else mesh_from_spec("fsdp=-1", devices)
     model = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))
-    # The engine's "auto" choices follow the host's backend; these follow the devices compiled for.
-    on_gpu = devices[0].platform == "gpu"
-    engine = InferenceEngine(model, mesh=device_mesh, decode_scan_layers=decode_scan_layers,
-                             decode_min_rows=None if on_gpu else 1, decode_attention="auto" if on_gpu else "xla")
+    engine = InferenceEngine(model, mesh=device_mesh, decode_scan_layers=decode_scan_layers)
     prepared = engine.prepare(workload.prompts(cfg.text.vocab_size))
     params = SamplingParams(max_new_tokens=workload.new_tokens)
     kind = devices[0].device_kind
@@ -90,8 +94,9 @@ def compile_generate_for_topology(cfg: ModelConfig, topology: str, *, mesh: str 
         "workload": dataclasses.asdict(workload),
         "prompt_slots": prepared.prompt_slots, "cache_slots": prepared.prompt_slots + engine.new_slots(prepared, params),
         "params_gib": params_bytes / 2**30, "decode": "scanned layers" if decode_scan_layers else "unrolled layers",
-        "hbm_per_chip_gib": hbm_gib(kind),
+        "decode_attention": engine.decode_attention, "decode_rows": max(workload.rows, engine.decode_min_rows),
     }
+    report["hbm_per_chip_gib"], report["capacity"] = memory_capacity(kind)
     t0 = time.perf_counter()
     try:
         compiled = engine.compile_generate(prepared, params)
@@ -115,7 +120,8 @@ def format_generate_report(report: dict[str, Any]) -> str:
         f"on {report['topology']} ({report['devices']} x {report['device_kind']}), mesh {report['mesh']}",
         f"workload: {w['rows']} prompt(s) of a {w['image_size'][0]}x{w['image_size'][1]} image + "
         f"{w['prompt_tokens']} text tokens ({report['prompt_slots']} slots), {w['new_tokens']} new tokens; "
-        f"cache {report['cache_slots']} slots; decode with {report['decode']}",
+        f"cache {report['cache_slots']} slots; decode with {report['decode']}, {report['decode_attention']} "
+        f"attention, {report['decode_rows']} rows",
     ]
     cap = report["hbm_per_chip_gib"]
     if report["programs"] is None:
@@ -131,7 +137,7 @@ def format_generate_report(report: dict[str, Any]) -> str:
                      f"{mem['outputs_gib']:.2f}, aliased {mem['aliased_gib']:.2f}, temporaries "
                      f"{mem['temporaries_gib']:.2f})")
     if report["fits"] is not None:
-        lines.append(f"of {cap:.0f} GiB HBM -> " + ("fits" if report["fits"] else "DOES NOT FIT"))
+        lines.append(f"of {report['capacity']} -> " + ("fits" if report["fits"] else "DOES NOT FIT"))
     return "\n".join(lines)
 
 
@@ -149,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help=f"preset size[:variant]: sizes 0.5b, 7b, 72b; variants {', '.join(VARIANTS)}")
     which.add_argument("--checkpoint", default=None,
                        help="take the model config of this checkpoint directory instead (no weights are read)")
-    p.add_argument("--topology", required=True, help="TPU topology like v5p:2x2x2 (needs libtpu), or cpu:N")
+    p.add_argument("--topology", required=True,
+                   help="v5p:2x2x2 (a TPU slice; needs libtpu), h100:8 or h100:2x8 (GPUs; needs jax's CUDA plugin), or cpu:N")
     p.add_argument("--mesh", default=None, help="like 'tensor=8' or 'data=2,tensor=4' (default: fsdp over all devices)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="params and compute dtype")
     p.add_argument("--rows", type=int, default=1, help="prompts decoded together")

@@ -23,6 +23,7 @@ produced an eos id or after max_new_tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from manager_jax.models.decode_attention import KernelConfig
 from manager_jax.models.decode_attention import available as decode_kernels_available
 from manager_jax.models.layers import unstack_layers
 from manager_jax.models.llava_ov import LlavaOV
+from manager_jax.platform import target_platform
 
 MAX_EOS_IDS = 8  # eos ids are padded to this many (-1) so their number never recompiles
 # Arrays whose first axis is the batch row (sharded over the data axes on a mesh).
@@ -205,7 +207,7 @@ class InferenceEngine:
         self.cfg = model.cfg
         self.decode_scan_layers = bool(decode_scan_layers)
         if decode_min_rows is None:
-            decode_min_rows = 2 if jax.default_backend() == "gpu" else 1
+            decode_min_rows = 2 if target_platform() == "gpu" else 1
         if decode_min_rows < 1:
             raise ValueError(f"decode_min_rows must be >= 1, got {decode_min_rows}")
         self.decode_min_rows = int(decode_min_rows)
@@ -215,13 +217,13 @@ class InferenceEngine:
         if decode_attention not in ("auto", "xla", "pallas"):
             raise ValueError(f"decode_attention must be 'auto', 'xla' or 'pallas', got {decode_attention!r}")
         if decode_attention == "auto":
-            on_gpu = jax.default_backend() == "gpu" and decode_kernels_available()
+            on_gpu = target_platform() == "gpu" and decode_kernels_available()
             decode_attention = "pallas" if on_gpu and not self.decode_scan_layers else "xla"
         if decode_attention == "pallas":
             if self.decode_scan_layers:
                 raise ValueError("decode_attention='pallas' needs the unrolled decode (decode_scan_layers=False)")
-            if jax.default_backend() not in ("gpu", "cpu"):
-                raise ValueError(f"decode_attention='pallas' is a GPU kernel; the backend is {jax.default_backend()}")
+            if target_platform() not in ("gpu", "cpu"):
+                raise ValueError(f"decode_attention='pallas' is a GPU kernel; the backend is {target_platform()}")
         self.decode_attention = decode_attention
         decode_kernels = dict(decode_kernels or {})
         for rows, config in decode_kernels.items():
@@ -318,9 +320,12 @@ class InferenceEngine:
 
     def _abstract(self, inputs: dict, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
         """What `_put` would make of `inputs`, without data (ahead-of-time compilation)."""
-        return {name: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
-                                           sharding=self._input_sharding(name, np.ndim(v), rows))
-                for name, v in inputs.items()}
+        def one(name, value):
+            value = value if hasattr(value, "dtype") else np.asarray(value)  # arrays and their shapes
+            return jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                        sharding=self._input_sharding(name, len(value.shape), rows))
+
+        return {name: one(name, value) for name, value in inputs.items()}
 
     def _replicated(self):
         return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
@@ -522,7 +527,7 @@ class InferenceEngine:
         rows = len(prepared.lengths)
         # Right-padded rows are exactly causal for their real tokens: flash kernels on GPU. On other
         # backends the explicit mask is kept (the XLA path needs it).
-        plain = jax.default_backend() == "gpu"
+        plain = target_platform() == "gpu"
         arrays = self._put(dict(prepared.inputs, lengths=prepared.lengths), rows)
         lengths = arrays.pop("lengths")
         return self._prefill_jit(self.state, arrays, lengths, cache_len=cache_len, plain_causal=plain)
@@ -569,11 +574,9 @@ class InferenceEngine:
         (the cache is donated)."""
         rows, new_slots = len(prepared.lengths), cache[0].shape[2] - prepared.prompt_slots
         controls, kv_seg, next_pos = self._decode_controls(prepared, params, new_slots)
-        if rows < self.decode_min_rows:  # filler rows repeat the last row; their answers are dropped
-            fill = self.decode_min_rows - rows
-            kv_seg, next_pos = (np.concatenate([a, np.repeat(a[-1:], fill, 0)]) for a in (kv_seg, next_pos))
-            first_logits = jnp.concatenate([first_logits, jnp.repeat(first_logits[-1:], fill, 0)])
-            cache = tuple(jnp.concatenate([c, jnp.repeat(c[:, -1:], fill, 1)], axis=1) for c in cache)
+        if rows < self.decode_min_rows:
+            first_logits, cache, kv_seg, next_pos = self._filler_rows(self.decode_min_rows - rows, first_logits,
+                                                                      cache, kv_seg, next_pos)
             rows = self.decode_min_rows
         kv_seg = self._put({"kv_seg": kv_seg}, rows)["kv_seg"]
         next_pos = self._put({"next_pos": next_pos}, rows)["next_pos"]
@@ -587,6 +590,17 @@ class InferenceEngine:
             Generation(out[r, : count[r]].tolist(), "eos" if done[r] else "length", int(prepared.lengths[r]))
             for r in range(prepared.num_prompts)
         ]
+
+    @staticmethod
+    def _filler_rows(fill: int, first_logits, cache, kv_seg, next_pos):
+        """The decode inputs with `fill` more rows repeating the last (decode_min_rows); their
+        answers are dropped."""
+        def repeat_last(a, axis=0):
+            last = jax.lax.slice_in_dim(a, a.shape[axis] - 1, a.shape[axis], axis=axis)
+            return jnp.concatenate([a, jnp.repeat(last, fill, axis)], axis)
+
+        return repeat_last(first_logits), tuple(repeat_last(c, 1) for c in cache), repeat_last(kv_seg), \
+            repeat_last(next_pos)
 
     def _decode_controls(self, prepared: PreparedBatch, params: SamplingParams, new_slots: int):
         """The decode loop's host inputs: (controls, kv_seg [rows, slots], next_pos [rows])."""
@@ -614,19 +628,21 @@ class InferenceEngine:
         engine may hold abstract params (an `nnx.eval_shape` model on compile-only devices)."""
         new_slots = self.new_slots(prepared, params)
         rows = len(prepared.lengths)
-        if rows < self.decode_min_rows:
-            raise ValueError(f"compile_generate needs at least decode_min_rows={self.decode_min_rows} rows")
         inputs = self._abstract(dict(prepared.inputs, lengths=prepared.lengths), rows)
         lengths = inputs.pop("lengths")
-        # As `prefill` on the devices compiled for (on a host of another platform, e.g. a TPU pod's
-        # program compiled on a GPU host).
-        plain = self._attention.platform == "gpu"
+        plain = target_platform() == "gpu"  # as `prefill`
         prefill = self._prefill_jit.lower(self.state, inputs, lengths, cache_len=prepared.prompt_slots + new_slots,
                                           plain_causal=plain).compile()
         first_logits, cache = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype,
                                                                                        sharding=sharding),
                                            prefill.out_info, prefill.output_shardings)
         controls, kv_seg, next_pos = self._decode_controls(prepared, params, new_slots)
+        if rows < self.decode_min_rows:  # as `decode`
+            first_logits, cache, kv_seg, next_pos = jax.eval_shape(
+                functools.partial(self._filler_rows, self.decode_min_rows - rows), first_logits, cache, kv_seg, next_pos)
+            rows = self.decode_min_rows
+            first_logits = jax.ShapeDtypeStruct(first_logits.shape, first_logits.dtype, sharding=self._batch_spec(2, rows))
+            cache = tuple(jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=self._cache_spec(rows)) for c in cache)
         host = self._abstract(dict(controls, kv_seg=kv_seg, next_pos=next_pos), rows)
         kv_seg, next_pos = host.pop("kv_seg"), host.pop("next_pos")
         key = jax.eval_shape(lambda: jax.random.key(0))
@@ -669,6 +685,6 @@ class InferenceEngine:
         extra = self._put({"pred_pos": pred_pos, "targets": tgt, "valid": valid}, rows)
         # One right-padded sample per row: exactly causal, so flash attention on GPU (as in prefill).
         logprob, greedy = self._score_jit(self.state, inputs, extra["pred_pos"], extra["targets"], extra["valid"],
-                                          np.int32(limit), plain_causal=jax.default_backend() == "gpu")
+                                          np.int32(limit), plain_causal=target_platform() == "gpu")
         logprob, greedy = np.asarray(logprob), np.asarray(greedy)
         return [ScoreResult(float(logprob[r]), len(spans[r][1]), bool(greedy[r])) for r in range(len(requests))]

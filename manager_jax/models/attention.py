@@ -28,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
 from manager_jax.models.layers import ATTENTION_IO
+from manager_jax.platform import target_platform
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 # The XLA path handles queries in blocks of this many positions (rematerialised), so its fp32 scores
@@ -253,7 +254,7 @@ def _attend(q, k, v, mask, impl: str, plain_causal: bool, valid_len: int | None)
         # caller's padding segment 0, so neither attends to the other.
         segment_ids = jnp.broadcast_to((jnp.arange(t) < (valid_len or t)).astype(jnp.int32), q.shape[:2])
         return splash_attention(q, k, v, segment_ids, causal=False)
-    if resolve_impl(impl, plain_causal or full) == "cudnn":
+    if resolve_impl(impl, (plain_causal or full) and cudnn_takes(q.dtype, q.shape[-1])) == "cudnn":
         if not (plain_causal or full):
             raise ValueError("attention_impl='cudnn' supports causal (unpacked) or unmasked attention only")
         return padded_flash_attention(q, k, v, scale=scale, causal=plain_causal, implementation="cudnn",
@@ -265,20 +266,27 @@ def _attend(q, k, v, mask, impl: str, plain_causal: bool, valid_len: int | None)
     return _blocked_attention(q, k, v, mask, scale, QUERY_BLOCK)
 
 
+def cudnn_takes(dtype, head_dim: int) -> bool:
+    """Whether cuDNN's flash kernels take these inputs: 16-bit floats (not fp32: the parity tests
+    and the CPU demo recipe) and head dimensions that are multiples of 8 up to 128."""
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 \
+        and head_dim <= 128
+
+
 def resolve_impl(impl: str, cudnn_expressible: bool) -> str:
-    """The path `impl` takes for an attention the cuDNN kernel can express (causal or unmasked) or
-    not: "auto" is cuDNN on GPU where it can be, XLA elsewhere."""
+    """The path `impl` takes for an attention the cuDNN kernel can express (causal or unmasked, and
+    inputs it takes: `cudnn_takes`) or not: "auto" is cuDNN on GPU where it can be, XLA elsewhere."""
     if impl == "auto":
-        return "cudnn" if (jax.default_backend() == "gpu" and cudnn_expressible) else "xla"
+        return "cudnn" if (target_platform() == "gpu" and cudnn_expressible) else "xla"
     return impl
 
 
-def unmasked_row_multiple(impl: str) -> int:
-    """The row length that unmasked attention under `impl` needs for its fused kernel: a caller that
-    pads its rows to a multiple of this once (the vision tower, all its layers) saves the per-layer
-    padding of `padded_flash_attention` (cuDNN: 64) or gets the Splash kernel at all (TPU: 128;
-    rows of another length take the XLA path)."""
-    if resolve_impl(impl, True) == "cudnn":
+def unmasked_row_multiple(impl: str, dtype=jnp.bfloat16, head_dim: int = 64) -> int:
+    """The row length that unmasked attention under `impl` (on inputs of `dtype` and `head_dim`)
+    needs for its fused kernel: a caller that pads its rows to a multiple of this once (the vision
+    tower, all its layers) saves the per-layer padding of `padded_flash_attention` (cuDNN: 64) or
+    gets the Splash kernel at all (TPU: 128; rows of another length take the XLA path)."""
+    if resolve_impl(impl, cudnn_takes(dtype, head_dim)) == "cudnn":
         return FLASH_SEQ_MULTIPLE
     return SPLASH_LANES if splash_applies(impl, SPLASH_LANES) else 1
 
@@ -306,8 +314,10 @@ def padded_flash_attention(q, k, v, *, scale: float, causal: bool, implementatio
     lengths = {}
     real_t, real_s = (t, s) if valid_len is None else (min(valid_len, t), min(valid_len, s))
     if not causal and (tp, sp) != (real_t, real_s):
-        lengths = dict(query_seq_lengths=jnp.full((b,), real_t, jnp.int32),
-                       key_value_seq_lengths=jnp.full((b,), real_s, jnp.int32))
+        # Made from q, so that under vmap (the train step's shards) they carry the batch dimension
+        # with q: jax's cuDNN batching rule reshapes them to the vmapped batch and fails on constants.
+        rows = jax.lax.stop_gradient(q[:, 0, 0, 0]).astype(jnp.int32) * 0  # zeros that depend on q
+        lengths = dict(query_seq_lengths=rows + real_t, key_value_seq_lengths=rows + real_s)
     out = jax.nn.dot_product_attention(
         pad(q, tp), pad(k, sp), pad(v, sp), scale=scale, is_causal=causal, implementation=implementation, **lengths
     )

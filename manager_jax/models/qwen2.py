@@ -20,6 +20,7 @@ from manager_jax.models.attention import (current_attention_mesh, dot_product_at
                                          splash_applies, splash_attention)
 from manager_jax.models.decode_attention import KernelConfig, decode_attention, decode_attention_on_mesh, supported
 from manager_jax.models.layers import MLP_ACTIVATION, RMSNorm, linear, make_stacked, run_stacked, split_stack
+from manager_jax.platform import target_platform
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
@@ -88,7 +89,7 @@ class Qwen2Attention(nnx.Module):
         flat = lambda lin: rows @ lin.kernel[...].astype(dtype)
         project = lambda lin: flat(lin).reshape(b, -1, self.head_dim)
         biases = tuple(lin.bias[...].astype(dtype).reshape(-1, self.head_dim) for lin in (self.q, self.k, self.v))
-        step = dict(layer=int(layer), interpret=jax.default_backend() != "gpu",
+        step = dict(layer=int(layer), interpret=target_platform() != "gpu",
                     config=dict(self.decode_kernels).get(b, KernelConfig()))
         token = (ctx.cos[:, 0], ctx.sin[:, 0], ck, cv, ctx.q_seg[:, 0], ctx.kv_seg, ctx.cache_index)
         where = current_attention_mesh()

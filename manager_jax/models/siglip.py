@@ -100,7 +100,8 @@ class SiglipTower(nnx.Module):
         """
         h0 = self.embed(pixels)
         n = h0.shape[1]
-        multiple = self.token_multiple or unmasked_row_multiple(self.attention_impl)
+        multiple = self.token_multiple or unmasked_row_multiple(self.attention_impl, h0.dtype,
+                                                                 self.cfg.hidden_size // self.cfg.num_heads)
         padded = -(-n // multiple) * multiple
         valid_len = n if padded != n else None
         # Padded once for every layer: the rows' matmuls get aligned shapes (7,290 rows of 10

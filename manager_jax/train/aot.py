@@ -1,27 +1,34 @@
-"""Ahead-of-time compilation of the train step for a TPU topology, on a CPU host.
+"""Ahead-of-time compilation of the train step for a TPU pod or a GPU cluster, on a CPU host.
 
     python run.py compile --config configs/llava_ov.py:stage2_grid_manager_7b --topology v5p:2x2x2
+    python run.py compile --config configs/llava_ov.py:stage2_grid_manager_72b --topology h100:8x8
 
-Builds compile-only TPU devices from libtpu (`jax.experimental.topologies.get_topology_desc`), the
-mesh of the recipe over them, the abstract train state (`nnx.eval_shape`: nothing is allocated),
-lowers and compiles the jitted step exactly as the loop would run it, and reports memory per chip
-and FLOPs per step. `--topology cpu:N` compiles for N local CPU devices instead (no libtpu needed).
+Builds compile-only devices (`jax.experimental.topologies.get_topology_desc`), the mesh of the
+recipe over them, the abstract train state (`nnx.eval_shape`: nothing is allocated), lowers and
+compiles the jitted step exactly as the loop would run it on those devices (the model's "auto"
+choices follow them: `manager_jax.platform`), and reports memory per chip and FLOPs per step.
 
-libtpu is not a requirement of this project: `pip install libtpu` (the version `jax[tpu]` pins for
-the installed jax) to use TPU topologies.
+Topologies: a TPU slice as libtpu names it ("v5p:2x2x2", "v5e:4x4"); GPUs as "h100:G" or
+"h100:HxG" (H hosts of G GPUs; also h200), which XLA compiles for from a description of the card
+without one; "cpu:N", N local CPU devices. Neither libtpu nor the CUDA plugin is a requirement of
+this project: `pip install libtpu` (the version `jax[tpu]` pins for the installed jax) for TPU
+topologies, `pip install "jax[cuda12]==<this jax>"` for GPU ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 
+from manager_jax.platform import compiling_for
 from manager_jax.sharding import data_parallel_size, make_mesh
 from manager_jax.train import flops as flops_lib
 from manager_jax.train.recipe import TrainConfig, resolve_batch_layout
@@ -67,13 +74,74 @@ def hbm_gib(device_kind: str) -> float | None:
     return None
 
 
+# The GPUs XLA can compile for without one (its GpuTargetConfig, as XLA's own tests describe the
+# cards): device_memory_size is what the driver reports.
+GPU_CARDS = {
+    "h100": dict(description="NVIDIA H100 80GB HBM3", memory_bytes=84_929_347_584, bandwidth=3_352_320_000_000),
+    "h200": dict(description="NVIDIA H200", memory_bytes=150_754_820_096, bandwidth=4_800_000_000_000),
+}
+# The share of GPU memory JAX's allocator takes unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise.
+JAX_GPU_MEM_FRACTION = 0.75
+
+
+def gpu_target_config(card: str) -> str:
+    """XLA's GpuTargetConfigProto text for a Hopper card of GPU_CARDS."""
+    c = GPU_CARDS[card]
+    return f"""
+gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {c["bandwidth"]} l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: {c["memory_bytes"]} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+runtime_version {{ major: 12 minor: 8 }}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 7 }}
+device_description_str: "{c["description"]}"
+"""
+
+
+def gpu_memory_gib(device_kind: str) -> tuple[float, float] | None:
+    """(memory per GPU, the part JAX's allocator may use) in GiB, for a card of GPU_CARDS."""
+    for card in GPU_CARDS.values():
+        if card["description"] == device_kind:
+            fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_GPU_MEM_FRACTION))
+            total = card["memory_bytes"] / 2**30
+            return total, total * fraction
+    return None
+
+
 def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+def _gpu_devices(card: str, shape: str, topology: str) -> list[Any]:
+    parts = shape.lower().split("x")
+    if not (1 <= len(parts) <= 2 and all(p.isdigit() and int(p) > 0 for p in parts)):
+        raise AotError(f"topology {topology!r}: expected {card}:GPUS or {card}:HOSTSxGPUS, e.g. {card}:8x8")
+    hosts, gpus = (1, int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(card, "cuda", target_config=gpu_target_config(card),
+                                            topology=f"1x{hosts}x{gpus}")
+    except Exception as err:  # noqa: BLE001 - no CUDA plugin, or one that cannot compile without a GPU
+        raise AotError(
+            f"cannot build compile-only GPUs for {topology!r} ({type(err).__name__}: {err}); it needs the CUDA "
+            f'plugin of this jax: pip install "jax[cuda12]=={jax.__version__}"'
+        ) from err
+    return list(desc.devices)
+
+
 def topology_devices(topology: str) -> list[Any]:
-    """Compile-only devices of a TPU topology ("v5p:2x2x2"), or local CPU devices ("cpu:8")."""
+    """Compile-only devices of a TPU topology ("v5p:2x2x2") or GPU cluster ("h100:8x8"), or local
+    CPU devices ("cpu:8")."""
     name = topology.strip()
+    card, _, shape = name.lower().partition(":")
+    if card in GPU_CARDS:
+        return _gpu_devices(card, shape, topology)
     if name.lower().startswith("cpu"):
         devices = jax.devices("cpu")
         count = name.split(":", 1)[1] if ":" in name else ""
@@ -85,7 +153,7 @@ def topology_devices(topology: str) -> list[Any]:
             )
         return devices[:n]
     if ":" not in name:
-        raise AotError(f"topology {topology!r}: expected like 'v5p:2x2x2', 'v5e:4x4' or 'cpu:8'")
+        raise AotError(f"topology {topology!r}: expected like 'v5p:2x2x2', 'v5e:4x4', 'h100:8x8' or 'cpu:8'")
     if not libtpu_available():
         raise AotError(
             f"compiling for TPU topology {topology!r} needs libtpu, which is not installed (it is not in "
@@ -102,6 +170,39 @@ def topology_devices(topology: str) -> list[Any]:
     except Exception as err:  # libtpu reports unknown names / bad shapes with its own exceptions
         raise AotError(f"libtpu cannot build topology {topology!r}: {err}") from err
     return list(desc.devices)
+
+
+@contextlib.contextmanager
+def building_for(devices: Sequence[Any]) -> Iterator[None]:
+    """Builds and compiles as on `devices`: the model's platform choices are theirs, and Pallas GPU
+    kernels (which read the target from the default device) compile for their card."""
+    with contextlib.ExitStack() as scope:
+        scope.enter_context(compiling_for(devices[0].platform))
+        if devices[0].platform == "gpu":
+            scope.enter_context(jax.default_device(devices[0]))
+        yield
+
+
+def memory_capacity(device_kind: str) -> tuple[float | None, str]:
+    """(GiB a program may use per device, how that was found) for `fits`."""
+    gpu = gpu_memory_gib(device_kind)
+    if gpu is not None:
+        total, usable = gpu
+        return usable, f"{usable:.0f} GiB of {total:.0f} (JAX's allocator share; XLA_PYTHON_CLIENT_MEM_FRACTION)"
+    hbm = hbm_gib(device_kind)
+    return hbm, (f"{hbm:.0f} GiB HBM" if hbm else "")
+
+
+def attention_kernels(hlo: str | None) -> tuple[str, int | None]:
+    """(which attention the compiled program runs, its kernel calls): the Splash kernel (Mosaic
+    custom calls on TPU), cuDNN flash attention (GPU), or XLA's."""
+    if hlo is None:
+        return "unknown", None
+    splash = hlo.count('custom_call_target="tpu_custom_call"')
+    cudnn = len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo))
+    if splash:
+        return "splash", splash
+    return ("cudnn", cudnn) if cudnn else ("xla", 0)
 
 
 def memory_per_chip(compiled: Any) -> dict[str, float] | None:
@@ -129,6 +230,11 @@ def compile_for_topology(config: TrainConfig, topology: str, hlo_out: str | None
     """Lowers and compiles the train step of `config` for `topology`; returns a report dict.
     `hlo_out`: also write the compiled program's HLO text to this path (whole or not at all)."""
     devices = topology_devices(topology)
+    with building_for(devices):
+        return _compile_step(config, topology, devices, hlo_out)
+
+
+def _compile_step(config: TrainConfig, topology: str, devices: list[Any], hlo_out: str | None) -> dict[str, Any]:
     mesh = make_mesh(config.mesh, devices)
     shards, accum = resolve_batch_layout(config, data_parallel_size(mesh))
     loss_cfg = LossConfig(config.loss_normalization, config.loss_token_budget, config.loss_chunk_size)
@@ -168,7 +274,7 @@ def compile_for_topology(config: TrainConfig, topology: str, hlo_out: str | None
         # The compiler refused: the step does not fit. Reported like any other answer.
         return {**report, "compile_s": time.perf_counter() - t0, "memory_per_chip": None, "hbm_per_chip_gib": oom[1],
                 "fits": False, "refused_temporaries_gib": oom[0], "xla_flops_per_device": None,
-                "model_flops_per_step": None, "attention": None, "mosaic_calls": None}
+                "model_flops_per_step": None, "attention": None, "attention_kernel_calls": None}
     compile_s = time.perf_counter() - t0
 
     per_chip = memory_per_chip(compiled)
@@ -182,17 +288,15 @@ def compile_for_topology(config: TrainConfig, topology: str, hlo_out: str | None
         config.model, crops=crops_per_row, tokens=config.data.seq_len,
         sum_sq_lengths=float(config.data.seq_len) ** 2, trainable=setup.tunable_groups,
     )
-    capacity = hbm_gib(kind)
-    # Pallas TPU kernels (the Splash attention of the text model and of the vision tower) appear as
-    # Mosaic custom calls in the program.
+    capacity, capacity_note = memory_capacity(kind)
     try:
         hlo = compiled.as_text() or ""
     except jax.errors.JaxRuntimeError as err:  # e.g. a libtpu newer than this jaxlib reads back
         if hlo_out:
             raise AotError(f"the step compiled, but its HLO text cannot be read back for --hlo-out: {err}") from err
-        logger.warning("the compiled step's HLO text cannot be read back (%s); Mosaic kernels not counted", err)
+        logger.warning("the compiled step's HLO text cannot be read back (%s); attention kernels not counted", err)
         hlo = None
-    mosaic_calls = hlo.count('custom_call_target="tpu_custom_call"') if hlo is not None else None
+    attention, attention_calls = attention_kernels(hlo)
     if hlo_out:
         partial = f"{hlo_out}.partial"
         with open(partial, "w") as f:
@@ -203,12 +307,13 @@ def compile_for_topology(config: TrainConfig, topology: str, hlo_out: str | None
         "compile_s": compile_s,
         "memory_per_chip": per_chip,
         "hbm_per_chip_gib": capacity,
+        "capacity": capacity_note,
         "fits": (per_chip["total_gib"] <= capacity) if (per_chip and capacity) else None,
         # XLA's count of the compiled program for one device (loops may be counted once per body).
         "xla_flops_per_device": float(cost.get("flops", 0.0)) or None,
         "model_flops_per_step": full_batch_flops,
-        "attention": "unknown" if mosaic_calls is None else ("splash" if mosaic_calls else "xla"),
-        "mosaic_calls": mosaic_calls,
+        "attention": attention,
+        "attention_kernel_calls": attention_calls,
     }
 
 
@@ -229,8 +334,8 @@ def format_report(report: dict[str, Any]) -> str:
         return "\n".join(lines)
     lines += [
         f"params: {report['params']:,} ({report['trainable_params']:,} trainable); compiled in {report['compile_s']:.1f} s",
-        f"attention: {report['attention']} ({report['mosaic_calls']} Mosaic kernel calls in the program)"
-        if report["mosaic_calls"] is not None else "attention: unknown (the HLO text could not be read back)",
+        f"attention: {report['attention']} ({report['attention_kernel_calls']} kernel calls in the program)"
+        if report["attention_kernel_calls"] is not None else "attention: unknown (the HLO text could not be read back)",
     ]
     mem = report["memory_per_chip"]
     if mem:
@@ -239,7 +344,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"memory per chip: {mem['total_gib']:.2f} GiB (arguments {mem['arguments_gib']:.2f}, outputs "
             f"{mem['outputs_gib']:.2f}, aliased {mem['aliased_gib']:.2f}, temporaries {mem['temporaries_gib']:.2f})"
-            + (f" of {cap:.0f} GiB HBM{fit}" if cap else "")
+            + (f" of {report['capacity']}{fit}" if cap else "")
         )
     else:
         lines.append("memory per chip: not reported by this backend")

@@ -35,6 +35,7 @@ from flax import nnx
 from manager_jax.models.attention import AttentionMesh, sharded_attention
 from manager_jax.models.layers import layer_params_transform
 from manager_jax.models.llava_ov import shifted_targets
+from manager_jax.platform import target_platform
 from manager_jax.sharding import BATCH_AXES, layer_compute_sharding
 from manager_jax.train.optimizer import merge_trainable, split_trainable
 
@@ -159,7 +160,7 @@ def use_plain_causal(requested: bool) -> bool:
     Causal masking alone is then exact for every real token, and only the GPU cuDNN kernel gains
     from it: elsewhere the model's mask-free path is not taken (and the explicit mask is as fast).
     """
-    return requested and jax.default_backend() == "gpu"
+    return requested and target_platform() == "gpu"
 
 
 def make_train_step(
