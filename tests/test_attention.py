@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from manager_jax.models import attention as A
 
@@ -146,6 +147,24 @@ def test_auto_attention_follows_the_platform_compiled_for_and_what_cudnn_takes()
     if jax.default_backend() != "gpu":
         assert A.unmasked_row_multiple("auto", jnp.bfloat16, 64) == 1
         assert "cudnn" not in str(jax.make_jaxpr(lambda x: A.dot_product_attention(x, x, x, mask=None))(x16))
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py)")
+def test_cudnn_inputs_keep_their_heads_whole_where_the_tensor_axis_does_not_divide_them():
+    """cuDNN's partitioner refuses heads split unevenly or in part: 0.5B (14 and 2 heads) on tensor 4
+    did not compile for GPUs (`run.py compile --topology h100:8 --set mesh.tensor=4`)."""
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 1, 4), ("data", "fsdp", "tensor"))
+    q, k = jnp.ones((4, 8, 8, 16)), jnp.ones((4, 8, 2, 16))  # 8 heads divide 4, 2 KV heads do not
+    with A.sharded_attention(A.AttentionMesh(mesh, row_axes=("data",))):
+        whole = A._whole_heads_unless_split_evenly(q, k, q)
+        assert all(x.sharding.spec == P("data", None, None, None) for x in whole)
+        odd_rows = A._whole_heads_unless_split_evenly(q[:3], k[:3])  # 3 rows: not split over data either
+        assert all(x.sharding.spec == P(None, None, None, None) for x in odd_rows)
+        even = A._whole_heads_unless_split_evenly(q, jnp.ones((4, 8, 4, 16)))
+        assert even[0] is q  # both counts divide: left to GSPMD
+    assert A._whole_heads_unless_split_evenly(q, k)[0] is q  # no mesh
 
 
 def test_padded_cudnn_attention_traces_under_vmap():

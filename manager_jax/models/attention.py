@@ -257,8 +257,10 @@ def _attend(q, k, v, mask, impl: str, plain_causal: bool, valid_len: int | None)
     if resolve_impl(impl, (plain_causal or full) and cudnn_takes(q.dtype, q.shape[-1])) == "cudnn":
         if not (plain_causal or full):
             raise ValueError("attention_impl='cudnn' supports causal (unpacked) or unmasked attention only")
-        return padded_flash_attention(q, k, v, scale=scale, causal=plain_causal, implementation="cudnn",
-                                      valid_len=valid_len)
+        q, k, v = _whole_heads_unless_split_evenly(q, k, v)
+        out = padded_flash_attention(q, k, v, scale=scale, causal=plain_causal, implementation="cudnn",
+                                     valid_len=valid_len)
+        return _whole_heads_unless_split_evenly(out, k)[0]
     if mask is None and plain_causal:
         mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None, None]
     if valid_len is not None and valid_len < s:
@@ -271,6 +273,24 @@ def cudnn_takes(dtype, head_dim: int) -> bool:
     and the CPU demo recipe) and head dimensions that are multiples of 8 up to 128."""
     return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 \
         and head_dim <= 128
+
+
+def _whole_heads_unless_split_evenly(q, k, *more):
+    """q, k, ... [B, T, heads, d] with their heads whole on each device when the mesh's head axis
+    does not divide both head counts (0.5B's 14 and 2 heads on tensor 4). GSPMD splits such
+    dimensions unevenly or in part; cuDNN's partitioner refuses that and the program does not
+    compile. For the kernel's inputs and its output (which the o projection would split)."""
+    where = _ATTENTION_MESH.get()
+    n = where.mesh.shape.get(where.head_axis, 1) if where is not None and where.head_axis else 1
+    if n == 1 or (q.shape[2] % n == 0 and k.shape[2] % n == 0):
+        return (q, k, *more)
+    # Rows stay split over the row axes (the engine's; in the train step the shard vmap adds them),
+    # everything else whole: a layout cuDNN's partitioner can read back as a mesh spec.
+    rows = where.row_axes
+    if rows and q.shape[0] % math.prod(where.mesh.shape[a] for a in rows):
+        rows = None
+    whole = jax.sharding.NamedSharding(where.mesh, P(rows, None, None, None))
+    return tuple(jax.lax.with_sharding_constraint(x, whole) for x in (q, k, *more))
 
 
 def resolve_impl(impl: str, cudnn_expressible: bool) -> str:
