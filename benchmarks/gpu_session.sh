@@ -72,7 +72,7 @@ $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__
 
 # The GPU-only correctness checks first (cuDNN attention and the Triton decode-attention kernel
 # against the XLA path; skipped on CPU).
-step gpu_checks "${T_CHECKS:-90}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_decode_attention.py -k gpu
+step gpu_checks "${T_CHECKS:-90}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_decode_attention.py -k "gpu or cudnn"
 tail -n 1 "$LOGS/gpu_checks.log"
 # The decode-attention kernels alone under several divisions of the work, against XLA's path
 # (benchmarks/decode_attention.py; KERNELS=0 skips it).
