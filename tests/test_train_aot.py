@@ -150,6 +150,14 @@ def _gpu_devices_or_skip(topology: str):
         pytest.skip("needs jax's CUDA plugin (compile-only GPUs)")
 
 
+def test_gpu_memory_to_fit_is_the_allocators_share(monkeypatch):
+    total, usable = gpu_memory_gib("NVIDIA H100 80GB HBM3")
+    assert 79 < total < 80 and usable == pytest.approx(0.75 * total)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    assert gpu_memory_gib("NVIDIA H100 80GB HBM3")[1] == pytest.approx(0.9 * total)
+    assert gpu_memory_gib("TPU v5") is None
+
+
 def test_gpu_topologies_name_hosts_and_cards():
     with pytest.raises(AotError, match="h100:GPUS or h100:HOSTSxGPUS"):
         topology_devices("h100:2x")

@@ -297,6 +297,10 @@ def _compile_step(config: TrainConfig, topology: str, devices: list[Any], hlo_ou
         logger.warning("the compiled step's HLO text cannot be read back (%s); attention kernels not counted", err)
         hlo = None
     attention, attention_calls = attention_kernels(hlo)
+    gpu = gpu_memory_gib(kind)
+    if per_chip and gpu and capacity < per_chip["total_gib"] <= 0.95 * gpu[0]:  # the GPU has the room
+        report["to_fit"] = ["XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (JAX's allocator then takes "
+                            f"{0.95 * gpu[0]:.0f} GiB)", *report["to_fit"]]
     if hlo_out:
         partial = f"{hlo_out}.partial"
         with open(partial, "w") as f:
