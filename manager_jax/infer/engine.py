@@ -577,6 +577,7 @@ class InferenceEngine:
         if rows < self.decode_min_rows:
             first_logits, cache, kv_seg, next_pos = self._filler_rows(self.decode_min_rows - rows, first_logits,
                                                                       cache, kv_seg, next_pos)
+            kv_seg, next_pos = np.asarray(kv_seg), np.asarray(next_pos)  # host values, as `_put` takes them
             rows = self.decode_min_rows
         kv_seg = self._put({"kv_seg": kv_seg}, rows)["kv_seg"]
         next_pos = self._put({"next_pos": next_pos}, rows)["next_pos"]
