@@ -29,9 +29,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
 
 
-def test_compiled_programs_are_the_ones_generate_runs():
+@pytest.mark.parametrize("min_rows", [1, 3])
+def test_compiled_programs_are_the_ones_generate_runs(min_rows):
+    """min_rows 3: two prompts decode as three rows (GPUs decode one prompt as two), so the decode
+    program takes filler rows."""
     model = tiny_model("grid_manager")
-    engine = InferenceEngine(model, pad_id=0)
+    engine = InferenceEngine(model, pad_id=0, decode_min_rows=min_rows)
     prompts = [Prompt([1, 2, IMAGE_TOKEN_INDEX, 3], [random_image((200, 120), 1)]), Prompt([4, 5, 6, 7, 8])]
     params = SamplingParams(max_new_tokens=7)
     prepared = engine.prepare(prompts)
@@ -42,8 +45,12 @@ def test_compiled_programs_are_the_ones_generate_runs():
     lengths = inputs.pop("lengths")
     first_logits, cache = compiled["prefill"](engine.state, inputs, lengths)
     controls, kv_seg, next_pos = engine._decode_controls(prepared, params, new_slots)
+    if rows < min_rows:
+        first_logits, cache, kv_seg, next_pos = engine._filler_rows(min_rows - rows, first_logits, cache, kv_seg,
+                                                                    next_pos)
     out, count, _, _ = compiled["decode"](engine.state, first_logits, cache, kv_seg, next_pos, controls,
                                           jax.random.key(params.seed))
+    assert out.shape[0] == max(rows, min_rows)
     tokens = [np.asarray(out)[r, : int(count[r])].tolist() for r in range(len(prompts))]
     assert tokens == [g.token_ids for g in engine.generate(prompts, params)]
 
