@@ -72,10 +72,10 @@ def compile_decode(args, devices) -> str:
 
     cfg = benchmark_model_config(False, args.variant).replace(dtype="bfloat16", param_dtype="bfloat16")
     model = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))  # shapes only: nothing is allocated
-    # decode_check_every=1: one token loop, so the counts are per token. The engine's default runs
-    # the same body in fixed runs of tokens (a nested loop of known trip count).
+    # decode_check_every 1 (the default here): one token per loop iteration, so the counts are per
+    # token. The engine's default unrolls runs of tokens in each iteration.
     engine = InferenceEngine(model, eos_ids=[], pad_id=0, decode_min_rows=args.decode_min_rows,
-                             decode_attention=args.decode_attention, decode_check_every=1)
+                             decode_attention=args.decode_attention, decode_check_every=args.decode_check_every)
     rows = max(args.rows, engine.decode_min_rows)
     here = NamedSharding(Mesh(np.asarray(devices[:1]), ("x",)), PartitionSpec())
     shaped = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=here)
@@ -105,14 +105,16 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=15, help="list the N launches that write the most")
     train = p.add_argument_group("train (the shapes of benchmarks/train_step.py)")
     train.add_argument("--batch-per-device", type=int, default=2)
-    train.add_argument("--remat", default="dots")
+    train.add_argument("--remat", default="dots_acts")
     train.add_argument("--vision-token-multiple", type=int, default=0)
     train.add_argument("--loss-token-budget", type=int, default=-1)
-    train.add_argument("--unroll-layers", action="store_true", help="a Python loop over the layers instead of a scan")
+    train.add_argument("--layers", default="unrolled", choices=["unrolled", "scan"])
     train.add_argument("--row-multiple", type=int, default=64,
                        help="right-pad rows to a multiple of this (train_step.py's default)")
     decode = p.add_argument_group("decode (the shapes of benchmarks/generate.py)")
     decode.add_argument("--rows", type=int, default=1, help="prompts decoded together")
+    decode.add_argument("--decode-check-every", type=int, default=1,
+                        help="InferenceEngine decode_check_every (1: launches and bytes per token)")
     decode.add_argument("--decode-min-rows", type=int, default=None, help="InferenceEngine decode_min_rows")
     decode.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
                         help="InferenceEngine decode_attention (auto: pallas, as on GPUs)")

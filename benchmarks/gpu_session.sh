@@ -11,11 +11,12 @@
 #     command: bash benchmarks/gpu_session.sh
 #
 # BUDGET (seconds, default 550) bounds the whole script, so it ends inside the call's limit.
-# TRAIN_VARIANTS / GEN_VARIANTS="--remat full;--unroll-layers" add runs with those flags (and
+# TRAIN_VARIANTS / GEN_VARIANTS="--remat full;--layers scan" add runs with those flags (and
 # environments, see `variants` below);
 # REF_TRAIN=0 and REF_GEN_BATCHES="16" narrow the reference runs; SCAN=0 skips the scanned decode;
 # GEN=0 skips every generate run (ours, the reference's, the variants: a second call for the train
-# variants, whose baseline is the default train run of the same call); KERNELS=0 skips the
+# variants, whose baseline is the default train run of the same call); TRAIN=0 skips our default
+# train run (a call for generate variants); CHECKS=0 skips the GPU tests; KERNELS=0 skips the
 # decode-attention kernel sweep, whose fastest configs our generate runs otherwise use
 # (DECODE_KERNELS sets them by hand).
 # Every step runs under its own `timeout` and prints its JSON line as soon as it has one, so a
@@ -72,8 +73,10 @@ $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__
 
 # The GPU-only correctness checks first (cuDNN attention and the Triton decode-attention kernel
 # against the XLA path; skipped on CPU).
-step gpu_checks "${T_CHECKS:-90}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_decode_attention.py -k "gpu or cudnn"
-tail -n 1 "$LOGS/gpu_checks.log"
+if [ "${CHECKS:-1}" = 1 ]; then
+  step gpu_checks "${T_CHECKS:-90}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_decode_attention.py -k "gpu or cudnn"
+  tail -n 1 "$LOGS/gpu_checks.log"
+fi
 # The decode-attention kernels alone under several divisions of the work, against XLA's path
 # (benchmarks/decode_attention.py; KERNELS=0 skips it).
 # Our generate runs then decode with the fastest config per row count (DECODE_KERNELS, which a
@@ -95,9 +98,11 @@ kernels_arg=()
 
 # Ours first: they are what is not measured yet; the reference has numbers in REFERENCE_RESULTS.md.
 # Each of ours also leaves a profile (.xplane.pb, read with xprof off the device) under $OUT.
-step train_jax "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" --profile "$OUT/train.xplane.pb" ||
-  step train_jax_xla_attention "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" --attention xla \
-    --profile "$OUT/train_xla_attention.xplane.pb"
+if [ "${TRAIN:-1}" = 1 ]; then
+  step train_jax "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" --profile "$OUT/train.xplane.pb" ||
+    step train_jax_xla_attention "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" --attention xla \
+      --profile "$OUT/train_xla_attention.xplane.pb"
+fi
 # If the picked kernel configs fail end to end, the default ones still give the measurement.
 if [ "${GEN:-1}" = 1 ] && ! step generate_jax "$t_gen" $PY benchmarks/generate.py "${ours_gen[@]}" "${kernels_arg[@]}" \
     --profile "$OUT/generate.xplane.pb" && [ ${#kernels_arg[@]} -gt 0 ]; then

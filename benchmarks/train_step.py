@@ -9,7 +9,7 @@ MFU uses the reference's FLOP formula (manager_jax.train.flops.reference_train_f
 
     python benchmarks/train_step.py                      # 0.5B, B=2 per device, 768x768 + 400 text
     python benchmarks/train_step.py --tiny               # CPU smoke check (tiny model, small image)
-    python benchmarks/train_step.py --variant grid_manager --remat full
+    python benchmarks/train_step.py --variant grid_manager --layers scan --remat full
 
 Prints one JSON line (step time median/min, tokens/s, MFU, peak memory).
 """
@@ -44,7 +44,7 @@ ALL_PARTS = "mm_vision_tower,mm_mlp_adapter,mm_manager,mm_language_model"
 
 def build_model_config(args):
     cfg = benchmark_model_config(args.tiny, args.variant)
-    return cfg.replace(dtype=args.dtype, param_dtype="float32", remat_policy=args.remat, scan_layers=not args.unroll_layers,
+    return cfg.replace(dtype=args.dtype, param_dtype="float32", remat_policy=args.remat, scan_layers=args.layers == "scan",
                        attention_impl=args.attention, vision_token_multiple=args.vision_token_multiple)
 
 
@@ -92,11 +92,12 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--remat", default="dots", choices=list(REMAT_POLICIES),
-                   help="remat policy (dots: 0.187 s vs 0.215 s with none, 21 vs 44 GB, 0.5B on one H100, "
-                        "measured before dots kept the attention kernels' outputs)")
-    p.add_argument("--unroll-layers", action="store_true",
-                   help="a Python loop over the layers instead of one lax.scan (longer compile, no per-layer stacking)")
+    p.add_argument("--remat", default="dots_acts", choices=list(REMAT_POLICIES),
+                   help="remat policy (one H100, 0.5B, unrolled layers: dots_acts 0.125 s / 25.5 GB, dots 0.132 s / "
+                        "21.6 GB; RESULTS.md, session 10)")
+    p.add_argument("--layers", default="unrolled", choices=["unrolled", "scan"],
+                   help="unrolled: a Python loop over the layers (one H100: 0.125 s, compiles in 40 s); scan: one "
+                        "lax.scan (0.145 s with remat dots, compiles in 18 s; what the recipes run, for their memory)")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     p.add_argument("--vision-token-multiple", type=int, default=0,
                    help="pad the crops through the vision tower to a multiple of this (0 = auto: 768 with cuDNN, 1 = off)")
@@ -184,7 +185,7 @@ def main(argv=None) -> dict:
         devices=n_dev, device=kind, batch_per_device=args.batch_per_device, image=image, crops=n_crops,
         image_tokens=n_img, seq=seq, row_len=int(local["segment_ids"].shape[-1]), tokens_per_step=global_batch * seq,
         dtype=cfg.dtype, remat=args.remat,
-        layers="unrolled" if args.unroll_layers else "scan", attention=args.attention,
+        layers=args.layers, attention=args.attention,
         vision_token_multiple=args.vision_token_multiple, loss_token_budget=budget,
         xla_flags=os.environ.get("XLA_FLAGS"),
         compile_s=compile_s, step_s_median=med, step_s_min=min(times), tokens_per_s=global_batch * seq / med,
