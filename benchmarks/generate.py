@@ -107,11 +107,12 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     peak = (stats or {}).get("peak_bytes_in_use")
     sample = prepared.samples[0]
+    rows = max(batch, engine.decode_min_rows)
     result = {
         "what": "generate", "impl": "jax", "variant": args.variant, "tiny": args.tiny, "dtype": args.dtype,
         "decode_layers": "scan" if args.decode_scan else "unrolled", "decode_min_rows": engine.decode_min_rows,
         "decode_attention": engine.decode_attention, "decode_check_every": engine.decode_check_every,
-        "decode_kernel": str(dict(engine.decode_kernels).get(max(batch, engine.decode_min_rows), KernelConfig()))
+        "decode_kernel": str(dict(engine.decode_kernels).get(rows) or KernelConfig.default_for(rows))
         if engine.decode_attention == "pallas" else None,
         "batch": batch, "image": args.image, "crops": sample.num_crops, "prompt_len": int(prepared.lengths[0]),
         "prompt_bucket": prepared.prompt_slots, "new_tokens": args.new_tokens, "prefill_s": prefill_s,
@@ -147,9 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-kernels", default="", metavar="ROWS:B,P,W,S;...",
                    help="the Pallas kernels' configs by rows decoded together (InferenceEngine decode_kernels), as "
                         "benchmarks/decode_attention.py prints the fastest; rows not listed: the default")
-    p.add_argument("--decode-check-every", type=int, default=8,
+    p.add_argument("--decode-check-every", type=int, default=None,
                    help="tokens decoded between the loop's checks for the end (InferenceEngine decode_check_every; "
-                        "1: every token, a host round trip each on GPU)")
+                        "default: 8 on GPU, 1 elsewhere; 1: every token, a host round trip each on GPU)")
     p.add_argument("--profile", default=None, metavar="FILE.xplane.pb",
                    help="after timing, profile one prefill + decode per batch size (FILE with _b<batch> before .xplane.pb)")
     args = p.parse_args(argv)

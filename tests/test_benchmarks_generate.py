@@ -6,6 +6,7 @@ import json
 import pytest
 
 from benchmarks import generate
+from manager_jax.models.decode_attention import KernelConfig
 
 
 def test_tiny_run_reports_each_batch_with_its_kernel_config(capsys):
@@ -13,7 +14,7 @@ def test_tiny_run_reports_each_batch_with_its_kernel_config(capsys):
                           "--decode-kernels", "2:16,4,4,1"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [(x["batch"], x["decode_attention"], x["decode_kernel"]) for x in lines] == \
-        [(1, "pallas", "128,264,4,2"), (2, "pallas", "16,4,4,1")]  # batch 1 is not listed: the default
+        [(1, "pallas", str(KernelConfig.default_for(1))), (2, "pallas", "16,4,4,1")]  # batch 1: not listed
     assert all(x["decode_tokens_per_s"] > 0 and x["prefill_s"] > 0 and x["new_tokens"] == 3 for x in lines)
 
 

@@ -162,11 +162,11 @@ def test_kernel_configs_by_rows_parse_and_print_back():
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Triton-compiled kernels need a GPU")
 def test_gpu_kernel_equals_the_xla_step_at_the_benchmark_shapes():
     """Qwen2-0.5B's decode step (14 heads, 2 KV heads, d 64) over a 4,224-slot cache, bf16, at the
-    benchmark's batch sizes (two rows for batch 1, and 16), with the default division of the work
-    and with one split per (row, KV head) (no combine kernel)."""
+    benchmark's batch sizes (two rows for batch 1, and 16), with the default divisions of the work
+    (`KernelConfig.default_for`) and with one split per (row, KV head) (no combine kernel)."""
     rng = np.random.default_rng(3)
-    for rows, config in ((2, KernelConfig()), (16, KernelConfig()), (2, KernelConfig(128, 4, 4, 3)),
-                         (16, KernelConfig(128, 32, 4, 4))):
+    for rows, config in ((2, KernelConfig.default_for(2)), (16, KernelConfig.default_for(16)),
+                         (2, KernelConfig(128, 4, 4, 3)), (16, KernelConfig(128, 32, 4, 4))):
         lengths = list(rng.integers(1000, 4096, size=rows))
         k, v, seg = left_padded_cache(rng, rows, 4224, 4096, lengths, 2, 64, layers=3, dtype=jnp.bfloat16)
         token = new_token(rng, rows, 14, 2, 64, jnp.bfloat16)

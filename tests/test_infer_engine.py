@@ -188,8 +188,8 @@ def test_eos_stops_each_row(manager_engine):
 
 def test_fixed_token_runs_between_end_checks_keep_every_answer(manager_engine):
     """Runs of 4 or 8 tokens between the loop's checks for the end: the same tokens, ends and
-    sampled draws as checking after every token, with answers ending inside a run and a
-    max_new_tokens that no run length divides."""
+    sampled draws as checking after every token, with answers ending inside a run, a
+    max_new_tokens that no run length divides and one that fills the new-token buffer."""
     model, _ = manager_engine
     engines = {n: InferenceEngine(model, pad_id=0, decode_check_every=n) for n in (1, 4, 8)}
     prompts = mixed_prompts()
@@ -197,7 +197,8 @@ def test_fixed_token_runs_between_end_checks_keep_every_answer(manager_engine):
     assert [len(g.token_ids) for g in free] == [13, 13]
     stop = free[0].token_ids[6]  # row 0 ends inside the second run of 4
     cases = [SamplingParams(max_new_tokens=13), SamplingParams(max_new_tokens=13, eos_ids=(stop,)),
-             SamplingParams(max_new_tokens=11, temperature=1.0, top_k=50, seed=3)]
+             SamplingParams(max_new_tokens=11, temperature=1.0, top_k=50, seed=3),
+             SamplingParams(max_new_tokens=16)]  # fills the 16 new slots: a step past it would overwrite the last
     for params in cases:
         expected = [(g.token_ids, g.finish_reason) for g in engines[1].generate(prompts, params)]
         for n in (4, 8):
@@ -406,14 +407,14 @@ def test_pallas_decode_attention_gives_the_xla_decodes_tokens():
     32, the smallest the kernels take."""
     model = tiny_model("manager", head_dim=32, qkv_biases=True)
     engine = InferenceEngine(model, pad_id=0)
-    fused = InferenceEngine(model, pad_id=0, decode_attention="pallas")
+    fused = InferenceEngine(model, pad_id=0, decode_attention="pallas", decode_check_every=4)
     lowered, jitted = [], fused._decode_jit
     fused._decode_jit = lambda *a, **k: lowered.append(jitted.lower(*a, **k).as_text()) or jitted(*a, **k)
     params = SamplingParams(max_new_tokens=NEW)
     assert [g.token_ids for g in fused.generate(mixed_prompts(), params)] == \
         [g.token_ids for g in engine.generate(mixed_prompts(), params)]
-    # The kernel ran: one call per layer in each token loop (the fixed runs, the single-token rest).
-    assert len(re.findall(r"call @decode_attention(_\d+)?\(", lowered[0])) == 2 * model.cfg.text.num_layers
+    # The kernel ran: one call per layer and token step (a run's 4 unrolled steps, the single-token rest).
+    assert len(re.findall(r"call @decode_attention(_\d+)?\(", lowered[0])) == 5 * model.cfg.text.num_layers
     for bad, match in (({"decode_attention": "cudnn"}, "decode_attention must be"),
                        ({"decode_attention": "pallas", "decode_scan_layers": True}, "unrolled decode")):
         with pytest.raises(ValueError, match=match):
@@ -437,7 +438,7 @@ def test_decode_kernel_configs_reach_the_kernel_by_rows_and_keep_the_tokens(monk
     prompts = mixed_prompts()
     for batch in (prompts, prompts + prompts[:1], prompts[:1]):
         assert [g.token_ids for g in tuned.generate(batch, params)] == [g.token_ids for g in plain.generate(batch, params)]
-    assert set(seen) == {(2, one_split), (3, many), (1, KernelConfig())}  # 1 row: not listed, the default
+    assert set(seen) == {(2, one_split), (3, many), (1, KernelConfig.default_for(1))}  # 1 row: not listed, the default
     with pytest.raises(ValueError, match="decode_kernels maps rows"):
         InferenceEngine(model, pad_id=0, decode_kernels={0: one_split})
     with pytest.raises(ValueError, match="decode_kernels maps rows"):

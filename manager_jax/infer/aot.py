@@ -95,6 +95,7 @@ def _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers
         "prompt_slots": prepared.prompt_slots, "cache_slots": prepared.prompt_slots + engine.new_slots(prepared, params),
         "params_gib": params_bytes / 2**30, "decode": "scanned layers" if decode_scan_layers else "unrolled layers",
         "decode_attention": engine.decode_attention, "decode_rows": max(workload.rows, engine.decode_min_rows),
+        "decode_check_every": engine.decode_check_every,
     }
     report["hbm_per_chip_gib"], report["capacity"] = memory_capacity(kind)
     t0 = time.perf_counter()
@@ -121,7 +122,7 @@ def format_generate_report(report: dict[str, Any]) -> str:
         f"workload: {w['rows']} prompt(s) of a {w['image_size'][0]}x{w['image_size'][1]} image + "
         f"{w['prompt_tokens']} text tokens ({report['prompt_slots']} slots), {w['new_tokens']} new tokens; "
         f"cache {report['cache_slots']} slots; decode with {report['decode']}, {report['decode_attention']} "
-        f"attention, {report['decode_rows']} rows",
+        f"attention, {report['decode_rows']} rows, the end checked every {report['decode_check_every']} tokens",
     ]
     cap = report["hbm_per_chip_gib"]
     if report["programs"] is None:

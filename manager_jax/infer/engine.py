@@ -173,17 +173,20 @@ class InferenceEngine:
         keeps them (a shard_map). "pallas" needs the unrolled decode; off the GPU it runs in
         Pallas interpret mode (tests).
       decode_check_every: the decode loop runs fixed runs of this many tokens between its checks
-        for the end (every row done, or max_new reached), then single tokens for the rest. On GPU,
-        XLA runs a loop of fixed length without the host: a loop that tests a device value copies it
-        to the host and waits for the device every iteration (one idle gap per token in the batch-1
-        profile). Rows that end inside a run get padding, as after any end; the tokens do not
-        depend on this value, at most `decode_check_every - 1` steps are computed after the last
-        row ended. 1 checks every token.
+        for the end (every row done, or max_new reached), then single tokens for the rest. A run
+        is that many token steps unrolled in one loop iteration: a longer decode program to
+        compile. On GPU a loop that tests a device value copies it to the host and waits for the
+        device every iteration (one idle gap per token in the batch-1 profile), so the default
+        there is 8; elsewhere (TPU, CPU) the loop runs on the device and the default is 1, every
+        token. Rows that end inside a run get padding, as after any end; the tokens do not depend
+        on this value, at most `decode_check_every - 1` steps are computed after the last row
+        ended.
       decode_kernels: how the Pallas kernels divide the work, by the rows decoded together
-        ({rows: KernelConfig}, rows of the whole batch; rows not listed get KernelConfig's
-        default). On a mesh a device holds fewer rows and heads: time configs for those. Speed only: every
-        config gives the same tokens. benchmarks/decode_attention.py times configs and prints the
-        fastest per row count in the form `parse_kernel_configs` reads.
+        ({rows: KernelConfig}, rows of the whole batch; rows not listed get
+        `KernelConfig.default_for(rows)`). On a mesh a device holds fewer rows and heads: time
+        configs for those. Speed only: every config gives the same tokens.
+        benchmarks/decode_attention.py times configs and prints the fastest per row count in the
+        form `parse_kernel_configs` reads.
     """
 
     def __init__(
@@ -202,7 +205,7 @@ class InferenceEngine:
         decode_min_rows: int | None = None,
         decode_attention: str = "auto",
         decode_kernels: Mapping[int, KernelConfig] | None = None,
-        decode_check_every: int = 8,
+        decode_check_every: int | None = None,
     ):
         self.cfg = model.cfg
         self.decode_scan_layers = bool(decode_scan_layers)
@@ -211,6 +214,8 @@ class InferenceEngine:
         if decode_min_rows < 1:
             raise ValueError(f"decode_min_rows must be >= 1, got {decode_min_rows}")
         self.decode_min_rows = int(decode_min_rows)
+        if decode_check_every is None:
+            decode_check_every = 8 if target_platform() == "gpu" else 1
         if decode_check_every < 1:
             raise ValueError(f"decode_check_every must be >= 1, got {decode_check_every}")
         self.decode_check_every = int(decode_check_every)
@@ -497,11 +502,17 @@ class InferenceEngine:
             count = count + (~done).astype(jnp.int32)
             return i + 1, new, out, done | is_eos(new), count, cache, key, mark(seen, new)
 
-        run = self.decode_check_every
+        def run_of_steps(carry):
+            # Unrolled, not a nested loop of known trip count: on an H100 the GPU runtime left the
+            # device idle about 0.7 ms at the start of every inner loop (session-10 profile), as
+            # much as the per-token host round trips that the runs save.
+            for _ in range(self.decode_check_every):
+                carry = body(carry)
+            return carry
+
         carry = state0
-        if run > 1:  # fixed runs: a loop with a static trip count (no host round trip per token)
-            carry = jax.lax.while_loop(room_for(run), lambda c: jax.lax.fori_loop(0, run, lambda _, x: body(x), c),
-                                       carry)
+        if self.decode_check_every > 1:  # runs of steps between the checks (no host round trip per token)
+            carry = jax.lax.while_loop(room_for(self.decode_check_every), run_of_steps, carry)
         _, _, out, done, count, cache, _, _ = jax.lax.while_loop(room_for(1), body, carry)
         # The cache is returned so that the donated input buffer is updated in place (aliased).
         return (*self._on_every_process(out, count, done), cache)

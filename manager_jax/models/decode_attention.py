@@ -58,7 +58,15 @@ class KernelConfig:
     block: int = 128
     programs: int = 264
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
+
+    @classmethod
+    def default_for(cls, rows: int) -> "KernelConfig":
+        """The config for `rows` rows decoded together when none is given: the fastest of
+        benchmarks/decode_attention.py's sweep on an H100 (RESULTS.md, session 10). Two rows over a
+        4,224-slot cache: 64,1056,4,3 at 31.5 us per layer against 41.7 for 128,264,4,2, the
+        earlier default; 16 rows: 128,264,4,3 at 51.5 us against 63.8."""
+        return cls(block=64, programs=1056) if rows <= 2 else cls()
 
     @classmethod
     def parse(cls, text: str) -> "KernelConfig":

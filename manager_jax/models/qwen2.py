@@ -75,7 +75,7 @@ class Qwen2Attention(nnx.Module):
         # engine sets it on its decode graph.
         self.decode_impl = "xla"
         # The fused kernels' division of the work, by the rows decoded together: ((rows,
-        # KernelConfig), ...); rows not listed get KernelConfig's default. Set by the engine too.
+        # KernelConfig), ...); rows not listed get `KernelConfig.default_for(rows)`. Set by the engine too.
         self.decode_kernels = ()
 
     def _fused_decode(self, x: jax.Array, ctx: AttentionContext, cache: tuple):
@@ -90,7 +90,7 @@ class Qwen2Attention(nnx.Module):
         project = lambda lin: flat(lin).reshape(b, -1, self.head_dim)
         biases = tuple(lin.bias[...].astype(dtype).reshape(-1, self.head_dim) for lin in (self.q, self.k, self.v))
         step = dict(layer=int(layer), interpret=target_platform() != "gpu",
-                    config=dict(self.decode_kernels).get(b, KernelConfig()))
+                    config=dict(self.decode_kernels).get(b) or KernelConfig.default_for(b))
         token = (ctx.cos[:, 0], ctx.sin[:, 0], ck, cv, ctx.q_seg[:, 0], ctx.kv_seg, ctx.cache_index)
         where = current_attention_mesh()
         if where is None or where.mesh.size == 1:
