@@ -1,7 +1,8 @@
-"""Generation compiled ahead of time (`InferenceEngine.compile_generate`, `run.py compile-generate`).
+"""Generation and scoring compiled ahead of time (`InferenceEngine.compile_generate` and
+`compile_score`, `run.py compile-generate`).
 
-The programs it compiles must be the ones `generate` runs: run with real inputs they give
-`generate`'s tokens. Over an abstract model on a mesh, the parameters arrive sharded.
+The programs it compiles must be the ones `generate` and `score` run: run with real inputs they
+give `generate`'s tokens and `score`'s log-likelihoods. Over an abstract model on a mesh, the parameters arrive sharded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flax import nnx
 
 from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
 from manager_jax.infer.aot import GenerateWorkload, compile_generate_for_topology, main, model_config
-from manager_jax.infer.engine import InferenceEngine, Prompt
+from manager_jax.infer.engine import InferenceEngine, Prompt, ScoreRequest
 from manager_jax.infer.sampling import SamplingParams
 from manager_jax.models.llava_ov import LlavaOV
 from manager_jax.reference.parity import random_image
@@ -55,6 +56,19 @@ def test_compiled_programs_are_the_ones_generate_runs(min_rows):
     assert tokens == [g.token_ids for g in engine.generate(prompts, params)]
 
 
+def test_compiled_score_program_is_the_one_score_runs():
+    """Two requests (one with an image), run through the compiled program: `score`'s log-likelihoods."""
+    engine = InferenceEngine(tiny_model("grid_manager"), pad_id=0)
+    requests = [ScoreRequest([1, 2, IMAGE_TOKEN_INDEX, 3, 9, 10], 4, 6, [random_image((200, 120), 1)]),
+                ScoreRequest([4, 5, 6, 7, 8], 2, 5)]
+    compiled = engine.compile_score(requests)
+    args, kwargs, _ = engine._score_call(requests, engine._put)
+    logprob, greedy = compiled(*args)
+    expected = engine.score(requests)
+    np.testing.assert_allclose(np.asarray(logprob)[:2], [r.logprob for r in expected], rtol=1e-6)
+    assert np.asarray(greedy)[:2].tolist() == [r.is_greedy for r in expected]
+
+
 @needs_8
 def test_an_abstract_model_on_a_mesh_compiles_with_sharded_params():
     cfg = tiny_model("grid_manager").cfg
@@ -68,8 +82,9 @@ def test_an_abstract_model_on_a_mesh_compiles_with_sharded_params():
     assert sharded["params_gib"] * 2**30 == params
     # The prompts' inputs are the same per chip either way (pixels replicated, 2 rows on 1 data
     # shard); the parameters are split 8 ways on the mesh (a few small ones whole).
-    saved = (whole["programs"]["prefill"]["arguments_gib"] - sharded["programs"]["prefill"]["arguments_gib"]) * 2**30
-    assert 0.6 * params < saved <= params * 7 / 8
+    for program in ("prefill", "score"):
+        saved = (whole["programs"][program]["arguments_gib"] - sharded["programs"][program]["arguments_gib"]) * 2**30
+        assert 0.6 * params < saved <= params * 7 / 8, program
     assert sharded["cache_slots"] >= sharded["prompt_slots"] + 5
 
 
@@ -81,7 +96,7 @@ def test_cli_reports_memory_per_program_for_the_real_shapes(capsys):
     assert code == 0, out
     assert "24 text layers, width 896, bfloat16" in out and "mesh {'data': 1, 'fsdp': 4, 'tensor': 2}" in out
     assert "2 prompt(s) of a 768x768 image + 64 text tokens" in out
-    assert "prefill" in out and "decode" in out
+    assert "prefill" in out and "decode" in out and "score" in out
 
 
 def test_cli_errors_are_one_line(capsys):

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of generation for a TPU slice or GPUs, on a CPU host.
+"""Ahead-of-time compilation of generation and scoring for a TPU slice or GPUs, on a CPU host.
 
     python run.py compile-generate --model 72b:grid_manager --topology v5p:2x2x2 --mesh tensor=8
     python run.py compile-generate --model 72b:grid_manager --topology h100:8 --mesh tensor=8
@@ -6,9 +6,10 @@
 Builds the inference engine over an abstract model (`nnx.eval_shape`: no weights are made) on the
 compile-only devices of the topology (`train.aot.topology_devices`), prepares one real batch of
 prompts (a generated image of the asked size, random text ids), and compiles the two programs that
-`InferenceEngine.generate` runs for it: the prefill (vision tower, Manager, decoder, KV cache) and
-the decode loop. It reports each program's memory per chip, so a serving mesh is checked before
-the machines are booked. Topologies are those of `run.py compile` (`train/aot.py`); `cpu:N`
+`InferenceEngine.generate` runs for it, the prefill (vision tower, Manager, decoder, KV cache) and
+the decode loop, and the one that `InferenceEngine.score` runs for the same prompts with a
+continuation of `--score-tokens` tokens (lmms-eval's loglikelihood). It reports each program's
+memory per chip, so a serving mesh is checked before the machines are booked. Topologies are those of `run.py compile` (`train/aot.py`); `cpu:N`
 compiles for N local CPU devices (CPU reports no memory to fit).
 """
 
@@ -29,30 +30,40 @@ from PIL import Image
 
 from manager_jax.config import VARIANTS, ConfigError, ModelConfig, preset
 from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
-from manager_jax.infer.engine import InferenceEngine, Prompt
+from manager_jax.infer.engine import InferenceEngine, Prompt, ScoreRequest
 from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
 from manager_jax.infer.sampling import SamplingParams
 from manager_jax.models.llava_ov import LlavaOV
 from manager_jax.train.aot import (AotError, building_for, compile_time_oom, memory_capacity, memory_per_chip,
                                    topology_devices)
 
-PROGRAMS = ("prefill", "decode")
+PROGRAMS = ("prefill", "decode", "score")
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerateWorkload:
-    """What one generate call holds: `rows` prompts of one image and `prompt_tokens` text tokens each."""
+    """What one generate call holds: `rows` prompts of one image and `prompt_tokens` text tokens
+    each; a score call scores `score_tokens` more tokens after each (0: no score program)."""
 
     rows: int = 1
     image_size: tuple[int, int] = (768, 768)  # width, height
     prompt_tokens: int = 64
     new_tokens: int = 128
+    score_tokens: int = 16
 
     def prompts(self, vocab_size: int, seed: int = 0) -> list[Prompt]:
         rng = np.random.default_rng(seed)
         image = Image.fromarray(rng.integers(0, 256, (self.image_size[1], self.image_size[0], 3), np.uint8))
         return [Prompt([IMAGE_TOKEN_INDEX, *rng.integers(1, vocab_size, self.prompt_tokens).tolist()], [image])
                 for _ in range(self.rows)]
+
+    def score_requests(self, vocab_size: int, seed: int = 0) -> list[ScoreRequest]:
+        rng = np.random.default_rng(seed + 1)
+        requests = []
+        for prompt in self.prompts(vocab_size, seed):
+            ids = [*prompt.ids, *rng.integers(1, vocab_size, self.score_tokens).tolist()]
+            requests.append(ScoreRequest(ids, len(prompt.ids), len(ids), prompt.images))
+        return requests
 
 
 def model_config(spec: str | None, dtype: str | None, checkpoint: str | None = None) -> ModelConfig:
@@ -101,16 +112,18 @@ def _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers
     t0 = time.perf_counter()
     try:
         compiled = engine.compile_generate(prepared, params)
+        if workload.score_tokens:
+            compiled["score"] = engine.compile_score(workload.score_requests(cfg.text.vocab_size))
     except jax.errors.JaxRuntimeError as err:
         oom = compile_time_oom(str(err))
         if oom is None:
             raise
         return {**report, "compile_s": time.perf_counter() - t0, "programs": None, "fits": False,
                 "refused_temporaries_gib": oom[0], "hbm_per_chip_gib": oom[1]}
-    programs = {name: memory_per_chip(compiled[name]) for name in PROGRAMS}
+    programs = {name: memory_per_chip(compiled[name]) for name in PROGRAMS if name in compiled}
     capacity = report["hbm_per_chip_gib"]
     totals = [p["total_gib"] for p in programs.values() if p]
-    fits = (max(totals) <= capacity) if (capacity and len(totals) == len(PROGRAMS)) else None
+    fits = (max(totals) <= capacity) if (capacity and len(totals) == len(programs)) else None
     return {**report, "compile_s": time.perf_counter() - t0, "programs": programs, "fits": fits}
 
 
@@ -120,9 +133,11 @@ def format_generate_report(report: dict[str, Any]) -> str:
         f"model: {report['model']}, params {report['params_gib']:.2f} GiB",
         f"on {report['topology']} ({report['devices']} x {report['device_kind']}), mesh {report['mesh']}",
         f"workload: {w['rows']} prompt(s) of a {w['image_size'][0]}x{w['image_size'][1]} image + "
-        f"{w['prompt_tokens']} text tokens ({report['prompt_slots']} slots), {w['new_tokens']} new tokens; "
+        f"{w['prompt_tokens']} text tokens ({report['prompt_slots']} slots), {w['new_tokens']} new tokens, "
+        f"{w['score_tokens']} scored; "
         f"cache {report['cache_slots']} slots; decode with {report['decode']}, {report['decode_attention']} "
-        f"attention, {report['decode_rows']} rows, the end checked every {report['decode_check_every']} tokens",
+        f"attention, {report['decode_rows']} rows, the end checked every "
+        + ("token" if report["decode_check_every"] == 1 else f"{report['decode_check_every']} tokens"),
     ]
     cap = report["hbm_per_chip_gib"]
     if report["programs"] is None:
@@ -164,16 +179,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-size", type=_size, default=(768, 768), metavar="WxH")
     p.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per prompt besides the image")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--score-tokens", type=int, default=16,
+                   help="also compile scoring a continuation of this many tokens after each prompt (0: skip)")
     p.add_argument("--decode-scan-layers", action="store_true",
                    help="scan the decoder layers while decoding (no second copy of the decoder weights)")
     args = p.parse_args(argv)
-    if min(args.rows, args.prompt_tokens, args.new_tokens) < 1:
-        p.error("--rows, --prompt-tokens and --new-tokens must be >= 1")
+    if min(args.rows, args.prompt_tokens, args.new_tokens) < 1 or args.score_tokens < 0:
+        p.error("--rows, --prompt-tokens and --new-tokens must be >= 1, --score-tokens >= 0")
     try:
         cfg = model_config(args.model, args.dtype, args.checkpoint)
         report = compile_generate_for_topology(
             cfg, args.topology, mesh=args.mesh, decode_scan_layers=args.decode_scan_layers,
-            workload=GenerateWorkload(args.rows, args.image_size, args.prompt_tokens, args.new_tokens),
+            workload=GenerateWorkload(args.rows, args.image_size, args.prompt_tokens, args.new_tokens,
+                                      args.score_tokens),
         )
     except (AotError, ConfigError, MeshSpecError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -665,6 +665,28 @@ class InferenceEngine:
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """Sum of log-probabilities of each request's target tokens (one full forward, no cache)."""
+        args, kwargs, spans = self._score_call(requests, self._put)
+        logprob, greedy = (np.asarray(x) for x in self._score_jit(*args, **kwargs))
+        return [ScoreResult(float(logprob[r]), len(spans[r][1]), bool(greedy[r])) for r in range(len(requests))]
+
+    def compile_score(self, requests: Sequence[ScoreRequest]):
+        """Compiles, without running, the program `score(requests)` runs (a `Compiled`: its
+        memory_analysis, cost_analysis, as_text). The engine may hold abstract params."""
+        args, kwargs, _ = self._score_call(requests, self._abstract)
+        return self._score_jit.lower(*args, **kwargs).compile()
+
+    def _score_call(self, requests: Sequence[ScoreRequest], place):
+        """The score program's arguments, the host arrays placed by `place` (`_put`, or `_abstract`
+        for a compile), its static keywords, and per row (prediction positions, target ids)."""
+        inputs, extra, limit, spans = self._score_inputs(requests)
+        rows = len(extra["valid"])
+        inputs, extra = place(inputs, rows), place(extra, rows)
+        args = (self.state, inputs, extra["pred_pos"], extra["targets"], extra["valid"], np.int32(limit))
+        return args, {"plain_causal": target_platform() == "gpu"}, spans
+
+    def _score_inputs(self, requests: Sequence[ScoreRequest]):
+        """The host arrays of a score call: (model inputs, {pred_pos, targets, valid}, the vocab
+        limit, per row (expanded prediction positions, target ids)). Rows bucketed like prefill."""
         if not requests:
             raise InputError("no score requests given")
         samples, spans = [], []
@@ -693,10 +715,6 @@ class InferenceEngine:
         for r, (pos, t) in enumerate(spans):
             pred_pos[r, : len(t)], tgt[r, : len(t)], valid[r, : len(t)] = pos, t, True
         limit = self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size
-        inputs = self._put(batch.to_model_inputs(), rows)
-        extra = self._put({"pred_pos": pred_pos, "targets": tgt, "valid": valid}, rows)
-        # One right-padded sample per row: exactly causal, so flash attention on GPU (as in prefill).
-        logprob, greedy = self._score_jit(self.state, inputs, extra["pred_pos"], extra["targets"], extra["valid"],
-                                          np.int32(limit), plain_causal=target_platform() == "gpu")
-        logprob, greedy = np.asarray(logprob), np.asarray(greedy)
-        return [ScoreResult(float(logprob[r]), len(spans[r][1]), bool(greedy[r])) for r in range(len(requests))]
+        # One right-padded sample per row: exactly causal, so flash attention on GPU (as in prefill);
+        # rows past the requests are padding (`rows_bucket`).
+        return batch.to_model_inputs(), {"pred_pos": pred_pos, "targets": tgt, "valid": valid}, limit, spans
