@@ -44,3 +44,23 @@ def test_a_config_that_computes_wrongly_is_reported_and_never_picked(capsys, mon
     out = capsys.readouterr().out
     assert [(x["path"], x["correct"]) for x in lines] == [("xla", True), ("pallas", False), ("pallas", True)]
     assert "WRONG, max error" in out and "fastest kernels: 2:64,1,4,1\n" in out
+
+
+def test_a_timed_call_runs_every_layer_once_per_pass():
+    """time_block divides by layers x passes: each call must run the step that many times on the
+    device (a loop the compiler shortened would report kernels faster than they are)."""
+    import jax
+    import jax.numpy as jnp
+
+    calls = []
+
+    def counted(*args, layer, **kw):
+        jax.debug.callback(lambda: calls.append(layer))
+        return decode_attention.xla_step(*args, layer=layer, **kw)
+
+    layers, passes, repeats = 2, 3, 2
+    token, k, v, q_seg, seg = decode_attention.workload(2, layers, 64, 40, 48, 14, 2, 32, jnp.float32)
+    per_layer, k, v = decode_attention.time_block(counted, token, k, v, q_seg, seg, 50, layers, passes, repeats)
+    jax.effects_barrier()
+    assert per_layer > 0
+    assert sorted(calls) == sorted([0, 1] * passes * (1 + repeats))  # the warm-up call and the timed ones
