@@ -51,28 +51,41 @@ def read_data_states(directory, step):
         ckpt.close()
 
 
-def _sigterm_at(step_to_stop):
+def _sigterm_at(step_to_stop, seen: list):
     def on_step(step, record):
+        seen.append((step, loop_lib.DataFeed.batches_read))
         if step == step_to_stop:
             os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag; the loop saves and returns
 
     return on_step
 
 
-def test_resume_after_sigterm_is_exact(straight_run, tmp_path):
+def test_resume_after_sigterm_is_exact(straight_run, tmp_path, monkeypatch):
     out_a, a = straight_run
     assert a.status == "completed" and len(a.losses) == 6
     assert a.losses[-1] < a.losses[0]
+    original_next = loop_lib.DataFeed.next
+
+    def counted_next(self):
+        loop_lib.DataFeed.batches_read += 1
+        return original_next(self)
+
+    monkeypatch.setattr(loop_lib.DataFeed, "batches_read", 0, raising=False)
+    monkeypatch.setattr(loop_lib.DataFeed, "next", counted_next)
     config = demo_config(tmp_path)
-    first = loop_lib.train(config, on_step=_sigterm_at(3))
-    assert first.status == "stopped" and first.last_step == 3
+    seen = []
+    first = loop_lib.train(config, on_step=_sigterm_at(3, seen))
+    # The loop runs one step ahead: a step's metrics are read once the next step is dispatched (and
+    # the batch after it read), so the SIGTERM that came while step 4 ran stops the run after step 4.
+    assert seen == [(1, 3), (2, 4), (3, 5), (4, 5)]
+    assert first.status == "stopped" and first.last_step == 4
     ckpt = Checkpointer(first.checkpoint_dir)
-    assert ckpt.all_steps() == [3]
+    assert ckpt.all_steps() == [4]
     saved_recipe = ckpt.read_recipe()
     ckpt.close()
     assert saved_recipe == config.to_dict()  # the resolved config travels with the checkpoint
     second = loop_lib.train(demo_config(tmp_path), keep_state=True)
-    assert second.first_step == 3 and second.last_step == 6 and second.status == "completed"
+    assert second.first_step == 4 and second.last_step == 6 and second.status == "completed"
     # Bit-equal on CPU: same data order (restored iterator states), same rng, same updates.
     assert first.losses + second.losses == a.losses
     for x, y in zip(jax.tree.leaves(second.state["params"]), jax.tree.leaves(a.state["params"])):

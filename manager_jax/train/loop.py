@@ -9,6 +9,10 @@ each process reads only the shards its devices hold and builds global arrays wit
 ``jax.make_array_from_process_local_data``. The data order therefore depends on the recipe only,
 not on the number of processes or devices, and a run resumes exactly: the checkpoint holds every
 shard's iterator state.
+
+Steps run one ahead: step n+1 is dispatched before step n's metrics are read, so the host's work
+between steps overlaps the device's. A non-finite streak therefore aborts one step later, and a
+SIGTERM stops after the step that was running when it came.
 """
 
 from __future__ import annotations
@@ -240,8 +244,8 @@ def train(
 ) -> TrainResult:
     """Runs (or resumes) training until `config.num_steps`, SIGTERM, or `stop_at_step`.
 
-    `stop_at_step` defaults to `config.stop_at_step`. `on_step(step, metrics)` is called after
-    every step (tests, custom monitoring).
+    `stop_at_step` defaults to `config.stop_at_step`. `on_step(step, metrics)` is called with
+    every step's metrics, once the step after it is dispatched (tests, custom monitoring).
     """
     primary = jax.process_index() == 0
     stop_at_step = config.stop_at_step if stop_at_step is None else stop_at_step
@@ -312,11 +316,44 @@ def train(
     step = first_step
     full_loss_step = None  # compiled on first use: a batch with more supervised tokens than the budget
 
+    # One step ahead: step n+1 is dispatched before step n's metrics are read, so the host's work
+    # between steps (reading metrics, logging, the next dispatch) overlaps step n on the device
+    # instead of leaving it idle. A step after which a checkpoint is saved is read before the
+    # next dispatch, which takes (donates) its state.
+    unread = None  # (step, metrics on the device) of the last dispatched step
+    last_read = time.perf_counter()
+
+    def read_unread() -> None:
+        """Reads the unread step's metrics (waiting for that step alone) and logs them; counts
+        non-finite steps and aborts after max_nonfinite_steps of them in a row."""
+        nonlocal unread, last_read, nonfinite_streak
+        if unread is None:
+            return
+        (done, metrics), unread = unread, None
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        step_time, last_read = now - last_read, now
+        loss = float(metrics["loss"])
+        losses.append(loss)
+        if not bool(metrics["finite"]):
+            nonfinite_streak += 1
+            writer.event(done, "nonfinite_step_skipped", loss=loss, grad_norm=float(metrics["grad_norm"]))
+            logger.warning("step %d: non-finite loss %s / grad norm %s; update skipped", done, loss, metrics["grad_norm"])
+            if nonfinite_streak >= config.max_nonfinite_steps:
+                raise TrainingError(f"{nonfinite_streak} non-finite steps in a row (max_nonfinite_steps); aborting")
+        else:
+            nonfinite_streak = 0
+        record = _step_record(config, setup, metrics, step_time, peak, first=(done == first_step + 1))
+        if done % config.logging.every_steps == 0 or done == config.num_steps:
+            writer.write(done, record)
+        progress.update(loss)
+        if on_step is not None:
+            on_step(done, record)
+
     try:
         fetched = feed.next() if step < config.num_steps else None
         if _agree((fetched is None,))[0] and step < config.num_steps:
             status, fetched = "data_exhausted", None
-        t_prev = time.perf_counter()
         while fetched is not None and step < config.num_steps:
             local, over_budget = fetched
             batch = place_batch(setup, local, shards=shards)
@@ -328,32 +365,17 @@ def train(
                     full_loss_step = jit_train_step(setup, batch_abstract, dataclasses.replace(loss_cfg, token_budget=0))
                 run = full_loss_step
             state, metrics = run(state, batch)
+            step += 1
             # Data states after this step's batches: captured before reading ahead.
             data_after = feed.get_states()
-            fetched = feed.next() if step + 1 < config.num_steps else None
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            step_time, t_prev = now - t_prev, now
-            step += 1
-            loss = float(metrics["loss"])
-            losses.append(loss)
-            if not bool(metrics["finite"]):
-                nonfinite_streak += 1
-                writer.event(step, "nonfinite_step_skipped", loss=loss, grad_norm=float(metrics["grad_norm"]))
-                logger.warning("step %d: non-finite loss %s / grad norm %s; update skipped", step, loss, metrics["grad_norm"])
-                if nonfinite_streak >= config.max_nonfinite_steps:
-                    raise TrainingError(f"{nonfinite_streak} non-finite steps in a row (max_nonfinite_steps); aborting")
-            else:
-                nonfinite_streak = 0
-            record = _step_record(config, setup, metrics, step_time, peak, first=(step == first_step + 1))
-            if step % config.logging.every_steps == 0 or step == config.num_steps:
-                writer.write(step, record)
-            progress.update(loss)
-            if on_step is not None:
-                on_step(step, record)
+            fetched = feed.next() if step < config.num_steps else None
+            read_unread()  # the step before this one, which ran while this one was dispatched
+            unread = (step, metrics)
+            # A SIGTERM that came while this step ran stops after it.
             stop_requested, exhausted = _agree((stop.requested or step == stop_at_step, fetched is None and step < config.num_steps))
             every = config.checkpoint.every_steps
             if stop_requested or exhausted or step == config.num_steps or (every and step % every == 0):
+                read_unread()
                 save(step, data_after)  # the iterator states before the read-ahead
             if stop_requested:
                 status = "stopped"
@@ -362,6 +384,7 @@ def train(
                 status = "data_exhausted"
                 logger.warning("the data ran out at step %d (num_steps %d)", step, config.num_steps)
                 break
+        read_unread()
     finally:
         progress.close()
         stop.uninstall()
