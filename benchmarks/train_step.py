@@ -91,6 +91,9 @@ def main(argv=None) -> dict:
     p.add_argument("--text", type=int, default=None, help="text tokens per sample (default 400; 64 with --tiny)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--back-to-back", action="store_true",
+                   help="time the steps dispatched back to back with one wait at the end (their mean; run.py train "
+                        "runs one step ahead like this), instead of waiting for each step before the next (the median)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--remat", default="dots_acts", choices=list(REMAT_POLICIES),
                    help="remat policy (one H100, 0.5B, unrolled layers: dots_acts 0.125 s / 25.5 GB, dots 0.132 s / "
@@ -161,11 +164,20 @@ def main(argv=None) -> dict:
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     times = []
-    for _ in range(args.steps):
+    if args.back_to_back:
+        # Every step dispatched while the one before still runs, one wait at the end: as `run.py
+        # train` runs, which dispatches a step before it reads the metrics of the one before.
         t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
+        for _ in range(args.steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        times = [(time.perf_counter() - t0) / args.steps]
+    else:
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            state, metrics = step(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
 
     seq = text + n_img
     n_dev = mesh.devices.size
@@ -187,7 +199,7 @@ def main(argv=None) -> dict:
         dtype=cfg.dtype, remat=args.remat,
         layers=args.layers, attention=args.attention,
         vision_token_multiple=args.vision_token_multiple, loss_token_budget=budget,
-        xla_flags=os.environ.get("XLA_FLAGS"),
+        xla_flags=os.environ.get("XLA_FLAGS"), timing="back_to_back" if args.back_to_back else "per_step",
         compile_s=compile_s, step_s_median=med, step_s_min=min(times), tokens_per_s=global_batch * seq / med,
         samples_per_s=global_batch / med, model_tflops_per_step=model_flops / 1e12,
         mfu=(model_flops / med / (n_dev * peak * 1e12)) if peak else None,
