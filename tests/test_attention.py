@@ -365,7 +365,11 @@ def _saved_per_layer(jaxpr) -> list[tuple]:
     shapes = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "scan" and not eqn.params["reverse"]:
-            shapes += [tuple(v.aval.shape) for v in eqn.outvars[eqn.params["num_carry"]:]]
+            if "num_carry" in eqn.params:  # jax 0.10: the carries, then the ys
+                ys = eqn.outvars[eqn.params["num_carry"]:]
+            else:  # jax 0.11 describes them otherwise: the stacked outputs, one row per layer (the carry here is not)
+                ys = [v for v in eqn.outvars if v.aval.shape[:1] == (eqn.params["length"],)]
+            shapes += [tuple(v.aval.shape) for v in ys]
         for value in eqn.params.values():
             inner = getattr(value, "jaxpr", value)
             if hasattr(inner, "eqns"):
