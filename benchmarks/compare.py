@@ -74,6 +74,8 @@ def table(rows: list[dict]) -> list[str]:
             layers += ", crops unpadded" if multiple == 1 else f", crops padded to x{multiple}"
         if mine.get("row_len") and mine.get("row_len") != mine.get("seq"):
             layers += f", rows padded to {mine['row_len']}"
+        if mine.get("timing") == "back_to_back":  # per step (the default) is not shown
+            layers += ", steps timed back to back"
         label = (f"train B={mine.get('batch_per_device')} {mine.get('image')} "
                  f"({mine.get('variant')}, remat {mine.get('remat')}{layers}{_flags(mine)})")
         out.append(f"| {label} | tokens/s | {_fmt(mine.get('tokens_per_s'), ',.0f')} | "

@@ -56,7 +56,8 @@ def test_generate_and_train_experiments_are_labelled(tmp_path):
     path = tmp_path / "experiments.jsonl"
     _write(path, [
         {"what": "train", "impl": "jax-manager_jax", "batch_per_device": 2, "remat": "dots", "layers": "scan",
-         "vision_token_multiple": 1, "loss_token_budget": 896, "seq": 4099, "row_len": 4160, "tokens_per_s": 1.0},
+         "vision_token_multiple": 1, "loss_token_budget": 896, "seq": 4099, "row_len": 4160, "tokens_per_s": 1.0,
+         "timing": "back_to_back"},
         {"what": "generate", "impl": "jax", "batch": 1, "new_tokens": 8, "decode_layers": "unrolled",
          "decode_min_rows": 2, "decode_attention": "xla", "decode_tokens_per_s": 1.0},
         {"what": "generate", "impl": "jax", "batch": 1, "new_tokens": 8, "decode_layers": "unrolled",
@@ -67,7 +68,8 @@ def test_generate_and_train_experiments_are_labelled(tmp_path):
          "decode_min_rows": 2, "decode_attention": "pallas", "decode_kernel": "64,528,4,3", "decode_tokens_per_s": 1.0},
     ])
     labels = [line for line in table(read_lines([str(path)])) if "tokens/s" in line]
-    assert "scan layers, LM head on 896 positions per shard, crops unpadded, rows padded to 4160)" in labels[0]
+    assert ("scan layers, LM head on 896 positions per shard, crops unpadded, rows padded to 4160, steps timed back "
+            "to back)") in labels[0]
     assert "unrolled layers, decoded as >= 2 rows, xla decode attention)" in labels[1]
     assert "rows" not in labels[2] and "decode attention" not in labels[2]
     assert "unrolled layers, decoded as >= 2 rows, pallas decode attention)" in labels[3]
