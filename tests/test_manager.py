@@ -19,7 +19,7 @@ def _setup(manager_type, seed=0, with_query=True):
     mgr = Manager(cfg, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
     # Random non-zero parameters everywhere (zero-init would hide bugs).
-    for path, var in nnx.state(mgr, nnx.Param).flat_state():
+    for path, var in nnx.to_flat_state(nnx.state(mgr, nnx.Param)):
         var[...] = jnp.asarray(rng.normal(size=var.shape).astype(np.float32))
     n = cfg.num_manager_layers
     feats = rng.normal(size=(n, T, D)).astype(np.float32)
@@ -39,7 +39,7 @@ def _setup(manager_type, seed=0, with_query=True):
 
 
 def _np_params(block):
-    return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.state(block, nnx.Param).flat_state()}
+    return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(block, nnx.Param))}
 
 
 def test_static_injection_and_layer0_drops_last_selected_layer():
