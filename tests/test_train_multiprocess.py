@@ -1,6 +1,6 @@
 """`run.py train` as users run it: the demo end to end, and two processes with jax.distributed.
 
-Both are slow (several fresh processes that each compile the step); run them with `-m slow`.
+All are slow (several fresh processes that each compile the step); run them with `-m slow`.
 """
 
 from __future__ import annotations
@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -71,9 +73,9 @@ COMMON = (
 )
 
 
-def _two_processes(output_dir, *overrides: str) -> None:
+def _start_two_processes(output_dir, *overrides: str) -> list[subprocess.Popen]:
     port = _free_port()
-    procs = [
+    return [
         subprocess.Popen(
             _train_cmd(f"output_dir={output_dir}", *COMMON, *overrides), cwd=REPO,
             env=_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
@@ -81,6 +83,11 @@ def _two_processes(output_dir, *overrides: str) -> None:
         )
         for i in range(2)
     ]
+
+
+def _two_processes(output_dir, *overrides: str) -> None:
+    """Runs both processes to the end."""
+    procs = _start_two_processes(output_dir, *overrides)
     outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
@@ -102,3 +109,25 @@ def test_two_processes_with_resume_match_one_process(tmp_path):
     for a, b in zip(mp, sp):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["samples"] == b["samples"] and a["supervised_tokens"] == b["supervised_tokens"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
+    # A preemption notice reaches the hosts of a job at different times: here only process 1 gets
+    # SIGTERM. The per-step vote makes both stop after the same step and save that checkpoint.
+    procs = _start_two_processes(tmp_path, "num_steps=20", "synthetic_records=160")
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT
+    while not (metrics.exists() and read_metrics(str(metrics))):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no step finished"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    ends = [re.search(r"\(steps 1\.\.(\d+), (\w+)\)", out) for out, _ in outputs]
+    assert all(ends), outputs
+    (last, status), (last_1, status_1) = (m.groups() for m in ends)
+    assert status == status_1 == "stopped" and last == last_1 and int(last) < 20
+    assert (tmp_path / "checkpoints" / last / "params").is_dir()
+    assert [r["step"] for r in read_metrics(str(metrics))] == list(range(1, int(last) + 1))

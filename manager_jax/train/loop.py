@@ -12,7 +12,9 @@ shard's iterator state.
 
 Steps run one ahead: step n+1 is dispatched before step n's metrics are read, so the host's work
 between steps overlaps the device's. A non-finite streak therefore aborts one step later, and a
-SIGTERM stops after the step that was running when it came.
+SIGTERM stops after the step that was running when it came. With several processes, what all
+must agree on each step (stop, data run out, which loss program) is voted through the coordination
+service on the hosts (`distributed.any_process`): a device collective would wait for the step.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from manager_jax.distributed import any_process
 from manager_jax.sharding import data_parallel_size, local_shard_indices, make_mesh
 from manager_jax.train import flops as flops_lib
 from manager_jax.train.checkpointing import Checkpointer, gather_shard_states
@@ -224,16 +227,6 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _agree(flags: tuple[bool, ...]) -> tuple[bool, ...]:
-    """Logical OR of per-process flags over all processes (every process must call it)."""
-    if jax.process_count() == 1:
-        return flags
-    from jax.experimental import multihost_utils
-
-    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
-    return tuple(bool(x) for x in gathered.reshape(-1, len(flags)).any(axis=0))
-
-
 # ---- the loop ------------------------------------------------------------------------------------
 def train(
     config: TrainConfig,
@@ -351,14 +344,17 @@ def train(
             on_step(done, record)
 
     try:
+        # One vote of all processes per step (the first batch has its own), on flags of the host:
+        # whether to stop after the step just dispatched, whether a shard ran out of data, and
+        # whether the next batch exceeds the loss token budget (every process runs the same program).
         fetched = feed.next() if step < config.num_steps else None
-        if _agree((fetched is None,))[0] and step < config.num_steps:
+        exhausted, over_budget = any_process((fetched is None, fetched is not None and fetched[1]))
+        if exhausted and step < config.num_steps:
             status, fetched = "data_exhausted", None
         while fetched is not None and step < config.num_steps:
-            local, over_budget = fetched
-            batch = place_batch(setup, local, shards=shards)
+            batch = place_batch(setup, fetched[0], shards=shards)
             run = step_fn
-            if config.loss_token_budget and _agree((over_budget,))[0]:  # every process runs the same program
+            if config.loss_token_budget and over_budget:
                 if full_loss_step is None:
                     logger.info("a batch exceeds loss_token_budget=%d; using the step without a budget for such batches",
                                 config.loss_token_budget)
@@ -372,7 +368,11 @@ def train(
             read_unread()  # the step before this one, which ran while this one was dispatched
             unread = (step, metrics)
             # A SIGTERM that came while this step ran stops after it.
-            stop_requested, exhausted = _agree((stop.requested or step == stop_at_step, fetched is None and step < config.num_steps))
+            stop_requested, exhausted, over_budget = any_process((
+                stop.requested or step == stop_at_step,
+                fetched is None and step < config.num_steps,
+                fetched is not None and fetched[1],
+            ))
             every = config.checkpoint.every_steps
             if stop_requested or exhausted or step == config.num_steps or (every and step % every == 0):
                 read_unread()
