@@ -293,7 +293,11 @@ def _compile_step(config: TrainConfig, topology: str, devices: list[Any], hlo_ou
         hlo = compiled.as_text() or ""
     except jax.errors.JaxRuntimeError as err:  # e.g. a libtpu newer than this jaxlib reads back
         if hlo_out:
-            raise AotError(f"the step compiled, but its HLO text cannot be read back for --hlo-out: {err}") from err
+            raise AotError(
+                f"the step compiled, but its HLO text cannot be read back for --hlo-out: {err}. A libtpu newer "
+                f"than this jax writes programs it cannot parse: pip install \"jax[tpu]=={jax.__version__}\" "
+                "installs the libtpu it pins"
+            ) from err
         logger.warning("the compiled step's HLO text cannot be read back (%s); attention kernels not counted", err)
         hlo = None
     attention, attention_calls = attention_kernels(hlo)
