@@ -6,8 +6,10 @@ Images are photo-sized JPEGs (640x480 up to 2000x1500, landscape and portrait) w
 texture so that decoding costs about what a real photo costs; records are single-image VQA
 chat turns (qwen_1_5), images in ``anyres_max_9`` with the 36 pinpoints (SPEC §3.7), packed
 into fixed-shape batches. "first batch" is the start-up latency (worker processes, first
-crops); the rates are measured after it. Numbers depend on the machine: compare them only
-with runs on the same host. Printed, never asserted.
+crops); the rates are measured after it. Each batch is also turned into the model's inputs with
+the crops in bfloat16 (`Batch.to_model_inputs`, what the training loop does on its main thread).
+Numbers depend on the machine: compare them only with runs on the same host. Printed, never
+asserted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import time
 
+import ml_dtypes
 import numpy as np
 from PIL import Image
 
@@ -68,6 +71,7 @@ def measure(path: str, root: str, workers: int, tokenizer, max_batches: int | No
     t_first = start
     try:
         for batch in it:
+            batch.to_model_inputs(pixel_dtype=ml_dtypes.bfloat16)
             if first is None:
                 first = time.perf_counter() - start
                 t_first = time.perf_counter()

@@ -62,7 +62,7 @@ def shard_batch(cfg, rng, *, rows: int, image_hw: tuple[int, int], text: int, ro
     for i in range(rows):
         ids = np.concatenate([rng.integers(0, vocab, 16), [-200], rng.integers(0, vocab, text - 16)])
         labels = np.where(ids == -200, -100, ids)
-        pixels = rng.normal(size=(plan.num_crops, 384, 384, 3)).astype(np.float32)
+        pixels = rng.integers(0, 256, size=(plan.num_crops, 384, 384, 3), dtype=np.uint8)
         samples.append(ProcessedSample(id=str(i), ids=ids, labels=labels, pixels=pixels, plans=[plan]))
     seq = -(-(text + plan.num_tokens) // row_multiple) * row_multiple
     batch = assemble_batch(

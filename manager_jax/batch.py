@@ -2,7 +2,7 @@
 
 docs/CONTRACTS.md §2. A :class:`ProcessedSample` holds one record after image preprocessing and
 tokenization: ids with one ``IMAGE_TOKEN_INDEX`` (-200) per image (not yet expanded), labels,
-normalised crops and one :class:`~manager_jax.multigrid.ImagePlan` per image.
+uint8 RGB crops and one :class:`~manager_jax.multigrid.ImagePlan` per image.
 :func:`assemble_batch` expands every image sentinel into the plan's T positions, cuts to
 ``seq_len`` after expansion (SPEC §2.5: the original truncates the embeddings after expansion),
 packs or pads the rows, and turns the plans into batch-global gather/scatter indices. The data
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from manager_jax import multigrid
+from manager_jax.pixels import normalize
 from manager_jax.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from manager_jax.data.packing import BatchShapeError, first_fit_rows
 
@@ -46,7 +47,7 @@ class ProcessedSample:
       id: the record id (for skip reports and debugging).
       ids: int32 [n] token ids; one ``IMAGE_TOKEN_INDEX`` (-200) where each image goes.
       labels: int32 [n] unshifted labels, ``IGNORE_INDEX`` (-100) where unsupervised.
-      pixels: float32 [n_crops_total, 384, 384, 3] normalised crops of all images, image by image.
+      pixels: uint8 [n_crops_total, 384, 384, 3] RGB crops of all images, image by image.
       plans: one ImagePlan per image, in the order of the sentinels in ``ids``.
       image_sizes: (W, H) of each source image (informational).
     """
@@ -69,6 +70,8 @@ class ProcessedSample:
         crops = sum(p.num_crops for p in self.plans)
         if self.pixels.ndim != 4 or self.pixels.shape[0] != crops:
             raise ValueError(f"sample {self.id!r}: pixels {self.pixels.shape} but the plans need {crops} crops")
+        if self.pixels.dtype != np.uint8:
+            raise ValueError(f"sample {self.id!r}: pixels are {self.pixels.dtype}; crops are uint8 RGB (manager_jax.pixels)")
 
     @property
     def num_images(self) -> int:
@@ -104,8 +107,9 @@ class Batch:
         Attention never crosses segments.
       labels: int32 [B, S] unshifted; -100 = unsupervised (image tokens, prompts, padding).
         Position t predicts labels[t+1] when segment_ids[t] == segment_ids[t+1] != 0.
-      pixel_values: float32 [C, 384, 384, 3] normalised crops (NHWC) of every image of the batch,
-        sample by sample, image by image; zeros after the real crops.
+      pixel_values: uint8 [C, 384, 384, 3] RGB crops (NHWC) of every image of the batch, sample
+        by sample, image by image; zeros after the real crops. `to_model_inputs` normalises them
+        (manager_jax.pixels): the model takes float crops.
       crop_mask: bool [C] real crop.
       plan_src: int32 [T, 4] source indices into the batch's crop features flattened as
         crop * 729 + patch (up to 4 bilinear taps).
@@ -142,8 +146,14 @@ class Batch:
         "plan_weight", "plan_newline", "plan_dst", "plan_manager", "plan_image", "query_mask",
     )
 
-    def to_model_inputs(self) -> dict[str, np.ndarray]:
-        """The array fields as a dict of numpy arrays (what the model's forward takes)."""
+    def to_model_inputs(self, pixel_dtype: Any = np.float32) -> dict[str, np.ndarray]:
+        """The array fields as a dict of numpy arrays (what the model's forward takes), the crops
+        normalised into `pixel_dtype` (manager_jax.pixels)."""
+        out = self._arrays()
+        out["pixel_values"] = normalize(self.pixel_values, pixel_dtype)
+        return out
+
+    def _arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in self.ARRAY_FIELDS}
 
     @property
@@ -157,8 +167,9 @@ class Batch:
         return sum(len(r) for r in self.sample_ids)
 
     def to_dict(self) -> dict[str, Any]:
-        """Arrays plus metadata as plain containers (crosses process boundaries cheaply)."""
-        out: dict[str, Any] = self.to_model_inputs()
+        """Arrays (the crops as uint8) plus metadata as plain containers (crosses process
+        boundaries cheaply)."""
+        out: dict[str, Any] = self._arrays()
         out["sample_ids"] = [list(r) for r in self.sample_ids]
         return out
 
@@ -336,7 +347,7 @@ def assemble_batch(
     positions = np.zeros((rows, seq_len), np.int32)
     segment_ids = np.zeros((rows, seq_len), np.int32)
     labels = np.full((rows, seq_len), IGNORE_INDEX, np.int32)
-    pixel_values = np.zeros((max_crops, crop_size, crop_size, 3), np.float32)
+    pixel_values = np.zeros((max_crops, crop_size, crop_size, 3), np.uint8)
     crop_mask = np.zeros(max_crops, bool)
     plan_src = np.zeros((max_image_tokens, 4), np.int32)
     plan_weight = np.zeros((max_image_tokens, 4), np.float32)

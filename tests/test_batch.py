@@ -1,11 +1,12 @@
 """Batch assembly: every field against hand computations; the extra-query rule on hand-built ids."""
 
+import functools
+
+import ml_dtypes
 import numpy as np
 import pytest
 
 from manager_jax import multigrid
-import functools
-
 from manager_jax.batch import (
     Batch,
     BatchShapeError,
@@ -14,6 +15,7 @@ from manager_jax.batch import (
     query_positions,
 )
 from manager_jax.batch import assemble_batch as _assemble_batch
+from manager_jax.pixels import normalize
 
 IMG = -200
 IGN = -100
@@ -38,9 +40,9 @@ def tiny_plan(t: int, crops: int = 1, newline_last: bool = False) -> multigrid.I
     return multigrid.ImagePlan(crops, None, src, weight, newline, is_base)
 
 
-def sample(sid, ids, labels, plans=(), fill=1.0):
+def sample(sid, ids, labels, plans=(), fill=1):
     crops = sum(p.num_crops for p in plans)
-    pixels = np.full((crops, CROP, CROP, 3), fill, np.float32)
+    pixels = np.full((crops, CROP, CROP, 3), fill, np.uint8)
     return ProcessedSample(id=sid, ids=np.array(ids), labels=np.array(labels), pixels=pixels, plans=list(plans))
 
 
@@ -56,9 +58,9 @@ def test_expand_sample_by_hand():
 
 def test_assemble_unpacked_every_field():
     pa, pc1, pc2 = tiny_plan(3), tiny_plan(2, crops=2, newline_last=True), tiny_plan(1)
-    a = sample("a", [10, IMG, 11, 12], [IGN, IGN, 11, 12], [pa], fill=1.0)
+    a = sample("a", [10, IMG, 11, 12], [IGN, IGN, 11, 12], [pa], fill=1)
     b = sample("b", [20, 21], [20, 21])
-    c = sample("c", [IMG, 30, IMG, 31], [IGN, 30, IGN, 31], [pc1, pc2], fill=2.0)
+    c = sample("c", [IMG, 30, IMG, 31], [IGN, 30, IGN, 31], [pc1, pc2], fill=2)
     batch = assemble_batch(
         [a, b, c], rows=3, seq_len=8, max_crops=6, max_image_tokens=8, pack=False,
         grid_type="main", query_type=None, pad_id=7,
@@ -79,7 +81,7 @@ def test_assemble_unpacked_every_field():
     # Crops: a's 1 crop, then c's 2 + 1; the rest zero.
     assert batch.crop_mask.tolist() == [True, True, True, True, False, False]
     assert batch.pixel_values.shape == (6, CROP, CROP, 3)
-    assert np.all(batch.pixel_values[0] == 1.0) and np.all(batch.pixel_values[1:4] == 2.0)
+    assert np.all(batch.pixel_values[0] == 1) and np.all(batch.pixel_values[1:4] == 2)
     assert np.all(batch.pixel_values[4:] == 0)
     # Plan: a's 3 tokens, c's 2 (crop offset 1), c's 1 (crop offset 3), 2 padding tokens.
     expected_src = np.concatenate([pa.src, pc1.src + 1 * 729, pc2.src + 3 * 729, np.zeros((2, 4), np.int32)])
@@ -173,9 +175,17 @@ def test_to_model_inputs_is_a_dict_of_numpy_arrays():
     dtypes = {k: v.dtype for k, v in inputs.items()}
     assert dtypes["input_ids"] == np.int32 and dtypes["pixel_values"] == np.float32
     assert dtypes["crop_mask"] == bool and dtypes["plan_dst"] == np.int32 and dtypes["query_mask"] == bool
-    again = Batch.from_dict(batch.to_dict())
+    # The model gets the normalised crops (in the dtype asked for); other processes the uint8 ones.
+    np.testing.assert_array_equal(inputs["pixel_values"], normalize(batch.pixel_values))
+    assert inputs["pixel_values"][0, 0, 0, 0] == normalize(np.uint8([1]))[0]
+    assert batch.to_model_inputs(ml_dtypes.bfloat16)["pixel_values"].dtype == ml_dtypes.bfloat16
+    as_dict = batch.to_dict()
+    assert as_dict["pixel_values"].dtype == np.uint8
+    again = Batch.from_dict(as_dict)
     for k in Batch.ARRAY_FIELDS:
-        assert np.array_equal(getattr(again, k), inputs[k])
+        assert np.array_equal(getattr(again, k), getattr(batch, k))
+    for k, v in again.to_model_inputs().items():
+        assert np.array_equal(v, inputs[k])
 
 
 # --------------------------------------------------------------------------------------------

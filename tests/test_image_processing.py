@@ -13,6 +13,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from manager_jax import multigrid as mg
 from manager_jax.data import image_processing as ip
+from manager_jax.pixels import normalize
 
 PINPOINTS = "(1x1),...,(6x6)"
 
@@ -99,8 +100,8 @@ def test_pixels_equal_transformers_pil_processor(size, hf_image_processor):
     image = random_image(*size, seed=4)
     ref = hf_image_processor(images=[image], return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
     pixels, plan = ip.preprocess_image(image, mode="anyres_max_9", pinpoints=PINPOINTS, convention="hf")
-    assert pixels.shape == ref.shape == (plan.num_crops, 384, 384, 3)
-    np.testing.assert_allclose(pixels, ref, atol=1e-6)
+    assert pixels.shape == ref.shape == (plan.num_crops, 384, 384, 3) and pixels.dtype == np.uint8
+    np.testing.assert_allclose(normalize(pixels), ref, atol=1e-6)
 
 
 def test_pad_pixels_equal_transformers_multi_image(hf_image_processor):
@@ -108,7 +109,7 @@ def test_pad_pixels_equal_transformers_multi_image(hf_image_processor):
     ref = hf_image_processor(images=[[image, image]], return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
     pixels, plan = ip.preprocess_image(image, mode="pad", convention="hf")
     assert pixels.shape == ref.shape == (1, 384, 384, 3) and plan.num_tokens == 730
-    np.testing.assert_allclose(pixels, ref, atol=1e-6)
+    np.testing.assert_allclose(normalize(pixels), ref, atol=1e-6)
 
 
 def test_max_tiles_keeps_crops_and_plan_consistent():
@@ -122,23 +123,25 @@ def test_max_tiles_keeps_crops_and_plan_consistent():
 # ------------------------------------------------------------------------------------------
 
 
-def test_normalize_values_and_layout():
+def test_crop_pixels_values_and_layout():
     arr = np.zeros((384, 384, 3), np.uint8)
     arr[0, 0] = (0, 128, 255)
     arr[5, 7] = (1, 2, 3)
-    out = ip.normalize_crops([Image.fromarray(arr)])
-    assert out.shape == (1, 384, 384, 3) and out.dtype == np.float32
+    crops = ip.crop_pixels([Image.fromarray(arr)])
+    assert crops.shape == (1, 384, 384, 3) and crops.dtype == np.uint8
+    np.testing.assert_array_equal(crops[0], arr)
+    out = normalize(crops)
     np.testing.assert_allclose(out[0, 0, 0], np.array([0, 128, 255]) / 127.5 - 1, atol=1e-6)
     np.testing.assert_allclose(out[0, 5, 7], np.array([1, 2, 3]) / 127.5 - 1, atol=1e-6)  # NHWC, not CHW
     assert out[0, 1, 1, 0] == -1.0
 
 
-def test_normalize_resizes_other_sizes_bicubic():
+def test_crop_pixels_resizes_other_sizes_bicubic():
     crop = random_image(100, 50, seed=7)
-    out = ip.normalize_crops([crop, crop.resize((384, 384), Image.Resampling.BICUBIC)])
+    out = ip.crop_pixels([crop, crop.resize((384, 384), Image.Resampling.BICUBIC)])
     np.testing.assert_array_equal(out[0], out[1])
     with pytest.raises(ValueError):
-        ip.normalize_crops([])
+        ip.crop_pixels([])
 
 
 def test_preprocess_image_plan_and_manager_mask():
@@ -146,7 +149,7 @@ def test_preprocess_image_plan_and_manager_mask():
     pixels, plan = ip.preprocess_image(image, mode="anyres_max_9", pinpoints=PINPOINTS, grid_type="grid")
     assert pixels.shape == (5, 384, 384, 3) and plan.num_tokens == 2929
     np.testing.assert_array_equal(plan.manager, ~plan.is_base)
-    assert pixels.min() >= -1 and pixels.max() <= 1
+    assert pixels.dtype == np.uint8
     pixels, plan = ip.preprocess_image(image, mode="square")
     assert pixels.shape == (1, 384, 384, 3) and plan.num_tokens == 729
     with pytest.raises(ValueError, match="pinpoints"):
@@ -221,8 +224,8 @@ def test_crops_of_a_16bit_image():
     pixels, plan = ip.preprocess_image(Image.fromarray(values), mode="anyres_max_9", pinpoints=PINPOINTS)
     assert pixels.shape == (plan.num_crops, 384, 384, 3)
     # a full-range gradient stays a gradient (PIL's clipping would make nearly all of it white)
-    assert pixels[0].max() == 1.0 and pixels[0].min() == -1.0
-    assert abs(float(pixels[0].mean())) < 0.05
+    assert pixels[0].max() == 255 and pixels[0].min() == 0
+    assert abs(float(normalize(pixels[0]).mean())) < 0.05
 
 
 def test_load_rgb_rejects_non_images():

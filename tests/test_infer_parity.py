@@ -22,6 +22,7 @@ from manager_jax.config import ImageConfig, ManagerConfig, ModelConfig
 from manager_jax.infer.engine import InferenceEngine, Prompt, ScoreRequest
 from manager_jax.infer.loading import model_from_params
 from manager_jax.infer.sampling import SamplingParams
+from manager_jax.pixels import normalize
 from manager_jax.reference.hf_tiny import tiny_hf_config, tiny_hf_model
 from manager_jax.reference.parity import random_image, tree_from_torch_state
 from manager_jax.reference.torch_manager import ManagerSettings, init_manager_params, reference_from_hf_and_manager
@@ -80,7 +81,7 @@ def torch_inputs(engine: InferenceEngine, prompt: Prompt) -> tuple[list[int], di
     offsets = np.cumsum([0] + [p.num_crops for p in sample.plans])
     pixels = np.zeros((len(sample.plans), max(p.num_crops for p in sample.plans), 3, 384, 384), np.float32)
     for i, plan in enumerate(sample.plans):
-        pixels[i, : plan.num_crops] = sample.pixels[offsets[i] : offsets[i + 1]].transpose(0, 3, 1, 2)
+        pixels[i, : plan.num_crops] = normalize(sample.pixels[offsets[i] : offsets[i + 1]]).transpose(0, 3, 1, 2)
     sizes = [[im.size[1], im.size[0]] for im in prompt.images]
     return ids, {"pixel_values": torch.tensor(pixels), "image_sizes": torch.tensor(sizes),
                  "batch_num_images": torch.tensor([len(prompt.images)])}

@@ -49,7 +49,7 @@ def _sample(sid: str, n_text: int, image_tokens: int | None) -> ProcessedSample:
         plans = [multigrid.ImagePlan(1, None, np.zeros((t, 4), np.int32), np.tile([[1, 0, 0, 0]], (t, 1)).astype(np.float32),
                                      np.zeros(t, bool), np.ones(t, bool))]
         ids = [-200] + ids
-    return ProcessedSample(sid, np.array(ids), np.array(ids), np.zeros((len(plans), 2, 2, 3), np.float32), plans)
+    return ProcessedSample(sid, np.array(ids), np.array(ids), np.zeros((len(plans), 2, 2, 3), np.uint8), plans)
 
 
 def test_streaming_decisions_reproduce_assemble_batch_rows():

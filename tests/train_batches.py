@@ -52,7 +52,7 @@ def shard_batch(
         answer = rng.integers(1, vocab, rng.integers(*text_len)).tolist()
         ids = ([IMAGE] if has_image else []) + prompt + answer
         labels = [IGNORE] * (len(ids) - len(answer)) + answer
-        plans, pixels = [], np.zeros((0, 384, 384, 3), np.float32)
+        plans, pixels = [], np.zeros((0, 384, 384, 3), np.uint8)
         if has_image:
             plan = multigrid.plan_image(
                 (384, 384), mode=cfg.image.aspect_ratio, pinpoints=cfg.image.grid_pinpoints,
@@ -60,7 +60,7 @@ def shard_batch(
                 grid_type=cfg.manager.grid_type if cfg.manager.enabled else None,
             )
             plans = [plan]
-            pixels = rng.normal(size=(plan.num_crops, 384, 384, 3)).astype(np.float32)
+            pixels = rng.integers(0, 256, size=(plan.num_crops, 384, 384, 3), dtype=np.uint8)
         samples.append(ProcessedSample(id=f"s{i}", ids=np.asarray(ids), labels=np.asarray(labels), pixels=pixels, plans=plans))
     crops = sum(s.num_crops for s in samples)
     tokens = sum(s.num_image_tokens for s in samples)

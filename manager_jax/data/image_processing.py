@@ -2,7 +2,8 @@
 
 The geometry (best resolution, resize size, paste offset) lives in :mod:`manager_jax.multigrid`;
 this module applies it with PIL exactly as ``LLaVA-NeXT/llava/mm_utils.py`` and
-``SigLipImageProcessor`` do (SPEC §3.1-§3.5). Crops are returned NHWC, float32.
+``SigLipImageProcessor`` do (SPEC §3.1-§3.5). Crops are returned NHWC, uint8: the normalisation
+(rescale, mean and std) is applied by the vision tower (:mod:`manager_jax.pixels`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from PIL import Image
 from manager_jax import multigrid
 
 PAD_COLOR = (127, 127, 127)  # int(0.5 * 255) for each channel: pad-to-square background
-IMAGE_MEAN = np.float32(0.5)
-IMAGE_STD = np.float32(0.5)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -122,22 +121,19 @@ def image_crops(
     return [rgb.resize(square, Image.Resampling.BICUBIC)] + tiles
 
 
-def normalize_crops(crops: Sequence[Image.Image], size: int = multigrid.PATCH) -> np.ndarray:
-    """Crops -> float32 [n, size, size, 3] (NHWC), as ``SigLipImageProcessor`` (SPEC §3.1).
-
-    RGB conversion, bicubic resize to ``size``² when needed, rescale by 1/255 in float64 then
-    cast to float32, then ``(x - 0.5) / 0.5`` in float32.
-    """
+def crop_pixels(crops: Sequence[Image.Image], size: int = multigrid.PATCH) -> np.ndarray:
+    """Crops -> uint8 [n, size, size, 3] (NHWC): RGB conversion and, when needed, the bicubic
+    resize to ``size``² of ``SigLipImageProcessor`` (SPEC §3.1). Its rescale and normalisation
+    are `manager_jax.pixels.normalize` (on the device: `tower_input`)."""
     if len(crops) == 0:
-        raise ValueError("normalize_crops needs at least one crop")
+        raise ValueError("crop_pixels needs at least one crop")
     arrays = []
     for crop in crops:
         rgb = load_rgb(crop)
         if rgb.size != (size, size):
             rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
         arrays.append(np.asarray(rgb, dtype=np.uint8))
-    pixels = (np.stack(arrays).astype(np.float64) * (1 / 255)).astype(np.float32)
-    return (pixels - IMAGE_MEAN) / IMAGE_STD
+    return np.stack(arrays)
 
 
 def preprocess_image(
@@ -152,7 +148,7 @@ def preprocess_image(
     patch: int = multigrid.PATCH,
     grid_tokens: int = multigrid.GRID_TOKENS,
 ) -> tuple[np.ndarray, multigrid.ImagePlan]:
-    """One image -> (pixels float32 [num_crops, patch, patch, 3], its :class:`ImagePlan`).
+    """One image -> (pixels uint8 [num_crops, patch, patch, 3], its :class:`ImagePlan`).
 
     ``grid_type`` (Manager "main"/"grid"/"all"), when given, fills ``plan.manager``.
     """
@@ -170,7 +166,7 @@ def preprocess_image(
         grid_type=grid_type,
     )
     crops = image_crops(rgb, mode=mode, pinpoints=pinpoints, patch=patch, convention=convention, max_tiles=max_tiles)
-    pixels = normalize_crops(crops, size=patch)
+    pixels = crop_pixels(crops, size=patch)
     if pixels.shape[0] != plan.num_crops:  # geometry and pixels come from the same functions
         raise AssertionError(f"{pixels.shape[0]} crops but the plan expects {plan.num_crops}")
     return pixels, plan

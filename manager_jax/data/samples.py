@@ -28,7 +28,7 @@ from manager_jax import multigrid
 from manager_jax.config import ANYRES_MAX_9_PINPOINTS
 from manager_jax.batch import ProcessedSample
 from manager_jax.data import conversation as conv
-from manager_jax.data.image_processing import image_crops, load_rgb, normalize_crops
+from manager_jax.data.image_processing import crop_pixels, image_crops, load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def process_record(
     ``record``: {"id", "conversations": [{"from", "value"}], "image": path | [paths] (optional)},
     optionally "image_bytes" (ArrayRecord datasets) and "_image_folder" (set by mixtures).
     ``with_pixels=False`` still opens and checks every image but skips the crops: ``pixels`` is
-    then float32 [n_crops, 0, 0, 3] (for inspection tools).
+    then uint8 [n_crops, 0, 0, 3] (for inspection tools).
     """
     rid = record_id(record, fallback_id)
     turns = _conversations(record, rid)
@@ -298,14 +298,14 @@ def process_record(
     check_limits(rid, len(ids), plans, options)
 
     if not with_pixels:
-        pixels = np.zeros((sum(p.num_crops for p in plans), 0, 0, 3), np.float32)
+        pixels = np.zeros((sum(p.num_crops for p in plans), 0, 0, 3), np.uint8)
         return ProcessedSample(id=rid, ids=ids, labels=labels, pixels=pixels, plans=plans, image_sizes=[img.size for img in images])
     crops = []
     for img in images:
         crops.extend(
             image_crops(img, mode=mode, pinpoints=options.pinpoints, convention=options.convention, max_tiles=options.max_tiles)
         )
-    pixels = normalize_crops(crops) if crops else np.zeros((0, multigrid.PATCH, multigrid.PATCH, 3), np.float32)
+    pixels = crop_pixels(crops) if crops else np.zeros((0, multigrid.PATCH, multigrid.PATCH, 3), np.uint8)
     return ProcessedSample(id=rid, ids=ids, labels=labels, pixels=pixels, plans=plans, image_sizes=[img.size for img in images])
 
 

@@ -370,7 +370,7 @@ class InferenceEngine:
             pixels.append(px)
             plans.append(plan)
         side = self.cfg.vision.image_size
-        px = np.concatenate(pixels) if pixels else np.zeros((0, side, side, 3), np.float32)
+        px = np.concatenate(pixels) if pixels else np.zeros((0, side, side, 3), np.uint8)
         labels = np.full(ids.shape, IGNORE_INDEX, np.int32)
         sample = ProcessedSample(name, ids, labels, px, plans)
         if sample.expanded_length > self.max_length:

@@ -18,6 +18,7 @@ from manager_jax.batch import Batch, ProcessedSample, assemble_batch
 from manager_jax.config import ModelConfig
 from manager_jax.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from manager_jax.data.image_processing import preprocess_image
+from manager_jax.pixels import normalize
 
 
 def random_image(size: tuple[int, int], seed: int) -> Image.Image:
@@ -72,7 +73,7 @@ def build_case(
             per_image_pixels.append(px)
             sizes_hw.append((size[1], size[0]))
         labels = np.asarray(spec.labels if spec.labels is not None else np.where(ids < 0, IGNORE_INDEX, ids), np.int32)
-        px = np.concatenate(pixels) if pixels else np.zeros((0, 384, 384, 3), np.float32)
+        px = np.concatenate(pixels) if pixels else np.zeros((0, 384, 384, 3), np.uint8)
         processed.append(ProcessedSample(f"s{i}", ids, labels, px, plans))
         all_pixels.append(px)
     lengths = [len(s.ids) - s.num_images + sum(p.num_tokens for p in s.plans) for s in processed]
@@ -93,7 +94,7 @@ def build_case(
         max_c = max(p.shape[0] for p in per_image_pixels)
         pv = np.zeros((len(per_image_pixels), max_c, 3, 384, 384), np.float32)
         for i, p in enumerate(per_image_pixels):
-            pv[i, : p.shape[0]] = p.transpose(0, 3, 1, 2)
+            pv[i, : p.shape[0]] = normalize(p).transpose(0, 3, 1, 2)
         hf["pixel_values"] = pv
         hf["image_sizes"] = np.asarray(sizes_hw, np.int64)
     return Case(batch, hf, [s.num_images for s in processed], batch.segment_ids != 0)

@@ -84,7 +84,7 @@ class DataFeed:
             )
             for k in self.shard_ids
         }
-        self.pixel_dtype = np.dtype(jnp.dtype(config.model.dtype))
+        self.pixel_dtype = np.dtype(jnp.dtype(config.model.dtype))  # the tower casts to its dtype anyway
         self.token_budget = config.loss_token_budget
 
     def next(self) -> tuple[dict[str, np.ndarray], bool] | None:
@@ -99,17 +99,14 @@ class DataFeed:
                     batch = next(self.iterators[k])
                 except StopIteration:
                     return None
-                arrays = batch.to_model_inputs()
+                arrays = batch.to_model_inputs(pixel_dtype=self.pixel_dtype)
                 if self.token_budget:
                     over_budget |= supervised_count(arrays["labels"], arrays["segment_ids"]) > self.token_budget
                 shard_batches.append(arrays)
             per_micro.append(shard_batches)
         out = {}
         for name in MODEL_FIELDS:
-            stacked = np.stack([np.stack([b[name] for b in micro]) for micro in per_micro])
-            if name == "pixel_values" and stacked.dtype != self.pixel_dtype:
-                stacked = stacked.astype(self.pixel_dtype)  # the tower casts to its dtype anyway
-            out[name] = stacked
+            out[name] = np.stack([np.stack([b[name] for b in micro]) for micro in per_micro])
         return out, over_budget
 
     def get_states(self) -> dict[int, Any]:
