@@ -31,6 +31,7 @@ from manager_jax.infer.engine import (
 )
 from manager_jax.infer.sampling import SamplingParams
 from manager_jax.models.llava_ov import LlavaOV
+from manager_jax.pixels import normalize
 from manager_jax.reference.parity import random_image
 
 NEW = 6
@@ -125,6 +126,19 @@ def test_prepare_buckets_and_cache_segments(manager_engine):
     kv_seg = engine.kv_segments(prepared, 4)
     for row, n in zip(kv_seg, lengths):
         np.testing.assert_array_equal(row, [0] * (slots - n) + [1] * (n + 4))
+
+
+def test_prepared_crops_are_normalised_in_the_model_dtype():
+    """A bf16 model's prompts carry bf16 crops to the device: the processor's float32 values
+    rounded as the tower's own cast would round them."""
+    model = LlavaOV(tiny("baseline", image_token_id=500, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    engine = InferenceEngine(model, pad_id=0)
+    prompt = Prompt(ids=[1, 2, IMAGE_TOKEN_INDEX, 3], images=[random_image((300, 200), 1)])
+    prepared = engine.prepare([prompt])
+    crops = engine.process(prompt.ids, prompt.images, "x").pixels
+    got = prepared.inputs["pixel_values"][: crops.shape[0]]
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got, normalize(crops).astype(jnp.bfloat16))
 
 
 def test_cached_decoding_matches_full_forward(manager_engine):

@@ -392,6 +392,11 @@ class InferenceEngine:
             im_start_id=self.im_start_id,
         )
 
+    def _model_inputs(self, batch) -> dict[str, np.ndarray]:
+        # Crops in the model's dtype: the tower casts to it anyway, and a bf16 model's prefill
+        # copies half the bytes to the device.
+        return batch.to_model_inputs(pixel_dtype=np.dtype(jnp.dtype(self.cfg.dtype)))
+
     def prepare(self, prompts: Sequence[Prompt]) -> PreparedBatch:
         """Prompts -> a right-padded, bucketed batch (numpy)."""
         if not prompts:
@@ -401,7 +406,7 @@ class InferenceEngine:
         lengths[: len(samples)] = [s.expanded_length for s in samples]
         seq_len = length_bucket(int(lengths.max()), self.min_prompt_bucket)
         batch = self._assemble(samples, seq_len, len(lengths))
-        return PreparedBatch(batch.to_model_inputs(), lengths, len(samples), samples)
+        return PreparedBatch(self._model_inputs(batch), lengths, len(samples), samples)
 
     # ---- compiled pieces ------------------------------------------------------------------
     def _empty_cache(self, rows: int, cache_len: int):
@@ -717,4 +722,4 @@ class InferenceEngine:
         limit = self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size
         # One right-padded sample per row: exactly causal, so flash attention on GPU (as in prefill);
         # rows past the requests are padding (`rows_bucket`).
-        return batch.to_model_inputs(), {"pred_pos": pred_pos, "targets": tgt, "valid": valid}, limit, spans
+        return self._model_inputs(batch), {"pred_pos": pred_pos, "targets": tgt, "valid": valid}, limit, spans
