@@ -63,10 +63,11 @@ class KernelConfig:
     @classmethod
     def default_for(cls, rows: int) -> "KernelConfig":
         """The config for `rows` rows decoded together when none is given: the fastest of
-        benchmarks/decode_attention.py's sweep on an H100 (RESULTS.md, session 10). Two rows over a
-        4,224-slot cache: 64,1056,4,3 at 31.5 us per layer against 41.7 for 128,264,4,2, the
-        earlier default; 16 rows: 128,264,4,3 at 51.5 us against 63.8."""
-        return cls(block=64, programs=1056) if rows <= 2 else cls()
+        benchmarks/decode_attention.py's sweep timed in a device loop (RESULTS.md, session 13, an
+        H200). Two rows over a 4,224-slot cache: 128,528,4,2 at 8.2 us per layer against 9.1 for
+        64,1056,4,3, the earlier default; 16 rows: 128,264,4,3 at 19.9 us, within 4% of the
+        fastest (32,528,4,3 at 19.2)."""
+        return cls(programs=528, num_stages=2) if rows <= 2 else cls()
 
     @classmethod
     def parse(cls, text: str) -> "KernelConfig":
