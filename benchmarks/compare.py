@@ -99,6 +99,8 @@ def table(rows: list[dict]) -> list[str]:
             layers += f", {mine['decode_attention']} decode attention"
         if mine.get("decode_kernel"):
             layers += f" {mine['decode_kernel']}"
+        if mine.get("decode_matmul") == "pallas":
+            layers += ", pallas decode matmuls" + (f" {mine['decode_matmul_kernels']}" if mine.get("decode_matmul_kernels") else "")
         if (mine.get("decode_check_every") or 1) > 1:
             layers += f", end checked every {mine['decode_check_every']} tokens"
         label = f"generate B={batch} {mine.get('image')} ({mine.get('variant')}, {mine.get('new_tokens')} new{layers}{_flags(mine)})"

@@ -114,6 +114,8 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
         "decode_attention": engine.decode_attention, "decode_check_every": engine.decode_check_every,
         "decode_kernel": str(dict(engine.decode_kernels).get(rows) or KernelConfig.default_for(rows))
         if engine.decode_attention == "pallas" else None,
+        "decode_matmul": engine.decode_matmul,
+        "decode_matmul_kernels": ";".join(f"{site}={config}" for site, config in engine.decode_matmul_kernels) or None,
         "batch": batch, "image": args.image, "crops": sample.num_crops, "prompt_len": int(prepared.lengths[0]),
         "prompt_bucket": prepared.prompt_slots, "new_tokens": args.new_tokens, "prefill_s": prefill_s,
         "decode_s_per_token": decode, "decode_tokens_per_s": batch / decode, "total_s": total_s,
@@ -148,6 +150,12 @@ def main(argv=None) -> int:
     p.add_argument("--decode-kernels", default="", metavar="ROWS:B,P,W,S;...",
                    help="the Pallas kernels' configs by rows decoded together (InferenceEngine decode_kernels), as "
                         "benchmarks/decode_attention.py prints the fastest; rows not listed: the default")
+    p.add_argument("--decode-matmul", default="xla", choices=["xla", "pallas"],
+                   help="the decode steps' projections (InferenceEngine decode_matmul): XLA's, or the fused Pallas "
+                        "kernels of models/decode_matmul.py (with --decode-attention pallas or auto on a GPU)")
+    p.add_argument("--decode-matmul-kernels", default="", metavar="SITE=N,K,W,S;...",
+                   help="their configs by projection (InferenceEngine decode_matmul_kernels), as "
+                        "benchmarks/decode_matmul.py prints the fastest; projections not listed: the default")
     p.add_argument("--decode-check-every", type=int, default=None,
                    help="tokens decoded between the loop's checks for the end (InferenceEngine decode_check_every; "
                         "default: 8 on GPU, 1 elsewhere; 1: every token, a host round trip each on GPU)")
@@ -165,16 +173,19 @@ def main(argv=None) -> int:
 
     from manager_jax.infer.engine import InferenceEngine
     from manager_jax.models.decode_attention import parse_kernel_configs
+    from manager_jax.models.decode_matmul import parse_matmul_configs
 
     try:
         decode_kernels = parse_kernel_configs(args.decode_kernels)
+        matmul_kernels = parse_matmul_configs(args.decode_matmul_kernels)
     except ValueError as err:
         p.error(str(err))
     model = build_model(args)
     engine = InferenceEngine(model, eos_ids=[], pad_id=0, min_new_bucket=args.new_tokens,
                              decode_scan_layers=args.decode_scan, decode_min_rows=args.decode_min_rows,
                              decode_attention=args.decode_attention, decode_kernels=decode_kernels,
-                             decode_check_every=args.decode_check_every)
+                             decode_check_every=args.decode_check_every, decode_matmul=args.decode_matmul,
+                             decode_matmul_kernels=matmul_kernels)
     for batch in (int(b) for b in args.batch.split(",")):
         profile = args.profile.replace(".xplane.pb", f"_b{batch}.xplane.pb") if args.profile else None
         print(json.dumps(bench(engine, args, batch, profile=profile)), flush=True)

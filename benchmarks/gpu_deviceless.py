@@ -75,7 +75,8 @@ def compile_decode(args, devices) -> str:
     # decode_check_every 1 (the default here): one token per loop iteration, so the counts are per
     # token. The engine's default unrolls runs of tokens in each iteration.
     engine = InferenceEngine(model, eos_ids=[], pad_id=0, decode_min_rows=args.decode_min_rows,
-                             decode_attention=args.decode_attention, decode_check_every=args.decode_check_every)
+                             decode_attention=args.decode_attention, decode_check_every=args.decode_check_every,
+                             decode_matmul=args.decode_matmul)
     rows = max(args.rows, engine.decode_min_rows)
     here = NamedSharding(Mesh(np.asarray(devices[:1]), ("x",)), PartitionSpec())
     shaped = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=here)
@@ -118,6 +119,8 @@ def main(argv=None) -> int:
     decode.add_argument("--decode-min-rows", type=int, default=None, help="InferenceEngine decode_min_rows")
     decode.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
                         help="InferenceEngine decode_attention (auto: pallas, as on GPUs)")
+    decode.add_argument("--decode-matmul", default="xla", choices=["xla", "pallas"],
+                        help="InferenceEngine decode_matmul (pallas: the fused projection kernels)")
     decode.add_argument("--prompt-slots", type=int, default=4096)
     decode.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args(argv)

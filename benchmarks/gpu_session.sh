@@ -18,7 +18,8 @@
 # variants, whose baseline is the default train run of the same call); TRAIN=0 skips our default
 # train run (a call for generate variants); CHECKS=0 skips the GPU tests; KERNELS=0 skips the
 # decode-attention kernel sweep, whose fastest configs our generate runs otherwise use
-# (DECODE_KERNELS sets them by hand).
+# (DECODE_KERNELS sets them by hand); MATMUL=0 skips the decode-matmul sweep and the generate run
+# on the fused projections with its picks (MATMUL_KERNELS sets them by hand).
 # Every step runs under its own `timeout` and prints its JSON line as soon as it has one, so a
 # step that hangs costs only its own budget. SMOKE=1 runs the same steps on the CPU with the
 # reference's tiny shapes in fp32 (benchmarks/shapes.py). Logs go to $OUT (or a temporary folder).
@@ -108,6 +109,22 @@ if [ "${GEN:-1}" = 1 ] && ! step generate_jax "$t_gen" $PY benchmarks/generate.p
     --profile "$OUT/generate.xplane.pb" && [ ${#kernels_arg[@]} -gt 0 ]; then
   kernels_arg=()
   step generate_jax_default_kernels "$t_gen" $PY benchmarks/generate.py "${ours_gen[@]}" --profile "$OUT/generate.xplane.pb"
+fi
+# The decode projections on the fused Pallas kernels (models/decode_matmul.py): a sweep of their
+# configs per projection, whose picks for 2 rows (batch 1) then decode in a generate run of ours.
+MATMUL_KERNELS=${MATMUL_KERNELS:-}
+if [ "${GEN:-1}" = 1 ] && [ "${MATMUL:-1}" = 1 ]; then
+  matmul_args=(); [ "${SMOKE:-0}" = 1 ] && matmul_args=(--tiny --rows 2 --configs "16,16,4,1" --sites down)
+  t_matmul=${T_MATMUL:-150}
+  step decode_matmul_kernels "$t_matmul" $PY benchmarks/decode_matmul.py "${matmul_args[@]}" \
+    --budget-s $((t_matmul > 60 ? t_matmul - 40 : t_matmul / 2))
+  grep -E '^(\||# budget|fastest)' "$LOGS/decode_matmul_kernels.log"
+  if [ -z "$MATMUL_KERNELS" ]; then
+    MATMUL_KERNELS=$(sed -n 's/^fastest matmul kernels (2 rows): //p' "$LOGS/decode_matmul_kernels.log" | tail -n 1)
+  fi
+  matmul_arg=(--decode-attention pallas --decode-matmul pallas); [ -n "$MATMUL_KERNELS" ] && matmul_arg+=(--decode-matmul-kernels "$MATMUL_KERNELS")
+  step generate_jax_matmul "$t_gen" $PY benchmarks/generate.py "${ours_gen[@]}" "${kernels_arg[@]}" "${matmul_arg[@]}" \
+    --profile "$OUT/generate_matmul.xplane.pb"
 fi
 # The reference next, before the variants: a ratio is only given between numbers of one call.
 if [ -f "$REF" ]; then

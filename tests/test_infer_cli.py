@@ -76,11 +76,14 @@ def run(main, argv, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("decode_attention", ["xla", "pallas"])
-def test_generate_json_matches_full_forward_greedy(checkpoint, model_and_tokenizer, capsys, decode_attention):
+@pytest.mark.parametrize("decode_attention,decode_matmul", [("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas")])
+def test_generate_json_matches_full_forward_greedy(checkpoint, model_and_tokenizer, capsys, decode_attention,
+                                                   decode_matmul):
     ckpt, image, _ = checkpoint
     # The kernels with one split per row and KV head (no combine kernel): the same tokens.
     kernels = ["--decode-kernels", "1:16,1,4,1"] if decode_attention == "pallas" else []
+    if decode_matmul == "pallas":
+        kernels += ["--decode-matmul", "pallas", "--decode-matmul-kernels", "down=16,32,4,1"]
     code, out, err = run(generate_main, ["--checkpoint", ckpt, "--image", image, "--prompt", "What is shown?",
                                          "--max-new-tokens", "5", "--json", "--decode-attention", decode_attention,
                                          *kernels], capsys)
@@ -148,6 +151,12 @@ def test_clear_errors(checkpoint, capsys, tmp_path):
     assert code == 1 and "cannot read checkpoint" in err
     code, _, err = run(generate_main, ["--checkpoint", ckpt, "--prompt", "hi", "--decode-kernels", "16:64,528"], capsys)
     assert code == 1 and "--decode-kernels: a kernel config is four positive integers" in err
+    code, _, err = run(generate_main, ["--checkpoint", ckpt, "--prompt", "hi", "--decode-matmul-kernels", "mlp=16,32,4,1"],
+                       capsys)
+    assert code == 1 and "--decode-matmul-kernels: a matmul config by projection" in err
+    code, _, err = run(generate_main, ["--checkpoint", ckpt, "--prompt", "hi", "--decode-attention", "xla",
+                                       "--decode-matmul", "pallas"], capsys)
+    assert code == 1 and "needs decode_attention='pallas'" in err
     with pytest.raises(SystemExit):
         generate_main(["--checkpoint", ckpt, "--prompt", "hi", "--prompts", "x.jsonl"])
     with pytest.raises(SystemExit):

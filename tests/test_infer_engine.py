@@ -435,6 +435,36 @@ def test_pallas_decode_attention_gives_the_xla_decodes_tokens():
             InferenceEngine(model, pad_id=0, **bad)
 
 
+def test_pallas_decode_matmuls_give_the_xla_decodes_tokens():
+    """The decode projections on the fused kernels of models/decode_matmul.py (interpret mode here)
+    with the attention kernels: the greedy tokens of the XLA decode, for prompts of different
+    lengths and image counts, at batch 2 and 1; configs are speed only."""
+    from manager_jax.models.decode_matmul import MatmulConfig
+
+    model = tiny_model("manager", head_dim=32, qkv_biases=True)
+    engine = InferenceEngine(model, pad_id=0)
+    small = MatmulConfig(block_n=16, block_k=16, num_stages=1)
+    fused = InferenceEngine(model, pad_id=0, decode_attention="pallas", decode_matmul="pallas", decode_check_every=4,
+                            decode_matmul_kernels={"gate_up": small, "down": small})
+    lowered, jitted = [], fused._decode_jit
+    fused._decode_jit = lambda *a, **k: lowered.append(jitted.lower(*a, **k).as_text()) or jitted(*a, **k)
+    params = SamplingParams(max_new_tokens=NEW)
+    for prompts in (mixed_prompts(), mixed_prompts()[:1]):
+        assert [g.token_ids for g in fused.generate(prompts, params)] == \
+            [g.token_ids for g in engine.generate(prompts, params)]
+    # Per layer and token step (a run's 4 unrolled steps, the single-token rest): one norm + q/k/v
+    # kernel, one gated kernel and two matmul + residual kernels.
+    steps = 5 * model.cfg.text.num_layers
+    for name, calls in (("norm_qkv", steps), ("norm_gated", steps), ("matmul_add", 2 * steps)):
+        assert len(re.findall(rf"call @{name}(_\d+)?\(", lowered[0])) == calls, name
+    for bad, match in (({"decode_matmul": "triton"}, "decode_matmul must be"),
+                       ({"decode_matmul": "pallas", "decode_attention": "xla"}, "needs decode_attention='pallas'"),
+                       ({"decode_attention": "pallas", "decode_matmul_kernels": {"mlp": small}}, "maps one of"),
+                       ({"decode_attention": "pallas", "decode_matmul_kernels": {"o": "16,16,4,1"}}, "maps one of")):
+        with pytest.raises(ValueError, match=match):
+            InferenceEngine(model, pad_id=0, **bad)
+
+
 def test_decode_kernel_configs_reach_the_kernel_by_rows_and_keep_the_tokens(monkeypatch):
     """`decode_kernels` picks the kernels' division of the work by the rows decoded together (a
     spy records the config each kernel call gets); the tokens stay the XLA decode's."""

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from manager_jax.config import ConfigError
 from manager_jax.infer.engine import InferenceEngine, InputError
 from manager_jax.models.decode_attention import parse_kernel_configs
+from manager_jax.models.decode_matmul import parse_matmul_configs
 from manager_jax.infer.loading import (
     CheckpointError,
     ImageLoadError,
@@ -70,6 +71,12 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--decode-kernels", default="", metavar="ROWS:B,P,W,S;...",
                    help="the fused kernels' division of the work by rows decoded together, as "
                         "benchmarks/decode_attention.py prints the fastest (speed only; default: built in)")
+    p.add_argument("--decode-matmul", default="xla", choices=["xla", "pallas"],
+                   help="projections of the decode steps: XLA's, or four fused GPU kernels per layer with the norms, "
+                        "residual adds and gate inside (with the fused attention kernels, on one device)")
+    p.add_argument("--decode-matmul-kernels", default="", metavar="SITE=N,K,W,S;...",
+                   help="their configs by projection (qkv, o, gate_up, down), as benchmarks/decode_matmul.py prints "
+                        "the fastest (speed only; default: built in)")
     return p
 
 
@@ -89,6 +96,10 @@ def build_engine(args) -> tuple[InferenceEngine, object]:
         decode_kernels = parse_kernel_configs(args.decode_kernels)
     except ValueError as err:
         raise InputError(f"--decode-kernels: {err}") from None
+    try:
+        matmul_kernels = parse_matmul_configs(args.decode_matmul_kernels)
+    except ValueError as err:
+        raise InputError(f"--decode-matmul-kernels: {err}") from None
     distributed.initialize()  # several processes (JAX_* variables or a detected cluster): one global mesh
     mesh = mesh_from_spec(args.mesh)
     model = load_model(args.checkpoint, dtype=args.dtype, mesh=mesh)
@@ -98,11 +109,15 @@ def build_engine(args) -> tuple[InferenceEngine, object]:
         limit = default_vocab_limit(tokenizer, vocab)
     else:
         limit = vocab if args.vocab_limit < 0 else min(args.vocab_limit, vocab)
-    engine = InferenceEngine(
-        model, eos_ids=read_eos_ids(args.checkpoint, tokenizer.eos_ids), pad_id=tokenizer.pad_id,
-        im_start_id=tokenizer.im_start_id, vocab_limit=limit, max_length=args.max_length, mesh=mesh,
-        decode_attention=args.decode_attention, decode_kernels=decode_kernels,
-    )
+    try:
+        engine = InferenceEngine(
+            model, eos_ids=read_eos_ids(args.checkpoint, tokenizer.eos_ids), pad_id=tokenizer.pad_id,
+            im_start_id=tokenizer.im_start_id, vocab_limit=limit, max_length=args.max_length, mesh=mesh,
+            decode_attention=args.decode_attention, decode_kernels=decode_kernels, decode_matmul=args.decode_matmul,
+            decode_matmul_kernels=matmul_kernels,
+        )
+    except ValueError as err:  # options that do not go together (e.g. the fused projections without the attention kernels)
+        raise InputError(str(err)) from None
     return engine, tokenizer
 
 

@@ -42,6 +42,8 @@ from manager_jax.infer.sampling import SamplingParams, apply_repetition_penalty,
 from manager_jax.models.attention import AttentionMesh, sharded_attention
 from manager_jax.models.decode_attention import KernelConfig
 from manager_jax.models.decode_attention import available as decode_kernels_available
+from manager_jax.models.decode_matmul import SITES as MATMUL_SITES
+from manager_jax.models.decode_matmul import MatmulConfig
 from manager_jax.models.layers import unstack_layers
 from manager_jax.models.llava_ov import LlavaOV
 from manager_jax.platform import target_platform
@@ -187,6 +189,13 @@ class InferenceEngine:
         configs for those. Speed only: every config gives the same tokens.
         benchmarks/decode_attention.py times configs and prints the fastest per row count in the
         form `parse_kernel_configs` reads.
+      decode_matmul: the decode steps' projections: "xla" (default) or "pallas" (four GPU kernels
+        per layer, models/decode_matmul.py, with the two norms, the residual adds and the gate
+        fused in: with the attention kernels, six kernels per layer where XLA runs about ten).
+        Needs decode_attention="pallas"; on a mesh of several devices the layers run XLA's.
+      decode_matmul_kernels: {site: MatmulConfig} for the projections ("qkv", "o", "gate_up",
+        "down") not on `MatmulConfig()`; benchmarks/decode_matmul.py times them and prints the
+        fastest in the form `parse_matmul_configs` reads. Speed only.
     """
 
     def __init__(
@@ -206,6 +215,8 @@ class InferenceEngine:
         decode_attention: str = "auto",
         decode_kernels: Mapping[int, KernelConfig] | None = None,
         decode_check_every: int | None = None,
+        decode_matmul: str = "xla",
+        decode_matmul_kernels: Mapping[str, MatmulConfig] | None = None,
     ):
         self.cfg = model.cfg
         self.decode_scan_layers = bool(decode_scan_layers)
@@ -235,6 +246,17 @@ class InferenceEngine:
             if not (isinstance(rows, (int, np.integer)) and rows >= 1 and isinstance(config, KernelConfig)):
                 raise ValueError(f"decode_kernels maps rows (>= 1) to KernelConfig; got {rows!r}: {config!r}")
         self.decode_kernels = tuple(sorted((int(r), c) for r, c in decode_kernels.items()))
+        if decode_matmul not in ("xla", "pallas"):
+            raise ValueError(f"decode_matmul must be 'xla' or 'pallas', got {decode_matmul!r}")
+        if decode_matmul == "pallas" and decode_attention != "pallas":
+            raise ValueError("decode_matmul='pallas' runs with the attention kernels: it needs decode_attention='pallas' "
+                             f"(here {decode_attention!r})")
+        self.decode_matmul = decode_matmul
+        matmul_kernels = dict(decode_matmul_kernels or {})
+        for site, config in matmul_kernels.items():
+            if site not in MATMUL_SITES or not isinstance(config, MatmulConfig):
+                raise ValueError(f"decode_matmul_kernels maps one of {MATMUL_SITES} to MatmulConfig; got {site!r}: {config!r}")
+        self.decode_matmul_kernels = tuple(sorted(matmul_kernels.items()))
         if len(eos_ids) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} eos ids are supported, got {list(eos_ids)}")
         self.eos_ids = [int(e) for e in eos_ids]
@@ -248,12 +270,15 @@ class InferenceEngine:
         self._attention = self._attention_mesh(mesh)
         self.graphdef, state = nnx.split(model)
         # The decode steps' own graph: the same params with the decoder's layer loop as asked.
-        attn = model.text.layers.attn
-        saved = model.text.scan_layers, attn.decode_impl, attn.decode_kernels
-        model.text.scan_layers, attn.decode_impl, attn.decode_kernels = (self.decode_scan_layers, decode_attention,
-                                                                          self.decode_kernels)
+        layers, attn = model.text.layers, model.text.layers.attn
+        saved = (model.text.scan_layers, attn.decode_impl, attn.decode_kernels, layers.decode_matmul,
+                 layers.decode_matmul_kernels)
+        (model.text.scan_layers, attn.decode_impl, attn.decode_kernels, layers.decode_matmul,
+         layers.decode_matmul_kernels) = (self.decode_scan_layers, decode_attention, self.decode_kernels,
+                                          self.decode_matmul, self.decode_matmul_kernels)
         self.decode_graphdef = nnx.split(model)[0]
-        model.text.scan_layers, attn.decode_impl, attn.decode_kernels = saved
+        (model.text.scan_layers, attn.decode_impl, attn.decode_kernels, layers.decode_matmul,
+         layers.decode_matmul_kernels) = saved
         self.state = self._place_params(state)
         self._prefill_jit = jax.jit(self._prefill_fn, static_argnames=("cache_len", "plain_causal"))
         self._step_jit = jax.jit(self._decode_step_fn, donate_argnames=("cache",))

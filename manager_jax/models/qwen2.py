@@ -19,6 +19,7 @@ from manager_jax.config import TextConfig
 from manager_jax.models.attention import (current_attention_mesh, dot_product_attention, segment_causal_mask,
                                          splash_applies, splash_attention)
 from manager_jax.models.decode_attention import KernelConfig, decode_attention, decode_attention_on_mesh, supported
+from manager_jax.models import decode_matmul
 from manager_jax.models.layers import MLP_ACTIVATION, RMSNorm, linear, make_stacked, run_stacked, split_stack
 from manager_jax.platform import target_platform
 
@@ -78,6 +79,26 @@ class Qwen2Attention(nnx.Module):
         # KernelConfig), ...); rows not listed get `KernelConfig.default_for(rows)`. Set by the engine too.
         self.decode_kernels = ()
 
+    def fused_decode_applies(self, x: jax.Array, ctx: AttentionContext, cache: tuple | None) -> bool:
+        """Whether this call is a one-token decode step that the fused GPU kernels take."""
+        return (cache is not None and self.decode_impl == "pallas" and x.shape[1] == 1 < ctx.kv_seg.shape[1]
+                and isinstance(cache[1], (int, np.integer)) and supported(ctx.kv_seg.shape[1], self.head_dim)
+                and cache[0][0].dtype == (self.q.dtype or x.dtype))
+
+    def attend_fused(self, qkv: jax.Array, ctx: AttentionContext, cache: tuple):
+        """The decode-attention kernels on one device: qkv [B, H + 2 KV, d], the q/k/v projections
+        without their biases -> (out [B, H * d], new cache)."""
+        (ck, cv), layer = cache
+        b = qkv.shape[0]
+        biases = tuple(lin.bias[...].astype(qkv.dtype).reshape(-1, self.head_dim) for lin in (self.q, self.k, self.v))
+        out, ck, cv = decode_attention(qkv, biases, ctx.cos[:, 0], ctx.sin[:, 0], ck, cv, ctx.q_seg[:, 0], ctx.kv_seg,
+                                       ctx.cache_index, **self._kernel_step(int(layer), b))
+        return out.reshape(b, -1), (ck, cv)
+
+    def _kernel_step(self, layer: int, rows: int) -> dict:
+        return dict(layer=layer, interpret=target_platform() != "gpu",
+                    config=dict(self.decode_kernels).get(rows) or KernelConfig.default_for(rows))
+
     def _fused_decode(self, x: jax.Array, ctx: AttentionContext, cache: tuple):
         """A one-token decode step on the fused GPU kernels (`decode_impl="pallas"`): the q/k/v
         matmuls without their biases go in as they are (XLA merges them into one matmul whose output
@@ -89,15 +110,15 @@ class Qwen2Attention(nnx.Module):
         flat = lambda lin: rows @ lin.kernel[...].astype(dtype)
         project = lambda lin: flat(lin).reshape(b, -1, self.head_dim)
         biases = tuple(lin.bias[...].astype(dtype).reshape(-1, self.head_dim) for lin in (self.q, self.k, self.v))
-        step = dict(layer=int(layer), interpret=target_platform() != "gpu",
-                    config=dict(self.decode_kernels).get(b) or KernelConfig.default_for(b))
+        step = self._kernel_step(int(layer), b)
         token = (ctx.cos[:, 0], ctx.sin[:, 0], ck, cv, ctx.q_seg[:, 0], ctx.kv_seg, ctx.cache_index)
         where = current_attention_mesh()
         if where is None or where.mesh.size == 1:
             # Joined before splitting into heads: XLA's merged q/k/v matmul output then is the
             # kernel's input as it is. Joined per head, a copy kernel rebuilt it every layer.
             qkv = jnp.concatenate([flat(self.q), flat(self.k), flat(self.v)], axis=1).reshape(b, -1, self.head_dim)
-            out, ck, cv = decode_attention(qkv, biases, *token, **step)
+            out, (ck, cv) = self.attend_fused(qkv, ctx, cache)
+            return self.o(out[:, None]), (ck, cv)
         else:  # each device on its rows and heads
             out, ck, cv = decode_attention_on_mesh(project(self.q), project(self.k), project(self.v), biases, *token,
                                                    mesh=where.mesh, row_axes=where.row_axes,
@@ -106,9 +127,7 @@ class Qwen2Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, cache: tuple | None = None):
         b, t, _ = x.shape
-        if (cache is not None and self.decode_impl == "pallas" and t == 1 < ctx.kv_seg.shape[1]
-                and isinstance(cache[1], (int, np.integer)) and supported(ctx.kv_seg.shape[1], self.head_dim)
-                and cache[0][0].dtype == (self.q.dtype or x.dtype)):
+        if self.fused_decode_applies(x, ctx, cache):
             return self._fused_decode(x, ctx, cache)
         q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -167,11 +186,51 @@ class Qwen2Layer(nnx.Module):
         self.attn = Qwen2Attention(cfg, dtype=dtype, param_dtype=param_dtype, impl=impl, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = Qwen2MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # One-token decode steps' projections: "xla", or "pallas" (models/decode_matmul.py: four
+        # GPU kernels with the norms, the residual adds and the gate fused in; on one device, with
+        # the fused attention kernels). `decode_matmul_kernels`: ((site, MatmulConfig), ...) for
+        # the sites not on their defaults. Set by the inference engine on its decode graph.
+        self.decode_matmul = "xla"
+        self.decode_matmul_kernels = ()
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, cache=None):
+        if self.decode_matmul == "pallas" and self.attn.fused_decode_applies(x, ctx, cache) and self._fused_fits(x):
+            return self._fused_decode(x, ctx, cache)
         a, cache = self.attn(self.input_norm(x), ctx, cache)
         x = x + a
         return x + self.mlp(self.post_attn_norm(x)), cache
+
+    def _configs(self) -> dict:
+        return {site: dict(self.decode_matmul_kernels).get(site, decode_matmul.MatmulConfig())
+                for site in decode_matmul.SITES}
+
+    def _fused_fits(self, x: jax.Array) -> bool:
+        where = current_attention_mesh()
+        if where is not None and where.mesh.size > 1:
+            return False
+        attn, mlp, c = self.attn, self.mlp, self._configs()
+        d, heads = x.shape[-1], lambda lin: lin.kernel.shape[1]
+        return (decode_matmul.supported(d, [heads(attn.q), heads(attn.k), heads(attn.v)], c["qkv"])
+                and decode_matmul.supported(attn.o.kernel.shape[0], [d], c["o"])
+                and decode_matmul.supported(d, [heads(mlp.gate)], c["gate_up"])
+                and decode_matmul.supported(mlp.down.kernel.shape[0], [d], c["down"]))
+
+    def _fused_decode(self, x: jax.Array, ctx: AttentionContext, cache: tuple):
+        """A one-token decode step of the whole layer on GPU kernels: the projections of
+        models/decode_matmul.py around the decode-attention kernels, six kernels in all."""
+        attn, mlp, c = self.attn, self.mlp, self._configs()
+        b, dtype = x.shape[0], attn.q.dtype or x.dtype
+        interpret = target_platform() != "gpu"
+        weight = lambda lin: lin.kernel[...].astype(dtype)
+        h = x[:, 0].astype(dtype)
+        qkv = decode_matmul.norm_qkv(h, self.input_norm.scale[...], weight(attn.q), weight(attn.k), weight(attn.v),
+                                     eps=self.input_norm.eps, config=c["qkv"], interpret=interpret)
+        out, cache = attn.attend_fused(qkv.reshape(b, -1, attn.head_dim), ctx, cache)
+        h = decode_matmul.matmul_add(out, weight(attn.o), h, config=c["o"], interpret=interpret)
+        act = decode_matmul.norm_gated(h, self.post_attn_norm.scale[...], weight(mlp.gate), weight(mlp.up),
+                                       eps=self.post_attn_norm.eps, config=c["gate_up"], interpret=interpret)
+        h = decode_matmul.matmul_add(act, weight(mlp.down), h, config=c["down"], interpret=interpret)
+        return h[:, None], cache
 
 
 class Qwen2Decoder(nnx.Module):

@@ -1,0 +1,215 @@
+"""The projections of a decode step on GPU as Pallas (Triton) kernels with their neighbours fused.
+
+A decode step multiplies a few rows (the tokens decoded together) by every weight matrix of every
+layer: it is a weight read, and at batch 1 XLA runs each layer as about ten kernels, the small ones
+bound by their own latency (RESULTS.md, session 13). These kernels do a layer's projections in four:
+
+- q/k/v: the input RMSNorm, then the three matmuls into one [rows, H + 2 KV heads, d] output (the
+  layout `decode_attention` reads; its biases are added there);
+- o: the matmul plus the residual add;
+- gate/up: the post-attention RMSNorm, both matmuls and silu(gate) * up;
+- down: the matmul plus the residual add.
+
+Each program makes one block of `block_n` output columns for every row, reading its columns of the
+weight once, `block_k` rows at a time (Triton pipelines the reads over `num_stages`). The rows are
+padded to 16 inside the kernel (Triton's matmul tile). Numerics follow the model's modules: the
+norm in fp32 rounded to the activation dtype, then times its scale; products accumulated in fp32
+and rounded before the residual add or the gate; silu(gate) * up with each of its ops rounded
+(jax.nn.silu is x * (1 / (1 + exp(-x))) in the activation dtype). On CPU (interpret mode) the results
+equal XLA's bit for bit in bfloat16.
+
+Off the GPU the kernels run in Pallas interpret mode (tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+_MIN_ROWS = 16  # Triton's matmul tile
+SITES = ("qkv", "o", "gate_up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulConfig:
+    """How one projection divides its work (speed only: every choice gives the same result).
+
+    block_n: output columns per program (the largest power of two <= this dividing the columns);
+    block_k: weight rows per loop step (likewise for the input size); num_warps / num_stages: Triton's.
+    """
+
+    block_n: int = 32
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @classmethod
+    def parse(cls, text: str) -> "MatmulConfig":
+        """"block_n,block_k,num_warps,num_stages", e.g. "32,128,4,3"."""
+        try:
+            fields = [int(x) for x in text.split(",")]
+        except ValueError:
+            fields = []
+        if len(fields) != 4 or min(fields) < 1:
+            raise ValueError(f"a matmul config is four positive integers block_n,block_k,num_warps,num_stages; "
+                             f"got {text!r}")
+        return cls(*fields)
+
+    def __str__(self) -> str:
+        return f"{self.block_n},{self.block_k},{self.num_warps},{self.num_stages}"
+
+
+def parse_matmul_configs(text: str) -> dict[str, MatmulConfig]:
+    """Configs by projection: "SITE=block_n,block_k,warps,stages;..." with SITE one of `SITES`
+    (what benchmarks/decode_matmul.py prints as the fastest), e.g. "qkv=16,128,4,3;down=32,256,4,4"."""
+    configs = {}
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        site, sep, config = item.partition("=")
+        if not sep or site.strip() not in SITES:
+            raise ValueError(f"a matmul config by projection is SITE=block_n,block_k,num_warps,num_stages with "
+                             f"SITE one of {', '.join(SITES)}; got {item!r}")
+        configs[site.strip()] = MatmulConfig.parse(config)
+    return configs
+
+
+def _block(size: int, largest: int) -> int | None:
+    """The largest power of two in [16, largest] that divides `size` (None: none does)."""
+    b = 1 << (max(largest, 1).bit_length() - 1)
+    while b >= 16:
+        if size % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def supported(in_size: int, out_sizes: Sequence[int], config: MatmulConfig = MatmulConfig()) -> bool:
+    """Whether the kernels take these sizes: Triton blocks are powers of two >= 16."""
+    return _block(in_size, config.block_k) is not None and all(
+        _block(n, config.block_n) is not None for n in out_sizes)
+
+
+def _norm_factor(x_ref, rows, row_mask, in_size: int, block_k: int, eps: float):
+    """1 / rms of each row of x [M, K] in fp32, [R] (the first pass over the small input)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    def body(i, total):
+        cols = i * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=row_mask[:, None], other=0.0).astype(jnp.float32)
+        return total + jnp.sum(x * x, axis=1)
+
+    total = jax.lax.fori_loop(0, in_size // block_k, body, jnp.zeros(rows.shape, jnp.float32))
+    return jax.lax.rsqrt(total / in_size + eps)
+
+
+def _product(x_ref, scale_ref, inv, w_ref, col0, rows, row_mask, *, block_n: int, block_k: int, dtype):
+    """The program's [R, block_n] block of x @ w in fp32 (x RMS-normalised first when `inv` is given)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    in_size = x_ref.shape[1]
+
+    def body(i, acc):
+        k0 = pl.multiple_of(i * block_k, block_k)
+        cols = k0 + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=row_mask[:, None], other=0.0)
+        if inv is not None:  # layers.RMSNorm: normalised in fp32, rounded, times the scale (rounded)
+            normed = (x.astype(jnp.float32) * inv[:, None]).astype(dtype)
+            scale = scale_ref[pl.ds(k0, block_k)].astype(dtype)
+            x = (scale.astype(jnp.float32)[None, :] * normed.astype(jnp.float32)).astype(dtype)
+        w = w_ref[pl.ds(k0, block_k), pl.ds(col0, block_n)]
+        return acc + jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+    return jax.lax.fori_loop(0, in_size // block_k, body, jnp.zeros((rows.shape[0], block_n), jnp.float32))
+
+
+def _kernel(*refs, kind: str, blocks: tuple[int, ...], block_n: int, block_k: int, eps: float, rows_used: int):
+    """One program: one block of output columns, for every row.
+
+    refs: x, [norm scale], weights..., [residual], out. kind: "concat" (the weights' outputs side
+    by side; `blocks` column blocks each), "gated" (silu(x @ w0) * (x @ w1)), "residual"
+    (residual + x @ w0)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    x_ref, out_ref = refs[0], refs[-1]
+    norm = kind != "residual"
+    scale_ref = refs[1] if norm else None
+    w_refs = refs[2:-1] if norm else refs[1:-2]
+    dtype = out_ref.dtype
+    rows = jax.lax.broadcasted_iota(jnp.int32, (max(_MIN_ROWS, 1 << (rows_used - 1).bit_length()),), 0)
+    row_mask = rows < rows_used
+    inv = _norm_factor(x_ref, rows, row_mask, x_ref.shape[1], block_k, eps) if norm else None
+    p = pl.program_id(0)
+    product = functools.partial(_product, x_ref, scale_ref, inv, rows=rows, row_mask=row_mask, block_n=block_n,
+                                block_k=block_k, dtype=dtype)
+
+    def store(col0, value):
+        cols = col0 + jax.lax.broadcasted_iota(jnp.int32, (block_n,), 0)
+        plgpu.store(out_ref.at[rows[:, None], cols[None, :]], value.astype(dtype), mask=row_mask[:, None])
+
+    if kind == "concat":
+        start = 0
+        for w_ref, n in zip(w_refs, blocks):
+            @pl.when((p >= start) & (p < start + n))
+            def _(w_ref=w_ref, start=start):
+                col = pl.multiple_of((p - start) * block_n, block_n)
+                store(pl.multiple_of(p * block_n, block_n), product(w_ref, col).astype(dtype))
+            start += n
+        return
+    col = pl.multiple_of(p * block_n, block_n)
+    if kind == "gated":  # Qwen2MLP: silu(gate) * up, every op rounded as jax.nn.silu's ops are
+        r = lambda v: v.astype(dtype).astype(jnp.float32)
+        g, u = r(product(w_refs[0], col)), r(product(w_refs[1], col))
+        sigmoid = r(1.0 / r(1.0 + r(jnp.exp(-g))))
+        store(col, r(g * sigmoid) * u)
+    else:  # the residual stream plus the rounded product
+        residual = plgpu.load(refs[-2].at[rows[:, None], (col + jax.lax.broadcasted_iota(jnp.int32, (block_n,), 0))[None, :]],
+                              mask=row_mask[:, None], other=0.0)
+        store(col, residual.astype(jnp.float32) + product(w_refs[0], col).astype(dtype).astype(jnp.float32))
+
+
+def _call(kind: str, x, weights, *, scale=None, residual=None, eps: float = 0.0, config: MatmulConfig, interpret: bool,
+          name: str):
+    from jax.experimental.pallas import triton as plgpu
+
+    m, k = x.shape
+    block_k = _block(k, config.block_k)
+    block_ns = [_block(w.shape[1], config.block_n) for w in weights]
+    block_n = None if None in block_ns else min(block_ns)
+    if block_k is None or block_n is None or any(w.shape[0] != k for w in weights):
+        raise ValueError(f"decode matmul: input size {k} and output sizes {[w.shape[1] for w in weights]} need "
+                         f"blocks that are powers of two >= 16 (config {config})")
+    blocks = tuple(w.shape[1] // block_n for w in weights)
+    out_cols = sum(w.shape[1] for w in weights) if kind == "concat" else weights[0].shape[1]
+    operands = [x, *([scale] if scale is not None else []), *weights, *([residual] if residual is not None else [])]
+    return pl.pallas_call(
+        functools.partial(_kernel, kind=kind, blocks=blocks, block_n=block_n, block_k=block_k, eps=eps, rows_used=m),
+        grid=(sum(blocks) if kind == "concat" else blocks[0],),
+        out_shape=jax.ShapeDtypeStruct((m, out_cols), x.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name=name,
+    )(*operands)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "config", "interpret"))
+def norm_qkv(x, scale, wq, wk, wv, *, eps: float, config: MatmulConfig = MatmulConfig(), interpret: bool = False):
+    """RMSNorm(x) @ [wq | wk | wv]: x [M, D] (the residual stream), scale [D] -> [M, Nq + Nk + Nv]."""
+    return _call("concat", x, (wq, wk, wv), scale=scale, eps=eps, config=config, interpret=interpret,
+                 name="decode_norm_qkv")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def matmul_add(x, w, residual, *, config: MatmulConfig = MatmulConfig(), interpret: bool = False):
+    """residual + x @ w: x [M, K], w [K, N], residual [M, N] -> [M, N] (the o and down projections)."""
+    return _call("residual", x, (w,), residual=residual, config=config, interpret=interpret, name="decode_matmul_add")
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "config", "interpret"))
+def norm_gated(x, scale, w_gate, w_up, *, eps: float, config: MatmulConfig = MatmulConfig(), interpret: bool = False):
+    """silu(RMSNorm(x) @ w_gate) * (RMSNorm(x) @ w_up): x [M, D] -> [M, I] (Qwen2's MLP before down)."""
+    return _call("gated", x, (w_gate, w_up), scale=scale, eps=eps, config=config, interpret=interpret,
+                 name="decode_norm_gated")
