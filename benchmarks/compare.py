@@ -93,8 +93,11 @@ def table(rows: list[dict]) -> list[str]:
         floor = GENERATE_TARGET_TOKENS_PER_S.get(batch)
         verdict = "-" if floor is None or not on_h100 else ("met" if tps and tps >= floor else "not met")
         layers = f", {mine['decode_layers']} layers" if mine.get("decode_layers") else ""
+        on_cpu = "cpu" in str(mine.get("device", "")).lower()
         if (mine.get("decode_min_rows") or 1) > 1:
             layers += f", decoded as >= {mine['decode_min_rows']} rows"
+        elif mine.get("decode_min_rows") == 1 and not on_cpu:  # off the GPU default of two
+            layers += ", one row per prompt"
         if mine.get("decode_attention"):
             layers += f", {mine['decode_attention']} decode attention"
         if mine.get("decode_kernel"):

@@ -140,7 +140,8 @@ else
   echo "== reference skipped: $REF not found (see the top of this script)"
 fi
 # Variants with the time left (';'-separated flag sets; leading NAME=VALUE words become the run's
-# environment; {OUT} stands for the output folder, for a variant's --profile), e.g.
+# environment; {OUT} stands for the output folder, for a variant's --profile, and
+# {MATMUL_KERNELS} for the decode-matmul sweep's picks, as --decode-matmul-kernels={MATMUL_KERNELS}), e.g.
 # TRAIN_VARIANTS="--remat full;XLA_FLAGS=--xla_gpu_enable_command_buffer= --remat dots".
 variants() {  # variants KIND SCRIPT LIMIT SETS FIXED...
   local kind=$1 script=$2 limit=$3 sets=$4; shift 4
@@ -149,7 +150,7 @@ variants() {  # variants KIND SCRIPT LIMIT SETS FIXED...
   for words in "${set[@]}"; do
     envs=(); flags=()
     for w in $words; do
-      w=${w//\{OUT\}/$OUT}
+      w=${w//\{OUT\}/$OUT}; w=${w//\{MATMUL_KERNELS\}/$MATMUL_KERNELS}
       if [ ${#flags[@]} -eq 0 ] && [[ $w == [A-Z_]*=* ]]; then envs+=("$w"); else flags+=("$w"); fi
     done
     step "${kind}_variant$i" "$limit" env "${envs[@]}" $PY "$script" "$@" "${flags[@]}"

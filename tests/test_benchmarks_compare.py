@@ -66,11 +66,15 @@ def test_generate_and_train_experiments_are_labelled(tmp_path):
          "decode_min_rows": 2, "decode_attention": "pallas", "decode_tokens_per_s": 1.0},
         {"what": "generate", "impl": "jax", "batch": 16, "new_tokens": 8, "decode_layers": "unrolled",
          "decode_min_rows": 2, "decode_attention": "pallas", "decode_kernel": "64,528,4,3", "decode_tokens_per_s": 1.0},
+        {"what": "generate", "impl": "jax", "batch": 1, "new_tokens": 8, "decode_min_rows": 1, "device": "1 x cpu",
+         "decode_attention": "pallas", "decode_matmul": "pallas", "decode_matmul_kernels": "down=16,256,4,4",
+         "decode_tokens_per_s": 1.0},
     ])
     labels = [line for line in table(read_lines([str(path)])) if "tokens/s" in line]
     assert ("scan layers, LM head on 896 positions per shard, crops unpadded, rows padded to 4160, steps timed back "
             "to back)") in labels[0]
     assert "unrolled layers, decoded as >= 2 rows, xla decode attention)" in labels[1]
-    assert "rows" not in labels[2] and "decode attention" not in labels[2]
+    assert "unrolled layers, one row per prompt)" in labels[2]  # not the GPU's two rows
+    assert "row" not in labels[5] and "pallas decode attention, pallas decode matmuls down=16,256,4,4)" in labels[5]
     assert "unrolled layers, decoded as >= 2 rows, pallas decode attention)" in labels[3]
     assert "pallas decode attention 64,528,4,3)" in labels[4]
