@@ -39,13 +39,14 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from manager_jax.config import preset, tiny  # noqa: E402
-from manager_jax.models.decode_matmul import SITES, MatmulConfig  # noqa: E402
+from manager_jax.models.decode_matmul import SITES, SPLIT_SITES, MatmulConfig  # noqa: E402
 from manager_jax.models.layers import unstack_layers  # noqa: E402
 from manager_jax.models.qwen2 import Qwen2Decoder  # noqa: E402
 
 # Per projection, the likeliest first (a sweep cut short by --budget-s times the ones at the front):
 # more programs for the narrow outputs (q/k/v 1,152 columns, o and down 896), longer K steps.
-DEFAULT_CANDIDATES = "16,128,4,3;16,256,4,4;64,128,4,3;32,256,4,4;16,64,2,4"
+# The fifth field splits the input (o and down only; the other projections skip such configs).
+DEFAULT_CANDIDATES = "16,256,4,4;32,128,4,3,4;16,512,4,3;32,256,4,4,8;64,128,4,3;16,128,4,3,8"
 
 
 def randomize(decoder):
@@ -177,7 +178,8 @@ def main(argv=None) -> list[dict]:
     # Config by config, every projection for each, so that a sweep cut short by its budget still
     # tried every projection on the first configs.
     paths = [("xla", None, None), ("pallas", None, None)] + [
-        ("pallas", site, config) for config in candidates if config != MatmulConfig() for site in sites]
+        ("pallas", site, config) for config in candidates if config != MatmulConfig() for site in sites
+        if config.splits == 1 or site in SPLIT_SITES]
     all_rows = [int(r) for r in args.rows.split(",")]
     lines, exact, start = [], {}, time.perf_counter()
     for i, (name, site, config) in enumerate(paths):

@@ -68,6 +68,7 @@ def compile_decode(args, devices) -> str:
 
     from benchmarks.shapes import benchmark_model_config
     from manager_jax.infer.engine import MAX_EOS_IDS, InferenceEngine
+    from manager_jax.models.decode_matmul import parse_matmul_configs
     from manager_jax.models.llava_ov import LlavaOV
 
     cfg = benchmark_model_config(False, args.variant).replace(dtype="bfloat16", param_dtype="bfloat16")
@@ -76,7 +77,8 @@ def compile_decode(args, devices) -> str:
     # token. The engine's default unrolls runs of tokens in each iteration.
     engine = InferenceEngine(model, eos_ids=[], pad_id=0, decode_min_rows=args.decode_min_rows,
                              decode_attention=args.decode_attention, decode_check_every=args.decode_check_every,
-                             decode_matmul=args.decode_matmul)
+                             decode_matmul=args.decode_matmul,
+                             decode_matmul_kernels=parse_matmul_configs(args.decode_matmul_kernels))
     rows = max(args.rows, engine.decode_min_rows)
     here = NamedSharding(Mesh(np.asarray(devices[:1]), ("x",)), PartitionSpec())
     shaped = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=here)
@@ -121,6 +123,8 @@ def main(argv=None) -> int:
                         help="InferenceEngine decode_attention (auto: pallas, as on GPUs)")
     decode.add_argument("--decode-matmul", default="xla", choices=["xla", "pallas"],
                         help="InferenceEngine decode_matmul (pallas: the fused projection kernels)")
+    decode.add_argument("--decode-matmul-kernels", default="", help="InferenceEngine decode_matmul_kernels, "
+                        "as generate.py --decode-matmul-kernels")
     decode.add_argument("--prompt-slots", type=int, default=4096)
     decode.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args(argv)

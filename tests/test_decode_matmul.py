@@ -78,6 +78,23 @@ def test_configs_change_the_speed_not_the_result(config):
         np.testing.assert_allclose(got[site], want[site], rtol=2e-5, atol=2e-5, err_msg=f"{site} {config}")
 
 
+@pytest.mark.parametrize("splits", [2, 3, 5, 64])  # 64: more than the input's blocks, cut to one block each
+def test_input_splits_of_the_residual_projections_keep_the_result(splits):
+    """`splits` (o and down): fp32 partial sums over parts of the input, added up with the
+    residual by XLA; in fp32 the model's numbers, in bf16 the same roundings (product, then add)."""
+    config = MatmulConfig(block_n=16, block_k=16, num_stages=1, splits=splits)
+    x, norm, w, attn_out, act = operands(3, jnp.float32, seed=splits)
+    np.testing.assert_allclose(matmul_add(act, w["down"], x, config=config, interpret=True), x + act @ w["down"],
+                               rtol=2e-5, atol=2e-5)
+    x, norm, w, attn_out, act = operands(2, jnp.bfloat16, seed=splits)
+    got = np.asarray(matmul_add(attn_out, w["o"], x, config=config, interpret=True), np.float32)
+    want = np.asarray(x + attn_out @ w["o"], np.float32)
+    step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(want), 1e-30))) - 7)
+    assert np.mean(got == want) >= 0.99 and np.max(np.abs(got - want) / step) <= 1
+    with pytest.raises(ValueError, match="o and down projections only"):
+        norm_gated(x, norm.scale[...], w["gate"], w["up"], eps=EPS, config=config, interpret=True)
+
+
 def test_sizes_and_configs_are_checked():
     assert supported(896, [896, 128, 128]) and supported(4864, [896]) and supported(96, [160])
     assert not supported(100, [128]) and not supported(128, [72])  # no power-of-two block >= 16 divides
@@ -86,6 +103,8 @@ def test_sizes_and_configs_are_checked():
     assert parse_matmul_configs("qkv=16,128,4,3; down=32,256,8,4") == {
         "qkv": MatmulConfig(16, 128, 4, 3), "down": MatmulConfig(32, 256, 8, 4)}
     assert str(MatmulConfig(16, 128, 4, 3)) == "16,128,4,3"
-    for bad in ("mlp=16,128,4,3", "qkv:16,128,4,3", "qkv=16,128,4", "qkv=16,0,4,3"):
+    assert parse_matmul_configs("down=16,256,4,4,8") == {"down": MatmulConfig(16, 256, 4, 4, splits=8)}
+    assert str(MatmulConfig(16, 256, 4, 4, splits=8)) == "16,256,4,4,8"
+    for bad in ("mlp=16,128,4,3", "qkv:16,128,4,3", "qkv=16,128,4", "qkv=16,0,4,3", "down=16,128,4,3,2,1"):
         with pytest.raises(ValueError):
             parse_matmul_configs(bad)

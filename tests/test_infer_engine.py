@@ -445,7 +445,7 @@ def test_pallas_decode_matmuls_give_the_xla_decodes_tokens():
     engine = InferenceEngine(model, pad_id=0)
     small = MatmulConfig(block_n=16, block_k=16, num_stages=1)
     fused = InferenceEngine(model, pad_id=0, decode_attention="pallas", decode_matmul="pallas", decode_check_every=4,
-                            decode_matmul_kernels={"gate_up": small, "down": small})
+                            decode_matmul_kernels={"gate_up": small, "down": dataclasses.replace(small, splits=4)})
     lowered, jitted = [], fused._decode_jit
     fused._decode_jit = lambda *a, **k: lowered.append(jitted.lower(*a, **k).as_text()) or jitted(*a, **k)
     params = SamplingParams(max_new_tokens=NEW)
@@ -460,7 +460,9 @@ def test_pallas_decode_matmuls_give_the_xla_decodes_tokens():
     for bad, match in (({"decode_matmul": "triton"}, "decode_matmul must be"),
                        ({"decode_matmul": "pallas", "decode_attention": "xla"}, "needs decode_attention='pallas'"),
                        ({"decode_attention": "pallas", "decode_matmul_kernels": {"mlp": small}}, "maps one of"),
-                       ({"decode_attention": "pallas", "decode_matmul_kernels": {"o": "16,16,4,1"}}, "maps one of")):
+                       ({"decode_attention": "pallas", "decode_matmul_kernels": {"o": "16,16,4,1"}}, "maps one of"),
+                       ({"decode_attention": "pallas", "decode_matmul_kernels": {"qkv": MatmulConfig(splits=2)}},
+                        "splits of the input are for")):
         with pytest.raises(ValueError, match=match):
             InferenceEngine(model, pad_id=0, **bad)
 

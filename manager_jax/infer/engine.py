@@ -43,6 +43,7 @@ from manager_jax.models.attention import AttentionMesh, sharded_attention
 from manager_jax.models.decode_attention import KernelConfig
 from manager_jax.models.decode_attention import available as decode_kernels_available
 from manager_jax.models.decode_matmul import SITES as MATMUL_SITES
+from manager_jax.models.decode_matmul import SPLIT_SITES
 from manager_jax.models.decode_matmul import MatmulConfig
 from manager_jax.models.layers import unstack_layers
 from manager_jax.models.llava_ov import LlavaOV
@@ -256,6 +257,8 @@ class InferenceEngine:
         for site, config in matmul_kernels.items():
             if site not in MATMUL_SITES or not isinstance(config, MatmulConfig):
                 raise ValueError(f"decode_matmul_kernels maps one of {MATMUL_SITES} to MatmulConfig; got {site!r}: {config!r}")
+            if config.splits > 1 and site not in SPLIT_SITES:
+                raise ValueError(f"decode_matmul_kernels: splits of the input are for {SPLIT_SITES} only; got {site!r}: {config}")
         self.decode_matmul_kernels = tuple(sorted(matmul_kernels.items()))
         if len(eos_ids) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} eos ids are supported, got {list(eos_ids)}")

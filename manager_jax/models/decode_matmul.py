@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 
 _MIN_ROWS = 16  # Triton's matmul tile
 SITES = ("qkv", "o", "gate_up", "down")
+SPLIT_SITES = ("o", "down")  # the projections whose config may split the input (`MatmulConfig.splits`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,28 +41,34 @@ class MatmulConfig:
     """How one projection divides its work (speed only: every choice gives the same result).
 
     block_n: output columns per program (the largest power of two <= this dividing the columns);
-    block_k: weight rows per loop step (likewise for the input size); num_warps / num_stages: Triton's.
+    block_k: weight rows per loop step (likewise for the input size); num_warps / num_stages: Triton's;
+    splits: the o and down projections only (`matmul_add`): the input size is split over this many
+      programs per column block, whose fp32 partial sums XLA adds up with the residual in one more
+      kernel. Their 896 output columns make few programs; splitting K makes more, each with fewer
+      weight rows to stream.
     """
 
     block_n: int = 32
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    splits: int = 1
 
     @classmethod
     def parse(cls, text: str) -> "MatmulConfig":
-        """"block_n,block_k,num_warps,num_stages", e.g. "32,128,4,3"."""
+        """"block_n,block_k,num_warps,num_stages[,splits]", e.g. "32,128,4,3" or "16,256,4,4,4"."""
         try:
             fields = [int(x) for x in text.split(",")]
         except ValueError:
             fields = []
-        if len(fields) != 4 or min(fields) < 1:
-            raise ValueError(f"a matmul config is four positive integers block_n,block_k,num_warps,num_stages; "
-                             f"got {text!r}")
+        if len(fields) not in (4, 5) or min(fields) < 1:
+            raise ValueError(f"a matmul config is four or five positive integers "
+                             f"block_n,block_k,num_warps,num_stages[,splits]; got {text!r}")
         return cls(*fields)
 
     def __str__(self) -> str:
-        return f"{self.block_n},{self.block_k},{self.num_warps},{self.num_stages}"
+        fields = (self.block_n, self.block_k, self.num_warps, self.num_stages) + ((self.splits,) if self.splits > 1 else ())
+        return ",".join(map(str, fields))
 
 
 def parse_matmul_configs(text: str) -> dict[str, MatmulConfig]:
@@ -106,11 +113,13 @@ def _norm_factor(x_ref, rows, row_mask, in_size: int, block_k: int, eps: float):
     return jax.lax.rsqrt(total / in_size + eps)
 
 
-def _product(x_ref, scale_ref, inv, w_ref, col0, rows, row_mask, *, block_n: int, block_k: int, dtype):
-    """The program's [R, block_n] block of x @ w in fp32 (x RMS-normalised first when `inv` is given)."""
+def _product(x_ref, scale_ref, inv, w_ref, col0, rows, row_mask, *, block_n: int, block_k: int, dtype,
+             k_blocks=None):
+    """The program's [R, block_n] block of x @ w in fp32 (x RMS-normalised first when `inv` is given),
+    over the input's blocks `k_blocks` = (first, stop) of `block_k` (default: all)."""
     from jax.experimental.pallas import triton as plgpu
 
-    in_size = x_ref.shape[1]
+    first, stop = k_blocks if k_blocks is not None else (0, x_ref.shape[1] // block_k)
 
     def body(i, acc):
         k0 = pl.multiple_of(i * block_k, block_k)
@@ -123,22 +132,23 @@ def _product(x_ref, scale_ref, inv, w_ref, col0, rows, row_mask, *, block_n: int
         w = w_ref[pl.ds(k0, block_k), pl.ds(col0, block_n)]
         return acc + jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
-    return jax.lax.fori_loop(0, in_size // block_k, body, jnp.zeros((rows.shape[0], block_n), jnp.float32))
+    return jax.lax.fori_loop(first, stop, body, jnp.zeros((rows.shape[0], block_n), jnp.float32))
 
 
-def _kernel(*refs, kind: str, blocks: tuple[int, ...], block_n: int, block_k: int, eps: float, rows_used: int):
+def _kernel(*refs, kind: str, blocks: tuple[int, ...], block_n: int, block_k: int, eps: float, rows_used: int,
+            dtype, splits: int = 1):
     """One program: one block of output columns, for every row.
 
     refs: x, [norm scale], weights..., [residual], out. kind: "concat" (the weights' outputs side
     by side; `blocks` column blocks each), "gated" (silu(x @ w0) * (x @ w1)), "residual"
-    (residual + x @ w0)."""
+    (residual + x @ w0), "partial" (x @ w0 over split program_id(1) of `splits` of the input, fp32
+    into out [splits, M, N])."""
     from jax.experimental.pallas import triton as plgpu
 
     x_ref, out_ref = refs[0], refs[-1]
-    norm = kind != "residual"
+    norm = kind in ("concat", "gated")
     scale_ref = refs[1] if norm else None
-    w_refs = refs[2:-1] if norm else refs[1:-2]
-    dtype = out_ref.dtype
+    w_refs = refs[2:-1] if norm else refs[1:-2] if kind == "residual" else refs[1:-1]
     rows = jax.lax.broadcasted_iota(jnp.int32, (max(_MIN_ROWS, 1 << (rows_used - 1).bit_length()),), 0)
     row_mask = rows < rows_used
     inv = _norm_factor(x_ref, rows, row_mask, x_ref.shape[1], block_k, eps) if norm else None
@@ -150,6 +160,14 @@ def _kernel(*refs, kind: str, blocks: tuple[int, ...], block_n: int, block_k: in
         cols = col0 + jax.lax.broadcasted_iota(jnp.int32, (block_n,), 0)
         plgpu.store(out_ref.at[rows[:, None], cols[None, :]], value.astype(dtype), mask=row_mask[:, None])
 
+    if kind == "partial":
+        col, per = pl.multiple_of(p * block_n, block_n), -(-(x_ref.shape[1] // block_k) // splits)
+        first = pl.program_id(1) * per
+        stop = jnp.minimum(first + per, x_ref.shape[1] // block_k)
+        value = product(w_refs[0], col, k_blocks=(first, stop))
+        cols = col + jax.lax.broadcasted_iota(jnp.int32, (block_n,), 0)
+        plgpu.store(out_ref.at[pl.program_id(1), rows[:, None], cols[None, :]], value, mask=row_mask[:, None])
+        return
     if kind == "concat":
         start = 0
         for w_ref, n in zip(w_refs, blocks):
@@ -182,13 +200,21 @@ def _call(kind: str, x, weights, *, scale=None, residual=None, eps: float = 0.0,
     if block_k is None or block_n is None or any(w.shape[0] != k for w in weights):
         raise ValueError(f"decode matmul: input size {k} and output sizes {[w.shape[1] for w in weights]} need "
                          f"blocks that are powers of two >= 16 (config {config})")
+    if config.splits > 1 and kind != "residual":
+        raise ValueError(f"decode matmul: splits of the input are for the o and down projections only (config {config})")
     blocks = tuple(w.shape[1] // block_n for w in weights)
     out_cols = sum(w.shape[1] for w in weights) if kind == "concat" else weights[0].shape[1]
+    splits = min(config.splits, k // block_k)
+    if splits > 1:  # fp32 partial sums per split, added up with the residual by XLA (one reduction kernel)
+        kind, residual, out_shape = "partial", None, jax.ShapeDtypeStruct((splits, m, out_cols), jnp.float32)
+    else:
+        out_shape = jax.ShapeDtypeStruct((m, out_cols), x.dtype)
     operands = [x, *([scale] if scale is not None else []), *weights, *([residual] if residual is not None else [])]
     return pl.pallas_call(
-        functools.partial(_kernel, kind=kind, blocks=blocks, block_n=block_n, block_k=block_k, eps=eps, rows_used=m),
-        grid=(sum(blocks) if kind == "concat" else blocks[0],),
-        out_shape=jax.ShapeDtypeStruct((m, out_cols), x.dtype),
+        functools.partial(_kernel, kind=kind, blocks=blocks, block_n=block_n, block_k=block_k, eps=eps, rows_used=m,
+                          dtype=x.dtype, splits=splits),
+        grid=(sum(blocks) if kind == "concat" else blocks[0],) + ((splits,) if splits > 1 else ()),
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=name,
@@ -205,7 +231,10 @@ def norm_qkv(x, scale, wq, wk, wv, *, eps: float, config: MatmulConfig = MatmulC
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def matmul_add(x, w, residual, *, config: MatmulConfig = MatmulConfig(), interpret: bool = False):
     """residual + x @ w: x [M, K], w [K, N], residual [M, N] -> [M, N] (the o and down projections)."""
-    return _call("residual", x, (w,), residual=residual, config=config, interpret=interpret, name="decode_matmul_add")
+    out = _call("residual", x, (w,), residual=residual, config=config, interpret=interpret, name="decode_matmul_add")
+    if out.ndim == 3:  # partial sums of the input's splits: the product rounded, then the residual add
+        out = (residual.astype(jnp.float32) + out.sum(axis=0).astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "config", "interpret"))
