@@ -467,6 +467,19 @@ def test_pallas_decode_matmuls_give_the_xla_decodes_tokens():
             InferenceEngine(model, pad_id=0, **bad)
 
 
+def test_pallas_decode_matmuls_leave_weights_of_another_dtype_to_xla():
+    """bf16 compute over fp32 weights: the kernels would need a cast copy of every weight each token
+    (XLA fuses the cast into its matmuls), so those layers keep XLA's projections."""
+    cfg = tiny("manager", image_token_id=500)
+    cfg = cfg.replace(dtype="bfloat16", text=dataclasses.replace(cfg.text, head_dim=32))
+    model = LlavaOV(cfg, rngs=nnx.Rngs(3))
+    fused = InferenceEngine(model, pad_id=0, decode_attention="pallas", decode_matmul="pallas")
+    lowered, jitted = [], fused._decode_jit
+    fused._decode_jit = lambda *a, **k: lowered.append(jitted.lower(*a, **k).as_text()) or jitted(*a, **k)
+    fused.generate(mixed_prompts()[1:], SamplingParams(max_new_tokens=2))
+    assert "call @decode_attention" in lowered[0] and "call @norm_qkv" not in lowered[0]
+
+
 def test_decode_kernel_configs_reach_the_kernel_by_rows_and_keep_the_tokens(monkeypatch):
     """`decode_kernels` picks the kernels' division of the work by the rows decoded together (a
     spy records the config each kernel call gets); the tokens stay the XLA decode's."""

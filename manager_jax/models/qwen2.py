@@ -210,6 +210,9 @@ class Qwen2Layer(nnx.Module):
             return False
         attn, mlp, c = self.attn, self.mlp, self._configs()
         d, heads = x.shape[-1], lambda lin: lin.kernel.shape[1]
+        linears = (attn.q, attn.k, attn.v, attn.o, mlp.gate, mlp.up, mlp.down)
+        if any(lin.kernel.dtype != (attn.q.dtype or x.dtype) for lin in linears):
+            return False  # weights stored in another dtype would be cast, a full copy, every token: XLA fuses that
         return (decode_matmul.supported(d, [heads(attn.q), heads(attn.k), heads(attn.v)], c["qkv"])
                 and decode_matmul.supported(attn.o.kernel.shape[0], [d], c["o"])
                 and decode_matmul.supported(d, [heads(mlp.gate)], c["gate_up"])
