@@ -156,17 +156,17 @@ def _kernel(*refs, kind: str, blocks: tuple[int, ...], block_n: int, block_k: in
     product = functools.partial(_product, x_ref, scale_ref, inv, rows=rows, row_mask=row_mask, block_n=block_n,
                                 block_k=block_k, dtype=dtype)
 
+    columns = lambda col0: (col0 + jax.lax.broadcasted_iota(jnp.int32, (block_n,), 0))[None, :]
+
     def store(col0, value):
-        cols = col0 + jax.lax.broadcasted_iota(jnp.int32, (block_n,), 0)
-        plgpu.store(out_ref.at[rows[:, None], cols[None, :]], value.astype(dtype), mask=row_mask[:, None])
+        plgpu.store(out_ref.at[rows[:, None], columns(col0)], value.astype(dtype), mask=row_mask[:, None])
 
     if kind == "partial":
         col, per = pl.multiple_of(p * block_n, block_n), -(-(x_ref.shape[1] // block_k) // splits)
         first = pl.program_id(1) * per
         stop = jnp.minimum(first + per, x_ref.shape[1] // block_k)
         value = product(w_refs[0], col, k_blocks=(first, stop))
-        cols = col + jax.lax.broadcasted_iota(jnp.int32, (block_n,), 0)
-        plgpu.store(out_ref.at[pl.program_id(1), rows[:, None], cols[None, :]], value, mask=row_mask[:, None])
+        plgpu.store(out_ref.at[pl.program_id(1), rows[:, None], columns(col)], value, mask=row_mask[:, None])
         return
     if kind == "concat":
         start = 0
@@ -184,8 +184,7 @@ def _kernel(*refs, kind: str, blocks: tuple[int, ...], block_n: int, block_k: in
         sigmoid = r(1.0 / r(1.0 + r(jnp.exp(-g))))
         store(col, r(g * sigmoid) * u)
     else:  # the residual stream plus the rounded product
-        residual = plgpu.load(refs[-2].at[rows[:, None], (col + jax.lax.broadcasted_iota(jnp.int32, (block_n,), 0))[None, :]],
-                              mask=row_mask[:, None], other=0.0)
+        residual = plgpu.load(refs[-2].at[rows[:, None], columns(col)], mask=row_mask[:, None], other=0.0)
         store(col, residual.astype(jnp.float32) + product(w_refs[0], col).astype(dtype).astype(jnp.float32))
 
 
