@@ -13,7 +13,8 @@
 # BUDGET (seconds, default 550) bounds the whole script, so it ends inside the call's limit.
 # TRAIN_VARIANTS / GEN_VARIANTS="--remat full;--layers scan" add runs with those flags (and
 # environments, see `variants` below);
-# REF_TRAIN=0 and REF_GEN_BATCHES="16" narrow the reference runs; SCAN=0 skips the scanned decode;
+# REF_TRAIN=0 and REF_GEN_BATCHES="16" narrow the reference runs (REF_TRAIN_STEPS=30 times more of
+# the reference's train steps: its median moved 7% between two calls of 10); SCAN=0 skips the scanned decode;
 # GEN=0 skips every generate run (ours, the reference's, the variants: a second call for the train
 # variants, whose baseline is the default train run of the same call); TRAIN=0 skips our default
 # train run (a call for generate variants); CHECKS=0 skips the GPU tests; KERNELS=0 skips the
@@ -43,7 +44,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   t_train=${T_TRAIN:-300}; t_ref_train=${T_REF_TRAIN:-300}; t_gen=${T_GEN:-300}; t_ref_gen=${T_REF_GEN:-300}
 else
   ours_train=(); ours_gen=(--batch 1,16 --variant grid)
-  ref_common=(); ref_train=(--steps 10); ref_gen=(--text 64 --new-tokens 128 --steps 3); gen_batches=(1 16)
+  ref_common=(); ref_train=(--steps "${REF_TRAIN_STEPS:-10}"); ref_gen=(--text 64 --new-tokens 128 --steps 3); gen_batches=(1 16)
   t_train=${T_TRAIN:-160}; t_ref_train=${T_REF_TRAIN:-75}; t_gen=${T_GEN:-160}; t_ref_gen=${T_REF_GEN:-55}
 fi
 
