@@ -124,9 +124,15 @@ if [ "${GEN:-1}" = 1 ] && [ "${MATMUL:-1}" = 1 ]; then
   if [ -z "$MATMUL_KERNELS" ]; then
     MATMUL_KERNELS=$(sed -n 's/^fastest matmul kernels (2 rows): //p' "$LOGS/decode_matmul_kernels.log" | tail -n 1)
   fi
-  matmul_arg=(--decode-attention pallas --decode-matmul pallas); [ -n "$MATMUL_KERNELS" ] && matmul_arg+=(--decode-matmul-kernels "$MATMUL_KERNELS")
-  step generate_jax_matmul "$t_gen" $PY benchmarks/generate.py "${ours_gen[@]}" "${kernels_arg[@]}" "${matmul_arg[@]}" \
-    --profile "$OUT/generate_matmul.xplane.pb"
+  matmul_arg=(--decode-attention pallas --decode-matmul pallas)
+  # With the picks; if those fail end to end, the default configs still give the measurement.
+  if ! step generate_jax_matmul "$t_gen" $PY benchmarks/generate.py "${ours_gen[@]}" "${kernels_arg[@]}" "${matmul_arg[@]}" \
+      ${MATMUL_KERNELS:+--decode-matmul-kernels "$MATMUL_KERNELS"} --profile "$OUT/generate_matmul.xplane.pb" &&
+      [ -n "$MATMUL_KERNELS" ]; then
+    MATMUL_KERNELS=
+    step generate_jax_matmul_default "$t_gen" $PY benchmarks/generate.py "${ours_gen[@]}" "${kernels_arg[@]}" \
+      "${matmul_arg[@]}" --profile "$OUT/generate_matmul.xplane.pb"
+  fi
 fi
 # The reference next, before the variants: a ratio is only given between numbers of one call.
 if [ -f "$REF" ]; then
