@@ -26,7 +26,8 @@ import sys
 from dataclasses import dataclass, field
 
 # Kernel name -> kind, first match wins. cuBLAS / cuBLASLt kernels (sm90_xmma_*, nvjet_*), CUTLASS,
-# XLA's Triton GEMM fusions; cuDNN attention; XLA's fusion names for the rest.
+# XLA's Triton GEMM fusions; cuDNN attention; XLA's fusion names for the rest. Our Pallas kernels
+# are named for it: decode_attention*, decode_matmul_* (the fused decode projections).
 _KINDS = [
     ("attention", re.compile(r"cudnn|fmha|flash|attention", re.I)),
     ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|wgmma|matmul|dot", re.I)),

@@ -28,6 +28,9 @@ def test_busy_idle_kinds_and_gaps():
     assert s.top[0][0] in ("nvjet_sm90_tst_128x224", "input_reduce_fusion_3", "loop_multiply_fusion_7")
     assert kind_of("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm>") == "matmul"
     assert kind_of("gemm_fusion_dot_149") == "matmul"
+    # our Pallas kernels, by the names their pallas_calls give them
+    assert [kind_of(n) for n in ("decode_attention", "decode_attention_combine", "decode_matmul_norm_qkv",
+                                 "decode_matmul_add", "decode_matmul_norm_gated")] == ["attention"] * 2 + ["matmul"] * 3
 
 
 def test_a_profile_without_a_device_plane_is_a_clear_error(tmp_path, capsys):

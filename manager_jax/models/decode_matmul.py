@@ -224,7 +224,7 @@ def _call(kind: str, x, weights, *, scale=None, residual=None, eps: float = 0.0,
 def norm_qkv(x, scale, wq, wk, wv, *, eps: float, config: MatmulConfig = MatmulConfig(), interpret: bool = False):
     """RMSNorm(x) @ [wq | wk | wv]: x [M, D] (the residual stream), scale [D] -> [M, Nq + Nk + Nv]."""
     return _call("concat", x, (wq, wk, wv), scale=scale, eps=eps, config=config, interpret=interpret,
-                 name="decode_norm_qkv")
+                 name="decode_matmul_norm_qkv")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -240,4 +240,4 @@ def matmul_add(x, w, residual, *, config: MatmulConfig = MatmulConfig(), interpr
 def norm_gated(x, scale, w_gate, w_up, *, eps: float, config: MatmulConfig = MatmulConfig(), interpret: bool = False):
     """silu(RMSNorm(x) @ w_gate) * (RMSNorm(x) @ w_up): x [M, D] -> [M, I] (Qwen2's MLP before down)."""
     return _call("gated", x, (w_gate, w_up), scale=scale, eps=eps, config=config, interpret=interpret,
-                 name="decode_norm_gated")
+                 name="decode_matmul_norm_gated")
