@@ -84,6 +84,18 @@ def test_generate_until(adapter):
     assert cut[0] == answers[0].split(stop)[0].strip() and len(cut[0]) < len(answers[0])
 
 
+def test_generate_until_on_the_fused_decode_kernels(adapter, checkpoint):
+    """lmms-eval's model_args pick the decode kernels (Pallas interpret mode here): same answers."""
+    fused = LlavaOVManagerJax(pretrained=checkpoint[0], dtype="float32", batch_size="2", decode_attention="pallas",
+                              decode_matmul="pallas")
+    assert (fused.engine.decode_attention, fused.engine.decode_matmul) == ("pallas", "pallas")
+    fused.task_dict = adapter.task_dict
+    kwargs = {"max_new_tokens": 4, "until": ["\n\n"], "temperature": 0, "do_sample": False}
+    requests = lambda: [Instance("generate_until", (q, dict(kwargs), doc_to_visual, d, TASK, SPLIT))
+                        for q, d in (("What is in the image?", 0), ("Compare the images.", 1))]
+    assert fused.generate_until(requests()) == adapter.generate_until(requests())
+
+
 def test_loglikelihood(adapter):
     requests = [Instance("loglikelihood", ("What is it?", "A cat", doc_to_visual, 0, TASK, SPLIT)),
                 Instance("loglikelihood",

@@ -86,6 +86,8 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
       max_length: longest prompt + answer (default: the model's maximum).
       mesh: shard over the local devices, e.g. "fsdp=-1" or "data=2,tensor=4" (default: one device).
       max_rounds: most rounds of one multi-round request (`generate_until_multi_round`).
+      decode_attention / decode_matmul: the decode steps' attention and projections, as
+        `InferenceEngine` takes them ("auto" / "xla" / "pallas"; "xla" / "pallas"); speed only.
       engine: an existing `InferenceEngine` (then `pretrained` is not loaded) with `tokenizer_obj`.
     """
 
@@ -100,6 +102,8 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         max_length: int | str | None = None,
         mesh: str | None = None,
         max_rounds: int | str = 32,
+        decode_attention: str = "auto",
+        decode_matmul: str = "xla",
         engine: InferenceEngine | None = None,
         tokenizer_obj: Any = None,
         **unused: Any,  # lmms-eval passes device etc.; JAX places the model itself
@@ -127,6 +131,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
                 model, eos_ids=read_eos_ids(pretrained, self.tokenizer.eos_ids), pad_id=self.tokenizer.pad_id,
                 im_start_id=self.tokenizer.im_start_id, vocab_limit=limit,
                 max_length=int(max_length) if max_length is not None else None, mesh=device_mesh,
+                decode_attention=decode_attention, decode_matmul=decode_matmul,
             )
         self.engine = engine
         # HF merges the checkpoint's generation_config into greedy generation too (SPEC §7.2 step 10).
