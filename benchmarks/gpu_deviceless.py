@@ -16,6 +16,11 @@ per decoded token. Timings come from the device (benchmarks/gpu_session.sh).
 The model's "auto" choices follow the platform being compiled for (`manager_jax.platform`), so the
 compiled program is the GPU one (cuDNN attention, two-row decode, the Pallas decode attention,
 crops padded to 768).
+
+`--topology v5p:2x2x1` compiles the same programs for one TPU chip instead (libtpu, with
+`TPU_WORKER_HOSTNAMES=localhost`; no CUDA plugin needed). The counts then read differently: a TPU
+program is one stream of ops, not kernel launches, and its async copies into VMEM
+("copy to VMEM (prefetch)") are the weights being read.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def gpu_devices():
+def target_devices(topology: str = "h100:1"):
+    """The devices of `topology` (default: one H100 SXM, 80 GB HBM3, described to XLA, not attached)."""
     from manager_jax.train.aot import AotError, topology_devices
 
     try:
-        return topology_devices("h100:1")  # an H100 SXM (80 GB HBM3) described to XLA, not attached
+        return topology_devices(topology)
     except AotError as err:
         raise SystemExit(str(err)) from err
 
@@ -106,6 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="where the optimized HLO text goes")
     p.add_argument("--variant", default="grid", choices=["baseline", "manager", "grid", "grid_manager"])
     p.add_argument("--top", type=int, default=15, help="list the N launches that write the most")
+    p.add_argument("--topology", default="h100:1",
+                   help="compile for the first device of this topology: h100:1 (default), h200:1, or a TPU "
+                        "slice such as v5p:2x2x1 (needs libtpu; set TPU_WORKER_HOSTNAMES=localhost)")
     train = p.add_argument_group("train (the shapes of benchmarks/train_step.py)")
     train.add_argument("--batch-per-device", type=int, default=2)
     train.add_argument("--remat", default="dots_acts")
@@ -132,7 +141,7 @@ def main(argv=None) -> int:
 
     from manager_jax.train.aot import building_for
 
-    devices = gpu_devices()
+    devices = target_devices(args.topology)[:1]
     with building_for(devices):  # the model's "auto" choices are the GPU ones (module doc)
         text = compile_train(args, devices) if args.what == "train" else compile_decode(args, devices)
     with open(args.out, "w") as f:

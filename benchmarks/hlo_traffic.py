@@ -129,21 +129,29 @@ def kind_of(comps: dict[str, list[str]], line: str, op: str) -> str:
     return _ROOT_KINDS.get(op, op)
 
 
-def _update_bytes(comps: dict[str, list[str]], line: str, whole: int) -> int:
-    """Bytes a dynamic-update-slice fusion writes: its update operands, not the buffer it updates."""
+def _fusion_written_bytes(comps: dict[str, list[str]], line: str, whole: int) -> int:
+    """Bytes a fusion writes: each output of its root, except that an output made by a
+    dynamic-update-slice is written in place, so it counts its updates, not the buffer it updates
+    (GPU programs fuse the update alone; TPU programs fold it into a matmul's multi-output fusion)."""
     called = re.search(r"calls=%?([\w.\-]+)", line)
-    body = comps.get(called.group(1), []) if called else []
-    shapes = {}
-    for inner in body:
-        m = _INSTRUCTION.match(inner)
-        if m:
-            shapes[m.group(1)] = m.group(2)
-    written = 0
-    for inner in body:
-        m = re.search(r" dynamic-update-slice\(%?([\w.\-]+), %?([\w.\-]+)", inner)
-        if m and m.group(2) in shapes:
-            written += array_bytes(shapes[m.group(2)])
-    return written or whole
+    defs = _definitions(comps.get(called.group(1), [])) if called else {}
+    shapes = {name: _INSTRUCTION.match(inner).group(2) for name, (_, inner) in defs.items()}
+    root = next((name for name, (_, inner) in defs.items() if inner.startswith("ROOT ")), None)
+    if root is None or not any(op == "dynamic-update-slice" for op, _ in defs.values()):
+        return whole
+
+    def written(name: str) -> int:
+        op, inner = _through_copies(defs, name, through=("bitcast",))
+        if op != "dynamic-update-slice":
+            return array_bytes(shapes.get(name, ""))
+        buffer, update = _operands(inner, op)[:2]
+        # a chain of updates into one buffer writes each of them
+        nested = written(buffer) if _through_copies(defs, buffer, through=("bitcast",))[0] == op else 0
+        return array_bytes(shapes.get(update, "")) + nested
+
+    op, inner = defs[root]
+    outputs = _operands(inner, "tuple") if op == "tuple" else [root]
+    return sum(written(name) for name in outputs)
 
 
 def _workspace_bytes(kind: str, shape: str) -> int:
@@ -182,11 +190,12 @@ def _operands(line: str, op: str) -> list[str]:
     return re.findall(r"%?([\w.\-]+)(?=[,)])", args[: args.index(")") + 1])
 
 
-def _through_copies(defs: dict[str, tuple[str, str]], name: str) -> tuple[str, str]:
+def _through_copies(defs: dict[str, tuple[str, str]], name: str,
+                    through: tuple[str, ...] = ("copy", "bitcast")) -> tuple[str, str]:
     """The (op, line) that defines `name`, looking through copies and bitcasts."""
     op, line = defs.get(name, ("", ""))
     for _ in range(4):
-        if op not in ("copy", "bitcast"):
+        if op not in through:
             break
         op, line = defs.get(_operands(line, op)[0], ("", ""))
     return op, line
@@ -252,8 +261,29 @@ def trip_count(comps: dict[str, list[str]], parent: str, line: str) -> int:
     return max(limit - start, 1)
 
 
+_ON_CHIP = "S(1)"  # TPU layouts name the memory space: S(1) is the core's VMEM
+
+
+def _copy_start_destination(shape: str) -> tuple[str, str]:
+    """(destination shape, kind) of an async copy's output tuple `(destination, source, context)`.
+
+    On TPUs most of them move weights between HBM and VMEM around their use: a read of the weights
+    that the program has to do, apart from copies within HBM."""
+    arrays = re.findall(r"\w+\[[\d,]*\](?:\{[^}]*\})?", shape)
+    if len(arrays) < 2:
+        return shape, "copy"
+    destination, source = arrays[0], arrays[1]
+    if _ON_CHIP in destination and _ON_CHIP not in source:
+        return destination, "copy to VMEM (prefetch)"
+    if _ON_CHIP in source and _ON_CHIP not in destination:
+        return destination, "copy from VMEM"
+    return destination, "copy"
+
+
 def launches(text: str) -> list[Launch]:
     comps, entry = computations(text)
+    shapes = {name: {m.group(1): m.group(2) for m in map(_INSTRUCTION.match, lines) if m}
+              for name, lines in comps.items()}
     found: list[Launch] = []
 
     def walk(comp: str, count: int, depth: int) -> None:
@@ -278,9 +308,14 @@ def launches(text: str) -> list[Launch]:
             kind = kind_of(comps, line, op)
             if op == "fusion-start":  # async: the output tuple repeats the operands
                 shape = shape.rsplit("}, ", 1)[-1] if "}, " in shape else shape
+            if op == "copy-start":  # async: (destination, source, context); only the destination is written
+                shape, kind = _copy_start_destination(shape)
             written = array_bytes(shape) - _aliased_output_bytes(line, shape) - _workspace_bytes(kind, shape)
-            if kind == "dynamic-update-slice (in place)":
-                written = _update_bytes(comps, line, written)
+            if op == "dynamic-update-slice":  # unfused (TPU programs): writes its update operand in place
+                update = _operands(line, op)[1]
+                written = array_bytes(shapes[comp].get(update, shape))
+            elif op in ("fusion", "fusion-start"):
+                written = _fusion_written_bytes(comps, line, written)
             op_name = re.search(r'op_name="([^"]+)"', line)
             found.append(Launch(name, kind, shape, written, count, op_name.group(1) if op_name else "", depth))
 

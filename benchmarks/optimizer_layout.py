@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import hlo_traffic  # noqa: E402
-from benchmarks.gpu_deviceless import gpu_devices  # noqa: E402
+from benchmarks.gpu_deviceless import target_devices  # noqa: E402
 
 LAYERS = 24
 SHAPES = {"gate": (896, 4864), "up": (896, 4864), "down": (4864, 896), "o": (896, 896), "q_bias": (896,),
@@ -60,7 +60,7 @@ def update_program(per_layer: bool, device) -> str:
 
 
 def main() -> None:
-    device = gpu_devices()[0]
+    device = target_devices()[0]
     print("| layout | launches | elementwise | reduction | GB written |")
     print("|---|---|---|---|---|")
     for per_layer in (False, True):

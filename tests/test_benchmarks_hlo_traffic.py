@@ -1,22 +1,26 @@
 """benchmarks/hlo_traffic.py on programs compiled here: loop bodies count once per iteration, and
 a dynamic-update-slice counts the slice it writes, not the buffer it writes into."""
 
+import os
 import re
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from benchmarks.hlo_traffic import array_bytes, launches, table, trip_count
+from manager_jax.train.aot import libtpu_available
+
+
+def _scan_fn(x, w):
+    def layer(c, wi):
+        c = jnp.tanh(c @ wi)
+        return c, c * 2.0  # one [64, 64] f32 slice per iteration into a [length, 64, 64] stack
+    return jax.lax.scan(layer, x, w)
 
 
 def _scan_program(length: int) -> str:
-    def f(x, w):
-        def layer(c, wi):
-            c = jnp.tanh(c @ wi)
-            return c, c * 2.0  # one [64, 64] f32 slice per iteration into a [length, 64, 64] stack
-        return jax.lax.scan(layer, x, w)
-
-    return jax.jit(f).lower(jnp.ones((64, 64)), jnp.ones((length, 64, 64))).compile().as_text()
+    return jax.jit(_scan_fn).lower(jnp.ones((64, 64)), jnp.ones((length, 64, 64))).compile().as_text()
 
 
 def test_loop_bodies_count_per_iteration():
@@ -88,3 +92,56 @@ ENTRY %main (w: bf16[4,16,32], x: bf16[64,16]) -> (bf16[64,32], s8[4096]) {
 """
     [gemm] = launches(program)
     assert gemm.kind == "matmul" and gemm.bytes_written == 64 * 32 * 2
+
+
+def test_tpu_unfused_updates_and_async_copies_count_what_they_write():
+    """TPU programs (instructions as libtpu writes them): a dynamic-update-slice that is not fused
+    writes its update in place, and an async copy's output tuple (destination, source, context)
+    writes only its destination; a copy into VMEM (memory space S(1)) is a prefetch."""
+    program = """HloModule m
+
+ENTRY %main (c: bf16[24,1,4224,2,64], u: bf16[1,1,1,2,64], w: bf16[896,4864], i: s32[]) -> (bf16[24,1,4224,2,64], bf16[896,4864], bf16[896,4864]) {
+  %c = bf16[24,1,4224,2,64]{2,4,3,1,0:T(8,128)(2,1)} parameter(0)
+  %u = bf16[1,1,1,2,64]{2,4,3,1,0:T(8,128)(2,1)} parameter(1)
+  %w = bf16[896,4864]{1,0:T(8,128)(2,1)} parameter(2)
+  %i = s32[] parameter(3)
+  %z = s32[] constant(0)
+  %dus = bf16[24,1,4224,2,64]{2,4,3,1,0:T(8,128)(2,1)} dynamic-update-slice(%c, %u, %z, %z, %i, /*index=5*/%z, %z), metadata={op_name="jit(f)/dynamic_update_slice"}
+  %copy-start.1 = (bf16[896,4864]{1,0:T(8,128)(2,1)S(1)}, bf16[896,4864]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%w)
+  %copy-done.1 = bf16[896,4864]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start.1)
+  %copy-start.2 = (bf16[896,4864]{1,0:T(8,128)(2,1)}, bf16[896,4864]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%w)
+  %copy-done.2 = bf16[896,4864]{1,0:T(8,128)(2,1)} copy-done(%copy-start.2)
+  ROOT %t = (bf16[24,1,4224,2,64]{2,4,3,1,0:T(8,128)(2,1)}, bf16[896,4864]{1,0:T(8,128)(2,1)S(1)}, bf16[896,4864]{1,0:T(8,128)(2,1)}) tuple(%dus, %copy-done.1, %copy-done.2)
+}
+"""
+    update, prefetch, copy = launches(program)
+    assert update.kind == "dynamic-update-slice (in place)" and update.bytes_written == 2 * 64 * 2
+    assert prefetch.kind == "copy to VMEM (prefetch)" and prefetch.bytes_written == 896 * 4864 * 2
+    assert copy.kind == "copy" and copy.bytes_written == 896 * 4864 * 2
+
+
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+def test_tpu_scan_program_writes_the_same_per_iteration_whatever_the_stack_length():
+    """The scan of the first test compiled for a TPU chip by libtpu (which folds the stacked
+    output's update into the matmul's fusion): each iteration writes a few [64, 64] f32 arrays,
+    whether the stack has 6 or 24 layers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from manager_jax.train.aot import topology_devices\n"
+        "from tests.test_benchmarks_hlo_traffic import _scan_fn\n"
+        "from benchmarks.hlo_traffic import launches\n"
+        "s = jax.sharding.SingleDeviceSharding(topology_devices('v5p:2x2x1')[0])\n"
+        "for n in (6, 24):\n"
+        "    args = [jax.ShapeDtypeStruct(shape, jnp.float32, sharding=s) for shape in ((64, 64), (n, 64, 64))]\n"
+        "    found = launches(jax.jit(_scan_fn).lower(*args).compile().as_text())\n"
+        "    print(sum(l.count * l.bytes_written for l in found if l.loop_depth) / n)\n"
+    )
+    env = {**os.environ, "TPU_WORKER_HOSTNAMES": "localhost", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    per_iteration_6, per_iteration_24 = map(float, out.stdout.split()[-2:])
+    assert per_iteration_6 == per_iteration_24 <= 4 * 64 * 64 * 4
