@@ -93,6 +93,12 @@ def test_bad_topologies_fail_clearly():
         topology_devices("v5p")
     with pytest.raises(AotError, match="CPU devices"):
         topology_devices(f"cpu:{jax.device_count() + 1}")
+    for bad in ("cpu:abc", "cpu:0", "cpu:-2"):
+        with pytest.raises(AotError, match="'cpu' or 'cpu:N' with N >= 1"):
+            topology_devices(bad)
+    with pytest.raises(AotError, match="expected like"):
+        topology_devices("cpufoo")  # not a CPU topology with a suffix ignored
+    assert len(topology_devices("cpu:2")) == 2 and len(topology_devices("cpu")) == len(jax.devices("cpu"))
     if not libtpu_available():
         with pytest.raises(AotError, match="needs libtpu"):
             topology_devices("v5p:2x2x2")

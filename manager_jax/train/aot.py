@@ -142,10 +142,11 @@ def topology_devices(topology: str) -> list[Any]:
     card, _, shape = name.lower().partition(":")
     if card in GPU_CARDS:
         return _gpu_devices(card, shape, topology)
-    if name.lower().startswith("cpu"):
+    if card == "cpu":
         devices = jax.devices("cpu")
-        count = name.split(":", 1)[1] if ":" in name else ""
-        n = int(count) if count else len(devices)
+        if shape and not (shape.strip().isdigit() and int(shape) >= 1):
+            raise AotError(f"topology {topology!r}: expected 'cpu' or 'cpu:N' with N >= 1 local CPU devices")
+        n = int(shape) if shape else len(devices)
         if n > len(devices):
             raise AotError(
                 f"topology {topology!r} needs {n} CPU devices, {len(devices)} exist "
