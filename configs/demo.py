@@ -46,7 +46,7 @@ def get_config() -> TrainConfig:
         # Like stage 2 but with the (expensive on CPU) vision tower frozen.
         tunable_parts="mm_mlp_adapter,mm_manager,mm_language_model",
         num_steps=40,
-        global_batch_size=1,
+        global_batch_size=-1,  # derived: one row per data-parallel device (shards x 1 row x 1)
         batch_shards=-1,
         grad_accum=1,
         seed=0,

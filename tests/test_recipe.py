@@ -7,7 +7,8 @@ import os
 import pytest
 
 from manager_jax.config import ANYRES_MAX_9_PINPOINTS, STAGE_1_5_PINPOINTS
-from manager_jax.train.recipe import RecipeError, TrainConfig, load_recipe, resolve_batch_layout
+from manager_jax.train.recipe import (RecipeError, TrainConfig, check_inputs, compare_with_saved, load_recipe,
+                                     resolve_batch_layout)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -33,11 +34,65 @@ def test_demo_recipe_and_overrides():
         ("tunable_parts=mm_everything", "unknown mm_tunable_parts"),
         ("data.seq_len=0", "seq_len must be >= 1"),
         ("no_equals_sign", "key=value"),
+        ("logging.every_steps=0", "logging.every_steps must be >= 1"),
+        ("checkpoint.every_steps=-5", "checkpoint.every_steps must be >= 0"),
+        ("global_batch_size=0", "global_batch_size must be >= 1 or -1"),
+        ("data.data_path=/x.json", "data.mixture=None"),  # with the recipe's mixture below
     ],
 )
 def test_bad_overrides_fail_with_clear_messages(override, message):
-    with pytest.raises((RecipeError, ValueError), match=message):
-        load_recipe(DEMO, [override])
+    with pytest.raises((RecipeError, ValueError), match=message):  # ConfigError for the model
+        load_recipe(DEMO, [override, *(["data.mixture=m.yaml"] if override.startswith("data.data_path") else [])])
+
+
+def test_explicit_grad_accum_must_agree_with_the_global_batch_size():
+    cfg = load_recipe(DEMO, ["global_batch_size=3", "batch_shards=1"])  # the demo's grad_accum is 1
+    with pytest.raises(RecipeError, match=r"global_batch_size=3, but .* = 1 x 1 x 1 = 1; set grad_accum=-1"):
+        resolve_batch_layout(cfg, 1)
+    cfg = load_recipe(DEMO, ["global_batch_size=3", "batch_shards=1", "grad_accum=-1"])
+    assert resolve_batch_layout(cfg, 1) == (1, 3)
+    cfg = load_recipe(DEMO, ["global_batch_size=-1", "grad_accum=2"])  # derived from the others
+    assert resolve_batch_layout(cfg, 4) == (4, 2)
+    cfg = load_recipe(DEMO, ["global_batch_size=8", "grad_accum=2"])
+    assert resolve_batch_layout(cfg, 4) == (4, 2)
+    with pytest.raises(RecipeError, match="cannot both be -1"):
+        load_recipe(DEMO, ["global_batch_size=-1", "grad_accum=-1"])
+
+
+def test_missing_inputs_are_found_before_anything_is_built(tmp_path):
+    cfg = load_recipe(LLAVA_OV + ":stage1_manager_0.5b", [f"init_from={tmp_path}/no_params",
+                                                          f"data.data_path={tmp_path}/{{a,b}}.json"])
+    (tmp_path / "a.json").write_text("[]")
+    with pytest.raises(RecipeError) as err:
+        check_inputs(cfg)
+    message = str(err.value)
+    assert f"init_from: {tmp_path}/no_params: no such directory" in message
+    assert f"data.data_path: {tmp_path}/b.json: not found" in message and "a.json" not in message
+    assert "data.image_folder: data/LLaVA-Pretrain/images: no such directory" in message
+    cfg = load_recipe(LLAVA_OV + ":stage2_manager_0.5b", [f"data.mixture={tmp_path}/mix.yaml", "init_from=None"])
+    with pytest.raises(RecipeError, match="data.mixture: .*mix.yaml: no such file"):
+        check_inputs(cfg)
+    cfg = load_recipe(DEMO, ["data.image_folder=/no/such/dir"])
+    check_inputs(cfg)  # the demo's data is generated at start: nothing to check
+    with pytest.raises(RecipeError, match="data.data_path or data.mixture must be set"):
+        check_inputs(load_recipe(DEMO, ["synthetic_records=None"]))
+
+
+def test_a_checkpoints_config_is_compared_field_by_field():
+    saved = load_recipe(DEMO).to_dict()
+    saved["data"]["data_path"] = "/runs/a/data/records.json"  # where the synthetic data was generated
+    same = load_recipe(DEMO, ["output_dir=/elsewhere", "optim.lr=1e-4", "num_steps=50", "model.dtype=bfloat16"])
+    other_run, changed = compare_with_saved(saved, same.to_dict())
+    assert other_run == []
+    assert changed == ["model.dtype: 'float32' -> 'bfloat16'", "num_steps: 40 -> 50", "optim.lr: 0.003 -> 0.0001"]
+    other = load_recipe(DEMO, ["model.text.intermediate_size=256", "tunable_parts=mm_mlp_adapter", "data.seed=3"])
+    other_run, _ = compare_with_saved(saved, other.to_dict())
+    assert [line.split(":")[0] for line in other_run] == ["data.seed", "model.text.intermediate_size", "tunable_parts"]
+    real = load_recipe(DEMO, ["synthetic_records=None", "data.data_path=/data/b.json"]).to_dict()
+    saved_real = dict(real, data=dict(real["data"], data_path="/data/a.json", image_folder="/img"))
+    other_run, changed = compare_with_saved(saved_real, real)
+    assert other_run == ["data.data_path: '/data/a.json' -> '/data/b.json'"]
+    assert changed == ["data.image_folder: '/img' -> None"]
 
 
 def test_saved_config_round_trips():

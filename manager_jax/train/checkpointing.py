@@ -151,6 +151,26 @@ class Checkpointer:
         self.manager.close()
 
 
+def saved_run(directory: str) -> tuple[list[int], dict | None, int | None]:
+    """(steps, run config of the latest step, its number of data shards) of a checkpoint directory;
+    ([], None, None) when it holds none. Reads only: creates nothing."""
+    if not os.path.isdir(directory):
+        return [], None, None
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False),
+        item_names=ITEMS,
+    )
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            return [], None, None
+        out = manager.restore(steps[-1], args=ocp.args.Composite(recipe=ocp.args.JsonRestore(),
+                                                                 data=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
+    return steps, dict(out["recipe"]), len(out["data"]["shards"])
+
+
 def gather_shard_states(local: Mapping[int, Any], num_shards: int) -> list[Any]:
     """The data states of all shards, on every process, from each process's own shards.
 

@@ -31,12 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from manager_jax.config import ConfigError
 from manager_jax.distributed import any_process
-from manager_jax.sharding import data_parallel_size, local_shard_indices, make_mesh
+from manager_jax.params_io import ParamsError
+from manager_jax.sharding import ShardingError, data_parallel_size, local_shard_indices, make_mesh
 from manager_jax.train import flops as flops_lib
-from manager_jax.train.checkpointing import Checkpointer, gather_shard_states
+from manager_jax.train.checkpointing import Checkpointer, gather_shard_states, saved_run
 from manager_jax.train.metrics import MetricsWriter, Progress
-from manager_jax.train.recipe import TrainConfig, resolve_batch_layout
+from manager_jax.train.recipe import RecipeError, TrainConfig, check_inputs, compare_with_saved, resolve_batch_layout
 from manager_jax.train.state import (
     TrainSetup,
     abstract_step_batch,
@@ -135,17 +137,52 @@ def supervised_count(labels: np.ndarray, segment_ids: np.ndarray) -> int:
     return int(((labels[:, 1:] != -100) & same & (segment_ids[:, :-1] != 0)).sum())
 
 
+def _synthetic_data_dir(config: TrainConfig) -> str:
+    """Where the demo data set goes (per process: no shared filesystem needed)."""
+    sub = "data" if jax.process_count() == 1 else f"data/process_{jax.process_index()}"
+    return os.path.join(config.output_dir, sub)
+
+
 def _prepare_synthetic_data(config: TrainConfig) -> None:
-    """Generates the demo data set into the output dir (per process: no shared filesystem needed)."""
+    """Generates the demo data set into the output dir and points `config.data` at it."""
     from manager_jax.data.synthetic import DEFAULT_SIZES, make_synthetic_dataset
 
-    sub = "data" if jax.process_count() == 1 else f"data/process_{jax.process_index()}"
-    out = os.path.join(config.output_dir, sub)
     sizes = [tuple(s) for s in config.synthetic_image_sizes] if config.synthetic_image_sizes else DEFAULT_SIZES
-    ds = make_synthetic_dataset(out, num_records=config.synthetic_records, seed=config.data.seed, sizes=sizes)
+    ds = make_synthetic_dataset(
+        _synthetic_data_dir(config), num_records=config.synthetic_records, seed=config.data.seed, sizes=sizes
+    )
     config.data.data_path = ds.records_path
     config.data.image_folder = ds.image_folder
     config.data.mixture = None
+
+
+def check_resume(config: TrainConfig, shards: int) -> int | None:
+    """The checkpoint step to resume from (None: a fresh run), after checking that the checkpoints
+    in the run's directory belong to this run. Reads only, so a refused run leaves the directory as
+    it was. Raises RecipeError when the directory holds checkpoints that this config cannot continue.
+    """
+    directory = config.checkpoint_dir()
+    steps, saved, saved_shards = saved_run(directory)
+    if not steps:
+        return None
+    listed = ", ".join(str(s) for s in steps)
+    if not config.checkpoint.resume:
+        raise RecipeError(
+            f"{directory} already holds checkpoints (steps {listed}) and checkpoint.resume=False: training "
+            "would overwrite or delete them. Use another output_dir (or checkpoint.dir), or remove them"
+        )
+    other_run, changed = compare_with_saved(saved, config.to_dict())
+    if saved_shards != shards:
+        other_run.append(f"batch_shards (resolved): {saved_shards} -> {shards} (the data state is kept per shard)")
+    if other_run:
+        raise RecipeError(
+            f"cannot resume {directory} (step {steps[-1]}): this config describes another run than the checkpoint's:\n  - "
+            + "\n  - ".join(other_run)
+            + "\nUse another output_dir for a new run, or set these fields back to resume this one"
+        )
+    if changed:
+        logger.info("resuming with changed settings: %s", "; ".join(changed))
+    return steps[-1]
 
 
 def load_initial_params(setup: TrainSetup, params: dict, init_from: str, strict: bool) -> tuple[dict, list[str]]:
@@ -232,22 +269,27 @@ def train(
     on_step: Callable[[int, dict], None] | None = None,
     keep_state: bool = False,
 ) -> TrainResult:
-    """Runs (or resumes) training until `config.num_steps`, SIGTERM, or `stop_at_step`.
+    """Runs (or resumes) training until `config.num_steps`, SIGTERM / Ctrl-C, or `stop_at_step`.
 
     `stop_at_step` defaults to `config.stop_at_step`. `on_step(step, metrics)` is called with
     every step's metrics, once the step after it is dispatched (tests, custom monitoring).
     """
     primary = jax.process_index() == 0
     stop_at_step = config.stop_at_step if stop_at_step is None else stop_at_step
-    if config.synthetic_records:
-        _prepare_synthetic_data(config)
+    # Checks first, writes after: a refused run leaves output_dir as it was.
+    check_inputs(config)
     mesh = make_mesh(config.mesh)
     shards, accum = resolve_batch_layout(config, data_parallel_size(mesh))
+    if config.global_batch_size == -1:  # derived: recipe.json records the size used
+        config.global_batch_size = shards * config.data.rows_per_host * accum
+    latest = check_resume(config, shards)
     loss_cfg = LossConfig(config.loss_normalization, config.loss_token_budget, config.loss_chunk_size)
     setup = make_setup(
         config.model, mesh, tunable_parts=config.tunable_parts, optim=config.optim,
         total_steps=config.num_steps, loss=loss_cfg, plain_causal=not config.data.pack,
     )
+    if config.synthetic_records:
+        _prepare_synthetic_data(config)
     if primary:
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "recipe.json"), "w") as f:
@@ -260,7 +302,6 @@ def train(
 
     ckpt = Checkpointer(config.checkpoint_dir(), keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     ckpt.write_model_config(config.model)
-    latest = ckpt.latest_step() if config.checkpoint.resume else None
     data_states = None
     if latest is not None:
         logger.info("resuming from %s step %d", ckpt.directory, latest)

@@ -52,15 +52,18 @@ class CheckpointConfig:
     """Orbax checkpoints under ``<output_dir>/checkpoints`` (or ``dir``)."""
 
     dir: str | None = None
-    every_steps: int = 100  # 0 = only at the end (and on SIGTERM)
+    every_steps: int = 100  # 0 = only at the end (and on SIGTERM / Ctrl-C)
     keep: int = 3  # last K checkpoints kept
     async_save: bool = True
-    resume: bool = True  # continue from the latest checkpoint in `dir` when there is one
+    # Continue from the latest checkpoint in `dir` when there is one. Its saved run config must
+    # describe the same run (model, tunable_parts, data source, batch_shards); other changes (lr,
+    # num_steps, seeds, ...) are accepted and logged. False with checkpoints present is an error.
+    resume: bool = True
 
 
 @dataclasses.dataclass
 class LoggingConfig:
-    every_steps: int = 1  # metrics.jsonl / TensorBoard / wandb cadence
+    every_steps: int = 1  # metrics.jsonl / TensorBoard / wandb cadence (>= 1; the last step is always logged)
     progress_bar: bool = True
     tensorboard: bool = True
     wandb: bool = False  # only when the wandb package is installed
@@ -76,7 +79,11 @@ class TrainConfig:
     independent shard batches, each ``data.rows_per_host`` rows of ``data.seq_len`` tokens. Shard k
     reads host-share k of ``batch_shards`` from the data pipeline, so the data order does not
     depend on the number of processes or devices. ``batch_shards=-1`` = the data-parallel device
-    count (data x fsdp); ``grad_accum=-1`` = derived from ``global_batch_size`` (in rows).
+    count (data x fsdp). The three sizes must agree: ``global_batch_size == batch_shards x
+    data.rows_per_host x grad_accum``. Give one of the last two as -1 to derive it:
+    ``grad_accum=-1`` = ``global_batch_size`` / (shards x rows); ``global_batch_size=-1`` = shards x
+    rows x ``grad_accum`` (recipe.json records the value used). An explicit ``grad_accum`` that
+    disagrees with ``global_batch_size`` is an error, never silently preferred.
     """
 
     name: str = "custom"
@@ -90,9 +97,9 @@ class TrainConfig:
     # The original's --mm_tunable_parts (comma separated; SPEC §2.8).
     tunable_parts: str = "mm_mlp_adapter"
     num_steps: int = 100
-    global_batch_size: int = 512  # rows per optimizer step (= samples without packing)
+    global_batch_size: int = 512  # rows per optimizer step (= samples without packing); -1 = derived
     batch_shards: int = -1
-    grad_accum: int = -1
+    grad_accum: int = -1  # -1 = derived from global_batch_size; explicit: must agree with it (see above)
     seed: int = 0
     # Initial parameters: params directories (params_io) / training checkpoints, comma separated;
     # later ones override earlier ones (e.g. "llm_and_tower,stage1_projector").
@@ -282,7 +289,10 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> TrainConfig:
         apply_override(config, key, value)
     config.model.validate()
     if hasattr(config.data, "__post_init__"):
-        config.data.__post_init__()
+        try:
+            config.data.__post_init__()
+        except ValueError as err:  # DataConfig's own message, reported as a recipe problem
+            raise RecipeError(str(err)) from None
     validate(config)
     return config
 
@@ -305,8 +315,21 @@ def validate(config: TrainConfig) -> None:
         problems.append("batch_shards must be >= 1 or -1")
     if config.grad_accum == 0 or config.grad_accum < -1:
         problems.append("grad_accum must be >= 1 or -1")
-    if config.global_batch_size < 1:
-        problems.append("global_batch_size must be >= 1")
+    if config.global_batch_size == 0 or config.global_batch_size < -1:
+        problems.append("global_batch_size must be >= 1 or -1")
+    if config.global_batch_size == -1 and config.grad_accum == -1:
+        problems.append("global_batch_size and grad_accum cannot both be -1 (derived): give one of them")
+    if config.logging.every_steps < 1:
+        problems.append("logging.every_steps must be >= 1")
+    if config.checkpoint.every_steps < 0:
+        problems.append("checkpoint.every_steps must be >= 0 (0 = only at the end)")
+    if config.checkpoint.keep < 0:
+        problems.append("checkpoint.keep must be >= 0 (0 = keep all)")
+    if getattr(config.data, "data_path", None) and getattr(config.data, "mixture", None):
+        problems.append(
+            f"data.data_path ({config.data.data_path}) and data.mixture ({config.data.mixture}) are both set; "
+            "give one: --set data.mixture=None to train on data_path, or --set data.data_path=None for the mixture"
+        )
     if config.optim.warmup_ratio < 0 or config.optim.warmup_ratio > 1:
         problems.append("optim.warmup_ratio must lie in [0, 1]")
     if config.max_nonfinite_steps < 1:
@@ -323,12 +346,89 @@ def resolve_batch_layout(config: TrainConfig, data_parallel: int) -> tuple[int, 
             f"batch_shards={shards} must be a multiple of the data-parallel device count {data_parallel}"
         )
     rows = config.data.rows_per_host
-    if config.grad_accum != -1:
-        return shards, config.grad_accum
     per_micro = shards * rows
+    if config.grad_accum != -1:
+        size = per_micro * config.grad_accum
+        if config.global_batch_size not in (-1, size):
+            raise RecipeError(
+                f"global_batch_size={config.global_batch_size}, but batch_shards x data.rows_per_host x grad_accum "
+                f"= {shards} x {rows} x {config.grad_accum} = {size}; set grad_accum=-1 to derive it from "
+                "global_batch_size, global_batch_size=-1 to derive that, or make them agree"
+            )
+        return shards, config.grad_accum
     if config.global_batch_size % per_micro:
         raise RecipeError(
             f"global_batch_size={config.global_batch_size} is not a multiple of batch_shards x rows_per_host "
             f"= {shards} x {rows}; set grad_accum explicitly or change the sizes"
         )
     return shards, config.global_batch_size // per_micro
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """Cheap file-system checks of the run's inputs (init_from, data), before anything is built.
+
+    The data of a synthetic run (`synthetic_records`) is generated later and not checked.
+    """
+    from manager_jax.data.records import expand_data_path
+
+    problems = []
+    for directory in [d.strip() for d in (config.init_from or "").split(",") if d.strip()]:
+        if not os.path.isdir(directory):
+            problems.append(f"init_from: {directory}: no such directory")
+    data = config.data
+    if not config.synthetic_records:
+        if data.mixture:
+            if not os.path.isfile(data.mixture):
+                problems.append(f"data.mixture: {data.mixture}: no such file")
+        elif not data.data_path:
+            problems.append("data.data_path or data.mixture must be set")
+        else:
+            missing = [p for p in expand_data_path(data.data_path) if not os.path.exists(p)]
+            if missing:
+                problems.append(f"data.data_path: {', '.join(missing)}: not found")
+        if data.image_folder and not os.path.isdir(data.image_folder):
+            problems.append(f"data.image_folder: {data.image_folder}: no such directory")
+    if problems:
+        raise RecipeError("missing inputs:\n  - " + "\n  - ".join(problems))
+
+
+# Fields whose change makes a checkpoint another run's: the model (its parameter shapes), what is
+# trained (the optimizer state's layout) and where the data comes from (the iterator state indexes it).
+_SAME_RUN_FIELDS = ("model.", "tunable_parts", "data.data_path", "data.mixture", "data.format", "data.split",
+                    "synthetic_records", "synthetic_image_sizes")
+# Model fields that only choose how it runs, not what it is.
+_EXECUTION_FIELDS = ("model.dtype", "model.remat_policy", "model.attention_impl", "model.vision_token_multiple")
+# Where the run lives: moving a run directory is no change.
+_LOCATION_FIELDS = ("output_dir", "checkpoint.dir")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def compare_with_saved(saved: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(changes that make `new` another run than the checkpoint's `saved` config, other changes),
+    each as "field: old -> new", between two `TrainConfig.to_dict()` dicts.
+
+    A synthetic data set is named by its size and seed, not by its path under the output dir.
+    """
+    old_flat, new_flat = _flat(saved), _flat(new)
+    synthetic = bool(saved.get("synthetic_records")) and bool(new.get("synthetic_records"))
+    other_run, changed = [], []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        old, cur = old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>")
+        if _to_jsonable(old) == _to_jsonable(cur) or key in _LOCATION_FIELDS:
+            continue
+        if synthetic and key in ("data.data_path", "data.image_folder", "data.mixture"):
+            continue
+        line = f"{key}: {old!r} -> {cur!r}"
+        same_run = key.startswith(_SAME_RUN_FIELDS) and key not in _EXECUTION_FIELDS
+        if synthetic and key == "data.seed":
+            same_run = True  # the generated records depend on it
+        (other_run if same_run else changed).append(line)
+    return other_run, changed
