@@ -17,6 +17,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 # The demo recipe is the default, wherever run.py is started from.
@@ -46,7 +47,7 @@ def _train_parser(prog: str, aot: bool) -> argparse.ArgumentParser:
                        help="TPU topology like v5p:2x2x2 or v5e:4x4 (needs libtpu), or cpu:N (N local CPU devices)")
         p.add_argument("--hlo-out", metavar="PATH",
                        help="also write the compiled program's HLO text there (read it with benchmarks/hlo_traffic.py)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="INFO (default), DEBUG (also prints the traceback of an error), WARNING, ...")
     return p
 
 
@@ -59,13 +60,17 @@ def cmd_train(argv: Sequence[str]) -> int:
     from manager_jax.train.loop import train
     from manager_jax.train.recipe import load_recipe
 
-    config = load_recipe(args.config, args.overrides)
-    result = train(config)
-    if result.losses:
-        print(f"first loss {result.losses[0]:.4f}  final loss {result.losses[-1]:.4f}  "
-              f"(steps {result.first_step + 1}..{result.last_step}, {result.status})")
-    print(f"checkpoint: {result.checkpoint_dir}")
-    return 0
+    from manager_jax.train.loop import TrainingError, input_errors
+
+    def run() -> int:
+        result = train(load_recipe(args.config, args.overrides))
+        if result.losses:
+            print(f"first loss {result.losses[0]:.4f}  final loss {result.losses[-1]:.4f}  "
+                  f"(steps {result.first_step + 1}..{result.last_step}, {result.status})")
+        print(f"checkpoint: {result.checkpoint_dir}")
+        return 0
+
+    return _reporting_errors(run, args.log_level, bad_input=input_errors(), failed=(TrainingError,))
 
 
 def cmd_compile(argv: Sequence[str]) -> int:
@@ -74,16 +79,31 @@ def cmd_compile(argv: Sequence[str]) -> int:
     from manager_jax.train.aot import AotError, compile_for_topology, format_report
     from manager_jax.train.recipe import load_recipe
 
-    config = load_recipe(args.config, args.overrides)
+    from manager_jax.train.loop import input_errors
+
+    def run() -> int:
+        report = compile_for_topology(load_recipe(args.config, args.overrides), args.topology, hlo_out=args.hlo_out)
+        print(format_report(report))
+        if args.hlo_out and report.get("refused_temporaries_gib") is None:
+            print(f"HLO: {args.hlo_out}")
+        return 1 if report["fits"] is False else 0  # a launch script can stop on it
+
+    return _reporting_errors(run, args.log_level, bad_input=(AotError, *input_errors()))
+
+
+def _reporting_errors(run: Callable[[], int], log_level: str, *, bad_input: tuple, failed: tuple = ()) -> int:
+    """`run()`, with the project's own errors printed as one `error:` line: exit status 2 when the
+    input is wrong, 1 when the run failed, 130 for Ctrl-C. The traceback only with --log-level DEBUG."""
     try:
-        report = compile_for_topology(config, args.topology, hlo_out=args.hlo_out)
-    except AotError as err:
+        return run()
+    except (*bad_input, *failed, KeyboardInterrupt) as err:
+        if log_level.upper() == "DEBUG":
+            traceback.print_exc()
+        if isinstance(err, KeyboardInterrupt):
+            print(f"error: interrupted{f' ({err})' if str(err) else ''}", file=sys.stderr)
+            return 130
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    if args.hlo_out and report.get("refused_temporaries_gib") is None:
-        print(f"HLO: {args.hlo_out}")
-    return 1 if report["fits"] is False else 0  # a launch script can stop on it
+        return 2 if isinstance(err, bad_input) else 1
 
 
 def _setup_logging(level: str) -> None:

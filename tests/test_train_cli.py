@@ -36,8 +36,42 @@ def test_dispatch_reaches_the_other_parts():
     assert run.COMMANDS["score"][0]().__name__ == "score_main"
 
 
-def test_bad_recipe_path_fails_before_any_work():
-    from manager_jax.train.recipe import RecipeError
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "configs/no_such_recipe.py"], "error: config file not found: configs/no_such_recipe.py"),
+        (["--set", "optim.lrr=1"], "error: --set optim.lrr: optim has no field 'lrr'"),
+        (["--set", "logging.every_steps=0"], "logging.every_steps must be >= 1"),
+        (["--set", "synthetic_records=None", "--set", "data.data_path=/no/such.jsonl"],
+         "data.data_path: /no/such.jsonl: not found"),
+        (["--set", "mesh.data=64"], "error: "),  # ShardingError: more devices than there are
+    ],
+)
+def test_train_input_errors_are_one_line_with_status_2(args, message, tmp_path, capsys):
+    assert run.main(["train", "--set", f"output_dir={tmp_path}/run", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "run")  # refused before anything was written
 
-    with pytest.raises(RecipeError, match="config file not found"):
-        run.cmd_train(["--config", "configs/no_such_recipe.py"])
+
+def test_debug_log_level_adds_the_traceback(capsys):
+    assert run.main(["train", "--log-level", "DEBUG", "--config", "configs/no_such_recipe.py"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith("error: config file not found: configs/no_such_recipe.py")
+
+
+def test_a_failed_run_exits_1_and_ctrl_c_130(capsys):
+    from manager_jax.train.loop import TrainingError
+
+    def fails():
+        raise TrainingError("3 non-finite steps in a row")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run._reporting_errors(fails, "INFO", bad_input=(ValueError,), failed=(TrainingError,)) == 1
+    assert capsys.readouterr().err == "error: 3 non-finite steps in a row\n"
+    assert run._reporting_errors(interrupted, "INFO", bad_input=(ValueError,)) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+    with pytest.raises(ZeroDivisionError):  # a bug is not an input error: its traceback stays
+        run._reporting_errors(lambda: 1 // 0, "INFO", bad_input=(ValueError,))

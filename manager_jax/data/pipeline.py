@@ -36,7 +36,7 @@ from manager_jax.batch import Batch, assemble_batch
 from manager_jax.data import tfds_source
 from manager_jax.data.mixture import load_mixture
 from manager_jax.data.packing import BatchPacker
-from manager_jax.data.records import RecordSource, open_records
+from manager_jax.data.records import RecordFormatError, RecordSource, open_records
 from manager_jax.data.samples import (
     TOO_LONG,
     TOO_MANY_CROPS,
@@ -171,7 +171,7 @@ class EpochShuffleMapDataset(grain.MapDataset):
         super().__init__(parent)
         self._epoch_len = len(parent)
         if self._epoch_len == 0:
-            raise ValueError("the data source has no records")
+            raise RecordFormatError("the data source has no records")
         self._seed = int(seed) % 2**32
         self._shuffle = shuffle
         self._length = sys.maxsize if num_epochs is None else self._epoch_len * num_epochs

@@ -58,6 +58,17 @@ class TrainingError(RuntimeError):
     """A run that cannot continue (non-finite losses, data problems, bad checkpoints)."""
 
 
+def input_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean the run's input is wrong (recipe, model / mesh config, data, params,
+    files): `run.py train` and `compile` report them in one line, without a traceback."""
+    from manager_jax.data.mixture import MixtureError
+    from manager_jax.data.packing import BatchShapeError
+    from manager_jax.data.records import RecordFormatError
+
+    return (RecipeError, ConfigError, ShardingError, ParamsError, MixtureError, RecordFormatError, BatchShapeError,
+            FileNotFoundError)
+
+
 @dataclasses.dataclass
 class TrainResult:
     """What a call to `train` did."""
