@@ -112,6 +112,14 @@ def test_bad_records_are_counted_not_fatal_and_strict_raises(data, tok, tmp_path
         if reason:
             expected_counts[reason] = expected_counts.get(reason, 0) + 1
     assert it.skips.summary()["by_reason"] == expected_counts
+    assert it.samples == len(seen)  # what the training loop's skip fraction is measured against
+    # The counts travel with the iterator state, so a resumed run's skip fraction covers the whole run.
+    resumed = run(config(data, data_path=mixed), tok, model=SQUARE)
+    resumed.set_state(it.get_state())
+    assert resumed.samples == len(seen) and resumed.skips.counts == it.skips.counts
+    old_state = {k: v for k, v in it.get_state().items() if k != "samples"}  # saved before samples were counted
+    resumed.set_state(old_state)
+    assert resumed.samples == 0 and resumed.skips.total == 0
     with pytest.raises(SkipSample):
         list(run(config(data, data_path=mixed, strict=True), tok, model=SQUARE))
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 import signal
 
 import jax
@@ -14,7 +17,7 @@ import pytest
 from manager_jax.train import loop as loop_lib
 from manager_jax.train.checkpointing import Checkpointer
 from manager_jax.train.metrics import read_metrics
-from manager_jax.train.recipe import load_recipe
+from manager_jax.train.recipe import RecipeError, load_recipe
 from tests.train_batches import compile_cache_fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +114,10 @@ def test_nonfinite_steps_abort_after_k_in_a_row(tmp_path, monkeypatch):
         return arrays, over
 
     monkeypatch.setattr(loop_lib.DataFeed, "next", poisoned)
-    with pytest.raises(loop_lib.TrainingError, match="non-finite"):
+    message = (r"2 non-finite steps in a row \(max_nonfinite_steps=2\), steps 1\.\.2: the loss and the gradient norm "
+               r"were not finite at step 2 \(loss nan, grad norm nan\); last finite step: none in this run; "
+               r"no checkpoint saved\. .*lower optim.lr")
+    with pytest.raises(loop_lib.TrainingError, match=message):
         loop_lib.train(demo_config(tmp_path, "max_nonfinite_steps=2"))
     events = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
     skipped = [e for e in events if e.get("event") == "nonfinite_step_skipped"]
@@ -148,3 +154,103 @@ def test_batches_over_the_loss_token_budget_use_the_full_loss(straight_run, tmp_
     result = loop_lib.train(demo_config(tmp_path, "loss_token_budget=4", "stop_at_step=1"))
     assert result.status == "stopped"
     assert result.losses[0] == pytest.approx(a.losses[0], rel=1e-6)
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _snapshot(directory):
+    """{relative path: content hash} of every file under `directory`."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.text.intermediate_size=256"], r"another run .*\n  - model.text.intermediate_size: 128 -> 256"),
+        (["tunable_parts=mm_mlp_adapter"], r"tunable_parts: 'mm_mlp_adapter,mm_manager,mm_language_model' -> 'mm_mlp_adapter'"),
+        (["synthetic_records=None", "data.data_path={out}/data/records.json", "data.image_folder={out}/data"],
+         r"  - synthetic_records: 40 -> None"),
+        (["checkpoint.resume=False"], r"already holds checkpoints \(steps 6\) and checkpoint.resume=False.*another output_dir"),
+    ],
+)
+def test_a_refused_resume_changes_nothing_in_the_run_directory(straight_run, tmp_path, overrides, message):
+    out = _copy_run(straight_run[0], tmp_path / "run")
+    before = _snapshot(out)
+    overrides = [o.format(out=out) for o in overrides]
+    with pytest.raises(RecipeError, match=message):
+        loop_lib.train(demo_config(out, "num_steps=8", *overrides))
+    assert _snapshot(out) == before  # recipe.json and checkpoints/config.json untouched
+
+
+def test_resume_accepts_other_settings_and_keeps_each_step_once_in_the_metrics(straight_run, tmp_path, caplog):
+    out = _copy_run(straight_run[0], tmp_path / "run")
+    with open(out / "metrics.jsonl", "a") as f:  # what a run killed after step 7 leaves: records after the checkpoint
+        f.write(json.dumps({"step": 7, "loss": 99.0}) + "\n" + '{"step": 8, "lo')
+    with caplog.at_level(logging.INFO, logger="manager_jax"):
+        result = loop_lib.train(demo_config(out, "num_steps=7", "optim.lr=1e-3"))
+    assert result.first_step == 6 and result.last_step == 7
+    assert "resuming with changed settings: num_steps: 6 -> 7; optim.lr: 0.003 -> 0.001" in caplog.text
+    records = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
+    assert records[-1]["loss"] == result.losses[0]
+    assert json.load(open(out / "recipe.json"))["num_steps"] == 7
+
+
+def test_ctrl_c_saves_and_stops_and_data_skips_are_reported(straight_run, tmp_path, caplog):
+    """A wrong image_folder: the image records are skipped, and the run says so."""
+    data = straight_run[0] / "data"
+    (tmp_path / "no_images").mkdir()
+    config = demo_config(tmp_path / "run", "synthetic_records=None", f"data.data_path={data}/records.json",
+                         f"data.image_folder={tmp_path}/no_images", "loss_token_budget=0")
+
+    def ctrl_c_at_1(step, record):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler sets the stop flag: no KeyboardInterrupt
+
+    with caplog.at_level(logging.INFO, logger="manager_jax"):
+        result = loop_lib.train(config, on_step=ctrl_c_at_1)
+    assert result.status == "stopped" and result.last_step == 2  # stops after the step running then
+    assert "Ctrl-C received: saving a checkpoint" in caplog.text
+    ckpt = Checkpointer(result.checkpoint_dir)
+    assert ckpt.all_steps() == [2]
+    ckpt.close()
+    records = read_metrics(os.path.join(tmp_path, "run", "metrics.jsonl"))
+    assert records[0]["data_skips"]["missing_image"] > 0 and set(records[0]["data_skips"]) == {"missing_image"}
+    assert records[1]["data_skips"]["missing_image"] >= records[0]["data_skips"]["missing_image"]
+    assert "were skipped (missing_image:" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    flag = loop_lib._StopFlag()
+    flag.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        flag.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_skip_watch_warns_once_when_many_records_are_bad(caplog):
+    watch = loop_lib.SkipWatch(max_fraction=0.1, min_records=100)
+    with caplog.at_level(logging.WARNING, logger="manager_jax"):
+        watch.check({"missing_image": 30}, 60)  # 90 records read: too few to judge
+        assert not caplog.records
+        watch.check({"bad_record": 2}, 200)  # 1%
+        assert not caplog.records
+        watch.check({"missing_image": 30, "bad_record": 2}, 100)
+        watch.check({"missing_image": 60, "bad_record": 2}, 150)
+    assert len(caplog.records) == 1
+    assert "32 of the 132 records read so far (24%) were skipped (missing_image: 30, bad_record: 2)" in caplog.text

@@ -330,7 +330,9 @@ class BatchDatasetIterator(grain.DatasetIterator):
 
 
 class DataIterator:
-    """Iterator of :class:`Batch`; tallies skips; ``get_state`` / ``set_state`` for checkpoints.
+    """Iterator of :class:`Batch`; tallies skips and the samples it delivered (``skips``,
+    ``samples``: since the start of the run, restored with the state); ``get_state`` /
+    ``set_state`` for checkpoints.
 
     The state is a JSON-compatible dict (save it with the model checkpoint).
     """
@@ -338,6 +340,7 @@ class DataIterator:
     def __init__(self, grain_iterator: Any, *, description: str = "") -> None:
         self._it = grain_iterator
         self.skips = SkipCounter()
+        self.samples = 0
         self.description = description
         self._finished = False
 
@@ -354,14 +357,20 @@ class DataIterator:
             raise
         for reason, rid in element.pop("skipped"):
             self.skips.add_reason(reason, rid)
-        return Batch.from_dict(element)
+        batch = Batch.from_dict(element)
+        self.samples += batch.num_samples
+        return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": self._it.get_state(), "skips": self.skips.get_state()}
+        return {"pipeline": self._it.get_state(), "skips": self.skips.get_state(), "samples": self.samples}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._it.set_state(state["pipeline"])
         self.skips.set_state(state.get("skips", {}))
+        # States saved before samples were counted: start counting both afresh.
+        if "samples" not in state:
+            self.skips.set_state({})
+        self.samples = int(state.get("samples", 0))
         self._finished = False
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""The training loop: data feed, resume, checkpoints, metrics, SIGTERM, non-finite steps.
+"""The training loop: data feed, resume, checkpoints, metrics, SIGTERM / Ctrl-C, non-finite steps.
 
 `train(config)` is what `python run.py train` runs, on one device or on every process of a
 multi-host job (call `manager_jax.distributed.initialize()` first).
@@ -76,7 +76,7 @@ class TrainResult:
     first_step: int  # step the run started from (0, or the restored step)
     last_step: int  # steps completed when it returned
     losses: list[float]  # loss of every step run in this call
-    status: str  # "completed" | "stopped" (SIGTERM / stop_at_step) | "data_exhausted"
+    status: str  # "completed" | "stopped" (SIGTERM / Ctrl-C / stop_at_step) | "data_exhausted"
     checkpoint_dir: str
     state: dict | None = None  # final train state (kept only when asked)
 
@@ -124,6 +124,14 @@ class DataFeed:
 
     def get_states(self) -> dict[int, Any]:
         return {k: it.get_state() for k, it in self.iterators.items()}
+
+    def skip_stats(self) -> tuple[dict[str, int], int]:
+        """(records skipped by reason, samples delivered) by this process's shards since the run began."""
+        counts: dict[str, int] = {}
+        for it in self.iterators.values():
+            for reason, n in it.skips.counts.items():
+                counts[reason] = counts.get(reason, 0) + n
+        return dict(sorted(counts.items())), sum(it.samples for it in self.iterators.values())
 
     def set_states(self, states: list[Any]) -> None:
         if len(states) != self.shards:
@@ -246,30 +254,60 @@ def _unflatten(flat: dict[tuple, Any]) -> dict:
     return out
 
 
+class SkipWatch:
+    """Warns (once) when a large share of the records read so far were skipped as bad: a wrong
+    image_folder, for one, otherwise trains on the text-only records without a word."""
+
+    def __init__(self, max_fraction: float = 0.1, min_records: int = 100) -> None:
+        self.max_fraction, self.min_records = max_fraction, min_records
+        self.warned = False
+
+    def check(self, counts: dict[str, int], samples: int) -> None:
+        skipped = sum(counts.values())
+        read = skipped + samples
+        if self.warned or read < self.min_records or skipped <= self.max_fraction * read:
+            return
+        self.warned = True
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        logger.warning(
+            "%d of the %d records read so far (%.0f%%) were skipped (%s); check the data and data.image_folder "
+            "(python run.py inspect-data lists the bad records)", skipped, read, 100 * skipped / read, reasons,
+        )
+
+
 def _dotted(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
 class _StopFlag:
-    """SIGTERM (preemption) sets the flag; the loop saves a checkpoint and returns."""
+    """SIGTERM (preemption) or Ctrl-C (SIGINT) sets the flag; the loop saves a checkpoint after the
+    current step and returns. A second Ctrl-C aborts at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no signal handling
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                return
 
     def _handle(self, signum, frame) -> None:
-        logger.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt("a second Ctrl-C: stopped without saving")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
+        logger.warning("%s received: saving a checkpoint and stopping after this step%s", name, again)
         self.requested = True
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -339,8 +377,9 @@ def train(
     writer = MetricsWriter(
         config.output_dir, enabled=primary, tensorboard=config.logging.tensorboard, wandb=config.logging.wandb,
         wandb_project=config.logging.wandb_project, wandb_run_name=config.logging.wandb_run_name,
-        config=config.to_dict(),
+        config=config.to_dict(), drop_after_step=first_step,
     )
+    skip_watch = SkipWatch()
     progress = Progress(config.num_steps, first_step, enabled=primary and config.logging.progress_bar)
     stop = _StopFlag()
     stop.install()
@@ -348,13 +387,17 @@ def train(
     recipe_dict = config.to_dict()
 
     def save(step: int, local_states: dict[int, Any]) -> None:
+        nonlocal saved_step
         states = gather_shard_states(local_states, shards)
         ckpt.save(step, state, states, recipe_dict)
+        saved_step = step
         writer.event(step, "checkpoint", directory=ckpt.directory)
 
     losses: list[float] = []
     status = "completed"
     nonfinite_streak = 0
+    last_finite = first_step if first_step else None
+    saved_step = latest
     step = first_step
     full_loss_step = None  # compiled on first use: a batch with more supervised tokens than the budget
 
@@ -368,7 +411,7 @@ def train(
     def read_unread() -> None:
         """Reads the unread step's metrics (waiting for that step alone) and logs them; counts
         non-finite steps and aborts after max_nonfinite_steps of them in a row."""
-        nonlocal unread, last_read, nonfinite_streak
+        nonlocal unread, last_read, nonfinite_streak, last_finite
         if unread is None:
             return
         (done, metrics), unread = unread, None
@@ -379,15 +422,27 @@ def train(
         losses.append(loss)
         if not bool(metrics["finite"]):
             nonfinite_streak += 1
-            writer.event(done, "nonfinite_step_skipped", loss=loss, grad_norm=float(metrics["grad_norm"]))
-            logger.warning("step %d: non-finite loss %s / grad norm %s; update skipped", done, loss, metrics["grad_norm"])
+            grad_norm = float(metrics["grad_norm"])
+            writer.event(done, "nonfinite_step_skipped", loss=loss, grad_norm=grad_norm)
+            logger.warning("step %d: non-finite loss %s / grad norm %s; update skipped", done, loss, grad_norm)
             if nonfinite_streak >= config.max_nonfinite_steps:
-                raise TrainingError(f"{nonfinite_streak} non-finite steps in a row (max_nonfinite_steps); aborting")
+                bad = [name for name, v in (("the loss", loss), ("the gradient norm", grad_norm)) if not math.isfinite(v)]
+                which = " and ".join(bad) + (" were" if len(bad) > 1 else " was") if bad else "the update was"
+                raise TrainingError(
+                    f"{nonfinite_streak} non-finite steps in a row (max_nonfinite_steps={config.max_nonfinite_steps}), "
+                    f"steps {done - nonfinite_streak + 1}..{done}: {which} not finite at step {done} "
+                    f"(loss {loss}, grad norm {grad_norm}); last finite step: {last_finite or 'none in this run'}; "
+                    + (f"last checkpoint: step {saved_step} in {ckpt.directory}" if saved_step else "no checkpoint saved")
+                    + ". Resuming reruns from that checkpoint; lower optim.lr or set optim.max_grad_norm first"
+                )
         else:
             nonfinite_streak = 0
+            last_finite = done
         record = _step_record(config, setup, metrics, step_time, peak, first=(done == first_step + 1))
+        skip_counts, samples_read = feed.skip_stats()  # includes the batch read ahead
+        skip_watch.check(skip_counts, samples_read)
         if done % config.logging.every_steps == 0 or done == config.num_steps:
-            writer.write(done, record)
+            writer.write(done, {**record, "data_skips": skip_counts})
         progress.update(loss)
         if on_step is not None:
             on_step(done, record)
@@ -416,7 +471,7 @@ def train(
             fetched = feed.next() if step < config.num_steps else None
             read_unread()  # the step before this one, which ran while this one was dispatched
             unread = (step, metrics)
-            # A SIGTERM that came while this step ran stops after it.
+            # A SIGTERM / Ctrl-C that came while this step ran stops after it.
             stop_requested, exhausted, over_budget = any_process((
                 stop.requested or step == stop_at_step,
                 fetched is None and step < config.num_steps,

@@ -36,7 +36,10 @@ class MetricsWriter:
         wandb_project: str = "manager_jax",
         wandb_run_name: str | None = None,
         config: dict | None = None,
+        drop_after_step: int | None = None,
     ) -> None:
+        """`drop_after_step`: records of later steps already in metrics.jsonl are removed first (a
+        resumed run re-runs the steps after its checkpoint, so they are not listed twice)."""
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -45,6 +48,8 @@ class MetricsWriter:
             return
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        if drop_after_step is not None:
+            drop_records_after(self.path, drop_after_step)
         self._jsonl = open(self.path, "a", buffering=1)
         if tensorboard:
             try:
@@ -89,6 +94,33 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def drop_records_after(path: str, step: int) -> int:
+    """Rewrites metrics.jsonl (atomically) without the records of steps after `step` and without
+    lines that are not JSON records (a line cut short by a crash); returns how many were dropped."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                keep = int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        logger.info("%s: dropped %d records after step %d (they are run again)", path, dropped, step)
+    return dropped
 
 
 def read_metrics(path: str) -> list[dict]:
