@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -206,27 +208,97 @@ def load_config(path: str) -> ModelConfig:
     return ModelConfig.from_json_file(cfg_path)
 
 
-def write_atomically(directory: str, fill: Callable[[str], None], overwrite: bool) -> str:
-    """Runs fill(tmp_dir) and renames tmp_dir to `directory` only if it succeeds."""
+def overlap_problem(destination: str, sources: Sequence[str]) -> str | None:
+    """Why replacing `destination` would destroy one of `sources` (it is one, holds one or lies in one),
+    or None. Paths are compared after resolving symlinks."""
+    dst = os.path.realpath(destination.rstrip("/") or "/")
+    for source in sources:
+        if not source:
+            continue
+        src = os.path.realpath(source.rstrip("/") or "/")
+        if dst == src:
+            return f"the destination {destination} is the source {source}"
+        if os.path.commonpath([dst, src]) == dst:
+            return f"the destination {destination} contains the source {source}"
+        if os.path.commonpath([dst, src]) == src:
+            return f"the destination {destination} lies inside the source {source}"
+    return None
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+# SIGINT already raises KeyboardInterrupt, which the cleanup below catches; these two would kill
+# the process without running it.
+_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_STOP_SIGNALS = (signal.SIGINT, *_EXIT_SIGNALS)
+
+
+class _ExitOnSignal:
+    """While active (main thread only), SIGTERM / SIGHUP raise SystemExit(128 + signal), so `finally`
+    / `except BaseException` blocks run and the process exits nonzero without a traceback."""
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in _EXIT_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def write_atomically(
+    directory: str, fill: Callable[[str], None], overwrite: bool, *, sources: Sequence[str] = ()
+) -> str:
+    """Runs fill(tmp_dir) and renames tmp_dir to `directory` only if it succeeds.
+
+    With `overwrite`, an existing `directory` (directory or file) is replaced, unless it is one of
+    `sources`, holds one or lies inside one (the paths `fill` reads from): that raises ParamsError
+    before anything is written. An exception or a SIGTERM / SIGHUP / SIGINT while writing removes
+    the temporary directory (SIGTERM / SIGHUP then exit with status 128 + the signal number, SIGINT
+    raises KeyboardInterrupt as usual).
+    """
     directory = os.path.abspath(directory.rstrip("/"))
-    if os.path.exists(directory) and not overwrite:
-        raise ParamsError(f"{directory} already exists (pass overwrite=True to replace it)")
+    if os.path.lexists(directory):
+        if not overwrite:
+            raise ParamsError(f"{directory} already exists (pass overwrite=True to replace it)")
+        problem = overlap_problem(directory, sources)
+        if problem:
+            raise ParamsError(f"refusing to overwrite: {problem}")
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        fill(tmp)
-        if os.path.exists(directory):
-            trash = os.path.join(parent, f".{os.path.basename(directory)}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(directory, trash)
-            os.rename(tmp, directory)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _ExitOnSignal():
+        try:
+            os.makedirs(tmp)
+            fill(tmp)
+            # No signal may land between the two renames (that would leave neither version in place).
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                trash = None
+                if os.path.lexists(directory):
+                    trash = os.path.join(parent, f".{os.path.basename(directory)}.old-{uuid.uuid4().hex[:8]}")
+                    os.rename(directory, trash)
+                os.rename(tmp, directory)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            if trash is not None:
+                _remove(trash)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return directory
 
 
@@ -268,6 +340,7 @@ def save_params(
     overwrite: bool = False,
     validate: bool = True,
     compress: bool = False,
+    sources: Sequence[str] = (),
 ) -> str:
     """Writes a params directory atomically (temporary directory + rename); returns its path.
 
@@ -275,6 +348,8 @@ def save_params(
     .to_pure_dict()`). With `validate`, the tree must match the model of `config` exactly.
     `extra_files` maps relative names to source file paths (copied) or bytes (written).
     `compress`: zstd chunks (smaller on disk, slower, more memory while saving).
+    `sources`: paths the params were read from; `overwrite` refuses to replace any of them (see
+    `write_atomically`).
     """
     if validate:
         problems = check_tree(params, abstract_params(config))
@@ -304,7 +379,7 @@ def save_params(
             else:
                 shutil.copyfile(content, dst)
 
-    return write_atomically(directory, fill, overwrite)
+    return write_atomically(directory, fill, overwrite, sources=sources)
 
 
 def load_params(

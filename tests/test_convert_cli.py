@@ -72,3 +72,25 @@ def test_python_dash_m_entry_point(ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tools.convert_weights", "from-orbax", "a", "b"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--format" in proc.stderr
+
+
+def test_overwrite_never_deletes_the_source(ckpt, tmp_path, capsys):
+    root, _ = ckpt
+    same = tmp_path / "same"
+    same.mkdir()
+    assert main(["to-orbax", str(root / "src"), str(same / "p"), "--quiet"]) == 0
+    (same / "sibling").mkdir()
+    before = sorted(os.listdir(same / "p"))
+    capsys.readouterr()
+    # The audit's repro: DST holds SRC (it deleted SRC and its sibling), DST is SRC, DST inside SRC.
+    for dst in (same, same / "p", same / "p" / "params"):
+        assert main(["to-orbax", str(same / "p"), str(dst), "--overwrite", "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert "--overwrite would delete what is being converted" in err, err
+        assert main(["from-orbax", str(same / "p"), str(dst), "--format", "llava", "--overwrite", "--quiet"]) == 1
+        assert "--overwrite would delete what is being converted" in capsys.readouterr().err
+    assert sorted(os.listdir(same)) == ["p", "sibling"] and sorted(os.listdir(same / "p")) == before
+    # The tokenizer folder is a source of from-orbax too.
+    assert main(["from-orbax", str(same / "p"), str(root / "tok"), "--format", "llava",
+                 "--tokenizer", str(root / "tok"), "--overwrite", "--quiet"]) == 1
+    assert os.path.isfile(root / "tok" / "vocab.json")

@@ -150,3 +150,86 @@ def test_training_output_dir_resolves_to_its_latest_checkpoint(tmp_path):
     params, cfg = resolve_params_dir(str(tmp_path))
     assert params == str(tmp_path / "checkpoints" / "20" / "params")
     assert cfg == str(tmp_path / "checkpoints" / "config.json")
+
+
+def _fill_with(text):
+    def fill(tmp):
+        with open(os.path.join(tmp, "f.txt"), "w") as f:
+            f.write(text)
+
+    return fill
+
+
+def test_overwrite_refuses_to_replace_its_own_source(tmp_path, cfg):
+    src = params_io.save_params(str(tmp_path / "run" / "p"), random_tree(cfg, seed=1), cfg)
+    cases = [
+        (src, [src]),  # the destination is the source
+        (str(tmp_path / "run"), [src]),  # it contains the source
+        (os.path.join(src, "params"), [src]),  # it lies inside the source
+        (src + "/", [os.path.join(str(tmp_path), "run", ".", "p")]),  # spelled differently
+    ]
+    os.symlink(src, tmp_path / "link")
+    cases.append((str(tmp_path / "link"), [src]))  # a symlink to it
+    for dst, sources in cases:
+        with pytest.raises(params_io.ParamsError, match="refusing to overwrite"):
+            params_io.write_atomically(dst, _fill_with("x"), overwrite=True, sources=sources)
+        with pytest.raises(params_io.ParamsError, match="refusing to overwrite"):
+            params_io.save_params(dst, random_tree(cfg), cfg, overwrite=True, sources=sources)
+    _, kept = params_io.load_params(src)
+    assert_trees_equal(kept, random_tree(cfg, seed=1))
+    assert sorted(os.listdir(tmp_path)) == ["link", "run"] and os.listdir(tmp_path / "run") == ["p"]
+    # A destination beside the source is replaced as before.
+    (tmp_path / "other").mkdir()
+    params_io.write_atomically(str(tmp_path / "other"), _fill_with("y"), overwrite=True, sources=[src])
+    assert (tmp_path / "other" / "f.txt").read_text() == "y"
+
+
+def test_overwriting_a_plain_file_leaves_no_hidden_copy(tmp_path):
+    (tmp_path / "afile").write_text("old")
+    params_io.write_atomically(str(tmp_path / "afile"), _fill_with("new"), overwrite=True)
+    assert os.listdir(tmp_path) == ["afile"]
+    assert (tmp_path / "afile" / "f.txt").read_text() == "new"
+
+
+_SLOW_WRITE = """
+import os, sys, time
+from manager_jax import params_io
+
+def fill(tmp):
+    with open(os.path.join(tmp, "part.bin"), "wb") as f:
+        f.write(b"x" * 1000)
+    open(sys.argv[2], "w").close()  # tells the test that the temporary directory exists
+    time.sleep(60)
+
+params_io.write_atomically(sys.argv[1], fill, overwrite=False)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_signal_while_writing_removes_the_temporary_directory(tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    ready = tmp_path / "ready"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITE, str(out / "dst"), str(ready)], cwd=repo,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "the writer never started"
+            time.sleep(0.1)
+        assert len(os.listdir(out)) == 1 and os.listdir(out)[0].startswith(".dst.tmp-")
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    if sig != "SIGINT":
+        assert proc.returncode == 128 + getattr(signal, sig)
+    assert os.listdir(out) == []

@@ -1,7 +1,8 @@
 """Command line: python -m tools.convert_weights {to-orbax, from-orbax, inspect, verify} ...
 
 Exit status: 0 on success, 1 when the input is rejected (one message listing every problem,
-nothing written), 2 for usage errors.
+nothing written), 2 for usage errors, 130 / 143 when interrupted by SIGINT / SIGTERM (the partial
+output is removed).
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the partial output has been removed (params_io.write_atomically)
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
     return 2
 
 

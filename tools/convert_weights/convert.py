@@ -45,9 +45,19 @@ def _dtype_choice(dtype: str) -> np.dtype | None:
     return DTYPE_CHOICES[dtype]
 
 
-def _check_destination(dst: str, overwrite: bool, source: str) -> None:
-    if os.path.exists(dst) and not overwrite:
+def _sources(src: str, *more: str | None) -> list[str]:
+    """The paths a conversion reads: SRC (each part of SIGLIP_DIR,QWEN_DIR too) and e.g. --tokenizer."""
+    return [src, *src.split(","), *(m for m in more if m)]
+
+
+def _check_destination(dst: str, overwrite: bool, source: str, sources: list[str]) -> None:
+    if not os.path.lexists(dst):
+        return
+    if not overwrite:
         raise ConversionError(source, [f"destination {dst} already exists (pass --overwrite to replace it)"])
+    problem = params_io.overlap_problem(dst, sources)
+    if problem:
+        raise ConversionError(source, [f"--overwrite would delete what is being converted: {problem}"])
 
 
 # ---- fresh parameters (stage-1 starting point, SPEC §1.2, §1.3, §2.2) -----------------------------
@@ -203,7 +213,7 @@ def to_orbax(
     """
     _dtype_choice(dtype)
     fmt = fmt or detect_format(src)
-    _check_destination(dst, overwrite, src)
+    _check_destination(dst, overwrite, src, _sources(src))
     if fmt == "orbax":
         return _orbax_to_orbax(src, dst, dtype, overwrite, progress)
     kwargs = {"variant": variant, "model_config": model_config} if fmt == "siglip+qwen2" else {}
@@ -219,7 +229,8 @@ def to_orbax(
     if progress:
         progress(f"writing Orbax params to {dst}")
     try:
-        params_io.save_params(dst, tree, source.config, extra_files=extra, overwrite=overwrite)
+        params_io.save_params(dst, tree, source.config, extra_files=extra, overwrite=overwrite,
+                              sources=_sources(src))
     except params_io.ParamsError as e:
         raise ConversionError(src, [str(e)]) from None
     return source.config
@@ -250,7 +261,11 @@ def _orbax_to_orbax(src: str, dst: str, dtype: str, overwrite: bool, progress: P
         _add_aux(extra, aux_files(tok))
     if progress:
         progress(f"writing Orbax params to {dst}")
-    params_io.save_params(dst, tree, source.config, extra_files=extra, overwrite=overwrite)
+    try:
+        params_io.save_params(dst, tree, source.config, extra_files=extra, overwrite=overwrite,
+                              sources=_sources(src))
+    except params_io.ParamsError as e:
+        raise ConversionError(src, [str(e)]) from None
     return source.config
 
 
@@ -349,7 +364,7 @@ def from_orbax(
     LlavaOnevisionConfig. Tokenizer files come from `tokenizer`, else from the params directory.
     Returns the written file names.
     """
-    _check_destination(dst, overwrite, src)
+    _check_destination(dst, overwrite, src, _sources(src, tokenizer))
     if tokenizer is not None and not os.path.isdir(tokenizer):
         raise ConversionError(src, [f"--tokenizer {tokenizer}: not a directory"])
     source = OrbaxSource(src)
@@ -369,7 +384,10 @@ def from_orbax(
             json.dump(plan.config_json, f, indent=2)
         _verify_written(tmp, plan)
 
-    params_io.write_atomically(dst, fill, overwrite=True)  # the destination was checked above
+    try:
+        params_io.write_atomically(dst, fill, overwrite=overwrite, sources=_sources(src, tokenizer))
+    except params_io.ParamsError as e:
+        raise ConversionError(src, [str(e)]) from None
     return written + ["config.json"]
 
 
