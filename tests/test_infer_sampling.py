@@ -98,3 +98,25 @@ def test_sampling_params_reject_bad_values(kwargs):
 
 def test_greedy_flag():
     assert SamplingParams(temperature=0.0).greedy and not SamplingParams(temperature=0.5).greedy
+
+
+def test_row_keys_draw_each_row_as_a_batch_of_one():
+    """With one key per row, row b's token is what a one-row batch with key b draws; stream 0 is
+    the seed's key itself and other streams differ from it and from each other."""
+    from manager_jax.infer.sampling import row_keys, split_rows
+
+    logits = jax.random.normal(jax.random.key(9), (4, 50)) * 3
+    key = jax.random.key(11)
+    keys = row_keys(key, jnp.asarray([0, 1, 2, 7], jnp.int32))
+    data = np.asarray(jax.random.key_data(keys))
+    assert np.array_equal(data[0], np.asarray(jax.random.key_data(key)))
+    assert len({tuple(d) for d in data}) == 4
+    assert np.array_equal(data[3], np.asarray(jax.random.key_data(jax.random.fold_in(key, 7))))
+    rows = select_tokens(logits, keys, greedy=False, temperature=1.0)
+    one_by_one = [int(select_tokens(logits[b : b + 1], keys[b], greedy=False, temperature=1.0)[0]) for b in range(4)]
+    assert np.asarray(rows).tolist() == one_by_one
+    nxt, sub = split_rows(keys)
+    for b in range(4):
+        k, s = jax.random.split(keys[b])
+        assert np.array_equal(jax.random.key_data(nxt[b]), jax.random.key_data(k))
+        assert np.array_equal(jax.random.key_data(sub[b]), jax.random.key_data(s))

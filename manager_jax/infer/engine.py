@@ -38,7 +38,14 @@ from PIL import Image
 from manager_jax.batch import IM_START_TOKEN_ID, ProcessedSample, assemble_batch
 from manager_jax.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from manager_jax.data.image_processing import preprocess_image
-from manager_jax.infer.sampling import SamplingParams, apply_repetition_penalty, limit_vocab, select_tokens
+from manager_jax.infer.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    limit_vocab,
+    row_keys,
+    select_tokens,
+    split_rows,
+)
 from manager_jax.models.attention import AttentionMesh, sharded_attention
 from manager_jax.models.decode_attention import KernelConfig
 from manager_jax.models.decode_attention import available as decode_kernels_available
@@ -513,7 +520,7 @@ class InferenceEngine:
         def mark(seen, tok):  # ids produced so far, for the repetition penalty
             return seen.at[jnp.arange(rows), tok].set(True)
 
-        key, sub = jax.random.split(key)
+        key, sub = split_rows(row_keys(key, controls["stream"]))  # one random stream per prompt
         seen = jnp.zeros(first_logits.shape, bool)
         first = pick(first_logits, seen, sub)
         out = jnp.full((rows, new_slots), pad, jnp.int32).at[:, 0].set(first)
@@ -529,7 +536,7 @@ class InferenceEngine:
         def body(carry):
             i, tok, out, done, count, cache, key, seen = carry
             logits, cache = self._step(model, layers, tok, next_pos + i - 1, prompt_slots + i - 1, cache, kv_seg)
-            key, sub = jax.random.split(key)
+            key, sub = split_rows(key)
             new = jnp.where(done, pad, pick(logits, seen, sub))
             out = jax.lax.dynamic_update_slice(out, new[:, None], (jnp.int32(0), i))
             count = count + (~done).astype(jnp.int32)
@@ -591,16 +598,25 @@ class InferenceEngine:
         first = slots - prepared.lengths[:, None]
         return (np.arange(slots + new_slots)[None, :] >= first).astype(np.int32)
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams = SamplingParams()) -> list[Generation]:
-        """Answers for `prompts` (one batch; rows and lengths bucketed)."""
-        prepared = self.prepare(prompts)
-        return self.generate_prepared(prepared, params)
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams = SamplingParams(), *,
+                 first_index: int = 0) -> list[Generation]:
+        """Answers for `prompts` (one batch; rows and lengths bucketed).
 
-    def generate_prepared(self, prepared: PreparedBatch, params: SamplingParams) -> list[Generation]:
+        Sampling: prompt i of the batch draws from random stream `first_index + i` of `params.seed`
+        (`sampling.row_keys`), whatever the batch. Give each batch of a run its first prompt's
+        index in the run, and a prompt's answer does not depend on the batch size nor its place in
+        the batch, and repeated prompts get independent samples. Stream 0 is what a lone prompt
+        has always used.
+        """
+        prepared = self.prepare(prompts)
+        return self.generate_prepared(prepared, params, first_index=first_index)
+
+    def generate_prepared(self, prepared: PreparedBatch, params: SamplingParams, *,
+                          first_index: int = 0) -> list[Generation]:
         """Prefill, then the compiled decode loop, for a batch from `prepare`."""
         new_slots = self.new_slots(prepared, params)
         first_logits, cache = self.prefill(prepared, prepared.prompt_slots + new_slots)
-        return self.decode(prepared, first_logits, cache, params)
+        return self.decode(prepared, first_logits, cache, params, first_index=first_index)
 
     def new_slots(self, prepared: PreparedBatch, params: SamplingParams) -> int:
         """Cache slots reserved for the answers (max_new_tokens, cut to the room below max_length, bucketed)."""
@@ -613,11 +629,12 @@ class InferenceEngine:
                                      "no room to generate")
         return min(params.max_new_tokens, room)
 
-    def decode(self, prepared: PreparedBatch, first_logits, cache, params: SamplingParams) -> list[Generation]:
+    def decode(self, prepared: PreparedBatch, first_logits, cache, params: SamplingParams, *,
+               first_index: int = 0) -> list[Generation]:
         """The decode loop after `prefill(prepared, prompt_slots + new_slots(prepared, params))`
-        (the cache is donated)."""
+        (the cache is donated). `first_index`: see `generate`."""
         rows, new_slots = len(prepared.lengths), cache[0].shape[2] - prepared.prompt_slots
-        controls, kv_seg, next_pos = self._decode_controls(prepared, params, new_slots)
+        controls, kv_seg, next_pos = self._decode_controls(prepared, params, new_slots, first_index=first_index)
         if rows < self.decode_min_rows:
             first_logits, cache, kv_seg, next_pos = self._filler_rows(self.decode_min_rows - rows, first_logits,
                                                                       cache, kv_seg, next_pos)
@@ -647,8 +664,14 @@ class InferenceEngine:
         return repeat_last(first_logits), tuple(repeat_last(c, 1) for c in cache), repeat_last(kv_seg), \
             repeat_last(next_pos)
 
-    def _decode_controls(self, prepared: PreparedBatch, params: SamplingParams, new_slots: int):
-        """The decode loop's host inputs: (controls, kv_seg [rows, slots], next_pos [rows])."""
+    def _decode_controls(self, prepared: PreparedBatch, params: SamplingParams, new_slots: int, *,
+                         first_index: int = 0):
+        """The decode loop's host inputs: (controls, kv_seg [rows, slots], next_pos [rows]).
+
+        controls["stream"] holds every decoded row's random stream (`generate`), the filler rows'
+        (`decode_min_rows`) included."""
+        if first_index < 0:
+            raise ValueError(f"first_index must be >= 0, got {first_index}")
         max_new = self._max_new(prepared, params)
         if new_slots < max_new:
             raise ValueError(f"the cache has {new_slots} answer slots, {max_new} are needed")
@@ -663,6 +686,7 @@ class InferenceEngine:
             "repetition_penalty": np.float32(params.repetition_penalty),
             "pad": np.int32(self.pad_id),
             "vocab_limit": np.int32(self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size),
+            "stream": first_index + np.arange(max(len(prepared.lengths), self.decode_min_rows), dtype=np.int32),
         }
         return controls, self.kv_segments(prepared, new_slots), prepared.lengths
 

@@ -149,10 +149,11 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
         return _images(visuals, f"{task}/{split}/{doc_id}")
 
-    def _answers(self, prompts: list, params: SamplingParams, until: list[str]) -> list[str]:
-        """Decoded, stripped answers to prompts generated as one batch."""
+    def _answers(self, prompts: list, params: SamplingParams, until: list[str], first_index: int = 0) -> list[str]:
+        """Decoded, stripped answers to prompts generated as one batch (`first_index`: the random
+        stream of the first prompt, InferenceEngine.generate)."""
         answers = []
-        for gen in self.engine.generate(prompts, params):
+        for gen in self.engine.generate(prompts, params, first_index=first_index):
             text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
             if self.apply_until:
                 for stop in until:
@@ -195,7 +196,8 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
                     context, _, doc_to_visual, doc_id, task, split = requests[index].args
                     images = self._visuals(doc_to_visual, task, split, doc_id)
                     prompts.append(generation_prompt(context, images, self.tokenizer))
-                for index, answer in zip(chunk, self._answers(prompts, params, until)):
+                # Each request samples from its own stream (its place in the group), whatever the batch size.
+                for index, answer in zip(chunk, self._answers(prompts, params, until, first_index=start)):
                     results[index] = answer
         return [r if r is not None else "" for r in results]
 

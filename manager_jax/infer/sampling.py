@@ -90,6 +90,25 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     return jnp.where(logits < cutoff, NEG_INF, logits)
 
 
+def row_keys(key: jax.Array, streams: jax.Array) -> jax.Array:
+    """One key per row [B] from the seed's key and each row's stream number [B] int32.
+
+    Stream 0 is the seed's key itself (so one prompt samples as a single-row batch always did);
+    stream i > 0 is `fold_in(key, i)`. A row's draws thus depend on its stream number only, not on
+    the batch it is decoded in nor its place there.
+    """
+    folded = jax.random.key_data(jax.vmap(lambda s: jax.random.fold_in(key, s))(streams))
+    base = jnp.broadcast_to(jax.random.key_data(key), folded.shape)
+    chosen = jnp.where((streams == 0).reshape((-1,) + (1,) * (folded.ndim - 1)), base, folded)
+    return jax.random.wrap_key_data(chosen, impl=jax.random.key_impl(key))
+
+
+def split_rows(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`key, sub = jax.random.split(key)` for every row's key [B]."""
+    pairs = jax.vmap(jax.random.split)(keys)
+    return pairs[:, 0], pairs[:, 1]
+
+
 def select_tokens(
     logits: jax.Array,
     key: jax.Array,
@@ -99,9 +118,15 @@ def select_tokens(
     top_k: jax.Array | int = 0,
     top_p: jax.Array | float = 1.0,
 ) -> jax.Array:
-    """logits [B, V] -> token ids [B] int32. `greedy` is static; the rest may be traced."""
+    """logits [B, V] -> token ids [B] int32. `greedy` is static; the rest may be traced.
+
+    `key`: one key for the whole batch, or one per row ([B], `row_keys`): row b then draws with
+    key[b] alone, exactly as a single-row batch with that key would.
+    """
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits, jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
                              jnp.asarray(top_p, jnp.float32))
+    if key.ndim == 1:
+        return jax.vmap(lambda k, row: jax.random.categorical(k, row[None], axis=-1)[0])(key, filtered).astype(jnp.int32)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
