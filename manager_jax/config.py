@@ -22,6 +22,9 @@ MANAGER_TYPES = (
 )
 GRID_TYPES = ("main", "all", "grid")
 CONVENTIONS = ("original", "hf")
+# Our HF exports of a model whose image convention is not transformers' record it here (an extra
+# config field transformers ignores), so reading the export back restores the model exactly.
+HF_CONVENTION_FIELD = "manager_jax_image_convention"
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_acts", "dots_no_batch", "save_attn_out")
 
@@ -289,7 +292,7 @@ class ModelConfig:
             aspect_ratio=cfg.get("vision_aspect_ratio", "anyres_max_9"),
             grid_pinpoints=[(int(w), int(h)) for h, w in pin] if pin else ANYRES_MAX_9_PINPOINTS,
             patch_merge_type="spatial_unpad",
-            convention="hf",
+            convention=cfg.get(HF_CONVENTION_FIELD, "hf"),
         )
         base = cls(
             vision=vision,

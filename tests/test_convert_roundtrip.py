@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from manager_jax import params_io
 from manager_jax.config import TextConfig, VisionConfig, tiny
 from manager_jax.reference.hf_tiny import tiny_hf_config, tiny_hf_model
-from tools.convert_weights import convert, testing
+from tools.convert_weights import configs_out, convert, testing
 from tools.convert_weights.mapping import flatten
 from tools.convert_weights.sources import ConversionError
 
@@ -99,6 +99,7 @@ def test_hf_orbax_hf_is_bit_identical(tmp_path, tied):
     for key in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "vocab_size", "rope_parameters"):
         assert after["text_config"][key] == before["text_config"][key], key
     assert os.path.exists(tmp_path / "back" / "generation_config.json")  # carried via the params dir
+    assert "manager_jax_image_convention" not in after  # transformers' own convention: nothing to record
 
 
 def test_legacy_hf_names_round_trip_and_match_v5(tmp_path):
@@ -143,15 +144,24 @@ def test_original_and_hf_layouts_of_one_model_give_the_same_tree(tmp_path):
 
 
 def test_manager_model_through_hf_export_and_back(tmp_path):
-    """An HF export keeps Manager tensors verbatim and mm_manager_* fields: reading it back is lossless."""
+    """An HF export keeps Manager tensors verbatim, mm_manager_* fields and the image convention:
+    reading it back gives the same model (config and tensors)."""
     cfg = tiny("grid_manager")
     written, _, _ = testing.write_original_checkpoint(str(tmp_path / "src"), cfg, dtype=torch.bfloat16)
-    convert.to_orbax(str(tmp_path / "src"), str(tmp_path / "p1"))
-    convert.from_orbax(str(tmp_path / "p1"), str(tmp_path / "hf"), fmt="hf")
+    p1 = convert.to_orbax(str(tmp_path / "src"), str(tmp_path / "p1"))
+    assert p1.image.convention == "original"
+    # An original-convention model is not silently exported for transformers' preprocessing.
+    with pytest.raises(ConversionError, match="--accept-hf-convention"):
+        convert.from_orbax(str(tmp_path / "p1"), str(tmp_path / "hf"), fmt="hf")
+    assert not os.path.exists(tmp_path / "hf")
+    convert.from_orbax(str(tmp_path / "p1"), str(tmp_path / "hf"), fmt="hf", accept_hf_convention=True)
     hf_keys = set(load_dir(tmp_path / "hf"))
     assert "model.manager.0.layer_scores" in hf_keys and "language_model.model.embed_tokens.weight" in hf_keys
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["manager_jax_image_convention"] == "original"
     got = convert.to_orbax(str(tmp_path / "hf"), str(tmp_path / "p2"))
-    assert got.manager == cfg.manager and got.image.convention == "hf"
+    assert got.manager == cfg.manager and got.image.convention == "original"
+    assert got.text == p1.text and got.vision == p1.vision and got.image_token_id == p1.image_token_id
+    assert configs_out.expand_pinpoints(got.image.grid_pinpoints) == configs_out.expand_pinpoints(p1.image.grid_pinpoints)
     convert.from_orbax(str(tmp_path / "p2"), str(tmp_path / "back"), fmt="llava")
     assert_bit_identical(load_dir(tmp_path / "back"), written)
 

@@ -33,28 +33,47 @@ def build_parser() -> argparse.ArgumentParser:
                         "training checkpoint (latest step). With --siglip/--qwen give DST only.")
     p.add_argument("--format", choices=["llava", "hf", "siglip+qwen2", "orbax"], default=None,
                    help="source format (detected when omitted)")
-    p.add_argument("--dtype", choices=["keep", "bf16", "fp32"], default="keep")
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp32"], default="keep",
+                   help="dtype of the stored parameters (keep: as in SRC)")
     p.add_argument("--siglip", help="SigLIP checkpoint directory (siglip+qwen2)")
     p.add_argument("--qwen", help="Qwen2 checkpoint directory (siglip+qwen2)")
     p.add_argument("--variant", choices=VARIANTS, default="baseline",
                    help="siglip+qwen2: Manager / grid settings with their defaults (SPEC §2.1, §8)")
     p.add_argument("--model-config", help="siglip+qwen2: a JSON ModelConfig whose manager/image sections to use")
     p.add_argument("--seed", type=int, default=0, help="siglip+qwen2: seed of the fresh projector/newline/Manager")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it exists (never when DST is, holds or lies inside SRC)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
-    p = sub.add_parser("from-orbax", help="params directory / training checkpoint -> PyTorch safetensors")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST")
-    p.add_argument("--format", choices=["llava", "hf"], required=True)
-    p.add_argument("--dtype", choices=["keep", "bf16", "fp32"], default="keep")
-    p.add_argument("--tokenizer", help="tokenizer directory whose files are copied into DST")
+    p = sub.add_parser(
+        "from-orbax", help="params directory / training checkpoint -> PyTorch safetensors",
+        description="Export a params directory (or the latest step of a training checkpoint) as a PyTorch "
+                    "safetensors checkpoint with its config.json, written atomically.",
+        epilog="Image convention: the Manager checkpoints use the original one (int() unpad rounding, no newline "
+               "after single-crop images); transformers' LlavaOnevision always uses its own (round(x, 7) "
+               "unpad, a newline after every single-crop image, SPEC §3.9). --format hf of an original-"
+               "convention model is refused unless --accept-hf-convention is given; the exported config.json "
+               "then records the original convention, so to-orbax gives back the same model, but transformers "
+               "itself will preprocess images its way.")
+    p.add_argument("src", metavar="SRC", help="params directory, or training checkpoint / output_dir (latest step)")
+    p.add_argument("dst", metavar="DST", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--format", choices=["llava", "hf"], required=True,
+                   help="llava: the original LLaVA-OV(-Manager) layout and config (mm_* fields); hf: transformers "
+                        "LlavaOnevisionForConditionalGeneration names and config (Manager fields kept as extras)")
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp32"], default="keep",
+                   help="dtype of the written tensors (keep: as stored)")
+    p.add_argument("--tokenizer", help="tokenizer directory whose files are copied into DST (default: the params "
+                                       "directory's tokenizer/, if any)")
     p.add_argument("--hf-naming", choices=["auto", "v5", "legacy"], default="auto",
                    help="hf key names: v5 = transformers 5.x save_pretrained, legacy = 4.4x hub names, auto = the "
                         "source's own if it was an HF checkpoint, else v5")
-    p.add_argument("--max-shard-size", default="5GB")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB or a byte count (default: 5GB)")
+    p.add_argument("--accept-hf-convention", action="store_true",
+                   help="allow --format hf of a model with the original image convention (see below)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it exists (never when DST is, holds or lies inside SRC or --tokenizer)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
     p = sub.add_parser("inspect", help="detected format, config and tensors of any supported checkpoint")
     p.add_argument("path", metavar="PATH")
@@ -80,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
             files = from_orbax(args.src, args.dst, fmt=args.format, dtype=args.dtype, tokenizer=args.tokenizer,
                                hf_naming=args.hf_naming, max_shard_size=args.max_shard_size,
-                               overwrite=args.overwrite, progress=_progress(args.quiet))
+                               overwrite=args.overwrite, progress=_progress(args.quiet),
+                               accept_hf_convention=args.accept_hf_convention)
             print(f"wrote {args.dst}: {', '.join(files)}")
             return 0
         if args.command == "inspect":

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from manager_jax.config import ModelConfig, VisionConfig
+from manager_jax.config import HF_CONVENTION_FIELD, ModelConfig, VisionConfig
 
 SIGLIP_TOWER = "google/siglip-so400m-patch14-384"
 QWEN_BOS, QWEN_EOS = 151643, 151645
@@ -195,4 +195,6 @@ def hf_config(cfg: ModelConfig, dtype: np.dtype, base: dict | None = None) -> di
     out.pop("torch_dtype", None)
     if cfg.manager.enabled:  # no HF counterpart: kept as extra fields, read back by our converter
         out.update(manager_fields(cfg))
+    if cfg.image.convention != "hf":  # transformers ignores it; our converter restores the model's own
+        out[HF_CONVENTION_FIELD] = cfg.image.convention
     return out

@@ -301,8 +301,22 @@ def _export_layout(source: OrbaxSource, fmt: str, hf_naming: str) -> str:
     return {"v5": "hf", "legacy": "hf_legacy"}[hf_naming]
 
 
-def plan_export(source: OrbaxSource, fmt: str, dtype: str = "keep", hf_naming: str = "auto") -> ExportPlan:
-    """Validates an export and lists the tensors to write (data produced lazily)."""
+CONVENTION_CHANGE = (
+    "this model uses the {convention!r} image convention (int() unpad rounding, no newline after single-crop "
+    "images: the Manager checkpoints, SPEC §3.9 #1 and #4), but transformers' LlavaOnevision always preprocesses "
+    "with its own (round(x, 7) unpad, a newline after every single-crop image): run by transformers, the export "
+    "would see a different number of image tokens for some images (e.g. +1 per image in multi-image prompts). "
+    "Export as --format llava to keep the model exact, or pass --accept-hf-convention to export anyway (the "
+    "config.json records the {convention!r} convention, so to-orbax reads the export back as this model)"
+)
+
+
+def plan_export(source: OrbaxSource, fmt: str, dtype: str = "keep", hf_naming: str = "auto",
+                accept_hf_convention: bool = False) -> ExportPlan:
+    """Validates an export and lists the tensors to write (data produced lazily).
+
+    An hf export of a model whose image convention is not "hf" is refused unless
+    `accept_hf_convention` (transformers would preprocess its images differently)."""
     target = _dtype_choice(dtype)
     cfg = source.config
     problems = []
@@ -313,6 +327,8 @@ def plan_export(source: OrbaxSource, fmt: str, dtype: str = "keep", hf_naming: s
     if fmt == "hf" and not cfg.image.has_newline:
         problems.append("transformers LlavaOnevision always has an image_newline, but this model "
                         f"(mm_patch_merge_type={cfg.image.patch_merge_type!r}) has none: export it as --format llava")
+    elif fmt == "hf" and cfg.image.convention != "hf" and not accept_hf_convention:
+        problems.append(CONVENTION_CHANGE.format(convention=cfg.image.convention))
     if problems:
         raise ConversionError(source.path, problems)
     layout = _export_layout(source, fmt, hf_naming)
@@ -355,6 +371,7 @@ def from_orbax(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: Progress = None,
+    accept_hf_convention: bool = False,
 ) -> list[str]:
     """Exports a params directory (or the latest step of a training checkpoint) as safetensors.
 
@@ -362,13 +379,15 @@ def from_orbax(
     fmt "hf": transformers llava-onevision names (`hf_naming` "v5" = what 5.x save_pretrained
     writes, "legacy" = 4.4x hub names, "auto" = the source's if it was HF, else v5) + an HF
     LlavaOnevisionConfig. Tokenizer files come from `tokenizer`, else from the params directory.
+    fmt "hf" of a model with the original image convention needs `accept_hf_convention` (see
+    `plan_export`); its config then records the convention for the way back.
     Returns the written file names.
     """
     _check_destination(dst, overwrite, src, _sources(src, tokenizer))
     if tokenizer is not None and not os.path.isdir(tokenizer):
         raise ConversionError(src, [f"--tokenizer {tokenizer}: not a directory"])
     source = OrbaxSource(src)
-    plan = plan_export(source, fmt, dtype, hf_naming)
+    plan = plan_export(source, fmt, dtype, hf_naming, accept_hf_convention)
     max_bytes = parse_size(max_shard_size)
     tok_dir = tokenizer or source.tokenizer_dir()
     written: list[str] = []
