@@ -94,3 +94,17 @@ def test_overwrite_never_deletes_the_source(ckpt, tmp_path, capsys):
     assert main(["from-orbax", str(same / "p"), str(root / "tok"), "--format", "llava",
                  "--tokenizer", str(root / "tok"), "--overwrite", "--quiet"]) == 1
     assert os.path.isfile(root / "tok" / "vocab.json")
+
+
+def test_hf_export_of_an_original_convention_model_needs_consent(ckpt, tmp_path, capsys):
+    root, _ = ckpt
+    assert main(["to-orbax", str(root / "src"), str(tmp_path / "p"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["from-orbax", str(tmp_path / "p"), str(tmp_path / "hf"), "--format", "hf", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "'original' image convention" in err and "--accept-hf-convention" in err and "--format llava" in err
+    assert not os.path.exists(tmp_path / "hf")
+    assert main(["from-orbax", str(tmp_path / "p"), str(tmp_path / "hf"), "--format", "hf", "--accept-hf-convention",
+                 "--quiet"]) == 0
+    assert main(["to-orbax", str(tmp_path / "hf"), str(tmp_path / "back"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["image"]["convention"] == "original"
