@@ -15,6 +15,7 @@ A training checkpoint (an Orbax CheckpointManager directory: numbered step direc
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -78,11 +79,30 @@ def _strip_value_leaves(tree: Any) -> Any:
     return tree
 
 
+def _metadata_tree(path: str) -> Any:
+    """The stored tree's metadata; ParamsError when the checkpoint has none (damaged or unfinished)."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ParamsError(f"{path}: not a directory")
+    try:
+        with ocp.Checkpointer(_handler()) as ckpt:
+            meta = ckpt.metadata(path)
+    except Exception as e:  # Orbax raises many kinds of errors for damaged checkpoints
+        raise ParamsError(f"{path}: cannot read the Orbax metadata ({type(e).__name__}: {e}); "
+                          "the checkpoint is damaged or incomplete") from e
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree) if tree is not None else None
+    if not tree:
+        missing = [name for name in ("_METADATA", "manifest.ocdbt", "d") if not os.path.exists(os.path.join(path, name))]
+        raise ParamsError(f"{path}: holds no readable Orbax checkpoint"
+                          + (f" (missing {', '.join(missing)})" if missing else "")
+                          + "; the save was interrupted or the files were damaged")
+    return tree
+
+
 def tree_metadata(path: str) -> dict:
     """{shape, dtype} of every array of an Orbax PyTree checkpoint, as `jax.ShapeDtypeStruct`s."""
-    with ocp.Checkpointer(_handler()) as ckpt:
-        meta = ckpt.metadata(os.path.abspath(path))
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    tree = _metadata_tree(path)
     tree = jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
         tree,
@@ -92,9 +112,7 @@ def tree_metadata(path: str) -> dict:
 
 
 def _has_value_wrappers(path: str) -> bool:
-    with ocp.Checkpointer(_handler()) as ckpt:
-        meta = ckpt.metadata(os.path.abspath(path))
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    tree = _metadata_tree(path)
     found = []
 
     def visit(node):
@@ -160,12 +178,22 @@ def _string_keys(tree: Any) -> Any:
 TRAINING_CHECKPOINTS = "checkpoints"
 
 
+COMMIT_MARKER = "commit_success.txt"  # Orbax writes it once a step (or an item) is complete
+_LOGGED: set[str] = set()
+
+
+def _committed(step_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(d, COMMIT_MARKER)) for d in (step_dir, os.path.join(step_dir, PARAMS_ITEM)))
+
+
 def resolve_params_dir(path: str) -> tuple[str, str | None]:
     """(Orbax params item directory, config.json path or None) for a params dir or training checkpoint.
 
-    A training checkpoint directory holds numbered step directories; the latest one with a `params`
-    item wins. Its config is looked up in the step directory, then the checkpoint root. A training
-    `output_dir` (holding `checkpoints/`) resolves to its latest checkpoint.
+    A training checkpoint directory holds numbered step directories; the latest committed one
+    (Orbax's commit_success.txt) with a `params` item wins, as the training loop would resume from
+    it. Newer steps that are skipped (no params item, an unfinished save) are logged. Its config is
+    looked up in the step directory, then the checkpoint root. A training `output_dir` (holding
+    `checkpoints/`) resolves to its latest checkpoint.
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -173,23 +201,50 @@ def resolve_params_dir(path: str) -> tuple[str, str | None]:
     if os.path.isdir(os.path.join(path, PARAMS_ITEM)):
         cfg = os.path.join(path, CONFIG_FILE)
         return os.path.join(path, PARAMS_ITEM), cfg if os.path.exists(cfg) else None
-    steps = sorted(
-        (int(name), name)
-        for name in os.listdir(path)
-        if name.isdigit() and os.path.isdir(os.path.join(path, name, PARAMS_ITEM))
-    )
+    numbered = sorted((int(name), name) for name in os.listdir(path)
+                      if name.isdigit() and os.path.isdir(os.path.join(path, name)))
+    steps = [(n, name) for n, name in numbered if os.path.isdir(os.path.join(path, name, PARAMS_ITEM))]
     if not steps and os.path.isdir(os.path.join(path, TRAINING_CHECKPOINTS)):
         return resolve_params_dir(os.path.join(path, TRAINING_CHECKPOINTS))  # a training output_dir
     if not steps:
+        hint = ""
+        if os.path.exists(os.path.join(path, CONFIG_FILE)) and any(
+                name.endswith((".safetensors", ".safetensors.index.json", ".bin")) for name in os.listdir(path)):
+            hint = (" — it looks like a PyTorch checkpoint: convert it first with "
+                    "`python -m tools.convert_weights to-orbax SRC DST`")
         raise ParamsError(
             f"{path}: neither a params directory ({PARAMS_ITEM}/ + {CONFIG_FILE}) nor a training checkpoint "
-            f"(numbered step directories holding a '{PARAMS_ITEM}' item)"
+            f"(numbered step directories holding a '{PARAMS_ITEM}' item){hint}"
         )
-    step_dir = os.path.join(path, steps[-1][1])
+    committed = [s for s in steps if _committed(os.path.join(path, s[1]))]
+    # Checkpoints without any commit marker (other Orbax versions, copies) keep the latest step.
+    chosen = (committed or steps)[-1]
+    skipped = []
+    for n, name in numbered:
+        if n <= chosen[0]:
+            continue
+        if (n, name) not in steps:
+            skipped.append(f"step {n} has no '{PARAMS_ITEM}' item")
+        else:
+            skipped.append(f"step {n} is not committed (no {COMMIT_MARKER}: an interrupted or unfinished save)")
+    message = f"{path}: using step {chosen[0]}, the newest complete one; " + "; ".join(skipped)
+    if skipped and message not in _LOGGED:  # once per process, not at every lookup
+        _LOGGED.add(message)
+        logging.getLogger(__name__).warning(message)
+    step_dir = os.path.join(path, chosen[1])
     for candidate in (os.path.join(step_dir, CONFIG_FILE), os.path.join(path, CONFIG_FILE)):
         if os.path.exists(candidate):
             return os.path.join(step_dir, PARAMS_ITEM), candidate
     return os.path.join(step_dir, PARAMS_ITEM), None
+
+
+def read_config(cfg_path: str) -> ModelConfig:
+    """ModelConfig.from_json_file, with a ParamsError naming the file when it cannot be read."""
+    try:
+        return ModelConfig.from_json_file(cfg_path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError, ConfigError, ...
+        what = "not valid JSON" if isinstance(e, json.JSONDecodeError) else "not a usable model config"
+        raise ParamsError(f"{cfg_path}: {what} ({type(e).__name__}: {e})") from e
 
 
 def is_params_dir(path: str) -> bool:
@@ -205,7 +260,7 @@ def load_config(path: str) -> ModelConfig:
     _, cfg_path = resolve_params_dir(path)
     if cfg_path is None:
         raise ParamsError(f"{path}: no {CONFIG_FILE} next to the params (looked in the step dir and the root)")
-    return ModelConfig.from_json_file(cfg_path)
+    return read_config(cfg_path)
 
 
 def overlap_problem(destination: str, sources: Sequence[str]) -> str | None:
@@ -394,7 +449,7 @@ def load_params(
     item, cfg_path = resolve_params_dir(directory)
     if cfg_path is None:
         raise ParamsError(f"{directory}: no {CONFIG_FILE} next to the params")
-    config = ModelConfig.from_json_file(cfg_path)
+    config = read_config(cfg_path)
     stored = tree_metadata(item)
     if target is None:
         target = stored
@@ -405,7 +460,13 @@ def load_params(
         target = jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct(s.shape, np.dtype(dtype), sharding=getattr(s, "sharding", None)), target
         )
-    return config, restore_tree(item, target)
+    try:
+        return config, restore_tree(item, target)
+    except ParamsError:
+        raise
+    except Exception as e:  # missing or truncated array files: Orbax / TensorStore errors of many kinds
+        raise ParamsError(f"{item}: cannot restore the parameters ({type(e).__name__}: {e}); "
+                          "the checkpoint is damaged or incomplete") from e
 
 
 def restore_into(model, params: Mapping) -> None:

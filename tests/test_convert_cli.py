@@ -59,7 +59,7 @@ def test_rejected_input_exits_1_with_one_message(ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: cannot convert") and "model-00002-of-00002.safetensors" in err
     assert not os.path.exists(tmp_path / "p")
-    assert main(["inspect", str(tmp_path / "bad")]) == 0
+    assert main(["inspect", str(tmp_path / "bad")]) == 1  # reported, and a nonzero status
     assert "unreadable" in capsys.readouterr().out
 
 
@@ -108,3 +108,19 @@ def test_hf_export_of_an_original_convention_model_needs_consent(ckpt, tmp_path,
                  "--quiet"]) == 0
     assert main(["to-orbax", str(tmp_path / "hf"), str(tmp_path / "back"), "--quiet"]) == 0
     assert json.loads((tmp_path / "back" / "config.json").read_text())["image"]["convention"] == "original"
+
+
+def test_inspect_exits_1_on_what_it_cannot_read(ckpt, tmp_path, capsys):
+    root, _ = ckpt
+    assert main(["inspect", str(tmp_path / "nonexistent")]) == 1
+    assert "does not exist" in capsys.readouterr().out
+    (tmp_path / "red.png").write_bytes(b"\x89PNG not a checkpoint")
+    assert main(["inspect", str(tmp_path / "red.png")]) == 1
+    assert main(["to-orbax", str(root / "src"), str(tmp_path / "p"), "--quiet"]) == 0
+    capsys.readouterr()
+    os.remove(tmp_path / "p" / "params" / "_METADATA")  # a damaged params directory: reported, no traceback
+    assert main(["inspect", str(tmp_path / "p")]) == 1
+    assert "unreadable:" in capsys.readouterr().out
+    (tmp_path / "p" / "config.json").write_text("{oops")
+    assert main(["inspect", str(tmp_path / "p")]) == 1
+    assert "config.json: not valid JSON" in capsys.readouterr().out

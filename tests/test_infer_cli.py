@@ -183,6 +183,34 @@ def test_clear_errors(checkpoint, capsys, tmp_path):
         generate_main(["--checkpoint", ckpt, "--prompt", "hi", "--top-p", "0"])
 
 
+def test_damaged_checkpoints_give_one_line_errors(checkpoint, capsys, tmp_path):
+    """An interrupted save (params/ with only _METADATA), missing array files, an empty params/ and a
+    malformed config.json: `error: cannot read checkpoint ...`, exit 1, no traceback."""
+    import shutil
+
+    ckpt, _, _ = checkpoint
+    cases = {}
+    for name in ("no_arrays", "empty", "bad_json"):
+        shutil.copytree(ckpt, tmp_path / name)
+    shutil.rmtree(tmp_path / "no_arrays" / "params" / "d")
+    cases["no_arrays"] = "missing d"
+    shutil.rmtree(tmp_path / "empty" / "params")
+    (tmp_path / "empty" / "params").mkdir()
+    cases["empty"] = "holds no readable Orbax checkpoint"
+    (tmp_path / "bad_json" / "config.json").write_text('{"text": ')
+    cases["bad_json"] = "config.json: not valid JSON"
+    run_dir = tmp_path / "run" / "60" / "params"
+    run_dir.mkdir(parents=True)
+    shutil.copy(os.path.join(ckpt, "params", "_METADATA"), run_dir / "_METADATA")
+    shutil.copy(os.path.join(ckpt, "config.json"), tmp_path / "run" / "config.json")
+    cases["run"] = "holds no readable Orbax checkpoint"  # no committed step to fall back to
+    for name, message in cases.items():
+        for main, extra in ((generate_main, []), (score_main, ["--continuation", "x"])):
+            code, _, err = run(main, ["--checkpoint", str(tmp_path / name), "--prompt", "hi", *extra], capsys)
+            assert code == 1 and err.startswith("error: cannot read checkpoint") and message in err, (name, err)
+            assert "Traceback" not in err
+
+
 def test_load_model_restores_into_shards(checkpoint, model_and_tokenizer, capsys):
     import jax
     from flax import nnx

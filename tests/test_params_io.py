@@ -233,3 +233,59 @@ def test_a_signal_while_writing_removes_the_temporary_directory(tmp_path, sig):
     if sig != "SIGINT":
         assert proc.returncode == 128 + getattr(signal, sig)
     assert os.listdir(out) == []
+
+
+def _training_run(root, cfg, steps=(3, 10)):
+    trees = {step: random_tree(cfg, seed=step) for step in steps}
+    with ocp.CheckpointManager(str(root), item_names=("params",)) as mngr:
+        for step, tree in trees.items():
+            mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(tree)))
+        mngr.wait_until_finished()
+    cfg.save(str(root / "config.json"))
+    return trees
+
+
+def test_unfinished_newer_steps_are_skipped_and_logged(tmp_path, cfg, caplog):
+    """A step whose save was interrupted (params/ with only _METADATA, no commit marker) or that has
+    no params item: the newest committed step is used, and a log line says which and why."""
+    import shutil
+
+    root = tmp_path / "run"
+    trees = _training_run(root, cfg)
+    (root / "20" / "params").mkdir(parents=True)
+    shutil.copy(root / "10" / "params" / "_METADATA", root / "20" / "params" / "_METADATA")
+    (root / "30").mkdir()
+    with caplog.at_level("WARNING", logger="manager_jax.params_io"):
+        _, loaded = params_io.load_params(str(root))
+    assert_trees_equal(loaded, trees[10])
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "using step 10" in logged and "step 20 is not committed" in logged and "step 30 has no 'params' item" in logged
+
+
+def test_damaged_checkpoints_raise_params_errors(tmp_path, cfg):
+    import shutil
+
+    root = tmp_path / "run"
+    _training_run(root, cfg, steps=(5,))
+    shutil.rmtree(root / "5" / "params" / "d")  # a committed step whose array files are gone
+    with pytest.raises(params_io.ParamsError, match="damaged or incomplete|missing d"):
+        params_io.load_params(str(root))
+    empty = tmp_path / "empty"
+    (empty / "params").mkdir(parents=True)
+    cfg.save(str(empty / "config.json"))
+    with pytest.raises(params_io.ParamsError, match="holds no readable Orbax checkpoint"):
+        params_io.load_params(str(empty))
+    with pytest.raises(params_io.ParamsError, match="holds no readable Orbax checkpoint"):
+        params_io.tree_metadata(str(empty / "params"))
+    (empty / "config.json").write_text("{not json")
+    with pytest.raises(params_io.ParamsError, match="config.json: not valid JSON"):
+        params_io.load_config(str(empty))
+    with pytest.raises(params_io.ParamsError, match="config.json: not valid JSON"):
+        params_io.load_params(str(empty))
+
+
+def test_a_pytorch_checkpoint_dir_gets_a_conversion_hint(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(params_io.ParamsError, match="convert_weights to-orbax"):
+        params_io.resolve_params_dir(str(tmp_path))

@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace DST if it exists (never when DST is, holds or lies inside SRC or --tokenizer)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
-    p = sub.add_parser("inspect", help="detected format, config and tensors of any supported checkpoint")
-    p.add_argument("path", metavar="PATH")
+    p = sub.add_parser("inspect", help="detected format, config and tensors of any supported checkpoint "
+                                       "(exit status 1 when PATH cannot be read as one)")
+    p.add_argument("path", metavar="PATH", help="checkpoint directory or file, SIGLIP_DIR,QWEN_DIR, params directory "
+                                                "or training checkpoint")
 
     p = sub.add_parser("verify", help="run the PyTorch reference and our model on the same input; compare logits")
     p.add_argument("--torch", required=True, dest="torch_path", help="PyTorch checkpoint (llava or hf)")
@@ -104,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.dst}: {', '.join(files)}")
             return 0
         if args.command == "inspect":
-            from tools.convert_weights.inspect_ckpt import inspect
+            from tools.convert_weights.inspect_ckpt import inspect_report
 
-            print(inspect(args.path))
-            return 0
+            report, readable = inspect_report(args.path)
+            print(report)
+            return 0 if readable else 1
         if args.command == "verify":
             from tools.convert_weights.verify import verify_cli
 
