@@ -166,7 +166,7 @@ def test_clear_errors(checkpoint, capsys, tmp_path):
     assert code == 1 and "cannot read image" in err
     code, _, err = run(score_main, ["--checkpoint", ckpt, "--image", image, "--prompt", "hi", "--continuation", "x",
                                     "--max-length", "300"], capsys)
-    assert code == 1 and "more than the model maximum of 300" in err
+    assert code == 1 and "more than the max_length of 300" in err
     code, _, err = run(generate_main, ["--checkpoint", str(root), "--prompt", "hi"], capsys)
     assert code == 1 and "cannot read checkpoint" in err
     code, _, err = run(generate_main, ["--checkpoint", ckpt, "--prompt", "hi", "--decode-kernels", "16:64,528"], capsys)
@@ -209,6 +209,63 @@ def test_damaged_checkpoints_give_one_line_errors(checkpoint, capsys, tmp_path):
             code, _, err = run(main, ["--checkpoint", str(tmp_path / name), "--prompt", "hi", *extra], capsys)
             assert code == 1 and err.startswith("error: cannot read checkpoint") and message in err, (name, err)
             assert "Traceback" not in err
+
+
+def test_out_of_range_values_are_usage_errors(checkpoint, capsys):
+    """Non-finite sampling values, --max-length < 1, --vocab-limit 0: exit 2 before anything loads
+    (inf and nan used to produce excluded ids or "!!!", 0 was read as "default")."""
+    ckpt, image, _ = checkpoint
+    base = ["--checkpoint", ckpt, "--prompt", "hi"]
+    for extra in (["--temperature", "inf"], ["--temperature", "nan"], ["--repetition-penalty", "nan"],
+                  ["--repetition-penalty", "inf"], ["--max-length", "0"], ["--max-length", "-5"],
+                  ["--vocab-limit", "0"], ["--vocab-limit", "-2"]):
+        with pytest.raises(SystemExit) as exit_:
+            generate_main(base + extra)
+        assert exit_.value.code == 2, extra
+    for extra in (["--max-length", "0"], ["--vocab-limit", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            score_main(base + ["--continuation", "x"] + extra)
+        assert exit_.value.code == 2, extra
+    capsys.readouterr()
+    # A limit below the eos ids: answers could never end. A continuation token past the limit: -inf.
+    code, _, err = run(generate_main, base + ["--vocab-limit", "100"], capsys)
+    assert code == 1 and "excludes the eos ids" in err
+    code, out, err = run(score_main, base + ["--continuation", "Blue sky", "--vocab-limit", "100", "--json"], capsys)
+    assert code == 1 and "excluded by the vocab limit of 100" in err and out == ""
+    code, out, err = run(score_main, base + ["--continuation", "<image>"], capsys)
+    assert code == 1 and "the continuation must not contain '<image>'" in err
+
+
+def test_jsonl_lines_are_all_checked_before_the_first_answer(checkpoint, capsys, tmp_path):
+    """A bad image, a placeholder mismatch or a too long prompt on a late line: nothing is generated,
+    and the error names FILE:LINE (it used to fail after the earlier batches, as 'prompt 0')."""
+    ckpt, image, root = checkpoint
+    good = json.dumps({"prompt": "Describe it.", "images": [image]}) + "\n"
+    (tmp_path / "folder.png").mkdir()
+    cases = {
+        "broken": (json.dumps({"prompt": "x", "images": [str(root / "broken.png")]}), "cannot read image"),
+        "folder": (json.dumps({"prompt": "x", "images": ["folder.png"]}), "is a directory, not an image file"),
+        "missing": (json.dumps({"prompt": "x", "images": ["nope.png"]}), "image not found"),
+        "placeholders": (json.dumps({"prompt": "<image> and <image>", "images": [image]}),
+                         "2 '<image>' placeholders but 1 images"),
+        "long": (json.dumps({"prompt": "word " * 1200}), "more than the max_length of 1000"),
+    }
+    for name, (line, message) in cases.items():
+        prompts = tmp_path / f"{name}.jsonl"
+        prompts.write_text(good + "\n" + good + line + "\n")
+        code, out, err = run(generate_main, ["--checkpoint", ckpt, "--prompts", str(prompts), "--json",
+                                             "--batch-size", "1", "--max-new-tokens", "2", "--max-length", "1000"],
+                             capsys)
+        assert code == 1 and out == "", (name, out)
+        assert f"{prompts}:4" in err and message in err, (name, err)
+
+
+def test_tokenizer_folder_without_a_tokenizer(checkpoint, capsys, tmp_path):
+    ckpt, _, _ = checkpoint
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(generate_main, ["--checkpoint", ckpt, "--prompt", "hi", "--tokenizer", str(tmp_path / "empty")],
+                       capsys)
+    assert code == 1 and err.startswith("error: cannot load the tokenizer from") and "Traceback" not in err
 
 
 def test_load_model_restores_into_shards(checkpoint, model_and_tokenizer, capsys):

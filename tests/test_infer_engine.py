@@ -344,6 +344,25 @@ def test_each_prompt_samples_its_own_stream_whatever_the_batch(baseline_engine):
         engine.generate([same], params, first_index=-1)
 
 
+def test_check_prompt_measures_what_process_builds():
+    """`check_prompt` (image sizes only, for checking a prompt file up front) finds the length that
+    `process` builds from the pixels, for one and several grid images; bad limits are refused."""
+    model = tiny_model("grid_manager")
+    engine = InferenceEngine(model, pad_id=0)
+    for images in ([random_image((200, 120), 1)], [random_image((90, 60), 2), random_image((40, 300), 3)]):
+        ids = [1, 2, *[IMAGE_TOKEN_INDEX] * len(images), 3]
+        length = engine.process(ids, images, "p").expanded_length
+        sizes = [im.size for im in images]
+        InferenceEngine(model, pad_id=0, max_length=length).check_prompt(ids, sizes, "f.jsonl:3")
+        with pytest.raises(PromptTooLongError, match=f"prompt f.jsonl:3 has {length} tokens.*max_length of {length - 1}"):
+            InferenceEngine(model, pad_id=0, max_length=length - 1).check_prompt(ids, sizes, "f.jsonl:3")
+    with pytest.raises(InputError, match="f.jsonl:2: 1 image placeholders but 2 images"):
+        engine.check_prompt([1, IMAGE_TOKEN_INDEX], [(10, 10), (10, 10)], "f.jsonl:2")
+    for bad in (dict(max_length=0), dict(max_length=-5), dict(vocab_limit=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            InferenceEngine(model, pad_id=0, **bad)
+
+
 def test_sharded_generation_equals_single_device(baseline_engine):
     from manager_jax.sharding import MeshConfig, make_mesh
 
@@ -429,7 +448,7 @@ def test_input_errors(manager_engine):
     with pytest.raises(InputError, match="no prompts"):
         engine.prepare([])
     short = InferenceEngine(model, pad_id=0, max_length=500)
-    with pytest.raises(PromptTooLongError, match=r"731 tokens after image expansion .* maximum of 500"):
+    with pytest.raises(PromptTooLongError, match=r"731 tokens after image expansion .* the max_length of 500"):
         short.prepare([Prompt([1, IMAGE_TOKEN_INDEX, 2], [random_image((40, 40), 1)])])
     with pytest.raises(PromptTooLongError, match="no room"):
         InferenceEngine(model, pad_id=0, max_length=3).generate([Prompt([1, 2, 3])])

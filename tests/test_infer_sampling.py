@@ -120,3 +120,11 @@ def test_row_keys_draw_each_row_as_a_batch_of_one():
         k, s = jax.random.split(keys[b])
         assert np.array_equal(jax.random.key_data(nxt[b]), jax.random.key_data(k))
         assert np.array_equal(jax.random.key_data(sub[b]), jax.random.key_data(s))
+
+
+@pytest.mark.parametrize("field, value", [("temperature", float("inf")), ("temperature", float("nan")),
+                                          ("repetition_penalty", float("nan")), ("repetition_penalty", float("inf")),
+                                          ("top_p", float("nan"))])
+def test_non_finite_sampling_values_are_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})

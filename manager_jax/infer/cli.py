@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 
 from manager_jax.config import ConfigError
+from manager_jax.data.conversation import DEFAULT_IMAGE_TOKEN, build_eval_prompt
 from manager_jax.infer.engine import InferenceEngine, InputError
 from manager_jax.models.decode_attention import parse_kernel_configs
 from manager_jax.models.decode_matmul import parse_matmul_configs
@@ -58,10 +60,11 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute and parameter dtype (default: the checkpoint config's)")
     p.add_argument("--max-length", type=int, default=None,
-                   help="longest prompt + answer in tokens (default: the model's max_position_embeddings)")
+                   help="longest prompt + answer in tokens, >= 1 (default: the model's max_position_embeddings)")
     p.add_argument("--vocab-limit", type=int, default=None,
                    help="never produce / normalise over ids >= this (default: the tokenizer's vocabulary "
-                        "without <image>/<video>, as the original evaluation; -1 = the whole model vocabulary)")
+                        "without <image>/<video>, as the original evaluation; -1 = the whole model vocabulary; "
+                        "generate needs it above the eos ids)")
     p.add_argument("--mesh", default=None,
                    help="shard over the devices (every host's in a multi-process run), e.g. 'fsdp=-1' or "
                         "'data=2,tensor=4' (default: one device)")
@@ -87,8 +90,17 @@ def _tokenizer_path(args) -> str | None:
     return bundled if os.path.isdir(bundled) else None
 
 
-def build_engine(args) -> tuple[InferenceEngine, object]:
-    """Model, tokenizer and engine from the common command-line options."""
+def check_common_args(parser: argparse.ArgumentParser, args) -> None:
+    """Usage errors (exit 2) in the options `_common_parser` adds."""
+    if args.max_length is not None and args.max_length < 1:
+        parser.error(f"--max-length must be >= 1 (omit it for the model's maximum), got {args.max_length}")
+    if args.vocab_limit is not None and args.vocab_limit < 1 and args.vocab_limit != -1:
+        parser.error(f"--vocab-limit must be >= 1, or -1 for the whole vocabulary, got {args.vocab_limit}")
+
+
+def build_engine(args, generating: bool = True) -> tuple[InferenceEngine, object]:
+    """Model, tokenizer and engine from the common command-line options (`generating`: the eos ids
+    must lie inside the vocab limit)."""
     from manager_jax import distributed
     from manager_jax.data.tokenizer import load_tokenizer
 
@@ -102,16 +114,25 @@ def build_engine(args) -> tuple[InferenceEngine, object]:
         raise InputError(f"--decode-matmul-kernels: {err}") from None
     distributed.initialize()  # several processes (JAX_* variables or a detected cluster): one global mesh
     mesh = mesh_from_spec(args.mesh)
+    tokenizer_path = _tokenizer_path(args)
+    try:  # before the (slow) model load
+        tokenizer = load_tokenizer(tokenizer_path)
+    except (OSError, ValueError, TypeError, KeyError) as err:  # transformers' many ways to fail on a bad folder
+        raise InputError(f"cannot load the tokenizer from {tokenizer_path!r}: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from err
     model = load_model(args.checkpoint, dtype=args.dtype, mesh=mesh)
-    tokenizer = load_tokenizer(_tokenizer_path(args))
     vocab = model.cfg.text.vocab_size
     if args.vocab_limit is None:
         limit = default_vocab_limit(tokenizer, vocab)
     else:
-        limit = vocab if args.vocab_limit < 0 else min(args.vocab_limit, vocab)
+        limit = vocab if args.vocab_limit == -1 else min(args.vocab_limit, vocab)
+    eos_ids = read_eos_ids(args.checkpoint, tokenizer.eos_ids)
+    if generating and any(e >= limit for e in eos_ids):
+        raise InputError(f"--vocab-limit {args.vocab_limit} excludes the eos ids {eos_ids}: answers could never end; "
+                         f"use at least {max(eos_ids) + 1} (or -1 for the whole vocabulary)")
     try:
         engine = InferenceEngine(
-            model, eos_ids=read_eos_ids(args.checkpoint, tokenizer.eos_ids), pad_id=tokenizer.pad_id,
+            model, eos_ids=eos_ids, pad_id=tokenizer.pad_id,
             im_start_id=tokenizer.im_start_id, vocab_limit=limit, max_length=args.max_length, mesh=mesh,
             decode_attention=args.decode_attention, decode_kernels=decode_kernels, decode_matmul=args.decode_matmul,
             decode_matmul_kernels=matmul_kernels,
@@ -121,7 +142,8 @@ def build_engine(args) -> tuple[InferenceEngine, object]:
     return engine, tokenizer
 
 
-def _read_jsonl(path: str) -> list[tuple[str, list[str]]]:
+def _read_jsonl(path: str) -> list[tuple[str, str, list[str]]]:
+    """(FILE:LINE, prompt, absolute image paths) per non-blank line."""
     if not os.path.isfile(path):
         raise InputError(f"prompts file not found: {path!r}")
     base = os.path.dirname(os.path.abspath(path))
@@ -141,10 +163,32 @@ def _read_jsonl(path: str) -> list[tuple[str, list[str]]]:
                 images = [images]
             if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
                 raise InputError(f"{path}:{number}: 'images' must be a list of paths")
-            items.append((record["prompt"], [i if os.path.isabs(i) else os.path.join(base, i) for i in images]))
+            items.append((f"{path}:{number}", record["prompt"],
+                          [i if os.path.isabs(i) else os.path.join(base, i) for i in images]))
     if not items:
         raise InputError(f"{path}: no prompts")
     return items
+
+
+def _image_sizes(items: list[tuple[str, str, list[str]]]) -> list[list[tuple[int, int]]]:
+    """Decodes every image of every prompt once (then lets it go) and checks the "<image>" counts:
+    a bad line fails here, named FILE:LINE, before the model is loaded."""
+    sizes = []
+    for where, text, paths in items:
+        count = text.count(DEFAULT_IMAGE_TOKEN)
+        if count and count != len(paths):
+            raise InputError(f"{where}: the prompt has {count} {DEFAULT_IMAGE_TOKEN!r} placeholders but "
+                             f"{len(paths)} images")
+        row = []
+        for path in paths:
+            try:
+                image = load_image(path)
+            except ImageLoadError as e:
+                raise ImageLoadError(f"{where}: {e}") from None
+            row.append(image.size)
+            image.close()
+        sizes.append(row)
+    return sizes
 
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
@@ -164,6 +208,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in --prompts mode")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     args = p.parse_args(argv)
+    check_common_args(p, args)
     if (args.prompt is None) == (args.prompts is None):
         p.error("give exactly one of --prompt and --prompts")
     if args.prompts is not None and args.image:
@@ -179,19 +224,15 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     try:
-        items = [(args.prompt, args.image)] if args.prompt is not None else _read_jsonl(args.prompts)
-        if args.prompt is not None:  # fail on a bad image before the (slow) model load
-            for path in args.image:
-                load_image(path)
-        missing = [path for _, paths in items for path in paths if not os.path.isfile(path)]
-        if missing:
-            raise ImageLoadError(f"image not found: {missing[0]!r}" + (f" (and {len(missing) - 1} more)"
-                                                                       if len(missing) > 1 else ""))
+        items = [("--prompt", args.prompt, args.image)] if args.prompt is not None else _read_jsonl(args.prompts)
+        sizes = _image_sizes(items)  # every image and placeholder count, before the (slow) model load
         engine, tokenizer = build_engine(args)
+        for (where, text, _), row in zip(items, sizes):  # and every length, before the first batch
+            engine.check_prompt(build_eval_prompt(text, len(row), tokenizer), row, where)
         index = 0
         for start in range(0, len(items), args.batch_size):  # images are decoded batch by batch
             chunk = items[start : start + args.batch_size]
-            prompts = [generation_prompt(text, [load_image(p) for p in paths], tokenizer) for text, paths in chunk]
+            prompts = [generation_prompt(text, [load_image(p) for p in paths], tokenizer) for _, text, paths in chunk]
             for gen in engine.generate(prompts, params, first_index=start):  # prompt i: random stream i
                 _print_generation(gen, tokenizer, index, args.json, single=len(items) == 1)
                 index += 1
@@ -209,7 +250,7 @@ def _print_generation(gen, tokenizer, index: int, as_json: bool, single: bool) -
     text = tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
     if as_json:
         print(json.dumps({"text": text, "token_ids": gen.token_ids, "finish_reason": gen.finish_reason},
-                         ensure_ascii=False), flush=True)
+                         ensure_ascii=False, allow_nan=False), flush=True)
     elif single:
         print(text)
     else:
@@ -224,9 +265,10 @@ def score_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--continuation", required=True, help="the answer to score")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     args = p.parse_args(argv)
+    check_common_args(p, args)
     try:
         images = [load_image(path) for path in args.image]
-        engine, tokenizer = build_engine(args)
+        engine, tokenizer = build_engine(args, generating=False)
         request = score_request(args.prompt, args.continuation, images, tokenizer)
         if request is None:
             logprob, num_tokens, greedy = 0.0, 0, True
@@ -240,8 +282,9 @@ def score_main(argv: Sequence[str] | None = None) -> int:
 
     if not distributed.is_primary():  # every process of a multi-host run holds the same result
         return 0
-    if args.json:
-        print(json.dumps({"logprob": logprob, "num_tokens": num_tokens, "is_greedy": greedy}))
+    if args.json:  # strict JSON: a log-probability that is not finite is null
+        logprob = logprob if math.isfinite(logprob) else None
+        print(json.dumps({"logprob": logprob, "num_tokens": num_tokens, "is_greedy": greedy}, allow_nan=False))
     else:
         print(f"logprob {logprob:.6f} over {num_tokens} tokens; greedy: {greedy}")
     return 0

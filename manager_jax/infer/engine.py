@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
+from manager_jax import multigrid
 from manager_jax.batch import IM_START_TOKEN_ID, ProcessedSample, assemble_batch
 from manager_jax.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from manager_jax.data.image_processing import preprocess_image
@@ -272,8 +273,14 @@ class InferenceEngine:
         self.eos_ids = [int(e) for e in eos_ids]
         self.pad_id = int(pad_id)
         self.im_start_id = int(im_start_id)
+        if vocab_limit is not None and int(vocab_limit) < 1:
+            raise ValueError(f"vocab_limit must be >= 1 (None: the whole vocabulary), got {vocab_limit}")
         self.vocab_limit = int(vocab_limit) if vocab_limit is not None else None
-        self.max_length = int(max_length or self.cfg.text.max_position_embeddings)
+        if max_length is not None and int(max_length) < 1:
+            raise ValueError(f"max_length must be >= 1 (None: the model's max_position_embeddings), got {max_length}")
+        self.max_length = int(max_length) if max_length is not None else self.cfg.text.max_position_embeddings
+        # How errors name the limit: the caller's max_length, or the model's own.
+        self._max_length_name = "the max_length" if max_length is not None else "the model maximum"
         self.min_prompt_bucket = min_prompt_bucket
         self.min_new_bucket = min_new_bucket
         self.mesh = mesh
@@ -382,38 +389,57 @@ class InferenceEngine:
         """Several images in one prompt use pad mode, as the original evaluation does (SPEC §7.2)."""
         return "pad" if n_images > 1 else self.cfg.image.aspect_ratio
 
-    def process(self, ids: Sequence[int], images: Sequence[Image.Image], name: str) -> ProcessedSample:
-        """Preprocess one prompt's images and pair them with its ids."""
+    def _image_options(self, n_images: int) -> dict:
+        """How this model plans and crops the images of a prompt with `n_images` images."""
+        return dict(mode=self.image_mode(n_images), pinpoints=self.cfg.image.grid_pinpoints,
+                    convention=self.cfg.image.convention,
+                    grid_type=self.cfg.manager.grid_type if self.cfg.manager.enabled else None,
+                    unpad=self.cfg.image.has_newline)
+
+    def _checked_ids(self, ids: Sequence[int], n_images: int, name: str) -> np.ndarray:
         ids = np.asarray(list(ids), np.int32)
         if ids.ndim != 1 or ids.size == 0:
             raise InputError(f"prompt {name}: needs at least one token id")
         n_sentinels = int((ids == IMAGE_TOKEN_INDEX).sum())
-        if n_sentinels != len(images):
-            raise InputError(f"prompt {name}: {n_sentinels} image placeholders but {len(images)} images")
+        if n_sentinels != n_images:
+            raise InputError(f"prompt {name}: {n_sentinels} image placeholders but {n_images} images")
         bad = ids[(ids != IMAGE_TOKEN_INDEX) & ((ids < 0) | (ids >= self.cfg.text.vocab_size))]
         if bad.size:
             raise InputError(f"prompt {name}: token id {int(bad[0])} outside the model vocabulary "
                              f"(size {self.cfg.text.vocab_size})")
-        mode = self.image_mode(len(images))
-        grid_type = self.cfg.manager.grid_type if self.cfg.manager.enabled else None
+        return ids
+
+    def _check_length(self, name: str, num_ids: int, image_tokens: Sequence[int]) -> None:
+        expanded = num_ids - len(image_tokens) + sum(image_tokens)
+        if expanded > self.max_length:
+            raise PromptTooLongError(
+                f"prompt {name} has {expanded} tokens after image expansion "
+                f"({num_ids - len(image_tokens)} text + {sum(image_tokens)} image tokens), more than "
+                f"{self._max_length_name} of {self.max_length}"
+            )
+
+    def check_prompt(self, ids: Sequence[int], image_sizes: Sequence[tuple[int, int]], name: str) -> None:
+        """The checks of `process` (placeholders, ids, length after image expansion) from the images'
+        sizes (W, H) alone: no pixels, so a whole prompt file can be checked before generating."""
+        ids = self._checked_ids(ids, len(image_sizes), name)
+        options = self._image_options(len(image_sizes))
+        tokens = [multigrid.plan_image(tuple(size), **options).num_tokens for size in image_sizes]
+        self._check_length(name, len(ids), tokens)
+
+    def process(self, ids: Sequence[int], images: Sequence[Image.Image], name: str) -> ProcessedSample:
+        """Preprocess one prompt's images and pair them with its ids."""
+        ids = self._checked_ids(ids, len(images), name)
+        options = self._image_options(len(images))
         pixels, plans = [], []
         for image in images:
-            px, plan = preprocess_image(
-                image, mode=mode, pinpoints=self.cfg.image.grid_pinpoints, convention=self.cfg.image.convention,
-                grid_type=grid_type, unpad=self.cfg.image.has_newline,
-            )
+            px, plan = preprocess_image(image, **options)
             pixels.append(px)
             plans.append(plan)
         side = self.cfg.vision.image_size
         px = np.concatenate(pixels) if pixels else np.zeros((0, side, side, 3), np.uint8)
         labels = np.full(ids.shape, IGNORE_INDEX, np.int32)
         sample = ProcessedSample(name, ids, labels, px, plans)
-        if sample.expanded_length > self.max_length:
-            raise PromptTooLongError(
-                f"prompt {name} has {sample.expanded_length} tokens after image expansion "
-                f"({len(ids) - len(images)} text + {sample.num_image_tokens} image tokens), more than the "
-                f"model maximum of {self.max_length}"
-            )
+        self._check_length(name, len(ids), [p.num_tokens for p in plans])
         return sample
 
     def _assemble(self, samples: list[ProcessedSample], seq_len: int, rows: int):
@@ -625,7 +651,7 @@ class InferenceEngine:
     def _max_new(self, prepared: PreparedBatch, params: SamplingParams) -> int:
         room = self.max_length - int(prepared.lengths.max())
         if room < 1:
-            raise PromptTooLongError(f"a prompt fills the model maximum of {self.max_length} tokens; "
+            raise PromptTooLongError(f"a prompt fills {self._max_length_name} of {self.max_length} tokens; "
                                      "no room to generate")
         return min(params.max_new_tokens, room)
 
@@ -747,14 +773,19 @@ class InferenceEngine:
         if not requests:
             raise InputError("no score requests given")
         samples, spans = [], []
+        limit = self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size
         for i, req in enumerate(requests):
-            sample = self.process(req.ids, req.images, str(i))
             ids = np.asarray(list(req.ids))
             if not 1 <= req.target_start < req.target_end <= len(ids):
                 raise InputError(f"request {i}: target [{req.target_start}, {req.target_end}) must lie inside "
                                  f"the {len(ids)} ids and leave at least one token before it")
-            if (ids[req.target_start:req.target_end] == IMAGE_TOKEN_INDEX).any():
+            scored = ids[req.target_start:req.target_end]
+            if (scored == IMAGE_TOKEN_INDEX).any():
                 raise InputError(f"request {i}: the scored tokens must not contain an image placeholder")
+            if (scored >= limit).any() and (scored < self.cfg.text.vocab_size).all():
+                raise InputError(f"request {i}: scored token id {int(scored[scored >= limit][0])} is excluded by the "
+                                 f"vocab limit of {limit}: its log-probability would be -inf")
+            sample = self.process(req.ids, req.images, str(i))
             # Expanded index of an unexpanded position: each earlier image adds (T - 1) slots.
             widths = np.ones(len(ids), np.int64)
             widths[ids == IMAGE_TOKEN_INDEX] = [p.num_tokens for p in sample.plans]
@@ -771,7 +802,6 @@ class InferenceEngine:
         valid = np.zeros((rows, width), bool)
         for r, (pos, t) in enumerate(spans):
             pred_pos[r, : len(t)], tgt[r, : len(t)], valid[r, : len(t)] = pos, t, True
-        limit = self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size
         # One right-padded sample per row: exactly causal, so flash attention on GPU (as in prefill);
         # rows past the requests are padding (`rows_bucket`).
         return self._model_inputs(batch), {"pred_pos": pred_pos, "targets": tgt, "valid": valid}, limit, spans

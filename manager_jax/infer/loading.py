@@ -110,6 +110,8 @@ def load_model(checkpoint: str, *, dtype: str | None = None, mesh=None) -> Llava
 
 def load_image(path: str) -> Image.Image:
     """Open an image file fully (so a truncated file fails here, not later), as RGB-convertible PIL."""
+    if os.path.isdir(path):
+        raise ImageLoadError(f"image {path!r} is a directory, not an image file")
     if not os.path.isfile(path):
         raise ImageLoadError(f"image not found: {path!r}")
     try:

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from manager_jax.data.conversation import build_eval_prompt, build_loglikelihood_pair
+from manager_jax.data.conversation import DEFAULT_IMAGE_TOKEN, build_eval_prompt, build_loglikelihood_pair
 from manager_jax.data.tokenizer import IM_END, QWEN2_TEXT_SPECIAL_TOKENS
-from manager_jax.infer.engine import Prompt, ScoreRequest
+from manager_jax.infer.engine import InputError, Prompt, ScoreRequest
 
 
 def generation_prompt(question: str, images: Sequence[Image.Image], tokenizer) -> Prompt:
@@ -33,6 +33,9 @@ def score_request(context: str, continuation: str, images: Sequence[Image.Image]
     """
     if continuation == "":
         return None
+    if DEFAULT_IMAGE_TOKEN in continuation:
+        raise InputError(f"the continuation must not contain {DEFAULT_IMAGE_TOKEN!r}: images go with the prompt "
+                         "(and are never scored)")
     n_images = len(images)
     prompt_ids = build_eval_prompt(context, n_images, tokenizer)
     full_ids, _ = build_loglikelihood_pair(context, continuation, n_images, tokenizer)
