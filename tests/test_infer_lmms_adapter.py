@@ -163,3 +163,34 @@ def test_multi_round_stops_at_max_rounds(adapter):
             adapter.generate_until_multi_round([request])
     finally:
         adapter.max_rounds = 32
+
+
+def test_unknown_model_args_are_refused(checkpoint):  # noqa: F811
+    """Typos and the stray half of a mesh that lmms-eval split on ',' used to be swallowed."""
+    from manager_jax.infer.engine import InputError
+
+    ckpt, _, _ = checkpoint
+    with pytest.raises(InputError, match="unknown model_args 'max_new_token'.*accepted: pretrained, tokenizer"):
+        LlavaOVManagerJax(pretrained=ckpt, max_new_token="5")
+    with pytest.raises(InputError, match="unknown model_args 'tensor'.*mesh=data:2/tensor:4"):
+        LlavaOVManagerJax(pretrained=ckpt, mesh="data=2", tensor="4")
+
+
+def test_a_mesh_written_for_lmms_eval_model_args():
+    """'pretrained=X,mesh=data:2/tensor:2' survives lmms-eval's parsing (split on ',' then on '=')
+    and gives the same mesh as 'data=2,tensor=2'."""
+    import jax
+
+    from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
+
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 (fake) devices; tests/conftest.py provides them on CPU")
+    parsed = dict(arg.split("=") for arg in "pretrained=/ckpt,mesh=data:2/tensor:2,batch_size=2".split(","))
+    assert parsed["mesh"] == "data:2/tensor:2"
+    devices = jax.devices()[:4]
+    mesh = mesh_from_spec(parsed["mesh"], devices)
+    assert dict(mesh.shape) == dict(mesh_from_spec("data=2,tensor=2", devices).shape)
+    assert dict(mesh.shape)["data"] == 2 and dict(mesh.shape)["tensor"] == 2
+    for bad in ("data=1,data=2", "data:1/data:1", "tensor:2/fsdp=-1/tensor=1"):
+        with pytest.raises(MeshSpecError, match="given twice"):
+            mesh_from_spec(bad, devices)

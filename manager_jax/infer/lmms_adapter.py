@@ -32,6 +32,7 @@ with any object that has them (the tests use a stand-in `Instance`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -65,6 +66,11 @@ def _lmms_base() -> type:
 _Base = _lmms_base()
 
 
+# What lmms-eval itself adds to --model_args (create_from_arg_string's extra config): JAX places the
+# model itself, so they are ignored. Anything else unknown is an error.
+LMMS_EVAL_EXTRAS = frozenset({"device", "max_batch_size", "device_map"})
+
+
 def _as_bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "y")
@@ -84,7 +90,9 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
       vocab_limit: ids >= this are excluded (default: len(tokenizer) without <image>/<video>,
         as the original's `resize_token_embeddings(len(tokenizer))`; -1 = whole vocabulary).
       max_length: longest prompt + answer (default: the model's maximum).
-      mesh: shard over the local devices, e.g. "fsdp=-1" or "data=2,tensor=4" (default: one device).
+      mesh: shard over the local devices, e.g. "fsdp:-1" or "data:2/tensor:4" (default: one device).
+        Write it without "," and "=" on an lmms-eval command line, which splits --model_args on
+        them; "data=2,tensor=4" works from Python.
       max_rounds: most rounds of one multi-round request (`generate_until_multi_round`).
       decode_attention / decode_matmul: the decode steps' attention and projections, as
         `InferenceEngine` takes them ("auto" / "xla" / "pallas"; "xla" / "pallas"); speed only.
@@ -106,8 +114,15 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         decode_matmul: str = "xla",
         engine: InferenceEngine | None = None,
         tokenizer_obj: Any = None,
-        **unused: Any,  # lmms-eval passes device etc.; JAX places the model itself
+        **unused: Any,
     ) -> None:
+        unknown = sorted(set(unused) - LMMS_EVAL_EXTRAS)
+        if unknown:  # a typo (max_new_token=5) or a mesh split by lmms-eval (mesh=data=2,tensor=4)
+            accepted = [name for name in inspect.signature(type(self).__init__).parameters
+                        if name not in ("self", "engine", "tokenizer_obj", "unused")]
+            raise InputError(
+                f"unknown model_args {', '.join(map(repr, unknown))} for {MODEL_NAME}; accepted: "
+                f"{', '.join(accepted)} (write a mesh of several axes as mesh=data:2/tensor:4)")
         if _Base is not object:
             super().__init__()
         else:

@@ -166,18 +166,23 @@ class MeshSpecError(ValueError):
 def mesh_from_spec(spec: str | None, devices=None):
     """'data=2,tensor=4' -> a Mesh over `devices` (default: all; `manager_jax.sharding`); None / '' -> None.
 
-    Unnamed axes have size 1, except fsdp, which takes the remaining devices unless an axis is -1.
+    Entries may also be written 'data:2/tensor:4' (no ',' nor '=': what survives lmms-eval's
+    --model_args parsing). Unnamed axes have size 1, except fsdp, which takes the remaining
+    devices unless an axis is -1. An axis named twice is an error.
     """
     if not spec:
         return None
     from manager_jax.sharding import MeshConfig, make_mesh
 
     sizes = {}
-    for part in spec.split(","):
-        name, _, value = part.partition("=")
+    for part in spec.replace("/", ",").split(","):
+        name, _, value = part.replace(":", "=", 1).partition("=")
         name = name.strip()
         if name not in ("data", "fsdp", "tensor") or not value.strip().lstrip("-").isdigit():
-            raise MeshSpecError(f"bad mesh entry {part!r}: expected data=N, fsdp=N or tensor=N (N may be -1)")
+            raise MeshSpecError(f"bad mesh entry {part!r}: expected data=N, fsdp=N or tensor=N (N may be -1; "
+                                "also written data:N/tensor:N)")
+        if name in sizes:
+            raise MeshSpecError(f"mesh {spec!r}: axis {name!r} is given twice")
         sizes[name] = int(value)
     full = {"data": 1, "fsdp": 1, "tensor": 1, **sizes}
     if -1 not in full.values() and "fsdp" not in sizes:
