@@ -67,7 +67,7 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         "generate needs it above the eos ids)")
     p.add_argument("--mesh", default=None,
                    help="shard over the devices (every host's in a multi-process run), e.g. 'fsdp=-1' or "
-                        "'data=2,tensor=4' (default: one device)")
+                        "'data=2,tensor=4' (or 'data:2/tensor:4'; default: one device)")
     p.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
                    help="attention of the decode steps: XLA's, or two fused GPU kernels per layer (per device on a "
                         "mesh; off the GPU it is interpreted, for tests only); auto: the kernels on GPUs, XLA's elsewhere")
@@ -196,17 +196,24 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     p = _common_parser("run.py generate", "Generate answers with a LLaVA-OV(-Manager) checkpoint.")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     p.add_argument("--prompt", default=None, help="the question (wrapped in the qwen_1_5 template)")
-    p.add_argument("--prompts", default=None, help='JSONL file: {"prompt": ..., "images": [...]} per line')
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--prompts", default=None,
+                   help='JSONL file: {"prompt": str, "images": [path, ...]} per line (blank lines skipped; relative '
+                        "image paths resolve against the file's directory); every line is checked before the "
+                        "first answer")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="most tokens per answer (fewer when the prompt leaves less room below --max-length)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, else sampling (finite, > 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="HF repetition penalty on the generated ids (default: the checkpoint's "
                         "generation_config.json value, else 1.0 = off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed; prompt i of a --prompts file draws from its own stream of it, "
+                        "whatever --batch-size")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in --prompts mode")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object per prompt: {"text", "token_ids", "finish_reason": "eos"|"length"}')
     args = p.parse_args(argv)
     check_common_args(p, args)
     if (args.prompt is None) == (args.prompts is None):
@@ -261,9 +268,11 @@ def score_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `run.py score`; returns the exit status."""
     p = _common_parser("run.py score", "Log-likelihood of a continuation given a prompt (and images).")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
-    p.add_argument("--prompt", required=True, help="the question / context")
-    p.add_argument("--continuation", required=True, help="the answer to score")
-    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--prompt", required=True, help="the question / context (wrapped in the qwen_1_5 template)")
+    p.add_argument("--continuation", required=True, help="the answer to score (no <image>)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"logprob": sum of the continuation tokens\' log-probabilities, "num_tokens", '
+                        '"is_greedy"}')
     args = p.parse_args(argv)
     check_common_args(p, args)
     try:
