@@ -136,7 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    result = COMMANDS[name][0]()(rest)
+    try:
+        result = COMMANDS[name][0]()(rest)
+    except KeyboardInterrupt:  # every command: Ctrl-C is one line and 130, as train's and convert's own
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 

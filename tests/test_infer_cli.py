@@ -289,3 +289,19 @@ def test_load_model_restores_into_shards(checkpoint, model_and_tokenizer, capsys
         mesh_from_spec("data=3")  # 8 devices cannot be split in 3
     code, _, err = run(generate_main, ["--checkpoint", checkpoint[0], "--prompt", "hi", "--mesh", "data=3"], capsys)
     assert code == 1 and "mesh 'data=3'" in err
+
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C in `run.py generate` / `score` (here raised where the command runs): one
+    `error: interrupted` line and exit status 130, as `train` and the converter do."""
+    import run
+    from manager_jax.infer import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    for command, entry in (("generate", "generate_main"), ("score", "score_main")):
+        monkeypatch.setattr(cli, entry, interrupted)
+        assert run.main([command, "--checkpoint", "x"]) == 130
+        assert capsys.readouterr().err == "error: interrupted\n"
