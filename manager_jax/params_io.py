@@ -84,6 +84,10 @@ def _metadata_tree(path: str) -> Any:
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ParamsError(f"{path}: not a directory")
+    missing = _missing_files(path)
+    if missing:  # said here: Orbax's own failure on these prints tracebacks from its threads first
+        raise ParamsError(f"{path}: holds no readable Orbax checkpoint (missing {', '.join(missing)}); "
+                          "the save was interrupted or the files were damaged")
     try:
         with ocp.Checkpointer(_handler()) as ckpt:
             meta = ckpt.metadata(path)
@@ -93,11 +97,21 @@ def _metadata_tree(path: str) -> Any:
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree) if tree is not None else None
     if not tree:
-        missing = [name for name in ("_METADATA", "manifest.ocdbt", "d") if not os.path.exists(os.path.join(path, name))]
-        raise ParamsError(f"{path}: holds no readable Orbax checkpoint"
-                          + (f" (missing {', '.join(missing)})" if missing else "")
-                          + "; the save was interrupted or the files were damaged")
+        raise ParamsError(f"{path}: holds no readable Orbax checkpoint; the save was interrupted or the files "
+                          "were damaged")
     return tree
+
+
+def _missing_files(path: str) -> list[str]:
+    """Files an Orbax PyTree checkpoint at `path` lacks: its `_METADATA`, and for the OCDBT layout
+    (every checkpoint this project writes, one process or several) its manifest and data directory."""
+    names = set(os.listdir(path))
+    missing = [] if "_METADATA" in names else ["_METADATA"]
+    if "manifest.ocdbt" in names or any(n.startswith("ocdbt.process_") for n in names):
+        missing += [n for n in ("manifest.ocdbt", "d") if n not in names]
+    elif "_METADATA" in names and not names - _METADATA_ONLY:  # a save cut short before any array
+        missing += ["manifest.ocdbt", "d"]
+    return missing
 
 
 def tree_metadata(path: str) -> dict:
@@ -179,6 +193,8 @@ TRAINING_CHECKPOINTS = "checkpoints"
 
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it once a step (or an item) is complete
+# What a params dir holds before its first array is written.
+_METADATA_ONLY = {"_METADATA", "_CHECKPOINT_METADATA", "_sharding", "array_metadatas", COMMIT_MARKER}
 _LOGGED: set[str] = set()
 
 

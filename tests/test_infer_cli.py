@@ -183,6 +183,7 @@ def test_clear_errors(checkpoint, capsys, tmp_path):
         generate_main(["--checkpoint", ckpt, "--prompt", "hi", "--top-p", "0"])
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no Orbax thread tracebacks
 def test_damaged_checkpoints_give_one_line_errors(checkpoint, capsys, tmp_path):
     """An interrupted save (params/ with only _METADATA), missing array files, an empty params/ and a
     malformed config.json: `error: cannot read checkpoint ...`, exit 1, no traceback."""
@@ -203,7 +204,7 @@ def test_damaged_checkpoints_give_one_line_errors(checkpoint, capsys, tmp_path):
     run_dir.mkdir(parents=True)
     shutil.copy(os.path.join(ckpt, "params", "_METADATA"), run_dir / "_METADATA")
     shutil.copy(os.path.join(ckpt, "config.json"), tmp_path / "run" / "config.json")
-    cases["run"] = "holds no readable Orbax checkpoint"  # no committed step to fall back to
+    cases["run"] = "holds no readable Orbax checkpoint (missing manifest.ocdbt, d)"  # no committed step to fall back to
     for name, message in cases.items():
         for main, extra in ((generate_main, []), (score_main, ["--continuation", "x"])):
             code, _, err = run(main, ["--checkpoint", str(tmp_path / name), "--prompt", "hi", *extra], capsys)
