@@ -16,6 +16,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -68,6 +69,11 @@ def cmd_train(argv: Sequence[str]) -> int:
             print(f"first loss {result.losses[0]:.4f}  final loss {result.losses[-1]:.4f}  "
                   f"(steps {result.first_step + 1}..{result.last_step}, {result.status})")
         print(f"checkpoint: {result.checkpoint_dir}")
+        if result.stop_signal:  # a preempted run is not finished: nonzero, so that a scheduler relaunches it
+            name = "Ctrl-C" if result.stop_signal == signal.SIGINT else signal.Signals(result.stop_signal).name
+            print(f"stopped by {name} after step {result.last_step}; the next launch resumes from its checkpoint "
+                  f"(exit status {128 + result.stop_signal})")
+            return 128 + result.stop_signal
         return 0
 
     return _reporting_errors(run, args.log_level, bad_input=input_errors(), failed=(TrainingError,))

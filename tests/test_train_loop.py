@@ -81,7 +81,7 @@ def test_resume_after_sigterm_is_exact(straight_run, tmp_path, monkeypatch):
     # The loop runs one step ahead: a step's metrics are read once the next step is dispatched (and
     # the batch after it read), so the SIGTERM that came while step 4 ran stops the run after step 4.
     assert seen == [(1, 3), (2, 4), (3, 5), (4, 5)]
-    assert first.status == "stopped" and first.last_step == 4
+    assert first.status == "stopped" and first.last_step == 4 and first.stop_signal == signal.SIGTERM
     ckpt = Checkpointer(first.checkpoint_dir)
     assert ckpt.all_steps() == [4]
     saved_recipe = ckpt.read_recipe()
@@ -89,6 +89,7 @@ def test_resume_after_sigterm_is_exact(straight_run, tmp_path, monkeypatch):
     assert saved_recipe == config.to_dict()  # the resolved config travels with the checkpoint
     second = loop_lib.train(demo_config(tmp_path), keep_state=True)
     assert second.first_step == 4 and second.last_step == 6 and second.status == "completed"
+    assert second.stop_signal is None
     # Bit-equal on CPU: same data order (restored iterator states), same rng, same updates.
     assert first.losses + second.losses == a.losses
     for x, y in zip(jax.tree.leaves(second.state["params"]), jax.tree.leaves(a.state["params"])):
@@ -152,7 +153,7 @@ def test_batches_over_the_loss_token_budget_use_the_full_loss(straight_run, tmp_
     """A batch with more supervised tokens than loss_token_budget falls back to all positions."""
     _, a = straight_run
     result = loop_lib.train(demo_config(tmp_path, "loss_token_budget=4", "stop_at_step=1"))
-    assert result.status == "stopped"
+    assert result.status == "stopped" and result.stop_signal is None  # asked for: not a preemption
     assert result.losses[0] == pytest.approx(a.losses[0], rel=1e-6)
 
 
@@ -219,6 +220,7 @@ def test_ctrl_c_saves_and_stops_and_data_skips_are_reported(straight_run, tmp_pa
     with caplog.at_level(logging.INFO, logger="manager_jax"):
         result = loop_lib.train(config, on_step=ctrl_c_at_1)
     assert result.status == "stopped" and result.last_step == 2  # stops after the step running then
+    assert result.stop_signal == signal.SIGINT
     assert "Ctrl-C received: saving a checkpoint" in caplog.text
     ckpt = Checkpointer(result.checkpoint_dir)
     assert ckpt.all_steps() == [2]

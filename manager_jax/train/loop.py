@@ -79,6 +79,9 @@ class TrainResult:
     status: str  # "completed" | "stopped" (SIGTERM / Ctrl-C / stop_at_step) | "data_exhausted"
     checkpoint_dir: str
     state: dict | None = None  # final train state (kept only when asked)
+    # The signal that stopped the run (this process's, else SIGTERM: another host's preemption
+    # notice); None when it ran to its end or to stop_at_step.
+    stop_signal: int | None = None
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -287,6 +290,7 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None  # the first signal received
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -303,6 +307,7 @@ class _StopFlag:
         again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
         logger.warning("%s received: saving a checkpoint and stopping after this step%s", name, again)
         self.requested = True
+        self.signum = signum
 
     def uninstall(self) -> None:
         for signum, previous in self._previous.items():
@@ -394,7 +399,7 @@ def train(
         writer.event(step, "checkpoint", directory=ckpt.directory)
 
     losses: list[float] = []
-    status = "completed"
+    status, stop_signal = "completed", None
     nonfinite_streak = 0
     last_finite = first_step if first_step else None
     saved_step = latest
@@ -483,6 +488,8 @@ def train(
                 save(step, data_after)  # the iterator states before the read-ahead
             if stop_requested:
                 status = "stopped"
+                if step != stop_at_step:
+                    stop_signal = stop.signum or signal.SIGTERM
                 break
             if exhausted:
                 status = "data_exhausted"
@@ -497,7 +504,7 @@ def train(
         writer.close()
     if primary and losses:
         logger.info("steps %d..%d: first loss %.4f, last loss %.4f (%s)", first_step + 1, step, losses[0], losses[-1], status)
-    return TrainResult(first_step, step, losses, status, ckpt.directory, state if keep_state else None)
+    return TrainResult(first_step, step, losses, status, ckpt.directory, state if keep_state else None, stop_signal)
 
 
 def _step_record(config: TrainConfig, setup: TrainSetup, m: dict, step_time: float, peak: float | None, first: bool) -> dict:
