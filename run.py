@@ -8,6 +8,7 @@
 
 `train` is the same command on one CPU, one GPU, a GPU cluster or every host of a TPU pod.
 Subcommands import their modules lazily, so one missing part of the package only breaks itself.
+Exit statuses: `manager_jax/exit_status.py` (0 done, 1 failed, 2 bad input, 130 Ctrl-C, 143 preempted).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+
+from manager_jax import exit_status
 
 # The demo recipe is the default, wherever run.py is started from.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.py")
@@ -92,14 +95,14 @@ def cmd_compile(argv: Sequence[str]) -> int:
         print(format_report(report))
         if args.hlo_out and report.get("refused_temporaries_gib") is None:
             print(f"HLO: {args.hlo_out}")
-        return 1 if report["fits"] is False else 0  # a launch script can stop on it
+        return exit_status.FAILED if report["fits"] is False else exit_status.OK  # a launch script can stop on it
 
     return _reporting_errors(run, args.log_level, bad_input=(AotError, *input_errors()))
 
 
 def _reporting_errors(run: Callable[[], int], log_level: str, *, bad_input: tuple, failed: tuple = ()) -> int:
-    """`run()`, with the project's own errors printed as one `error:` line: exit status 2 when the
-    input is wrong, 1 when the run failed, 130 for Ctrl-C. The traceback only with --log-level DEBUG."""
+    """`run()`, with the project's own errors printed as one `error:` line and the exit status of
+    `manager_jax.exit_status`. The traceback only with --log-level DEBUG."""
     try:
         return run()
     except (*bad_input, *failed, KeyboardInterrupt) as err:
@@ -107,9 +110,9 @@ def _reporting_errors(run: Callable[[], int], log_level: str, *, bad_input: tupl
             traceback.print_exc()
         if isinstance(err, KeyboardInterrupt):
             print(f"error: interrupted{f' ({err})' if str(err) else ''}", file=sys.stderr)
-            return 130
+            return exit_status.INTERRUPTED
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, bad_input) else 1
+        return exit_status.BAD_INPUT if isinstance(err, bad_input) else exit_status.FAILED
 
 
 def _setup_logging(level: str) -> None:
@@ -141,12 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+        return exit_status.BAD_INPUT
     try:
         result = COMMANDS[name][0]()(rest)
     except KeyboardInterrupt:  # every command: Ctrl-C is one line and 130, as train's and convert's own
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return exit_status.INTERRUPTED
     return int(result or 0)
 
 

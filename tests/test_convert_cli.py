@@ -49,13 +49,13 @@ def test_to_orbax_from_orbax_inspect(ckpt, tmp_path, capsys):
     assert "manager.blocks.0.layer_scores" in text and "[3, 64]" in text and "bfloat16" in text
 
 
-def test_rejected_input_exits_1_with_one_message(ckpt, tmp_path, capsys):
+def test_rejected_input_exits_2_with_one_message(ckpt, tmp_path, capsys):
     root, _ = ckpt
     os.makedirs(tmp_path / "bad")
     for name in os.listdir(root / "src"):
         if name != "model-00002-of-00002.safetensors":
             (tmp_path / "bad" / name).write_bytes((root / "src" / name).read_bytes())
-    assert main(["to-orbax", str(tmp_path / "bad"), str(tmp_path / "p"), "--quiet"]) == 1
+    assert main(["to-orbax", str(tmp_path / "bad"), str(tmp_path / "p"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot convert") and "model-00002-of-00002.safetensors" in err
     assert not os.path.exists(tmp_path / "p")
@@ -67,7 +67,7 @@ def test_python_dash_m_entry_point(ckpt, tmp_path):
     root, _ = ckpt
     proc = subprocess.run([sys.executable, "-m", "tools.convert_weights", "to-orbax", str(root / "src"),
                            str(tmp_path / "p"), "--format", "hf"], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "--format hf but config.json looks like llava" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "tools.convert_weights", "from-orbax", "a", "b"], cwd=REPO,
                           capture_output=True, text=True)
@@ -84,15 +84,15 @@ def test_overwrite_never_deletes_the_source(ckpt, tmp_path, capsys):
     capsys.readouterr()
     # The audit's repro: DST holds SRC (it deleted SRC and its sibling), DST is SRC, DST inside SRC.
     for dst in (same, same / "p", same / "p" / "params"):
-        assert main(["to-orbax", str(same / "p"), str(dst), "--overwrite", "--quiet"]) == 1
+        assert main(["to-orbax", str(same / "p"), str(dst), "--overwrite", "--quiet"]) == 2
         err = capsys.readouterr().err
         assert "--overwrite would delete what is being converted" in err, err
-        assert main(["from-orbax", str(same / "p"), str(dst), "--format", "llava", "--overwrite", "--quiet"]) == 1
+        assert main(["from-orbax", str(same / "p"), str(dst), "--format", "llava", "--overwrite", "--quiet"]) == 2
         assert "--overwrite would delete what is being converted" in capsys.readouterr().err
     assert sorted(os.listdir(same)) == ["p", "sibling"] and sorted(os.listdir(same / "p")) == before
     # The tokenizer folder is a source of from-orbax too.
     assert main(["from-orbax", str(same / "p"), str(root / "tok"), "--format", "llava",
-                 "--tokenizer", str(root / "tok"), "--overwrite", "--quiet"]) == 1
+                 "--tokenizer", str(root / "tok"), "--overwrite", "--quiet"]) == 2
     assert os.path.isfile(root / "tok" / "vocab.json")
 
 
@@ -100,7 +100,7 @@ def test_hf_export_of_an_original_convention_model_needs_consent(ckpt, tmp_path,
     root, _ = ckpt
     assert main(["to-orbax", str(root / "src"), str(tmp_path / "p"), "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["from-orbax", str(tmp_path / "p"), str(tmp_path / "hf"), "--format", "hf", "--quiet"]) == 1
+    assert main(["from-orbax", str(tmp_path / "p"), str(tmp_path / "hf"), "--format", "hf", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "'original' image convention" in err and "--accept-hf-convention" in err and "--format llava" in err
     assert not os.path.exists(tmp_path / "hf")
@@ -124,3 +124,25 @@ def test_inspect_exits_1_on_what_it_cannot_read(ckpt, tmp_path, capsys):
     (tmp_path / "p" / "config.json").write_text("{oops")
     assert main(["inspect", str(tmp_path / "p")]) == 1
     assert "config.json: not valid JSON" in capsys.readouterr().out
+
+
+def test_a_written_checkpoint_that_does_not_read_back_exits_1_and_leaves_nothing(ckpt, tmp_path, capsys, monkeypatch):
+    """A shard damaged after it was written (a full disk, a bad mount): the conversion ran, so the
+    status is 1 (failed), not 2 (bad input), and no partial destination is left."""
+    from tools.convert_weights import convert
+
+    root, _ = ckpt
+    assert main(["to-orbax", str(root / "src"), str(tmp_path / "p"), "--quiet"]) == 0
+    real_write = convert.write_checkpoint
+
+    def write_then_truncate(directory, *args, **kwargs):
+        names = real_write(directory, *args, **kwargs)
+        shard = os.path.join(directory, next(n for n in names if n.endswith(".safetensors")))
+        os.truncate(shard, os.path.getsize(shard) // 2)
+        return names
+
+    monkeypatch.setattr(convert, "write_checkpoint", write_then_truncate)
+    capsys.readouterr()
+    assert main(["from-orbax", str(tmp_path / "p"), str(tmp_path / "out"), "--format", "llava", "--quiet"]) == 1
+    assert "written checkpoint does not read back" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["p"]

@@ -49,7 +49,7 @@ def test_hf_baseline_matches_transformers(tmp_path):
 
 
 def test_cli_fails_on_a_damaged_conversion(manager_ckpt, tmp_path, capsys):
-    """One scrambled parameter (the layer-0 Manager scores) must trip the gate: exit status 3."""
+    """One scrambled parameter (the layer-0 Manager scores) must trip the gate: exit status 1."""
     cfg, tree = params_io.load_params(str(manager_ckpt / "jax"))
     scores = tree["manager"]["blocks"][1]["layer_scores"]
     tree["manager"]["blocks"][1]["layer_scores"] = scores[::-1].copy()  # layers swapped
@@ -57,7 +57,7 @@ def test_cli_fails_on_a_damaged_conversion(manager_ckpt, tmp_path, capsys):
     code = main(["verify", "--torch", str(manager_ckpt / "torch"), "--jax", str(tmp_path / "bad"),
                  "--image-size", "384x384", "--max-kl", "1e-9"])
     out = capsys.readouterr().out
-    assert code == 3 and "FAILED" in out and "KL" in out
+    assert code == 1 and "FAILED" in out and "KL" in out
 
 
 def test_mismatched_models_are_refused(manager_ckpt, tmp_path):

@@ -157,26 +157,26 @@ def test_score_matches_full_forward_loglikelihood(checkpoint, model_and_tokenize
 def test_clear_errors(checkpoint, capsys, tmp_path):
     ckpt, image, root = checkpoint
     code, _, err = run(generate_main, ["--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"], capsys)
-    assert code == 1 and "checkpoint not found" in err
+    assert code == 2 and "checkpoint not found" in err
     code, _, err = run(generate_main, ["--checkpoint", ckpt, "--image", str(root / "missing.png"), "--prompt", "hi"],
                        capsys)
-    assert code == 1 and "image not found" in err
+    assert code == 2 and "image not found" in err
     code, _, err = run(generate_main, ["--checkpoint", ckpt, "--image", str(root / "broken.png"), "--prompt", "hi"],
                        capsys)
-    assert code == 1 and "cannot read image" in err
+    assert code == 2 and "cannot read image" in err
     code, _, err = run(score_main, ["--checkpoint", ckpt, "--image", image, "--prompt", "hi", "--continuation", "x",
                                     "--max-length", "300"], capsys)
-    assert code == 1 and "more than the max_length of 300" in err
+    assert code == 2 and "more than the max_length of 300" in err
     code, _, err = run(generate_main, ["--checkpoint", str(root), "--prompt", "hi"], capsys)
-    assert code == 1 and "cannot read checkpoint" in err
+    assert code == 2 and "cannot read checkpoint" in err
     code, _, err = run(generate_main, ["--checkpoint", ckpt, "--prompt", "hi", "--decode-kernels", "16:64,528"], capsys)
-    assert code == 1 and "--decode-kernels: a kernel config is four positive integers" in err
+    assert code == 2 and "--decode-kernels: a kernel config is four positive integers" in err
     code, _, err = run(generate_main, ["--checkpoint", ckpt, "--prompt", "hi", "--decode-matmul-kernels", "mlp=16,32,4,1"],
                        capsys)
-    assert code == 1 and "--decode-matmul-kernels: a matmul config by projection" in err
+    assert code == 2 and "--decode-matmul-kernels: a matmul config by projection" in err
     code, _, err = run(generate_main, ["--checkpoint", ckpt, "--prompt", "hi", "--decode-attention", "xla",
                                        "--decode-matmul", "pallas"], capsys)
-    assert code == 1 and "needs decode_attention='pallas'" in err
+    assert code == 2 and "needs decode_attention='pallas'" in err
     with pytest.raises(SystemExit):
         generate_main(["--checkpoint", ckpt, "--prompt", "hi", "--prompts", "x.jsonl"])
     with pytest.raises(SystemExit):
@@ -186,7 +186,7 @@ def test_clear_errors(checkpoint, capsys, tmp_path):
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no Orbax thread tracebacks
 def test_damaged_checkpoints_give_one_line_errors(checkpoint, capsys, tmp_path):
     """An interrupted save (params/ with only _METADATA), missing array files, an empty params/ and a
-    malformed config.json: `error: cannot read checkpoint ...`, exit 1, no traceback."""
+    malformed config.json: `error: cannot read checkpoint ...`, exit 2 (bad input), no traceback."""
     import shutil
 
     ckpt, _, _ = checkpoint
@@ -208,7 +208,7 @@ def test_damaged_checkpoints_give_one_line_errors(checkpoint, capsys, tmp_path):
     for name, message in cases.items():
         for main, extra in ((generate_main, []), (score_main, ["--continuation", "x"])):
             code, _, err = run(main, ["--checkpoint", str(tmp_path / name), "--prompt", "hi", *extra], capsys)
-            assert code == 1 and err.startswith("error: cannot read checkpoint") and message in err, (name, err)
+            assert code == 2 and err.startswith("error: cannot read checkpoint") and message in err, (name, err)
             assert "Traceback" not in err
 
 
@@ -230,11 +230,11 @@ def test_out_of_range_values_are_usage_errors(checkpoint, capsys):
     capsys.readouterr()
     # A limit below the eos ids: answers could never end. A continuation token past the limit: -inf.
     code, _, err = run(generate_main, base + ["--vocab-limit", "100"], capsys)
-    assert code == 1 and "excludes the eos ids" in err
+    assert code == 2 and "excludes the eos ids" in err
     code, out, err = run(score_main, base + ["--continuation", "Blue sky", "--vocab-limit", "100", "--json"], capsys)
-    assert code == 1 and "excluded by the vocab limit of 100" in err and out == ""
+    assert code == 2 and "excluded by the vocab limit of 100" in err and out == ""
     code, out, err = run(score_main, base + ["--continuation", "<image>"], capsys)
-    assert code == 1 and "the continuation must not contain '<image>'" in err
+    assert code == 2 and "the continuation must not contain '<image>'" in err
 
 
 def test_jsonl_lines_are_all_checked_before_the_first_answer(checkpoint, capsys, tmp_path):
@@ -257,7 +257,7 @@ def test_jsonl_lines_are_all_checked_before_the_first_answer(checkpoint, capsys,
         code, out, err = run(generate_main, ["--checkpoint", ckpt, "--prompts", str(prompts), "--json",
                                              "--batch-size", "1", "--max-new-tokens", "2", "--max-length", "1000"],
                              capsys)
-        assert code == 1 and out == "", (name, out)
+        assert code == 2 and out == "", (name, out)
         assert f"{prompts}:4" in err and message in err, (name, err)
 
 
@@ -266,7 +266,7 @@ def test_tokenizer_folder_without_a_tokenizer(checkpoint, capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     code, _, err = run(generate_main, ["--checkpoint", ckpt, "--prompt", "hi", "--tokenizer", str(tmp_path / "empty")],
                        capsys)
-    assert code == 1 and err.startswith("error: cannot load the tokenizer from") and "Traceback" not in err
+    assert code == 2 and err.startswith("error: cannot load the tokenizer from") and "Traceback" not in err
 
 
 def test_load_model_restores_into_shards(checkpoint, model_and_tokenizer, capsys):
@@ -289,7 +289,7 @@ def test_load_model_restores_into_shards(checkpoint, model_and_tokenizer, capsys
     with pytest.raises(MeshSpecError):
         mesh_from_spec("data=3")  # 8 devices cannot be split in 3
     code, _, err = run(generate_main, ["--checkpoint", checkpoint[0], "--prompt", "hi", "--mesh", "data=3"], capsys)
-    assert code == 1 and "mesh 'data=3'" in err
+    assert code == 2 and "mesh 'data=3'" in err
 
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from manager_jax import exit_status
 from manager_jax.config import VARIANTS, ConfigError, ModelConfig, preset
 from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
 from manager_jax.infer.engine import InferenceEngine, Prompt, ScoreRequest
@@ -195,6 +196,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (AotError, ConfigError, MeshSpecError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_status.BAD_INPUT
     print(format_generate_report(report))
-    return 1 if report["fits"] is False else 0
+    return exit_status.FAILED if report["fits"] is False else exit_status.OK

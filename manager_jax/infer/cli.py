@@ -28,6 +28,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from manager_jax import exit_status
 from manager_jax.config import ConfigError
 from manager_jax.data.conversation import DEFAULT_IMAGE_TOKEN, build_eval_prompt
 from manager_jax.infer.engine import InferenceEngine, InputError
@@ -47,7 +48,7 @@ from manager_jax.infer.loading import (
 from manager_jax.infer.requests import generation_prompt, score_request
 from manager_jax.infer.sampling import SamplingParams
 
-# Problems of the user's input: reported in one line, without a traceback.
+# Problems of the user's input: reported in one line, without a traceback (exit status 2).
 USER_ERRORS = (FileNotFoundError, CheckpointError, ImageLoadError, InputError, ConfigError, MeshSpecError)
 
 
@@ -245,7 +246,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                 index += 1
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return exit_status.BAD_INPUT
     return 0
 
 
@@ -286,7 +287,7 @@ def score_main(argv: Sequence[str] | None = None) -> int:
             logprob, num_tokens, greedy = result.logprob, result.num_tokens, result.is_greedy
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return exit_status.BAD_INPUT
     from manager_jax import distributed
 
     if not distributed.is_primary():  # every process of a multi-host run holds the same result

@@ -1,8 +1,9 @@
 """Command line: python -m tools.convert_weights {to-orbax, from-orbax, inspect, verify} ...
 
-Exit status: 0 on success, 1 when the input is rejected (one message listing every problem,
-nothing written), 2 for usage errors, 130 / 143 when interrupted by SIGINT / SIGTERM (the partial
-output is removed).
+Exit status (as every run.py command, manager_jax/exit_status.py): 0 on success; 2 when the
+input is rejected (usage errors, or one message listing every problem; nothing written); 1 when
+`verify` finds the logits apart, `inspect` cannot read PATH, or a written checkpoint does not read
+back; 130 / 143 when interrupted by SIGINT / SIGTERM (the partial output is removed).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import json
 import sys
 import time
 
-from tools.convert_weights.sources import VARIANTS, ConversionError
+from manager_jax import exit_status
+from tools.convert_weights.sources import VARIANTS, ConversionError, ConversionFailed
 
 
 def _progress(quiet: bool):
@@ -110,18 +112,18 @@ def main(argv: list[str] | None = None) -> int:
 
             report, readable = inspect_report(args.path)
             print(report)
-            return 0 if readable else 1
+            return exit_status.OK if readable else exit_status.FAILED
         if args.command == "verify":
             from tools.convert_weights.verify import verify_cli
 
             return verify_cli(args)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return exit_status.FAILED if isinstance(e, ConversionFailed) else exit_status.BAD_INPUT
     except KeyboardInterrupt:  # the partial output has been removed (params_io.write_atomically)
         print("interrupted; nothing written", file=sys.stderr)
-        return 130
-    return 2
+        return exit_status.INTERRUPTED
+    return exit_status.BAD_INPUT
 
 
 def _to_orbax(args) -> int:
@@ -131,13 +133,13 @@ def _to_orbax(args) -> int:
     if args.siglip or args.qwen:
         if not (args.siglip and args.qwen) or len(paths) != 1:
             print("usage error: to-orbax with --siglip/--qwen needs both flags and DST only", file=sys.stderr)
-            return 2
+            return exit_status.BAD_INPUT
         src, dst = f"{args.siglip},{args.qwen}", paths[0]
         fmt = args.format or "siglip+qwen2"
     else:
         if len(paths) != 2:
             print("usage error: to-orbax expects SRC DST", file=sys.stderr)
-            return 2
+            return exit_status.BAD_INPUT
         src, dst = paths
         fmt = args.format
     model_config = None

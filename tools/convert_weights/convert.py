@@ -29,6 +29,7 @@ from tools.convert_weights.safetensors_io import (
 )
 from tools.convert_weights.sources import (
     ConversionError,
+    ConversionFailed,
     TorchSource,
     aux_files,
     detect_format,
@@ -415,7 +416,7 @@ def _verify_written(directory: str, plan: ExportPlan) -> None:
     try:
         ckpt = SafetensorsCheckpoint(directory)
     except SafetensorsError as e:
-        raise ConversionError(directory, [f"written checkpoint does not read back: {e}"]) from None
+        raise ConversionFailed(directory, [f"written checkpoint does not read back: {e}"]) from None
     problems = []
     planned = {p.name: p for p in plan.tensors}
     if set(ckpt.keys()) != set(planned):
@@ -426,4 +427,4 @@ def _verify_written(directory: str, plan: ExportPlan) -> None:
             if info.shape != tuple(p.shape) or info.dtype != DTYPE_NAMES[np.dtype(p.dtype)]:
                 problems.append(f"{name}: written {info.dtype}{list(info.shape)}, planned {list(p.shape)}")
     if problems:
-        raise ConversionError(directory, problems)
+        raise ConversionFailed(directory, problems)

@@ -57,6 +57,11 @@ class ConversionError(Exception):
         return f"cannot convert {self.source}: {n} problem{'s' if n != 1 else ''}\n{lines}"
 
 
+class ConversionFailed(ConversionError):
+    """The conversion ran but what it wrote does not read back as planned (a bug, not bad input);
+    the output has been removed."""
+
+
 # ---- detection ----------------------------------------------------------------------------------
 
 

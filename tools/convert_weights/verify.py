@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from manager_jax import params_io
+from manager_jax import exit_status, params_io
 from manager_jax.config import ModelConfig
 from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
 from tools.convert_weights import configs_out, mapping
@@ -271,7 +271,7 @@ def verify(torch_path: str, jax_path: str, *, image_size: tuple[int, int] = (512
 
 
 def verify_cli(args) -> int:
-    """The `verify` subcommand: prints the report; 0 when within thresholds, 3 otherwise."""
+    """The `verify` subcommand: prints the report; exit status 0 within the thresholds, else 1 (FAILED)."""
     try:
         w, h = (int(x) for x in args.image_size.lower().split("x"))
     except ValueError:
@@ -281,6 +281,6 @@ def verify_cli(args) -> int:
     failures = report.failures(args.max_kl, args.max_logit_diff, args.min_top1)
     if failures:
         print("FAILED: " + "; ".join(failures))
-        return 3
+        return exit_status.FAILED
     print("OK")
-    return 0
+    return exit_status.OK

@@ -1,0 +1,21 @@
+"""Exit statuses, one convention for every command (`run.py ...` and `python -m tools.convert_weights ...`).
+
+A launch script or scheduler can then tell "fix the command" from "the work failed" from
+"relaunch me" without parsing messages:
+
+- 0: done;
+- 1 (FAILED): the work ran and failed, or the check it exists for failed: a training run aborted
+  on non-finite losses, a compiled program that does not fit the chip, `verify` above its
+  thresholds, a checkpoint `inspect` cannot read, a record `inspect-data --strict` rejects;
+- 2 (BAD_INPUT): refused before anything was computed or written: usage errors, a missing or
+  damaged file, a wrong recipe, override, checkpoint, prompt or mesh;
+- 130 (INTERRUPTED): Ctrl-C; 128 + N for signal N (a preempted training run exits 143 after its
+  checkpoint).
+"""
+
+from __future__ import annotations
+
+OK = 0
+FAILED = 1
+BAD_INPUT = 2
+INTERRUPTED = 130
