@@ -387,7 +387,7 @@ def assemble_batch(
             pos = int(image_start) + np.arange(t)
             plan_dst[span] = np.where(pos < length, row * seq_len + start + pos, rows * seq_len)
             if grid_type is not None:
-                plan_manager[span] = multigrid.manager_token_mask(plan, grid_type)
+                plan_manager[span] = multigrid.manager_token_mask(plan, grid_type, len(sample.plans) > 1)
             plan_image[span] = image_index
             token_offset += t
             crop_offset += plan.num_crops

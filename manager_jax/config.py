@@ -129,7 +129,8 @@ class ImageConfig:
     """How images become crops and tokens (SPEC §3)."""
 
     aspect_ratio: str = "anyres_max_9"  # square | pad | anyres | anyres_max_N
-    grid_pinpoints: Any = ANYRES_MAX_9_PINPOINTS  # string form, or a list of (w, h)
+    # String form, or a list of pairs read as `convention` reads them: (w, h) original, (h, w) hf.
+    grid_pinpoints: Any = ANYRES_MAX_9_PINPOINTS
     patch_merge_type: str = "spatial_unpad"  # flat | spatial_unpad
     # "original": int() unpad, no newline on single-crop images (the Manager checkpoints).
     # "hf": round(x, 7) unpad, a newline after single-crop images (transformers LlavaOnevision).
@@ -288,11 +289,14 @@ class ModelConfig:
         if vision.num_layers == 27:
             vision.num_layers = 26  # LLaVA-OV drops the last layer (vision_feature_layer -1 of 26)
         pin = cfg.get("image_grid_pinpoints")
+        convention = cfg.get(HF_CONVENTION_FIELD, "hf")
+        if pin:  # HF pairs are (h, w); an original-convention model reads (w, h)
+            pin = [(int(a), int(b)) for a, b in pin] if convention == "hf" else [(int(w), int(h)) for h, w in pin]
         image = ImageConfig(
             aspect_ratio=cfg.get("vision_aspect_ratio", "anyres_max_9"),
-            grid_pinpoints=[(int(w), int(h)) for h, w in pin] if pin else ANYRES_MAX_9_PINPOINTS,
+            grid_pinpoints=pin or ANYRES_MAX_9_PINPOINTS,
             patch_merge_type="spatial_unpad",
-            convention=cfg.get(HF_CONVENTION_FIELD, "hf"),
+            convention=convention,
         )
         base = cls(
             vision=vision,

@@ -414,7 +414,7 @@ def plan_image(
     return _with_manager(plan, grid_type)
 
 
-def manager_token_mask(plan: ImagePlan, grid_type: str) -> np.ndarray:
+def manager_token_mask(plan: ImagePlan, grid_type: str, multi_image: bool = False) -> np.ndarray:
     """bool [T]: which of the image's tokens receive the Manager update (SPEC §2.4, §2.6).
 
     Multi-crop images: "all" -> every token (base, grid and newlines, position-aligned with the
@@ -422,13 +422,15 @@ def manager_token_mask(plan: ImagePlan, grid_type: str) -> np.ndarray:
     (the original skips the base via ``image_feature_offset = 729``).
 
     Single-crop images: the feature tokens (never a trailing transformers newline) for "main" and
-    "all". For "grid" the original still adds the 729 offset, so it would write a 729-token update
-    into the text that follows the image (a bug); we return all-False instead.
+    "all", and for "grid" in a sample of several images (`multi_image`: that branch of the original
+    uses no offset). For "grid" on a sample's only image the original still adds the 729 offset, so
+    it would write a 729-token update into the text that follows the image (a bug); we return
+    all-False instead.
     """
     if grid_type not in GRID_TYPES:
         raise ValueError(f"grid_type must be one of {GRID_TYPES}, got {grid_type!r}")
     if plan.num_crops == 1:
-        if grid_type == "grid":
+        if grid_type == "grid" and not multi_image:
             return np.zeros(plan.num_tokens, bool)
         return plan.is_base & ~plan.newline
     if grid_type == "all":

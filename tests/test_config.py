@@ -65,7 +65,7 @@ def test_from_hf_config_and_json_round_trip(tmp_path):
     hf = tiny_hf_config(vision_layers=2, text_layers=3, image_grid_pinpoints=[[384, 768], [768, 384]])
     cfg = C.ModelConfig.from_hf_config(hf.to_dict())
     assert cfg.image.convention == "hf"
-    assert cfg.image.grid_pinpoints == [(768, 384), (384, 768)]  # HF (h, w) -> our (w, h)
+    assert cfg.image.grid_pinpoints == [(384, 768), (768, 384)]  # HF pairs kept in HF's (h, w) reading
     assert cfg.text.num_layers == 3 and cfg.vision.num_layers == 2 and cfg.image_token_id == 500
     path = tmp_path / "config.json"
     cfg.save(str(path))
@@ -73,6 +73,22 @@ def test_from_hf_config_and_json_round_trip(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf.to_dict()))
     assert C.ModelConfig.from_json_file(str(tmp_path / "hf")) == cfg
+
+
+@pytest.mark.parametrize("pinpoints", [[[384, 768], [768, 384]], [[768, 384], [384, 768]]])
+def test_hf_config_pinpoints_pick_transformers_canvas(pinpoints):
+    # A square image ties between a pair and its transpose: transformers keeps the first (h, w).
+    from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
+
+    from manager_jax import multigrid
+    from manager_jax.reference.hf_tiny import tiny_hf_config
+
+    cfg = C.ModelConfig.from_hf_config(tiny_hf_config(vision_layers=2, text_layers=2,
+                                                      image_grid_pinpoints=pinpoints).to_dict())
+    plan = multigrid.plan_image((500, 500), mode=cfg.image.aspect_ratio, pinpoints=cfg.image.grid_pinpoints,
+                                convention=cfg.image.convention)
+    nh, nw = get_anyres_image_grid_shape((500, 500), pinpoints, 384)
+    assert plan.grid == (nw, nh)
 
 
 def test_presets():

@@ -113,13 +113,14 @@ def test_square_no_grid_checkpoints(hf, manager_type):
     assert err <= TOL, err
 
 
+@pytest.mark.parametrize("grid_type", ["all", "grid"])  # several images: no 729 offset for "grid"
 @pytest.mark.parametrize("manager_type", ["static_zerouni", "adaptive_average_zerouni"])
-def test_multi_image_pad_sample(hf, manager_type):
-    cfg, settings = _configs(hf, manager_type, "all")
+def test_multi_image_pad_sample(hf, manager_type, grid_type):
+    cfg, settings = _configs(hf, manager_type, grid_type)
     rng = np.random.default_rng(5)
     err, case = _parity(hf, cfg, settings, [SampleSpec(_chat(rng, n_images=2), [(500, 300), (256, 700)])])
     assert case.batch.plan_dst.shape[0] == 2 * 729  # pad mode, original convention: no newline
-    print(f"PARITY manager multi-image pad {manager_type}: {err:.2e}")
+    print(f"PARITY manager multi-image pad {manager_type} {grid_type}: {err:.2e}")
     assert err <= TOL, err
 
 

@@ -27,7 +27,8 @@ def torch_dtype_name(dtype: np.dtype) -> str:
 
 
 def expand_pinpoints(pinpoints, tile: int = 384) -> list[list[int]] | None:
-    """Our pinpoints (string "(AxB),...,(CxD)" or (w, h) pairs) as the expanded [w, h] list (SPEC §3.3)."""
+    """Our pinpoints (string "(AxB),...,(CxD)" or pairs) as the expanded list of pairs (SPEC §3.3),
+    in the reading of the model's convention (ImageConfig.grid_pinpoints)."""
     if pinpoints is None:
         return None
     if isinstance(pinpoints, str):
@@ -37,6 +38,15 @@ def expand_pinpoints(pinpoints, tile: int = 384) -> list[list[int]] | None:
         (a0, b0), (a1, b1) = (tuple(map(int, m)) for m in (found[0], found[-1]))
         return [[i * tile, j * tile] for i in range(a0, a1 + 1) for j in range(b0, b1 + 1)]
     return [[int(w), int(h)] for w, h in pinpoints]
+
+
+def _pinpoints_read_as(cfg: ModelConfig, convention: str) -> list[list[int]] | None:
+    """The model's pinpoint pairs for a reader of `convention`: the original reads (w, h), transformers
+    (h, w); the pairs are swapped when the model's own convention is the other one."""
+    pinpoints = expand_pinpoints(cfg.image.grid_pinpoints)
+    if pinpoints is None or cfg.image.convention == convention:
+        return pinpoints
+    return [[b, a] for a, b in pinpoints]
 
 
 def manager_fields(cfg: ModelConfig) -> dict:
@@ -89,7 +99,7 @@ def original_config(cfg: ModelConfig, dtype: np.dtype, base: dict | None = None)
         mm_projector_type=cfg.projector_type,
         mm_patch_merge_type=cfg.image.patch_merge_type,
         image_aspect_ratio=cfg.image.aspect_ratio,
-        image_grid_pinpoints=expand_pinpoints(cfg.image.grid_pinpoints),
+        image_grid_pinpoints=_pinpoints_read_as(cfg, "original"),
     )
     if t.head_dim * t.num_heads != t.hidden_size:
         out["head_dim"] = t.head_dim
@@ -172,7 +182,7 @@ def hf_config(cfg: ModelConfig, dtype: np.dtype, base: dict | None = None) -> di
     if t.head_dim * t.num_heads != t.hidden_size:
         text_config["head_dim"] = t.head_dim
     text_config.setdefault("use_sliding_window", False)
-    pinpoints = expand_pinpoints(cfg.image.grid_pinpoints)
+    pinpoints = _pinpoints_read_as(cfg, "hf")
     hf = LlavaOnevisionConfig(
         text_config=text_config,
         vision_config=_siglip_dict(v),
@@ -185,7 +195,7 @@ def hf_config(cfg: ModelConfig, dtype: np.dtype, base: dict | None = None) -> di
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
         vision_aspect_ratio=cfg.image.aspect_ratio,
-        image_grid_pinpoints=[[h, w] for w, h in pinpoints] if pinpoints else None,
+        image_grid_pinpoints=pinpoints,
         tie_word_embeddings=t.tie_word_embeddings,
         multimodal_projector_bias=True,
     )
