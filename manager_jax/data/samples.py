@@ -67,22 +67,26 @@ class SkipSample(Exception):
 
 
 class SkipCounter:
-    """Counts skipped records by reason and keeps the first ``max_examples`` ids of each."""
+    """Counts skipped records by reason and keeps the first ``max_examples`` ids of each, and the
+    detail of the first one (e.g. the image path that was not found)."""
 
     def __init__(self, max_examples: int = 5) -> None:
         self.max_examples = max_examples
         self.counts: dict[str, int] = {}
         self.examples: dict[str, list[str]] = {}
+        self.details: dict[str, str] = {}
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
     def add(self, skip: SkipSample) -> None:
-        self.add_reason(skip.reason, skip.record_id)
+        self.add_reason(skip.reason, skip.record_id, skip.detail)
 
-    def add_reason(self, reason: str, record_id: str) -> None:
+    def add_reason(self, reason: str, record_id: str, detail: str = "") -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
+        if reason not in self.details:
+            self.details[reason] = f"record {record_id!s}" + (f": {detail}" if detail else "")
         examples = self.examples.setdefault(reason, [])
         if len(examples) < self.max_examples:
             examples.append(str(record_id))
@@ -106,11 +110,13 @@ class SkipCounter:
 
     # JSON-compatible state, saved with the data iterator.
     def get_state(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()}}
+        return {"counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()},
+                "details": dict(self.details)}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self.counts = {str(k): int(v) for k, v in state.get("counts", {}).items()}
         self.examples = {str(k): [str(i) for i in v] for k, v in state.get("examples", {}).items()}
+        self.details = {str(k): str(v) for k, v in state.get("details", {}).items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -136,6 +136,14 @@ class DataFeed:
                 counts[reason] = counts.get(reason, 0) + n
         return dict(sorted(counts.items())), sum(it.samples for it in self.iterators.values())
 
+    def skip_details(self) -> dict[str, str]:
+        """The first skipped record of each reason (its id and what was wrong), over this process's shards."""
+        details: dict[str, str] = {}
+        for it in self.iterators.values():
+            for reason, detail in it.skips.details.items():
+                details.setdefault(reason, detail)
+        return details
+
     def set_states(self, states: list[Any]) -> None:
         if len(states) != self.shards:
             raise TrainingError(
@@ -278,6 +286,30 @@ class SkipWatch:
         )
 
 
+class SkipLimit:
+    """`data.max_skip_fraction`: whether this process has skipped too large a share of the records
+    it read (counted since the run began, so a resumed run keeps its tally), and the error saying so."""
+
+    def __init__(self, max_fraction: float | None, min_records: int) -> None:
+        self.max_fraction, self.min_records = max_fraction, min_records
+
+    def exceeded(self, counts: dict[str, int], samples: int) -> bool:
+        skipped = sum(counts.values())
+        read = skipped + samples
+        return self.max_fraction is not None and read >= self.min_records and skipped > self.max_fraction * read
+
+    def error(self, counts: dict[str, int], samples: int, details: dict[str, str]) -> "TrainingError":
+        skipped = sum(counts.values())
+        read = skipped + samples
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+        reasons = "; ".join(f"{r}: {n} (first: {details.get(r, '?')})" for r, n in top)
+        return TrainingError(
+            f"{skipped} of the {read} records read so far ({100 * skipped / read:.0f}%) were skipped as bad, more than "
+            f"data.max_skip_fraction={self.max_fraction}: {reasons}. Check the data and data.image_folder "
+            "(python run.py inspect-data lists the bad records), or raise data.max_skip_fraction"
+        )
+
+
 def _dotted(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
@@ -385,6 +417,20 @@ def train(
         config=config.to_dict(), drop_after_step=first_step,
     )
     skip_watch = SkipWatch()
+    skip_limit = SkipLimit(config.data.max_skip_fraction, config.data.skip_check_after)
+
+    def too_many_skips() -> bool:
+        return skip_limit.exceeded(*feed.skip_stats())
+
+    def stop_for_skips() -> None:
+        """Every process stops when one has read too many bad records (each judges its own shards)."""
+        if too_many_skips():
+            counts, samples = feed.skip_stats()
+            raise skip_limit.error(counts, samples, feed.skip_details())
+        raise TrainingError(
+            f"another process skipped more than data.max_skip_fraction={skip_limit.max_fraction} of its records "
+            "as bad; its error names them"
+        )
     progress = Progress(config.num_steps, first_step, enabled=primary and config.logging.progress_bar)
     stop = _StopFlag()
     stop.install()
@@ -457,7 +503,10 @@ def train(
         # whether to stop after the step just dispatched, whether a shard ran out of data, and
         # whether the next batch exceeds the loss token budget (every process runs the same program).
         fetched = feed.next() if step < config.num_steps else None
-        exhausted, over_budget = any_process((fetched is None, fetched is not None and fetched[1]))
+        exhausted, over_budget, skips_over = any_process(
+            (fetched is None, fetched is not None and fetched[1], too_many_skips()))
+        if skips_over:
+            stop_for_skips()
         if exhausted and step < config.num_steps:
             status, fetched = "data_exhausted", None
         while fetched is not None and step < config.num_steps:
@@ -477,11 +526,15 @@ def train(
             read_unread()  # the step before this one, which ran while this one was dispatched
             unread = (step, metrics)
             # A SIGTERM / Ctrl-C that came while this step ran stops after it.
-            stop_requested, exhausted, over_budget = any_process((
+            stop_requested, exhausted, over_budget, skips_over = any_process((
                 stop.requested or step == stop_at_step,
                 fetched is None and step < config.num_steps,
                 fetched is not None and fetched[1],
+                too_many_skips(),
             ))
+            if skips_over:
+                read_unread()  # this step's metrics, with its data_skips, reach metrics.jsonl first
+                stop_for_skips()
             every = config.checkpoint.every_steps
             if stop_requested or exhausted or step == config.num_steps or (every and step % every == 0):
                 read_unread()
