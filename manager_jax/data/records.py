@@ -53,6 +53,9 @@ class JsonRecords:
                 data = json.load(f)
         except json.JSONDecodeError as err:
             raise RecordFormatError(f"{path}: not valid JSON ({err})") from None
+        except UnicodeDecodeError as err:
+            raise RecordFormatError(f"{path}: not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}); "
+                                    "re-encode it as UTF-8") from None
         if not isinstance(data, list):
             raise RecordFormatError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
         self._records = data
