@@ -49,7 +49,8 @@ class JsonRecords:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            with open(path, encoding="utf-8") as f:
+            # utf-8-sig: files saved by Windows tools start with a BOM (JSONL lines accept it too).
+            with open(path, encoding="utf-8-sig") as f:
                 data = json.load(f)
         except json.JSONDecodeError as err:
             raise RecordFormatError(f"{path}: not valid JSON ({err})") from None
