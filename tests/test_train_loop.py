@@ -279,3 +279,15 @@ def test_too_many_skipped_records_stop_the_run_also_after_a_resume(straight_run,
     with pytest.raises(loop_lib.TrainingError, match=r"missing_image"):
         loop_lib.train(demo_config(tmp_path / "run", *wrong, f"data.skip_check_after={skipped}"))
     assert Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [1]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[]", r"a.json: no records"),
+    ('{"id": 1}', r"a.json: expected a JSON array of records, got dict"),
+])
+def test_an_unusable_data_file_is_an_error_before_anything_is_written(tmp_path, content, message):
+    (tmp_path / "a.json").write_text(content)
+    config = demo_config(tmp_path / "run", "synthetic_records=None", f"data.data_path={tmp_path}/a.json")
+    with pytest.raises(loop_lib.input_errors(), match=message):
+        loop_lib.train(config)
+    assert not os.path.exists(tmp_path / "run")  # no recipe.json, no checkpoints/config.json

@@ -146,14 +146,18 @@ class DataConfig:
 
 
 def open_source(config: DataConfig) -> RecordSource:
-    """The random-access records named by the config."""
+    """The random-access records named by the config; RecordFormatError when there are none."""
     if config.mixture:
-        return load_mixture(config.mixture, seed=config.seed)
-    if not config.data_path:
+        source = load_mixture(config.mixture, seed=config.seed)
+    elif not config.data_path:
         raise ValueError("DataConfig needs data_path or mixture")
-    if config.format == "arrayrecord" or (config.format == "auto" and tfds_source.is_arrayrecord_dir(config.data_path)):
-        return tfds_source.ArrayRecordRecords(config.data_path, config.split)
-    return open_records(config.data_path, "auto" if config.format == "auto" else config.format)
+    elif config.format == "arrayrecord" or (config.format == "auto" and tfds_source.is_arrayrecord_dir(config.data_path)):
+        source = tfds_source.ArrayRecordRecords(config.data_path, config.split)
+    else:
+        source = open_records(config.data_path, "auto" if config.format == "auto" else config.format)
+    if len(source) == 0:  # found here, before a run writes anything, rather than by the first batch
+        raise RecordFormatError(f"{config.mixture or config.data_path}: no records")
+    return source
 
 
 def sample_options(data_config: DataConfig, model_config: Any) -> SampleOptions:

@@ -88,12 +88,13 @@ class TrainResult:
 class DataFeed:
     """This process's shard iterators; stacks their batches into [accum, local_shards, ...] arrays."""
 
-    def __init__(self, config: TrainConfig, setup: TrainSetup, *, shards: int, accum: int, tokenizer: Any) -> None:
-        from manager_jax.data.pipeline import make_train_iterator, open_source
+    def __init__(self, config: TrainConfig, setup: TrainSetup, *, shards: int, accum: int, tokenizer: Any,
+                 source: Any) -> None:
+        from manager_jax.data.pipeline import make_train_iterator
 
         self.shards, self.accum = shards, accum
         self.shard_ids = local_shard_indices(setup.mesh, shards)
-        source = open_source(config.data)  # opened once, shared by this process's shard iterators
+        # `source` (open_source(config.data)) is opened once, shared by this process's shard iterators.
         self.iterators = {
             k: make_train_iterator(
                 config.data, config.model, tokenizer, process_index=k, process_count=shards, source=source
@@ -369,6 +370,10 @@ def train(
     if config.global_batch_size == -1:  # derived: recipe.json records the size used
         config.global_batch_size = shards * config.data.rows_per_host * accum
     latest = check_resume(config, shards)
+    from manager_jax.data.pipeline import open_source
+
+    # Read before anything is written: an unreadable or empty data file leaves output_dir as it was.
+    source = None if config.synthetic_records else open_source(config.data)
     loss_cfg = LossConfig(config.loss_normalization, config.loss_token_budget, config.loss_chunk_size)
     setup = make_setup(
         config.model, mesh, tunable_parts=config.tunable_parts, optim=config.optim,
@@ -376,6 +381,7 @@ def train(
     )
     if config.synthetic_records:
         _prepare_synthetic_data(config)
+        source = open_source(config.data)
     if primary:
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "recipe.json"), "w") as f:
@@ -401,7 +407,8 @@ def train(
 
     from manager_jax.data.tokenizer import load_tokenizer
 
-    feed = DataFeed(config, setup, shards=shards, accum=accum, tokenizer=load_tokenizer(config.data.tokenizer_path))
+    feed = DataFeed(config, setup, shards=shards, accum=accum, tokenizer=load_tokenizer(config.data.tokenizer_path),
+                    source=source)
     if data_states is not None:
         feed.set_states(data_states)
     fields = batch_field_shapes(
