@@ -70,10 +70,25 @@ def test_strict_stops_at_the_first_bad_record(setup, capsys):
     assert "skipped" in capsys.readouterr().err
 
 
-def test_bad_set_key_is_an_error(setup):
-    _, cfg, _, _ = setup
-    with pytest.raises(ValueError, match="unknown config key"):
-        inspect_data.main(["--config", cfg, "--set", "data.no_such_field=3"])
+def test_bad_input_is_one_error_line_and_exit_status_2(setup, capsys, tmp_path):
+    root, cfg, _, _ = setup
+    (tmp_path / "obj.json").write_text('{"id": 1}')
+    (tmp_path / "latin1.json").write_bytes('[{"id": "caf\u00e9"}]'.encode("latin-1"))
+    (tmp_path / "empty.jsonl").write_text("")
+    cases = [
+        (["--set", "data.no_such_field=3"], "unknown config key 'data.no_such_field'"),
+        (["--data", str(tmp_path / "obj.json")], "obj.json: expected a JSON array of records, got dict"),
+        (["--data", str(tmp_path / "latin1.json")], "latin1.json: not UTF-8 text"),
+        (["--data", str(tmp_path / "empty.jsonl")], "empty.jsonl: no records"),
+        (["--data", str(tmp_path / "missing.json")], "data file not found"),
+        (["--data", str(tmp_path / "missing.yaml")], "missing.yaml"),
+        (["--image-folder", str(tmp_path / "no_dir")], "no_dir': no such directory"),
+    ]
+    for args, message in cases:
+        assert inspect_data.main(["--config", cfg, "--json", *args]) == 2, args
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith("error: ") and message in captured.err, (args, captured.err)
+        assert len(captured.err.splitlines()) == 1
 
 
 def test_run_recipe_configs_load_through_the_recipe_loader(setup, tmp_path, capsys):
