@@ -66,3 +66,9 @@ def test_bad_mixture_files(tmp_path):
     (tmp_path / "n.yaml").write_text("datasets:\n  - sampling_strategy: all\n")
     with pytest.raises(MixtureError, match="json_path"):
         load_mixture(str(tmp_path / "n.yaml"))
+    (tmp_path / "s.yaml").write_text("datasets:\n  - json_path: a.json\n  - json_path: b.json\n    sampling_strategy: weight:0.5\n")
+    with pytest.raises(MixtureError, match=r"s.yaml: dataset 1 \(b.json\): unknown sampling strategy 'weight:0.5'"):
+        load_mixture(str(tmp_path / "s.yaml"))
+    (tmp_path / "latin1.yaml").write_bytes("datasets:\n  - json_path: caf\u00e9.json\n".encode("latin-1"))
+    with pytest.raises(MixtureError, match=r"latin1.yaml: not UTF-8 text \(byte 28\)"):
+        load_mixture(str(tmp_path / "latin1.yaml"))
