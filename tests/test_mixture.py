@@ -49,6 +49,9 @@ def test_load_mixture_from_yaml(tmp_path):
         "  - json_path: sub/b.jsonl\n    sampling_strategy: random:50%\n    image_folder: imgs\n"
         "  - json_path: a.json\n"
     )
+    with pytest.raises(MixtureError, match=r"mix.yaml: dataset 1 \(.*b.jsonl\): image_folder .*imgs: no such directory"):
+        load_mixture(str(tmp_path / "mix.yaml"), seed=3)
+    (tmp_path / "imgs").mkdir()
     mix = load_mixture(str(tmp_path / "mix.yaml"), seed=3)
     ids = [mix[i]["id"] for i in range(len(mix))]
     assert len(mix) == 2 + 4 + 10

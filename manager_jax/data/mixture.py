@@ -130,6 +130,10 @@ def load_mixture(path: str, *, seed: int = 0) -> RecordSource:
     """All selected records of a mixture YAML as one random-access source."""
     parts: list[Any] = []
     for position, entry in enumerate(read_mixture(path)):
+        if entry.image_folder is not None and not os.path.isdir(entry.image_folder):
+            # Otherwise each of its image records would be skipped as "missing_image", one by one.
+            raise MixtureError(f"{path}: dataset {position} ({entry.json_path}): image_folder {entry.image_folder}: "
+                               "no such directory")
         source = open_records(entry.json_path)
         indices = select_indices(len(source), entry.sampling_strategy, seed=seed, position=position)
         parts.append(SubsetRecords(source, indices, image_folder=entry.image_folder))
