@@ -153,3 +153,11 @@ def test_skip_counter_state_round_trip():
     d = SkipCounter()
     d.set_state(c.get_state())
     assert d.summary() == c.summary() and d.details == c.details
+
+
+def test_a_video_record_is_skipped_as_unsupported_not_as_an_image_count_mismatch(tok, tmp_path):
+    record = {"id": "v1", "video": "clips/a.mp4",
+              "conversations": [{"from": "human", "value": "<image>\nWhat happens?"}, {"from": "gpt", "value": "A fall."}]}
+    with pytest.raises(SkipSample) as skip:
+        process_record(record, tok, opts(str(tmp_path)))
+    assert skip.value.reason == "video_unsupported" and "clips/a.mp4" in skip.value.detail

@@ -45,6 +45,7 @@ TRUNCATED_IMAGE = "truncated_image"
 ZERO_SIZE_IMAGE = "zero_size_image"
 IMAGE_TOO_LARGE = "image_too_large"  # PIL decompression-bomb guard
 BAD_RECORD = "bad_record"
+VIDEO_UNSUPPORTED = "video_unsupported"
 NO_CONVERSATIONS = "no_conversations"
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"
 TOO_LONG = "too_long"
@@ -187,6 +188,10 @@ def record_id(record: Any, fallback: Any = None) -> str:
 def _image_entries(record: Mapping[str, Any], rid: str) -> list[tuple[str, bytes | None]]:
     """(name, bytes-or-None) per image. Bytes come from ArrayRecord datasets ("image_bytes")."""
     names = record.get("image")
+    if names is None and record.get("video") is not None:
+        # LLaVA-Video records: without this, "<image> in the text, 0 images" would hide the cause.
+        raise SkipSample(VIDEO_UNSUPPORTED, rid, f"video records are not supported ('video': {record['video']!r:.80}); "
+                         "give the frames as a list of images in 'image'")
     if names is None:
         names = []
     elif isinstance(names, str):
