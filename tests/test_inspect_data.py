@@ -8,7 +8,7 @@ from manager_jax.data import inspect as inspect_data
 from manager_jax.data.records import write_records
 from manager_jax.data.synthetic import make_synthetic_dataset, write_bad_examples
 
-KEYS = {"id", "image_sizes", "num_crops", "image_tokens", "text_tokens", "supervised_tokens", "seq_len", "skipped"}
+KEYS = {"id", "image_sizes", "num_crops", "image_tokens", "text_tokens", "supervised_tokens", "seq_len", "skipped", "detail"}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,10 @@ def test_json_lines_have_the_keys_and_a_summary(setup, capsys):
     by_id = {r["id"]: r for r in rows}
     for record, reason in bad:
         assert by_id[record["id"]]["skipped"] == reason
+        assert (by_id[record["id"]]["detail"] is None) == (reason is None)  # what was wrong, for each bad record
+    missing = next(r for r, reason in bad if reason == "missing_image")
+    assert f"no file '{root / missing['image']}'" in by_id[missing["id"]]["detail"]
+    assert summary["skip_details"]["missing_image"] == f"record {missing['id']}: {by_id[missing['id']]['detail']}"
     # A 640x480 image in anyres_max_9: 2929 image tokens, 5 crops (SPEC §3.7); > 2000 -> too_long.
     big = [r for r in rows if r["image_sizes"] == [[640, 480]]]
     assert big and all(r["image_tokens"] == 2929 and r["num_crops"] == 5 and r["skipped"] == "too_long" for r in big)

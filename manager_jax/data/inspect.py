@@ -8,7 +8,7 @@ opened and checked, token plan, template), without building the crops. ``--json`
 JSON object per record::
 
     {"id", "image_sizes": [[W, H], ...], "num_crops", "image_tokens", "text_tokens",
-     "supervised_tokens", "seq_len", "skipped": null | reason}
+     "supervised_tokens", "seq_len", "skipped": null | reason, "detail": null | what was wrong}
 
 (``seq_len`` is the length after image expansion, before any truncation; records skipped
 for their size, e.g. "too_long", still show their numbers) and then one line
@@ -31,7 +31,8 @@ from typing import Any
 from manager_jax.data.pipeline import DataConfig, open_source, sample_options
 from manager_jax.data.samples import SkipCounter, SkipSample, check_limits, process_record, record_id
 
-RECORD_KEYS = ("id", "image_sizes", "num_crops", "image_tokens", "text_tokens", "supervised_tokens", "seq_len", "skipped")
+RECORD_KEYS = ("id", "image_sizes", "num_crops", "image_tokens", "text_tokens", "supervised_tokens", "seq_len", "skipped",
+               "detail")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ def _inspect_rows(source: Any, options: Any, data_config: DataConfig, tokenizer:
             if strict:
                 raise
             skips.add(skip)
-            row["skipped"] = skip.reason
+            row["skipped"], row["detail"] = skip.reason, skip.detail
             yield row
             continue
         try:
@@ -163,7 +164,7 @@ def _inspect_rows(source: Any, options: Any, data_config: DataConfig, tokenizer:
             if strict:
                 raise
             skips.add(skip)
-            row["skipped"] = skip.reason
+            row["skipped"], row["detail"] = skip.reason, skip.detail
         row.update(
             image_sizes=[list(s) for s in sample.image_sizes],
             num_crops=sample.num_crops,
@@ -188,6 +189,7 @@ def _inspect_rows(source: Any, options: Any, data_config: DataConfig, tokenizer:
         "skipped": skip_summary["total"],
         "skip_reasons": skip_summary["by_reason"],
         "skip_examples": skip_summary["examples"],
+        "skip_details": dict(sorted(skips.details.items())),  # the first record of each reason and what was wrong
         "image_tokens": image_tokens,
         "text_tokens": text_tokens,
         "supervised_tokens": supervised,
