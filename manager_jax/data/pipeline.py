@@ -304,7 +304,8 @@ class BatchDatasetIterator(grain.DatasetIterator):
                 skipped.append([item.reason, item.record_id, item.detail])
                 consecutive_skips += 1
                 if consecutive_skips > self._max_consecutive_skips:
-                    raise RuntimeError(
+                    # RecordFormatError: run.py reports bad data in one line, not as a crash.
+                    raise RecordFormatError(
                         f"{consecutive_skips} records in a row were skipped (last: {item}); "
                         "the data or the config is probably wrong"
                     )
