@@ -135,6 +135,17 @@ def test_data_whose_records_are_all_bad_is_a_data_error(data, tok, tmp_path):
         next(it)
 
 
+def test_a_shard_without_a_good_record_still_counts_its_skips(data, tok, tmp_path):
+    # No batch ever comes out, so the skips cannot travel with one; they must still be counted
+    # (the training loop's skip limit and summary read them).
+    bad = [{"id": f"b{i}", "image": "gone.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                                  {"from": "gpt", "value": "a"}]} for i in range(3)]
+    write_records(str(tmp_path / "bad.json"), bad)
+    it = run(config(data, data_path=str(tmp_path / "bad.json"), shuffle=False), tok, model=SQUARE)
+    assert list(it) == []
+    assert it.skips.counts == {"missing_image": 3} and it.skips.examples["missing_image"] == ["b0", "b1", "b2"]
+
+
 def test_too_long_samples_are_skipped_when_packing_and_cut_when_not(data, tok):
     # Square mode: 729 tokens per image, so two-image records (> 1458 tokens) are too long.
     packed = run(config(data, seq_len=1200), tok, model=SQUARE)

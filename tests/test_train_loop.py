@@ -291,3 +291,15 @@ def test_an_unusable_data_file_is_an_error_before_anything_is_written(tmp_path, 
     with pytest.raises(loop_lib.input_errors(), match=message):
         loop_lib.train(config)
     assert not os.path.exists(tmp_path / "run")  # no recipe.json, no checkpoints/config.json
+
+
+def test_data_that_runs_out_with_every_record_skipped_is_an_error(tmp_path):
+    # Fewer records than data.skip_check_after, all bad: once they are all read the share is exact.
+    records = [{"id": f"r{i}", "image": "gone.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                                     {"from": "gpt", "value": "a"}]} for i in range(5)]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    config = demo_config(tmp_path / "run", "synthetic_records=None", f"data.data_path={tmp_path}/a.json",
+                         f"data.image_folder={tmp_path}", "data.num_epochs=1")
+    with pytest.raises(loop_lib.TrainingError, match=r"5 of the 5 records read so far \(100%\) were skipped as bad.*"
+                                                     r"missing_image: 5 \(first: record r\d: no file '.*gone.png'\)"):
+        loop_lib.train(config)

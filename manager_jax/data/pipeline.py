@@ -324,8 +324,8 @@ class BatchDatasetIterator(grain.DatasetIterator):
             self._pending, self._pending_state = item, state_before
             break
         if not samples:
-            if skipped:
-                logger.warning("%d records skipped at the end of the data: %s", len(skipped), skipped[:5])
+            if skipped:  # the records skipped after the last batch: counted like the others
+                return {"skipped": skipped}
             raise StopIteration
         s = self._shapes
         batch = assemble_batch(
@@ -373,6 +373,8 @@ class DataIterator:
             raise
         for reason, rid, *detail in element.pop("skipped"):
             self.skips.add_reason(reason, rid, *detail)
+        if not element:  # only the skips at the end of the data, no batch
+            return next(self)
         batch = Batch.from_dict(element)
         self.samples += batch.num_samples
         return batch

@@ -294,10 +294,12 @@ class SkipLimit:
     def __init__(self, max_fraction: float | None, min_records: int) -> None:
         self.max_fraction, self.min_records = max_fraction, min_records
 
-    def exceeded(self, counts: dict[str, int], samples: int) -> bool:
+    def exceeded(self, counts: dict[str, int], samples: int, all_read: bool = False) -> bool:
+        """`all_read`: the data has run out, so the share is exact however few records there were."""
         skipped = sum(counts.values())
         read = skipped + samples
-        return self.max_fraction is not None and read >= self.min_records and skipped > self.max_fraction * read
+        enough = all_read or read >= self.min_records
+        return self.max_fraction is not None and read > 0 and enough and skipped > self.max_fraction * read
 
     def error(self, counts: dict[str, int], samples: int, details: dict[str, str]) -> "TrainingError":
         skipped = sum(counts.values())
@@ -426,12 +428,12 @@ def train(
     skip_watch = SkipWatch()
     skip_limit = SkipLimit(config.data.max_skip_fraction, config.data.skip_check_after)
 
-    def too_many_skips() -> bool:
-        return skip_limit.exceeded(*feed.skip_stats())
+    def too_many_skips(data_done: bool) -> bool:
+        return skip_limit.exceeded(*feed.skip_stats(), all_read=data_done)
 
-    def stop_for_skips() -> None:
+    def stop_for_skips(data_done: bool) -> None:
         """Every process stops when one has read too many bad records (each judges its own shards)."""
-        if too_many_skips():
+        if too_many_skips(data_done):
             counts, samples = feed.skip_stats()
             raise skip_limit.error(counts, samples, feed.skip_details())
         raise TrainingError(
@@ -511,9 +513,9 @@ def train(
         # whether the next batch exceeds the loss token budget (every process runs the same program).
         fetched = feed.next() if step < config.num_steps else None
         exhausted, over_budget, skips_over = any_process(
-            (fetched is None, fetched is not None and fetched[1], too_many_skips()))
+            (fetched is None, fetched is not None and fetched[1], too_many_skips(fetched is None)))
         if skips_over:
-            stop_for_skips()
+            stop_for_skips(fetched is None)
         if exhausted and step < config.num_steps:
             status, fetched = "data_exhausted", None
         while fetched is not None and step < config.num_steps:
@@ -537,11 +539,11 @@ def train(
                 stop.requested or step == stop_at_step,
                 fetched is None and step < config.num_steps,
                 fetched is not None and fetched[1],
-                too_many_skips(),
+                too_many_skips(fetched is None),
             ))
             if skips_over:
                 read_unread()  # this step's metrics, with its data_skips, reach metrics.jsonl first
-                stop_for_skips()
+                stop_for_skips(fetched is None)
             every = config.checkpoint.every_steps
             if stop_requested or exhausted or step == config.num_steps or (every and step % every == 0):
                 read_unread()
