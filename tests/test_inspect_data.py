@@ -8,7 +8,7 @@ from manager_jax.data import inspect as inspect_data
 from manager_jax.data.records import write_records
 from manager_jax.data.synthetic import make_synthetic_dataset, write_bad_examples
 
-KEYS = {"id", "image_sizes", "num_crops", "image_tokens", "text_tokens", "supervised_tokens", "seq_len", "skipped"}
+KEYS = {"id", "image_sizes", "num_crops", "image_tokens", "text_tokens", "supervised_tokens", "seq_len", "skipped", "detail"}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,10 @@ def test_json_lines_have_the_keys_and_a_summary(setup, capsys):
     by_id = {r["id"]: r for r in rows}
     for record, reason in bad:
         assert by_id[record["id"]]["skipped"] == reason
+        assert (by_id[record["id"]]["detail"] is None) == (reason is None)  # what was wrong, for each bad record
+    missing = next(r for r, reason in bad if reason == "missing_image")
+    assert f"no file '{root / missing['image']}'" in by_id[missing["id"]]["detail"]
+    assert summary["skip_details"]["missing_image"] == f"record {missing['id']}: {by_id[missing['id']]['detail']}"
     # A 640x480 image in anyres_max_9: 2929 image tokens, 5 crops (SPEC §3.7); > 2000 -> too_long.
     big = [r for r in rows if r["image_sizes"] == [[640, 480]]]
     assert big and all(r["image_tokens"] == 2929 and r["num_crops"] == 5 and r["skipped"] == "too_long" for r in big)
@@ -70,10 +74,25 @@ def test_strict_stops_at_the_first_bad_record(setup, capsys):
     assert "skipped" in capsys.readouterr().err
 
 
-def test_bad_set_key_is_an_error(setup):
-    _, cfg, _, _ = setup
-    with pytest.raises(ValueError, match="unknown config key"):
-        inspect_data.main(["--config", cfg, "--set", "data.no_such_field=3"])
+def test_bad_input_is_one_error_line_and_exit_status_2(setup, capsys, tmp_path):
+    root, cfg, _, _ = setup
+    (tmp_path / "obj.json").write_text('{"id": 1}')
+    (tmp_path / "latin1.json").write_bytes('[{"id": "caf\u00e9"}]'.encode("latin-1"))
+    (tmp_path / "empty.jsonl").write_text("")
+    cases = [
+        (["--set", "data.no_such_field=3"], "unknown config key 'data.no_such_field'"),
+        (["--data", str(tmp_path / "obj.json")], "obj.json: expected a JSON array of records, got dict"),
+        (["--data", str(tmp_path / "latin1.json")], "latin1.json: not UTF-8 text"),
+        (["--data", str(tmp_path / "empty.jsonl")], "empty.jsonl: no records"),
+        (["--data", str(tmp_path / "missing.json")], "data file not found"),
+        (["--data", str(tmp_path / "missing.yaml")], "missing.yaml"),
+        (["--image-folder", str(tmp_path / "no_dir")], "no_dir': no such directory"),
+    ]
+    for args, message in cases:
+        assert inspect_data.main(["--config", cfg, "--json", *args]) == 2, args
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith("error: ") and message in captured.err, (args, captured.err)
+        assert len(captured.err.splitlines()) == 1
 
 
 def test_run_recipe_configs_load_through_the_recipe_loader(setup, tmp_path, capsys):

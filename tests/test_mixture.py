@@ -49,6 +49,9 @@ def test_load_mixture_from_yaml(tmp_path):
         "  - json_path: sub/b.jsonl\n    sampling_strategy: random:50%\n    image_folder: imgs\n"
         "  - json_path: a.json\n"
     )
+    with pytest.raises(MixtureError, match=r"mix.yaml: dataset 1 \(.*b.jsonl\): image_folder .*imgs: no such directory"):
+        load_mixture(str(tmp_path / "mix.yaml"), seed=3)
+    (tmp_path / "imgs").mkdir()
     mix = load_mixture(str(tmp_path / "mix.yaml"), seed=3)
     ids = [mix[i]["id"] for i in range(len(mix))]
     assert len(mix) == 2 + 4 + 10
@@ -66,3 +69,9 @@ def test_bad_mixture_files(tmp_path):
     (tmp_path / "n.yaml").write_text("datasets:\n  - sampling_strategy: all\n")
     with pytest.raises(MixtureError, match="json_path"):
         load_mixture(str(tmp_path / "n.yaml"))
+    (tmp_path / "s.yaml").write_text("datasets:\n  - json_path: a.json\n  - json_path: b.json\n    sampling_strategy: weight:0.5\n")
+    with pytest.raises(MixtureError, match=r"s.yaml: dataset 1 \(b.json\): unknown sampling strategy 'weight:0.5'"):
+        load_mixture(str(tmp_path / "s.yaml"))
+    (tmp_path / "latin1.yaml").write_bytes("datasets:\n  - json_path: caf\u00e9.json\n".encode("latin-1"))
+    with pytest.raises(MixtureError, match=r"latin1.yaml: not UTF-8 text \(byte 28\)"):
+        load_mixture(str(tmp_path / "latin1.yaml"))

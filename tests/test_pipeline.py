@@ -9,7 +9,7 @@ import pytest
 from manager_jax.batch import Batch
 from manager_jax.config import tiny
 from manager_jax.data.pipeline import DataConfig, make_train_iterator
-from manager_jax.data.records import write_records
+from manager_jax.data.records import RecordFormatError, write_records
 from manager_jax.data.samples import SkipSample
 from manager_jax.data.synthetic import make_synthetic_dataset, write_bad_examples
 from manager_jax.data.tokenizer import load_tokenizer
@@ -122,6 +122,28 @@ def test_bad_records_are_counted_not_fatal_and_strict_raises(data, tok, tmp_path
     assert resumed.samples == 0 and resumed.skips.total == 0
     with pytest.raises(SkipSample):
         list(run(config(data, data_path=mixed, strict=True), tok, model=SQUARE))
+
+
+def test_data_whose_records_are_all_bad_is_a_data_error(data, tok, tmp_path):
+    root, _, _ = data
+    records = [{"id": f"b{i}", "image": "gone.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                                      {"from": "gpt", "value": "a"}]} for i in range(5)]
+    write_records(str(tmp_path / "bad.json"), records)
+    it = run(config(data, data_path=str(tmp_path / "bad.json"), num_epochs=None), tok, model=SQUARE)
+    with pytest.raises(RecordFormatError, match=r"1001 records in a row were skipped \(last: record 'b\d' skipped "
+                                                 r"\(missing_image\): no file '.*gone.png'\)"):
+        next(it)
+
+
+def test_a_shard_without_a_good_record_still_counts_its_skips(data, tok, tmp_path):
+    # No batch ever comes out, so the skips cannot travel with one; they must still be counted
+    # (the training loop's skip limit and summary read them).
+    bad = [{"id": f"b{i}", "image": "gone.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                                  {"from": "gpt", "value": "a"}]} for i in range(3)]
+    write_records(str(tmp_path / "bad.json"), bad)
+    it = run(config(data, data_path=str(tmp_path / "bad.json"), shuffle=False), tok, model=SQUARE)
+    assert list(it) == []
+    assert it.skips.counts == {"missing_image": 3} and it.skips.examples["missing_image"] == ["b0", "b1", "b2"]
 
 
 def test_too_long_samples_are_skipped_when_packing_and_cut_when_not(data, tok):

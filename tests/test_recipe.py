@@ -76,6 +76,12 @@ def test_missing_inputs_are_found_before_anything_is_built(tmp_path):
     check_inputs(cfg)  # the demo's data is generated at start: nothing to check
     with pytest.raises(RecipeError, match="data.data_path or data.mixture must be set"):
         check_inputs(load_recipe(DEMO, ["synthetic_records=None"]))
+    # The demo recipe with the user's data: the generated set must not silently replace it.
+    (tmp_path / "mix.yaml").write_text("datasets:\n  - json_path: a.json\n")
+    for override in (f"data.data_path={tmp_path}/a.json", f"data.mixture={tmp_path}/mix.yaml"):
+        with pytest.raises(RecipeError, match=rf"data\.\w+=.* is set, but synthetic_records=256 generates the data"):
+            check_inputs(load_recipe(DEMO, [override]))
+    check_inputs(load_recipe(DEMO, [f"data.data_path={tmp_path}/a.json", "synthetic_records=None"]))
 
 
 def test_a_checkpoints_config_is_compared_field_by_field():

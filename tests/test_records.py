@@ -77,6 +77,16 @@ def test_bad_json_files_raise_clear_errors(tmp_path):
         open_records(str(tmp_path / "x.txt"))
     with pytest.raises(FileNotFoundError):
         open_records(str(tmp_path / "missing.json"))
+    (tmp_path / "latin1.json").write_bytes(json.dumps(RECORDS[1:2], ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(RecordFormatError, match=r"latin1.json: not UTF-8 text \(byte \d+: b'\\xe9'\)"):
+        open_records(str(tmp_path / "latin1.json"))
+
+
+def test_a_json_file_with_a_utf8_bom_reads_like_its_jsonl_twin(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "w.json").write_bytes(bom + json.dumps(RECORDS, ensure_ascii=False).encode())
+    (tmp_path / "w.jsonl").write_bytes(bom + "\n".join(json.dumps(r) for r in RECORDS).encode())
+    assert list(open_records(str(tmp_path / "w.json"))) == list(open_records(str(tmp_path / "w.jsonl"))) == RECORDS
 
 
 def test_brace_pattern_concatenates_files(tmp_path):

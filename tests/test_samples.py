@@ -146,9 +146,18 @@ def test_skip_counter_state_round_trip():
     c = SkipCounter(max_examples=2)
     for i in range(3):
         c.add(SkipSample("missing_image", f"id{i}"))
-    c.add(SkipSample("too_long", "x"))
+    c.add(SkipSample("too_long", "x", "900 tokens > seq_len 512"))
+    assert c.details == {"missing_image": "record id0", "too_long": "record x: 900 tokens > seq_len 512"}
     assert c.summary() == {"total": 4, "by_reason": {"missing_image": 3, "too_long": 1},
                            "examples": {"missing_image": ["id0", "id1"], "too_long": ["x"]}}
     d = SkipCounter()
     d.set_state(c.get_state())
-    assert d.summary() == c.summary()
+    assert d.summary() == c.summary() and d.details == c.details
+
+
+def test_a_video_record_is_skipped_as_unsupported_not_as_an_image_count_mismatch(tok, tmp_path):
+    record = {"id": "v1", "video": "clips/a.mp4",
+              "conversations": [{"from": "human", "value": "<image>\nWhat happens?"}, {"from": "gpt", "value": "A fall."}]}
+    with pytest.raises(SkipSample) as skip:
+        process_record(record, tok, opts(str(tmp_path)))
+    assert skip.value.reason == "video_unsupported" and "clips/a.mp4" in skip.value.detail

@@ -10,7 +10,7 @@ from manager_jax.batch import Batch
 from manager_jax.config import tiny
 from manager_jax.data import tfds_source
 from manager_jax.data.pipeline import DataConfig, make_train_iterator
-from manager_jax.data.records import open_records, write_records
+from manager_jax.data.records import RecordFormatError, open_records, write_records
 from manager_jax.data.samples import SkipSample
 from manager_jax.data.synthetic import make_synthetic_dataset
 from manager_jax.data.tokenizer import load_tokenizer
@@ -50,6 +50,19 @@ def test_round_trip_keeps_records_and_image_bytes(dataset, tmp_path):
     index = json.load(open(os.path.join(out, tfds_source.INDEX_FILE)))
     assert index["splits"]["train"]["num_records"] == len(kept) and len(index["splits"]["train"]["shards"]) == 2
     assert sum(index["splits"]["train"]["shard_lengths"]) == len(kept)
+
+
+def test_a_wrong_split_or_format_is_a_record_format_error(dataset, tmp_path):
+    root, path, _ = dataset
+    out = str(tmp_path / "ar")
+    prepare_data.convert_records(open_records(path), out, image_folder=str(root))
+    with pytest.raises(RecordFormatError, match=r"has no split 'validation'; it has \['train'\]"):
+        tfds_source.ArrayRecordRecords(out, "validation")
+    index_path = os.path.join(out, tfds_source.INDEX_FILE)
+    index = json.load(open(index_path))
+    json.dump(dict(index, format="something_else"), open(index_path, "w"))
+    with pytest.raises(RecordFormatError, match="'something_else' v1 is not"):
+        tfds_source.ArrayRecordRecords(out)
 
 
 def test_tfds_reads_the_layout(dataset, tmp_path):

@@ -211,7 +211,7 @@ def test_ctrl_c_saves_and_stops_and_data_skips_are_reported(straight_run, tmp_pa
     data = straight_run[0] / "data"
     (tmp_path / "no_images").mkdir()
     config = demo_config(tmp_path / "run", "synthetic_records=None", f"data.data_path={data}/records.json",
-                         f"data.image_folder={tmp_path}/no_images", "loss_token_budget=0")
+                         f"data.image_folder={tmp_path}/no_images", "loss_token_budget=0", "data.max_skip_fraction=None")
 
     def ctrl_c_at_1(step, record):
         if step == 1:
@@ -256,3 +256,50 @@ def test_skip_watch_warns_once_when_many_records_are_bad(caplog):
         watch.check({"missing_image": 60, "bad_record": 2}, 150)
     assert len(caplog.records) == 1
     assert "32 of the 132 records read so far (24%) were skipped (missing_image: 30, bad_record: 2)" in caplog.text
+
+
+def test_too_many_skipped_records_stop_the_run_also_after_a_resume(straight_run, tmp_path):
+    """A wrong image_folder skips the image records; past data.max_skip_fraction the run stops with
+    an error naming the reason and a record, and a resumed run keeps counting from its checkpoint."""
+    data = straight_run[0] / "data"
+    (tmp_path / "no_images").mkdir()
+    wrong = ["synthetic_records=None", f"data.data_path={data}/records.json", f"data.image_folder={tmp_path}/no_images"]
+    with pytest.raises(loop_lib.TrainingError, match=(
+            r"records read so far \(\d+%\) were skipped as bad, more than data.max_skip_fraction=0.5: "
+            r"missing_image: \d+ \(first: record \S+: no file '.*no_images.*'\)")):
+        loop_lib.train(demo_config(tmp_path / "fresh", *wrong, "data.skip_check_after=20"))
+    assert not os.path.exists(tmp_path / "fresh" / "checkpoints" / "1")  # stopped before wasting steps
+    assert read_metrics(os.path.join(tmp_path, "fresh", "metrics.jsonl")) == []
+
+    # Run 1 step with the limit off, then resume with it on: the checkpoint's tally counts.
+    loop_lib.train(demo_config(tmp_path / "run", *wrong, "data.max_skip_fraction=None", "num_steps=1"))
+    records = read_metrics(os.path.join(tmp_path, "run", "metrics.jsonl"))
+    skipped = records[-1]["data_skips"]["missing_image"]
+    assert 20 < skipped
+    with pytest.raises(loop_lib.TrainingError, match=r"missing_image"):
+        loop_lib.train(demo_config(tmp_path / "run", *wrong, f"data.skip_check_after={skipped}"))
+    assert Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [1]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[]", r"a.json: no records"),
+    ('{"id": 1}', r"a.json: expected a JSON array of records, got dict"),
+])
+def test_an_unusable_data_file_is_an_error_before_anything_is_written(tmp_path, content, message):
+    (tmp_path / "a.json").write_text(content)
+    config = demo_config(tmp_path / "run", "synthetic_records=None", f"data.data_path={tmp_path}/a.json")
+    with pytest.raises(loop_lib.input_errors(), match=message):
+        loop_lib.train(config)
+    assert not os.path.exists(tmp_path / "run")  # no recipe.json, no checkpoints/config.json
+
+
+def test_data_that_runs_out_with_every_record_skipped_is_an_error(tmp_path):
+    # Fewer records than data.skip_check_after, all bad: once they are all read the share is exact.
+    records = [{"id": f"r{i}", "image": "gone.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                                     {"from": "gpt", "value": "a"}]} for i in range(5)]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    config = demo_config(tmp_path / "run", "synthetic_records=None", f"data.data_path={tmp_path}/a.json",
+                         f"data.image_folder={tmp_path}", "data.num_epochs=1")
+    with pytest.raises(loop_lib.TrainingError, match=r"5 of the 5 records read so far \(100%\) were skipped as bad.*"
+                                                     r"missing_image: 5 \(first: record r\d: no file '.*gone.png'\)"):
+        loop_lib.train(config)

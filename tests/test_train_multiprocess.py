@@ -132,3 +132,26 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
     assert status == status_1 == "stopped" and last == last_1 and int(last) < 20
     assert (tmp_path / "checkpoints" / last / "params").is_dir()
     assert [r["step"] for r in read_metrics(str(metrics))] == list(range(1, int(last) + 1))
+
+
+@pytest.mark.slow
+def test_too_many_bad_records_on_one_process_stop_both(tmp_path):
+    # Unshuffled, shard k reads records k, k + 8, ...: the image files of shards 0-3 are missing,
+    # so only the process holding those shards is over data.max_skip_fraction. Both must stop.
+    from manager_jax.data.records import write_records
+    from manager_jax.data.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(str(tmp_path / "data"), num_records=160, seed=0, sizes=[(384, 384)])
+    records = [dict(r, image="images/gone.jpg") if "image" in r and i % 8 < 4 else r for i, r in enumerate(data.records)]
+    write_records(str(tmp_path / "records.json"), records)
+    procs = _start_two_processes(
+        tmp_path / "run", "synthetic_records=None", f"data.data_path={tmp_path / 'records.json'}",
+        f"data.image_folder={data.image_folder}", "data.shuffle=False", "data.skip_check_after=20", "num_steps=20",
+    )
+    outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], [err[-3000:] for _, err in outputs]
+    errors = sorted(err.strip().splitlines()[-1] for _, err in outputs)
+    assert errors[0].startswith("error: ") and "were skipped as bad, more than data.max_skip_fraction=0.5: missing_image" in errors[0]
+    assert "images/gone.jpg" in errors[0]
+    assert errors[1] == ("error: another process skipped more than data.max_skip_fraction=0.5 of its records as bad; "
+                         "its error names them")

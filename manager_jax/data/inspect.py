@@ -8,7 +8,7 @@ opened and checked, token plan, template), without building the crops. ``--json`
 JSON object per record::
 
     {"id", "image_sizes": [[W, H], ...], "num_crops", "image_tokens", "text_tokens",
-     "supervised_tokens", "seq_len", "skipped": null | reason}
+     "supervised_tokens", "seq_len", "skipped": null | reason, "detail": null | what was wrong}
 
 (``seq_len`` is the length after image expansion, before any truncation; records skipped
 for their size, e.g. "too_long", still show their numbers) and then one line
@@ -31,7 +31,8 @@ from typing import Any
 from manager_jax.data.pipeline import DataConfig, open_source, sample_options
 from manager_jax.data.samples import SkipCounter, SkipSample, check_limits, process_record, record_id
 
-RECORD_KEYS = ("id", "image_sizes", "num_crops", "image_tokens", "text_tokens", "supervised_tokens", "seq_len", "skipped")
+RECORD_KEYS = ("id", "image_sizes", "num_crops", "image_tokens", "text_tokens", "supervised_tokens", "seq_len", "skipped",
+               "detail")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,9 +130,16 @@ def _histogram(values: Sequence[int]) -> dict[str, int]:
 
 
 def inspect_records(model_config: Any, data_config: DataConfig, tokenizer: Any, *, limit: int | None, strict: bool):
-    """Yield one dict per record (keys RECORD_KEYS), then return the summary dict."""
+    """An iterator that yields one dict per record (keys RECORD_KEYS), then returns the summary dict.
+
+    The data is opened and the options checked now, so that their errors come before any row.
+    """
     source = open_source(data_config)
     options = sample_options(data_config, model_config)
+    return _inspect_rows(source, options, data_config, tokenizer, limit=limit, strict=strict)
+
+
+def _inspect_rows(source: Any, options: Any, data_config: DataConfig, tokenizer: Any, *, limit: int | None, strict: bool):
     # Process without the batch limits so that oversized records still show their sizes.
     unlimited = dataclasses.replace(options, seq_len=None, max_crops=None, max_image_tokens=None)
     skips = SkipCounter()
@@ -147,7 +155,7 @@ def inspect_records(model_config: Any, data_config: DataConfig, tokenizer: Any, 
             if strict:
                 raise
             skips.add(skip)
-            row["skipped"] = skip.reason
+            row["skipped"], row["detail"] = skip.reason, skip.detail
             yield row
             continue
         try:
@@ -156,7 +164,7 @@ def inspect_records(model_config: Any, data_config: DataConfig, tokenizer: Any, 
             if strict:
                 raise
             skips.add(skip)
-            row["skipped"] = skip.reason
+            row["skipped"], row["detail"] = skip.reason, skip.detail
         row.update(
             image_sizes=[list(s) for s in sample.image_sizes],
             num_crops=sample.num_crops,
@@ -181,6 +189,7 @@ def inspect_records(model_config: Any, data_config: DataConfig, tokenizer: Any, 
         "skipped": skip_summary["total"],
         "skip_reasons": skip_summary["by_reason"],
         "skip_examples": skip_summary["examples"],
+        "skip_details": dict(sorted(skips.details.items())),  # the first record of each reason and what was wrong
         "image_tokens": image_tokens,
         "text_tokens": text_tokens,
         "supervised_tokens": supervised,
@@ -220,20 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
     args = parser.parse_args(argv)
-
-    model_config, data_config = load_run_config(args.config, args.overrides)
-    if args.data is not None:
-        is_mixture = args.data.endswith((".yaml", ".yml"))
-        data_config = dataclasses.replace(
-            data_config, data_path=None if is_mixture else args.data, mixture=args.data if is_mixture else None
-        )
-    if args.image_folder is not None:
-        data_config = dataclasses.replace(data_config, image_folder=args.image_folder)
-
-    from manager_jax.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(data_config.tokenizer_path)
-    rows = inspect_records(model_config, data_config, tokenizer, limit=args.limit, strict=args.strict)
+    try:
+        rows = _open(args)
+    except (ValueError, OSError) as err:  # the config, the data files, the tokenizer: one line, no traceback
+        sys.stderr.write(f"error: {err}\n")
+        return 2
     out = sys.stdout
     if not args.json:
         out.write(" ".join(_HEADERS.get(k, k)[:w].ljust(w) for k, w in _TABLE).rstrip() + "\n")
@@ -251,6 +251,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         out.write("\n" + json.dumps(summary, indent=1) + "\n")
     return 0
+
+
+def _open(args: argparse.Namespace) -> Any:
+    """The rows iterator for the command line's config, overrides and data."""
+    model_config, data_config = load_run_config(args.config, args.overrides)
+    if args.data is not None:
+        is_mixture = args.data.endswith((".yaml", ".yml"))
+        data_config = dataclasses.replace(
+            data_config, data_path=None if is_mixture else args.data, mixture=args.data if is_mixture else None
+        )
+    if args.image_folder is not None:
+        data_config = dataclasses.replace(data_config, image_folder=args.image_folder)
+    if data_config.image_folder and not os.path.isdir(data_config.image_folder):
+        # As `run.py train` does: otherwise every image record would just read "missing_image".
+        raise FileNotFoundError(f"image folder {data_config.image_folder!r}: no such directory")
+
+    from manager_jax.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(data_config.tokenizer_path)
+    return inspect_records(model_config, data_config, tokenizer, limit=args.limit, strict=args.strict)
 
 
 if __name__ == "__main__":

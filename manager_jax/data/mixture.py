@@ -100,6 +100,8 @@ def read_mixture(path: str) -> list[MixtureEntry]:
             data = yaml.safe_load(f)
         except yaml.YAMLError as err:
             raise MixtureError(f"{path}: invalid YAML ({err})") from None
+        except UnicodeDecodeError as err:
+            raise MixtureError(f"{path}: not UTF-8 text (byte {err.start}); re-encode it as UTF-8") from None
     datasets = data.get("datasets") if isinstance(data, dict) else None
     if not isinstance(datasets, list) or not datasets:
         raise MixtureError(f"{path}: expected a top-level 'datasets:' list")
@@ -109,7 +111,10 @@ def read_mixture(path: str) -> list[MixtureEntry]:
         if not isinstance(item, dict) or not isinstance(item.get("json_path"), str):
             raise MixtureError(f"{path}: dataset {i} needs a 'json_path' string, got {item!r}")
         strategy = str(item.get("sampling_strategy", "all"))
-        parse_strategy(strategy)  # validate early
+        try:
+            parse_strategy(strategy)  # validate early
+        except MixtureError as err:
+            raise MixtureError(f"{path}: dataset {i} ({item['json_path']}): {err}") from None
         folder = item.get("image_folder")
         entries.append(
             MixtureEntry(
@@ -125,6 +130,10 @@ def load_mixture(path: str, *, seed: int = 0) -> RecordSource:
     """All selected records of a mixture YAML as one random-access source."""
     parts: list[Any] = []
     for position, entry in enumerate(read_mixture(path)):
+        if entry.image_folder is not None and not os.path.isdir(entry.image_folder):
+            # Otherwise each of its image records would be skipped as "missing_image", one by one.
+            raise MixtureError(f"{path}: dataset {position} ({entry.json_path}): image_folder {entry.image_folder}: "
+                               "no such directory")
         source = open_records(entry.json_path)
         indices = select_indices(len(source), entry.sampling_strategy, seed=seed, position=position)
         parts.append(SubsetRecords(source, indices, image_folder=entry.image_folder))

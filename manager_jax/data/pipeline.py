@@ -86,6 +86,11 @@ class DataConfig:
       read_threads: threads mapping records to samples inside each process.
       read_buffer_size: samples prefetched by those threads (each can weigh tens of MB).
       strict: raise at the first bad record instead of skipping it.
+      max_skip_fraction: training stops with an error once more than this share of the records
+        a process has read were skipped as bad (a wrong image_folder, say, would otherwise train
+        on the text-only records alone); None = never stop (a warning above 10% remains).
+      skip_check_after: records a process reads before ``max_skip_fraction`` is applied (too
+        few records say little about the rest).
     """
 
     data_path: str | None = None
@@ -110,6 +115,8 @@ class DataConfig:
     read_threads: int = 2
     read_buffer_size: int = 8
     strict: bool = False
+    max_skip_fraction: float | None = 0.5
+    skip_check_after: int = 200
 
     def __post_init__(self) -> None:
         problems = []
@@ -125,6 +132,10 @@ class DataConfig:
                 problems.append(f"{name} must be >= 0")
         if self.num_epochs is not None and self.num_epochs < 1:
             problems.append("num_epochs must be >= 1 or None (forever)")
+        if self.max_skip_fraction is not None and not 0 <= self.max_skip_fraction < 1:
+            problems.append("max_skip_fraction must lie in [0, 1), or be None (never stop)")
+        if self.skip_check_after < 1:
+            problems.append("skip_check_after must be >= 1")
         if problems:
             raise ValueError("invalid data config:\n  - " + "\n  - ".join(problems))
 
@@ -135,14 +146,18 @@ class DataConfig:
 
 
 def open_source(config: DataConfig) -> RecordSource:
-    """The random-access records named by the config."""
+    """The random-access records named by the config; RecordFormatError when there are none."""
     if config.mixture:
-        return load_mixture(config.mixture, seed=config.seed)
-    if not config.data_path:
+        source = load_mixture(config.mixture, seed=config.seed)
+    elif not config.data_path:
         raise ValueError("DataConfig needs data_path or mixture")
-    if config.format == "arrayrecord" or (config.format == "auto" and tfds_source.is_arrayrecord_dir(config.data_path)):
-        return tfds_source.ArrayRecordRecords(config.data_path, config.split)
-    return open_records(config.data_path, "auto" if config.format == "auto" else config.format)
+    elif config.format == "arrayrecord" or (config.format == "auto" and tfds_source.is_arrayrecord_dir(config.data_path)):
+        source = tfds_source.ArrayRecordRecords(config.data_path, config.split)
+    else:
+        source = open_records(config.data_path, "auto" if config.format == "auto" else config.format)
+    if len(source) == 0:  # found here, before a run writes anything, rather than by the first batch
+        raise RecordFormatError(f"{config.mixture or config.data_path}: no records")
+    return source
 
 
 def sample_options(data_config: DataConfig, model_config: Any) -> SampleOptions:
@@ -286,10 +301,11 @@ class BatchDatasetIterator(grain.DatasetIterator):
                 except StopIteration:
                     break
             if isinstance(item, SkipSample):
-                skipped.append([item.reason, item.record_id])
+                skipped.append([item.reason, item.record_id, item.detail])
                 consecutive_skips += 1
                 if consecutive_skips > self._max_consecutive_skips:
-                    raise RuntimeError(
+                    # RecordFormatError: run.py reports bad data in one line, not as a crash.
+                    raise RecordFormatError(
                         f"{consecutive_skips} records in a row were skipped (last: {item}); "
                         "the data or the config is probably wrong"
                     )
@@ -308,8 +324,8 @@ class BatchDatasetIterator(grain.DatasetIterator):
             self._pending, self._pending_state = item, state_before
             break
         if not samples:
-            if skipped:
-                logger.warning("%d records skipped at the end of the data: %s", len(skipped), skipped[:5])
+            if skipped:  # the records skipped after the last batch: counted like the others
+                return {"skipped": skipped}
             raise StopIteration
         s = self._shapes
         batch = assemble_batch(
@@ -355,8 +371,10 @@ class DataIterator:
                 self._finished = True
                 self.skips.log_summary(logger)
             raise
-        for reason, rid in element.pop("skipped"):
-            self.skips.add_reason(reason, rid)
+        for reason, rid, *detail in element.pop("skipped"):
+            self.skips.add_reason(reason, rid, *detail)
+        if not element:  # only the skips at the end of the data, no batch
+            return next(self)
         batch = Batch.from_dict(element)
         self.samples += batch.num_samples
         return batch

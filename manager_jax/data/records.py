@@ -49,10 +49,14 @@ class JsonRecords:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            with open(path, encoding="utf-8") as f:
+            # utf-8-sig: files saved by Windows tools start with a BOM (JSONL lines accept it too).
+            with open(path, encoding="utf-8-sig") as f:
                 data = json.load(f)
         except json.JSONDecodeError as err:
             raise RecordFormatError(f"{path}: not valid JSON ({err})") from None
+        except UnicodeDecodeError as err:
+            raise RecordFormatError(f"{path}: not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}); "
+                                    "re-encode it as UTF-8") from None
         if not isinstance(data, list):
             raise RecordFormatError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
         self._records = data

@@ -45,6 +45,7 @@ TRUNCATED_IMAGE = "truncated_image"
 ZERO_SIZE_IMAGE = "zero_size_image"
 IMAGE_TOO_LARGE = "image_too_large"  # PIL decompression-bomb guard
 BAD_RECORD = "bad_record"
+VIDEO_UNSUPPORTED = "video_unsupported"
 NO_CONVERSATIONS = "no_conversations"
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"
 TOO_LONG = "too_long"
@@ -67,22 +68,26 @@ class SkipSample(Exception):
 
 
 class SkipCounter:
-    """Counts skipped records by reason and keeps the first ``max_examples`` ids of each."""
+    """Counts skipped records by reason and keeps the first ``max_examples`` ids of each, and the
+    detail of the first one (e.g. the image path that was not found)."""
 
     def __init__(self, max_examples: int = 5) -> None:
         self.max_examples = max_examples
         self.counts: dict[str, int] = {}
         self.examples: dict[str, list[str]] = {}
+        self.details: dict[str, str] = {}
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
     def add(self, skip: SkipSample) -> None:
-        self.add_reason(skip.reason, skip.record_id)
+        self.add_reason(skip.reason, skip.record_id, skip.detail)
 
-    def add_reason(self, reason: str, record_id: str) -> None:
+    def add_reason(self, reason: str, record_id: str, detail: str = "") -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
+        if reason not in self.details:
+            self.details[reason] = f"record {record_id!s}" + (f": {detail}" if detail else "")
         examples = self.examples.setdefault(reason, [])
         if len(examples) < self.max_examples:
             examples.append(str(record_id))
@@ -106,11 +111,13 @@ class SkipCounter:
 
     # JSON-compatible state, saved with the data iterator.
     def get_state(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()}}
+        return {"counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()},
+                "details": dict(self.details)}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self.counts = {str(k): int(v) for k, v in state.get("counts", {}).items()}
         self.examples = {str(k): [str(i) for i in v] for k, v in state.get("examples", {}).items()}
+        self.details = {str(k): str(v) for k, v in state.get("details", {}).items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +188,10 @@ def record_id(record: Any, fallback: Any = None) -> str:
 def _image_entries(record: Mapping[str, Any], rid: str) -> list[tuple[str, bytes | None]]:
     """(name, bytes-or-None) per image. Bytes come from ArrayRecord datasets ("image_bytes")."""
     names = record.get("image")
+    if names is None and record.get("video") is not None:
+        # LLaVA-Video records: without this, "<image> in the text, 0 images" would hide the cause.
+        raise SkipSample(VIDEO_UNSUPPORTED, rid, f"video records are not supported ('video': {record['video']!r:.80}); "
+                         "give the frames as a list of images in 'image'")
     if names is None:
         names = []
     elif isinstance(names, str):

@@ -31,6 +31,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from manager_jax.data.records import RecordFormatError
+
 FORMAT_NAME = "manager_jax.llava_arrayrecord"
 FORMAT_VERSION = 1
 INDEX_FILE = "llava_records.json"
@@ -168,7 +170,7 @@ def read_index(data_dir: str) -> dict:
     with open(path, encoding="utf-8") as f:
         index = json.load(f)
     if index.get("format") != FORMAT_NAME or int(index.get("version", -1)) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format {index.get('format')!r} v{index.get('version')} is not {FORMAT_NAME} v<={FORMAT_VERSION}")
+        raise RecordFormatError(f"{path}: format {index.get('format')!r} v{index.get('version')} is not {FORMAT_NAME} v<={FORMAT_VERSION}")
     return index
 
 
@@ -180,7 +182,8 @@ class ArrayRecordRecords:
 
         index = read_index(data_dir)
         if split not in index["splits"]:
-            raise ValueError(f"{data_dir!r} has no split {split!r}; it has {sorted(index['splits'])}")
+            # RecordFormatError: `run.py train` reports it as bad input (one line), not as a crash.
+            raise RecordFormatError(f"{data_dir!r} has no split {split!r}; it has {sorted(index['splits'])}")
         info = index["splits"][split]
         self.data_dir, self.split = data_dir, split
         paths = [os.path.join(data_dir, s) for s, n in zip(info["shards"], info["shard_lengths"]) if n > 0]

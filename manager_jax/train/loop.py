@@ -88,12 +88,13 @@ class TrainResult:
 class DataFeed:
     """This process's shard iterators; stacks their batches into [accum, local_shards, ...] arrays."""
 
-    def __init__(self, config: TrainConfig, setup: TrainSetup, *, shards: int, accum: int, tokenizer: Any) -> None:
-        from manager_jax.data.pipeline import make_train_iterator, open_source
+    def __init__(self, config: TrainConfig, setup: TrainSetup, *, shards: int, accum: int, tokenizer: Any,
+                 source: Any) -> None:
+        from manager_jax.data.pipeline import make_train_iterator
 
         self.shards, self.accum = shards, accum
         self.shard_ids = local_shard_indices(setup.mesh, shards)
-        source = open_source(config.data)  # opened once, shared by this process's shard iterators
+        # `source` (open_source(config.data)) is opened once, shared by this process's shard iterators.
         self.iterators = {
             k: make_train_iterator(
                 config.data, config.model, tokenizer, process_index=k, process_count=shards, source=source
@@ -135,6 +136,14 @@ class DataFeed:
             for reason, n in it.skips.counts.items():
                 counts[reason] = counts.get(reason, 0) + n
         return dict(sorted(counts.items())), sum(it.samples for it in self.iterators.values())
+
+    def skip_details(self) -> dict[str, str]:
+        """The first skipped record of each reason (its id and what was wrong), over this process's shards."""
+        details: dict[str, str] = {}
+        for it in self.iterators.values():
+            for reason, detail in it.skips.details.items():
+                details.setdefault(reason, detail)
+        return details
 
     def set_states(self, states: list[Any]) -> None:
         if len(states) != self.shards:
@@ -278,6 +287,32 @@ class SkipWatch:
         )
 
 
+class SkipLimit:
+    """`data.max_skip_fraction`: whether this process has skipped too large a share of the records
+    it read (counted since the run began, so a resumed run keeps its tally), and the error saying so."""
+
+    def __init__(self, max_fraction: float | None, min_records: int) -> None:
+        self.max_fraction, self.min_records = max_fraction, min_records
+
+    def exceeded(self, counts: dict[str, int], samples: int, all_read: bool = False) -> bool:
+        """`all_read`: the data has run out, so the share is exact however few records there were."""
+        skipped = sum(counts.values())
+        read = skipped + samples
+        enough = all_read or read >= self.min_records
+        return self.max_fraction is not None and read > 0 and enough and skipped > self.max_fraction * read
+
+    def error(self, counts: dict[str, int], samples: int, details: dict[str, str]) -> "TrainingError":
+        skipped = sum(counts.values())
+        read = skipped + samples
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+        reasons = "; ".join(f"{r}: {n} (first: {details.get(r, '?')})" for r, n in top)
+        return TrainingError(
+            f"{skipped} of the {read} records read so far ({100 * skipped / read:.0f}%) were skipped as bad, more than "
+            f"data.max_skip_fraction={self.max_fraction}: {reasons}. Check the data and data.image_folder "
+            "(python run.py inspect-data lists the bad records), or raise data.max_skip_fraction"
+        )
+
+
 def _dotted(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
@@ -337,6 +372,10 @@ def train(
     if config.global_batch_size == -1:  # derived: recipe.json records the size used
         config.global_batch_size = shards * config.data.rows_per_host * accum
     latest = check_resume(config, shards)
+    from manager_jax.data.pipeline import open_source
+
+    # Read before anything is written: an unreadable or empty data file leaves output_dir as it was.
+    source = None if config.synthetic_records else open_source(config.data)
     loss_cfg = LossConfig(config.loss_normalization, config.loss_token_budget, config.loss_chunk_size)
     setup = make_setup(
         config.model, mesh, tunable_parts=config.tunable_parts, optim=config.optim,
@@ -344,6 +383,7 @@ def train(
     )
     if config.synthetic_records:
         _prepare_synthetic_data(config)
+        source = open_source(config.data)
     if primary:
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "recipe.json"), "w") as f:
@@ -369,7 +409,8 @@ def train(
 
     from manager_jax.data.tokenizer import load_tokenizer
 
-    feed = DataFeed(config, setup, shards=shards, accum=accum, tokenizer=load_tokenizer(config.data.tokenizer_path))
+    feed = DataFeed(config, setup, shards=shards, accum=accum, tokenizer=load_tokenizer(config.data.tokenizer_path),
+                    source=source)
     if data_states is not None:
         feed.set_states(data_states)
     fields = batch_field_shapes(
@@ -385,6 +426,20 @@ def train(
         config=config.to_dict(), drop_after_step=first_step,
     )
     skip_watch = SkipWatch()
+    skip_limit = SkipLimit(config.data.max_skip_fraction, config.data.skip_check_after)
+
+    def too_many_skips(data_done: bool) -> bool:
+        return skip_limit.exceeded(*feed.skip_stats(), all_read=data_done)
+
+    def stop_for_skips(data_done: bool) -> None:
+        """Every process stops when one has read too many bad records (each judges its own shards)."""
+        if too_many_skips(data_done):
+            counts, samples = feed.skip_stats()
+            raise skip_limit.error(counts, samples, feed.skip_details())
+        raise TrainingError(
+            f"another process skipped more than data.max_skip_fraction={skip_limit.max_fraction} of its records "
+            "as bad; its error names them"
+        )
     progress = Progress(config.num_steps, first_step, enabled=primary and config.logging.progress_bar)
     stop = _StopFlag()
     stop.install()
@@ -457,7 +512,10 @@ def train(
         # whether to stop after the step just dispatched, whether a shard ran out of data, and
         # whether the next batch exceeds the loss token budget (every process runs the same program).
         fetched = feed.next() if step < config.num_steps else None
-        exhausted, over_budget = any_process((fetched is None, fetched is not None and fetched[1]))
+        exhausted, over_budget, skips_over = any_process(
+            (fetched is None, fetched is not None and fetched[1], too_many_skips(fetched is None)))
+        if skips_over:
+            stop_for_skips(fetched is None)
         if exhausted and step < config.num_steps:
             status, fetched = "data_exhausted", None
         while fetched is not None and step < config.num_steps:
@@ -477,11 +535,15 @@ def train(
             read_unread()  # the step before this one, which ran while this one was dispatched
             unread = (step, metrics)
             # A SIGTERM / Ctrl-C that came while this step ran stops after it.
-            stop_requested, exhausted, over_budget = any_process((
+            stop_requested, exhausted, over_budget, skips_over = any_process((
                 stop.requested or step == stop_at_step,
                 fetched is None and step < config.num_steps,
                 fetched is not None and fetched[1],
+                too_many_skips(fetched is None),
             ))
+            if skips_over:
+                read_unread()  # this step's metrics, with its data_skips, reach metrics.jsonl first
+                stop_for_skips(fetched is None)
             every = config.checkpoint.every_steps
             if stop_requested or exhausted or step == config.num_steps or (every and step % every == 0):
                 read_unread()

@@ -376,7 +376,13 @@ def check_inputs(config: TrainConfig) -> None:
         if not os.path.isdir(directory):
             problems.append(f"init_from: {directory}: no such directory")
     data = config.data
-    if not config.synthetic_records:
+    if config.synthetic_records:
+        # The generated set would replace these without a word: the run would not train on them.
+        given = [f"data.{name}={getattr(data, name)}" for name in ("data_path", "mixture") if getattr(data, name)]
+        if given:
+            problems.append(f"{', '.join(given)} is set, but synthetic_records={config.synthetic_records} generates the "
+                            "data and would be used instead; add --set synthetic_records=None to train on it")
+    else:
         if data.mixture:
             if not os.path.isfile(data.mixture):
                 problems.append(f"data.mixture: {data.mixture}: no such file")
