@@ -28,6 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from manager_jax import exit_status
 from manager_jax.data.pipeline import DataConfig, open_source, sample_options
 from manager_jax.data.samples import SkipCounter, SkipSample, check_limits, process_record, record_id
 
@@ -233,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = _open(args)
     except (ValueError, OSError) as err:  # the config, the data files, the tokenizer: one line, no traceback
         sys.stderr.write(f"error: {err}\n")
-        return 2
+        return exit_status.BAD_INPUT
     out = sys.stdout
     if not args.json:
         out.write(" ".join(_HEADERS.get(k, k)[:w].ljust(w) for k, w in _TABLE).rstrip() + "\n")
@@ -245,12 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = stop.value
     except SkipSample as skip:
         sys.stderr.write(f"error: {skip}\n")
-        return 1
+        return exit_status.FAILED
     if args.json:
         out.write(json.dumps({"summary": summary}) + "\n")
     else:
         out.write("\n" + json.dumps(summary, indent=1) + "\n")
-    return 0
+    return exit_status.OK
 
 
 def _open(args: argparse.Namespace) -> Any:
