@@ -303,3 +303,21 @@ def test_data_that_runs_out_with_every_record_skipped_is_an_error(tmp_path):
     with pytest.raises(loop_lib.TrainingError, match=r"5 of the 5 records read so far \(100%\) were skipped as bad.*"
                                                      r"missing_image: 5 \(first: record r\d: no file '.*gone.png'\)"):
         loop_lib.train(config)
+
+
+def test_resume_refuses_data_that_changed_its_number_of_records(straight_run, tmp_path):
+    """The data state holds positions in a shuffled order of N records: over a data file that has
+    since grown or shrunk it would silently repeat some records and skip others."""
+    records = json.loads((straight_run[0] / "data" / "records.json").read_text())
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps(records))
+    own = ["synthetic_records=None", f"data.data_path={data}", f"data.image_folder={straight_run[0]}/data"]
+    loop_lib.train(demo_config(tmp_path / "run", *own, "num_steps=1"))
+    data.write_text(json.dumps(records[:-3]))
+    with pytest.raises(loop_lib.input_errors(), match=rf"{data}: the data changed since this checkpoint was saved: "
+                                                      rf"its run read {len(records)} records, the data now has "
+                                                      rf"{len(records) - 3}"):
+        loop_lib.train(demo_config(tmp_path / "run", *own, "num_steps=2"))
+    assert Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [1]
+    data.write_text(json.dumps(records))  # the same data again: the run continues
+    assert loop_lib.train(demo_config(tmp_path / "run", *own, "num_steps=2")).last_step == 2

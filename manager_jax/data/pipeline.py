@@ -345,6 +345,10 @@ class BatchDatasetIterator(grain.DatasetIterator):
         self._pending, self._pending_state = None, None
 
 
+class DataChangedError(RecordFormatError):
+    """A checkpoint's data state does not fit the data the run now reads."""
+
+
 class DataIterator:
     """Iterator of :class:`Batch`; tallies skips and the samples it delivered (``skips``,
     ``samples``: since the start of the run, restored with the state); ``get_state`` /
@@ -353,8 +357,9 @@ class DataIterator:
     The state is a JSON-compatible dict (save it with the model checkpoint).
     """
 
-    def __init__(self, grain_iterator: Any, *, description: str = "") -> None:
+    def __init__(self, grain_iterator: Any, *, description: str = "", num_records: int | None = None) -> None:
         self._it = grain_iterator
+        self.num_records = num_records  # of the source: a restored state must index the same records
         self.skips = SkipCounter()
         self.samples = 0
         self.description = description
@@ -380,9 +385,21 @@ class DataIterator:
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": self._it.get_state(), "skips": self.skips.get_state(), "samples": self.samples}
+        state = {"pipeline": self._it.get_state(), "skips": self.skips.get_state(), "samples": self.samples}
+        if self.num_records is not None:
+            state["num_records"] = self.num_records
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("num_records")  # absent in states saved before it was recorded
+        if saved is not None and self.num_records is not None and saved != self.num_records:
+            # The state holds positions in the shuffled order of `saved` records: over other records
+            # it would silently repeat some and never reach others.
+            raise DataChangedError(
+                f"the data changed since this checkpoint was saved: its run read {saved} records, the data "
+                f"now has {self.num_records}. Resuming would continue another order. Restore the data "
+                "the run was started with, or start a new run in another output_dir"
+            )
         self._it.set_state(state["pipeline"])
         self.skips.set_state(state.get("skips", {}))
         # States saved before samples were counted: start counting both afresh.
@@ -476,10 +493,11 @@ def make_train_iterator(
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
+    source = open_source(data_config) if source is None else source
     ds = build_dataset(
         data_config, model_config, tokenizer, process_index=process_index, process_count=process_count, source=source
     )
-    return DataIterator(iter(ds), description=f"host {process_index}/{process_count}")
+    return DataIterator(iter(ds), description=f"host {process_index}/{process_count}", num_records=len(source))
 
 
 def batch_summary(batch: Batch) -> dict[str, Any]:

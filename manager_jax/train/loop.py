@@ -93,6 +93,7 @@ class DataFeed:
         from manager_jax.data.pipeline import make_train_iterator
 
         self.shards, self.accum = shards, accum
+        self.data_name = config.data.mixture or config.data.data_path
         self.shard_ids = local_shard_indices(setup.mesh, shards)
         # `source` (open_source(config.data)) is opened once, shared by this process's shard iterators.
         self.iterators = {
@@ -151,8 +152,13 @@ class DataFeed:
                 f"the checkpoint has data states for {len(states)} shards but this run uses batch_shards={self.shards}; "
                 "resume with the same batch_shards"
             )
+        from manager_jax.data.pipeline import DataChangedError
+
         for k, it in self.iterators.items():
-            it.set_state(states[k])
+            try:
+                it.set_state(states[k])
+            except DataChangedError as err:
+                raise DataChangedError(f"{self.data_name}: {err}") from None
 
     def close(self) -> None:
         for it in self.iterators.values():
