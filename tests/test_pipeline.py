@@ -84,6 +84,21 @@ def test_resume_from_saved_state_gives_the_same_next_batches(data, tok):
         assert_same(a, b)
 
 
+def test_a_state_does_not_restore_over_another_number_of_records(data, tok, tmp_path):
+    from manager_jax.data.pipeline import DataChangedError
+
+    root, path, _ = data
+    it = run(config(data, num_epochs=None), tok)
+    next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    with open(path) as f:
+        records = json.load(f)
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(records[:-1]))
+    with pytest.raises(DataChangedError, match=f"its run read {len(records)} records, the data now has {len(records) - 1}"):
+        run(config(data, num_epochs=None, data_path=str(fewer)), tok).set_state(state)
+
+
 def test_hosts_get_disjoint_shares_that_cover_the_epoch(data, tok):
     shares = [ids_of(run(config(data), tok, model=SQUARE, index=i, count=3)) for i in range(3)]
     for a, b in itertools.combinations(shares, 2):

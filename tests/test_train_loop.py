@@ -314,10 +314,11 @@ def test_resume_refuses_data_that_changed_its_number_of_records(straight_run, tm
     own = ["synthetic_records=None", f"data.data_path={data}", f"data.image_folder={straight_run[0]}/data"]
     loop_lib.train(demo_config(tmp_path / "run", *own, "num_steps=1"))
     data.write_text(json.dumps(records[:-3]))
-    with pytest.raises(loop_lib.input_errors(), match=rf"{data}: the data changed since this checkpoint was saved: "
-                                                      rf"its run read {len(records)} records, the data now has "
-                                                      rf"{len(records) - 3}"):
+    recipe = (tmp_path / "run" / "recipe.json").read_text()
+    with pytest.raises(RecipeError, match=rf"records in {data}: {len(records)} -> {len(records) - 3} "
+                                          r"\(the data changed"):
         loop_lib.train(demo_config(tmp_path / "run", *own, "num_steps=2"))
     assert Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [1]
+    assert (tmp_path / "run" / "recipe.json").read_text() == recipe  # refused before anything is written
     data.write_text(json.dumps(records))  # the same data again: the run continues
     assert loop_lib.train(demo_config(tmp_path / "run", *own, "num_steps=2")).last_step == 2

@@ -151,8 +151,8 @@ class Checkpointer:
         self.manager.close()
 
 
-def saved_run(directory: str) -> tuple[list[int], dict | None, int | None]:
-    """(steps, run config of the latest step, its number of data shards) of a checkpoint directory;
+def saved_run(directory: str) -> tuple[list[int], dict | None, list[Any] | None]:
+    """(steps, run config of the latest step, its data states per shard) of a checkpoint directory;
     ([], None, None) when it holds none. Reads only: creates nothing."""
     if not os.path.isdir(directory):
         return [], None, None
@@ -168,7 +168,7 @@ def saved_run(directory: str) -> tuple[list[int], dict | None, int | None]:
                                                                  data=ocp.args.JsonRestore()))
     finally:
         manager.close()
-    return steps, dict(out["recipe"]), len(out["data"]["shards"])
+    return steps, dict(out["recipe"]), list(out["data"]["shards"])
 
 
 def gather_shard_states(local: Mapping[int, Any], num_shards: int) -> list[Any]:

@@ -93,7 +93,6 @@ class DataFeed:
         from manager_jax.data.pipeline import make_train_iterator
 
         self.shards, self.accum = shards, accum
-        self.data_name = config.data.mixture or config.data.data_path
         self.shard_ids = local_shard_indices(setup.mesh, shards)
         # `source` (open_source(config.data)) is opened once, shared by this process's shard iterators.
         self.iterators = {
@@ -152,13 +151,8 @@ class DataFeed:
                 f"the checkpoint has data states for {len(states)} shards but this run uses batch_shards={self.shards}; "
                 "resume with the same batch_shards"
             )
-        from manager_jax.data.pipeline import DataChangedError
-
         for k, it in self.iterators.items():
-            try:
-                it.set_state(states[k])
-            except DataChangedError as err:
-                raise DataChangedError(f"{self.data_name}: {err}") from None
+            it.set_state(states[k])
 
     def close(self) -> None:
         for it in self.iterators.values():
@@ -193,13 +187,14 @@ def _prepare_synthetic_data(config: TrainConfig) -> None:
     config.data.mixture = None
 
 
-def check_resume(config: TrainConfig, shards: int) -> int | None:
+def check_resume(config: TrainConfig, shards: int, num_records: int | None = None) -> int | None:
     """The checkpoint step to resume from (None: a fresh run), after checking that the checkpoints
-    in the run's directory belong to this run. Reads only, so a refused run leaves the directory as
-    it was. Raises RecipeError when the directory holds checkpoints that this config cannot continue.
+    in the run's directory belong to this run (`num_records`: of the data it reads, None for the
+    generated set, which the config determines). Reads only, so a refused run leaves the directory
+    as it was. Raises RecipeError when the directory holds checkpoints that this config cannot continue.
     """
     directory = config.checkpoint_dir()
-    steps, saved, saved_shards = saved_run(directory)
+    steps, saved, data_states = saved_run(directory)
     if not steps:
         return None
     listed = ", ".join(str(s) for s in steps)
@@ -209,8 +204,13 @@ def check_resume(config: TrainConfig, shards: int) -> int | None:
             "would overwrite or delete them. Use another output_dir (or checkpoint.dir), or remove them"
         )
     other_run, changed = compare_with_saved(saved, config.to_dict())
-    if saved_shards != shards:
-        other_run.append(f"batch_shards (resolved): {saved_shards} -> {shards} (the data state is kept per shard)")
+    if len(data_states) != shards:
+        other_run.append(f"batch_shards (resolved): {len(data_states)} -> {shards} (the data state is kept per shard)")
+    saved_records = data_states[0].get("num_records") if data_states and isinstance(data_states[0], dict) else None
+    if num_records is not None and saved_records is not None and saved_records != num_records:
+        # The data state holds positions in a shuffled order of the saved number of records.
+        other_run.append(f"records in {config.data.mixture or config.data.data_path}: {saved_records} -> {num_records} "
+                         "(the data changed; its saved position would index another order)")
     if other_run:
         raise RecipeError(
             f"cannot resume {directory} (step {steps[-1]}): this config describes another run than the checkpoint's:\n  - "
@@ -377,11 +377,11 @@ def train(
     shards, accum = resolve_batch_layout(config, data_parallel_size(mesh))
     if config.global_batch_size == -1:  # derived: recipe.json records the size used
         config.global_batch_size = shards * config.data.rows_per_host * accum
-    latest = check_resume(config, shards)
     from manager_jax.data.pipeline import open_source
 
     # Read before anything is written: an unreadable or empty data file leaves output_dir as it was.
     source = None if config.synthetic_records else open_source(config.data)
+    latest = check_resume(config, shards, None if source is None else len(source))
     loss_cfg = LossConfig(config.loss_normalization, config.loss_token_budget, config.loss_chunk_size)
     setup = make_setup(
         config.model, mesh, tunable_parts=config.tunable_parts, optim=config.optim,
