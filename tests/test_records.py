@@ -38,12 +38,14 @@ def test_json_and_jsonl_give_the_same_records(tmp_path):
 
 def test_jsonl_skips_blank_lines_and_flags_bad_lines(tmp_path):
     path = tmp_path / "b.jsonl"
-    path.write_text(json.dumps(RECORDS[0]) + "\n\n{not json\n" + json.dumps(RECORDS[1]) + "\n")
+    path.write_text(json.dumps(RECORDS[0]) + "\n\n{not json\n" + json.dumps(RECORDS[1]) + "\n[1, 2]\n")
     src = JsonlRecords(str(path))
-    assert len(src) == 3
+    assert len(src) == 4
     assert src[0] == RECORDS[0] and src[2] == RECORDS[1]
     assert src[1]["id"] == "b.jsonl:3" and "invalid JSON" in src[1]["_error"]
-    with pytest.raises(RecordFormatError, match="b.jsonl:3"):
+    # Valid JSON that is not an object: named by its line too (it was named by its index).
+    assert src[3]["id"] == "b.jsonl:5" and "must be an object" in src[3]["_error"]
+    with pytest.raises(RecordFormatError, match="b.jsonl:3"):  # the first bad line
         list(iter_jsonl(str(path)))
     # Pickles without its open file handle (worker processes reopen it).
     clone = pickle.loads(pickle.dumps(src))

@@ -104,11 +104,14 @@ class JsonlRecords:
         # pread takes the offset itself: a seek + readline on one shared handle lets concurrent
         # read threads receive each other's lines.
         line = os.pread(self._fd, int(self._sizes[index]), int(self._offsets[index]))
+        where = f"{os.path.basename(self.path)}:{int(self._line_numbers[index])}"
         try:
-            return json.loads(line)
+            record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            where = f"{os.path.basename(self.path)}:{int(self._line_numbers[index])}"
             return {"id": where, "_error": f"invalid JSON line: {err}"}
+        if not isinstance(record, dict):  # valid JSON but no record: named by its line, like a broken one
+            return {"id": where, "_error": f"a JSON line must be an object (a record), got {type(record).__name__}"}
+        return record
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
