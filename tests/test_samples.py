@@ -89,7 +89,7 @@ def test_every_bad_input_case_gets_its_reason(tok, tmp_path):
     cases = write_bad_examples(str(tmp_path))
     reasons = {r for _, r in cases if r}
     assert reasons >= {"missing_image", "truncated_image", "zero_size_image", "unreadable_image",
-                       "no_conversations", "bad_role_order", "image_count_mismatch"}
+                       "no_conversations", "no_assistant_turn", "image_count_mismatch"}
     counter = SkipCounter()
     for record, expected in cases:
         try:

@@ -119,7 +119,9 @@ def _chatml_turn(role: str, content: str) -> str:
 
 
 def _validated_turns(conversations: Sequence[Mapping[str, object]]) -> list[tuple[str, str]]:
-    """(role, text) pairs after dropping a leading assistant turn; roles must alternate user/assistant."""
+    """(role, text) pairs after dropping a leading assistant turn. As in `preprocess_qwen`, the
+    roles need not alternate (two user turns in a row are two masked turns); at least one assistant
+    turn must remain, else nothing but the chat's special ids would be supervised."""
     if len(conversations) == 0:
         raise ConversationError("empty_conversation", "no turns")
     turns = [(_turn_role(turn, i), _turn_text(turn, i)) for i, turn in enumerate(conversations)]
@@ -127,13 +129,7 @@ def _validated_turns(conversations: Sequence[Mapping[str, object]]) -> list[tupl
         turns = turns[1:]
     if not turns:
         raise ConversationError("empty_conversation", "only one gpt turn, which is dropped")
-    for position, (role, _) in enumerate(turns):
-        expected = "user" if position % 2 == 0 else "assistant"
-        if role != expected:
-            raise ConversationError(
-                "bad_role_order", f"turn {position} (after dropping a leading gpt turn) is {role}, expected {expected}"
-            )
-    if len(turns) < 2:
+    if all(role != "assistant" for role, _ in turns):
         raise ConversationError("no_assistant_turn", "nothing to supervise")
     return turns
 

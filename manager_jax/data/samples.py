@@ -37,7 +37,7 @@ __all__ = ["ProcessedSample", "SampleOptions", "SkipCounter", "SkipSample", "che
 TEMPLATES = ("plain", "qwen_1_5")
 
 # Reasons raised here (ConversationError reasons from conversation.py pass through unchanged:
-# bad_turn, unknown_role, empty_conversation, bad_role_order, no_assistant_turn,
+# bad_turn, unknown_role, empty_conversation, no_assistant_turn,
 # plain_needs_two_turns, plain_needs_image).
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"

@@ -247,7 +247,7 @@ def write_bad_examples(out_dir: str, *, seed: int = 0) -> list[tuple[dict[str, A
         (rec("bad-not-image", "bad_images/not_an_image.jpg", ask), "unreadable_image"),
         (rec("bad-no-conversations", "bad_images/ok.jpg", None), "no_conversations"),
         (rec("bad-empty-conversations", "bad_images/ok.jpg", []), "no_conversations"),
-        (rec("bad-role-order", "bad_images/ok.jpg", [ask[0], _turn("human", "And?"), ask[1]]), "bad_role_order"),
+        (rec("bad-no-answer", "bad_images/ok.jpg", [ask[0], _turn("human", "And?")]), "no_assistant_turn"),
         (rec("bad-count-extra", "bad_images/ok.jpg", [_turn("human", "<image> <image>\nSame?"), ask[1]]), "image_count_mismatch"),
         (rec("bad-count-missing", "bad_images/ok.jpg", [_turn("human", "What colour?"), ask[1]]), "image_count_mismatch"),
         (rec("bad-text-with-image-tag", None, ask), "image_count_mismatch"),
