@@ -84,6 +84,19 @@ def test_generate_until(adapter):
     assert cut[0] == answers[0].split(stop)[0].strip() and len(cut[0]) < len(answers[0])
 
 
+def test_beam_search_requests_are_answered_with_a_warning(adapter, caplog):
+    """num_beams > 1 (HF beam search in the original) is not implemented: the answer is the greedy
+    one, and the log says so instead of reporting it as a beam-search result."""
+    kwargs = {"max_new_tokens": 4, "until": ["\n\n"], "do_sample": False}
+    request = lambda extra: [Instance("generate_until", ("What is in the image?", dict(kwargs, **extra),
+                                                         doc_to_visual, 0, TASK, SPLIT))]
+    with caplog.at_level("WARNING", logger="manager_jax.infer.lmms_adapter"):
+        greedy = adapter.generate_until(request({}))
+        assert caplog.records == []
+        assert adapter.generate_until(request({"num_beams": 3})) == greedy
+    assert "num_beams=3 is not supported: these requests are decoded greedily" in caplog.text
+
+
 def test_generate_until_on_the_fused_decode_kernels(adapter, checkpoint):
     """lmms-eval's model_args pick the decode kernels (Pallas interpret mode here): same answers."""
     fused = LlavaOVManagerJax(pretrained=checkpoint[0], dtype="float32", batch_size="2", decode_attention="pallas",

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -50,6 +51,8 @@ from manager_jax.infer.loading import (
 )
 from manager_jax.infer.requests import generation_prompt, score_request
 from manager_jax.infer.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 MODEL_NAME = "llava_ov_manager_jax"
 DEFAULT_MAX_NEW_TOKENS = 1024  # the original adapter's default
@@ -183,6 +186,10 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         until = kwargs.pop("until", None)
         until = [until] if isinstance(until, str) else list(until or [])
         do_sample = _as_bool(kwargs.get("do_sample", False))
+        beams = int(kwargs.get("num_beams") or 1)
+        if beams > 1:  # the original passes it to HF generate; a silent greedy answer would misreport the task
+            logger.warning("num_beams=%d is not supported: these requests are decoded %s, one beam", beams,
+                           "by sampling" if do_sample else "greedily")
         temperature = float(kwargs.get("temperature") or 0.0) if do_sample else 0.0
         params = SamplingParams(
             max_new_tokens=int(kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
