@@ -97,6 +97,30 @@ def test_beam_search_requests_are_answered_with_a_warning(adapter, caplog):
     assert "num_beams=3 is not supported: these requests are decoded greedily" in caplog.text
 
 
+def test_sampling_defaults_come_from_the_generation_config_as_in_hf(adapter, checkpoint, tmp_path):
+    """A sampling request without top_k / top_p: HF generate takes the checkpoint's
+    generation_config.json values, else GenerationConfig's defaults; so does the adapter."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    hf = GenerationConfig._get_default_generation_params()  # applied when neither the model nor the call sets them
+    params, _ = adapter._sampling({"do_sample": True, "temperature": 1.0})
+    assert (params.top_k, params.top_p) == (hf["top_k"], hf["top_p"])
+    shutil.copytree(checkpoint[0], tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "generation_config.json").write_text('{"top_k": 1, "top_p": 0.5}')
+    configured = LlavaOVManagerJax(pretrained=str(tmp_path / "ckpt"), dtype="float32", batch_size="2")
+    configured.task_dict = adapter.task_dict
+    params, _ = configured._sampling({"do_sample": True, "temperature": 1.0})
+    assert (params.top_k, params.top_p) == (1, 0.5)
+    # top_k 1 from the file: sampled answers are the greedy ones.
+    kwargs = {"max_new_tokens": 4, "until": ["\n\n"]}
+    requests = lambda extra: [Instance("generate_until", (q, dict(kwargs, **extra), doc_to_visual, d, TASK, SPLIT))
+                              for q, d in (("What is in the image?", 0), ("Compare the images.", 1))]
+    assert configured.generate_until(requests({"do_sample": True, "temperature": 1.0})) == \
+        adapter.generate_until(requests({"do_sample": False}))
+
+
 def test_generate_until_on_the_fused_decode_kernels(adapter, checkpoint):
     """lmms-eval's model_args pick the decode kernels (Pallas interpret mode here): same answers."""
     fused = LlavaOVManagerJax(pretrained=checkpoint[0], dtype="float32", batch_size="2", decode_attention="pallas",

@@ -16,6 +16,8 @@ Differences from the original, on purpose:
   at the first stop string, as lmms-eval's API describes.
 - The checkpoint's generation_config.json repetition_penalty, if any, applies to the generated
   ids only (the original passes the prompt as embeddings, so HF penalises only generated ids).
+  When a request samples (`do_sample`) without top_p / top_k, they come from that file too, else
+  from HF's defaults (top_k 50), as HF generate does; `num_beams` > 1 is not supported (a warning).
 - Videos and JSON-encoded multi-turn contexts are not supported (contexts are plain questions).
 - `generate_until_multi_round` follows the original's round protocol (the task's `doc_to_text`
   gives each next round's visuals and context and says when to stop), one request at a time, with
@@ -47,12 +49,16 @@ from manager_jax.infer.loading import (
     load_model,
     mesh_from_spec,
     read_eos_ids,
+    read_generation_config,
     read_repetition_penalty,
 )
 from manager_jax.infer.requests import generation_prompt, score_request
 from manager_jax.infer.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
+# transformers.GenerationConfig's defaults, which HF generate samples with when neither the request
+# nor the checkpoint's generation_config.json sets them.
+HF_DEFAULT_TOP_K, HF_DEFAULT_TOP_P = 50, 1.0
 
 MODEL_NAME = "llava_ov_manager_jax"
 DEFAULT_MAX_NEW_TOKENS = 1024  # the original adapter's default
@@ -154,6 +160,11 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         self.engine = engine
         # HF merges the checkpoint's generation_config into greedy generation too (SPEC §7.2 step 10).
         self.repetition_penalty = read_repetition_penalty(pretrained) if pretrained else 1.0
+        # What HF generate samples with when the request does not say (the original passes top_p
+        # None and no top_k): generation_config.json's values, else GenerationConfig's defaults.
+        generation_config = read_generation_config(pretrained) if pretrained else {}
+        self.sampling_defaults = {"top_p": float(generation_config.get("top_p") or HF_DEFAULT_TOP_P),
+                                  "top_k": int(generation_config.get("top_k", HF_DEFAULT_TOP_K) or 0)}
         self.batch_size_per_gpu = max(int(batch_size), 1)
         self.apply_until = _as_bool(apply_until)
         self.max_rounds = int(max_rounds)
@@ -194,8 +205,8 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         params = SamplingParams(
             max_new_tokens=int(kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
             temperature=temperature,
-            top_p=float(kwargs.get("top_p") or 1.0) if do_sample else 1.0,
-            top_k=int(kwargs.get("top_k") or 0) if do_sample else 0,
+            top_p=float(kwargs.get("top_p") or self.sampling_defaults["top_p"]) if do_sample else 1.0,
+            top_k=int(kwargs.get("top_k") or self.sampling_defaults["top_k"]) if do_sample else 0,
             repetition_penalty=float(kwargs.get("repetition_penalty") or self.repetition_penalty),
         )
         return params, until
