@@ -1,6 +1,7 @@
 """inspect-data: one JSON line per record with the documented keys, then a summary."""
 
 import json
+import os
 
 import pytest
 
@@ -8,6 +9,7 @@ from manager_jax.data import inspect as inspect_data
 from manager_jax.data.records import write_records
 from manager_jax.data.synthetic import make_synthetic_dataset, write_bad_examples
 
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 KEYS = {"id", "image_sizes", "num_crops", "image_tokens", "text_tokens", "supervised_tokens", "seq_len", "skipped"}
 
 
@@ -70,10 +72,25 @@ def test_strict_stops_at_the_first_bad_record(setup, capsys):
     assert "skipped" in capsys.readouterr().err
 
 
-def test_bad_set_key_is_an_error(setup):
+def test_bad_set_key_is_an_error(setup, capsys):
     _, cfg, _, _ = setup
-    with pytest.raises(ValueError, match="unknown config key"):
-        inspect_data.main(["--config", cfg, "--set", "data.no_such_field=3"])
+    assert inspect_data.main(["--config", cfg, "--set", "data.no_such_field=3"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing_config", "missing_data", "no_data_in_recipe", "unknown_recipe"])
+def test_bad_input_is_one_error_line_and_status_2(setup, tmp_path, capsys, case):
+    """As every command (README, manager_jax/exit_status.py): bad input is one `error:` line, exit 2."""
+    _, cfg, _, _ = setup
+    args = {
+        "missing_config": ["--config", str(tmp_path / "nope.py")],
+        "missing_data": ["--config", cfg, "--data", str(tmp_path / "nope.json")],
+        "no_data_in_recipe": ["--config", os.path.join(CONFIGS, "demo.py")],
+        "unknown_recipe": ["--config", os.path.join(CONFIGS, "llava_ov.py") + ":stage9_x_1b"],
+    }[case]
+    assert inspect_data.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_run_recipe_configs_load_through_the_recipe_loader(setup, tmp_path, capsys):
