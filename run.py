@@ -42,13 +42,14 @@ def _lazy(module: str, function: str) -> Callable[[Sequence[str]], int | None]:
 
 def _train_parser(prog: str, aot: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train a model from a recipe." if not aot else
-                                "Compile the train step ahead of time for a TPU topology (on a CPU host).")
+                                "Compile the train step ahead of time for a TPU slice or GPU cluster (on a CPU host).")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="recipe file (path or path:recipe_name); default: configs/demo.py")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (nested with dots); repeatable")
     if aot:
         p.add_argument("--topology", required=True,
-                       help="TPU topology like v5p:2x2x2 or v5e:4x4 (needs libtpu), or cpu:N (N local CPU devices)")
+                       help="TPU topology like v5p:2x2x2 or v5e:4x4 (needs libtpu), GPUs like h100:8 or h100:8x8 "
+                            "(hosts x GPUs; needs jax's CUDA plugin), or cpu:N (N local CPU devices)")
         p.add_argument("--hlo-out", metavar="PATH",
                        help="also write the compiled program's HLO text there (read it with benchmarks/hlo_traffic.py)")
     p.add_argument("--log-level", default="INFO", help="INFO (default), DEBUG (also prints the traceback of an error), WARNING, ...")
@@ -124,10 +125,11 @@ def _setup_logging(level: str) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[], Callable[[Sequence[str]], int | None]], str]] = {
     "train": (lambda: cmd_train, "train from a recipe"),
-    "compile": (lambda: cmd_compile, "AOT-compile the train step for a TPU topology"),
+    "compile": (lambda: cmd_compile, "AOT-compile the train step for a TPU slice or GPU cluster"),
     "compile-generate": (lambda: _lazy("manager_jax.infer.aot", "main"),
-                         "AOT-compile generation (prefill + decode) for a TPU topology"),
-    "inspect-data": (lambda: _lazy("manager_jax.data.inspect", "main"), "inspect the data pipeline's batches"),
+                         "AOT-compile generation (prefill + decode) and scoring for a TPU slice or GPUs"),
+    "inspect-data": (lambda: _lazy("manager_jax.data.inspect", "main"),
+                     "show what each data record becomes, and why records are skipped"),
     "generate": (lambda: _lazy("manager_jax.infer.cli", "generate_main"), "generate text for images + prompts"),
     "score": (lambda: _lazy("manager_jax.infer.cli", "score_main"), "score continuations (log-likelihood)"),
 }

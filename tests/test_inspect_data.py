@@ -1,6 +1,7 @@
 """inspect-data: one JSON line per record with the documented keys, then a summary."""
 
 import json
+import os
 
 import pytest
 
@@ -8,6 +9,7 @@ from manager_jax.data import inspect as inspect_data
 from manager_jax.data.records import write_records
 from manager_jax.data.synthetic import make_synthetic_dataset, write_bad_examples
 
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 KEYS = {"id", "image_sizes", "num_crops", "image_tokens", "text_tokens", "supervised_tokens", "seq_len", "skipped", "detail"}
 
 
@@ -93,6 +95,20 @@ def test_bad_input_is_one_error_line_and_exit_status_2(setup, capsys, tmp_path):
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.startswith("error: ") and message in captured.err, (args, captured.err)
         assert len(captured.err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", ["missing_config", "no_data_in_recipe", "unknown_recipe"])
+def test_a_bad_config_is_one_error_line_and_status_2(setup, tmp_path, capsys, case):
+    """As every command (README, manager_jax/exit_status.py): bad input is one `error:` line, exit 2."""
+    _, cfg, _, _ = setup
+    args = {
+        "missing_config": ["--config", str(tmp_path / "nope.py")],
+        "no_data_in_recipe": ["--config", os.path.join(CONFIGS, "demo.py")],
+        "unknown_recipe": ["--config", os.path.join(CONFIGS, "llava_ov.py") + ":stage9_x_1b"],
+    }[case]
+    assert inspect_data.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_run_recipe_configs_load_through_the_recipe_loader(setup, tmp_path, capsys):
