@@ -196,14 +196,18 @@ def test_resume_accepts_other_settings_and_keeps_each_step_once_in_the_metrics(s
     out = _copy_run(straight_run[0], tmp_path / "run")
     with open(out / "metrics.jsonl", "a") as f:  # what a run killed after step 7 leaves: records after the checkpoint
         f.write(json.dumps({"step": 7, "loss": 99.0}) + "\n" + '{"step": 8, "lo')
+    saved = json.load(open(out / "recipe.json"))
+    # The same batch, now with grad_accum derived (-1) from the global batch size: no change to the run.
+    derived = ["grad_accum=-1", f"global_batch_size={saved['global_batch_size']}"]
     with caplog.at_level(logging.INFO, logger="manager_jax"):
-        result = loop_lib.train(demo_config(out, "num_steps=7", "optim.lr=1e-3"))
+        result = loop_lib.train(demo_config(out, "num_steps=7", "optim.lr=1e-3", *derived))
     assert result.first_step == 6 and result.last_step == 7
-    assert "resuming with changed settings: num_steps: 6 -> 7; optim.lr: 0.003 -> 0.001" in caplog.text
+    assert "resuming with changed settings: num_steps: 6 -> 7; optim.lr: 0.003 -> 0.001\n" in caplog.text + "\n"
     records = read_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
     assert records[-1]["loss"] == result.losses[0]
-    assert json.load(open(out / "recipe.json"))["num_steps"] == 7
+    resolved = json.load(open(out / "recipe.json"))
+    assert resolved["num_steps"] == 7 and resolved["grad_accum"] == saved["grad_accum"] >= 1  # the value used
 
 
 def test_ctrl_c_saves_and_stops_and_data_skips_are_reported(straight_run, tmp_path, caplog):

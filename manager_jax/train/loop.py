@@ -375,8 +375,10 @@ def train(
     check_inputs(config)
     mesh = make_mesh(config.mesh)
     shards, accum = resolve_batch_layout(config, data_parallel_size(mesh))
-    if config.global_batch_size == -1:  # derived: recipe.json records the size used
+    # Derived sizes: recipe.json (the resolved config) records the values used.
+    if config.global_batch_size == -1:
         config.global_batch_size = shards * config.data.rows_per_host * accum
+    config.grad_accum = accum
     from manager_jax.data.pipeline import open_source
 
     # Read before anything is written: an unreadable or empty data file leaves output_dir as it was.
