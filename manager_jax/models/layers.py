@@ -107,6 +107,14 @@ def round_to(x: jax.Array, dtype) -> jax.Array:
     return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
+def activation(fn: Callable, x: jax.Array, **kwargs) -> jax.Array:
+    """`fn(x)` computed in fp32 and rounded once to x's dtype, as torch's activation kernels
+    (their math runs in fp32 for bf16 / fp16 tensors)."""
+    if not is_16bit(x.dtype):
+        return fn(x, **kwargs)
+    return fn(x.astype(jnp.float32), **kwargs).astype(x.dtype)
+
+
 class Linear(nnx.Linear):
     """nnx.Linear whose bias is added to the fp32 matmul accumulator and rounded once to the
     compute dtype, as torch's nn.Linear (addmm: oneDNN on CPU, the cuBLASLt bias epilogue on GPU).

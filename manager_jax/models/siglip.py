@@ -9,7 +9,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from manager_jax.config import VisionConfig
 from manager_jax.models.attention import dot_product_attention, unmasked_row_multiple
-from manager_jax.models.layers import MLP_ACTIVATION, linear, make_stacked, run_stacked, split_stack
+from manager_jax.models.layers import MLP_ACTIVATION, activation, linear, make_stacked, run_stacked, split_stack
 
 
 class SiglipAttention(nnx.Module):
@@ -37,7 +37,9 @@ class SiglipMLP(nnx.Module):
         self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(checkpoint_name(jax.nn.gelu(self.fc1(x), approximate=True), MLP_ACTIVATION))  # gelu_pytorch_tanh
+        # gelu_pytorch_tanh, computed in fp32 and rounded once as torch's kernel (in bf16 / fp16
+        # jax.nn.gelu rounds its constants and intermediates to the input dtype).
+        return self.fc2(checkpoint_name(activation(jax.nn.gelu, self.fc1(x), approximate=True), MLP_ACTIVATION))
 
 
 class SiglipLayer(nnx.Module):
