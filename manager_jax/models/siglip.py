@@ -26,8 +26,10 @@ class SiglipAttention(nnx.Module):
         are real (see `dot_product_attention`)."""
         b, t, d = x.shape
         heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+        # eager_logits: the original SigLIP attention is eager only, its scores rounded to bf16 / fp16
+        # before the fp32 softmax (SPEC §1.1); the XLA path does the same, the fused kernels cannot.
         out = dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask=None, impl=self.impl,
-                                    valid_len=valid_len)
+                                    valid_len=valid_len, eager_logits=True)
         return self.o(out.reshape(b, t, d))
 
 
