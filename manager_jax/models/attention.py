@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
-from manager_jax.models.layers import ATTENTION_IO, round_to
+from manager_jax.models.layers import ATTENTION_IO, is_16bit, round_to
 from manager_jax.platform import target_platform
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -218,8 +218,16 @@ def _xla_attention(q, k, v, mask, scale, eager_logits: bool = False):
         s = k.shape[2]
         m = mask.reshape(b, kv, g, t, s) if mask.shape[1] == h else mask[:, :, None]  # [B, KV|1, G|1, T, S]
         logits = jnp.where(m, logits.reshape(b, kv, g, t, s), NEG_INF).reshape(b, kv, g * t, s)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
+    if eager_logits or not is_16bit(v.dtype):
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
+    else:
+        # As the flash kernels (PyTorch's SDPA, flash_attention_2, cuDNN): the unnormalised
+        # exp(s - max) rounded to the 16-bit dtype for the matmul with v, the fp32 row sum
+        # divided out of the fp32 result.
+        e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+        out = jnp.einsum("bkqs,bksd->bkqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        out = out / jnp.sum(e, axis=-1, keepdims=True)
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
