@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
-from manager_jax.models.layers import ATTENTION_IO
+from manager_jax.models.layers import ATTENTION_IO, is_16bit, round_to
 from manager_jax.platform import target_platform
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -194,8 +194,12 @@ def segment_causal_mask(
     return mask[:, None]
 
 
-def _xla_attention(q, k, v, mask, scale):
+def _xla_attention(q, k, v, mask, scale, eager_logits: bool = False):
     """Reference attention with fp32 softmax; GQA groups folded into the query axis.
+
+    The scores stay fp32 (as PyTorch's SDPA / flash kernels keep them). `eager_logits`: rounded to
+    the compute dtype like PyTorch's eager attention, `(q @ k^T) * scale` (the matmul output, then
+    the scaled value) before the fp32 softmax: what the original SigLIP class computes in bf16 / fp16.
 
     [B, KV, G*T, d] x [B, KV, S, d] keeps every einsum a plain batched matmul (the 5-D
     [B, T, KV, G, d] form was about 3x slower on CPU).
@@ -205,13 +209,25 @@ def _xla_attention(q, k, v, mask, scale):
     g = h // kv
     q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, d]
-    logits = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    if eager_logits:
+        logits = round_to(round_to(logits, q.dtype) * scale, q.dtype)
+    else:
+        logits = logits * scale
     if mask is not None:
         s = k.shape[2]
         m = mask.reshape(b, kv, g, t, s) if mask.shape[1] == h else mask[:, :, None]  # [B, KV|1, G|1, T, S]
         logits = jnp.where(m, logits.reshape(b, kv, g, t, s), NEG_INF).reshape(b, kv, g * t, s)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
+    if eager_logits or not is_16bit(v.dtype):
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
+    else:
+        # As the flash kernels (PyTorch's SDPA, flash_attention_2, cuDNN): the unnormalised
+        # exp(s - max) rounded to the 16-bit dtype for the matmul with v, the fp32 row sum
+        # divided out of the fp32 result.
+        e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+        out = jnp.einsum("bkqs,bksd->bkqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        out = out / jnp.sum(e, axis=-1, keepdims=True)
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
@@ -224,8 +240,13 @@ def dot_product_attention(
     impl: str = "auto",
     plain_causal: bool = False,
     valid_len: int | None = None,
+    eager_logits: bool = False,
 ) -> jax.Array:
     """q [B,T,H,d], k/v [B,S,KV,d] (GQA when KV < H) -> [B,T,H,d].
+
+    `eager_logits`: on the XLA path, round the scores as PyTorch's eager attention does (see
+    `_xla_attention`; the vision tower, whose original class is eager-only). The cuDNN and Splash
+    kernels keep their scores in fp32 whatever this says.
 
     `plain_causal=True` promises the caller's mask is exactly causal (single segment, no padding
     inside the row), which lets the cuDNN kernel run without an explicit mask. `valid_len` (with
@@ -238,14 +259,15 @@ def dot_product_attention(
     # Named for remat "dots_acts", which keeps them (models/layers.py); a no-op otherwise.
     named = lambda *xs: tuple(checkpoint_name(x, ATTENTION_IO) for x in xs)
     if valid_len is None or valid_len >= max(q.shape[1], k.shape[1]):
-        return _attend(*named(q, k, v), mask, impl, plain_causal, None)
+        return _attend(*named(q, k, v), mask, impl, plain_causal, None, eager_logits)
     if not full:
         raise ValueError("valid_len is for unmasked attention only")
     real = lambda x: jnp.where((jnp.arange(x.shape[1]) < valid_len)[:, None, None], x, jnp.zeros((), x.dtype))
-    return named(real(_attend(*named(real(q), real(k), real(v)), None, impl, False, valid_len)))[0]
+    return named(real(_attend(*named(real(q), real(k), real(v)), None, impl, False, valid_len, eager_logits)))[0]
 
 
-def _attend(q, k, v, mask, impl: str, plain_causal: bool, valid_len: int | None) -> jax.Array:
+def _attend(q, k, v, mask, impl: str, plain_causal: bool, valid_len: int | None,
+            eager_logits: bool = False) -> jax.Array:
     scale = q.shape[-1] ** -0.5
     full = mask is None and not plain_causal
     t, s = q.shape[1], k.shape[1]
@@ -265,7 +287,7 @@ def _attend(q, k, v, mask, impl: str, plain_causal: bool, valid_len: int | None)
         mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None, None]
     if valid_len is not None and valid_len < s:
         mask = jnp.broadcast_to(jnp.arange(s) < valid_len, (1, 1, t, s))
-    return _blocked_attention(q, k, v, mask, scale, QUERY_BLOCK)
+    return _blocked_attention(q, k, v, mask, scale, QUERY_BLOCK, eager_logits)
 
 
 def cudnn_takes(dtype, head_dim: int) -> bool:
@@ -344,17 +366,17 @@ def padded_flash_attention(q, k, v, *, scale: float, causal: bool, implementatio
     return out[:, :t]
 
 
-def _blocked_attention(q, k, v, mask, scale, block):
+def _blocked_attention(q, k, v, mask, scale, block, eager_logits: bool = False):
     """`_xla_attention` over query blocks (exact: every block sees all keys), rematerialised."""
     b, t, h, d = q.shape
     if t <= block:
-        return _xla_attention(q, k, v, mask, scale)
+        return _xla_attention(q, k, v, mask, scale, eager_logits)
     n = -(-t // block)
     pad = n * block - t
     q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, block, h, d).swapaxes(0, 1)
     if mask is not None:
         mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
         mask = mask.reshape(mask.shape[:2] + (n, block, mask.shape[-1])).transpose(2, 0, 1, 3, 4)
-    step = jax.checkpoint(lambda qm: _xla_attention(qm[0], k, v, qm[1], scale))
+    step = jax.checkpoint(lambda qm: _xla_attention(qm[0], k, v, qm[1], scale, eager_logits))
     out = jax.lax.map(step, (q, mask))  # [n, B, block, H, d]
     return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]

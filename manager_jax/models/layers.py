@@ -92,9 +92,48 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def is_16bit(dtype) -> bool:
+    return dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def round_to(x: jax.Array, dtype) -> jax.Array:
+    """fp32 `x` rounded to `dtype`'s precision and range, still fp32: where PyTorch rounds an
+    intermediate to bf16 / fp16. A plain f32 -> bf16 -> f32 round trip is not enough: XLA (excess
+    precision allowed, its default on CPU and GPU) drops such convert pairs inside a fusion;
+    it keeps a reduce_precision."""
+    if not is_16bit(dtype):
+        return x
+    info = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def activation(fn: Callable, x: jax.Array, **kwargs) -> jax.Array:
+    """`fn(x)` computed in fp32 and rounded once to x's dtype, as torch's activation kernels
+    (their math runs in fp32 for bf16 / fp16 tensors)."""
+    if not is_16bit(x.dtype):
+        return fn(x, **kwargs)
+    return fn(x.astype(jnp.float32), **kwargs).astype(x.dtype)
+
+
+class Linear(nnx.Linear):
+    """nnx.Linear whose bias is added to the fp32 matmul accumulator and rounded once to the
+    compute dtype, as torch's nn.Linear (addmm: oneDNN on CPU, the cuBLASLt bias epilogue on GPU).
+    flax rounds the matmul output to bf16 / fp16 and then adds the bias, a second rounding.
+    Unchanged in fp32 and without a bias."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        dtype = self.dtype or inputs.dtype
+        if self.bias is None or not is_16bit(dtype) or self.preferred_element_type is not None:
+            return super().__call__(inputs, out_sharding)
+        inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], self.bias[...]), dtype=self.dtype)
+        y = self.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision,
+                             out_sharding=out_sharding, preferred_element_type=jnp.float32)
+        return (y + bias.astype(jnp.float32)).astype(inputs.dtype)
+
+
 def linear(din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
     """Dense layer with PyTorch nn.Linear-like init (the weights are overwritten by checkpoints)."""
-    return nnx.Linear(
+    return Linear(
         din,
         dout,
         use_bias=bias,

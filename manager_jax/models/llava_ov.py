@@ -12,7 +12,7 @@ from flax import nnx
 
 from manager_jax.config import ModelConfig
 from manager_jax.models.attention import split_width_over_heads_axis
-from manager_jax.models.layers import linear
+from manager_jax.models.layers import activation, linear
 from manager_jax.models.manager import Manager, ManagerTokens
 from manager_jax.models.qwen2 import Qwen2Decoder
 from manager_jax.models.siglip import SiglipTower
@@ -28,7 +28,7 @@ class Projector(nnx.Module):
         self.linear2 = linear(dout, dout, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear2(jax.nn.gelu(self.linear1(x), approximate=False))
+        return self.linear2(activation(jax.nn.gelu, self.linear1(x), approximate=False))  # nn.GELU(): erf
 
 
 def gather_plan(features: jax.Array, src: jax.Array, weight: jax.Array) -> jax.Array:

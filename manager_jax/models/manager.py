@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from manager_jax.config import ModelConfig
-from manager_jax.models.layers import linear
+from manager_jax.models.layers import linear, round_to
 
 
 @dataclass
@@ -35,6 +37,18 @@ jax.tree_util.register_dataclass(
 )
 
 
+def _product(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    """a * b rounded to `dtype` (fp32 result; exact before the rounding for 16-bit inputs): the
+    elementwise products that torch rounds to bf16 / fp16 before its sum."""
+    return round_to(a.astype(jnp.float32) * b.astype(jnp.float32), dtype)
+
+
+def _layer_sum(weights: jax.Array, feats: jax.Array) -> jax.Array:
+    """sum_n weights[n] * F[n] -> [T, D] as `torch.sum(scores * feats, dim=1)` (SPEC §2.7): each
+    product rounded to the compute dtype, summed in fp32, rounded once."""
+    return jnp.sum(_product(weights, feats, feats.dtype), axis=0).astype(feats.dtype)
+
+
 class StaticBlock(nnx.Module):
     """StaticManagerZeroInit: out = sum_n scores[n] * F[n]."""
 
@@ -45,15 +59,16 @@ class StaticBlock(nnx.Module):
         scores = self.layer_scores[...].astype(feats.dtype)  # [N, D]
         if jitter is not None:  # one draw per image, shape [N, D] each (torch: [1, N, 1, D])
             return _jittered_sum(scores, jitter, tokens.image.clip(0), feats)
-        return jnp.einsum("nd,ntd->td", scores, feats)
+        return _layer_sum(scores[:, None, :], feats)
 
 
 @jax.checkpoint
 def _jittered_sum(scores, jitter, image, feats):
-    """sum_n scores[n] * jitter[image[t], n] * F[n, t] -> [T, D]. Rematerialised: the per-token
-    scores [T, N, D] are remade in the backward pass rather than kept, one such array per injection
-    (the 72B recipe's 20 injections kept 20 of 3.25 GiB each per chip)."""
-    return jnp.einsum("tnd,ntd->td", scores[None] * jitter[image], feats)
+    """sum_n (scores[n] * jitter[image[t], n]) * F[n, t] -> [T, D], rounded as torch. Rematerialised:
+    the per-token scores [T, N, D] are remade in the backward pass rather than kept, one such array
+    per injection (the 72B recipe's 20 injections kept 20 of 3.25 GiB each per chip)."""
+    jittered = _product(scores[None], jitter[image], feats.dtype)  # [T, N, D]
+    return _layer_sum(jittered.transpose(1, 0, 2), feats)
 
 
 class AdaptiveBlock(nnx.Module):
@@ -82,10 +97,12 @@ class AdaptiveBlock(nnx.Module):
         pos = jnp.arange(b_s)
         if self.query_type in ("last", "average"):
             if self.query_type == "average":
-                hq = jnp.where(qm[:, None], h_flat, 0).reshape(tokens.query_mask.shape + (-1,))
-                e_sample = hq.sum(1) / jnp.maximum(tokens.query_mask.sum(1), 1)[:, None]
-                e_img = jax.ops.segment_sum(q * tok_w[:, None], img, n_img) / jnp.maximum(
-                    jax.ops.segment_sum(tok_w, img, n_img), 1)[:, None]
+                # torch.mean: an fp32 sum and division, rounded once.
+                f32 = jnp.float32
+                hq = jnp.where(qm[:, None], h_flat.astype(f32), 0).reshape(tokens.query_mask.shape + (-1,))
+                e_sample = (hq.sum(1) / jnp.maximum(tokens.query_mask.sum(1), 1)[:, None]).astype(q.dtype)
+                e_img = (jax.ops.segment_sum(q.astype(f32) * tok_w[:, None], img, n_img) / jnp.maximum(
+                    jax.ops.segment_sum(tok_w.astype(f32), img, n_img), 1)[:, None]).astype(q.dtype)
             else:
                 last_q = jnp.max(jnp.where(tokens.query_mask, pos.reshape(tokens.query_mask.shape), -1), axis=1)
                 e_sample = h_flat[jnp.clip(last_q, 0)]
@@ -96,14 +113,20 @@ class AdaptiveBlock(nnx.Module):
         d = q.shape[-1]
         qp = self.fusion_q(q)
         kq = self.fusion_k(h_flat)  # [B*S, D]
-        logits = (qp @ kq.T) / jnp.sqrt(jnp.asarray(d, qp.dtype))
+
+        def scaled(logits):
+            # torch: the matmul rounded, divided by the fp32 math.sqrt(D), rounded again
+            return round_to(logits.astype(jnp.float32) / math.sqrt(d), logits.dtype)
+
+        def softmax(logits, ok):  # torch.softmax of a 16-bit tensor: fp32 math, rounded once
+            return jax.nn.softmax(jnp.where(ok, logits, -jnp.inf), axis=-1).astype(q.dtype)
+
         key_ok = qm[None, :] & ((pos // s)[None, :] == sample[:, None])
-        att = jax.nn.softmax(jnp.where(key_ok, logits, -jnp.inf), axis=-1)
+        att = softmax(scaled(qp @ kq.T), key_ok)
         ctx_query = jnp.where(has_query[:, None], jnp.nan_to_num(att) @ h_flat, 0)
         kt = self.fusion_k(q)
-        logits_img = (qp @ kt.T) / jnp.sqrt(jnp.asarray(d, qp.dtype))
         same = (img[:, None] == img[None, :]) & tokens.active[None, :]
-        att_img = jax.nn.softmax(jnp.where(same, logits_img, -jnp.inf), axis=-1)
+        att_img = softmax(scaled(qp @ kt.T), same)
         ctx_img = jnp.nan_to_num(att_img) @ q
         return jnp.where(has_query[:, None], ctx_query, ctx_img)
 
@@ -113,10 +136,12 @@ class AdaptiveBlock(nnx.Module):
         else:
             ctrl_in = jnp.concatenate([self._extra(q, tokens, h_flat), q], axis=-1)
         s = self.controller(ctrl_in)  # [T, N]
-        w = s.T[:, :, None] * self.zero_gate[...].astype(feats.dtype)[:, None, :]  # [N, T, D]
+        # torch: ((scores * jitter) * zero_gate) * F, each product rounded, then the fp32 sum.
+        w = s.T[:, :, None]  # [N, T, 1]
         if jitter is not None:  # [N, T, D] per token (torch: [B, N, L, D])
-            w = w * jitter
-        return jnp.sum(w * feats, axis=0)
+            w = _product(w, jitter, feats.dtype)
+        w = _product(w, self.zero_gate[...].astype(feats.dtype)[:, None, :], feats.dtype)  # [N, T, D]
+        return _layer_sum(w, feats)
 
 
 class Manager(nnx.Module):

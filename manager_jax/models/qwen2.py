@@ -20,7 +20,7 @@ from manager_jax.models.attention import (current_attention_mesh, dot_product_at
                                          splash_applies, splash_attention)
 from manager_jax.models.decode_attention import KernelConfig, decode_attention, decode_attention_on_mesh, supported
 from manager_jax.models import decode_matmul
-from manager_jax.models.layers import MLP_ACTIVATION, RMSNorm, linear, make_stacked, run_stacked, split_stack
+from manager_jax.models.layers import MLP_ACTIVATION, RMSNorm, linear, round_to, make_stacked, run_stacked, split_stack
 from manager_jax.platform import target_platform
 
 
@@ -177,7 +177,10 @@ class Qwen2MLP(nnx.Module):
         self.down = mk(cfg.intermediate_size, cfg.hidden_size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(checkpoint_name(jax.nn.silu(self.gate(x)) * self.up(x), MLP_ACTIVATION))
+        # torch rounds silu(gate) to the compute dtype, then the product (SwiGLU in bf16 / fp16).
+        gate, up = self.gate(x), self.up(x)
+        act = round_to(jax.nn.silu(gate.astype(jnp.float32)), gate.dtype) * up.astype(jnp.float32)
+        return self.down(checkpoint_name(act.astype(gate.dtype), MLP_ACTIVATION))
 
 
 class Qwen2Layer(nnx.Module):

@@ -9,7 +9,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from manager_jax.config import VisionConfig
 from manager_jax.models.attention import dot_product_attention, unmasked_row_multiple
-from manager_jax.models.layers import MLP_ACTIVATION, linear, make_stacked, run_stacked, split_stack
+from manager_jax.models.layers import MLP_ACTIVATION, activation, linear, make_stacked, run_stacked, split_stack
 
 
 class SiglipAttention(nnx.Module):
@@ -26,8 +26,10 @@ class SiglipAttention(nnx.Module):
         are real (see `dot_product_attention`)."""
         b, t, d = x.shape
         heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+        # eager_logits: the original SigLIP attention is eager only, its scores rounded to bf16 / fp16
+        # before the fp32 softmax (SPEC §1.1); the XLA path does the same, the fused kernels cannot.
         out = dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask=None, impl=self.impl,
-                                    valid_len=valid_len)
+                                    valid_len=valid_len, eager_logits=True)
         return self.o(out.reshape(b, t, d))
 
 
@@ -37,7 +39,9 @@ class SiglipMLP(nnx.Module):
         self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(checkpoint_name(jax.nn.gelu(self.fc1(x), approximate=True), MLP_ACTIVATION))  # gelu_pytorch_tanh
+        # gelu_pytorch_tanh, computed in fp32 and rounded once as torch's kernel (in bf16 / fp16
+        # jax.nn.gelu rounds its constants and intermediates to the input dtype).
+        return self.fc2(checkpoint_name(activation(jax.nn.gelu, self.fc1(x), approximate=True), MLP_ACTIVATION))
 
 
 class SiglipLayer(nnx.Module):
