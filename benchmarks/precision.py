@@ -78,19 +78,27 @@ def setup(manager_type: str, *, image_size=(700, 330), vision_layers=4, text_lay
 
 
 # ---------------------------------------------------------------------------------------- reference
-def reference_model(hf, dtype: str, text_attn: str = "sdpa", conv_bias: str = "gpu"):
+def reference_model(hf, dtype: str, text_attn: str = "sdpa", conv_bias: str = "gpu", linear_bias: str = "addmm"):
     """A copy of the HF model in `dtype`, as the original runs it: SigLIP attention eager (its
     custom class has no other), the decoder in `text_attn`, and RoPE's inverse frequencies kept in
     fp32: `.to(dtype)` would round that buffer, which the original computes in fp32 (SPEC §1.4).
 
     `conv_bias="gpu"`: the patch embedding's bias is added after the convolution's output is
     rounded, as PyTorch's cuDNN convolution does (the original ran on GPUs); on CPU oneDNN adds it
-    inside the convolution ("cpu"), one rounding fewer."""
+    inside the convolution ("cpu"), one rounding fewer.
+
+    `linear_bias="addmm"`: nn.Linear as PyTorch runs it, the bias added to the fp32 accumulator;
+    "rounded": the matmul's output rounded, then the bias added, as our model does on purpose
+    (manager_jax.models.layers.linear), to measure everything else."""
     model = copy.deepcopy(hf).to(TORCH_DTYPES[dtype])
     if conv_bias == "gpu" and dtype != "float32":
         conv = model.model.vision_tower.embeddings.patch_embedding
         conv.forward = lambda x, conv=conv: torch.nn.functional.conv2d(
             x, conv.weight, None, conv.stride, conv.padding) + conv.bias[None, :, None, None]
+    if linear_bias == "rounded" and dtype != "float32":
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.forward = lambda x, m=module: torch.nn.functional.linear(x, m.weight) + m.bias
     model.config.vision_config._attn_implementation = "eager"
     model.config.text_config._attn_implementation = text_attn
     rotary, rotary32 = model.model.language_model.rotary_emb, hf.model.language_model.rotary_emb
@@ -101,9 +109,9 @@ def reference_model(hf, dtype: str, text_attn: str = "sdpa", conv_bias: str = "g
 
 
 def run_reference(hf, settings, mparams, case, dtype: str, text_attn: str = "sdpa",
-                  conv_bias: str = "gpu") -> dict[str, np.ndarray]:
+                  conv_bias: str = "gpu", linear_bias: str = "addmm") -> dict[str, np.ndarray]:
     """Per-stage outputs of the PyTorch reference with every weight and input in `dtype`."""
-    model = reference_model(hf, dtype, text_attn, conv_bias)
+    model = reference_model(hf, dtype, text_attn, conv_bias, linear_bias)
     ref = reference_from_hf_and_manager(model, mparams, settings)
     out: dict[str, np.ndarray] = {}
     hooks = []
@@ -239,10 +247,10 @@ def stage_mask(name: str, case, ref_stage: np.ndarray) -> np.ndarray | None:
 
 
 def measure(manager_type: str, dtypes=DTYPES, text_attn: str = "sdpa", conv_bias: str = "gpu",
-            excess_precision: bool = True, **setup_kw) -> dict:
+            excess_precision: bool = True, linear_bias: str = "addmm", **setup_kw) -> dict:
     """{stage: {"ours_vs_ref@dt", "ref@dt_vs_ref@fp32", "ours@dt_vs_ref@fp32"}} for each dtype."""
     hf, cfg, settings, mparams, case = setup(manager_type, **setup_kw)
-    refs = {dt: run_reference(hf, settings, mparams, case, dt, text_attn, conv_bias) for dt in dtypes}
+    refs = {dt: run_reference(hf, settings, mparams, case, dt, text_attn, conv_bias, linear_bias) for dt in dtypes}
     ours = {dt: run_ours(our_model(cfg, hf, mparams, dt), case, excess_precision) for dt in dtypes}
     result: dict[str, dict[str, float]] = {}
     refs = {dt: dict(r, logits_full_forward=r["logits"]) for dt, r in refs.items()}
@@ -287,17 +295,20 @@ def main() -> None:
     p.add_argument("--text-attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--conv-bias", default="gpu", choices=["gpu", "cpu"],
                    help="where the reference adds the patch embedding's bias (see reference_model)")
+    p.add_argument("--linear-bias", default="addmm", choices=["addmm", "rounded"],
+                   help="how the reference adds nn.Linear biases (see reference_model)")
     p.add_argument("--no-excess-precision", action="store_true",
                    help="compile our stages with xla_allow_excess_precision=false (see `compiled`)")
     p.add_argument("--json", action="store_true", help="also print one JSON line per manager type")
     args = p.parse_args()
     torch.set_num_threads(2)
     for t in args.types:
-        result = measure(t, text_attn=args.text_attn, conv_bias=args.conv_bias,
+        result = measure(t, text_attn=args.text_attn, conv_bias=args.conv_bias, linear_bias=args.linear_bias,
                          excess_precision=not args.no_excess_precision)
         print_table(t, result)
         if args.json:
             print(json.dumps({"manager_type": t, "text_attn": args.text_attn, "conv_bias": args.conv_bias,
+                              "linear_bias": args.linear_bias,
                               "excess_precision": not args.no_excess_precision,
                               "stages": result}))
 

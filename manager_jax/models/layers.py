@@ -115,25 +115,14 @@ def activation(fn: Callable, x: jax.Array, **kwargs) -> jax.Array:
     return fn(x.astype(jnp.float32), **kwargs).astype(x.dtype)
 
 
-class Linear(nnx.Linear):
-    """nnx.Linear whose bias is added to the fp32 matmul accumulator and rounded once to the
-    compute dtype, as torch's nn.Linear (addmm: oneDNN on CPU, the cuBLASLt bias epilogue on GPU).
-    flax rounds the matmul output to bf16 / fp16 and then adds the bias, a second rounding.
-    Unchanged in fp32 and without a bias."""
-
-    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-        dtype = self.dtype or inputs.dtype
-        if self.bias is None or not is_16bit(dtype) or self.preferred_element_type is not None:
-            return super().__call__(inputs, out_sharding)
-        inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], self.bias[...]), dtype=self.dtype)
-        y = self.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision,
-                             out_sharding=out_sharding, preferred_element_type=jnp.float32)
-        return (y + bias.astype(jnp.float32)).astype(inputs.dtype)
-
-
 def linear(din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    """Dense layer with PyTorch nn.Linear-like init (the weights are overwritten by checkpoints)."""
-    return Linear(
+    """Dense layer with PyTorch nn.Linear-like init (the weights are overwritten by checkpoints).
+
+    In bf16 / fp16 the matmul output is rounded, then the bias added (a second rounding), where
+    torch's addmm adds the bias to the fp32 accumulator. Adding it there made XLA write the GPU
+    train step's biased matmuls in fp32 (8.4 GB more per step, compiled for an H100: RESULTS.md,
+    session 15), so it is not done."""
+    return nnx.Linear(
         din,
         dout,
         use_bias=bias,
