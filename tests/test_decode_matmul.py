@@ -13,6 +13,7 @@ from flax import nnx
 from manager_jax.models.decode_matmul import (MatmulConfig, matmul_add, norm_gated, norm_qkv, parse_matmul_configs,
                                               supported)
 from manager_jax.models.layers import RMSNorm
+from manager_jax.models.qwen2 import swiglu
 
 D, I, NQ, NKV = 96, 160, 64, 32  # sizes divisible by 16 and 32 but not by 64: blocks shrink to fit
 EPS = 1e-6
@@ -33,7 +34,7 @@ def expected(x, norm, w, attn_out, act):
     """What the model computes (XLA) for the same inputs."""
     n = norm(x)
     return dict(qkv=jnp.concatenate([n @ w["q"], n @ w["k"], n @ w["v"]], axis=1),
-                gated=jax.nn.silu(n @ w["gate"]) * (n @ w["up"]),
+                gated=swiglu(n @ w["gate"], n @ w["up"]),
                 o=x + attn_out @ w["o"], down=x + act @ w["down"])
 
 
@@ -56,8 +57,8 @@ def test_kernels_equal_the_model_in_fp32(rows):
 
 
 def test_kernels_round_as_the_model_in_bf16():
-    """In bfloat16 the kernels round where the model's ops do (the norm, each product, every op of
-    silu and the gate, the residual add): their numbers are XLA's here, but for the rare one that
+    """In bfloat16 the kernels round where the model's ops do (the norm, each product, silu, the
+    gate, the residual add): their numbers are XLA's here, but for the rare one that
     a different order of the fp32 sums puts on the other side of a rounding (one bf16 step)."""
     for seed in (7, 8):
         args = operands(2, jnp.bfloat16, seed=seed)

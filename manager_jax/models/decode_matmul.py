@@ -14,8 +14,8 @@ Each program makes one block of `block_n` output columns for every row, reading 
 weight once, `block_k` rows at a time (Triton pipelines the reads over `num_stages`). The rows are
 padded to 16 inside the kernel (Triton's matmul tile). Numerics follow the model's modules: the
 norm in fp32 rounded to the activation dtype, then times its scale; products accumulated in fp32
-and rounded before the residual add or the gate; silu(gate) * up with each of its ops rounded
-(jax.nn.silu is x * (1 / (1 + exp(-x))) in the activation dtype). On CPU (interpret mode) the results
+and rounded before the residual add or the gate; silu(gate) in fp32 rounded once, times up,
+rounded (`qwen2.swiglu`, as torch). On CPU (interpret mode) the results
 equal XLA's bit for bit in bfloat16.
 
 Off the GPU the kernels run in Pallas interpret mode (tests).
@@ -178,11 +178,10 @@ def _kernel(*refs, kind: str, blocks: tuple[int, ...], block_n: int, block_k: in
             start += n
         return
     col = pl.multiple_of(p * block_n, block_n)
-    if kind == "gated":  # Qwen2MLP: silu(gate) * up, every op rounded as jax.nn.silu's ops are
+    if kind == "gated":  # qwen2.swiglu: silu in fp32 rounded once, times up, rounded by the store
         r = lambda v: v.astype(dtype).astype(jnp.float32)
         g, u = r(product(w_refs[0], col)), r(product(w_refs[1], col))
-        sigmoid = r(1.0 / r(1.0 + r(jnp.exp(-g))))
-        store(col, r(g * sigmoid) * u)
+        store(col, r(g * (1.0 / (1.0 + jnp.exp(-g)))) * u)
     else:  # the residual stream plus the rounded product
         residual = plgpu.load(refs[-2].at[rows[:, None], columns(col)], mask=row_mask[:, None], other=0.0)
         store(col, residual.astype(jnp.float32) + product(w_refs[0], col).astype(dtype).astype(jnp.float32))

@@ -169,6 +169,13 @@ class Qwen2Attention(nnx.Module):
         return self.o(out.reshape(b, t, -1)), cache
 
 
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up as torch computes it in bf16 / fp16: silu in fp32 rounded once to the
+    compute dtype, then the product rounded (decode_matmul's gated kernel does the same)."""
+    act = round_to(jax.nn.silu(gate.astype(jnp.float32)), gate.dtype) * up.astype(jnp.float32)
+    return act.astype(gate.dtype)
+
+
 class Qwen2MLP(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         mk = lambda i, o: linear(i, o, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -177,10 +184,7 @@ class Qwen2MLP(nnx.Module):
         self.down = mk(cfg.intermediate_size, cfg.hidden_size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # torch rounds silu(gate) to the compute dtype, then the product (SwiGLU in bf16 / fp16).
-        gate, up = self.gate(x), self.up(x)
-        act = round_to(jax.nn.silu(gate.astype(jnp.float32)), gate.dtype) * up.astype(jnp.float32)
-        return self.down(checkpoint_name(act.astype(gate.dtype), MLP_ACTIVATION))
+        return self.down(checkpoint_name(swiglu(self.gate(x), self.up(x)), MLP_ACTIVATION))
 
 
 class Qwen2Layer(nnx.Module):
