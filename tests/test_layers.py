@@ -103,3 +103,22 @@ def test_remat_dots_acts_keeps_the_mlp_activation_and_the_attention_inputs(capsy
     assert saved["dots_acts"].count("named 'attention_io'") == 4  # q, k, v and the masked output
     dots = lambda text: text.count("output of dot_general")
     assert dots(saved["dots_acts"]) < dots(saved["dots"])
+
+
+@pytest.mark.parametrize("fn, kwargs", [(jax.nn.gelu, {"approximate": True}), (jax.nn.gelu, {"approximate": False}),
+                                        (jax.nn.silu, {})])
+def test_fp32_activation_value_and_gradient_are_the_fp32_math_rounded_once(fn, kwargs):
+    """activation() keeps its bf16 input for the backward pass (its own VJP); value and gradient
+    must equal autodiff of the plain formula: fp32 math on the bf16 values, rounded once."""
+    from manager_jax.models.layers import activation
+
+    x = (3 * jax.random.normal(jax.random.key(0), (64, 96))).astype(jnp.bfloat16)
+    g = jax.random.normal(jax.random.key(1), (64, 96)).astype(jnp.bfloat16)
+    plain = lambda v: fn(v.astype(jnp.float32), **kwargs).astype(v.dtype)
+    y, vjp = jax.vjp(lambda v: activation(fn, v, **kwargs), x)
+    y_ref, vjp_ref = jax.vjp(plain, x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0], np.float32), np.asarray(vjp_ref(g)[0], np.float32))
+    # and not the bf16 math it replaced
+    assert not np.array_equal(np.asarray(y, np.float32), np.asarray(fn(x, **kwargs), np.float32))
