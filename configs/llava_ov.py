@@ -10,7 +10,8 @@ What mirrors the scripts (LLaVA-NeXT/scripts/manager/main/*.sh): prompt template
 (square/flat for stage 1 and the no-grid variants; anyres with 5 pinpoints in stage 1.5 and
 anyres_max_9 with the 36 pinpoints in stage 2 for the grid variants), ``mm_tunable_parts``, the
 per-module learning rates, max length, 512 samples per optimizer step (one sample per row, no
-packing, like the original collator), AdamW / cosine / warmup 0.03 / clip 1.0, bf16 compute with
+packing, like the original collator), the record order of ``--group_by_modality_length`` in stages
+1.5 and 2 (each step from one modality, shard batches of similar length), AdamW / cosine / warmup 0.03 / clip 1.0, bf16 compute with
 fp32 master weights, full rematerialisation (gradient checkpointing).
 
 Caveats:
@@ -130,6 +131,7 @@ def get_config(recipe: str = "stage2_grid_manager_0.5b") -> TrainConfig:
         pack=False,  # one sample per row, right-padded, as the original collator
         too_long="truncate" if seq_len == row["max_len"] else "skip",  # the original cuts at max_len
         num_epochs=None, shuffle=True, seed=0, worker_count=4,
+        group_by_modality_length=stage != "1",  # the stage 1.5 / 2 scripts' --group_by_modality_length True
     )
     return TrainConfig(
         name=recipe,

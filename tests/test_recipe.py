@@ -158,6 +158,7 @@ def test_original_recipes(stage, variant, size):
     assert cfg.model.text.hidden_size == {"0.5b": 896, "7b": 3584, "72b": 8192}[size]
     # 512 samples per optimizer step (no packing: one sample per row) on any data-parallel size.
     assert not cfg.data.pack
+    assert cfg.data.group_by_modality_length == (stage != "1")  # the stage 1.5 / 2 scripts set it
     for dp in (8, 32) + ((256,) if cfg.data.rows_per_host <= 2 else ()):
         shards, accum = resolve_batch_layout(cfg, dp)
         assert shards * accum * cfg.data.rows_per_host == 512

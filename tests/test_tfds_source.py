@@ -111,3 +111,16 @@ def test_cli(dataset, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["written"] == len(records) - 1
     with pytest.raises(FileExistsError):
         prepare_data.main(["--data", path, "--image-folder", str(root), "--out", out])
+
+
+def test_conversion_stores_the_modality_lengths_of_the_records_it_wrote(dataset, tmp_path):
+    from manager_jax.data import ordering
+
+    root, path, _ = dataset
+    out = str(tmp_path / "ar")
+    prepare_data.convert_records(open_records(path), out, image_folder=str(root))
+    source = tfds_source.ArrayRecordRecords(out)
+    read = [ordering.modality_length(source[i]) for i in range(len(source))]
+    assert source.modality_lengths().tolist() == read
+    assert {x > 0 for x in read} == {True, False}  # image and text-only records
+    assert ordering.modality_lengths(source).tolist() == read

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from manager_jax.data import tfds_source
+from manager_jax.data.ordering import modality_length
 from manager_jax.data.mixture import load_mixture
 from manager_jax.data.records import RecordSource, open_records
 from manager_jax.data.samples import (
@@ -80,6 +81,7 @@ def convert_records(
     shutil.rmtree(tmp_dir, ignore_errors=True)
     skips = SkipCounter()
     writer = tfds_source.ArrayRecordWriterSet(tmp_dir, split, len(source), num_shards)
+    lengths = []  # group_by_modality_length reads these instead of every record
     try:
         for index in range(len(source)):
             record = source[index]
@@ -98,9 +100,11 @@ def convert_records(
             clean = dict(record)
             clean.setdefault("id", rid)
             writer.write(tfds_source.serialize_record(clean, blobs))
+            lengths.append(modality_length(clean))
         writer.close()
         summary = skips.summary()
-        tfds_source.write_metadata(tmp_dir, {split: writer}, extra={"conversion_skips": summary})
+        tfds_source.write_metadata(tmp_dir, {split: writer}, extra={"conversion_skips": summary},
+                                   modality_lengths={split: lengths})
     except BaseException:
         writer.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)

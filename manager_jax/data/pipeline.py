@@ -25,15 +25,19 @@ finite number of epochs hosts may run out of data at different steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
+import threading
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import grain
+import numpy as np
 
 from manager_jax.batch import Batch, assemble_batch
-from manager_jax.data import tfds_source
+from manager_jax.data import ordering, tfds_source
 from manager_jax.data.mixture import load_mixture
 from manager_jax.data.packing import BatchPacker
 from manager_jax.data.records import RecordFormatError, RecordSource, open_records
@@ -79,6 +83,11 @@ class DataConfig:
       max_tiles: optional cap on the anyres tiles per image (not in the original).
       seed: shuffle seed (also seeds random:K mixture strategies).
       shuffle: shuffle the records (a new permutation each epoch).
+      group_by_modality_length: order each epoch as the original's ``--group_by_modality_length``
+        (stages 1.5 and 2; :mod:`manager_jax.data.ordering`): each optimizer step from one
+        modality, shard batches of similar lengths. Needs ``shuffle``; the grouping follows the
+        step's layout (shards x rows x accumulation steps) exactly when ``pack`` is False. A
+        skipped record shifts its shard's later records by one place.
       num_epochs: passes over the data; None = repeat forever.
       worker_count: Grain worker processes (0 = everything in the calling process). Workers are
         spawned, so a script that uses them needs the ``if __name__ == "__main__":`` guard.
@@ -109,6 +118,7 @@ class DataConfig:
     max_tiles: int | None = None
     seed: int = 0
     shuffle: bool = True
+    group_by_modality_length: bool = False
     num_epochs: int | None = 1
     worker_count: int = 0
     worker_buffer_size: int = 2
@@ -134,6 +144,8 @@ class DataConfig:
             problems.append("num_epochs must be >= 1 or None (forever)")
         if self.max_skip_fraction is not None and not 0 <= self.max_skip_fraction < 1:
             problems.append("max_skip_fraction must lie in [0, 1), or be None (never stop)")
+        if self.group_by_modality_length and not self.shuffle:
+            problems.append("group_by_modality_length draws a random order: it needs shuffle=True")
         if self.skip_check_after < 1:
             problems.append("skip_check_after must be >= 1")
         if problems:
@@ -180,9 +192,15 @@ def sample_options(data_config: DataConfig, model_config: Any) -> SampleOptions:
 
 
 class EpochShuffleMapDataset(grain.MapDataset):
-    """``num_epochs`` passes over ``parent`` (None = endless), each in its own seeded order."""
+    """``num_epochs`` passes over ``parent`` (None = endless), each in its own seeded order.
 
-    def __init__(self, parent: grain.MapDataset, *, seed: int, num_epochs: int | None, shuffle: bool) -> None:
+    The order is a seeded shuffle of each epoch, the records in order (``shuffle=False``), or
+    ``epoch_order(epoch)``: a whole epoch's permutation of record indices, computed once per epoch
+    (the original's modality-length grouping, :mod:`manager_jax.data.ordering`).
+    """
+
+    def __init__(self, parent: grain.MapDataset, *, seed: int, num_epochs: int | None, shuffle: bool,
+                 epoch_order: Callable[[int], np.ndarray] | None = None) -> None:
         super().__init__(parent)
         self._epoch_len = len(parent)
         if self._epoch_len == 0:
@@ -190,15 +208,38 @@ class EpochShuffleMapDataset(grain.MapDataset):
         self._seed = int(seed) % 2**32
         self._shuffle = shuffle
         self._length = sys.maxsize if num_epochs is None else self._epoch_len * num_epochs
+        self._epoch_order = epoch_order
+        self._order_lock = threading.Lock()
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_order_lock"], state["_order"] = None, None  # worker processes compute their own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._order_lock = threading.Lock()
 
     def __len__(self) -> int:
         return self._length
 
     def __str__(self) -> str:
-        return f"EpochShuffleMapDataset(seed={self._seed}, shuffle={self._shuffle})"
+        return f"EpochShuffleMapDataset(seed={self._seed}, shuffle={self._shuffle}, grouped={self._epoch_order is not None})"
+
+    def _epoch_indices(self, epoch: int) -> np.ndarray:
+        with self._order_lock:  # the read threads ask at once at an epoch's start: compute it once
+            if self._order is None or self._order[0] != epoch:
+                order = np.asarray(self._epoch_order(epoch))
+                if sorted(order.shape) != [self._epoch_len] or order.min() < 0 or order.max() >= self._epoch_len:
+                    raise ValueError(f"epoch order of {order.shape} for {self._epoch_len} records")
+                self._order = (epoch, order)
+            return self._order[1]
 
     def _source_index(self, index: int) -> int:
         epoch, within = divmod(int(index), self._epoch_len)
+        if self._epoch_order is not None:
+            return int(self._epoch_indices(epoch)[within])
         if not self._shuffle or self._epoch_len == 1:
             return within
         return int(
@@ -436,14 +477,26 @@ def build_dataset(
     process_index: int,
     process_count: int,
     source: RecordSource | None = None,
+    accum: int = 1,
 ) -> grain.IterDataset:
-    """The Grain dataset of Batch dicts for one host (see the module docstring)."""
+    """The Grain dataset of Batch dicts for one host (see the module docstring).
+
+    ``accum``: the accumulation steps of an optimizer step, which (with ``process_count`` shards
+    of ``rows_per_host`` rows) sets the step window of ``group_by_modality_length``.
+    """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} must lie in [0, {process_count})")
     source = open_source(data_config) if source is None else source
     options = sample_options(data_config, model_config)
     records = grain.MapDataset.source(source).map_with_index(_with_index)
-    ds = EpochShuffleMapDataset(records, seed=data_config.seed, num_epochs=data_config.num_epochs, shuffle=data_config.shuffle)
+    epoch_order = None
+    if data_config.group_by_modality_length:
+        epoch_order = functools.partial(
+            ordering.grouped_epoch_order, ordering.modality_lengths(source), seed=data_config.seed,
+            shards=process_count, rows=data_config.rows_per_host, accum=accum,
+        )
+    ds = EpochShuffleMapDataset(records, seed=data_config.seed, num_epochs=data_config.num_epochs,
+                                shuffle=data_config.shuffle, epoch_order=epoch_order)
     ds = ds[process_index::process_count]
     samples = ds.map(RecordToSample(tokenizer, options, data_config.strict))
     it = samples.to_iter_dataset(
@@ -481,12 +534,14 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     source: RecordSource | None = None,
+    accum: int = 1,
 ) -> DataIterator:
     """This host's iterator of fixed-shape :class:`Batch` es.
 
     ``process_index`` / ``process_count`` default to ``jax.process_index()`` /
     ``jax.process_count()``; pass them explicitly to simulate several hosts. ``source``
-    overrides the records named by ``data_config`` (tests, custom sources).
+    overrides the records named by ``data_config`` (tests, custom sources); ``accum`` is the
+    accumulation steps per optimizer step (see :func:`build_dataset`).
     """
     if process_index is None or process_count is None:
         import jax
@@ -495,7 +550,8 @@ def make_train_iterator(
         process_count = jax.process_count() if process_count is None else process_count
     source = open_source(data_config) if source is None else source
     ds = build_dataset(
-        data_config, model_config, tokenizer, process_index=process_index, process_count=process_count, source=source
+        data_config, model_config, tokenizer, process_index=process_index, process_count=process_count, source=source,
+        accum=accum,
     )
     return DataIterator(iter(ds), description=f"host {process_index}/{process_count}", num_records=len(source))
 

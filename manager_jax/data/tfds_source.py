@@ -28,8 +28,10 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from manager_jax.data.records import RecordFormatError
 
@@ -125,8 +127,10 @@ class ArrayRecordWriterSet:
         return [shard_name(self.split, s, self.num_shards) for s in range(self.num_shards)]
 
 
-def write_metadata(out_dir: str, splits: Mapping[str, ArrayRecordWriterSet], extra: Mapping[str, Any] | None = None) -> None:
-    """TFDS dataset_info.json / features.json plus our llava_records.json index."""
+def write_metadata(out_dir: str, splits: Mapping[str, ArrayRecordWriterSet], extra: Mapping[str, Any] | None = None,
+                   modality_lengths: Mapping[str, Sequence[int]] | None = None) -> None:
+    """TFDS dataset_info.json / features.json plus our llava_records.json index (and, per split,
+    the records' modality lengths as ``<split>_modality_lengths.npy``)."""
     import tensorflow_datasets as tfds
 
     split_infos = []
@@ -155,6 +159,12 @@ def write_metadata(out_dir: str, splits: Mapping[str, ArrayRecordWriterSet], ext
         },
         **dict(extra or {}),
     }
+    for name, lengths in (modality_lengths or {}).items():
+        if len(lengths) != splits[name].written:
+            raise ValueError(f"{len(lengths)} modality lengths for {splits[name].written} records of split {name!r}")
+        filename = f"{name}_modality_lengths.npy"
+        np.save(os.path.join(out_dir, filename), np.asarray(lengths, np.int32))
+        index["splits"][name]["modality_lengths"] = filename
     with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1)
 
@@ -189,6 +199,11 @@ class ArrayRecordRecords:
         paths = [os.path.join(data_dir, s) for s, n in zip(info["shards"], info["shard_lengths"]) if n > 0]
         self._length = int(info["num_records"])
         self._source = grain.sources.ArrayRecordDataSource(paths) if paths else None
+        self._lengths_file = os.path.join(data_dir, info["modality_lengths"]) if info.get("modality_lengths") else None
+
+    def modality_lengths(self) -> np.ndarray | None:
+        """The records' modality lengths stored at conversion (None for data sets converted before)."""
+        return None if self._lengths_file is None else np.load(self._lengths_file)
 
     def __len__(self) -> int:
         return self._length

@@ -97,7 +97,8 @@ class DataFeed:
         # `source` (open_source(config.data)) is opened once, shared by this process's shard iterators.
         self.iterators = {
             k: make_train_iterator(
-                config.data, config.model, tokenizer, process_index=k, process_count=shards, source=source
+                config.data, config.model, tokenizer, process_index=k, process_count=shards, source=source,
+                accum=accum,
             )
             for k in self.shard_ids
         }
