@@ -9,6 +9,8 @@
 `train` is the same command on one CPU, one GPU, a GPU cluster or every host of a TPU pod.
 Subcommands import their modules lazily, so one missing part of the package only breaks itself.
 Exit statuses: `manager_jax/exit_status.py` (0 done, 1 failed, 2 bad input, 130 Ctrl-C, 143 preempted).
+Compiled programs are kept in a persistent cache (`manager_jax/platform.py`; JAX_COMPILATION_CACHE_DIR
+sets the folder, empty turns it off).
 """
 
 from __future__ import annotations
@@ -147,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return exit_status.BAD_INPUT
+    if name != "inspect-data" and not {"-h", "--help"} & set(rest):  # the commands that compile
+        from manager_jax.platform import use_compilation_cache
+
+        use_compilation_cache()
     try:
         result = COMMANDS[name][0]()(rest)
     except KeyboardInterrupt:  # every command: Ctrl-C is one line and 130, as train's and convert's own

@@ -1,18 +1,30 @@
-"""The platform the programs are built for.
+"""The platform the programs are built for, and where their compiled forms are kept.
 
 The model and the engine make their "auto" choices (cuDNN or XLA attention, two-row decode, the
 Pallas decode kernels, rows padded for flash attention) by platform. That is the host's backend,
 except while a program is compiled ahead of time for other devices (`run.py compile` for a TPU
 pod or a GPU cluster from a CPU host): then it is the target's.
+
+`use_compilation_cache` turns on JAX's persistent compilation cache for the `run.py` commands and
+the lmms-eval adapter, so a relaunched run (after a preemption, say) loads its compiled programs
+instead of compiling them again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
+import os
+import tempfile
 from collections.abc import Iterator
 
 import jax
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"  # JAX's own variable: set (even empty) = the user's choice
+CACHE_MAX_BYTES = 16 * 2**30  # least recently used programs are dropped beyond this
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform", default=None)
 
@@ -30,3 +42,37 @@ def compiling_for(platform: str) -> Iterator[None]:
 def target_platform() -> str:
     """The platform of the programs being built: the innermost `compiling_for`, else the backend."""
     return _TARGET.get() or jax.default_backend()
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "manager_jax", "jax_compilation_cache")
+
+
+def use_compilation_cache() -> str | None:
+    """Keep compiled programs in a persistent cache; returns its folder, or None when off.
+
+    The folder is ``$JAX_COMPILATION_CACHE_DIR`` when that is set (empty: no cache), else
+    :func:`default_cache_dir`. Only programs that took over a second to compile are kept, at most
+    ``CACHE_MAX_BYTES`` on a local disk. With several hosts only process 0 writes, so the others
+    gain only from a folder they all see (a shared file system or a ``gs://`` bucket).
+    """
+    if CACHE_DIR_ENV in os.environ:
+        path = os.environ[CACHE_DIR_ENV].strip()
+        if not path:
+            return None
+    else:
+        path = default_cache_dir()
+    if "://" not in path:
+        try:  # a read-only home must not stop a run: go without the cache
+            os.makedirs(path, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as err:
+            logger.warning("compilation cache off: cannot write to %s (%s); set %s to another folder",
+                           path, err, CACHE_DIR_ENV)
+            return None
+        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+            jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path

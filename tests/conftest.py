@@ -2,15 +2,25 @@
 
 Eight fake CPU devices let the sharding tests build real meshes on one machine. XLA reads the flag
 once, when the backend starts, so it must be set before anything imports jax.
+
+The persistent compilation cache (which `run.py` turns on) goes to a folder of this session,
+shared by the tests' subprocesses and removed at the end, not to the user's cache.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="manager_jax_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 def pytest_configure(config) -> None:
