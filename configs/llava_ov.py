@@ -18,7 +18,8 @@ Caveats:
 - Stage 1.5 / 2 per-module LRs (tower 2e-6, manager 5e-5) were probably *not* applied by the
   original DeepSpeed setup (SPEC §2.8); ``--set optim.per_group_lr=False`` reproduces that.
 - ``num_steps`` for stages 1.5 / 2 depends on your copy of the mixtures: set it (one epoch =
-  records / 512). Stage 1 uses the 558,128 LLaVA-Pretrain records.
+  records // 512: HF Trainer's optimizer steps per epoch are the dataloader's full accumulation
+  rounds, and it stops there). Stage 1 uses the 558,128 LLaVA-Pretrain records: 1,090 steps.
 - Data and initial-weight paths are placeholders under ``data/`` and ``checkpoints/``; override them.
 
 Speed options that leave the loss unchanged (not set here, so a recipe compiles one step):
@@ -55,7 +56,7 @@ STAGE_TABLE = {
         tunable="mm_mlp_adapter", lr=1e-3, tower_lr=None, manager_lr=1e-3, max_len=8192,
         # Rows are padded to a fixed length: 729 image tokens + a short caption always fit in 2048
         # (a longer sample is skipped and counted, never cut), which saves 4x over 8192.
-        row_len=2048, num_steps=-(-558_128 // GLOBAL_BATCH),
+        row_len=2048, num_steps=558_128 // GLOBAL_BATCH,
     ),
     "1.5": dict(
         template="qwen_1_5", data_path=None, image_folder=None, mixture="data/stage1.5.yaml",
