@@ -195,3 +195,36 @@ def test_resume_inside_a_grouped_epoch_gives_the_same_next_batches(mixed_data):
     resumed = make_train_iterator(cfg, model, tok, process_index=1, process_count=2, accum=3)
     resumed.set_state(state)
     assert [next(resumed).sample_ids for _ in range(4)] == expected
+
+
+def test_a_skipped_record_leaves_its_row_empty_and_the_steps_stay_aligned(mixed_data, tmp_path):
+    import json
+
+    root, path = mixed_data
+    records = json.load(open(path))
+    broken = next(i for i, r in enumerate(records) if r.get("image"))
+    records[broken] = dict(records[broken], image="no/such/image.jpg")
+    bad_path = tmp_path / "records.json"
+    bad_path.write_text(json.dumps(records))
+    shards, rows, accum = 2, 2, 2
+    cfg = DataConfig(data_path=str(bad_path), image_folder=root, rows_per_host=rows, seq_len=2048, max_crops=2,
+                     max_image_tokens=1500, pack=False, seed=4, num_epochs=1, group_by_modality_length=True)
+    model, tok = tiny(variant="manager"), load_tokenizer()
+    source = JsonRecords(str(bad_path))
+    its = [make_train_iterator(cfg, model, tok, process_index=k, process_count=shards, source=source, accum=accum)
+           for k in range(shards)]
+    grouped = ordering.modality_grouped(ordering.modality_lengths(source), rows, shards * accum,
+                                        np.random.default_rng([4, 0]))
+    ids = [record["id"] for record in records]
+    window = shards * rows * accum
+    seen_skip = False
+    for step in range(len(records) // window):
+        for a in range(accum):
+            for k in range(shards):
+                batch = next(its[k])
+                chunk = grouped[step * window + (a * shards + k) * rows:][:rows]
+                expected = [ids[i] for i in chunk if i != broken]
+                assert [sid for row in batch.sample_ids for sid in row] == expected
+                seen_skip |= len(expected) < rows
+    assert seen_skip
+    assert sum(it.skips.total for it in its) == 1

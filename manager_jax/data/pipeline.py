@@ -86,8 +86,9 @@ class DataConfig:
       group_by_modality_length: order each epoch as the original's ``--group_by_modality_length``
         (stages 1.5 and 2; :mod:`manager_jax.data.ordering`): each optimizer step from one
         modality, shard batches of similar lengths. Needs ``shuffle``; the grouping follows the
-        step's layout (shards x rows x accumulation steps) exactly when ``pack`` is False. A
-        skipped record shifts its shard's later records by one place.
+        step's layout (shards x rows x accumulation steps) exactly when ``pack`` is False; then
+        a skipped record leaves its row empty, so that the later records keep their places (the
+        original fills it with the next record of the file, training that one twice).
       num_epochs: passes over the data; None = repeat forever.
       worker_count: Grain worker processes (0 = everything in the calling process). Workers are
         spawned, so a script that uses them needs the ``if __name__ == "__main__":`` guard.
@@ -292,6 +293,10 @@ class BatchShapes:
     query_type: str | None
     pad_id: int
     im_start_id: int
+    # A skipped record leaves its row empty instead of the next record taking it (one sample per
+    # row only): every batch then takes `rows` records of the stream, as group_by_modality_length
+    # placed them.
+    skips_keep_rows: bool = False
 
 
 class BatchIterDataset(grain.IterDataset):
@@ -331,7 +336,9 @@ class BatchDatasetIterator(grain.DatasetIterator):
         packer, samples, skipped = self._packer, [], []
         packer.reset()
         consecutive_skips = 0
-        while True:
+        keep_rows = self._shapes.skips_keep_rows and not self._shapes.pack
+        rows_left = self._shapes.rows  # records this batch may still take (keep_rows)
+        while not keep_rows or rows_left > 0:
             if self._pending is not None:
                 item, state_before = self._pending, self._pending_state
                 self._pending, self._pending_state = None, None
@@ -341,6 +348,7 @@ class BatchDatasetIterator(grain.DatasetIterator):
                     item = next(self._parent)
                 except StopIteration:
                     break
+            rows_left -= 1
             if isinstance(item, SkipSample):
                 skipped.append([item.reason, item.record_id, item.detail])
                 consecutive_skips += 1
@@ -365,9 +373,11 @@ class BatchDatasetIterator(grain.DatasetIterator):
             self._pending, self._pending_state = item, state_before
             break
         if not samples:
-            if skipped:  # the records skipped after the last batch: counted like the others
+            if not skipped:
+                raise StopIteration
+            if not keep_rows or rows_left > 0:  # the records skipped after the last batch: counted like the others
                 return {"skipped": skipped}
-            raise StopIteration
+            # keep_rows: every record of the batch was skipped; an empty batch keeps the place.
         s = self._shapes
         batch = assemble_batch(
             samples, rows=s.rows, seq_len=s.seq_len, max_crops=s.max_crops, max_image_tokens=s.max_image_tokens,
@@ -514,6 +524,7 @@ def build_dataset(
         query_type=manager.query_type,
         pad_id=int(getattr(tokenizer, "pad_id", 0)),
         im_start_id=int(getattr(tokenizer, "im_start_id", 151644)),
+        skips_keep_rows=data_config.group_by_modality_length,
     )
     batches = BatchIterDataset(it, shapes, max_consecutive_skips=max(1000, len(source)))
     if data_config.worker_count > 0:
