@@ -9,6 +9,7 @@ log-likelihoods from the model's uncached full forward.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,6 +120,38 @@ def test_sampling_defaults_come_from_the_generation_config_as_in_hf(adapter, che
                               for q, d in (("What is in the image?", 0), ("Compare the images.", 1))]
     assert configured.generate_until(requests({"do_sample": True, "temperature": 1.0})) == \
         adapter.generate_until(requests({"do_sample": False}))
+
+
+@pytest.mark.parametrize("request_kwargs", [
+    {"do_sample": True},  # a task setting do_sample alone: HF samples at the file's / its default temperature
+    {"do_sample": True, "temperature": 0.5, "top_k": 0},  # top_k 0 is HF's "off", not "default"
+    {"do_sample": True, "temperature": 0.5, "top_p": None},  # the original's default top_p None: no top-p
+    {"do_sample": False, "temperature": 0.2},  # mmvet's yaml: greedy
+])
+@pytest.mark.parametrize("file", [None, {"temperature": 0.7, "top_k": 20, "top_p": 0.8}])
+def test_generation_kwargs_merge_as_hf_generate(checkpoint, tmp_path, request_kwargs, file):
+    """temperature / top_k / top_p as HF generate merges the call's kwargs over the checkpoint's
+    generation_config.json and its own defaults (transformers' `_prepare_generation_config` on a
+    tiny model holding that file)."""
+    import shutil
+
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    shutil.copytree(checkpoint[0], tmp_path / "ckpt")
+    if file is not None:
+        (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps(file))
+    lm = LlavaOVManagerJax(pretrained=str(tmp_path / "ckpt"), dtype="float32")
+    hf_model = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                            num_attention_heads=1, num_key_value_heads=1))
+    hf_model.generation_config = GenerationConfig(**(file or {}))
+    hf, _ = hf_model._prepare_generation_config(None, **request_kwargs)
+    params, _ = lm._sampling(dict(request_kwargs, until=["\n\n"]))
+    if not hf.do_sample:
+        assert (params.temperature, params.top_k, params.top_p) == (0.0, 0, 1.0)
+    else:  # the warpers HF adds (None or the neutral value: none)
+        assert params.temperature == pytest.approx(hf.temperature)
+        assert params.top_k == (hf.top_k or 0)
+        assert params.top_p == pytest.approx(1.0 if hf.top_p is None else hf.top_p)
 
 
 def test_generate_until_on_the_fused_decode_kernels(adapter, checkpoint):

@@ -50,6 +50,18 @@ def test_filter_logits_matches_transformers_warpers(temperature, top_k, top_p):
     assert 1 <= kept.sum(axis=1).min()
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (50, 1.0), (0, 0.99), (0, 0.9)])
+def test_warped_support_on_a_full_vocabulary_equals_transformers(top_k, top_p):
+    """Qwen2's 151936 ids, from a flat row to one dominated by a token as a trained model gives:
+    the ids that can be drawn are HF's. top_p 1.0 is HF's "off" (no warper): a cumulative sum
+    rounded to 1 before the tail must not cut the unlikely ids."""
+    rng = np.random.default_rng(3)
+    logits = (rng.normal(size=(4, 151936)) * 4).astype(np.float32)
+    logits[:, 7] += np.array([0, 10, 20, 30], np.float32)
+    ours = np.asarray(filter_logits(jnp.asarray(logits), jnp.float32(1.0), jnp.int32(top_k), jnp.float32(top_p)))
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(hf_filtered(logits, 1.0, top_k, top_p)))
+
+
 def test_greedy_and_top_k_one_pick_the_argmax():
     logits = jnp.asarray(np.random.default_rng(1).normal(size=(8, 100)), jnp.float32)
     expected = np.argmax(np.asarray(logits), axis=-1)

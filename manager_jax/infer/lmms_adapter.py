@@ -16,8 +16,9 @@ Differences from the original, on purpose:
   at the first stop string, as lmms-eval's API describes.
 - The checkpoint's generation_config.json repetition_penalty, if any, applies to the generated
   ids only (the original passes the prompt as embeddings, so HF penalises only generated ids).
-  When a request samples (`do_sample`) without top_p / top_k, they come from that file too, else
-  from HF's defaults (top_k 50), as HF generate does; `num_beams` > 1 is not supported (a warning).
+  When a request samples (`do_sample`) without temperature / top_p / top_k, they come from that
+  file too, else from HF's defaults (temperature 1, top_k 50), as HF generate does (do_sample with
+  temperature 0, which HF refuses, decodes greedily); `num_beams` > 1 is not supported (a warning).
 - Videos and JSON-encoded multi-turn contexts are not supported (contexts are plain questions).
 - `generate_until_multi_round` follows the original's round protocol (the task's `doc_to_text`
   gives each next round's visuals and context and says when to stop), one request at a time, with
@@ -58,7 +59,8 @@ from manager_jax.infer.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 # transformers.GenerationConfig's defaults, which HF generate samples with when neither the request
 # nor the checkpoint's generation_config.json sets them.
-HF_DEFAULT_TOP_K, HF_DEFAULT_TOP_P = 50, 1.0
+HF_DEFAULT_TEMPERATURE, HF_DEFAULT_TOP_K, HF_DEFAULT_TOP_P = 1.0, 50, 1.0
+SAMPLING_OFF = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # the values of a warper HF does not add
 
 MODEL_NAME = "llava_ov_manager_jax"
 DEFAULT_MAX_NEW_TOKENS = 1024  # the original adapter's default
@@ -78,6 +80,11 @@ _Base = _lmms_base()
 # What lmms-eval itself adds to --model_args (create_from_arg_string's extra config): JAX places the
 # model itself, so they are ignored. Anything else unknown is an error.
 LMMS_EVAL_EXTRAS = frozenset({"device", "max_batch_size", "device_map"})
+
+
+def _given(value: Any, default: Any) -> Any:
+    """`value`, or `default` when it is None (not given, as HF generate reads its kwargs)."""
+    return default if value is None else value
 
 
 def _as_bool(value: Any) -> bool:
@@ -160,11 +167,14 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         self.engine = engine
         # HF merges the checkpoint's generation_config into greedy generation too (SPEC §7.2 step 10).
         self.repetition_penalty = read_repetition_penalty(pretrained) if pretrained else 1.0
-        # What HF generate samples with when the request does not say (the original passes top_p
-        # None and no top_k): generation_config.json's values, else GenerationConfig's defaults.
+        # What HF generate samples with for a knob the request does not give (the original gives no
+        # top_k; a task may set do_sample alone): generation_config.json's value, else HF's default.
         generation_config = read_generation_config(pretrained) if pretrained else {}
-        self.sampling_defaults = {"top_p": float(generation_config.get("top_p") or HF_DEFAULT_TOP_P),
-                                  "top_k": int(generation_config.get("top_k", HF_DEFAULT_TOP_K) or 0)}
+        self.sampling_defaults = {
+            "temperature": float(_given(generation_config.get("temperature"), HF_DEFAULT_TEMPERATURE)),
+            "top_p": float(_given(generation_config.get("top_p"), HF_DEFAULT_TOP_P)),
+            "top_k": int(_given(generation_config.get("top_k"), HF_DEFAULT_TOP_K)),
+        }
         self.batch_size_per_gpu = max(int(batch_size), 1)
         self.apply_until = _as_bool(apply_until)
         self.max_rounds = int(max_rounds)
@@ -201,13 +211,18 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         if beams > 1:  # the original passes it to HF generate; a silent greedy answer would misreport the task
             logger.warning("num_beams=%d is not supported: these requests are decoded %s, one beam", beams,
                            "by sampling" if do_sample else "greedily")
-        temperature = float(kwargs.get("temperature") or 0.0) if do_sample else 0.0
+        # As HF generate merges its kwargs: a value the request gives wins, even 0 (top_k 0 is off)
+        # or None (no warper: the original's default top_p None); absent ones are the defaults.
+        sampling = {name: _given(kwargs[name] if name in kwargs else default, SAMPLING_OFF[name])
+                    for name, default in self.sampling_defaults.items()}
+        # temperature 0 with do_sample: HF refuses it; lmms-eval's convention reads it as greedy.
+        temperature = float(sampling["temperature"]) if do_sample else 0.0
         params = SamplingParams(
-            max_new_tokens=int(kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+            max_new_tokens=int(_given(kwargs.get("max_new_tokens"), DEFAULT_MAX_NEW_TOKENS)),
             temperature=temperature,
-            top_p=float(kwargs.get("top_p") or self.sampling_defaults["top_p"]) if do_sample else 1.0,
-            top_k=int(kwargs.get("top_k") or self.sampling_defaults["top_k"]) if do_sample else 0,
-            repetition_penalty=float(kwargs.get("repetition_penalty") or self.repetition_penalty),
+            top_p=float(sampling["top_p"]) if temperature else 1.0,
+            top_k=int(sampling["top_k"]) if temperature else 0,
+            repetition_penalty=float(_given(kwargs.get("repetition_penalty"), self.repetition_penalty)),
         )
         return params, until
 

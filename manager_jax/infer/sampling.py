@@ -73,21 +73,22 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     """Temperature, top-k and top-p applied to fp32 logits [B, V]; removed tokens get -inf.
 
     Ties at the top-k / top-p boundary are kept (HF's top-k does the same; its top-p breaks ties by
-    sort order, a measure-zero difference for real-valued logits).
+    sort order, a measure-zero difference for real-valued logits). top_p >= 1 filters nothing: HF
+    adds no top-p warper then, while the cumulative sum, rounded, can reach 1 before the tail.
     """
     logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-    sorted_desc = -jnp.sort(-logits, axis=-1)
+    sorted_asc = jnp.sort(logits, axis=-1)
     vocab = logits.shape[-1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
+    kth = jnp.take_along_axis(sorted_asc, jnp.broadcast_to(vocab - k, logits.shape[:-1])[..., None], axis=-1)
     logits = jnp.where(logits < kth, NEG_INF, logits)
-    sorted_desc = jnp.where(sorted_desc < kth, NEG_INF, sorted_desc)
-    # top-p: HF removes token i when the ascending cumulative mass up to it is <= 1 - top_p, i.e.
-    # when the mass of the strictly more likely tokens is >= top_p. The most likely one stays.
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < top_p) | (jnp.arange(vocab) == 0)
-    cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    sorted_asc = jnp.where(sorted_asc < kth, NEG_INF, sorted_asc)
+    # top-p as HF computes it: the ascending cumulative mass (summed from the least likely, so the
+    # tail is not lost to rounding); token i goes when the mass up to it is <= 1 - top_p. The most
+    # likely token stays.
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_asc, axis=-1), axis=-1)
+    keep = (cumulative > 1.0 - top_p) | (jnp.arange(vocab) == vocab - 1) | (top_p >= 1.0)
+    cutoff = jnp.min(jnp.where(keep, sorted_asc, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits < cutoff, NEG_INF, logits)
 
 
