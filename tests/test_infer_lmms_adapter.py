@@ -244,6 +244,8 @@ def test_unknown_model_args_are_refused(checkpoint):  # noqa: F811
         LlavaOVManagerJax(pretrained=ckpt, max_new_token="5")
     with pytest.raises(InputError, match="unknown model_args 'tensor'.*mesh=data:2/tensor:4"):
         LlavaOVManagerJax(pretrained=ckpt, mesh="data=2", tensor="4")
+    with pytest.raises(InputError, match="batch_size must be a number.*got 'auto'"):  # lmms-eval's --batch_size auto
+        LlavaOVManagerJax(pretrained=ckpt, batch_size="auto")
 
 
 def test_a_mesh_written_for_lmms_eval_model_args():

@@ -55,6 +55,7 @@ from manager_jax.infer.loading import (
 )
 from manager_jax.infer.requests import generation_prompt, score_request
 from manager_jax.infer.sampling import SamplingParams
+from manager_jax.platform import use_compilation_cache
 
 logger = logging.getLogger(__name__)
 # transformers.GenerationConfig's defaults, which HF generate samples with when neither the request
@@ -139,6 +140,9 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
             raise InputError(
                 f"unknown model_args {', '.join(map(repr, unknown))} for {MODEL_NAME}; accepted: "
                 f"{', '.join(accepted)} (write a mesh of several axes as mesh=data:2/tensor:4)")
+        if not str(batch_size).strip().isdigit():  # lmms-eval's --batch_size auto
+            raise InputError(f"batch_size must be a number of prompts generated together, got {batch_size!r} "
+                             "(16 is a good start on one GPU)")
         if _Base is not object:
             super().__init__()
         else:
@@ -151,6 +155,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         if engine is None:
             if not pretrained:
                 raise ValueError("pass pretrained=<params directory> (or an engine)")
+            use_compilation_cache()  # as run.py: a second evaluation loads the programs of the first
             device_mesh = mesh_from_spec(mesh)
             model = load_model(pretrained, dtype=dtype, mesh=device_mesh)
             vocab = model.cfg.text.vocab_size
