@@ -14,6 +14,7 @@ A training checkpoint (an Orbax CheckpointManager directory: numbered step direc
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -40,6 +41,9 @@ class ParamsError(ValueError):
 
 
 # ---- Orbax plumbing -----------------------------------------------------------------------------
+
+
+STREAM_BYTES_IN_FLIGHT = 512 * 2**20  # streamed pieces read but not yet written
 
 
 @dataclass(frozen=True)
@@ -74,11 +78,27 @@ class _NumpyHandler(ocp.type_handlers.NumpyHandler):
         if plain:
             await super()._background_serialize([values[i] for i in plain], [infos[i] for i in plain],
                                                  [args[i] for i in plain])
+        # Pieces are read while earlier ones are still being written, up to a byte budget: memory
+        # stays bounded, and reading overlaps writing.
+        in_flight: collections.deque = collections.deque()
+        in_flight_bytes = 0
         for value, info, arg in zip(values, infos, args):
-            if isinstance(value, StreamedArray):
-                await self._write_streamed(value, info, arg)
+            if not isinstance(value, StreamedArray):
+                continue
+            store = await self._open_streamed(value, info, arg)
+            for i in range(value.shape[0]) if value.layered else [None]:
+                data = np.asarray(value.read(i)).astype(value.dtype, copy=False)
+                in_flight.append(((store[i] if i is not None else store).write(data), data.nbytes))
+                in_flight_bytes += data.nbytes
+                while in_flight_bytes > STREAM_BYTES_IN_FLIGHT:
+                    write, nbytes = in_flight.popleft()
+                    await write  # its commit: the piece's memory is free after this
+                    in_flight_bytes -= nbytes
+                del data
+        while in_flight:
+            await in_flight.popleft()[0]
 
-    async def _write_streamed(self, value: StreamedArray, info, arg) -> None:
+    async def _open_streamed(self, value: StreamedArray, info, arg):
         import tensorstore as ts
 
         await info.await_path_creation()
@@ -87,12 +107,7 @@ class _NumpyHandler(ocp.type_handlers.NumpyHandler):
         spec = ocp.type_handlers.get_json_tspec_write(
             info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=shape, local_shape=piece, dtype=value.dtype,
             process_index=jax.process_index(), arg=arg)
-        store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
-        for i in range(shape[0]) if value.layered else [None]:
-            data = np.asarray(value.read(i)).astype(value.dtype, copy=False)
-            target = store[i] if i is not None else store
-            await target.write(data)  # awaits the commit: the piece's memory is free after this
-            del data
+        return await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
 
 
 def _handler(compress: bool = False) -> ocp.PyTreeCheckpointHandler:

@@ -8,6 +8,7 @@ import weakref
 
 import ml_dtypes
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,25 +18,32 @@ from tools.convert_weights import convert, mapping, testing
 from tools.convert_weights.orbax_io import OrbaxSource
 
 
-def test_streamed_leaves_are_written_one_piece_at_a_time(tmp_path):
+@pytest.mark.parametrize("budget_pieces", [0, 2])
+def test_streamed_leaves_hold_at_most_the_bytes_in_flight(tmp_path, monkeypatch, budget_pieces):
     layers, alive, most_alive = 6, [], []
+    piece_bytes = 3 * 5 * 4
+    monkeypatch.setattr(params_io, "STREAM_BYTES_IN_FLIGHT", budget_pieces * piece_bytes)
 
     def read(i):
         alive[:] = [r for r in alive if r() is not None]
         most_alive.append(len(alive))  # earlier pieces still held when the next one is asked for
-        piece = np.full((3, 5), i, np.float32)
+        piece = np.full((3, 5), i, np.float32)  # written as it is (no cast): its lifetime is the writer's
         alive.append(weakref.ref(piece))
         return piece
 
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    tree = {"stack": params_io.StreamedArray((layers, 3, 5), bf16, read, layered=True),
+    tree = {"stack": params_io.StreamedArray((layers, 3, 5), np.dtype(np.float32), read, layered=True),
+            "cast": params_io.StreamedArray((layers, 3, 5), bf16, lambda i: np.full((3, 5), i, np.float32),
+                                            layered=True),
             "bias": params_io.StreamedArray((4,), np.dtype(np.float32), lambda i: np.arange(4.0)),
             "plain": np.ones((2, 2), np.float32)}
     params_io.save_tree(str(tmp_path / "p"), tree)
-    assert max(most_alive) == 0
+    assert max(most_alive) == budget_pieces  # reading runs ahead of writing by the budget, no further
     back = params_io.restore_tree(str(tmp_path / "p"))
-    assert back["stack"].dtype == bf16
-    np.testing.assert_array_equal(back["stack"].astype(np.float32), np.arange(layers)[:, None, None] * np.ones((3, 5)))
+    assert back["cast"].dtype == bf16
+    for name in ("stack", "cast"):
+        np.testing.assert_array_equal(back[name].astype(np.float32),
+                                      np.arange(layers)[:, None, None] * np.ones((3, 5)))
     np.testing.assert_array_equal(back["bias"], np.arange(4.0))
     np.testing.assert_array_equal(back["plain"], tree["plain"])
     # One layer per stored chunk, so a reader can take one layer without the others.
