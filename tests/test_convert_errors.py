@@ -156,11 +156,11 @@ def test_failure_while_writing_leaves_nothing(good, tmp_path, monkeypatch):
     calls = {"n": 0}
     real_read = orbax_io.OrbaxSource.read
 
-    def flaky(self, path):
+    def flaky(self, path, layer=None):
         calls["n"] += 1
         if calls["n"] > 5:
             raise OSError("disk went away")
-        return real_read(self, path)
+        return real_read(self, path, layer)
 
     monkeypatch.setattr(orbax_io.OrbaxSource, "read", flaky)
     with pytest.raises(OSError, match="disk went away"):

@@ -7,6 +7,7 @@ result has been read back and checked.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -131,44 +132,59 @@ def _param_dtypes(source: TorchSource, dtype: np.dtype | None) -> tuple[dict[tup
     return out, problems
 
 
-def build_tree(source: TorchSource, dtype: str = "keep", *, seed: int = 0, progress: Progress = None) -> dict:
-    """Streams every tensor of `source` into a new tree: one preallocated array per parameter.
-
-    Tensors are read in file order, each through its own memory map released right after use.
-    """
+def streamed_tree(source: TorchSource, dtype: str = "keep", *, seed: int = 0, progress: Progress = None) -> dict:
+    """The tree of `source` with every converted parameter as a `params_io.StreamedArray`: its
+    tensors are read (each through its own memory map, released right after use) only while it is
+    written, one layer at a time, so saving it holds one tensor in memory, not the model."""
     dtypes, problems = _param_dtypes(source, _dtype_choice(dtype))
     if problems:
         raise ConversionError(source.path, problems)
     cfg = source.config
     tree: dict = {}
     fresh = {s.path for s in source.fresh}
-    jobs = []
-    for spec in mapping.param_specs(cfg):
-        if spec.path in fresh:
-            continue
-        # np.empty touches no memory until filled, so preallocating everything costs nothing upfront.
-        arr = np.empty(spec.shape, dtypes[spec.path])
-        mapping.set_path(tree, spec.path, arr)
-        for t in mapping.tensor_specs(spec):
+    seen_files: set[str] = set()
+
+    def reader(spec: mapping.ParamSpec) -> Callable[[int | None], np.ndarray]:
+        tensors = mapping.tensor_specs(spec)
+
+        def read(layer: int | None) -> np.ndarray:
+            t = tensors[layer or 0]
             ref = source.refs[t.key]
-            jobs.append((ref.info.file, ref.info.start, ref, t, arr))
-    jobs.sort(key=lambda j: (j[0], j[1]))
-    current_file = None
-    for file, _, ref, t, arr in jobs:
-        if progress and file != current_file:
-            progress(f"reading {os.path.basename(file)}")
-            current_file = file
-        src = ref.checkpoint.read(ref.file_key)
-        value = mapping.to_jax(src, t.param.transform)
-        if t.layer is None:
-            arr[...] = value  # casts to the target dtype on assignment (round-to-nearest-even)
-        else:
-            arr[t.layer] = value
-        del src, value
+            if progress and ref.info.file not in seen_files:
+                seen_files.add(ref.info.file)
+                progress(f"reading {os.path.basename(ref.info.file)}")
+            return mapping.to_jax(ref.checkpoint.read(ref.file_key), spec.transform)
+
+        return read
+
+    for spec in mapping.param_specs(cfg):
+        if spec.path not in fresh:
+            leaf = params_io.StreamedArray(tuple(spec.shape), dtypes[spec.path], reader(spec),
+                                           layered=spec.stack is not None)
+            mapping.set_path(tree, spec.path, leaf)
     rng = np.random.default_rng(seed)
     for spec in source.fresh:
         mapping.set_path(tree, spec.path, fresh_param(spec, cfg, rng).astype(dtypes[spec.path]))
     return tree
+
+
+def build_tree(source: TorchSource, dtype: str = "keep", *, seed: int = 0) -> dict:
+    """`streamed_tree` read into memory: one numpy array per parameter."""
+    def materialize(leaf):
+        if not isinstance(leaf, params_io.StreamedArray):
+            return leaf
+        if not leaf.layered:
+            return np.asarray(leaf.read(None)).astype(leaf.dtype)
+        arr = np.empty(leaf.shape, leaf.dtype)
+        for i in range(leaf.shape[0]):
+            arr[i] = leaf.read(i)  # casts to the target dtype on assignment (round-to-nearest-even)
+        return arr
+
+    return _map_leaves(materialize, streamed_tree(source, dtype, seed=seed))
+
+
+def _map_leaves(fn: Callable, tree: dict) -> dict:
+    return {k: _map_leaves(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
 def load_torch_checkpoint(
@@ -222,7 +238,7 @@ def to_orbax(
     if progress:
         progress(f"{source.kind} checkpoint ({source.layout} names), {len(source.refs)} tensors, "
                  f"{source.total_bytes() / 1e9:.2f} GB; {len(source.ignored)} ignored")
-    tree = build_tree(source, dtype, seed=seed, progress=progress)
+    tree = streamed_tree(source, dtype, seed=seed, progress=progress)
     extra: dict[str, str | bytes] = {CONVERSION_RECORD: _record(source, dtype)}
     if source.kind in ("llava", "hf"):
         extra[SOURCE_CONFIG] = json.dumps(source.raw_config, indent=2).encode()
@@ -251,9 +267,9 @@ def _orbax_to_orbax(src: str, dst: str, dtype: str, overwrite: bool, progress: P
     target = _dtype_choice(dtype)
     tree: dict = {}
     for spec in source.specs:
-        value = source.read(spec.path)
-        mapping.set_path(tree, spec.path, value.astype(target) if target is not None else value)
-    source.release()
+        leaf = params_io.StreamedArray(tuple(spec.shape), target or source.dtype(spec.path),
+                                       functools.partial(source.read, spec.path), layered=spec.stack is not None)
+        mapping.set_path(tree, spec.path, leaf)
     extra: dict[str, str | bytes] = {CONVERSION_RECORD: _record(source, dtype)}
     if source.source_config is not None:
         extra[SOURCE_CONFIG] = json.dumps(source.source_config, indent=2).encode()
@@ -267,6 +283,8 @@ def _orbax_to_orbax(src: str, dst: str, dtype: str, overwrite: bool, progress: P
                               sources=_sources(src))
     except params_io.ParamsError as e:
         raise ConversionError(src, [str(e)]) from None
+    finally:
+        source.release()
     return source.config
 
 
@@ -353,9 +371,7 @@ def plan_export(source: OrbaxSource, fmt: str, dtype: str = "keep", hf_naming: s
 
 def _producer(source: OrbaxSource, t: mapping.TensorSpec, dtype: np.dtype) -> Callable[[], np.ndarray]:
     def produce() -> np.ndarray:
-        value = source.read(t.param.path)
-        if t.layer is not None:
-            value = value[t.layer]
+        value = source.read(t.param.path, t.layer)
         return np.ascontiguousarray(mapping.to_torch(value, t.param.transform)).astype(dtype, copy=False)
 
     return produce

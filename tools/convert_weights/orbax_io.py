@@ -1,7 +1,7 @@
 """Our Orbax checkpoints as conversion sources: params directories and training checkpoints.
 
-Parameters are restored one at a time (Orbax partial restore), so exporting never holds more than
-one stacked parameter in memory besides the tensor being written.
+Parameters are read one layer at a time straight from the stored arrays (TensorStore), so
+exporting holds about one tensor in memory besides the one being written.
 """
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from manager_jax import params_io
 from manager_jax.config import ConfigError, ModelConfig
 from tools.convert_weights import mapping
-from tools.convert_weights.sources import ConversionError
+from tools.convert_weights.sources import ConversionError, ConversionFailed
 
 CONVERSION_RECORD = "conversion.json"
 SOURCE_CONFIG = "source_config.json"
@@ -48,7 +48,8 @@ class OrbaxSource:
         problems = params_io.check_tree(self.metadata, mapping.expected_tree(config))
         if problems:
             raise ConversionError(path, ["stored parameters disagree with config.json:"] + problems)
-        self._cached: tuple[tuple, np.ndarray] | None = None
+        self._cached: tuple | None = None  # (path, its TensorStore, first row of block, block)
+        self._context = ocp.type_handlers.get_ts_context(use_ocdbt=True)
         self.record = self._read_json(CONVERSION_RECORD) or {}
         self.source_config = self._read_json(SOURCE_CONFIG)
 
@@ -63,18 +64,30 @@ class OrbaxSource:
     def dtype(self, path: tuple) -> np.dtype:
         return np.dtype(mapping.get_path(self.metadata, path).dtype)
 
-    def read(self, path: tuple) -> np.ndarray:
-        """One parameter as numpy (the last one read stays cached: stacked layers are read in order)."""
-        if self._cached is not None and self._cached[0] == path:
-            return self._cached[1]
-        self._cached = None  # release the previous parameter before loading the next
-        target: dict = {}
-        meta = mapping.get_path(self.metadata, path)
-        mapping.set_path(target, path, jax.ShapeDtypeStruct(meta.shape, meta.dtype))
-        tree = params_io.restore_tree(self.item, target, partial=True)
-        value = mapping.get_path(tree, path)
-        self._cached = (path, value)
-        return value
+    def read(self, path: tuple, layer: int | None = None) -> np.ndarray:
+        """One parameter as numpy, or with `layer` one row of its leading axis (a layer of a stacked
+        parameter). Rows are read in blocks of the stored chunks' leading size, the last block
+        cached: one layer per chunk (what to-orbax writes) holds one layer in memory; a chunk
+        spanning all layers (e.g. a training checkpoint) is read once, not once per layer."""
+        if self._cached is None or self._cached[0] != path:
+            self._cached = None  # free the previous parameter before reading the next
+            try:
+                store = params_io.open_stored_array(self.item, path, self._context)
+            except Exception as e:  # TensorStore raises ValueError / OSError kinds for damaged data
+                raise ConversionFailed(self.path, [f"cannot open parameter {_dotted(path)}: {e}"]) from None
+            self._cached = (path, store, None, None)
+        _, store, block_start, block = self._cached
+        rows = max(1, int(store.chunk_layout.read_chunk.shape[0] or 1)) if store.ndim else 1
+        start = 0 if layer is None else layer - layer % rows
+        stop = store.shape[0] if layer is None or not store.ndim else min(start + rows, store.shape[0])
+        if block_start != start or block is None or layer is None:
+            try:
+                block = np.asarray((store if layer is None else store[start:stop]).read().result())
+            except Exception as e:
+                where = _dotted(path) + ("" if layer is None else f"[{layer}]")
+                raise ConversionFailed(self.path, [f"cannot read parameter {where}: {e}"]) from None
+            self._cached = (path, store, start, block)
+        return block if layer is None else block[layer - start]
 
     def release(self) -> None:
         self._cached = None
@@ -89,3 +102,7 @@ class OrbaxSource:
     def describe(self) -> list[tuple[str, tuple, str]]:
         return [(".".join(str(p) for p in path), tuple(leaf.shape), np.dtype(leaf.dtype).name)
                 for path, leaf in sorted(mapping.flatten(self.metadata).items(), key=lambda kv: str(kv[0]))]
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
