@@ -45,6 +45,8 @@ def test_dispatch_reaches_the_other_parts():
         (["--set", "synthetic_records=None", "--set", "data.data_path=/no/such.jsonl"],
          "data.data_path: /no/such.jsonl: not found"),
         (["--set", "mesh.data=64"], "error: "),  # ShardingError: more devices than there are
+        (["--set", "optim.schedule=linear"], "optim.schedule must be one of ('cosine', 'constant')"),
+        (["--set", "optim.manager_lr=-1e-4", "--set", "optim.b2=1.0"], "optim.manager_lr must be >= 0"),
     ],
 )
 def test_train_input_errors_are_one_line_with_status_2(args, message, tmp_path, capsys):

@@ -144,3 +144,29 @@ def test_nonfinite_loss_skips_the_update():
         np.testing.assert_array_equal(a, b)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["opt_state"]))
     assert int(state["step"]) == 1  # the data was consumed; only the update is skipped
+
+
+def test_a_skipped_step_keeps_adam_but_not_the_schedule_behind():
+    """After a non-finite step, the next update is made at the LR the step logs: the schedule
+    follows the step (data position), while Adam's moments and bias correction count updates only."""
+    cfg = newline_model()  # the program of the tests above: a compilation cache hit
+    good = random_step_batch(cfg, 5, accum=1, shards=1)
+    bad = dict(good, pixel_values=np.full_like(good["pixel_values"], np.nan))
+    # Warmup over 4 of 10 steps: lr(0) = 0, lr(1) = peak / 4.
+    optim = OptimConfig(lr=1e-3, projector_lr=2e-3, manager_lr=5e-3, vision_tower_lr=3e-4, warmup_ratio=0.4,
+                        schedule="constant")
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    setup = make_setup(cfg, mesh, tunable_parts=ALL_PARTS, optim=optim, total_steps=10, loss=LossConfig())
+    state = init_state(setup, init_params(setup, 0), 0)
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, v.ndim)) for k, v in good.items()}
+    step = jit_train_step(setup, abstract)
+    state, skipped = step(state, place_batch(setup, bad, shards=1))
+    assert not bool(skipped["finite"])
+    before = jax.tree.map(np.asarray, state["params"])
+    state, metrics = step(state, place_batch(setup, good, shards=1))
+    change = max_change_per_group(before, jax.tree.map(np.asarray, state["params"]))
+    peaks = optim.group_lrs()
+    for group in ("projector", "manager", "vision_tower", "language_model"):
+        assert float(metrics[f"lr/{group}"]) == pytest.approx(peaks[group] / 4, rel=1e-5), group
+        # Adam's first real update (bias-corrected, count 1) moves each param with a gradient by lr.
+        assert change[group] == pytest.approx(peaks[group] / 4, rel=1e-3), group

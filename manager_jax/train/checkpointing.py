@@ -77,6 +77,10 @@ def _restore_args(abstract: Any) -> Any:
     return jax.tree.map(one, abstract)
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission, ...)."""
+
+
 class Checkpointer:
     """Saves and restores the train state, the data iterator states and the run config."""
 
@@ -88,6 +92,8 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.last_save: int | None = None  # step of the last save started
+        self._unchecked = False  # whether that save's outcome is still to be read
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -112,7 +118,33 @@ class Checkpointer:
             data=ocp.args.JsonSave({"shards": data_states}),
             recipe=ocp.args.JsonSave(recipe),
         )
-        return self.manager.save(int(step), args=args, force=True)
+        earlier = self.save_error(wait=True)  # orbax waits for the last save anyway; its error is that step's
+        if earlier:
+            raise CheckpointSaveError(earlier)
+        try:
+            started = self.manager.save(int(step), args=args, force=True)
+        except Exception as err:  # what the writer raised: OSError, tensorstore's ValueError, ...
+            raise CheckpointSaveError(self._failure(err, step)) from err
+        self.last_save, self._unchecked = int(step), True
+        return started
+
+    def save_error(self, wait: bool = False) -> str | None:
+        """Why the last background save failed (said once), or None: while it runs (unless `wait`)
+        and once it succeeded. Cheap enough to ask every step."""
+        if not self._unchecked or not (wait or not self.manager.is_saving_in_progress()):
+            return None
+        self._unchecked = False
+        try:
+            # Orbax keeps a failed save's error for the next wait (check_for_errors misses it).
+            self.manager.wait_until_finished()
+        except Exception as err:  # as in save
+            return self._failure(err, self.last_save)
+        return None
+
+    def _failure(self, err: Exception, step: int | None) -> str:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        return (f"saving the checkpoint of step {step} in {self.directory} failed ({type(err).__name__}: "
+                f"{lines[-1]}); the earlier checkpoints there are complete")
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, list[Any], dict]:
         """(state on the abstract target's shardings, data states per shard, recipe dict)."""

@@ -36,7 +36,7 @@ from manager_jax.distributed import any_process
 from manager_jax.params_io import ParamsError
 from manager_jax.sharding import ShardingError, data_parallel_size, local_shard_indices, make_mesh
 from manager_jax.train import flops as flops_lib
-from manager_jax.train.checkpointing import Checkpointer, gather_shard_states, saved_run
+from manager_jax.train.checkpointing import Checkpointer, CheckpointSaveError, gather_shard_states, saved_run
 from manager_jax.train.metrics import MetricsWriter, Progress
 from manager_jax.train.recipe import RecipeError, TrainConfig, check_inputs, compare_with_saved, resolve_batch_layout
 from manager_jax.train.state import (
@@ -458,7 +458,10 @@ def train(
     def save(step: int, local_states: dict[int, Any]) -> None:
         nonlocal saved_step
         states = gather_shard_states(local_states, shards)
-        ckpt.save(step, state, states, recipe_dict)
+        try:
+            ckpt.save(step, state, states, recipe_dict)
+        except CheckpointSaveError as err:
+            raise TrainingError(str(err)) from err
         saved_step = step
         writer.event(step, "checkpoint", directory=ckpt.directory)
 
@@ -544,12 +547,18 @@ def train(
             read_unread()  # the step before this one, which ran while this one was dispatched
             unread = (step, metrics)
             # A SIGTERM / Ctrl-C that came while this step ran stops after it.
-            stop_requested, exhausted, over_budget, skips_over = any_process((
+            # A background save that failed (disk full, ...) stops the run now, not at the next save.
+            save_error = ckpt.save_error()
+            stop_requested, exhausted, over_budget, skips_over, save_failed = any_process((
                 stop.requested or step == stop_at_step,
                 fetched is None and step < config.num_steps,
                 fetched is not None and fetched[1],
                 too_many_skips(fetched is None),
+                save_error is not None,
             ))
+            if save_failed:
+                read_unread()
+                raise TrainingError(save_error or "saving a checkpoint failed on another process; its error names the cause")
             if skips_over:
                 read_unread()  # this step's metrics, with its data_skips, reach metrics.jsonl first
                 stop_for_skips(fetched is None)
@@ -567,6 +576,9 @@ def train(
                 logger.warning("the data ran out at step %d (num_steps %d)", step, config.num_steps)
                 break
         read_unread()
+        save_error = ckpt.save_error(wait=True)  # the last save, written in the background
+        if any_process((save_error is not None,))[0]:
+            raise TrainingError(save_error or "saving a checkpoint failed on another process; its error names the cause")
     finally:
         progress.close()
         stop.uninstall()

@@ -26,6 +26,7 @@ import optax
 
 from manager_jax.sharding import path_str
 
+SCHEDULES = ("cosine", "constant")
 # Our group names, in the order the original lists the LR arguments.
 GROUPS = ("projector", "manager", "vision_tower", "language_model")
 TUNABLE_PARTS = {
@@ -59,6 +60,24 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0  # <= 0 disables clipping
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (the run config's checks report them before a run)."""
+        out = []
+        if self.schedule not in SCHEDULES:
+            out.append(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("lr", "projector_lr", "manager_lr", "vision_tower_lr", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                out.append(f"optim.{name} must be >= 0, got {value}")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                out.append(f"optim.{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:
+            out.append(f"optim.eps must be > 0, got {self.eps}")
+        if not 0 <= self.warmup_ratio <= 1:
+            out.append("optim.warmup_ratio must lie in [0, 1]")
+        return out
 
     def group_lrs(self) -> dict[str, float]:
         """Peak learning rate of every group."""
@@ -117,8 +136,8 @@ def make_schedule(peak: float, total_steps: int, cfg: OptimConfig) -> optax.Sche
         return optax.join_schedules(
             [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup]
         ) if warmup else optax.constant_schedule(peak)
-    if cfg.schedule != "cosine":
-        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), 0.0)
 
 

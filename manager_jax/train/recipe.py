@@ -330,8 +330,7 @@ def validate(config: TrainConfig) -> None:
             f"data.data_path ({config.data.data_path}) and data.mixture ({config.data.mixture}) are both set; "
             "give one: --set data.mixture=None to train on data_path, or --set data.data_path=None for the mixture"
         )
-    if config.optim.warmup_ratio < 0 or config.optim.warmup_ratio > 1:
-        problems.append("optim.warmup_ratio must lie in [0, 1]")
+    problems += config.optim.problems()
     if config.max_nonfinite_steps < 1:
         problems.append("max_nonfinite_steps must be >= 1")
     if problems:

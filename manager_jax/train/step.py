@@ -163,6 +163,15 @@ def use_plain_causal(requested: bool) -> bool:
     return requested and target_platform() == "gpu"
 
 
+def _skip_keeping_schedule(kept: Any, stepped: Any) -> Any:
+    """`kept` (the optimizer state of a possibly skipped step) with the LR schedules' step counts
+    of `stepped`: the schedule follows the step, so a skipped step neither delays it nor makes
+    the logged `lr/*` (the schedule at the step) differ from the LR applied. Adam's moments and
+    bias-correction count stay kept: they count real updates, as torch's AdamW state does."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    return jax.tree.map(lambda k, s: s if is_schedule(k) else k, kept, stepped, is_leaf=is_schedule)
+
+
 def make_train_step(
     graphdef: Any,
     trainable_mask: Any,
@@ -256,7 +265,7 @@ def make_train_step(
         # A non-finite loss or gradient skips the update (the loop aborts after K in a row).
         keep = lambda new, old: jnp.where(finite, new, old)
         new_trainable = jax.tree.map(keep, new_trainable, trainable)
-        new_opt = jax.tree.map(keep, new_opt, state["opt_state"])
+        new_opt = _skip_keeping_schedule(jax.tree.map(keep, new_opt, state["opt_state"]), new_opt)
         new_state = {
             "params": merge_trainable(new_trainable, frozen),
             "opt_state": new_opt,
