@@ -103,7 +103,7 @@ def test_adamw_with_clipping_matches_a_numpy_transcription():
     for t in range(1, 4):
         grads = {k: rng.normal(size=ref[k].shape) * 3 for k in ref}
         norm = math.sqrt(sum((g**2).sum() for g in grads.values()))
-        scale = min(1.0, 1.0 / norm)  # clip_by_global_norm(1.0) over all trainable grads
+        scale = min(1.0, 1.0 / (norm + 1e-6))  # torch's clip_grad_norm_(1.0) over all trainable grads
         for k in ref:
             g = grads[k] * scale
             m[k] = 0.9 * m[k] + 0.1 * g
@@ -118,3 +118,25 @@ def test_adamw_with_clipping_matches_a_numpy_transcription():
         np.testing.assert_allclose(np.asarray(current[k]["w"]), ref[k], rtol=1e-5, atol=1e-6)
     merged = merge_trainable(current, frozen)
     np.testing.assert_array_equal(merged["vision"]["w"], params["vision"]["w"])
+
+
+@pytest.mark.parametrize("norm", [0.5, 1.0 - 3e-7, 1.0, 1.0 + 1e-6, 3.0])
+def test_clipping_equals_torch_clip_grad_norm(norm):
+    """Around max_norm the formulas differ: torch scales by max_norm / (norm + 1e-6) whenever that
+    is below 1 (also just under max_norm), optax's clip_by_global_norm by max_norm / norm above it."""
+    import torch
+
+    from manager_jax.train.optimizer import clip_by_global_norm_as_torch
+
+    rng = np.random.default_rng(1)
+    grads = {"a": rng.normal(size=(7, 3)).astype(np.float32), "b": rng.normal(size=(5,)).astype(np.float32)}
+    total = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
+    grads = {k: (g / total * norm).astype(np.float32) for k, g in grads.items()}
+    tensors = [torch.nn.Parameter(torch.zeros(g.shape)) for g in grads.values()]
+    for t, g in zip(tensors, grads.values()):
+        t.grad = torch.from_numpy(g.copy())
+    torch.nn.utils.clip_grad_norm_(tensors, 1.0)
+    tx = clip_by_global_norm_as_torch(1.0)
+    ours, _ = tx.update(jax.tree.map(jnp.asarray, grads), tx.init(grads))
+    for t, key in zip(tensors, grads):
+        np.testing.assert_allclose(np.asarray(ours[key]), t.grad.numpy(), rtol=2e-7, atol=0)

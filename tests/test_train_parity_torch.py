@@ -1,6 +1,7 @@
 """Several optimizer steps of our train step against the PyTorch reference trained the way the
 original was (SPEC §2.8): HF Trainer's loss (mean CE per micro-batch, divided by the accumulation
-steps), torch.nn.utils.clip_grad_norm_, torch.optim.AdamW with one param group per LR group, and
+steps), torch.nn.utils.clip_grad_norm_, torch.optim.AdamW with the original's param groups (per LR
+group, decayed or not; weight decay 0.1 here, 0 in the recipes), and
 transformers' cosine schedule with its warmup-steps rounding (TrainingArguments.get_warmup_steps).
 
 Same initial weights (random, non-zero Manager), same batches (an anyres_max_9 chat sample and a
@@ -34,6 +35,7 @@ IMS, IME, NL = 450, 451, 198
 STEPS, ACCUM, WARMUP_RATIO = 4, 2, 0.3  # ceil(0.3 * 4) = 2 warmup steps: lr 0 at step 0, peak at step 2
 LRS = {"language_model": 2e-3, "projector": 3e-3, "manager": 5e-3, "vision_tower": 1e-3}
 MAX_GRAD_NORM = 1.0
+WEIGHT_DECAY = 0.1  # 0 in the recipes; here it checks which parameters decay, as the original
 # Softmax over keys is invariant to a key bias (it adds q.b to a whole row of scores): the exact
 # gradient is 0 and both sides' Adam steps on it are rounding noise divided by its own scale.
 KEY_BIASES = ("vision.layers.attn.k.bias", "manager.blocks.1.fusion_k.bias")
@@ -65,18 +67,25 @@ def _micro_batch(rng):
 
 
 def _torch_groups(hf, manager):
-    """torch param groups as the original LLaVATrainer names them ("mm_projector" is HF's
-    multi_modal_projector; manager tensors are the reference's own)."""
-    groups = {g: [] for g in LRS}
-    for name, p in hf.named_parameters():
-        if "vision_tower" in name:
-            groups["vision_tower"].append(p)
+    """torch param groups as the original LLaVATrainer.create_optimizer builds them: by LR group
+    ("mm_projector" is HF's multi_modal_projector; manager tensors are the reference's own), each
+    split into decayed and not decayed (nn.LayerNorm parameters and names with "bias")."""
+    layer_norm = {f"{module_name}.{name}" for module_name, module in hf.named_modules()
+                  if isinstance(module, torch.nn.LayerNorm) for name, _ in module.named_parameters(recurse=False)}
+    assert layer_norm  # the vision tower's
+    groups = {(g, decay): [] for g in LRS for decay in (True, False)}
+    for name, p in [*hf.named_parameters(), *manager.items()]:
+        if name in manager:
+            group = "manager"
+        elif "vision_tower" in name:
+            group = "vision_tower"
         elif "multi_modal_projector" in name:
-            groups["projector"].append(p)
+            group = "projector"
         else:
-            groups["language_model"].append(p)
-    groups["manager"] = list(manager.values())
-    return [{"params": ps, "lr": LRS[g], "name": g} for g, ps in groups.items()]
+            group = "language_model"
+        groups[group, name not in layer_norm and "bias" not in name].append(p)
+    return [{"params": ps, "lr": LRS[g], "name": g, "weight_decay": WEIGHT_DECAY if decay else 0.0}
+            for (g, decay), ps in groups.items() if ps]
 
 
 @pytest.mark.slow
@@ -97,7 +106,8 @@ def test_steps_with_accumulation_clipping_and_schedule_match_torch():
     # ---- ours -------------------------------------------------------------------------------
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     optim = OptimConfig(lr=LRS["language_model"], projector_lr=LRS["projector"], manager_lr=LRS["manager"],
-                        vision_tower_lr=LRS["vision_tower"], warmup_ratio=WARMUP_RATIO, max_grad_norm=MAX_GRAD_NORM)
+                        vision_tower_lr=LRS["vision_tower"], warmup_ratio=WARMUP_RATIO, max_grad_norm=MAX_GRAD_NORM,
+                        weight_decay=WEIGHT_DECAY)
     setup = make_setup(cfg, mesh, tunable_parts="mm_mlp_adapter,mm_manager,mm_language_model,mm_vision_tower",
                        optim=optim, total_steps=STEPS, loss=LossConfig("shard_mean"))
     start = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.split(jax_model_from_torch(cfg, hf, mparams))[1]))  # host copy: the step donates its state
@@ -114,7 +124,7 @@ def test_steps_with_accumulation_clipping_and_schedule_match_torch():
 
     # ---- torch, as HF Trainer + AdamW + clip_grad_norm_ + get_cosine_schedule_with_warmup --------
     ref = reference_from_hf_and_manager(hf, manager, settings)
-    opt = torch.optim.AdamW(_torch_groups(hf, manager), betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.AdamW(_torch_groups(hf, manager), betas=(0.9, 0.999), eps=1e-8)
     warmup = TrainingArguments.get_warmup_steps(types.SimpleNamespace(warmup_steps=WARMUP_RATIO), STEPS)
     sched = get_cosine_schedule_with_warmup(opt, warmup, STEPS)
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -162,5 +172,5 @@ def test_steps_with_accumulation_clipping_and_schedule_match_torch():
         # Relative to the size of the update: Adam's g/sqrt(v) amplifies fp32 rounding where g ~ 0.
         worst[name] = float(np.abs(moved_ours - moved_ref).max() / np.abs(moved_ref).max())
     print("worst relative parameter differences:", sorted(worst.items(), key=lambda kv: -kv[1])[:5])
-    bad = {k: v for k, v in worst.items() if v > 1e-3}  # seen: <= 7.4e-5
+    bad = {k: v for k, v in worst.items() if v > 1e-3}  # seen: <= 1.3e-4
     assert not bad, bad

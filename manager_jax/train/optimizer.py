@@ -12,7 +12,10 @@
 The optimizer works on the *trainable* subtree only (frozen leaves are ``None``): frozen parameters
 get neither gradients nor optimizer state. Inside it, ``optax.multi_transform`` gives every group its
 own AdamW with its own cosine schedule; global-norm clipping runs first over all trainable grads,
-as HF Trainer clips before the optimizer step.
+as HF Trainer clips before the optimizer step, with torch's ``clip_grad_norm_`` formula. Weight
+decay (0 in every recipe) skips what the original's ``LLaVATrainer.create_optimizer`` skips:
+biases and the LayerNorms (the vision tower's); Qwen2's RMSNorm scales, embeddings and
+``image_newline`` decay, as there.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Iterable
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from manager_jax.sharding import path_str
@@ -127,6 +131,34 @@ def merge_trainable(trainable: Any, frozen: Any) -> Any:
     return jax.tree.map(lambda f, t: f if t is None else t, frozen, trainable, is_leaf=lambda x: x is None)
 
 
+# The original's `get_parameter_names(model, ALL_LAYERNORM_LAYERS)` minus names with "bias":
+# nn.LayerNorm exists only in the vision tower (Qwen2RMSNorm is not one).
+_LAYER_NORMS = ("ln1", "ln2", "post_ln")
+
+
+def decays(path: str) -> bool:
+    """Whether weight decay applies to the parameter at this dotted path (as the original)."""
+    parts = path.split(".")
+    return parts[-1] != "bias" and not any(p in _LAYER_NORMS for p in parts)
+
+
+def _decay_mask(params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda p, _: decays(path_str(p)), params)
+
+
+def clip_by_global_norm_as_torch(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1
+    (optax's clip_by_global_norm divides by the norm itself and clips only above max_norm)."""
+
+    def update(updates, state, params=None):
+        del params
+        coef = max_norm / (optax.global_norm(updates) + 1e-6)
+        scale = jnp.minimum(coef, 1.0)
+        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_schedule(peak: float, total_steps: int, cfg: OptimConfig) -> optax.Schedule:
     """HF `get_cosine_schedule_with_warmup`: linear 0 -> peak over ceil(ratio * total), cosine to 0."""
     if total_steps < 1:
@@ -150,9 +182,10 @@ def make_optimizer(
     lrs = cfg.group_lrs()
     schedules = {g: make_schedule(lrs[g], total_steps, cfg) for g in present}
     per_group = {
-        g: optax.adamw(schedules[g], b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        g: optax.adamw(schedules[g], b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                       mask=_decay_mask if cfg.weight_decay else None)  # no mask state when there is no decay
         for g in present
     }
-    chain = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
+    chain = [clip_by_global_norm_as_torch(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
     chain.append(optax.multi_transform(per_group, labels))
     return optax.chain(*chain), schedules
