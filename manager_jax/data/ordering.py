@@ -18,7 +18,7 @@ In the original a chunk is one device's batch of one accumulation step: the data
 batches to the GPUs in turn, so chunk ``c`` of a step goes to process ``c % world`` as its
 accumulation step ``c // world``. :func:`pipeline_order` places chunk ``c`` the same way on our
 layout, shard ``c % shards``, accumulation step ``c // shards``, its records in consecutive rows
-of that shard batch (the pipeline deals record ``p`` of the order to shard ``p % shards``). With
+of that shard batch (:func:`pipeline_order` also undoes how worker processes split a shard). With
 one sample per row (``pack=False``, as the recipes) a step then trains the samples of one
 megabatch, grouped into shard batches as the original groups them into device batches.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -142,15 +143,25 @@ def modality_grouped(lengths: np.ndarray, chunk_size: int, num_chunks: int, rng:
     return np.concatenate(megabatches)
 
 
-def pipeline_order(order: np.ndarray, *, shards: int, rows: int, accum: int) -> np.ndarray:
-    """Rearrange each step's window of ``order`` (chunks of ``rows`` records, chunk-major) so that
-    the pipeline's dealing (record ``p`` to shard ``p % shards``, ``rows`` per shard batch) puts
-    chunk ``c`` in shard ``c % shards`` at accumulation step ``c // shards``. A last partial
-    window keeps its order."""
-    window = shards * rows * accum
-    q = np.arange(window)
-    chunk, row = np.divmod(q, rows)
-    target = chunk % shards + shards * ((chunk // shards) * rows + row)
+def pipeline_order(order: np.ndarray, *, shards: int, rows: int, accum: int, workers: int = 0) -> np.ndarray:
+    """Rearrange ``order`` (each step's chunks of ``rows`` records, chunk-major) so that the
+    pipeline puts chunk ``c`` of a step in shard ``c % shards`` at accumulation step ``c // shards``.
+
+    The pipeline deals record ``p`` to shard ``p % shards``; a shard's ``j``-th batch takes its
+    next ``rows`` records, or, with ``workers`` worker processes, worker ``j % workers`` batches
+    every ``workers``-th record of the shard (Grain gives each worker a slice) and the batches
+    come from the workers in turn. The placement repeats every ``lcm(accum, workers)`` batches of
+    a shard; a last partial window keeps its order.
+    """
+    w = max(int(workers), 1)
+    batches = math.lcm(accum, w)  # shard batches per window
+    window = shards * rows * batches
+    chunk, row = np.divmod(np.arange(window), rows)
+    step, within = np.divmod(chunk, shards * accum)
+    a, k = np.divmod(within, shards)
+    j = step * accum + a  # the shard's batch, counted in the window
+    n = j % w + w * ((j // w) * rows + row)  # its row's place in the shard's stream
+    target = k + shards * n
     out = np.array(order, copy=True)
     full = len(order) // window * window
     out[:full].reshape(-1, window)[:, target] = np.asarray(order[:full]).reshape(-1, window)
@@ -158,9 +169,9 @@ def pipeline_order(order: np.ndarray, *, shards: int, rows: int, accum: int) -> 
 
 
 def grouped_epoch_order(lengths: np.ndarray, epoch: int, *, seed: int, shards: int, rows: int,
-                        accum: int) -> np.ndarray:
+                        accum: int, workers: int = 0) -> np.ndarray:
     """One epoch's order of record indices for the pipeline: grouped as the original, placed on
     the shard layout; a new draw each epoch."""
     rng = np.random.default_rng([int(seed) % 2**32, int(epoch)])
     order = modality_grouped(lengths, rows, shards * accum, rng)
-    return pipeline_order(order, shards=shards, rows=rows, accum=accum)
+    return pipeline_order(order, shards=shards, rows=rows, accum=accum, workers=workers)

@@ -503,7 +503,7 @@ def build_dataset(
     if data_config.group_by_modality_length:
         epoch_order = functools.partial(
             ordering.grouped_epoch_order, ordering.modality_lengths(source), seed=data_config.seed,
-            shards=process_count, rows=data_config.rows_per_host, accum=accum,
+            shards=process_count, rows=data_config.rows_per_host, accum=accum, workers=data_config.worker_count,
         )
     ds = EpochShuffleMapDataset(records, seed=data_config.seed, num_epochs=data_config.num_epochs,
                                 shuffle=data_config.shuffle, epoch_order=epoch_order)
