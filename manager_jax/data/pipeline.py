@@ -566,16 +566,3 @@ def make_train_iterator(
     )
     return DataIterator(iter(ds), description=f"host {process_index}/{process_count}", num_records=len(source))
 
-
-def batch_summary(batch: Batch) -> dict[str, Any]:
-    """Fill statistics of a batch (for logs and benchmarks)."""
-    real = batch.segment_ids > 0
-    return {
-        "samples": batch.num_samples,
-        "token_fill": float(real.mean()),
-        "crops": int(batch.crop_mask.sum()),
-        "image_tokens": int((batch.plan_image >= 0).sum()),
-        "supervised": int((batch.labels != -100).sum()),
-        "rows_used": int(real.any(axis=1).sum()),
-        "max_segments": int(batch.segment_ids.max()) if batch.segment_ids.size else 0,
-    }

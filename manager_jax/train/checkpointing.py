@@ -229,18 +229,3 @@ def gather_shard_states(local: Mapping[int, Any], num_shards: int) -> list[Any]:
         raise ValueError(f"no process holds the data state of shards {missing}")
     return [merged[k] for k in range(num_shards)]
 
-
-def load_trained_params(directory: str, step: int | None = None) -> tuple[Any, dict]:
-    """(ModelConfig, numpy params) of a training checkpoint directory (latest step by default)."""
-    from manager_jax.config import ModelConfig
-
-    ckpt = Checkpointer(directory, async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{directory}: no checkpoint")
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(), recipe=ocp.args.JsonRestore()))
-    finally:
-        ckpt.close()
-    cfg = ModelConfig.from_dict(out["recipe"]["model"])
-    return cfg, _int_keys(jax.tree.map(np.asarray, out["params"]))
