@@ -134,10 +134,10 @@ def save_tree(path: str, tree: Mapping, *, compress: bool = False) -> None:
         ckpt.save(os.path.abspath(path), args=ocp.args.PyTreeSave(dict(tree)))
 
 
-def _int_keys(tree: Any) -> Any:
+def int_keys(tree: Any) -> Any:
     """Orbax stores dict keys as strings; nnx.List indices are ints. Digit-only keys become ints."""
     if isinstance(tree, Mapping):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): int_keys(v) for k, v in tree.items()}
     return tree
 
 
@@ -193,7 +193,7 @@ def tree_metadata(path: str) -> dict:
         tree,
         is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
     )
-    return _strip_value_leaves(_int_keys(tree))
+    return _strip_value_leaves(int_keys(tree))
 
 
 def _has_value_wrappers(path: str) -> bool:
@@ -246,7 +246,7 @@ def restore_tree(path: str, target: Mapping | None = None, *, partial: bool = Fa
             path,
             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=partial),
         )
-    return _strip_value_leaves(_int_keys(out))
+    return _strip_value_leaves(int_keys(out))
 
 
 def open_stored_array(path: str, leaf: Sequence, context: Any = None):

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from manager_jax.params_io import int_keys
 from manager_jax.sharding import path_str
 
 logger = logging.getLogger(__name__)
@@ -35,12 +36,6 @@ ITEMS = ("params", "opt_state", "train_state", "data", "recipe")
 def _str_keys(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {str(k): _str_keys(v) for k, v in tree.items()}
-    return tree
-
-
-def _int_keys(tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
     return tree
 
 
@@ -160,7 +155,7 @@ class Checkpointer:
         )
         out = self.manager.restore(int(step), args=args)
         state = {
-            "params": _int_keys(out["params"]),
+            "params": int_keys(out["params"]),
             "opt_state": unflatten_like(abstract_state["opt_state"], out["opt_state"]),
             "step": out["train_state"]["step"],
             "rng": out["train_state"]["rng"],
