@@ -472,13 +472,13 @@ def check_tree(params: Mapping, expected: Mapping) -> list[str]:
     flat_got = flatten_tree(params)
     problems = []
     for p in sorted(flat_exp.keys() - flat_got.keys(), key=str):
-        problems.append(f"missing parameter {_dotted(p)} {list(flat_exp[p].shape)}")
+        problems.append(f"missing parameter {dotted(p)} {list(flat_exp[p].shape)}")
     for p in sorted(flat_got.keys() - flat_exp.keys(), key=str):
-        problems.append(f"unexpected parameter {_dotted(p)} {list(np.shape(flat_got[p]))}")
+        problems.append(f"unexpected parameter {dotted(p)} {list(np.shape(flat_got[p]))}")
     for p in sorted(flat_exp.keys() & flat_got.keys(), key=str):
         if tuple(np.shape(flat_got[p])) != tuple(flat_exp[p].shape):
             problems.append(
-                f"parameter {_dotted(p)} has shape {list(np.shape(flat_got[p]))}, expected {list(flat_exp[p].shape)}"
+                f"parameter {dotted(p)} has shape {list(np.shape(flat_got[p]))}, expected {list(flat_exp[p].shape)}"
             )
     return problems
 
@@ -527,7 +527,7 @@ def save_params(
         problems = check_tree(written, params)
         given = flatten_tree(params)
         problems += [
-            f"parameter {_dotted(p)} was written as {leaf.dtype}, given {np.dtype(given[p].dtype)}"
+            f"parameter {dotted(p)} was written as {leaf.dtype}, given {np.dtype(given[p].dtype)}"
             for p, leaf in flatten_tree(written).items()
             if p in given and np.dtype(leaf.dtype) != np.dtype(given[p].dtype)
         ]
@@ -619,7 +619,8 @@ def _plain(tree: Any) -> Any:
     return tree
 
 
-def _dotted(path: tuple) -> str:
+def dotted(path: tuple) -> str:
+    """A key path of flatten_tree as a dotted name, for messages: ('text', 'embed') -> 'text.embed'."""
     return ".".join(str(p) for p in path)
 
 
