@@ -72,11 +72,12 @@ class DataConfig:
       split: split of an ArrayRecord dataset.
       template: "plain" (stage 1) | "qwen_1_5".
       tokenizer_path: a local HF tokenizer folder; None = the offline Qwen2 tokenizer.
-      rows_per_host: B, rows of each host's batch (global batch = B * process_count).
+      rows_per_host: B, rows of each shard batch (despite the name: a training step takes
+        ``batch_shards x B x grad_accum`` rows, whatever the number of hosts; TrainConfig).
       seq_len: S, tokens per row (the original's tokenizer_model_max_length: 8192 in stage 1,
         16384 later).
-      max_crops: C, crops per host batch (an anyres_max_9 image takes up to 37 crops).
-      max_image_tokens: T, image tokens per host batch (an anyres_max_9 image takes up to ~8.8k).
+      max_crops: C, crops per shard batch (an anyres_max_9 image takes up to 37 crops).
+      max_image_tokens: T, image tokens per shard batch (an anyres_max_9 image takes up to ~8.8k).
       pack: first-fit several samples per row; False = one sample per row, right-padded.
       too_long: samples longer than S after expansion: "truncate" (cut, parity mode), "skip"
         (reason "too_long"), or "auto" = truncate when not packing, skip when packing.
