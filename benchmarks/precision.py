@@ -38,11 +38,10 @@ from flax import nnx  # noqa: E402
 from manager_jax.config import ImageConfig, ManagerConfig, ModelConfig  # noqa: E402
 from manager_jax.data.conversation import IMAGE_TOKEN_INDEX as IMG  # noqa: E402
 from manager_jax.models.layers import unstack_layers  # noqa: E402
-from manager_jax.models.manager import AdaptiveBlock, StaticBlock  # noqa: E402
 from manager_jax.reference.hf_tiny import tiny_hf_config, tiny_hf_model  # noqa: E402
 from manager_jax.reference.parity import SampleSpec, build_case, jax_model_from_torch  # noqa: E402
-from manager_jax.reference.torch_manager import (ManagerSettings, TorchManagerReference,  # noqa: E402
-                                                 init_manager_params, reference_from_hf_and_manager)
+from manager_jax.reference.torch_manager import (ManagerSettings, init_manager_params,  # noqa: E402
+                                                 reference_from_hf_and_manager)
 
 DTYPES = ("float32", "bfloat16", "float16")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

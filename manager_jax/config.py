@@ -152,9 +152,9 @@ class ModelConfig:
     # Numerics and execution.
     dtype: str = "float32"  # activation / matmul dtype ("bfloat16" for training)
     param_dtype: str = "float32"
-    scan_layers: bool = True
-    remat_policy: str = "none"
-    attention_impl: str = "auto"
+    scan_layers: bool = True  # each layer stack as one lax.scan; False: unrolled layers
+    remat_policy: str = "none"  # REMAT_POLICIES (models/layers.py); the recipes use "full"
+    attention_impl: str = "auto"  # ATTENTION_IMPLS; the dispatch is models/attention.py
     # The vision tower's layers run on crops padded to a multiple of this many tokens (exact, the
     # padding is masked); 0 = what the attention prefers (768 for cuDNN on GPU and Splash on TPU,
     # else unpadded).

@@ -1,4 +1,5 @@
-"""Exit statuses, one convention for every command (`run.py ...` and `python -m tools.convert_weights ...`).
+"""Exit statuses, one convention for every command (`run.py ...`, `python -m tools.convert_weights ...`,
+`python -m tools.prepare_data ...`).
 
 A launch script or scheduler can then tell "fix the command" from "the work failed" from
 "relaunch me" without parsing messages:

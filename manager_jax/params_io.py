@@ -134,10 +134,10 @@ def save_tree(path: str, tree: Mapping, *, compress: bool = False) -> None:
         ckpt.save(os.path.abspath(path), args=ocp.args.PyTreeSave(dict(tree)))
 
 
-def _int_keys(tree: Any) -> Any:
+def int_keys(tree: Any) -> Any:
     """Orbax stores dict keys as strings; nnx.List indices are ints. Digit-only keys become ints."""
     if isinstance(tree, Mapping):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): int_keys(v) for k, v in tree.items()}
     return tree
 
 
@@ -193,7 +193,7 @@ def tree_metadata(path: str) -> dict:
         tree,
         is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
     )
-    return _strip_value_leaves(_int_keys(tree))
+    return _strip_value_leaves(int_keys(tree))
 
 
 def _has_value_wrappers(path: str) -> bool:
@@ -246,7 +246,7 @@ def restore_tree(path: str, target: Mapping | None = None, *, partial: bool = Fa
             path,
             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=partial),
         )
-    return _strip_value_leaves(_int_keys(out))
+    return _strip_value_leaves(int_keys(out))
 
 
 def open_stored_array(path: str, leaf: Sequence, context: Any = None):
@@ -472,13 +472,13 @@ def check_tree(params: Mapping, expected: Mapping) -> list[str]:
     flat_got = flatten_tree(params)
     problems = []
     for p in sorted(flat_exp.keys() - flat_got.keys(), key=str):
-        problems.append(f"missing parameter {_dotted(p)} {list(flat_exp[p].shape)}")
+        problems.append(f"missing parameter {dotted(p)} {list(flat_exp[p].shape)}")
     for p in sorted(flat_got.keys() - flat_exp.keys(), key=str):
-        problems.append(f"unexpected parameter {_dotted(p)} {list(np.shape(flat_got[p]))}")
+        problems.append(f"unexpected parameter {dotted(p)} {list(np.shape(flat_got[p]))}")
     for p in sorted(flat_exp.keys() & flat_got.keys(), key=str):
         if tuple(np.shape(flat_got[p])) != tuple(flat_exp[p].shape):
             problems.append(
-                f"parameter {_dotted(p)} has shape {list(np.shape(flat_got[p]))}, expected {list(flat_exp[p].shape)}"
+                f"parameter {dotted(p)} has shape {list(np.shape(flat_got[p]))}, expected {list(flat_exp[p].shape)}"
             )
     return problems
 
@@ -527,7 +527,7 @@ def save_params(
         problems = check_tree(written, params)
         given = flatten_tree(params)
         problems += [
-            f"parameter {_dotted(p)} was written as {leaf.dtype}, given {np.dtype(given[p].dtype)}"
+            f"parameter {dotted(p)} was written as {leaf.dtype}, given {np.dtype(given[p].dtype)}"
             for p, leaf in flatten_tree(written).items()
             if p in given and np.dtype(leaf.dtype) != np.dtype(given[p].dtype)
         ]
@@ -619,7 +619,8 @@ def _plain(tree: Any) -> Any:
     return tree
 
 
-def _dotted(path: tuple) -> str:
+def dotted(path: tuple) -> str:
+    """A key path of flatten_tree as a dotted name, for messages: ('text', 'embed') -> 'text.embed'."""
     return ".".join(str(p) for p in path)
 
 

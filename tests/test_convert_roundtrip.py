@@ -3,6 +3,7 @@ transformers -> Orbax -> transformers, for tiny random checkpoints of every vari
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -230,3 +231,14 @@ def test_hf_config_declaring_the_full_27_layer_siglip(tmp_path):
     _, tree = params_io.load_params(str(tmp_path / "p"))
     np.testing.assert_array_equal(tree["vision"]["layers"]["mlp"]["fc1"]["kernel"][25],
                                   tensors["vision_tower.encoder.layers.25.mlp.fc1.weight"].numpy().T)
+
+
+def test_exported_pinpoints_take_every_form_the_model_reads():
+    # A literal list string is a form the model's token plan reads (multigrid.parse_pinpoints);
+    # the export used its own range-string parser and refused it.
+    cfg = tiny()
+    cfg = cfg.replace(image=dataclasses.replace(cfg.image, grid_pinpoints="[[384, 768], [768, 1152]]",
+                                                convention="original"))
+    assert configs_out.original_config(cfg, np.float32)["image_grid_pinpoints"] == [[384, 768], [768, 1152]]
+    # transformers reads (height, width): the pairs are swapped for it
+    assert configs_out.hf_config(cfg, np.float32)["image_grid_pinpoints"] == [[768, 384], [1152, 768]]

@@ -109,8 +109,35 @@ def test_cli(dataset, tmp_path, capsys):
     out = str(tmp_path / "cli")
     assert prepare_data.main(["--data", path, "--image-folder", str(root), "--out", out, "--verify-images"]) == 0
     assert json.loads(capsys.readouterr().out)["written"] == len(records) - 1
-    with pytest.raises(FileExistsError):
-        prepare_data.main(["--data", path, "--image-folder", str(root), "--out", out])
+
+
+@pytest.mark.parametrize("case, status, message", [
+    ("exists", 2, "exists; pass --overwrite"),
+    ("no_data", 2, "data file not found"),
+    ("no_image_folder", 2, "is not a directory"),
+    ("strict", 1, "skipped (missing_image)"),
+])
+def test_cli_errors_are_one_line_with_the_exit_status_and_write_nothing(dataset, tmp_path, capsys, case, status,
+                                                                         message):
+    root, path, _ = dataset
+    out = tmp_path / "cli"
+    args = {"data": path, "image-folder": str(root), "out": str(out)}
+    extra = []
+    if case == "exists":
+        out.mkdir()
+    elif case == "no_data":
+        args["data"] = str(tmp_path / "nope.json")
+    elif case == "no_image_folder":
+        args["image-folder"] = str(tmp_path / "nope")
+    else:
+        extra = ["--strict"]
+    argv = [a for k, v in args.items() for a in (f"--{k}", v)] + extra
+    assert prepare_data.main(argv) == status
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert os.listdir(tmp_path) == (["cli"] if case == "exists" else [])
+    if case == "exists":
+        assert os.listdir(out) == []
 
 
 def test_conversion_stores_the_modality_lengths_of_the_records_it_wrote(dataset, tmp_path):

@@ -9,7 +9,8 @@ so training reads one sharded dataset instead of millions of small files::
 Records whose images are missing or unreadable are left out and counted (the summary is printed
 and stored in ``llava_records.json``); ``--strict`` stops at the first one instead. The output
 folder is written under a temporary name and renamed at the end, so a failed run leaves no
-half-written dataset.
+half-written dataset. Exit statuses as every command (manager_jax/exit_status.py): 2 for bad input
+(an existing ``--out`` without ``--overwrite``, unreadable data), 1 for a record ``--strict`` rejects.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from manager_jax import exit_status
 from manager_jax.data import tfds_source
 from manager_jax.data.ordering import modality_length
 from manager_jax.data.mixture import load_mixture
@@ -127,19 +129,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="LLaVA .json / .jsonl / 'dir/{a,b}.json' / mixture .yaml")
     parser.add_argument("--image-folder", default=None, help="folder that image paths are relative to")
     parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--split", default="train", help="name of the split written (default: train)")
+    parser.add_argument("--num-shards", type=int, default=1, help="ArrayRecord files to write (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random:K mixture strategies")
     parser.add_argument("--verify-images", action="store_true", help="decode every image (slower)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
-    result = convert_records(
-        open_any(args.data, seed=args.seed), args.out, image_folder=args.image_folder, split=args.split,
-        num_shards=args.num_shards, verify_images=args.verify_images, strict=args.strict, overwrite=args.overwrite,
-    )
+    # Bad input is one `error:` line and status 2 before anything is written (manager_jax/exit_status.py).
+    if args.num_shards < 1:
+        parser.error(f"--num-shards must be >= 1, got {args.num_shards}")
+    if os.path.exists(args.out) and not args.overwrite:
+        return _error(f"{args.out!r} exists; pass --overwrite to replace it, or another --out", exit_status.BAD_INPUT)
+    if args.image_folder is not None and not os.path.isdir(args.image_folder):
+        return _error(f"--image-folder {args.image_folder!r} is not a directory", exit_status.BAD_INPUT)
+    try:
+        source = open_any(args.data, seed=args.seed)
+    except (ValueError, OSError) as err:
+        return _error(str(err), exit_status.BAD_INPUT)
+    try:
+        result = convert_records(
+            source, args.out, image_folder=args.image_folder, split=args.split, num_shards=args.num_shards,
+            verify_images=args.verify_images, strict=args.strict, overwrite=args.overwrite,
+        )
+    except SkipSample as skip:  # --strict: the check it was asked for failed; nothing was written
+        return _error(f"{skip}; nothing written", exit_status.FAILED)
+    except OSError as err:  # e.g. disk full; the partial output has been removed
+        return _error(f"{err}; nothing written", exit_status.FAILED)
+    except KeyboardInterrupt:
+        return _error("interrupted; nothing written", exit_status.INTERRUPTED)
     print(json.dumps(result, indent=1))
-    return 0
+    return exit_status.OK
+
+
+def _error(message: str, status: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

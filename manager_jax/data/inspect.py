@@ -226,10 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``run.py inspect-data``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="run.py inspect-data", description="Show what each data record becomes.")
     parser.add_argument("--config", default=None,
-                        help="Python config file defining get_config() (path or path:recipe_name)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+                        help="Python config file defining get_config() (path or path:recipe_name); default: the "
+                             "default ModelConfig and DataConfig")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (nested with dots); repeatable")
     parser.add_argument("--data", default=None, help="records (.json/.jsonl/mixture .yaml/ArrayRecord dir)")
-    parser.add_argument("--image-folder", default=None)
+    parser.add_argument("--image-folder", default=None, help="folder that the records' image paths are relative to")
     parser.add_argument("--limit", type=int, default=None, help="only the first N records")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record")

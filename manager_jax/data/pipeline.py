@@ -72,11 +72,12 @@ class DataConfig:
       split: split of an ArrayRecord dataset.
       template: "plain" (stage 1) | "qwen_1_5".
       tokenizer_path: a local HF tokenizer folder; None = the offline Qwen2 tokenizer.
-      rows_per_host: B, rows of each host's batch (global batch = B * process_count).
+      rows_per_host: B, rows of each shard batch (despite the name: a training step takes
+        ``batch_shards x B x grad_accum`` rows, whatever the number of hosts; TrainConfig).
       seq_len: S, tokens per row (the original's tokenizer_model_max_length: 8192 in stage 1,
         16384 later).
-      max_crops: C, crops per host batch (an anyres_max_9 image takes up to 37 crops).
-      max_image_tokens: T, image tokens per host batch (an anyres_max_9 image takes up to ~8.8k).
+      max_crops: C, crops per shard batch (an anyres_max_9 image takes up to 37 crops).
+      max_image_tokens: T, image tokens per shard batch (an anyres_max_9 image takes up to ~8.8k).
       pack: first-fit several samples per row; False = one sample per row, right-padded.
       too_long: samples longer than S after expansion: "truncate" (cut, parity mode), "skip"
         (reason "too_long"), or "auto" = truncate when not packing, skip when packing.
@@ -566,16 +567,3 @@ def make_train_iterator(
     )
     return DataIterator(iter(ds), description=f"host {process_index}/{process_count}", num_records=len(source))
 
-
-def batch_summary(batch: Batch) -> dict[str, Any]:
-    """Fill statistics of a batch (for logs and benchmarks)."""
-    real = batch.segment_ids > 0
-    return {
-        "samples": batch.num_samples,
-        "token_fill": float(real.mean()),
-        "crops": int(batch.crop_mask.sum()),
-        "image_tokens": int((batch.plan_image >= 0).sum()),
-        "supervised": int((batch.labels != -100).sum()),
-        "rows_used": int(real.any(axis=1).sum()),
-        "max_segments": int(batch.segment_ids.max()) if batch.segment_ids.size else 0,
-    }

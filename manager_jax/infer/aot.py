@@ -169,19 +169,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="run.py compile-generate", description=__doc__.split("\n\n")[0])
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", default="0.5b:grid_manager",
-                       help=f"preset size[:variant]: sizes 0.5b, 7b, 72b; variants {', '.join(VARIANTS)}")
+                       help=f"preset size[:variant]: sizes 0.5b, 7b, 72b; variants {', '.join(VARIANTS)} (default: 0.5b:grid_manager)")
     which.add_argument("--checkpoint", default=None,
                        help="take the model config of this checkpoint directory instead (no weights are read)")
     p.add_argument("--topology", required=True,
                    help="v5p:2x2x2 (a TPU slice; needs libtpu), h100:8 or h100:2x8 (GPUs; needs jax's CUDA plugin), or cpu:N")
     p.add_argument("--mesh", default=None, help="like 'tensor=8' or 'data=2,tensor=4' (default: fsdp over all devices)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="params and compute dtype")
-    p.add_argument("--rows", type=int, default=1, help="prompts decoded together")
-    p.add_argument("--image-size", type=_size, default=(768, 768), metavar="WxH")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per prompt besides the image")
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="params and compute dtype (default: bfloat16)")
+    p.add_argument("--rows", type=int, default=1, help="prompts decoded together (default: 1)")
+    p.add_argument("--image-size", type=_size, default=(768, 768), metavar="WxH",
+                   help="size of the generated image of each prompt (default: 768x768)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per prompt besides the image (default: 64)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per prompt (default: 128)")
     p.add_argument("--score-tokens", type=int, default=16,
-                   help="also compile scoring a continuation of this many tokens after each prompt (0: skip)")
+                   help="also compile scoring a continuation of this many tokens after each prompt (0: skip; default: 16)")
     p.add_argument("--decode-scan-layers", action="store_true",
                    help="scan the decoder layers while decoding (no second copy of the decoder weights)")
     args = p.parse_args(argv)

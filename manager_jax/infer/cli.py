@@ -202,17 +202,18 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                         "image paths resolve against the file's directory); every line is checked before the "
                         "first answer")
     p.add_argument("--max-new-tokens", type=int, default=128,
-                   help="most tokens per answer (fewer when the prompt leaves less room below --max-length)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, else sampling (finite, > 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+                   help="most tokens per answer (default: 128; fewer when the prompt leaves less room below "
+                        "--max-length)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling (finite, > 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off, the default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="HF repetition penalty on the generated ids (default: the checkpoint's "
                         "generation_config.json value, else 1.0 = off)")
     p.add_argument("--seed", type=int, default=0,
-                   help="sampling seed; prompt i of a --prompts file draws from its own stream of it, "
+                   help="sampling seed (default: 0); prompt i of a --prompts file draws from its own stream of it, "
                         "whatever --batch-size")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in --prompts mode")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in --prompts mode (default: 8)")
     p.add_argument("--json", action="store_true",
                    help='print one JSON object per prompt: {"text", "token_ids", "finish_reason": "eos"|"length"}')
     args = p.parse_args(argv)

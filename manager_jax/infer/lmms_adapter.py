@@ -25,7 +25,7 @@ Differences from the original, on purpose:
   a round limit (`max_rounds`) instead of looping for ever on a task that never says stop.
 
 lmms-eval itself is imported lazily: it is not a dependency (0.7.3 pulls torchvision, wandb,
-datasets, sentence-transformers and more, and is not installable offline here). When it is
+datasets, sentence-transformers and more; README.md says what its test needs). When it is
 importable, `LlavaOVManagerJax` subclasses its `lmms` base class; register it with the entry
 point `[project.entry-points."lmms_eval.models"] llava_ov_manager_jax =
 "manager_jax.infer.lmms_adapter:lmms_eval_manifest"` or by calling `register()`. The adapter only

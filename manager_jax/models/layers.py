@@ -89,10 +89,6 @@ def layer_params_transform(transform: Callable[[nnx.Module, Any], Any]) -> Itera
         _LAYER_PARAMS_TRANSFORM.reset(token)
 
 
-def dtype_of(name: str) -> jnp.dtype:
-    return jnp.dtype(name)
-
-
 def is_16bit(dtype) -> bool:
     return dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 

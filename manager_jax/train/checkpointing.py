@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from manager_jax.params_io import int_keys
 from manager_jax.sharding import path_str
 
 logger = logging.getLogger(__name__)
@@ -35,12 +36,6 @@ ITEMS = ("params", "opt_state", "train_state", "data", "recipe")
 def _str_keys(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {str(k): _str_keys(v) for k, v in tree.items()}
-    return tree
-
-
-def _int_keys(tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
     return tree
 
 
@@ -160,7 +155,7 @@ class Checkpointer:
         )
         out = self.manager.restore(int(step), args=args)
         state = {
-            "params": _int_keys(out["params"]),
+            "params": int_keys(out["params"]),
             "opt_state": unflatten_like(abstract_state["opt_state"], out["opt_state"]),
             "step": out["train_state"]["step"],
             "rng": out["train_state"]["rng"],
@@ -229,18 +224,3 @@ def gather_shard_states(local: Mapping[int, Any], num_shards: int) -> list[Any]:
         raise ValueError(f"no process holds the data state of shards {missing}")
     return [merged[k] for k in range(num_shards)]
 
-
-def load_trained_params(directory: str, step: int | None = None) -> tuple[Any, dict]:
-    """(ModelConfig, numpy params) of a training checkpoint directory (latest step by default)."""
-    from manager_jax.config import ModelConfig
-
-    ckpt = Checkpointer(directory, async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{directory}: no checkpoint")
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(), recipe=ocp.args.JsonRestore()))
-    finally:
-        ckpt.close()
-    cfg = ModelConfig.from_dict(out["recipe"]["model"])
-    return cfg, _int_keys(jax.tree.map(np.asarray, out["params"]))

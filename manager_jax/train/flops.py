@@ -14,6 +14,7 @@ the part itself trains); with everything trainable it equals the reference formu
 from __future__ import annotations
 
 from manager_jax.config import ModelConfig
+from manager_jax.train.optimizer import GROUPS
 
 PATCHES = 729
 
@@ -75,7 +76,7 @@ def train_flops(
     Attention is counted per sample (packed segment): `sum_sq_lengths` is the sum of the squared
     segment lengths. `trainable`: our group names (optimizer.GROUPS); None = everything.
     """
-    groups = frozenset(("vision_tower", "projector", "manager", "language_model")) if trainable is None else trainable
+    groups = frozenset(GROUPS) if trainable is None else trainable
     v, t = cfg.vision, cfg.text
     vit_pass = _passes("vision_tower" in groups, False)
     # Gradients reach the tower's activations only when the tower itself trains.

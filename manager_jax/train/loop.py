@@ -33,7 +33,7 @@ import numpy as np
 
 from manager_jax.config import ConfigError
 from manager_jax.distributed import any_process
-from manager_jax.params_io import ParamsError
+from manager_jax.params_io import ParamsError, dotted
 from manager_jax.sharding import ShardingError, data_parallel_size, local_shard_indices, make_mesh
 from manager_jax.train import flops as flops_lib
 from manager_jax.train.checkpointing import Checkpointer, CheckpointSaveError, gather_shard_states, saved_run
@@ -240,12 +240,12 @@ def load_initial_params(setup: TrainSetup, params: dict, init_from: str, strict:
         wanted = {}
         for path, meta in stored.items():
             if path not in flat_abstract:
-                logger.warning("init_from %s: %s is not a parameter of this model; ignored", directory, _dotted(path))
+                logger.warning("init_from %s: %s is not a parameter of this model; ignored", directory, dotted(path))
                 continue
             target = flat_abstract[path]
             if tuple(meta.shape) != tuple(target.shape):
                 raise TrainingError(
-                    f"init_from {directory}: {_dotted(path)} has shape {tuple(meta.shape)}, the model needs {tuple(target.shape)}"
+                    f"init_from {directory}: {dotted(path)} has shape {tuple(meta.shape)}, the model needs {tuple(target.shape)}"
                 )
             wanted[path] = target
         if not wanted:
@@ -255,7 +255,7 @@ def load_initial_params(setup: TrainSetup, params: dict, init_from: str, strict:
             flat_params[path] = value
             loaded.add(path)
         logger.info("init_from %s: loaded %d parameters", directory, len(wanted))
-    missing = sorted(_dotted(p) for p in flat_abstract if p not in loaded)
+    missing = sorted(dotted(p) for p in flat_abstract if p not in loaded)
     if missing and strict:
         raise TrainingError(f"init_strict: {len(missing)} parameters are not in init_from: {missing[:10]}")
     if missing:
@@ -318,10 +318,6 @@ class SkipLimit:
             f"data.max_skip_fraction={self.max_fraction}: {reasons}. Check the data and data.image_folder "
             "(python run.py inspect-data lists the bad records), or raise data.max_skip_fraction"
         )
-
-
-def _dotted(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
 
 
 class _StopFlag:

@@ -9,11 +9,10 @@ ModelConfig.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from manager_jax.config import HF_CONVENTION_FIELD, ModelConfig, VisionConfig
+from manager_jax.multigrid import parse_pinpoints
 
 SIGLIP_TOWER = "google/siglip-so400m-patch14-384"
 QWEN_BOS, QWEN_EOS = 151643, 151645
@@ -26,18 +25,11 @@ def torch_dtype_name(dtype: np.dtype) -> str:
     ]
 
 
-def expand_pinpoints(pinpoints, tile: int = 384) -> list[list[int]] | None:
-    """Our pinpoints (string "(AxB),...,(CxD)" or pairs) as the expanded list of pairs (SPEC §3.3),
-    in the reading of the model's convention (ImageConfig.grid_pinpoints)."""
-    if pinpoints is None:
-        return None
-    if isinstance(pinpoints, str):
-        found = re.findall(r"\((\d+)x(\d+)\)", pinpoints)
-        if not found:
-            raise ValueError(f"cannot parse pinpoints {pinpoints!r}")
-        (a0, b0), (a1, b1) = (tuple(map(int, m)) for m in (found[0], found[-1]))
-        return [[i * tile, j * tile] for i in range(a0, a1 + 1) for j in range(b0, b1 + 1)]
-    return [[int(w), int(h)] for w, h in pinpoints]
+def expand_pinpoints(pinpoints) -> list[list[int]] | None:
+    """Our pinpoints (any form ImageConfig.grid_pinpoints takes) as the expanded list of pairs
+    (SPEC §3.3), in the reading of the model's convention; the model's own parser, so that every
+    form the model accepts is exported."""
+    return None if pinpoints is None else [list(p) for p in parse_pinpoints(pinpoints)]
 
 
 def _pinpoints_read_as(cfg: ModelConfig, convention: str) -> list[list[int]] | None:

@@ -150,7 +150,6 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     # A Qwen2ForCausalLM checkpoint uses the original text names.
     "qwen2": (),
 }
-HF_LAYOUTS = ("hf", "hf_legacy", "hf_memory")
 
 
 def to_layout(key: str, layout: str) -> str:

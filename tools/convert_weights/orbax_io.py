@@ -74,7 +74,7 @@ class OrbaxSource:
             try:
                 store = params_io.open_stored_array(self.item, path, self._context)
             except Exception as e:  # TensorStore raises ValueError / OSError kinds for damaged data
-                raise ConversionFailed(self.path, [f"cannot open parameter {_dotted(path)}: {e}"]) from None
+                raise ConversionFailed(self.path, [f"cannot open parameter {params_io.dotted(path)}: {e}"]) from None
             self._cached = (path, store, None, None)
         _, store, block_start, block = self._cached
         rows = max(1, int(store.chunk_layout.read_chunk.shape[0] or 1)) if store.ndim else 1
@@ -84,7 +84,7 @@ class OrbaxSource:
             try:
                 block = np.asarray((store if layer is None else store[start:stop]).read().result())
             except Exception as e:
-                where = _dotted(path) + ("" if layer is None else f"[{layer}]")
+                where = params_io.dotted(path) + ("" if layer is None else f"[{layer}]")
                 raise ConversionFailed(self.path, [f"cannot read parameter {where}: {e}"]) from None
             self._cached = (path, store, start, block)
         return block if layer is None else block[layer - start]
@@ -100,9 +100,5 @@ class OrbaxSource:
         return None
 
     def describe(self) -> list[tuple[str, tuple, str]]:
-        return [(".".join(str(p) for p in path), tuple(leaf.shape), np.dtype(leaf.dtype).name)
+        return [(params_io.dotted(path), tuple(leaf.shape), np.dtype(leaf.dtype).name)
                 for path, leaf in sorted(mapping.flatten(self.metadata).items(), key=lambda kv: str(kv[0]))]
-
-
-def _dotted(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
