@@ -154,7 +154,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         self.tokenizer = tokenizer_obj if tokenizer_obj is not None else load_tokenizer(tokenizer)
         if engine is None:
             if not pretrained:
-                raise ValueError("pass pretrained=<params directory> (or an engine)")
+                raise InputError("pass pretrained=<params directory> (or an engine)")
             use_compilation_cache()  # as run.py: a second evaluation loads the programs of the first
             device_mesh = mesh_from_spec(mesh)
             model = load_model(pretrained, dtype=dtype, mesh=device_mesh)
