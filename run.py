@@ -64,6 +64,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     from manager_jax import distributed
 
     distributed.initialize()  # before any JAX computation; a no-op for one process
+    from manager_jax.platform import use_compilation_cache
+
+    use_compilation_cache()
     from manager_jax.train.loop import train
     from manager_jax.train.recipe import load_recipe
 
@@ -88,12 +91,14 @@ def cmd_train(argv: Sequence[str]) -> int:
 def cmd_compile(argv: Sequence[str]) -> int:
     args = _train_parser("run.py compile", aot=True).parse_args(argv)
     _setup_logging(args.log_level)
+    from manager_jax.platform import use_compilation_cache
     from manager_jax.train.aot import AotError, compile_for_topology, format_report
     from manager_jax.train.recipe import load_recipe
 
     from manager_jax.train.loop import input_errors
 
     def run() -> int:
+        use_compilation_cache()
         report = compile_for_topology(load_recipe(args.config, args.overrides), args.topology, hlo_out=args.hlo_out)
         print(format_report(report))
         if args.hlo_out and report.get("refused_temporaries_gib") is None:
@@ -149,10 +154,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return exit_status.BAD_INPUT
-    if name != "inspect-data" and not {"-h", "--help"} & set(rest):  # the commands that compile
-        from manager_jax.platform import use_compilation_cache
-
-        use_compilation_cache()
     try:
         result = COMMANDS[name][0]()(rest)
     except KeyboardInterrupt:  # every command: Ctrl-C is one line and 130, as train's and convert's own

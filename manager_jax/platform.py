@@ -52,15 +52,23 @@ def default_cache_dir() -> str:
 def use_compilation_cache() -> str | None:
     """Keep compiled programs in a persistent cache; returns its folder, or None when off.
 
+    Call it once the processes are started (`distributed.initialize`) and before the first compile.
     The folder is ``$JAX_COMPILATION_CACHE_DIR`` when that is set (empty: no cache), else
-    :func:`default_cache_dir`. Only programs that took over a second to compile are kept, at most
-    ``CACHE_MAX_BYTES`` on a local disk. With several hosts only process 0 writes, so the others
-    gain only from a folder they all see (a shared file system or a ``gs://`` bucket).
+    :func:`default_cache_dir` for a run of one process; a run of several processes goes without
+    unless the variable names a folder: there only process 0 writes the cache, and with CPU
+    processes (gloo collectives) a process that loaded its programs from the cache while another
+    compiled them broke the first collective after a resume (tests/test_train_multiprocess.py).
+    Only programs that took over a second to compile are kept, at most ``CACHE_MAX_BYTES`` on a
+    local disk.
     """
     if CACHE_DIR_ENV in os.environ:
         path = os.environ[CACHE_DIR_ENV].strip()
         if not path:
             return None
+    elif jax.process_count() > 1:
+        logger.info("compilation cache off: %d processes (set %s to a folder they all see to turn it on)",
+                    jax.process_count(), CACHE_DIR_ENV)
+        return None
     else:
         path = default_cache_dir()
     if "://" not in path:

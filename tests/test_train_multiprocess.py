@@ -24,6 +24,10 @@ TIMEOUT = 900
 
 def _env(devices: int, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    # One process: the session's compilation cache (tests/conftest.py), not the user's. Several: run.py's
+    # default, no cache (manager_jax/platform.py says why; these tests broke with one).
+    if int(extra.get("JAX_NUM_PROCESSES", "1")) == 1:
+        env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
     return env
 

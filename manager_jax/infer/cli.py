@@ -104,6 +104,7 @@ def build_engine(args, generating: bool = True) -> tuple[InferenceEngine, object
     must lie inside the vocab limit)."""
     from manager_jax import distributed
     from manager_jax.data.tokenizer import load_tokenizer
+    from manager_jax.platform import use_compilation_cache
 
     try:
         decode_kernels = parse_kernel_configs(args.decode_kernels)
@@ -114,6 +115,7 @@ def build_engine(args, generating: bool = True) -> tuple[InferenceEngine, object
     except ValueError as err:
         raise InputError(f"--decode-matmul-kernels: {err}") from None
     distributed.initialize()  # several processes (JAX_* variables or a detected cluster): one global mesh
+    use_compilation_cache()
     mesh = mesh_from_spec(args.mesh)
     tokenizer_path = _tokenizer_path(args)
     try:  # before the (slow) model load
