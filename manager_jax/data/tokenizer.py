@@ -357,7 +357,8 @@ def save_offline_tokenizer(directory: str) -> list[str]:
     converted.normalizer = normalizers.NFC()
     ids = [converted.token_to_id(t) for t in SPECIAL_TOKEN_IDS]
     if ids != list(SPECIAL_TOKEN_IDS.values()):
-        raise RuntimeError(f"converted tokenizer gives the special tokens ids {ids}, not {list(SPECIAL_TOKEN_IDS.values())}")
+        raise RuntimeError(f"converted tokenizer gives the special tokens ids {ids}, "
+                           f"not {list(SPECIAL_TOKEN_IDS.values())}")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token=IM_END, pad_token=ENDOFTEXT,
                                         unk_token=None, additional_special_tokens=[IM_START, IM_END, IMAGE_TOKEN,
                                                                                    VIDEO_TOKEN])
