@@ -21,6 +21,7 @@ import pytest
 
 from manager_jax import params_io
 from manager_jax.data.tokenizer import load_tokenizer
+from manager_jax.infer.loading import read_eos_ids
 from manager_jax.reference.parity import random_image
 from manager_jax.train import loop as loop_lib
 from manager_jax.train.recipe import load_recipe
@@ -119,6 +120,8 @@ def test_trained_baseline_exports_to_transformers(tmp_path):
     back = tmp_path / "back"
     convert("to-orbax", str(export), str(back))
     back_cfg, back_params = params_io.load_params(str(back))
+    # `run.py generate --checkpoint BACK` reads its tokenizer and eos ids from there.
+    assert read_eos_ids(str(back), []) == ours.eos_ids and os.path.isdir(back / "tokenizer")
     assert (back_cfg.text, back_cfg.vision, back_cfg.image.convention) == (cfg.text, cfg.vision, cfg.image.convention)
     assert expand_pinpoints(back_cfg.image.grid_pinpoints) == expand_pinpoints(cfg.image.grid_pinpoints)
     assert_same_params(back_params, params)
