@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from manager_jax.config import ModelConfig
 
@@ -169,8 +170,9 @@ def _metadata_tree(path: str) -> Any:
         raise ParamsError(f"{path}: holds no readable Orbax checkpoint (missing {', '.join(missing)}); "
                           "the save was interrupted or the files were damaged")
     try:
-        with ocp.Checkpointer(_handler()) as ckpt:
-            meta = ckpt.metadata(path)
+        # The handler's own metadata: a Checkpointer's also looks for a step's _CHECKPOINT_METADATA,
+        # which a training checkpoint's params item does not hold (a warning per call).
+        meta = _handler().metadata(epath.Path(path))
     except Exception as e:  # Orbax raises many kinds of errors for damaged checkpoints
         raise ParamsError(f"{path}: cannot read the Orbax metadata ({type(e).__name__}: {e}); "
                           "the checkpoint is damaged or incomplete") from e
@@ -265,7 +267,6 @@ def open_stored_array(path: str, leaf: Sequence, context: Any = None):
     `leaf` is the key path in the tree; `context` a TensorStore context to share between calls
     (`ocp.type_handlers.get_ts_context`; its caches are per context)."""
     import tensorstore as ts
-    from etils import epath
 
     path = os.path.abspath(path)
     with open(os.path.join(path, "_METADATA")) as f:

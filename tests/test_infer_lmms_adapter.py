@@ -266,3 +266,72 @@ def test_a_mesh_written_for_lmms_eval_model_args():
     for bad in ("data=1,data=2", "data:1/data:1", "tensor:2/fsdp=-1/tensor=1"):
         with pytest.raises(MeshSpecError, match="given twice"):
             mesh_from_spec(bad, devices)
+
+
+def _mixed_requests(paths: list[str]) -> tuple[dict, list[Instance]]:
+    """A generate_until list as lmms-eval hands it over when tasks mix settings: greedy and
+    sampled, different max_new_tokens and stop strings, text-only, one and two images, with the
+    same settings scattered over the list (lmms-eval's own adapter re-orders such a list)."""
+    docs = {0: {"images": paths[:1]}, 1: {"images": paths}, 2: {"images": []}}
+    greedy = lambda n, until: {"max_new_tokens": n, "until": until, "temperature": 0, "do_sample": False}
+    sampled = {"max_new_tokens": 3, "until": ["\n\n"], "do_sample": True, "temperature": 0.7}
+    spec = [("What is in the image?", greedy(3, ["\n\n"]), 0),
+            ("Say something.", greedy(2, ["\n\n"]), 2),
+            ("Describe it.", sampled, 0),
+            ("Compare the images.", greedy(3, ["\n\n"]), 1),
+            ("Answer briefly.", greedy(4, ["."]), 1),
+            ("Hello there, how are you today?", greedy(3, ["\n\n"]), 2),
+            ("And now?", sampled, 1),
+            ("Which colour?", greedy(2, ["\n\n"]), 0),
+            ("Count the shapes in both pictures, please.", greedy(3, ["\n\n"]), 0)]
+    return docs, [Instance("generate_until", (q, dict(kw), doc_to_visual, d, TASK, SPLIT)) for q, kw, d in spec]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_generate_until_mixed_requests_keep_their_order(adapter, batch_size):
+    """Each answer lands at its request's place, whatever batch it was generated in: a greedy
+    request's answer is the one a single-request call gives; a sampled one's does not depend on the
+    batch size (each draws from its own stream)."""
+    tok, engine = adapter.tokenizer, adapter.engine
+    paths = adapter.task_dict[TASK][SPLIT][1]["images"]
+    docs, requests = _mixed_requests(paths)
+    lm = LlavaOVManagerJax(engine=engine, tokenizer_obj=tok, batch_size=batch_size)
+    lm.task_dict = {TASK: {SPLIT: docs}}
+    answers = lm.generate_until(requests)
+    assert len(answers) == len(requests)
+    single = LlavaOVManagerJax(engine=engine, tokenizer_obj=tok, batch_size=1)
+    single.task_dict = lm.task_dict
+    for request, answer in zip(requests, answers):
+        if not request.args[1]["do_sample"]:
+            assert answer == single.generate_until([request])[0], request.args[0]
+    # Greedy answers, computed here one by one from the engine: the order is the requests' own.
+    for request, answer in zip(requests, answers):
+        context, kwargs, _, doc_id, _, _ = request.args
+        if kwargs["do_sample"]:
+            continue
+        images = doc_to_visual(docs[doc_id])
+        [gen] = engine.generate([Prompt(build_eval_prompt(context, len(images), tok), images)],
+                                SamplingParams(max_new_tokens=kwargs["max_new_tokens"]))
+        assert answer == tok.decode(gen.token_ids, skip_special_tokens=True).strip()
+    if batch_size > 1:
+        sequential = LlavaOVManagerJax(engine=engine, tokenizer_obj=tok, batch_size=1)
+        sequential.task_dict = lm.task_dict
+        assert sequential.generate_until(requests) == answers
+
+
+def test_loglikelihood_mixed_requests_keep_their_order(adapter):
+    """Mixed contexts (text-only, one and two images, an empty continuation): each result is the
+    one a single-request call gives, at its request's place."""
+    tok = adapter.tokenizer
+    docs = {0: dict(adapter.task_dict[TASK][SPLIT][0]), 1: dict(adapter.task_dict[TASK][SPLIT][1]),
+            2: {"images": [], "answer": "Yes"}}
+    lm = LlavaOVManagerJax(engine=adapter.engine, tokenizer_obj=tok, batch_size=3)
+    lm.task_dict = {TASK: {SPLIT: docs}}
+    requests = [Instance("loglikelihood", (q, target, doc_to_visual, d, TASK, SPLIT)) for q, target, d in (
+        ("What is it?", "A cat", 0), ("Is it day?", lambda doc: doc["answer"], 2), ("How many?", "Two of them", 1),
+        ("Anything?", "", 0), ("What is it?", "A dog", 0), ("Tell me a longer story, please.", " Once", 2))]
+    results = lm.loglikelihood(requests)
+    singles = [lm.loglikelihood([r])[0] for r in requests]
+    assert results == singles
+    assert results[3] == (0.0, True)
+    assert len({r[0] for r in results}) == len(results)  # distinct: a swapped result would show

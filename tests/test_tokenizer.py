@@ -269,3 +269,21 @@ def test_hf_adapter_is_thread_safe(tok, hf_dir):
 
     run_racing(worker, [(True,), (False,), (True,), (False,)])
     assert not wrong, f"{len(wrong)} encodings came out with the other thread's special-token setting"
+
+
+def test_saved_offline_tokenizer_loads_in_transformers(tmp_path, hf_ref):
+    """What `from-orbax` writes for a model trained with the offline tokenizer: an HF folder that
+    AutoTokenizer loads and that encodes, decodes and ends answers as the reference does."""
+    from transformers import AutoTokenizer
+
+    from manager_jax.data.tokenizer import save_offline_tokenizer
+
+    names = save_offline_tokenizer(str(tmp_path))
+    assert "tokenizer.json" in names
+    saved = AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in random_corpus(300, seed=7):
+        ids = hf_ref.encode(text)
+        assert saved.encode(text) == ids, text
+        assert saved.decode(ids) == hf_ref.decode(ids)
+    assert (saved.eos_token_id, saved.pad_token_id) == (151645, 151643)
+    assert saved.convert_tokens_to_ids(list(SPECIALS)) == list(SPECIALS.values())

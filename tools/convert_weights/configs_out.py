@@ -200,3 +200,26 @@ def hf_config(cfg: ModelConfig, dtype: np.dtype, base: dict | None = None) -> di
     if cfg.image.convention != "hf":  # transformers ignores it; our converter restores the model's own
         out[HF_CONVENTION_FIELD] = cfg.image.convention
     return out
+
+
+def hf_preprocessor_config(cfg: ModelConfig) -> dict:
+    """preprocessor_config.json of an hf export: transformers' LlavaOnevision image processor set up
+    as our pipeline preprocesses (manager_jax/data/image_processing.py, pixels.py): 384 squares
+    resized bicubic, scaled to [-1, 1], the model's grid pinpoints, (h, w) as transformers reads them."""
+    from manager_jax import pixels
+
+    size = cfg.vision.image_size
+    return {
+        "image_processor_type": "LlavaOnevisionImageProcessor",
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "resample": 3,  # PIL bicubic
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [float(pixels.IMAGE_MEAN)] * 3,
+        "image_std": [float(pixels.IMAGE_STD)] * 3,
+        "do_pad": True,
+        "do_convert_rgb": True,
+        "image_grid_pinpoints": _pinpoints_read_as(cfg, "hf"),
+    }

@@ -19,6 +19,7 @@ import numpy as np
 
 from manager_jax import params_io
 from manager_jax.config import ModelConfig
+from manager_jax.data.tokenizer import SPECIAL_TOKEN_IDS, load_tokenizer, save_offline_tokenizer
 from tools.convert_weights import configs_out, mapping
 from tools.convert_weights.orbax_io import CONVERSION_RECORD, SOURCE_CONFIG, TOKENIZER_DIR, OrbaxSource
 from tools.convert_weights.safetensors_io import (
@@ -395,7 +396,10 @@ def from_orbax(
     fmt "llava": the original layout + an original config.json (mm_* / mm_manager_* fields);
     fmt "hf": transformers llava-onevision names (`hf_naming` "v5" = what 5.x save_pretrained
     writes, "legacy" = 4.4x hub names, "auto" = the source's if it was HF, else v5) + an HF
-    LlavaOnevisionConfig. Tokenizer files come from `tokenizer`, else from the params directory.
+    LlavaOnevisionConfig. Tokenizer files come from `tokenizer`, else from the params directory,
+    else from the training run's data.tokenizer_path, else (a Qwen2 vocabulary) the offline Qwen2
+    tokenizer is written; a generation_config.json (eos ids) and, for hf, a preprocessor_config.json
+    are written when those files bring none.
     fmt "hf" of a model with the original image convention needs `accept_hf_convention` (see
     `plan_export`); its config then records the convention for the way back.
     Returns the written file names.
@@ -406,7 +410,10 @@ def from_orbax(
     source = OrbaxSource(src)
     plan = plan_export(source, fmt, dtype, hf_naming, accept_hf_convention)
     max_bytes = parse_size(max_shard_size)
-    tok_dir = tokenizer or source.tokenizer_dir()
+    tok_dir = tokenizer or source.tokenizer_dir() or _training_tokenizer(source)
+    # A model with Qwen2's vocabulary and no tokenizer folder (a training run's checkpoint) was
+    # trained and is run here with the offline Qwen2 tokenizer: the export carries that one.
+    qwen_vocab = source.config.text.vocab_size > max(SPECIAL_TOKEN_IDS.values())
     written: list[str] = []
 
     def fill(tmp: str) -> None:
@@ -416,8 +423,18 @@ def from_orbax(
             for name, path in aux_files(tok_dir).items():
                 shutil.copyfile(path, os.path.join(tmp, name))
                 written.append(name)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(plan.config_json, f, indent=2)
+        elif qwen_vocab:
+            written.extend(save_offline_tokenizer(tmp))
+        extra = {}
+        generation = _generation_ids(tok_dir, qwen_vocab) if "generation_config.json" not in written else None
+        if generation:  # where inference (ours and HF generate) reads the ids that end an answer
+            extra["generation_config.json"] = generation
+        if fmt == "hf" and "preprocessor_config.json" not in written:
+            extra["preprocessor_config.json"] = configs_out.hf_preprocessor_config(source.config)
+        for name, content in {**extra, "config.json": plan.config_json}.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f, indent=2)
+        written.extend(n for n in extra)
         _verify_written(tmp, plan)
 
     try:
@@ -425,6 +442,27 @@ def from_orbax(
     except params_io.ParamsError as e:
         raise ConversionError(src, [str(e)]) from None
     return written + ["config.json"]
+
+
+def _generation_ids(tok_dir: str | None, qwen_vocab: bool) -> dict | None:
+    """eos / pad ids of the exported tokenizer, or None when the export carries none."""
+    if tok_dir is None and not qwen_vocab:
+        return None
+    try:
+        tok = load_tokenizer(tok_dir)
+    except (ValueError, OSError):  # e.g. a folder holding only an image processor's config
+        return None
+    return {"eos_token_id": list(tok.eos_ids), "pad_token_id": tok.pad_id}
+
+
+def _training_tokenizer(source: OrbaxSource) -> str | None:
+    """The tokenizer folder a training checkpoint's run used (its recipe's data.tokenizer_path)."""
+    recipe = os.path.join(os.path.dirname(source.item), "recipe", "metadata")
+    if not os.path.exists(recipe):
+        return None
+    with open(recipe) as f:
+        path = (json.load(f).get("data") or {}).get("tokenizer_path")
+    return path if path and os.path.isdir(path) else None
 
 
 def _verify_written(directory: str, plan: ExportPlan) -> None:
