@@ -44,15 +44,6 @@ class ParamsError(ValueError):
 # ---- Orbax plumbing -----------------------------------------------------------------------------
 
 
-def _not_missing_item_metadata(record: logging.LogRecord) -> bool:
-    # A training checkpoint's items (params/, opt_state/) keep their Orbax metadata one level up,
-    # with the step; Orbax warns about it on every read of an item, which reads like an error.
-    return not str(record.msg).startswith("Metadata file does not exist")
-
-
-logging.getLogger("absl").addFilter(_not_missing_item_metadata)
-
-
 STREAM_BYTES_IN_FLIGHT = 512 * 2**20  # streamed pieces read but not yet written
 
 
