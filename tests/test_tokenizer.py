@@ -287,3 +287,11 @@ def test_saved_offline_tokenizer_loads_in_transformers(tmp_path, hf_ref):
         assert saved.decode(ids) == hf_ref.decode(ids)
     assert (saved.eos_token_id, saved.pad_token_id) == (151645, 151643)
     assert saved.convert_tokens_to_ids(list(SPECIALS)) == list(SPECIALS.values())
+    # Its chat template gives our qwen_1_5 evaluation prompt, default system turn included.
+    from manager_jax.data.conversation import build_eval_prompt
+    from manager_jax.data.tokenizer import load_tokenizer
+
+    question = "What is shown here? Answer in one word."
+    templated = saved.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+    assert list(templated) == build_eval_prompt(question, 0, load_tokenizer())

@@ -333,10 +333,13 @@ def load_tokenizer(path: str | None = None) -> Tokenizer:
     return _load_cached(path)
 
 
-# A plain ChatML template (the format of `conversation.py`'s qwen_1_5 prompts) for exported folders.
+# The ChatML template of exported folders: the format of `conversation.py`'s qwen_1_5 prompts,
+# with their system turn when the messages bring none (as Qwen2-Instruct's own template).
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nSYSTEM<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
@@ -362,5 +365,7 @@ def save_offline_tokenizer(directory: str) -> list[str]:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token=IM_END, pad_token=ENDOFTEXT,
                                         unk_token=None, additional_special_tokens=[IM_START, IM_END, IMAGE_TOKEN,
                                                                                    VIDEO_TOKEN])
-    tokenizer.chat_template = CHATML_TEMPLATE
+    from manager_jax.data.conversation import DEFAULT_SYSTEM_MESSAGE  # conversation imports this module
+
+    tokenizer.chat_template = CHATML_TEMPLATE.replace("SYSTEM", DEFAULT_SYSTEM_MESSAGE)
     return [os.path.basename(p) for p in tokenizer.save_pretrained(directory)]
