@@ -230,6 +230,9 @@ class EpochShuffleMapDataset(grain.MapDataset):
         return f"EpochShuffleMapDataset(seed={self._seed}, shuffle={self._shuffle}, grouped={self._epoch_order is not None})"
 
     def _epoch_indices(self, epoch: int) -> np.ndarray:
+        cached = self._order  # one read of the tuple: no lock once the epoch's order exists
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
         with self._order_lock:  # the read threads ask at once at an epoch's start: compute it once
             if self._order is None or self._order[0] != epoch:
                 order = np.asarray(self._epoch_order(epoch))
