@@ -15,6 +15,7 @@ A training checkpoint (an Orbax CheckpointManager directory: numbered step direc
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
@@ -89,12 +90,14 @@ class _NumpyHandler(ocp.type_handlers.NumpyHandler):
             store = await self._open_streamed(value, info, arg)
             for i in range(value.shape[0]) if value.layered else [None]:
                 data = np.asarray(value.read(i)).astype(value.dtype, copy=False)
-                in_flight.append(((store[i] if i is not None else store).write(data), data.nbytes))
+                # The piece stays referenced until its write commits: what is in flight is what is held.
+                in_flight.append(((store[i] if i is not None else store).write(data), data))
                 in_flight_bytes += data.nbytes
                 while in_flight_bytes > STREAM_BYTES_IN_FLIGHT:
-                    write, nbytes = in_flight.popleft()
+                    write, piece = in_flight.popleft()
                     await write  # its commit: the piece's memory is free after this
-                    in_flight_bytes -= nbytes
+                    in_flight_bytes -= piece.nbytes
+                    del piece
                 del data
         while in_flight:
             await in_flight.popleft()[0]
@@ -251,6 +254,12 @@ def restore_tree(path: str, target: Mapping | None = None, *, partial: bool = Fa
     return _strip_value_leaves(int_keys(out))
 
 
+@functools.lru_cache(maxsize=8)
+def _value_wrapped(path: str, metadata_mtime_ns: int) -> bool:
+    # Read once per checkpoint (the mtime tells a rewritten one): an export opens every parameter.
+    return _has_value_wrappers(path)
+
+
 def open_stored_array(path: str, leaf: Sequence, context: Any = None):
     """One array of an Orbax PyTree checkpoint at `path` as an open TensorStore: any slice of it
     (`store[i].read().result()`) is read alone, e.g. one layer of a stacked parameter.
@@ -263,7 +272,8 @@ def open_stored_array(path: str, leaf: Sequence, context: Any = None):
     with open(os.path.join(path, "_METADATA")) as f:
         meta = json.load(f)
     use_ocdbt = bool(meta.get("use_ocdbt", True))
-    name = ".".join(str(k) for k in leaf) + (".value" if _has_value_wrappers(path) else "")
+    wrapped = _value_wrapped(path, os.stat(os.path.join(path, "_METADATA")).st_mtime_ns)
+    name = ".".join(str(k) for k in leaf) + (".value" if wrapped else "")
     if context is None:
         context = ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
     info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(path), is_ocdbt_checkpoint=use_ocdbt,
