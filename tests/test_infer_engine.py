@@ -325,7 +325,7 @@ def test_sampling_seeded_and_vocab_limited(baseline_engine):
 
 
 def test_each_prompt_samples_its_own_stream_whatever_the_batch(baseline_engine):
-    """Prompt i of a run draws from random stream first_index + i: a prompt repeated in one batch
+    """Prompt i of a batch draws from random stream streams[i] (default i): a prompt repeated in one batch
     gets independent samples, and its answer is the same alone, in a batch of 4 or 2, at any row
     and beside other prompts (the audit saw copies for repeated prompts batch after batch)."""
     _, engine = baseline_engine
@@ -333,15 +333,16 @@ def test_each_prompt_samples_its_own_stream_whatever_the_batch(baseline_engine):
     same = Prompt([5, 6, 7])
     four = [g.token_ids for g in engine.generate([same] * 4, params)]
     assert len({tuple(t) for t in four}) == 4, four
-    alone = [engine.generate([same], params, first_index=i)[0].token_ids for i in range(4)]
+    alone = [engine.generate([same], params, streams=[i])[0].token_ids for i in range(4)]
     assert alone == four
-    assert [g.token_ids for g in engine.generate([same] * 2, params, first_index=2)] == four[2:]
-    mixed = engine.generate([Prompt([8, 9, 10, 11, 12, 13]), same, Prompt([1])], params, first_index=1)
+    assert [g.token_ids for g in engine.generate([same] * 2, params, streams=[3, 2])] == four[:1:-1]
+    mixed = engine.generate([Prompt([8, 9, 10, 11, 12, 13]), same, Prompt([1])], params, streams=[7, 2, 9])
     assert mixed[1].token_ids == four[2]
     # Stream 0 is the seed's own key, so a lone prompt samples as before per-prompt streams.
     assert engine.generate([same], params)[0].token_ids == four[0]
-    with pytest.raises(ValueError, match="first_index"):
-        engine.generate([same], params, first_index=-1)
+    for bad in ([-1], [2**31], [1, 2], [0.5]):
+        with pytest.raises(ValueError, match="streams"):
+            engine.generate([same], params, streams=bad)
 
 
 def test_check_prompt_measures_what_process_builds():

@@ -319,6 +319,29 @@ def test_generate_until_mixed_requests_keep_their_order(adapter, batch_size):
         assert sequential.generate_until(requests) == answers
 
 
+def test_sampled_request_draws_from_its_documents_stream(adapter):
+    """A sampled request's answer depends on its document (and which copy of it), not on the other
+    requests in the list, their order or how lmms-eval splits them over processes; copies of a
+    request (lmms-eval's `repeats`) get independent samples."""
+    tok, engine = adapter.tokenizer, adapter.engine
+    paths = adapter.task_dict[TASK][SPLIT][1]["images"]
+    docs, requests = _mixed_requests(paths)
+    hot = {"max_new_tokens": 8, "until": ["\n\n"], "do_sample": True, "temperature": 1.5, "top_k": 0}
+    for request in requests:
+        if request.args[1]["do_sample"]:
+            request.args[1].update(hot)
+    lm = LlavaOVManagerJax(engine=engine, tokenizer_obj=tok, batch_size=2)
+    lm.task_dict = {TASK: {SPLIT: docs}}
+    answers = lm.generate_until(requests)
+    sampled = [i for i, r in enumerate(requests) if r.args[1]["do_sample"]]
+    assert len(sampled) == 2
+    for i in sampled:
+        assert lm.generate_until([requests[i]]) == [answers[i]]
+    assert lm.generate_until(requests[::-1]) == answers[::-1]
+    copies = lm.generate_until([requests[sampled[1]]] * 3)
+    assert copies[0] == answers[sampled[1]] and len(set(copies)) == 3, copies
+
+
 def test_loglikelihood_mixed_requests_keep_their_order(adapter):
     """Mixed contexts (text-only, one and two images, an empty continuation): each result is the
     one a single-request call gives, at its request's place."""

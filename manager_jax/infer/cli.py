@@ -244,7 +244,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         for start in range(0, len(items), args.batch_size):  # images are decoded batch by batch
             chunk = items[start : start + args.batch_size]
             prompts = [generation_prompt(text, [load_image(p) for p in paths], tokenizer) for _, text, paths in chunk]
-            for gen in engine.generate(prompts, params, first_index=start):  # prompt i: random stream i
+            for gen in engine.generate(prompts, params, streams=range(start, start + len(chunk))):  # prompt i: stream i
                 _print_generation(gen, tokenizer, index, args.json, single=len(items) == 1)
                 index += 1
     except USER_ERRORS as e:

@@ -625,24 +625,24 @@ class InferenceEngine:
         return (np.arange(slots + new_slots)[None, :] >= first).astype(np.int32)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams = SamplingParams(), *,
-                 first_index: int = 0) -> list[Generation]:
+                 streams: Sequence[int] | None = None) -> list[Generation]:
         """Answers for `prompts` (one batch; rows and lengths bucketed).
 
-        Sampling: prompt i of the batch draws from random stream `first_index + i` of `params.seed`
-        (`sampling.row_keys`), whatever the batch. Give each batch of a run its first prompt's
-        index in the run, and a prompt's answer does not depend on the batch size nor its place in
-        the batch, and repeated prompts get independent samples. Stream 0 is what a lone prompt
-        has always used.
+        Sampling: prompt i of the batch draws from random stream `streams[i]` (default i) of
+        `params.seed` (`sampling.row_keys`), whatever the batch. Give each prompt of a run its own
+        stream (its index in the run, or one derived from what it is) and its answer does not
+        depend on the batch size nor its place in the batch, and repeated prompts get independent
+        samples. Stream 0 is what a lone prompt has always used.
         """
         prepared = self.prepare(prompts)
-        return self.generate_prepared(prepared, params, first_index=first_index)
+        return self.generate_prepared(prepared, params, streams=streams)
 
     def generate_prepared(self, prepared: PreparedBatch, params: SamplingParams, *,
-                          first_index: int = 0) -> list[Generation]:
+                          streams: Sequence[int] | None = None) -> list[Generation]:
         """Prefill, then the compiled decode loop, for a batch from `prepare`."""
         new_slots = self.new_slots(prepared, params)
         first_logits, cache = self.prefill(prepared, prepared.prompt_slots + new_slots)
-        return self.decode(prepared, first_logits, cache, params, first_index=first_index)
+        return self.decode(prepared, first_logits, cache, params, streams=streams)
 
     def new_slots(self, prepared: PreparedBatch, params: SamplingParams) -> int:
         """Cache slots reserved for the answers (max_new_tokens, cut to the room below max_length, bucketed)."""
@@ -656,11 +656,11 @@ class InferenceEngine:
         return min(params.max_new_tokens, room)
 
     def decode(self, prepared: PreparedBatch, first_logits, cache, params: SamplingParams, *,
-               first_index: int = 0) -> list[Generation]:
+               streams: Sequence[int] | None = None) -> list[Generation]:
         """The decode loop after `prefill(prepared, prompt_slots + new_slots(prepared, params))`
-        (the cache is donated). `first_index`: see `generate`."""
+        (the cache is donated). `streams`: see `generate`."""
         rows, new_slots = len(prepared.lengths), cache[0].shape[2] - prepared.prompt_slots
-        controls, kv_seg, next_pos = self._decode_controls(prepared, params, new_slots, first_index=first_index)
+        controls, kv_seg, next_pos = self._decode_controls(prepared, params, new_slots, streams=streams)
         if rows < self.decode_min_rows:
             first_logits, cache, kv_seg, next_pos = self._filler_rows(self.decode_min_rows - rows, first_logits,
                                                                       cache, kv_seg, next_pos)
@@ -691,13 +691,18 @@ class InferenceEngine:
             repeat_last(next_pos)
 
     def _decode_controls(self, prepared: PreparedBatch, params: SamplingParams, new_slots: int, *,
-                         first_index: int = 0):
+                         streams: Sequence[int] | None = None):
         """The decode loop's host inputs: (controls, kv_seg [rows, slots], next_pos [rows]).
 
         controls["stream"] holds every decoded row's random stream (`generate`), the filler rows'
-        (`decode_min_rows`) included."""
-        if first_index < 0:
-            raise ValueError(f"first_index must be >= 0, got {first_index}")
+        (`decode_min_rows`: their answers are dropped) repeating the last."""
+        prompts = len(prepared.lengths)
+        streams = np.arange(prompts) if streams is None else np.asarray(list(streams))
+        if streams.shape != (prompts,) or not np.issubdtype(streams.dtype, np.integer):
+            raise ValueError(f"streams must be {prompts} integers, one per prompt; got {streams.tolist()}")
+        if prompts and (streams.min() < 0 or streams.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"streams must be in [0, 2**31); got {streams.tolist()}")
+        streams = np.pad(streams.astype(np.int32), (0, max(self.decode_min_rows - prompts, 0)), mode="edge")
         max_new = self._max_new(prepared, params)
         if new_slots < max_new:
             raise ValueError(f"the cache has {new_slots} answer slots, {max_new} are needed")
@@ -712,7 +717,7 @@ class InferenceEngine:
             "repetition_penalty": np.float32(params.repetition_penalty),
             "pad": np.int32(self.pad_id),
             "vocab_limit": np.int32(self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size),
-            "stream": first_index + np.arange(max(len(prepared.lengths), self.decode_min_rows), dtype=np.int32),
+            "stream": streams,
         }
         return controls, self.kv_segments(prepared, new_slots), prepared.lengths
 

@@ -39,6 +39,8 @@ import inspect
 import json
 import logging
 import os
+import zlib
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -193,11 +195,11 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
         return _images(visuals, f"{task}/{split}/{doc_id}")
 
-    def _answers(self, prompts: list, params: SamplingParams, until: list[str], first_index: int = 0) -> list[str]:
-        """Decoded, stripped answers to prompts generated as one batch (`first_index`: the random
-        stream of the first prompt, InferenceEngine.generate)."""
+    def _answers(self, prompts: list, params: SamplingParams, until: list[str], streams: Sequence[int]) -> list[str]:
+        """Decoded, stripped answers to prompts generated as one batch (`streams`: each prompt's
+        random stream, InferenceEngine.generate)."""
         answers = []
-        for gen in self.engine.generate(prompts, params, first_index=first_index):
+        for gen in self.engine.generate(prompts, params, streams=streams):
             text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
             if self.apply_until:
                 for stop in until:
@@ -236,10 +238,14 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         """One answer per request; request.args = (context, gen_kwargs, doc_to_visual, doc_id, task, split)."""
         results: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
+        streams, copies = [], Counter()
         for index, request in enumerate(requests):
-            gen_kwargs = request.args[1]
+            context, gen_kwargs, _, doc_id, task, split = request.args
             key = json.dumps(gen_kwargs, sort_keys=True, default=str)
             groups.setdefault(key, []).append(index)
+            same = (task, split, doc_id, context, key)  # lmms-eval repeats a request for `repeats`
+            streams.append(request_stream(task, split, doc_id, context, copies[same]))
+            copies[same] += 1
         for indices in groups.values():
             params, until = self._sampling(requests[indices[0]].args[1])
             for start in range(0, len(indices), self.batch_size):
@@ -249,8 +255,10 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
                     context, _, doc_to_visual, doc_id, task, split = requests[index].args
                     images = self._visuals(doc_to_visual, task, split, doc_id)
                     prompts.append(generation_prompt(context, images, self.tokenizer))
-                # Each request samples from its own stream (its place in the group), whatever the batch size.
-                for index, answer in zip(chunk, self._answers(prompts, params, until, first_index=start)):
+                # Each request samples from the stream of its document, whatever the batch size, the
+                # other requests, and how lmms-eval splits them over processes.
+                chunk_streams = [streams[index] for index in chunk]
+                for index, answer in zip(chunk, self._answers(prompts, params, until, chunk_streams)):
                     results[index] = answer
         return [r if r is not None else "" for r in results]
 
@@ -301,9 +309,18 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
                         raise InputError(f"{where}: no terminal signal after {self.max_rounds} rounds "
                                          "(raise max_rounds if the task needs more)")
                     images = _images(visuals, where)
-                answers.append(self._answers([generation_prompt(context, images, self.tokenizer)], params, until)[0])
+                prompt = generation_prompt(context, images, self.tokenizer)
+                stream = request_stream(task, split, doc_id, context, 0)
+                answers.append(self._answers([prompt], params, until, [stream])[0])
             results.append(tuple(answers))
         return results
+
+
+def request_stream(task: str, split: str, doc_id: Any, context: str, copy: int) -> int:
+    """The random stream of a sampled request: a hash of its document (task, split, doc_id), its
+    context and which copy of the same request this is, in [0, 2**31)."""
+    name = json.dumps([task, split, doc_id, context, copy], default=str)
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 def _images(visuals: Any, where: str) -> list[Image.Image]:
