@@ -348,7 +348,7 @@ def padded_flash_attention(q, k, v, *, scale: float, causal: bool, implementatio
     are real. The padded query rows are dropped. `implementation=None` runs the same call through
     XLA, which is how the padding is tested off the GPU.
     """
-    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    t, s = q.shape[1], k.shape[1]
     if causal and (t != s or valid_len is not None):
         raise ValueError(f"padded causal flash attention needs fresh unpadded rows (queries == keys), got {t} vs {s}")
     tp, sp = _round_up(t, FLASH_SEQ_MULTIPLE), _round_up(s, FLASH_SEQ_MULTIPLE)
