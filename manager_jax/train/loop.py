@@ -37,7 +37,7 @@ from manager_jax.params_io import ParamsError, dotted
 from manager_jax.sharding import ShardingError, data_parallel_size, local_shard_indices, make_mesh
 from manager_jax.train import flops as flops_lib
 from manager_jax.train.checkpointing import Checkpointer, CheckpointSaveError, gather_shard_states, saved_run
-from manager_jax.train.metrics import MetricsWriter, Progress
+from manager_jax.train.metrics import MetricsWriter, Progress, memory_record
 from manager_jax.train.recipe import RecipeError, TrainConfig, check_inputs, compare_with_saved, resolve_batch_layout
 from manager_jax.train.state import (
     TrainSetup,
@@ -510,7 +510,8 @@ def train(
         skip_counts, samples_read = feed.skip_stats()  # includes the batch read ahead
         skip_watch.check(skip_counts, samples_read)
         if done % config.logging.every_steps == 0 or done == config.num_steps:
-            writer.write(done, {**record, "data_skips": skip_counts})
+            memory = memory_record(jax.local_devices()[0]) if writer.enabled else {}
+            writer.write(done, {**record, **memory, "data_skips": skip_counts})
         progress.update(loss)
         if on_step is not None:
             on_step(done, record)

@@ -23,6 +23,30 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def memory_record(device: Any = None) -> dict:
+    """This process's memory now, in GB: the host's resident set (``host_rss_gb``, None where
+    /proc is missing) and, on an accelerator that reports it, one local device's bytes in use and
+    their peak so far (``device_memory_gb``, ``device_peak_memory_gb``). A slow leak over a long
+    run shows here before it kills the run."""
+    record: dict[str, float | None] = {"host_rss_gb": None}
+    try:
+        with open("/proc/self/statm") as f:
+            record["host_rss_gb"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    stats = None
+    if device is not None:
+        try:
+            stats = device.memory_stats()
+        except Exception:  # noqa: BLE001 - a backend without the call; memory is extra information
+            stats = None
+    if stats and "bytes_in_use" in stats:
+        record["device_memory_gb"] = stats["bytes_in_use"] / 1e9
+        if "peak_bytes_in_use" in stats:
+            record["device_peak_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
+    return record
+
+
 class MetricsWriter:
     """Fan-out of metric records: JSONL always, TensorBoard / wandb when enabled and available."""
 
