@@ -24,6 +24,20 @@ logger = logging.getLogger(__name__)
 _initialized = False
 
 
+class DistributedSetupError(ValueError):
+    """The environment describes the processes of a job wrongly (a bad JAX_* variable)."""
+
+
+def _env_int(name: str, many: bool = False) -> int | list[int]:
+    text = os.environ[name]
+    try:
+        values = [int(x) for x in text.split(",")] if many else [int(text)]
+    except ValueError:
+        kind = "comma-separated integers" if many else "an integer"
+        raise DistributedSetupError(f"{name}={text!r} must be {kind}") from None
+    return values if many else values[0]
+
+
 def cluster_detected(env: dict[str, str] | None = None) -> bool:
     """Whether the environment describes a multi-process job that JAX can auto-detect."""
     env = dict(os.environ if env is None else env)
@@ -52,14 +66,19 @@ def initialize(
         return True
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
-        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+        num_processes = _env_int("JAX_NUM_PROCESSES")
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
-        process_id = int(os.environ["JAX_PROCESS_ID"])
+        process_id = _env_int("JAX_PROCESS_ID")
     if local_device_ids is None and os.environ.get("JAX_LOCAL_DEVICE_IDS"):
-        local_device_ids = [int(x) for x in os.environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
+        local_device_ids = _env_int("JAX_LOCAL_DEVICE_IDS", many=True)
     explicit = coordinator_address is not None and (num_processes or 1) > 1
     if not explicit and not cluster_detected():
         return False
+    if explicit and process_id is None:
+        raise DistributedSetupError("JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES are set but JAX_PROCESS_ID is not")
+    if explicit and not 0 <= process_id < num_processes:
+        raise DistributedSetupError(f"JAX_PROCESS_ID={process_id} must be in 0..{num_processes - 1} "
+                                    f"(JAX_NUM_PROCESSES={num_processes})")
 
     import jax
 
@@ -67,8 +86,6 @@ def initialize(
     # collectives); the setting only concerns the CPU backend, so GPU/TPU jobs are unaffected.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
-        if process_id is None:
-            raise ValueError("JAX_COORDINATOR_ADDRESS is set but JAX_PROCESS_ID is not")
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
