@@ -42,3 +42,25 @@ def test_commands_report_them_in_one_line_with_status_2(command, tmp_path, monke
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: JAX_PROCESS_ID=7 must be in 0..1") and "\n" not in err, err
     assert not out.exists()
+
+
+def test_an_unreachable_coordinator_is_a_clear_error_after_the_timeout(monkeypatch):
+    """Without the wait, process 1 aborted after JAX's 300 s with a C++ stack trace blaming a dead task."""
+    import socket
+    import time
+
+    from manager_jax import distributed
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                        "JAX_PROCESS_ID": "1"}.items():
+        monkeypatch.setenv(name, value)
+    start = time.monotonic()
+    with pytest.raises(distributed.DistributedSetupError, match=f"coordinator at 127.0.0.1:{port} did not answer within 2 s"):
+        distributed.initialize(timeout_s=2)
+    assert time.monotonic() - start < 10
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "no-port-here")
+    with pytest.raises(distributed.DistributedSetupError, match="must be host:port"):
+        distributed.initialize(timeout_s=2)
