@@ -62,17 +62,14 @@ def cmd_train(argv: Sequence[str]) -> int:
     args = _train_parser("run.py train", aot=False).parse_args(argv)
     _setup_logging(args.log_level)
     from manager_jax import distributed
-
-    distributed.initialize()  # before any JAX computation; a no-op for one process
     from manager_jax.platform import use_compilation_cache
-
-    use_compilation_cache()
-    from manager_jax.train.loop import train
     from manager_jax.train.recipe import load_recipe
 
-    from manager_jax.train.loop import TrainingError, input_errors
+    from manager_jax.train.loop import TrainingError, input_errors, train
 
     def run() -> int:
+        distributed.initialize()  # before any JAX computation; a no-op for one process
+        use_compilation_cache()
         result = train(load_recipe(args.config, args.overrides))
         if result.losses:
             print(f"first loss {result.losses[0]:.4f}  final loss {result.losses[-1]:.4f}  "

@@ -17,11 +17,27 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
+import time
 from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
 _initialized = False
+
+
+class DistributedSetupError(ValueError):
+    """The environment describes the processes of a job wrongly (a bad JAX_* variable)."""
+
+
+def _env_int(name: str, many: bool = False) -> int | list[int]:
+    text = os.environ[name]
+    try:
+        values = [int(x) for x in text.split(",")] if many else [int(text)]
+    except ValueError:
+        kind = "comma-separated integers" if many else "an integer"
+        raise DistributedSetupError(f"{name}={text!r} must be {kind}") from None
+    return values if many else values[0]
 
 
 def cluster_detected(env: dict[str, str] | None = None) -> bool:
@@ -42,24 +58,31 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
     local_device_ids: list[int] | None = None,
+    timeout_s: int = 300,
 ) -> bool:
     """Starts JAX's multi-process runtime when asked or detected; returns whether it did.
 
     Arguments override the ``JAX_*`` environment variables. Safe to call more than once.
+    `timeout_s`: how long a process other than 0 waits for the coordinator to answer.
     """
     global _initialized
     if _initialized:
         return True
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
-        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+        num_processes = _env_int("JAX_NUM_PROCESSES")
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
-        process_id = int(os.environ["JAX_PROCESS_ID"])
+        process_id = _env_int("JAX_PROCESS_ID")
     if local_device_ids is None and os.environ.get("JAX_LOCAL_DEVICE_IDS"):
-        local_device_ids = [int(x) for x in os.environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
+        local_device_ids = _env_int("JAX_LOCAL_DEVICE_IDS", many=True)
     explicit = coordinator_address is not None and (num_processes or 1) > 1
     if not explicit and not cluster_detected():
         return False
+    if explicit and process_id is None:
+        raise DistributedSetupError("JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES are set but JAX_PROCESS_ID is not")
+    if explicit and not 0 <= process_id < num_processes:
+        raise DistributedSetupError(f"JAX_PROCESS_ID={process_id} must be in 0..{num_processes - 1} "
+                                    f"(JAX_NUM_PROCESSES={num_processes})")
 
     import jax
 
@@ -67,13 +90,14 @@ def initialize(
     # collectives); the setting only concerns the CPU backend, so GPU/TPU jobs are unaffected.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
-        if process_id is None:
-            raise ValueError("JAX_COORDINATOR_ADDRESS is set but JAX_PROCESS_ID is not")
+        if process_id != 0:  # process 0 starts the service itself
+            _wait_for_coordinator(coordinator_address, timeout_s)
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
             local_device_ids=local_device_ids,
+            initialization_timeout=timeout_s,
         )
     else:
         jax.distributed.initialize()
@@ -83,6 +107,26 @@ def initialize(
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
     )
     return True
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Waits until the coordinator's port accepts connections. JAX's own wait ends, after its
+    timeout, in an abort whose message blames a task that died, with a C++ stack trace."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedSetupError(f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)).close()
+            return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise DistributedSetupError(
+                    f"the coordinator at {address} did not answer within {timeout_s:.0f} s ({err}): start process 0 "
+                    "there, or check JAX_COORDINATOR_ADDRESS and that the port is open between the hosts"
+                ) from None
+            time.sleep(1.0)
 
 
 def is_primary() -> bool:

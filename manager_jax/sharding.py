@@ -7,7 +7,9 @@ their parameter's path, so the same table shards them too: FSDP for params, grad
 optimizer state comes from sharding the ``embed`` dimension over ``fsdp``.
 
 A dimension whose size is not a multiple of its mesh axes is left unsharded (e.g. 2 KV heads on a
-tensor axis of 4); a mesh axis is never used twice in one spec.
+tensor axis of 4); a mesh axis is never used twice in one spec. An fsdp axis that splits none of a
+large parameter's dimensions is refused instead (`check_fsdp_divides`), naming an fsdp x data split
+that works.
 
 Activations are left to GSPMD's propagation, with one exception: the Manager's multi-layer
 features are split over "tensor" on their width (`models.attention.split_width_over_heads_axis`,
@@ -284,3 +286,58 @@ def local_shard_indices(mesh: Mesh, num_shards: int) -> list[int]:
     for index in index_map.values():
         rows.update(range(*index[0].indices(num_shards)))
     return sorted(rows)
+
+
+def replicated_leaves(tree: Any) -> list[tuple[int, str, tuple[int, ...]]]:
+    """(bytes, path, shape) of the leaves whose sharding keeps them whole on every device, largest
+    first. `tree`: arrays or ShapeDtypeStructs with shardings (e.g. `TrainSetup.abstract_state`)."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = tuple(leaf.shape)
+        if shape and leaf.sharding.shard_shape(shape) == shape:
+            out.append((math.prod(shape) * np.dtype(leaf.dtype).itemsize, path_str(path), shape))
+    return sorted(out, reverse=True)
+
+
+# A parameter this large that the fsdp axis cannot split is a memory problem, not a detail: it and
+# its gradient and Adam moments are then whole on every device (0.5B at fsdp=256: 10 GiB per device
+# instead of 40 MiB). Smaller leaves (norms, biases, the Manager's scores) may stay whole.
+FSDP_MIN_BYTES = 1 << 20
+
+
+def check_fsdp_divides(tree: Any, mesh: Any, min_bytes: int = FSDP_MIN_BYTES) -> None:
+    """Raises ShardingError when the mesh's fsdp axis splits none of the dimensions meant for it
+    (``embed`` / ``vision_embed``) of a parameter of `min_bytes` or more, naming a mesh that does.
+
+    `tree`: params (arrays or ShapeDtypeStructs); optimizer state has their specs, so it is covered.
+    """
+    fsdp = mesh.shape.get("fsdp", 1)
+    if fsdp == 1:
+        return
+    meant = [k for k, v in LOGICAL_RULES.items() if v == "fsdp" or (isinstance(v, tuple) and "fsdp" in v)]
+    unsplit, dims = [], []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = tuple(getattr(leaf, "shape", ()))
+        nbytes = math.prod(shape) * np.dtype(leaf.dtype).itemsize if shape else 0
+        if nbytes < min_bytes:
+            continue
+        name = _leaf_path(path)
+        logical = logical_axes(name, shape)
+        sizes = [size for axis, size in zip(logical, shape) if axis in meant]
+        if not sizes:
+            continue
+        dims += sizes
+        spec = spec_for(logical, shape, mesh)
+        if "fsdp" not in {a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ())}:
+            unsplit.append((nbytes, name, shape))
+    if not unsplit:
+        return
+    unsplit.sort(reverse=True)
+    fit = max(f for f in range(1, fsdp + 1) if fsdp % f == 0 and all(d % f == 0 for d in dims))
+    data = mesh.shape.get("data", 1) * fsdp // fit
+    names = ", ".join(f"{n} {s}" for _, n, s in unsplit[:3]) + (f" and {len(unsplit) - 3} more" if len(unsplit) > 3 else "")
+    raise ShardingError(
+        f"mesh fsdp={fsdp} divides no dimension of {names} ({sum(b for b, _, _ in unsplit) / 2**30:.2f} GiB), "
+        f"which would then be whole on every device with its gradient and optimizer state; "
+        f"use fsdp={fit} and data={data} (fsdp must divide {sorted(set(dims))})"
+    )

@@ -380,6 +380,27 @@ def test_sharded_generation_equals_single_device(baseline_engine):
     assert [g.token_ids for g in sharded.generate(prompts, params)] == expected
 
 
+@pytest.mark.parametrize("axes", [(1, 1, 2), (1, 4, 1)])
+def test_tensor_and_fsdp_meshes_give_the_single_device_tokens_and_scores(manager_engine, axes):
+    """Tensor parallel (heads, MLP and the KV cache over 2 devices) and FSDP over 4, with 3 prompts
+    (an image, text only) that the 4 FSDP rows do not divide: the one-device greedy tokens, and
+    log-likelihoods within fp32 rounding of the one-device scores."""
+    from manager_jax.sharding import MeshConfig, make_mesh
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py provides them on CPU")
+    model, single = manager_engine
+    prompts = (mixed_prompts() * 2)[:3]
+    requests = [ScoreRequest(list(p.ids) + [7, 8, 9], len(p.ids), len(p.ids) + 3, p.images) for p in prompts]
+    params = SamplingParams(max_new_tokens=NEW)
+    mesh = make_mesh(MeshConfig(*axes, num_devices=int(np.prod(axes))))
+    sharded = InferenceEngine(model, pad_id=0, mesh=mesh)
+    assert [g.token_ids for g in sharded.generate(prompts, params)] == \
+        [g.token_ids for g in single.generate(prompts, params)]
+    got = [r.logprob for r in sharded.score(requests)]
+    np.testing.assert_allclose(got, [r.logprob for r in single.score(requests)], rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("axes,prompts", [((2, 2, 2), 4), ((2, 1, 4), 3)])
 def test_pallas_decode_on_a_mesh_gives_the_single_device_tokens(axes, prompts, monkeypatch):
     """The fused decode kernels (interpret mode) per device on a mesh: rows over the data axes and

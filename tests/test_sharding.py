@@ -88,3 +88,60 @@ def test_tree_shardings_and_local_shards():
     assert local_shard_indices(mesh, 8) == list(range(8))  # one process holds every shard
     with pytest.raises(ShardingError, match="multiple of the data-parallel size"):
         local_shard_indices(mesh, 6)
+
+
+def _recipe_setup(recipe: str, data: int, fsdp: int, tensor: int):
+    """The train state's shapes and shardings of a recipe on a mesh of that shape (no devices needed)."""
+    from jax.sharding import AbstractMesh
+
+    from manager_jax.train.recipe import load_recipe
+    from manager_jax.train.state import make_setup
+    from manager_jax.train.step import LossConfig
+
+    config = load_recipe(f"configs/llava_ov.py:{recipe}")
+    mesh = AbstractMesh((data, fsdp, tensor), ("data", "fsdp", "tensor"))
+    return make_setup(config.model, mesh, tunable_parts=config.tunable_parts, optim=config.optim,
+                      total_steps=10, loss=LossConfig())
+
+
+def _state_bytes(tree) -> tuple[int, int]:
+    """(whole, one device's share) of a tree of sharded ShapeDtypeStructs."""
+    whole = per_device = 0
+    for leaf in jax.tree.leaves(tree):
+        whole += int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+        per_device += int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+    return whole, per_device
+
+
+@pytest.mark.parametrize("size, mesh", [("0.5b", (1, 64, 1)), ("7b", (2, 16, 2)), ("72b", (1, 16, 8))])
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_recipe_states_are_split_over_fsdp_and_tensor(size, mesh, stage):
+    """Params and Adam moments of every variant: what stays whole on each device is only norms and
+    biases (the largest: 72B's stacked norm scales, 2.5 MiB), so a device holds 1 / (fsdp x tensor)
+    of the state (small leaves add 2% at 0.5B on 64); frozen parts (stage 1: tower and LLM) have no optimizer state."""
+    from manager_jax.sharding import replicated_leaves
+
+    for variant in ("baseline", "manager", "grid", "grid_manager"):
+        setup = _recipe_setup(f"stage{stage}_{variant}_{size}", *mesh)
+        largest = replicated_leaves(setup.abstract_state)[:3]
+        assert largest[0][0] <= 4 << 20, (variant, largest)
+        whole, per_device = _state_bytes(setup.abstract_state)
+        assert per_device <= 1.05 * whole / (mesh[1] * mesh[2]), (variant, largest)
+        trainable = sum(int(np.prod(p.shape)) * p.dtype.itemsize
+                        for m, p in zip(jax.tree.leaves(setup.mask), jax.tree.leaves(setup.abstract_params)) if m)
+        moments, _ = _state_bytes(setup.abstract_state["opt_state"])
+        assert 2 * trainable <= moments <= 2 * trainable + 1024, variant  # mu and nu, plus step counters
+        if stage == "1":
+            assert trainable < whole / 100  # projector (+ Manager) only
+
+
+def test_an_fsdp_axis_that_splits_no_large_parameter_is_refused_with_a_mesh_that_does():
+    """0.5B at fsdp=256: 896 and 1152 are not multiples of 256, so the embedding, the tower and most
+    of the LLM would be whole on every device (10 GiB of state per device instead of 40 MiB)."""
+    from manager_jax.sharding import replicated_leaves
+
+    with pytest.raises(ShardingError, match=r"fsdp=256 divides no dimension of text\.embed\.embedding.*"
+                                            r"use fsdp=128 and data=2"):
+        _recipe_setup("stage2_grid_manager_0.5b", 1, 256, 1)
+    setup = _recipe_setup("stage2_grid_manager_0.5b", 2, 128, 1)
+    assert replicated_leaves(setup.abstract_state)[0][0] < 1 << 20

@@ -114,7 +114,10 @@ def build_engine(args, generating: bool = True) -> tuple[InferenceEngine, object
         matmul_kernels = parse_matmul_configs(args.decode_matmul_kernels)
     except ValueError as err:
         raise InputError(f"--decode-matmul-kernels: {err}") from None
-    distributed.initialize()  # several processes (JAX_* variables or a detected cluster): one global mesh
+    try:
+        distributed.initialize()  # several processes (JAX_* variables or a detected cluster): one global mesh
+    except distributed.DistributedSetupError as err:
+        raise InputError(str(err)) from None
     use_compilation_cache()
     mesh = mesh_from_spec(args.mesh)
     tokenizer_path = _tokenizer_path(args)

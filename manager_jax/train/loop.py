@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from manager_jax.config import ConfigError
-from manager_jax.distributed import any_process
+from manager_jax.distributed import DistributedSetupError, any_process
 from manager_jax.params_io import ParamsError, dotted
 from manager_jax.sharding import ShardingError, data_parallel_size, local_shard_indices, make_mesh
 from manager_jax.train import flops as flops_lib
@@ -66,7 +66,7 @@ def input_errors() -> tuple[type[Exception], ...]:
     from manager_jax.data.records import RecordFormatError
 
     return (RecipeError, ConfigError, ShardingError, ParamsError, MixtureError, RecordFormatError, BatchShapeError,
-            FileNotFoundError)
+            FileNotFoundError, DistributedSetupError)
 
 
 @dataclasses.dataclass

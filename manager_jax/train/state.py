@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from manager_jax.config import ModelConfig
 from manager_jax.models.llava_ov import LlavaOV
-from manager_jax.sharding import batch_sharding, compute_shardings, replicated, tree_shardings
+from manager_jax.sharding import batch_sharding, check_fsdp_divides, compute_shardings, replicated, tree_shardings
 from manager_jax.train.optimizer import make_optimizer, parse_tunable_parts, split_trainable, trainable_mask
 from manager_jax.train.step import MODEL_FIELDS, LossConfig, make_train_step
 
@@ -76,6 +76,7 @@ def make_setup(
 ) -> TrainSetup:
     """Shapes and shardings of params, optimizer state and the whole train state."""
     graphdef, params = model_abstract(model_config)
+    check_fsdp_divides(params, mesh)
     param_shardings = tree_shardings(params, mesh)
     abstract_params = _with_shardings(params, param_shardings)
     mask = trainable_mask(params, tunable_parts)
