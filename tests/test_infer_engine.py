@@ -401,6 +401,23 @@ def test_tensor_and_fsdp_meshes_give_the_single_device_tokens_and_scores(manager
     np.testing.assert_allclose(got, [r.logprob for r in single.score(requests)], rtol=1e-4, atol=1e-3)
 
 
+def test_an_fsdp_axis_that_splits_no_large_weight_is_refused():
+    """Width 36 over fsdp=8: the 1.2 MiB embedding would be whole on every device; the error says
+    which mesh splits it."""
+    from manager_jax.sharding import MeshConfig, make_mesh
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py provides them on CPU")
+    cfg = tiny("baseline", image_token_id=500)
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=8192, hidden_size=36, num_heads=6,
+                                                  head_dim=6))
+    model = LlavaOV(cfg, rngs=nnx.Rngs(0))
+    refused = r"fsdp=8 divides no dimension of text\.embed\.embedding.*--mesh fsdp=4 and data=2"
+    with pytest.raises(InputError, match=refused):
+        InferenceEngine(model, pad_id=0, mesh=make_mesh(MeshConfig(1, 8, 1)))
+    InferenceEngine(model, pad_id=0, mesh=make_mesh(MeshConfig(2, 4, 1)))  # 4 divides 36
+
+
 @pytest.mark.parametrize("axes,prompts", [((2, 2, 2), 4), ((2, 1, 4), 3)])
 def test_pallas_decode_on_a_mesh_gives_the_single_device_tokens(axes, prompts, monkeypatch):
     """The fused decode kernels (interpret mode) per device on a mesh: rows over the data axes and

@@ -319,7 +319,7 @@ class InferenceEngine:
     def _place_params(self, state):
         if self.mesh is None:
             return state
-        from manager_jax.sharding import tree_shardings
+        from manager_jax.sharding import ShardingError, check_fsdp_divides, tree_shardings
 
         def place(leaf, sharding):  # abstract params (an nnx.eval_shape model) get their sharding
             if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -327,6 +327,10 @@ class InferenceEngine:
             return jax.device_put(leaf, sharding)
 
         pure = nnx.to_pure_dict(state)
+        try:  # an fsdp axis that splits nothing would keep a whole copy of the weights per device
+            check_fsdp_divides(pure, self.mesh)
+        except ShardingError as err:
+            raise InputError(str(err).replace("use fsdp=", "use --mesh fsdp=")) from None
         placed = jax.tree_util.tree_map(place, pure, tree_shardings(pure, self.mesh))
         nnx.replace_by_pure_dict(state, placed)
         return state
