@@ -391,8 +391,10 @@ def train(
         source = open_source(config.data)
     if primary:
         os.makedirs(config.output_dir, exist_ok=True)
-        with open(os.path.join(config.output_dir, "recipe.json"), "w") as f:
+        tmp = os.path.join(config.output_dir, ".recipe.json.tmp")  # never a half-written recipe.json
+        with open(tmp, "w") as f:
             f.write(config.to_json())
+        os.replace(tmp, os.path.join(config.output_dir, "recipe.json"))
     logger.info(
         "mesh %s; %d shards x %d rows x %d accumulation steps per step; %d params (%d trainable: %s)",
         dict(mesh.shape), shards, config.data.rows_per_host, accum, setup.num_params(),
