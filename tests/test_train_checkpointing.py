@@ -16,7 +16,7 @@ from manager_jax import params_io
 from manager_jax.sharding import MeshConfig, logical_axes, make_mesh, path_str
 from manager_jax.train.checkpointing import Checkpointer, CheckpointSaveError, flatten_tree
 from manager_jax.train.optimizer import OptimConfig
-from manager_jax.train.state import init_params, init_state, make_setup
+from manager_jax.train.state import make_setup
 from manager_jax.train.step import LossConfig
 from tests.train_batches import small_model
 
@@ -71,17 +71,15 @@ def test_stacked_leaves_are_stored_a_layer_per_chunk_inside_each_shard_and_resto
     cfg.validate()
     tunable = "mm_mlp_adapter,mm_manager,mm_language_model"  # stacked decoder moments in opt_state
 
-    def setup_on(mesh_config, devices=None):
-        return make_setup(cfg, make_mesh(mesh_config, devices), tunable_parts=tunable, optim=OptimConfig(),
+    def setup_on(mesh_config):
+        return make_setup(cfg, make_mesh(mesh_config), tunable_parts=tunable, optim=OptimConfig(),
                           total_steps=10, loss=LossConfig())
 
     written = setup_on(MeshConfig(data=2, fsdp=4, tensor=1))
-    state = init_state(written, init_params(written, 0), 0)
-    # Random moments (fresh ones are zeros), so a restore that mixed up layers or shards shows.
-    keys = iter(jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(state["opt_state"]))))
-    state["opt_state"] = jax.tree.map(
-        lambda x: jax.device_put(jax.random.normal(next(keys), x.shape, x.dtype), x.sharding)
-        if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim else x, state["opt_state"])
+    # Every leaf random (fresh moments would be zeros), so a restore that mixed up layers or shards shows.
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda s: jax.device_put(rng.standard_normal(s.shape).astype(s.dtype), s.sharding),
+                         written.abstract_state)
     ckpt = Checkpointer(str(tmp_path / "ck"), async_save=False)
     ckpt.save(3, state, [{"shard": 0}], {"run": 1})
     ckpt.close()
@@ -100,8 +98,8 @@ def test_stacked_leaves_are_stored_a_layer_per_chunk_inside_each_shard_and_resto
                 assert chunk[0] == 1, (path_str(path), chunk)
     assert stacked > 20  # decoder and tower params, decoder moments
 
-    for mesh_config, devices in ((MeshConfig(data=1, fsdp=4, tensor=2), None), (MeshConfig(1, 1, 1), jax.devices()[:1])):
-        target = setup_on(mesh_config, devices)
+    for mesh_config in (MeshConfig(data=1, fsdp=4, tensor=2), MeshConfig(data=1, fsdp=8, tensor=1)):
+        target = setup_on(mesh_config)
         restored, data, recipe = Checkpointer(str(tmp_path / "ck")).restore(3, target.abstract_state)
         assert data == [{"shard": 0}] and recipe == {"run": 1}
         want = jax.tree_util.tree_flatten_with_path(state)[0]
