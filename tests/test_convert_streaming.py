@@ -6,14 +6,19 @@ from __future__ import annotations
 import tracemalloc
 import weakref
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from manager_jax import params_io
 from manager_jax.config import TextConfig, tiny
+from manager_jax.sharding import MeshConfig, make_mesh, tree_shardings
+from manager_jax.train import checkpointing
 from tools.convert_weights import convert, mapping, testing
 from tools.convert_weights.orbax_io import OrbaxSource
 
@@ -105,3 +110,50 @@ def test_orbax_source_reads_a_layer_of_either_chunk_layout(tmp_path):
                     np.testing.assert_array_equal(source.read(spec.path, i), want[i], err_msg=f"{name} {spec.dotted}")
             else:
                 np.testing.assert_array_equal(source.read(spec.path), want, err_msg=f"{name} {spec.dotted}")
+
+
+def _file_bytes_read() -> int:
+    """Bytes TensorStore has read from local files so far (its own counter: what the reads cost)."""
+    import tensorstore as ts
+
+    return sum(int(v["value"]) for m in ts.experimental_collect_matching_metrics("/tensorstore/kvstore/file/bytes_read")
+               for v in m["values"])
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
+@pytest.mark.parametrize("layout", ["layer_per_chunk", "stack_per_chunk"])
+def test_a_training_checkpoint_exports_reading_one_layer_at_a_time(tmp_path, monkeypatch, layout):
+    cfg = _wide_config()
+    tensors, _, _ = testing.write_original_checkpoint(str(tmp_path / "src"), cfg, dtype=torch.float32)
+    convert.to_orbax(str(tmp_path / "src"), str(tmp_path / "orbax"))
+    _, params = params_io.load_params(str(tmp_path / "orbax"))
+    if layout == "stack_per_chunk":  # checkpoints written before per-layer chunks: Orbax's default layout
+        monkeypatch.setattr(checkpointing, "_save_args", lambda tree: jax.tree.map(lambda _: ocp.SaveArgs(), tree))
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+    state = {"params": jax.device_put(params, tree_shardings(params, mesh)), "opt_state": {"count": jnp.int32(0)},
+             "step": jnp.int32(5), "rng": jnp.zeros((2,), jnp.uint32)}
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "ck"), async_save=False)
+    ckpt.write_model_config(cfg)
+    ckpt.save(5, state, [{}], {})
+    ckpt.close()
+
+    # What from-orbax reads for each layer of the largest stacked parameter.
+    path = ("text", "layers", "mlp", "up", "kernel")
+    stack = mapping.get_path(params, path)
+    layer_bytes = stack[0].nbytes
+    source = OrbaxSource(str(tmp_path / "ck"))
+    read = []
+    for i in range(stack.shape[0]):
+        before = _file_bytes_read()
+        np.testing.assert_array_equal(source.read(path, i), stack[i])
+        read.append(_file_bytes_read() - before)
+    if layout == "layer_per_chunk":
+        assert max(read) < 1.2 * layer_bytes, (read, layer_bytes)
+    else:  # read whole once, then served from the cached block
+        assert read[0] > 0.8 * stack.nbytes and sum(read[1:]) < layer_bytes, (read, layer_bytes)
+
+    convert.from_orbax(str(tmp_path / "ck"), str(tmp_path / "back"), fmt="llava")
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert set(back) == set(tensors)
+    for key, value in tensors.items():
+        assert torch.equal(back[key], value), key

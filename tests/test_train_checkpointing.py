@@ -1,6 +1,7 @@
 """Checkpointer: a save that fails in the background is reported under its own step, and the
 checkpoints before it stay complete and restorable (a disk-full save is the case in practice;
-here the JSON item cannot be written, which fails in the same background commit)."""
+here the JSON item cannot be written, which fails in the same background commit). Stacked layer
+leaves are stored a layer per chunk and restore bit for bit on other meshes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from manager_jax.train.checkpointing import Checkpointer, CheckpointSaveError
+from manager_jax import params_io
+from manager_jax.sharding import MeshConfig, logical_axes, make_mesh, path_str
+from manager_jax.train.checkpointing import Checkpointer, CheckpointSaveError, flatten_tree
+from manager_jax.train.optimizer import OptimConfig
+from manager_jax.train.state import make_setup
+from manager_jax.train.step import LossConfig
+from tests.train_batches import small_model
 
 UNWRITABLE = [{"positions": {1, 2}}]  # a set: not JSON
 
@@ -49,3 +56,55 @@ def test_the_next_save_names_the_step_whose_save_failed(tmp_path):
             ckpt.save(5, _state(5.0), [{}], {"run": 1})
     finally:
         ckpt.close()
+
+
+def _stored_chunk(item: str, key: tuple) -> tuple:
+    return tuple(params_io.open_stored_array(item, key).chunk_layout.read_chunk.shape)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
+def test_stacked_leaves_are_stored_a_layer_per_chunk_inside_each_shard_and_restore_on_other_meshes(tmp_path):
+    cfg = small_model("manager")
+    # Orbax splits a shard between its data-axis replicas on the first axis they divide (here the
+    # layers): 4 layers over 2 replicas still made chunks of 2 layers before per-layer chunking.
+    cfg.text.num_layers = 4
+    cfg.validate()
+    tunable = "mm_mlp_adapter,mm_manager,mm_language_model"  # stacked decoder moments in opt_state
+
+    def setup_on(mesh_config):
+        return make_setup(cfg, make_mesh(mesh_config), tunable_parts=tunable, optim=OptimConfig(),
+                          total_steps=10, loss=LossConfig())
+
+    written = setup_on(MeshConfig(data=2, fsdp=4, tensor=1))
+    # Every leaf random (fresh moments would be zeros), so a restore that mixed up layers or shards shows.
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda s: jax.device_put(rng.standard_normal(s.shape).astype(s.dtype), s.sharding),
+                         written.abstract_state)
+    ckpt = Checkpointer(str(tmp_path / "ck"), async_save=False)
+    ckpt.save(3, state, [{"shard": 0}], {"run": 1})
+    ckpt.close()
+
+    stacked = 0
+    for item, tree in (("params", state["params"]), ("opt_state", flatten_tree(state["opt_state"]))):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if not leaf.ndim:
+                continue
+            shard = leaf.addressable_shards[0].data.shape
+            chunk = _stored_chunk(str(tmp_path / "ck" / "3" / item), tuple(str(k.key) for k in path))
+            # Chunks tile each device's shard: every process writes whole chunks of its own data.
+            assert all(s % c == 0 for s, c in zip(shard, chunk)), (path_str(path), chunk, shard)
+            if logical_axes(path_str(path), leaf.shape)[:1] == ("layers",):
+                stacked += 1
+                assert chunk[0] == 1, (path_str(path), chunk)
+    assert stacked > 20  # decoder and tower params, decoder moments
+
+    for mesh_config in (MeshConfig(data=1, fsdp=4, tensor=2), MeshConfig(data=1, fsdp=8, tensor=1)):
+        target = setup_on(mesh_config)
+        restored, data, recipe = Checkpointer(str(tmp_path / "ck")).restore(3, target.abstract_state)
+        assert data == [{"shard": 0}] and recipe == {"run": 1}
+        want = jax.tree_util.tree_flatten_with_path(state)[0]
+        got, places = jax.tree.leaves(restored), jax.tree.leaves(target.abstract_state)
+        assert len(got) == len(want) == len(places)
+        for (path, x), y, place in zip(want, got, places):
+            assert y.sharding == place.sharding, path_str(path)
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=path_str(path))  # bit for bit

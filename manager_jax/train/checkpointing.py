@@ -11,6 +11,10 @@ Layout (``<output_dir>/checkpoints``)::
 
 Every array is restored onto the shardings of an abstract target (``jax.ShapeDtypeStruct`` with
 ``.sharding``), so a checkpoint written on one mesh restores on another (8 devices -> 1).
+
+Stacked layer leaves (leading ``layers`` axis, params and their optimizer moments) are stored one
+layer per chunk, so an export reads one layer at a time instead of the whole stack; the chunks
+split each device's shard, so every process still writes only its own data.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from manager_jax.params_io import int_keys
-from manager_jax.sharding import path_str
+from manager_jax.sharding import logical_axes, path_str
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,20 @@ def unflatten_like(target: Any, flat: Mapping[str, Any]) -> Any:
             raise KeyError(f"checkpoint has no entry {key!r}")
         leaves.append(flat[key])
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _save_args(tree: Any) -> Any:
+    """Per-leaf SaveArgs: a stacked leaf's chunks are split on the layer axis down to one layer.
+
+    Orbax otherwise writes one chunk per device shard, which spans every layer (the layer axis is
+    not sharded). `shard_axes=(0,)` splits the chunk within the shard, so chunks still divide it.
+    """
+
+    def one(path, leaf):
+        stacked = logical_axes(path_str(path), np.shape(leaf))[:1] == ("layers",)
+        return ocp.SaveArgs(shard_axes=(0,) if stacked else ())
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def _restore_args(abstract: Any) -> Any:
@@ -106,9 +124,10 @@ class Checkpointer:
 
     def save(self, step: int, state: dict, data_states: list[Any], recipe: dict) -> bool:
         """Starts an (async) save of everything; returns whether a save was started."""
+        params, opt_state = _str_keys(state["params"]), flatten_tree(state["opt_state"])
         args = ocp.args.Composite(
-            params=ocp.args.PyTreeSave(_str_keys(state["params"])),
-            opt_state=ocp.args.PyTreeSave(flatten_tree(state["opt_state"])),
+            params=ocp.args.PyTreeSave(params, save_args=_save_args(params)),
+            opt_state=ocp.args.PyTreeSave(opt_state, save_args=_save_args(opt_state)),
             train_state=ocp.args.PyTreeSave({"step": state["step"], "rng": state["rng"]}),
             data=ocp.args.JsonSave({"shards": data_states}),
             recipe=ocp.args.JsonSave(recipe),

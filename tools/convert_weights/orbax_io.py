@@ -67,8 +67,9 @@ class OrbaxSource:
     def read(self, path: tuple, layer: int | None = None) -> np.ndarray:
         """One parameter as numpy, or with `layer` one row of its leading axis (a layer of a stacked
         parameter). Rows are read in blocks of the stored chunks' leading size, the last block
-        cached: one layer per chunk (what to-orbax writes) holds one layer in memory; a chunk
-        spanning all layers (e.g. a training checkpoint) is read once, not once per layer."""
+        cached: one layer per chunk (what to-orbax and training write) holds one layer in memory;
+        a chunk spanning several layers (a training checkpoint written before stacked leaves were
+        chunked per layer) is read once, not once per layer."""
         if self._cached is None or self._cached[0] != path:
             self._cached = None  # free the previous parameter before reading the next
             try:
