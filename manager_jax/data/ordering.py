@@ -24,6 +24,11 @@ megabatch, grouped into shard batches as the original groups them into device ba
 
 The random draws are numpy's, seeded by ``(seed, epoch)``; the original draws from torch's global
 generator, so the same records are not expected in the same steps, only the same structure.
+
+Over several epochs the placement holds exactly when an epoch's record count is a multiple of a
+step's; otherwise the next epoch starts inside a step and its chunks straddle shard batches. The
+original loses the structure there too: HF Trainer counts accumulation micro-batches across epochs,
+so its later epochs' steps straddle megabatches. The recipes train one epoch.
 """
 
 from __future__ import annotations
