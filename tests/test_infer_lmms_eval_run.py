@@ -1,6 +1,6 @@
 """lmms-eval's own command line (`python -m lmms_eval eval`) evaluating the adapter on a local task,
-as one process and as two data-parallel processes under `torchrun` (the original's
-`accelerate launch --num_processes N`), when lmms-eval and what its evaluator imports are
+as one process and as two data-parallel processes under `torchrun` and `accelerate launch` (the
+original's `accelerate launch --num_processes N`), when lmms-eval and what its evaluator imports are
 installed (README.md). Skipped otherwise.
 
 The adapter is found through the pyproject.toml entry point, as after `pip install -e .`: a
@@ -142,12 +142,21 @@ def test_lmms_eval_command_line_one_process(checkpoint, local_task, tmp_path):  
     check(results, samples, local_task)
 
 
+# The original's `accelerate launch --num_processes N`; on a host without GPUs --multi_gpu makes it
+# start N processes as on GPUs (torchrun's launcher; without it, CPU runs go through MPI).
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
 @pytest.mark.slow
-def test_lmms_eval_command_line_two_torchrun_processes(checkpoint, local_task, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_lmms_eval_command_line_two_processes(checkpoint, local_task, tmp_path, launcher):  # noqa: F811
     """As the original's data parallelism: each process answers its share of the documents
     (lmms-eval splits them by RANK, rank 0 gathers); together, each document once, the same answers."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    results, samples = evaluate(launcher, checkpoint[0], local_task, tmp_path / "out")
+    results, samples = evaluate([sys.executable] + LAUNCHERS[launcher], checkpoint[0], local_task, tmp_path / "out")
     check(results, samples, local_task)
     # rank 0's documents come first in the gathered samples: 0, 2, 4 then rank 1's 1, 3.
     assert [s["doc_id"] for s in samples] == [0, 2, 4, 1, 3]

@@ -166,7 +166,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
       max_length: longest prompt + answer (default: the model's maximum).
       mesh: shard over the local devices, e.g. "fsdp:-1" or "data:2/tensor:4" (default: one device).
         Write it without "," and "=" on an lmms-eval command line, which splits --model_args on
-        them; "data=2,tensor=4" works from Python.
+        them; "data=2,tensor=4" works from Python. Refused in one of several processes (WORLD_SIZE > 1).
       max_rounds: most rounds of one multi-round request (`generate_until_multi_round`).
       decode_attention / decode_matmul: the decode steps' attention and projections, as
         `InferenceEngine` takes them ("auto" / "xla" / "pallas"; "xla" / "pallas"); speed only.
