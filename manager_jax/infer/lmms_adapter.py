@@ -262,7 +262,10 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         process's GPU when torch has CUDA); the model itself runs in JAX."""
         import torch
 
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # A launcher that set CUDA_VISIBLE_DEVICES per process leaves it one GPU, number 0.
+        return torch.device("cuda", self.local_rank if torch.cuda.device_count() > 1 else 0)
 
     # ---- helpers ---------------------------------------------------------------------------
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id) -> list[Image.Image]:
