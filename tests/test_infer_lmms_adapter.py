@@ -248,6 +248,42 @@ def test_unknown_model_args_are_refused(checkpoint):  # noqa: F811
         LlavaOVManagerJax(pretrained=ckpt, batch_size="auto")
 
 
+def test_one_of_several_processes_takes_its_slot_from_the_launcher(adapter, monkeypatch):
+    """`torchrun` / `accelerate launch` set RANK, WORLD_SIZE and LOCAL_RANK; lmms-eval's evaluator
+    splits the documents by `rank` and makes its gather tensors on `device`."""
+    import torch
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    lm = LlavaOVManagerJax(engine=adapter.engine, tokenizer_obj=adapter.tokenizer)
+    assert (lm.rank, lm.world_size) == (3, 4)
+    assert lm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")  # gloo's or NCCL's
+    assert torch.tensor([5], device=lm.device).item() == 5
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ValueError, match="RANK / WORLD_SIZE / LOCAL_RANK must be integers"):
+        LlavaOVManagerJax(engine=adapter.engine, tokenizer_obj=adapter.tokenizer)
+
+
+def test_one_of_several_processes_refuses_a_mesh_and_tpu_hosts(checkpoint, monkeypatch):  # noqa: F811
+    """N processes with one device each, or one process with a mesh: not both (each process would
+    claim every device). A TPU host's chips cannot be shared by several processes."""
+    from manager_jax.infer import lmms_adapter
+    from manager_jax.infer.engine import InputError
+
+    ckpt, _, _ = checkpoint
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(InputError, match=r"mesh=data:2 in one of 2 processes \(WORLD_SIZE\): use either 2 "
+                                         r"processes with one device each and no mesh, or run one process with "
+                                         r"mesh=data:N"):
+        LlavaOVManagerJax(pretrained=ckpt, mesh="data:2")
+    monkeypatch.setattr(lmms_adapter, "_tpu_host", lambda: True)  # as on a TPU VM
+    with pytest.raises(InputError, match="2 processes .* on a TPU host.*one process with mesh=data:N"):
+        LlavaOVManagerJax(pretrained=ckpt)
+
+
 def test_a_mesh_written_for_lmms_eval_model_args():
     """'pretrained=X,mesh=data:2/tensor:2' survives lmms-eval's parsing (split on ',' then on '=')
     and gives the same mesh as 'data=2,tensor=2'."""

@@ -24,6 +24,14 @@ Differences from the original, on purpose:
   gives each next round's visuals and context and says when to stop), one request at a time, with
   a round limit (`max_rounds`) instead of looping for ever on a task that never says stop.
 
+Data parallelism: as the original (`accelerate launch --num_processes N -m lmms_eval ...`), the
+adapter runs as one of N processes started by `accelerate launch` or `torchrun` (WORLD_SIZE > 1):
+lmms-eval splits the documents by RANK and gathers the results. Each process then keeps JAX to
+its own GPU (number LOCAL_RANK), else every process would take memory on every GPU of the host;
+`device` is where lmms-eval puts its small gather tensors. TPU chips cannot be shared by several
+processes of a host, and a mesh in such a process is refused: one process with mesh=data:N is the
+other way (README.md).
+
 lmms-eval itself is imported lazily: it is not a dependency (0.7.3 pulls torchvision, wandb,
 datasets, sentence-transformers and more; README.md says what its test needs). When it is
 importable, `LlavaOVManagerJax` subclasses its `lmms` base class; register it with the entry
@@ -85,6 +93,53 @@ _Base = _lmms_base()
 LMMS_EVAL_EXTRAS = frozenset({"device", "max_batch_size", "device_map"})
 
 
+def launch_slot(env: dict[str, str] | None = None) -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) of this process, as `torchrun` / `accelerate launch` set them
+    and lmms-eval's evaluator reads them; (0, 1, 0) for a single process."""
+    env = os.environ if env is None else env
+    try:
+        return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    except ValueError as err:
+        raise InputError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers: {err}") from None
+
+
+def _tpu_host() -> bool:
+    """Whether this host has TPU chips, found without starting a JAX backend."""
+    try:
+        from jax._src import hardware_utils  # private: the PCI scan JAX itself uses
+    except ImportError:
+        import jax
+
+        return jax.default_backend() == "tpu"
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+
+
+def keep_to_own_device(world_size: int, local_rank: int, mesh: str | None) -> None:
+    """Before the JAX backend starts, in one of `world_size` > 1 data-parallel processes: refuse
+    what cannot work, and show JAX only this process's GPU (LOCAL_RANK)."""
+    import jax
+    from jax._src import xla_bridge
+
+    one_process = "or run one process with mesh=data:N over the host's devices"
+    if mesh:
+        raise InputError(f"mesh={mesh} in one of {world_size} processes (WORLD_SIZE): use either "
+                         f"{world_size} processes with one device each and no mesh, {one_process}")
+    if _tpu_host():
+        raise InputError(f"{world_size} processes (WORLD_SIZE) on a TPU host: its chips cannot be shared by "
+                         f"several processes; launch lmms-eval as one process with mesh=data:N instead")
+    if xla_bridge.backends_are_initialized():  # too late to choose: fine only if it sees one GPU
+        gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
+        if len(gpus) > 1:
+            raise InputError(f"JAX started before the adapter with {len(gpus)} GPUs in each of {world_size} "
+                             "processes: set CUDA_VISIBLE_DEVICES per process, or build the adapter first")
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    if len(visible) == 1 and visible[0].strip():  # the launcher gave this process one GPU already
+        return
+    for option in ("jax_cuda_visible_devices", "jax_rocm_visible_devices"):
+        jax.config.update(option, str(local_rank))
+
+
 def _given(value: Any, default: Any) -> Any:
     """`value`, or `default` when it is None (not given, as HF generate reads its kwargs)."""
     return default if value is None else value
@@ -111,7 +166,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
       max_length: longest prompt + answer (default: the model's maximum).
       mesh: shard over the local devices, e.g. "fsdp:-1" or "data:2/tensor:4" (default: one device).
         Write it without "," and "=" on an lmms-eval command line, which splits --model_args on
-        them; "data=2,tensor=4" works from Python.
+        them; "data=2,tensor=4" works from Python. Refused in one of several processes (WORLD_SIZE > 1).
       max_rounds: most rounds of one multi-round request (`generate_until_multi_round`).
       decode_attention / decode_matmul: the decode steps' attention and projections, as
         `InferenceEngine` takes them ("auto" / "xla" / "pallas"; "xla" / "pallas"); speed only.
@@ -149,6 +204,9 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
             super().__init__()
         else:
             self.task_dict: dict = {}
+        self._rank, self._world_size, self.local_rank = launch_slot()
+        if self._world_size > 1 and engine is None:
+            keep_to_own_device(self._world_size, self.local_rank, mesh)
         from manager_jax.data.tokenizer import load_tokenizer
 
         if tokenizer is None and pretrained and os.path.isdir(os.path.join(pretrained, "tokenizer")):
@@ -189,6 +247,25 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
     @property
     def batch_size(self) -> int:
         return self.batch_size_per_gpu
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def device(self):
+        """The torch device lmms-eval's evaluator makes its gather tensors on (NCCL needs this
+        process's GPU when torch has CUDA); the model itself runs in JAX."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # A launcher that set CUDA_VISIBLE_DEVICES per process leaves it one GPU, number 0.
+        return torch.device("cuda", self.local_rank if torch.cuda.device_count() > 1 else 0)
 
     # ---- helpers ---------------------------------------------------------------------------
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id) -> list[Image.Image]:
