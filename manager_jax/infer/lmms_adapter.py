@@ -105,13 +105,14 @@ def launch_slot(env: dict[str, str] | None = None) -> tuple[int, int, int]:
 
 def _tpu_host() -> bool:
     """Whether this host has TPU chips, found without starting a JAX backend."""
-    try:
-        from jax._src import hardware_utils  # private: the PCI scan JAX itself uses
-    except ImportError:
+    try:  # private: the PCI scan JAX itself uses
+        from jax._src import hardware_utils
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except (ImportError, AttributeError, TypeError, IndexError):  # another jax: ask the backend
         import jax
 
         return jax.default_backend() == "tpu"
-    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
 
 
 def keep_to_own_device(world_size: int, local_rank: int, mesh: str | None) -> None:
