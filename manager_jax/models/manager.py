@@ -136,7 +136,11 @@ class AdaptiveBlock(nnx.Module):
             ctrl_in = q
         else:
             ctrl_in = jnp.concatenate([self._extra(q, tokens, h_flat), q], axis=-1)
-        s = self.controller(ctrl_in)  # [T, N]
+        # [T, N]: fp32 accumulation rounded once, as torch's linear, stated rather than left to the
+        # backend (jax 0.11's CPU backend summed this bf16 dot, transposed into s.T, in bf16).
+        dtype = self.controller.dtype or ctrl_in.dtype
+        s = jnp.dot(ctrl_in.astype(dtype), self.controller.kernel[...].astype(dtype),
+                    preferred_element_type=jnp.float32).astype(dtype)
         # torch: ((scores * jitter) * zero_gate) * F, each product rounded, then the fp32 sum.
         w = s.T[:, :, None]  # [N, T, 1]
         if jitter is not None:  # [N, T, D] per token (torch: [B, N, L, D])
