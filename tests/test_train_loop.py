@@ -102,10 +102,11 @@ def test_resume_after_sigterm_is_exact(straight_run, tmp_path, monkeypatch):
     assert [r["loss"] for r in records] == a.losses
     for key in ("grad_norm", "lr/projector", "tokens_per_s", "samples_per_s", "step_time_s", "mfu"):
         assert key in records[0]
-    # The host's resident memory at each logged step: under this process's peak, over what the
-    # loaded libraries and model take.
+    # The host's resident memory at each logged step: under this process's peak (give or take the
+    # kernel's lazily summed page counters), over what the loaded libraries and model take.
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    assert all(0.2 < r["host_rss_gb"] <= peak_gb for r in records), [r["host_rss_gb"] for r in records]
+    rss = [r["host_rss_gb"] for r in records]
+    assert all(0.2 < r <= 1.05 * peak_gb for r in rss), (rss, peak_gb)
 
 
 def test_nonfinite_steps_abort_after_k_in_a_row(tmp_path, monkeypatch):
