@@ -118,8 +118,8 @@ def test_hf_export_needs_an_anyres_max_model(tmp_path, capsys):
     testing.write_original_checkpoint(str(tmp_path / "src"), cfg)
     assert main(["to-orbax", str(tmp_path / "src"), str(tmp_path / "p"), "--quiet"]) == 0
     capsys.readouterr()
-    cmd = ["from-orbax", str(tmp_path / "p"), str(tmp_path / "hf"), "--format", "hf", "--accept-hf-convention", "--quiet"]
-    assert main(cmd) == 2
+    assert main(["from-orbax", str(tmp_path / "p"), str(tmp_path / "hf"), "--format", "hf",
+                 "--accept-hf-convention", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "image_aspect_ratio='anyres'" in err and "--format llava" in err, err
     assert not os.path.exists(tmp_path / "hf")
