@@ -88,14 +88,13 @@ def cmd_train(argv: Sequence[str]) -> int:
 def cmd_compile(argv: Sequence[str]) -> int:
     args = _train_parser("run.py compile", aot=True).parse_args(argv)
     _setup_logging(args.log_level)
-    from manager_jax.platform import use_compilation_cache
-    from manager_jax.train.aot import AotError, compile_for_topology, format_report
+    from manager_jax.train.aot import AotError, cache_compiled_programs, compile_for_topology, format_report
     from manager_jax.train.recipe import load_recipe
 
     from manager_jax.train.loop import input_errors
 
     def run() -> int:
-        use_compilation_cache()
+        cache_compiled_programs(args.topology)
         report = compile_for_topology(load_recipe(args.config, args.overrides), args.topology, hlo_out=args.hlo_out)
         print(format_report(report))
         if args.hlo_out and report.get("refused_temporaries_gib") is None:

@@ -110,6 +110,22 @@ def test_hf_export_of_an_original_convention_model_needs_consent(ckpt, tmp_path,
     assert json.loads((tmp_path / "back" / "config.json").read_text())["image"]["convention"] == "original"
 
 
+def test_hf_export_needs_an_anyres_max_model(tmp_path, capsys):
+    """transformers' LlavaOnevision reads N from vision_aspect_ratio 'anyres_max_N' for every tiled image
+    (int("") for stage 1.5's 'anyres'): such an export would load and then fail on its first image."""
+    cfg = tiny("grid_manager")
+    cfg.image.aspect_ratio = "anyres"
+    testing.write_original_checkpoint(str(tmp_path / "src"), cfg)
+    assert main(["to-orbax", str(tmp_path / "src"), str(tmp_path / "p"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["from-orbax", str(tmp_path / "p"), str(tmp_path / "hf"), "--format", "hf",
+                 "--accept-hf-convention", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "image_aspect_ratio='anyres'" in err and "--format llava" in err, err
+    assert not os.path.exists(tmp_path / "hf")
+    assert main(["from-orbax", str(tmp_path / "p"), str(tmp_path / "llava"), "--format", "llava", "--quiet"]) == 0
+
+
 def test_inspect_exits_1_on_what_it_cannot_read(ckpt, tmp_path, capsys):
     root, _ = ckpt
     assert main(["inspect", str(tmp_path / "nonexistent")]) == 1

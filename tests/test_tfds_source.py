@@ -116,6 +116,8 @@ def test_cli(dataset, tmp_path, capsys):
     ("no_data", 2, "data file not found"),
     ("no_image_folder", 2, "is not a directory"),
     ("strict", 1, "skipped (missing_image)"),
+    # An image folder that exists but is the wrong one: every image record would be left out.
+    ("wrong_image_folder", 1, "left out, more than --max-skip-fraction=0.5: missing_image"),
 ])
 def test_cli_errors_are_one_line_with_the_exit_status_and_write_nothing(dataset, tmp_path, capsys, case, status,
                                                                          message):
@@ -129,6 +131,8 @@ def test_cli_errors_are_one_line_with_the_exit_status_and_write_nothing(dataset,
         args["data"] = str(tmp_path / "nope.json")
     elif case == "no_image_folder":
         args["image-folder"] = str(tmp_path / "nope")
+    elif case == "wrong_image_folder":
+        args["image-folder"] = str(tmp_path)
     else:
         extra = ["--strict"]
     argv = [a for k, v in args.items() for a in (f"--{k}", v)] + extra
@@ -138,6 +142,15 @@ def test_cli_errors_are_one_line_with_the_exit_status_and_write_nothing(dataset,
     assert os.listdir(tmp_path) == (["cli"] if case == "exists" else [])
     if case == "exists":
         assert os.listdir(out) == []
+
+
+def test_max_skip_fraction_one_keeps_what_is_readable(dataset, tmp_path):
+    root, path, records = dataset
+    out = str(tmp_path / "ar")
+    result = prepare_data.convert_records(open_records(path), out, image_folder=str(tmp_path), max_skip_fraction=1)
+    text_only = [r for r in records if "image" not in r]
+    assert result["written"] == len(text_only) and result["skipped"]["total"] == len(records) - len(text_only)
+    assert os.path.isdir(out)
 
 
 def test_conversion_stores_the_modality_lengths_of_the_records_it_wrote(dataset, tmp_path):

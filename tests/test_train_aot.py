@@ -88,6 +88,23 @@ def test_compile_cli_errors_are_one_line_not_a_traceback():
     assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
 
 
+@pytest.mark.slow  # two compiles of the demo step, about 30 s on 2 CPU cores
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+def test_compiling_for_a_tpu_slice_stores_nothing_in_the_persistent_cache(tmp_path):
+    """A program compiled for compile-only devices cannot be loaded back: a cached one only made the
+    next `run.py compile` warn ("Error reading persistent compilation cache entry") and compile
+    again. Local CPU topologies keep theirs."""
+    cache = tmp_path / "cache"
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_COMPILATION_CACHE_DIR": str(cache)}
+    cmd = [sys.executable, "run.py", "compile", "--config", "configs/demo.py", "--topology", "v5p:2x2x1"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "x TPU v5" in out.stdout, out.stderr[-3000:]
+    assert not cache.exists() or not os.listdir(cache)
+    out = subprocess.run([*cmd[:-1], "cpu:1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert any(name.startswith("jit_train_step") for name in os.listdir(cache))
+
+
 def test_bad_topologies_fail_clearly():
     with pytest.raises(AotError, match="expected like"):
         topology_devices("v5p")

@@ -129,6 +129,8 @@ def test_nonfinite_steps_abort_after_k_in_a_row(tmp_path, monkeypatch):
     events = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
     skipped = [e for e in events if e.get("event") == "nonfinite_step_skipped"]
     assert [e["step"] for e in skipped] == [1, 2]
+    # Each step has its record, the one that stopped the run too (README: "skipped": true in it).
+    assert [(e["step"], e["skipped"]) for e in events if "event" not in e] == [(1, True), (2, True)]
 
 
 def test_init_from_loads_the_parameters_it_finds(tmp_path):

@@ -7,10 +7,14 @@ so training reads one sharded dataset instead of millions of small files::
     python -m tools.prepare_data --data mixture.yaml --out data/stage2_ar --num-shards 64
 
 Records whose images are missing or unreadable are left out and counted (the summary is printed
-and stored in ``llava_records.json``); ``--strict`` stops at the first one instead. The output
+and stored in ``llava_records.json``); ``--strict`` stops at the first one instead. More than
+``--max-skip-fraction`` (default 0.5, as training's ``data.max_skip_fraction``) of the records left
+out fails the conversion (a wrong ``--image-folder``, say): training on such a dataset would never
+see the skips, only the text-only records that remain. The output
 folder is written under a temporary name and renamed at the end, so a failed run leaves no
 half-written dataset. Exit statuses as every command (manager_jax/exit_status.py): 2 for bad input
-(an existing ``--out`` without ``--overwrite``, unreadable data), 1 for a record ``--strict`` rejects.
+(an existing ``--out`` without ``--overwrite``, unreadable data), 1 for a record ``--strict`` rejects
+or too many records left out.
 """
 
 from __future__ import annotations
@@ -65,6 +69,10 @@ def read_image_bytes(record: dict, image_folder: str | None, *, verify: bool, ri
     return blobs
 
 
+class TooManySkipped(RuntimeError):
+    """More than the allowed share of the records were left out; nothing was written."""
+
+
 def convert_records(
     source: RecordSource,
     out_dir: str,
@@ -75,8 +83,11 @@ def convert_records(
     verify_images: bool = False,
     strict: bool = False,
     overwrite: bool = False,
+    max_skip_fraction: float = 0.5,
 ) -> dict:
-    """Write ``source`` to ``out_dir`` (see the module docstring); returns the skip summary."""
+    """Write ``source`` to ``out_dir`` (see the module docstring); returns the skip summary.
+    Raises TooManySkipped, writing nothing, when more than ``max_skip_fraction`` of the records
+    were left out (1: never)."""
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir!r} exists; pass overwrite=True (--overwrite) to replace it")
     tmp_dir = out_dir.rstrip("/") + ".tmp"
@@ -104,6 +115,13 @@ def convert_records(
             writer.write(tfds_source.serialize_record(clean, blobs))
             lengths.append(modality_length(clean))
         writer.close()
+        if skips.total > max_skip_fraction * len(source):
+            top = sorted(skips.counts.items(), key=lambda kv: -kv[1])[:3]
+            reasons = "; ".join(f"{r}: {n} (first: {skips.details[r]})" for r, n in top)
+            raise TooManySkipped(
+                f"{skips.total} of the {len(source)} records ({100 * skips.total / len(source):.0f}%) were left out, "
+                f"more than --max-skip-fraction={max_skip_fraction}: {reasons}. Check the data and --image-folder, "
+                "or raise --max-skip-fraction (1 keeps whatever is readable)")
         summary = skips.summary()
         tfds_source.write_metadata(tmp_dir, {split: writer}, extra={"conversion_skips": summary},
                                    modality_lengths={split: lengths})
@@ -135,10 +153,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--verify-images", action="store_true", help="decode every image (slower)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--max-skip-fraction", type=float, default=0.5,
+                        help="fail, writing nothing, when more than this share of the records is left out "
+                             "(default: 0.5; 1: never)")
     args = parser.parse_args(argv)
     # Bad input is one `error:` line and status 2 before anything is written (manager_jax/exit_status.py).
     if args.num_shards < 1:
         parser.error(f"--num-shards must be >= 1, got {args.num_shards}")
+    if not 0 <= args.max_skip_fraction <= 1:
+        parser.error(f"--max-skip-fraction must lie in [0, 1], got {args.max_skip_fraction}")
     if os.path.exists(args.out) and not args.overwrite:
         return _error(f"{args.out!r} exists; pass --overwrite to replace it, or another --out", exit_status.BAD_INPUT)
     if args.image_folder is not None and not os.path.isdir(args.image_folder):
@@ -151,9 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = convert_records(
             source, args.out, image_folder=args.image_folder, split=args.split, num_shards=args.num_shards,
             verify_images=args.verify_images, strict=args.strict, overwrite=args.overwrite,
+            max_skip_fraction=args.max_skip_fraction,
         )
     except SkipSample as skip:  # --strict: the check it was asked for failed; nothing was written
         return _error(f"{skip}; nothing written", exit_status.FAILED)
+    except TooManySkipped as err:
+        return _error(f"{err}; nothing written", exit_status.FAILED)
     except OSError as err:  # e.g. disk full; the partial output has been removed
         return _error(f"{err}; nothing written", exit_status.FAILED)
     except KeyboardInterrupt:

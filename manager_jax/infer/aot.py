@@ -35,9 +35,8 @@ from manager_jax.infer.engine import InferenceEngine, Prompt, ScoreRequest
 from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
 from manager_jax.infer.sampling import SamplingParams
 from manager_jax.models.llava_ov import LlavaOV
-from manager_jax.platform import use_compilation_cache
-from manager_jax.train.aot import (AotError, building_for, compile_time_oom, memory_capacity, memory_per_chip,
-                                   topology_devices)
+from manager_jax.train.aot import (AotError, building_for, cache_compiled_programs, compile_time_oom, memory_capacity,
+                                   memory_per_chip, topology_devices)
 
 PROGRAMS = ("prefill", "decode", "score")
 
@@ -189,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.rows, args.prompt_tokens, args.new_tokens) < 1 or args.score_tokens < 0:
         p.error("--rows, --prompt-tokens and --new-tokens must be >= 1, --score-tokens >= 0")
-    use_compilation_cache()
+    cache_compiled_programs(args.topology)
     try:
         cfg = model_config(args.model, args.dtype, args.checkpoint)
         report = compile_generate_for_topology(

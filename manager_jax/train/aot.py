@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 
-from manager_jax.platform import compiling_for
+from manager_jax.platform import compiling_for, use_compilation_cache
 from manager_jax.sharding import data_parallel_size, make_mesh
 from manager_jax.train import flops as flops_lib
 from manager_jax.train.recipe import TrainConfig, resolve_batch_layout
@@ -171,6 +171,18 @@ def topology_devices(topology: str) -> list[Any]:
     except Exception as err:  # libtpu reports unknown names / bad shapes with its own exceptions
         raise AotError(f"libtpu cannot build topology {topology!r}: {err}") from err
     return list(desc.devices)
+
+
+def cache_compiled_programs(topology: str) -> str | None:
+    """The persistent compilation cache of an AOT command (`use_compilation_cache`), for local CPU
+    topologies only; returns its folder, or None. A program compiled for compile-only TPU or GPU
+    devices cannot be read back (JAX has no client to load it with: each later compile warns and
+    compiles again), so storing it would only fill the cache."""
+    if topology.strip().lower().partition(":")[0] != "cpu":
+        # Off, not just left unset: JAX itself reads a folder from JAX_COMPILATION_CACHE_DIR.
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    return use_compilation_cache()
 
 
 @contextlib.contextmanager

@@ -490,6 +490,7 @@ def train(
         step_time, last_read = now - last_read, now
         loss = float(metrics["loss"])
         losses.append(loss)
+        abort = None  # raised once this step's record is written
         if not bool(metrics["finite"]):
             nonfinite_streak += 1
             grad_norm = float(metrics["grad_norm"])
@@ -498,7 +499,7 @@ def train(
             if nonfinite_streak >= config.max_nonfinite_steps:
                 bad = [name for name, v in (("the loss", loss), ("the gradient norm", grad_norm)) if not math.isfinite(v)]
                 which = " and ".join(bad) + (" were" if len(bad) > 1 else " was") if bad else "the update was"
-                raise TrainingError(
+                abort = TrainingError(
                     f"{nonfinite_streak} non-finite steps in a row (max_nonfinite_steps={config.max_nonfinite_steps}), "
                     f"steps {done - nonfinite_streak + 1}..{done}: {which} not finite at step {done} "
                     f"(loss {loss}, grad norm {grad_norm}); last finite step: {last_finite or 'none in this run'}; "
@@ -514,6 +515,8 @@ def train(
         if done % config.logging.every_steps == 0 or done == config.num_steps:
             memory = memory_record(jax.local_devices()[0]) if writer.enabled else {}
             writer.write(done, {**record, **memory, "data_skips": skip_counts})
+        if abort is not None:
+            raise abort
         progress.update(loss)
         if on_step is not None:
             on_step(done, record)

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["keep", "bf16", "fp32"], default="keep",
                    help="dtype of the written tensors (keep: as stored)")
     p.add_argument("--tokenizer", help="tokenizer directory whose files are copied into DST (default: the params "
-                                       "directory's tokenizer/, if any)")
+                                       "directory's tokenizer/, else the training run's data.tokenizer_path, else, "
+                                       "for a Qwen2 vocabulary, the offline Qwen2 tokenizer)")
     p.add_argument("--hf-naming", choices=["auto", "v5", "legacy"], default="auto",
                    help="hf key names: v5 = transformers 5.x save_pretrained, legacy = 4.4x hub names, auto = the "
                         "source's own if it was an HF checkpoint, else v5")

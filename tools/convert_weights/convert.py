@@ -19,6 +19,7 @@ import numpy as np
 
 from manager_jax import params_io
 from manager_jax.config import ModelConfig
+from manager_jax.multigrid import parse_mode
 from manager_jax.data.tokenizer import SPECIAL_TOKEN_IDS, load_tokenizer, save_offline_tokenizer
 from tools.convert_weights import configs_out, mapping
 from tools.convert_weights.orbax_io import CONVERSION_RECORD, SOURCE_CONFIG, TOKENIZER_DIR, OrbaxSource
@@ -347,6 +348,10 @@ def plan_export(source: OrbaxSource, fmt: str, dtype: str = "keep", hf_naming: s
     if fmt == "hf" and not cfg.image.has_newline:
         problems.append("transformers LlavaOnevision always has an image_newline, but this model "
                         f"(mm_patch_merge_type={cfg.image.patch_merge_type!r}) has none: export it as --format llava")
+    elif fmt == "hf" and parse_mode(cfg.image.aspect_ratio)[1] is None:
+        # Its processor tiles every image, and the model reads N from the name (int("") for anyres).
+        problems.append("transformers LlavaOnevision runs only vision_aspect_ratio 'anyres_max_<N>', but this model "
+                        f"has image_aspect_ratio={cfg.image.aspect_ratio!r}: export it as --format llava")
     elif fmt == "hf" and cfg.image.convention != "hf" and not accept_hf_convention:
         problems.append(CONVENTION_CHANGE.format(convention=cfg.image.convention))
     if problems:
