@@ -218,6 +218,14 @@ def test_resume_accepts_other_settings_and_keeps_each_step_once_in_the_metrics(s
     assert resolved["num_steps"] == 7 and resolved["grad_accum"] == saved["grad_accum"] >= 1  # the value used
 
 
+def test_resume_past_num_steps_says_there_is_nothing_to_train(straight_run, tmp_path, caplog):
+    out = _copy_run(straight_run[0], tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="manager_jax"):
+        result = loop_lib.train(demo_config(out, "num_steps=4"))
+    assert result.first_step == result.last_step == 6 and result.losses == []
+    assert "checkpoint is at step 6, num_steps is 4: nothing to train" in caplog.text
+
+
 def test_ctrl_c_saves_and_stops_and_data_skips_are_reported(straight_run, tmp_path, caplog):
     """A wrong image_folder: the image records are skipped, and the run says so."""
     data = straight_run[0] / "data"

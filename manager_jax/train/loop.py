@@ -413,6 +413,9 @@ def train(
             params, _ = load_initial_params(setup, params, config.init_from, config.init_strict)
         state = init_state(setup, params, config.seed)
     first_step = int(jax.device_get(state["step"]))
+    if first_step >= config.num_steps and primary:
+        logger.warning("the checkpoint is at step %d, num_steps is %d: nothing to train (raise num_steps to go on)",
+                       first_step, config.num_steps)
 
     from manager_jax.data.tokenizer import load_tokenizer
 
