@@ -250,6 +250,7 @@ def test_jsonl_lines_are_all_checked_before_the_first_answer(checkpoint, capsys,
         "placeholders": (json.dumps({"prompt": "<image> and <image>", "images": [image]}),
                          "2 '<image>' placeholders but 1 images"),
         "long": (json.dumps({"prompt": "word " * 1200}), "more than the max_length of 1000"),
+        "typo": (json.dumps({"prompt": "Describe it.", "image": image}), "unknown key(s) 'image'"),
     }
     for name, (line, message) in cases.items():
         prompts = tmp_path / f"{name}.jsonl"

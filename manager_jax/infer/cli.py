@@ -164,6 +164,10 @@ def _read_jsonl(path: str) -> list[tuple[str, str, list[str]]]:
                 raise InputError(f"{path}:{number}: not valid JSON ({e})") from e
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise InputError(f"{path}:{number}: expected an object with a string 'prompt'")
+            unknown = sorted(set(record) - {"prompt", "images"})
+            if unknown:  # e.g. "image": its picture would be silently left out
+                raise InputError(f"{path}:{number}: unknown key(s) {', '.join(map(repr, unknown))}; a line has "
+                                 "'prompt' and optionally 'images'")
             images = record.get("images", [])
             if isinstance(images, str):
                 images = [images]
