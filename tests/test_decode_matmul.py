@@ -109,3 +109,18 @@ def test_sizes_and_configs_are_checked():
     for bad in ("mlp=16,128,4,3", "qkv:16,128,4,3", "qkv=16,128,4", "qkv=16,0,4,3", "down=16,128,4,3,2,1"):
         with pytest.raises(ValueError):
             parse_matmul_configs(bad)
+
+
+@pytest.mark.parametrize("d", [640, 1024])  # the norm reads 512 columns at a time: a masked last chunk, and none
+def test_norm_of_a_wide_input_reads_it_in_chunks(d):
+    keys = iter(jax.random.split(jax.random.key(d), 6))
+    x = 3.0 * jax.random.normal(next(keys), (3, d))
+    norm = RMSNorm(d, EPS, param_dtype=jnp.float32)
+    norm.scale[...] = 1 + 0.5 * jax.random.normal(next(keys), (d,))
+    wq, wk, wv, wu = (0.05 * jax.random.normal(next(keys), (d, 32)) for _ in range(4))
+    config = MatmulConfig(block_n=32, block_k=128, num_stages=1)
+    n = norm(x)
+    np.testing.assert_allclose(norm_qkv(x, norm.scale[...], wq, wk, wv, eps=EPS, config=config, interpret=True),
+                               jnp.concatenate([n @ wq, n @ wk, n @ wv], axis=1), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(norm_gated(x, norm.scale[...], wq, wu, eps=EPS, config=config, interpret=True),
+                               swiglu(n @ wq, n @ wu), rtol=2e-5, atol=2e-5)
