@@ -200,7 +200,8 @@ class InferenceEngine:
         form `parse_kernel_configs` reads.
       decode_matmul: the decode steps' projections: "xla" (default) or "pallas" (four GPU kernels
         per layer, models/decode_matmul.py, with the two norms, the residual adds and the gate
-        fused in: with the attention kernels, six kernels per layer where XLA runs about ten).
+        fused in: with the attention kernels, six kernels per layer where XLA runs about ten;
+        on an H200 0.77x XLA's tokens per second, RESULTS.md session 18, so not the default).
         Needs decode_attention="pallas"; on a mesh of several devices the layers run XLA's.
       decode_matmul_kernels: {site: MatmulConfig} for the projections ("qkv", "o", "gate_up",
         "down") not on `MatmulConfig()`; benchmarks/decode_matmul.py times them and prints the
