@@ -216,8 +216,11 @@ def test_a_signal_while_writing_removes_the_temporary_directory(tmp_path, sig):
     out.mkdir()
     ready = tmp_path / "ready"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # SIGINT at its default in the writer, as in a terminal: a shell's background job (a CI wrapper
+    # started with `&`) passes SIGINT on ignored, and Python then installs no Ctrl-C handler.
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITE, str(out / "dst"), str(ready)], cwd=repo,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not ready.exists():

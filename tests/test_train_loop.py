@@ -237,6 +237,7 @@ def test_ctrl_c_saves_and_stops_and_data_skips_are_reported(straight_run, tmp_pa
         if step == 1:
             os.kill(os.getpid(), signal.SIGINT)  # the handler sets the stop flag: no KeyboardInterrupt
 
+    before = signal.getsignal(signal.SIGINT)
     with caplog.at_level(logging.INFO, logger="manager_jax"):
         result = loop_lib.train(config, on_step=ctrl_c_at_1)
     assert result.status == "stopped" and result.last_step == 2  # stops after the step running then
@@ -249,10 +250,11 @@ def test_ctrl_c_saves_and_stops_and_data_skips_are_reported(straight_run, tmp_pa
     assert records[0]["data_skips"]["missing_image"] > 0 and set(records[0]["data_skips"]) == {"missing_image"}
     assert records[1]["data_skips"]["missing_image"] >= records[0]["data_skips"]["missing_image"]
     assert "were skipped (missing_image:" in caplog.text
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone
+    assert signal.getsignal(signal.SIGINT) is before  # the loop's handler is gone, the caller's is back
 
 
 def test_a_second_ctrl_c_aborts_at_once():
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     flag = loop_lib._StopFlag()
     flag.install()
     try:
@@ -262,7 +264,7 @@ def test_a_second_ctrl_c_aborts_at_once():
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         flag.uninstall()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_skip_watch_warns_once_when_many_records_are_bad(caplog):
