@@ -44,9 +44,10 @@ from manager_jax.models.layers import unstack_layers  # noqa: E402
 from manager_jax.models.qwen2 import Qwen2Decoder  # noqa: E402
 
 # Per projection, the likeliest first (a sweep cut short by --budget-s times the ones at the front):
-# more programs for the narrow outputs (q/k/v 1,152 columns, o and down 896), longer K steps.
+# more programs for the narrow outputs (q/k/v 1,152 columns, o and down 896), longer K steps
+# (a block_k that does not divide the input masks its last step: 512 and 1024 read 896 in 2 and 1).
 # The fifth field splits the input (o and down only; the other projections skip such configs).
-DEFAULT_CANDIDATES = "16,256,4,4;32,128,4,3,4;16,512,4,3;32,256,4,4,8;64,128,4,3;16,128,4,3,8"
+DEFAULT_CANDIDATES = "16,256,4,4;32,128,4,3,4;16,512,4,3;16,1024,8,2;32,256,4,4,8;64,128,4,3;16,128,4,3,8"
 
 
 def randomize(decoder):

@@ -62,16 +62,21 @@ def test_kernels_round_as_the_model_in_bf16():
     a different order of the fp32 sums puts on the other side of a rounding (one bf16 step)."""
     for seed in (7, 8):
         args = operands(2, jnp.bfloat16, seed=seed)
-        want, got = expected(*args), fused(*args, MatmulConfig())
-        for site in want:
-            assert got[site].dtype == jnp.bfloat16, site
-            g, w = np.asarray(got[site], np.float32), np.asarray(want[site], np.float32)
-            step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(w), 1e-30))) - 7)  # bf16 spacing at w
-            assert np.mean(g == w) >= 0.99 and np.max(np.abs(g - w) / step) <= 1, site
+        want = expected(*args)
+        # Steps of 32 input rows divide every input; of 64, the last step over 96 or 160 is masked.
+        for config in (MatmulConfig(block_k=32), MatmulConfig(block_k=64)):
+            got = fused(*args, config)
+            for site in want:
+                assert got[site].dtype == jnp.bfloat16, site
+                g, w = np.asarray(got[site], np.float32), np.asarray(want[site], np.float32)
+                step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(w), 1e-30))) - 7)  # bf16 spacing at w
+                assert np.mean(g == w) >= 0.99 and np.max(np.abs(g - w) / step) <= 1, (site, config)
 
 
 @pytest.mark.parametrize("config", [MatmulConfig(16, 16, 4, 1), MatmulConfig(128, 256, 8, 3), MatmulConfig(32, 64, 2, 2)])
 def test_configs_change_the_speed_not_the_result(config):
+    """Blocks of 256 and 64 input rows do not divide the inputs (96 and 160): their last loop step
+    is masked."""
     args = operands(3, jnp.float32, seed=11)
     want = expected(*args)
     got = fused(*args, config)
@@ -79,11 +84,13 @@ def test_configs_change_the_speed_not_the_result(config):
         np.testing.assert_allclose(got[site], want[site], rtol=2e-5, atol=2e-5, err_msg=f"{site} {config}")
 
 
-@pytest.mark.parametrize("splits", [2, 3, 5, 64])  # 64: more than the input's blocks, cut to one block each
-def test_input_splits_of_the_residual_projections_keep_the_result(splits):
+@pytest.mark.parametrize("splits, block_k", [(2, 16), (3, 16), (5, 16), (64, 16), (2, 64), (3, 128)])
+def test_input_splits_of_the_residual_projections_keep_the_result(splits, block_k):
     """`splits` (o and down): fp32 partial sums over parts of the input, added up with the
-    residual by XLA; in fp32 the model's numbers, in bf16 the same roundings (product, then add)."""
-    config = MatmulConfig(block_n=16, block_k=16, num_stages=1, splits=splits)
+    residual by XLA; in fp32 the model's numbers, in bf16 the same roundings (product, then add).
+    64 splits: more than the input's blocks, cut to one block each; block_k 64 and 128 do not
+    divide the inputs (160 and 64 / 96): the last step of a split is masked."""
+    config = MatmulConfig(block_n=16, block_k=block_k, num_stages=1, splits=splits)
     x, norm, w, attn_out, act = operands(3, jnp.float32, seed=splits)
     np.testing.assert_allclose(matmul_add(act, w["down"], x, config=config, interpret=True), x + act @ w["down"],
                                rtol=2e-5, atol=2e-5)

@@ -45,7 +45,9 @@ class MatmulConfig:
     """How one projection divides its work (speed only: every choice gives the same result).
 
     block_n: output columns per program (the largest power of two <= this dividing the columns);
-    block_k: weight rows per loop step (likewise for the input size); num_warps / num_stages: Triton's;
+    block_k: weight rows per loop step, a power of two (at most the one >= the input size); when it
+      does not divide the input size the last step's loads are masked (fewer, longer steps: at
+      batch 1 a kernel's time follows its steps); num_warps / num_stages: Triton's;
     splits: the o and down projections only (`matmul_add`): the input size is split over this many
       programs per column block, whose fp32 partial sums XLA adds up with the residual in one more
       kernel. Their 896 output columns make few programs; splitting K makes more, each with fewer
@@ -98,6 +100,12 @@ def _block(size: int, largest: int) -> int | None:
     return None
 
 
+def _step_block(size: int, largest: int) -> int:
+    """block_k's rows per step: the largest power of two <= `largest` (at least 16), at most the
+    power of two that covers `size`."""
+    return max(16, min(1 << (max(largest, 1).bit_length() - 1), 1 << (size - 1).bit_length()))
+
+
 def supported(in_size: int, out_sizes: Sequence[int], config: MatmulConfig = MatmulConfig()) -> bool:
     """Whether the kernels take these sizes: Triton blocks are powers of two >= 16."""
     return _block(in_size, config.block_k) is not None and all(
@@ -124,24 +132,40 @@ def _norm_factor(x_ref, rows, row_mask, in_size: int, eps: float):
     return jax.lax.rsqrt(total / in_size + eps)
 
 
+def _k_steps(in_size: int, block_k: int) -> int:
+    """Loop steps over an input of `in_size` in blocks of `block_k` (the last one masked if partial)."""
+    return -(-in_size // block_k)
+
+
 def _product(x_ref, scale_ref, inv, w_refs, col0, rows, row_mask, *, block_n: int, block_k: int, dtype,
              k_blocks=None):
     """The program's [R, block_n] blocks of x @ w for each w of `w_refs` in fp32, a tuple (x RMS-normalised
     first when `inv` is given), over the input's blocks `k_blocks` = (first, stop) of `block_k` (default:
-    all). One loop for all the weights: each step reads x's block once and every weight's tile."""
+    all). One loop for all the weights: each step reads x's block once and every weight's tile. Input
+    rows past the input size (a last block that `block_k` does not fill) are read as zeros."""
     from jax.experimental.pallas import triton as plgpu
 
-    first, stop = k_blocks if k_blocks is not None else (0, x_ref.shape[1] // block_k)
+    in_size = x_ref.shape[1]
+    masked = in_size % block_k != 0
+    first, stop = k_blocks if k_blocks is not None else (0, _k_steps(in_size, block_k))
+    out_cols = col0 + jax.lax.broadcasted_iota(jnp.int32, (block_n,), 0)
 
     def body(i, accs):
         k0 = pl.multiple_of(i * block_k, block_k)
         cols = k0 + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=row_mask[:, None], other=0.0)
+        in_k = cols < in_size
+        x_mask = row_mask[:, None] & in_k[None, :] if masked else row_mask[:, None]
+        x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=x_mask, other=0.0)
         if inv is not None:  # layers.RMSNorm: normalised in fp32, rounded, times the scale (rounded)
             normed = (x.astype(jnp.float32) * inv[:, None]).astype(dtype)
-            scale = scale_ref[pl.ds(k0, block_k)].astype(dtype)
+            scale = (plgpu.load(scale_ref.at[cols], mask=in_k, other=0.0) if masked
+                     else scale_ref[pl.ds(k0, block_k)]).astype(dtype)
             x = (scale.astype(jnp.float32)[None, :] * normed.astype(jnp.float32)).astype(dtype)
-        ws = [w_ref[pl.ds(k0, block_k), pl.ds(col0, block_n)] for w_ref in w_refs]
+        if masked:
+            ws = [plgpu.load(w_ref.at[cols[:, None], out_cols[None, :]], mask=in_k[:, None], other=0.0)
+                  for w_ref in w_refs]
+        else:
+            ws = [w_ref[pl.ds(k0, block_k), pl.ds(col0, block_n)] for w_ref in w_refs]
         return tuple(acc + jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
                      for acc, w in zip(accs, ws))
 
@@ -176,9 +200,10 @@ def _kernel(*refs, kind: str, blocks: tuple[int, ...], block_n: int, block_k: in
         plgpu.store(out_ref.at[rows[:, None], columns(col0)], value.astype(dtype), mask=row_mask[:, None])
 
     if kind == "partial":
-        col, per = pl.multiple_of(p * block_n, block_n), -(-(x_ref.shape[1] // block_k) // splits)
+        steps = _k_steps(x_ref.shape[1], block_k)
+        col, per = pl.multiple_of(p * block_n, block_n), -(-steps // splits)
         first = pl.program_id(1) * per
-        stop = jnp.minimum(first + per, x_ref.shape[1] // block_k)
+        stop = jnp.minimum(first + per, steps)
         value, = product(w_refs[:1], col, k_blocks=(first, stop))
         plgpu.store(out_ref.at[pl.program_id(1), rows[:, None], columns(col)], value, mask=row_mask[:, None])
         return
@@ -206,7 +231,8 @@ def _call(kind: str, x, weights, *, scale=None, residual=None, eps: float = 0.0,
     from jax.experimental.pallas import triton as plgpu
 
     m, k = x.shape
-    block_k = _block(k, config.block_k)
+    # A power of two >= 16 must divide the input (`supported`); a larger block_k masks its last step.
+    block_k = _block(k, config.block_k) and _step_block(k, config.block_k)
     block_ns = [_block(w.shape[1], config.block_n) for w in weights]
     block_n = None if None in block_ns else min(block_ns)
     if block_k is None or block_n is None or any(w.shape[0] != k for w in weights):
@@ -216,7 +242,7 @@ def _call(kind: str, x, weights, *, scale=None, residual=None, eps: float = 0.0,
         raise ValueError(f"decode matmul: splits of the input are for the o and down projections only (config {config})")
     blocks = tuple(w.shape[1] // block_n for w in weights)
     out_cols = sum(w.shape[1] for w in weights) if kind == "concat" else weights[0].shape[1]
-    splits = min(config.splits, k // block_k)
+    splits = min(config.splits, _k_steps(k, block_k))
     if splits > 1:  # fp32 partial sums per split, added up with the residual by XLA (one reduction kernel)
         kind, residual, out_shape = "partial", None, jax.ShapeDtypeStruct((splits, m, out_cols), jnp.float32)
     else:
