@@ -93,7 +93,7 @@ def compile_decode(args, devices) -> str:
     cache = tuple(shaped((t.num_layers, rows, cache_len, t.num_kv_heads, t.head_dim), jnp.bfloat16) for _ in range(2))
     controls = {"max_new": np.int32(0), "temperature": np.float32(0), "top_k": np.int32(0), "top_p": np.float32(1),
                 "eos": np.zeros(MAX_EOS_IDS, np.int32), "repetition_penalty": np.float32(1), "pad": np.int32(0),
-                "vocab_limit": np.int32(0), "stream": np.arange(rows, dtype=np.int32)}
+                "vocab_limit": np.int32(0), "stream": np.arange(rows, dtype=np.int32), "live": np.arange(rows) < args.rows}
     key = jax.eval_shape(lambda: jax.random.key(0))
     lowered = engine._decode_jit.lower(
         jax.tree.map(lambda a: shaped(a.shape, a.dtype), engine.state), shaped((rows, t.vocab_size), jnp.float32), cache,

@@ -47,9 +47,9 @@ def test_compiled_programs_are_the_ones_generate_runs(min_rows):
     first_logits, cache = compiled["prefill"](engine.state, inputs, lengths)
     controls, kv_seg, next_pos = engine._decode_controls(prepared, params, new_slots)
     if rows < min_rows:
-        first_logits, cache, kv_seg, next_pos = engine._filler_rows(min_rows - rows, first_logits, cache, kv_seg,
-                                                                    next_pos)
-    out, count, _, _ = compiled["decode"](engine.state, first_logits, cache, kv_seg, next_pos, controls,
+        first_logits, cache, kv_seg, next_pos = engine._filler_rows(min_rows - rows, prepared.prompt_slots,
+                                                                    first_logits, cache, kv_seg, next_pos)
+    out, count, _, _, _ = compiled["decode"](engine.state, first_logits, cache, kv_seg, next_pos, controls,
                                           jax.random.key(params.seed))
     assert out.shape[0] == max(rows, min_rows)
     tokens = [np.asarray(out)[r, : int(count[r])].tolist() for r in range(len(prompts))]

@@ -280,6 +280,25 @@ def test_unrolled_decode_slices_the_weight_stacks_outside_the_token_loop(manager
     assert before and not inside, inside[:3]
 
 
+def test_rows_without_a_prompt_do_not_hold_the_loop(baseline_engine):
+    """Five prompts decode as eight rows (the bucket); the loop stops when the five answers have
+    ended (before: the padding rows, which never meet an end id, ran it to max_new_tokens)."""
+    model, engine = baseline_engine
+    prompts = [Prompt([6, 7, 8, 9, 10 + k]) for k in range(5)]
+    free = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+    assert engine.last_decode_steps == 6
+    # Every answer ends at its first token: one step, not 40.
+    firsts = tuple({g.token_ids[0] for g in free})
+    gens = engine.generate(prompts, SamplingParams(max_new_tokens=40, eos_ids=firsts))
+    assert [(len(g.token_ids), g.finish_reason) for g in gens] == [(1, "eos")] * 5
+    assert engine.last_decode_steps == 1
+    # Answers of different lengths: the loop runs as long as the longest (CPU checks every token).
+    thirds = tuple({g.token_ids[2] for g in free})
+    gens = engine.generate(prompts, SamplingParams(max_new_tokens=40, eos_ids=thirds))
+    assert all(len(g.token_ids) <= 3 for g in gens)
+    assert engine.last_decode_steps == max(len(g.token_ids) for g in gens)
+
+
 def test_decode_min_rows_pads_the_decode_and_keeps_the_answers(manager_engine):
     model, engine = manager_engine
     padded = InferenceEngine(model, pad_id=0, decode_min_rows=3)

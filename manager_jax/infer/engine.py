@@ -303,6 +303,9 @@ class InferenceEngine:
         self._decode_jit = jax.jit(self._decode_loop_fn, static_argnames=("greedy", "new_slots"),
                                    donate_argnames=("cache",))
         self._score_jit = jax.jit(self._score_fn, static_argnames=("plain_causal",))
+        # Tokens per row the last decode loop made (the prefill's first included): where it stopped,
+        # for benchmarks and tests (the loop ends when every prompt's answer has, or at max_new).
+        self.last_decode_steps: int | None = None
 
     @staticmethod
     def _attention_mesh(mesh) -> AttentionMesh:
@@ -555,8 +558,10 @@ class InferenceEngine:
         seen = jnp.zeros(first_logits.shape, bool)
         first = pick(first_logits, seen, sub)
         out = jnp.full((rows, new_slots), pad, jnp.int32).at[:, 0].set(first)
-        state0 = (jnp.int32(1), first, out, is_eos(first), jnp.ones((rows,), jnp.int32), cache, key,
-                  mark(seen, first))
+        # Rows that hold no prompt (a batch bucket's padding, decode_min_rows' fillers) start done:
+        # the loop's end waits for the prompts' answers only.
+        state0 = (jnp.int32(1), first, out, is_eos(first) | ~controls["live"], jnp.ones((rows,), jnp.int32), cache,
+                  key, mark(seen, first))
 
         def room_for(steps):  # a token loop may run `steps` more steps (step i makes token i)
             def cond(carry):
@@ -584,9 +589,9 @@ class InferenceEngine:
         carry = state0
         if self.decode_check_every > 1:  # runs of steps between the checks (no host round trip per token)
             carry = jax.lax.while_loop(room_for(self.decode_check_every), run_of_steps, carry)
-        _, _, out, done, count, cache, _, _ = jax.lax.while_loop(room_for(1), body, carry)
+        steps, _, out, done, count, cache, _, _ = jax.lax.while_loop(room_for(1), body, carry)
         # The cache is returned so that the donated input buffer is updated in place (aliased).
-        return (*self._on_every_process(out, count, done), cache)
+        return (*self._on_every_process(out, count, done, steps), cache)
 
     def _score_fn(self, state, inputs, pred_pos, targets, valid, vocab_limit, *, plain_causal: bool = False):
         model = nnx.merge(self.graphdef, state)
@@ -667,33 +672,37 @@ class InferenceEngine:
         rows, new_slots = len(prepared.lengths), cache[0].shape[2] - prepared.prompt_slots
         controls, kv_seg, next_pos = self._decode_controls(prepared, params, new_slots, streams=streams)
         if rows < self.decode_min_rows:
-            first_logits, cache, kv_seg, next_pos = self._filler_rows(self.decode_min_rows - rows, first_logits,
-                                                                      cache, kv_seg, next_pos)
+            first_logits, cache, kv_seg, next_pos = self._filler_rows(self.decode_min_rows - rows, prepared.prompt_slots,
+                                                                      first_logits, cache, kv_seg, next_pos)
             kv_seg, next_pos = np.asarray(kv_seg), np.asarray(next_pos)  # host values, as `_put` takes them
             rows = self.decode_min_rows
         kv_seg = self._put({"kv_seg": kv_seg}, rows)["kv_seg"]
         next_pos = self._put({"next_pos": next_pos}, rows)["next_pos"]
-        out, count, done, cache = self._decode_jit(
+        out, count, done, steps, cache = self._decode_jit(
             self.state, first_logits, cache, kv_seg, next_pos, controls, jax.random.key(params.seed),
             greedy=params.greedy, new_slots=new_slots,
         )
         del cache
         out, count, done = np.asarray(out), np.asarray(count), np.asarray(done)
+        self.last_decode_steps = int(steps)
         return [
             Generation(out[r, : count[r]].tolist(), "eos" if done[r] else "length", int(prepared.lengths[r]))
             for r in range(prepared.num_prompts)
         ]
 
     @staticmethod
-    def _filler_rows(fill: int, first_logits, cache, kv_seg, next_pos):
+    def _filler_rows(fill: int, prompt_slots: int, first_logits, cache, kv_seg, next_pos):
         """The decode inputs with `fill` more rows repeating the last (decode_min_rows); their
-        answers are dropped."""
+        answers are dropped. Their keys are the answer slots only (the prompt's are segment 0, as a
+        prompt of length 0): the decode-attention kernels skip the blocks before a row's segment,
+        so the filler rows read none of the prompt's keys."""
         def repeat_last(a, axis=0):
             last = jax.lax.slice_in_dim(a, a.shape[axis] - 1, a.shape[axis], axis=axis)
             return jnp.concatenate([a, jnp.repeat(last, fill, axis)], axis)
 
-        return repeat_last(first_logits), tuple(repeat_last(c, 1) for c in cache), repeat_last(kv_seg), \
-            repeat_last(next_pos)
+        answers_only = (jnp.arange(kv_seg.shape[1]) >= prompt_slots).astype(kv_seg.dtype)
+        kv_seg = jnp.concatenate([kv_seg, jnp.broadcast_to(answers_only, (fill, kv_seg.shape[1]))], 0)
+        return repeat_last(first_logits), tuple(repeat_last(c, 1) for c in cache), kv_seg, repeat_last(next_pos)
 
     def _decode_controls(self, prepared: PreparedBatch, params: SamplingParams, new_slots: int, *,
                          streams: Sequence[int] | None = None):
@@ -723,6 +732,8 @@ class InferenceEngine:
             "pad": np.int32(self.pad_id),
             "vocab_limit": np.int32(self.vocab_limit if self.vocab_limit is not None else self.cfg.text.vocab_size),
             "stream": streams,
+            # The rows that hold a prompt; the others (a bucket's padding, decode_min_rows' fillers) start done.
+            "live": np.arange(len(streams)) < prepared.num_prompts,
         }
         return controls, self.kv_segments(prepared, new_slots), prepared.lengths
 
@@ -744,7 +755,8 @@ class InferenceEngine:
         controls, kv_seg, next_pos = self._decode_controls(prepared, params, new_slots)
         if rows < self.decode_min_rows:  # as `decode`
             first_logits, cache, kv_seg, next_pos = jax.eval_shape(
-                functools.partial(self._filler_rows, self.decode_min_rows - rows), first_logits, cache, kv_seg, next_pos)
+                functools.partial(self._filler_rows, self.decode_min_rows - rows, prepared.prompt_slots), first_logits,
+                cache, kv_seg, next_pos)
             rows = self.decode_min_rows
             first_logits = jax.ShapeDtypeStruct(first_logits.shape, first_logits.dtype, sharding=self._batch_spec(2, rows))
             cache = tuple(jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=self._cache_spec(rows)) for c in cache)
