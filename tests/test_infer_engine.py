@@ -357,6 +357,9 @@ def test_each_prompt_samples_its_own_stream_whatever_the_batch(baseline_engine):
     assert [g.token_ids for g in engine.generate([same] * 2, params, streams=[3, 2])] == four[:1:-1]
     mixed = engine.generate([Prompt([8, 9, 10, 11, 12, 13]), same, Prompt([1])], params, streams=[7, 2, 9])
     assert mixed[1].token_ids == four[2]
+    # Five prompts decode as eight rows (the bucket): one stream per prompt, as in any batch.
+    five = engine.generate([Prompt([1])] * 2 + [same] * 3, params, streams=[11, 12, 3, 0, 1])
+    assert [g.token_ids for g in five[2:]] == [four[3], four[0], four[1]]
     # Stream 0 is the seed's own key, so a lone prompt samples as before per-prompt streams.
     assert engine.generate([same], params)[0].token_ids == four[0]
     for bad in ([-1], [2**31], [1, 2], [0.5]):

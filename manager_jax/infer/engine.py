@@ -710,13 +710,14 @@ class InferenceEngine:
 
         controls["stream"] holds every decoded row's random stream (`generate`), the filler rows'
         (`decode_min_rows`: their answers are dropped) repeating the last."""
-        prompts = len(prepared.lengths)
+        prompts, rows = prepared.num_prompts, max(len(prepared.lengths), self.decode_min_rows)
         streams = np.arange(prompts) if streams is None else np.asarray(list(streams))
         if streams.shape != (prompts,) or not np.issubdtype(streams.dtype, np.integer):
             raise ValueError(f"streams must be {prompts} integers, one per prompt; got {streams.tolist()}")
         if prompts and (streams.min() < 0 or streams.max() > np.iinfo(np.int32).max):
             raise ValueError(f"streams must be in [0, 2**31); got {streams.tolist()}")
-        streams = np.pad(streams.astype(np.int32), (0, max(self.decode_min_rows - prompts, 0)), mode="edge")
+        # The rows after the prompts (the batch bucket's padding, decode_min_rows' fillers) repeat the last.
+        streams = np.pad(streams.astype(np.int32), (0, rows - prompts), mode="edge")
         max_new = self._max_new(prepared, params)
         if new_slots < max_new:
             raise ValueError(f"the cache has {new_slots} answer slots, {max_new} are needed")
