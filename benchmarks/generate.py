@@ -112,6 +112,7 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
         "what": "generate", "impl": "jax", "variant": args.variant, "tiny": args.tiny, "dtype": args.dtype,
         "decode_layers": "scan" if args.decode_scan else "unrolled", "decode_min_rows": engine.decode_min_rows,
         "decode_attention": engine.decode_attention, "decode_check_every": engine.decode_check_every,
+        "decode_command_buffers": engine.decode_command_buffers,
         "decode_kernel": str(dict(engine.decode_kernels).get(rows) or KernelConfig.default_for(rows))
         if engine.decode_attention == "pallas" else None,
         "decode_matmul": engine.decode_matmul,
@@ -159,6 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-check-every", type=int, default=None,
                    help="tokens decoded between the loop's checks for the end (InferenceEngine decode_check_every; "
                         "default: 8 on GPU, 1 elsewhere; 1: every token, a host round trip each on GPU)")
+    p.add_argument("--decode-command-buffers", action="store_true",
+                   help="GPU: the decode loop's loops in CUDA graphs, their conditions tested on the device "
+                        "(InferenceEngine decode_command_buffers)")
     p.add_argument("--profile", default=None, metavar="FILE.xplane.pb",
                    help="after timing, profile one prefill + decode per batch size (FILE with _b<batch> before .xplane.pb)")
     args = p.parse_args(argv)
@@ -185,7 +189,7 @@ def main(argv=None) -> int:
                              decode_scan_layers=args.decode_scan, decode_min_rows=args.decode_min_rows,
                              decode_attention=args.decode_attention, decode_kernels=decode_kernels,
                              decode_check_every=args.decode_check_every, decode_matmul=args.decode_matmul,
-                             decode_matmul_kernels=matmul_kernels)
+                             decode_matmul_kernels=matmul_kernels, decode_command_buffers=args.decode_command_buffers)
     for batch in (int(b) for b in args.batch.split(",")):
         profile = args.profile.replace(".xplane.pb", f"_b{batch}.xplane.pb") if args.profile else None
         print(json.dumps(bench(engine, args, batch, profile=profile)), flush=True)

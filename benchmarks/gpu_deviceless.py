@@ -84,7 +84,8 @@ def compile_decode(args, devices) -> str:
     engine = InferenceEngine(model, eos_ids=[], pad_id=0, decode_min_rows=args.decode_min_rows,
                              decode_attention=args.decode_attention, decode_check_every=args.decode_check_every,
                              decode_matmul=args.decode_matmul,
-                             decode_matmul_kernels=parse_matmul_configs(args.decode_matmul_kernels))
+                             decode_matmul_kernels=parse_matmul_configs(args.decode_matmul_kernels),
+                             decode_command_buffers=args.decode_command_buffers)
     rows = max(args.rows, engine.decode_min_rows)
     here = NamedSharding(Mesh(np.asarray(devices[:1]), ("x",)), PartitionSpec())
     shaped = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=here)
@@ -134,6 +135,8 @@ def main(argv=None) -> int:
                         help="InferenceEngine decode_matmul (pallas: the fused projection kernels)")
     decode.add_argument("--decode-matmul-kernels", default="", help="InferenceEngine decode_matmul_kernels, "
                         "as generate.py --decode-matmul-kernels")
+    decode.add_argument("--decode-command-buffers", action="store_true",
+                        help="InferenceEngine decode_command_buffers (the loops in CUDA graphs)")
     decode.add_argument("--prompt-slots", type=int, default=4096)
     decode.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args(argv)

@@ -7,8 +7,10 @@ give `generate`'s tokens and `score`'s log-likelihoods. Over an abstract model o
 
 from __future__ import annotations
 
+import glob
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -19,12 +21,20 @@ from flax import nnx
 
 from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
 from manager_jax.infer.aot import GenerateWorkload, compile_generate_for_topology, main, model_config
-from manager_jax.infer.engine import InferenceEngine, Prompt, ScoreRequest
+from manager_jax.infer.engine import (
+    XLA_COMMAND_BUFFER_DEFAULTS,
+    InferenceEngine,
+    Prompt,
+    ScoreRequest,
+    decode_compiler_options,
+)
 from manager_jax.infer.sampling import SamplingParams
 from manager_jax.models.llava_ov import LlavaOV
+from manager_jax.platform import compiling_for
 from manager_jax.reference.parity import random_image
 from manager_jax.train.aot import libtpu_available
 from tests.test_infer_engine import tiny_model
+from tests.test_train_aot import _gpu_devices_or_skip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
@@ -138,3 +148,62 @@ def test_the_model_config_can_come_from_a_checkpoint_directory(tmp_path):
     assert got.text == cfg.text and got.manager == cfg.manager and got.dtype == "bfloat16"
     report = compile_generate_for_topology(got, "cpu:1", workload=GenerateWorkload(image_size=(64, 64), new_tokens=4))
     assert report["model"] == f"{cfg.text.num_layers} text layers, width {cfg.text.hidden_size}, bfloat16"
+
+
+def _thunks_after_passes(dump_dir) -> str:
+    """The thunk sequence XLA made of the decode loop (what the GPU runtime executes), from a dump."""
+    (path,) = glob.glob(os.path.join(dump_dir, "*decode_loop*thunk_sequence_after_thunk_passes.txt"))
+    with open(path) as f:
+        return f.read()
+
+
+def test_command_buffers_put_the_decode_loops_in_the_cuda_graph(tmp_path):
+    """decode_command_buffers: no loop of the decode program is left to the host (compiled for an
+    H100 without one: XLA's thunks are those the card would run, the driver being new enough)."""
+    _gpu_devices_or_skip("h100:1")
+    cfg = tiny_model("grid_manager").cfg
+    work = GenerateWorkload(image_size=(64, 64), prompt_tokens=9, new_tokens=5, score_tokens=0)
+    thunks = {}
+    for on in (False, True):
+        dump = str(tmp_path / str(on))
+        report = compile_generate_for_topology(cfg, "h100:1", workload=work, decode_command_buffers=on,
+                                               compiler_options={"xla_dump_to": dump,
+                                                                 "xla_dump_hlo_module_re": ".*decode_loop.*"})
+        assert report["decode_command_buffers"] is on and report["decode_check_every"] == 8
+        thunks[on] = _thunks_after_passes(dump)
+    top_level = {on: re.findall(r"^\d+: (k\w+)", text, re.M) for on, text in thunks.items()}
+    # By default the runs of tokens and the single tokens after them are two loops that the host
+    # drives (it reads each condition); with command buffers one CUDA graph holds them both.
+    assert top_level[False].count("kWhile") == 2
+    assert top_level[True] == ["kCommandBuffer"] and thunks[True].count("kWhile") == 2
+
+
+def test_the_command_buffer_types_are_this_jaxs_defaults(tmp_path):
+    """The compile option replaces XLA's list of command buffer types: the engine's must be the
+    defaults of the jax installed (plus WHILE), or turning the option on would drop some."""
+    devices = _gpu_devices_or_skip("h100:1")
+    here = jax.sharding.SingleDeviceSharding(devices[0])
+    x = jax.ShapeDtypeStruct((8,), np.float32, sharding=here)
+
+    def double(a):
+        return a * 2
+
+    jax.jit(double).lower(x).compile({"xla_dump_to": str(tmp_path), "xla_dump_hlo_module_re": "jit_double"})
+    (config,) = glob.glob(str(tmp_path / "*jit_double.config.pbtxt"))
+    with open(config) as f:
+        defaults = re.findall(r"xla_gpu_enable_command_buffer: (\w+)", f.read())
+    assert sorted(defaults) == sorted(XLA_COMMAND_BUFFER_DEFAULTS)
+
+
+def test_command_buffers_are_a_gpu_option_that_yields_to_xla_flags(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert decode_compiler_options(True) is None  # this host's CPU: the loops run on the device already
+    with compiling_for("gpu"):
+        assert decode_compiler_options(False) is None
+        types = decode_compiler_options(True)["xla_gpu_enable_command_buffer"].split(",")
+        assert types == [*XLA_COMMAND_BUFFER_DEFAULTS, "WHILE"]
+        assert InferenceEngine(tiny_model("baseline"), decode_command_buffers=True).decode_command_buffers
+        # The user's own choice of types (XLA_FLAGS) is not overridden.
+        monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=FUSION")
+        assert decode_compiler_options(True) is None
+        assert not InferenceEngine(tiny_model("baseline"), decode_command_buffers=True).decode_command_buffers

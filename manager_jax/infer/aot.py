@@ -20,7 +20,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -85,17 +85,22 @@ def model_config(spec: str | None, dtype: str | None, checkpoint: str | None = N
 
 def compile_generate_for_topology(cfg: ModelConfig, topology: str, *, mesh: str | None = None,
                                   workload: GenerateWorkload = GenerateWorkload(),
-                                  decode_scan_layers: bool = False) -> dict[str, Any]:
-    """Compiles prefill and the decode loop of `cfg` for `topology`; returns a report dict."""
+                                  decode_scan_layers: bool = False, decode_command_buffers: bool = False,
+                                  compiler_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Compiles prefill and the decode loop of `cfg` for `topology`; returns a report dict.
+    `compiler_options`: more XLA options for every program (`InferenceEngine.compile_generate`)."""
     devices = topology_devices(topology)
     with building_for(devices):  # the engine's "auto" choices follow the devices, not this host
-        return _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers)
+        return _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers, decode_command_buffers,
+                                 compiler_options)
 
 
-def _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers) -> dict[str, Any]:
+def _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers, decode_command_buffers,
+                      compiler_options) -> dict[str, Any]:
     device_mesh = mesh_from_spec(mesh, devices) if mesh else mesh_from_spec("fsdp=-1", devices)
     model = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))
-    engine = InferenceEngine(model, mesh=device_mesh, decode_scan_layers=decode_scan_layers)
+    engine = InferenceEngine(model, mesh=device_mesh, decode_scan_layers=decode_scan_layers,
+                             decode_command_buffers=decode_command_buffers)
     prepared = engine.prepare(workload.prompts(cfg.text.vocab_size))
     params = SamplingParams(max_new_tokens=workload.new_tokens)
     kind = devices[0].device_kind
@@ -107,14 +112,15 @@ def _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers
         "prompt_slots": prepared.prompt_slots, "cache_slots": prepared.prompt_slots + engine.new_slots(prepared, params),
         "params_gib": params_bytes / 2**30, "decode": "scanned layers" if decode_scan_layers else "unrolled layers",
         "decode_attention": engine.decode_attention, "decode_rows": max(workload.rows, engine.decode_min_rows),
-        "decode_check_every": engine.decode_check_every,
+        "decode_check_every": engine.decode_check_every, "decode_command_buffers": engine.decode_command_buffers,
     }
     report["hbm_per_chip_gib"], report["capacity"] = memory_capacity(kind)
     t0 = time.perf_counter()
     try:
-        compiled = engine.compile_generate(prepared, params)
+        compiled = engine.compile_generate(prepared, params, compiler_options=compiler_options)
         if workload.score_tokens:
-            compiled["score"] = engine.compile_score(workload.score_requests(cfg.text.vocab_size))
+            compiled["score"] = engine.compile_score(workload.score_requests(cfg.text.vocab_size),
+                                                     compiler_options=compiler_options)
     except jax.errors.JaxRuntimeError as err:
         oom = compile_time_oom(str(err))
         if oom is None:
@@ -185,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also compile scoring a continuation of this many tokens after each prompt (0: skip; default: 16)")
     p.add_argument("--decode-scan-layers", action="store_true",
                    help="scan the decoder layers while decoding (no second copy of the decoder weights)")
+    p.add_argument("--decode-command-buffers", action="store_true",
+                   help="GPU: the decode loop's loops in CUDA graphs (InferenceEngine decode_command_buffers)")
     args = p.parse_args(argv)
     if min(args.rows, args.prompt_tokens, args.new_tokens) < 1 or args.score_tokens < 0:
         p.error("--rows, --prompt-tokens and --new-tokens must be >= 1, --score-tokens >= 0")
@@ -193,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = model_config(args.model, args.dtype, args.checkpoint)
         report = compile_generate_for_topology(
             cfg, args.topology, mesh=args.mesh, decode_scan_layers=args.decode_scan_layers,
+            decode_command_buffers=args.decode_command_buffers,
             workload=GenerateWorkload(args.rows, args.image_size, args.prompt_tokens, args.new_tokens,
                                       args.score_tokens),
         )

@@ -24,9 +24,11 @@ produced an eos id or after max_new_tokens.
 from __future__ import annotations
 
 import functools
+import os
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +148,21 @@ def rows_bucket(n: int) -> int:
     return n if n <= 4 else 1 << (n - 1).bit_length()
 
 
+# XLA's command buffer types of jax 0.11 (the defaults, DebugOptions.xla_gpu_enable_command_buffer):
+# a compile option replaces the whole list, so `WHILE` goes in with them.
+XLA_COMMAND_BUFFER_DEFAULTS = ("FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "CUDNN", "DYNAMIC_SLICE_FUSION",
+                               "CONDITIONAL")
+
+
+def decode_compiler_options(command_buffers: bool) -> dict[str, str] | None:
+    """The decode loop's XLA options: with `command_buffers`, on GPU, the loops join the CUDA graphs
+    (InferenceEngine decode_command_buffers), unless XLA_FLAGS sets the command buffer types itself."""
+    if not command_buffers or target_platform() != "gpu" or "xla_gpu_enable_command_buffer" in os.environ.get(
+            "XLA_FLAGS", ""):
+        return None
+    return {"xla_gpu_enable_command_buffer": ",".join((*XLA_COMMAND_BUFFER_DEFAULTS, "WHILE"))}
+
+
 # ---- the engine ---------------------------------------------------------------------------------
 
 
@@ -192,6 +209,14 @@ class InferenceEngine:
         token. Rows that end inside a run get padding, as after any end; the tokens do not depend
         on this value, at most `decode_check_every - 1` steps are computed after the last row
         ended.
+      decode_command_buffers: compile the decode loop with its loops in XLA's command buffers (CUDA
+        graphs): the loop conditions are then tested on the GPU, with no copy to the host and wait
+        per run of `decode_check_every` tokens (about 0.3 ms each on an H200). The one program's
+        kernels are already in CUDA graphs by default; this adds the loops around them (XLA's
+        `WHILE` command; `XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE` for every program).
+        GPU only (elsewhere the loops run on the device already; the option does nothing there); an
+        `xla_gpu_enable_command_buffer` in XLA_FLAGS takes precedence. Off by default until timed
+        at both batch sizes (RESULTS.md, session 19). Speed only: the same tokens.
       decode_kernels: how the Pallas kernels divide the work, by the rows decoded together
         ({rows: KernelConfig}, rows of the whole batch; rows not listed get
         `KernelConfig.default_for(rows)`). On a mesh a device holds fewer rows and heads: time
@@ -227,6 +252,7 @@ class InferenceEngine:
         decode_check_every: int | None = None,
         decode_matmul: str = "xla",
         decode_matmul_kernels: Mapping[str, MatmulConfig] | None = None,
+        decode_command_buffers: bool = False,
     ):
         self.cfg = model.cfg
         self.decode_scan_layers = bool(decode_scan_layers)
@@ -300,8 +326,10 @@ class InferenceEngine:
         self.state = self._place_params(state)
         self._prefill_jit = jax.jit(self._prefill_fn, static_argnames=("cache_len", "plain_causal"))
         self._step_jit = jax.jit(self._decode_step_fn, donate_argnames=("cache",))
+        decode_options = decode_compiler_options(bool(decode_command_buffers))
+        self.decode_command_buffers = decode_options is not None  # asked for, and in effect here
         self._decode_jit = jax.jit(self._decode_loop_fn, static_argnames=("greedy", "new_slots"),
-                                   donate_argnames=("cache",))
+                                   donate_argnames=("cache",), compiler_options=decode_options)
         self._score_jit = jax.jit(self._score_fn, static_argnames=("plain_causal",))
         # Tokens per row the last decode loop made (the prefill's first included): where it stopped,
         # for benchmarks and tests (the loop ends when every prompt's answer has, or at max_new).
@@ -739,17 +767,20 @@ class InferenceEngine:
         return controls, self.kv_segments(prepared, new_slots), prepared.lengths
 
     # ---- ahead of time --------------------------------------------------------------------
-    def compile_generate(self, prepared: PreparedBatch, params: SamplingParams = SamplingParams()):
+    def compile_generate(self, prepared: PreparedBatch, params: SamplingParams = SamplingParams(), *,
+                         compiler_options: Mapping[str, Any] | None = None):
         """Compiles, without running, the two programs `generate_prepared(prepared, params)` runs:
         {"prefill": Compiled, "decode": Compiled} (memory_analysis, cost_analysis, as_text). The
-        engine may hold abstract params (an `nnx.eval_shape` model on compile-only devices)."""
+        engine may hold abstract params (an `nnx.eval_shape` model on compile-only devices).
+        `compiler_options`: more XLA options, such as {"xla_dump_to": DIR} to read what XLA made of
+        the programs (with the engine's own, e.g. `decode_command_buffers`)."""
         new_slots = self.new_slots(prepared, params)
         rows = len(prepared.lengths)
         inputs = self._abstract(dict(prepared.inputs, lengths=prepared.lengths), rows)
         lengths = inputs.pop("lengths")
         plain = target_platform() == "gpu"  # as `prefill`
         prefill = self._prefill_jit.lower(self.state, inputs, lengths, cache_len=prepared.prompt_slots + new_slots,
-                                          plain_causal=plain).compile()
+                                          plain_causal=plain).compile(compiler_options)
         first_logits, cache = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype,
                                                                                        sharding=sharding),
                                            prefill.out_info, prefill.output_shardings)
@@ -766,7 +797,7 @@ class InferenceEngine:
         key = jax.eval_shape(lambda: jax.random.key(0))
         key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self._replicated())
         decode = self._decode_jit.lower(self.state, first_logits, cache, kv_seg, next_pos, host, key,
-                                        greedy=params.greedy, new_slots=new_slots).compile()
+                                        greedy=params.greedy, new_slots=new_slots).compile(compiler_options)
         return {"prefill": prefill, "decode": decode}
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
@@ -775,11 +806,12 @@ class InferenceEngine:
         logprob, greedy = (np.asarray(x) for x in self._score_jit(*args, **kwargs))
         return [ScoreResult(float(logprob[r]), len(spans[r][1]), bool(greedy[r])) for r in range(len(requests))]
 
-    def compile_score(self, requests: Sequence[ScoreRequest]):
+    def compile_score(self, requests: Sequence[ScoreRequest], *, compiler_options: Mapping[str, Any] | None = None):
         """Compiles, without running, the program `score(requests)` runs (a `Compiled`: its
-        memory_analysis, cost_analysis, as_text). The engine may hold abstract params."""
+        memory_analysis, cost_analysis, as_text). The engine may hold abstract params.
+        `compiler_options`: as `compile_generate`'s."""
         args, kwargs, _ = self._score_call(requests, self._abstract)
-        return self._score_jit.lower(*args, **kwargs).compile()
+        return self._score_jit.lower(*args, **kwargs).compile(compiler_options)
 
     def _score_call(self, requests: Sequence[ScoreRequest], place):
         """The score program's arguments, the host arrays placed by `place` (`_put`, or `_abstract`

@@ -85,7 +85,9 @@ JAX_GPU_MEM_FRACTION = 0.75
 
 
 def gpu_target_config(card: str) -> str:
-    """XLA's GpuTargetConfigProto text for a Hopper card of GPU_CARDS."""
+    """XLA's GpuTargetConfigProto text for a Hopper card of GPU_CARDS. The driver version matters:
+    without one, XLA keeps loops and conditionals out of CUDA graphs (they need a driver >= 12.3),
+    so the compiled program would differ from the device's."""
     c = GPU_CARDS[card]
     return f"""
 gpu_device_info {{
@@ -95,6 +97,7 @@ gpu_device_info {{
   memory_bandwidth: {c["bandwidth"]} l2_cache_size: 52428800 clock_rate_ghz: 1.98
   device_memory_size: {c["memory_bytes"]} shared_memory_per_block_optin: 232448
   cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  driver_version: "12.8.0" runtime_version: "12.8.0"
 }}
 runtime_version {{ major: 12 minor: 8 }}
 platform_name: "CUDA"
