@@ -106,6 +106,10 @@ def table(rows: list[dict]) -> list[str]:
             layers += ", pallas decode matmuls" + (f" {mine['decode_matmul_kernels']}" if mine.get("decode_matmul_kernels") else "")
         if (mine.get("decode_check_every") or 1) > 1:
             layers += f", end checked every {mine['decode_check_every']} tokens"
+        if mine.get("decode_command_buffers"):
+            layers += ", loops in CUDA graphs"
+        if mine.get("tokens_sha1"):  # equal digests: the same tokens (speed options must not change them)
+            layers += f", tokens {mine['tokens_sha1']}"
         label = f"generate B={batch} {mine.get('image')} ({mine.get('variant')}, {mine.get('new_tokens')} new{layers}{_flags(mine)})"
         out.append(f"| {label} | decode tokens/s | {_fmt(tps, ',.0f')} | "
                    f"{_fmt(ref and ref.get('decode_tokens_per_s'), ',.1f')} | {_times(ratio, '.1f')} | "

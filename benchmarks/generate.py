@@ -19,6 +19,7 @@ same device.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -92,8 +93,11 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
     def generate():
         gens = engine.generate_prepared(prepared, params)
         assert all(len(g.token_ids) == args.new_tokens for g in gens)  # no eos: every token is made
+        return gens
 
-    generate()  # compiles the prefill and the decode loop
+    # The first call compiles the prefill and the decode loop. Its tokens' digest tells whether two
+    # runs that differ only in speed options (kernels, command buffers) made the same tokens.
+    tokens = hashlib.sha1(json.dumps([g.token_ids for g in generate()]).encode()).hexdigest()[:12]
     prefill_s = timed(prefill, args.repeats)
     decode_times = []
     for _ in range(args.repeats):  # the decode loop alone, after a fresh prefill each time
@@ -120,7 +124,7 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
         "batch": batch, "image": args.image, "crops": sample.num_crops, "prompt_len": int(prepared.lengths[0]),
         "prompt_bucket": prepared.prompt_slots, "new_tokens": args.new_tokens, "prefill_s": prefill_s,
         "decode_s_per_token": decode, "decode_tokens_per_s": batch / decode, "total_s": total_s,
-        "peak_mem_gb": peak / 2**30 if peak else None,
+        "peak_mem_gb": peak / 2**30 if peak else None, "tokens_sha1": tokens,
         "device": f"{len(jax.devices())} x {device.device_kind}", "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS"),
     }

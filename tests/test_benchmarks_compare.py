@@ -69,8 +69,12 @@ def test_generate_and_train_experiments_are_labelled(tmp_path):
         {"what": "generate", "impl": "jax", "batch": 1, "new_tokens": 8, "decode_min_rows": 1, "device": "1 x cpu",
          "decode_attention": "pallas", "decode_matmul": "pallas", "decode_matmul_kernels": "down=16,256,4,4",
          "decode_tokens_per_s": 1.0},
+        {"what": "generate", "impl": "jax", "batch": 16, "new_tokens": 8, "decode_min_rows": 2, "decode_check_every": 8,
+         "decode_command_buffers": True, "tokens_sha1": "0123456789ab", "decode_tokens_per_s": 1.0},
     ])
     labels = [line for line in table(read_lines([str(path)])) if "tokens/s" in line]
+    assert ("decoded as >= 2 rows, end checked every 8 tokens, loops in CUDA graphs, tokens 0123456789ab)"
+            in labels[6])
     assert ("scan layers, LM head on 896 positions per shard, crops unpadded, rows padded to 4160, steps timed back "
             "to back)") in labels[0]
     assert "unrolled layers, decoded as >= 2 rows, xla decode attention)" in labels[1]

@@ -22,3 +22,13 @@ def test_a_malformed_kernel_config_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         generate.main(["--tiny", "--decode-kernels", "16:64,528"])
     assert "kernel config" in capsys.readouterr().err
+
+
+def test_the_tokens_digest_is_the_same_for_speed_options_only(capsys):
+    """The XLA and the Pallas decode attention make the same tokens (fp32): the same digest; two rows
+    make other tokens than one."""
+    digests = []
+    for attention in ("xla", "pallas"):
+        assert generate.main(["--tiny", "--batch", "1,2", "--new-tokens", "3", "--decode-attention", attention]) == 0
+        digests.append([json.loads(x)["tokens_sha1"] for x in capsys.readouterr().out.splitlines() if x.startswith("{")])
+    assert digests[0] == digests[1] and digests[0][0] != digests[0][1]

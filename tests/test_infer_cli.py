@@ -84,6 +84,8 @@ def test_generate_json_matches_full_forward_greedy(checkpoint, model_and_tokeniz
     kernels = ["--decode-kernels", "1:16,1,4,1"] if decode_attention == "pallas" else []
     if decode_matmul == "pallas":
         kernels += ["--decode-matmul", "pallas", "--decode-matmul-kernels", "down=16,32,4,1"]
+    if decode_attention == "xla":
+        kernels += ["--decode-command-buffers"]  # taken (a GPU option: nothing changes here)
     code, out, err = run(generate_main, ["--checkpoint", ckpt, "--image", image, "--prompt", "What is shown?",
                                          "--max-new-tokens", "5", "--json", "--decode-attention", decode_attention,
                                          *kernels], capsys)

@@ -81,6 +81,8 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--decode-matmul-kernels", default="", metavar="SITE=N,K,W,S;...",
                    help="their configs by projection (qkv, o, gate_up, down), as benchmarks/decode_matmul.py prints "
                         "the fastest (speed only; default: built in)")
+    p.add_argument("--decode-command-buffers", action="store_true",
+                   help="GPU: run the decode loop's loops in CUDA graphs, their end tested on the GPU (speed only)")
     return p
 
 
@@ -141,7 +143,7 @@ def build_engine(args, generating: bool = True) -> tuple[InferenceEngine, object
             model, eos_ids=eos_ids, pad_id=tokenizer.pad_id,
             im_start_id=tokenizer.im_start_id, vocab_limit=limit, max_length=args.max_length, mesh=mesh,
             decode_attention=args.decode_attention, decode_kernels=decode_kernels, decode_matmul=args.decode_matmul,
-            decode_matmul_kernels=matmul_kernels,
+            decode_matmul_kernels=matmul_kernels, decode_command_buffers=args.decode_command_buffers,
         )
     except ValueError as err:  # options that do not go together (e.g. the fused projections without the attention kernels)
         raise InputError(str(err)) from None
