@@ -101,6 +101,26 @@ def test_a_checkpoints_config_is_compared_field_by_field():
     assert changed == ["data.image_folder: '/img' -> None"]
 
 
+def test_a_resume_that_would_change_the_record_order_is_another_run():
+    """The saved data state is a position in the record order: a new order under it would repeat
+    some records of the epoch and skip others. The grouped order of stage 2 also follows the step
+    layout (rows x accumulation steps x workers), which a plain shuffle does not."""
+    real = ["synthetic_records=None", "data.data_path=/data/a.json"]
+    saved = load_recipe(DEMO, real).to_dict()
+    for override in ("data.seed=1", "data.shuffle=False", "data.group_by_modality_length=True"):
+        other_run, _ = compare_with_saved(saved, load_recipe(DEMO, real + [override]).to_dict())
+        assert [line.split(":")[0] for line in other_run] == [override.split("=")[0]]
+        assert "record order" in other_run[0]
+    layout = ["grad_accum=2", "global_batch_size=-1", "data.rows_per_host=2", "data.worker_count=2"]
+    other_run, changed = compare_with_saved(saved, load_recipe(DEMO, real + layout).to_dict())
+    assert other_run == [] and len(changed) == 3  # a shuffled order does not depend on the layout
+    stage2 = LLAVA_OV + ":stage2_grid_manager_0.5b"
+    layout = ["grad_accum=64", "global_batch_size=-1", "data.rows_per_host=4", "data.worker_count=2"]
+    other_run, changed = compare_with_saved(load_recipe(stage2).to_dict(), load_recipe(stage2, layout).to_dict())
+    assert [line.split(":")[0] for line in other_run] == ["data.rows_per_host", "data.worker_count", "grad_accum"]
+    assert [line.split(":")[0] for line in changed] == ["global_batch_size"]
+
+
 def test_saved_config_round_trips():
     cfg = load_recipe(LLAVA_OV + ":stage2_grid_manager_7b", ["optim.per_group_lr=False"])
     again = TrainConfig.from_dict(cfg.to_dict())

@@ -56,8 +56,8 @@ class CheckpointConfig:
     keep: int = 3  # last K checkpoints kept
     async_save: bool = True
     # Continue from the latest checkpoint in `dir` when there is one. Its saved run config must
-    # describe the same run (model, tunable_parts, data source, batch_shards); other changes (lr,
-    # num_steps, seeds, ...) are accepted and logged. False with checkpoints present is an error.
+    # describe the same run (model, tunable_parts, data source, batch_shards, record order); other changes (lr,
+    # num_steps, seed, ...) are accepted and logged. False with checkpoints present is an error.
     resume: bool = True
 
 
@@ -401,6 +401,11 @@ def check_inputs(config: TrainConfig) -> None:
 # trained (the optimizer state's layout) and where the data comes from (the iterator state indexes it).
 _SAME_RUN_FIELDS = ("model.", "tunable_parts", "data.data_path", "data.mixture", "data.format", "data.split",
                     "synthetic_records", "synthetic_image_sizes")
+# Fields that set the record order, which the saved data state indexes: changed, the run would
+# silently repeat some records of the current epoch and never reach others.
+_ORDER_FIELDS = ("data.seed", "data.shuffle", "data.group_by_modality_length")
+# The grouped order (group_by_modality_length) also follows the step's layout (ordering.py).
+_GROUPED_ORDER_FIELDS = ("data.rows_per_host", "grad_accum", "data.worker_count")
 # Model fields that only choose how it runs, not what it is.
 _EXECUTION_FIELDS = ("model.dtype", "model.remat_policy", "model.attention_impl", "model.vision_token_multiple")
 # Where the run lives: moving a run directory is no change.
@@ -424,6 +429,8 @@ def compare_with_saved(saved: dict, new: dict) -> tuple[list[str], list[str]]:
     """
     old_flat, new_flat = _flat(saved), _flat(new)
     synthetic = bool(saved.get("synthetic_records")) and bool(new.get("synthetic_records"))
+    grouped = bool(old_flat.get("data.group_by_modality_length")) or bool(new_flat.get("data.group_by_modality_length"))
+    order_fields = _ORDER_FIELDS + (_GROUPED_ORDER_FIELDS if grouped else ())
     other_run, changed = [], []
     for key in sorted(set(old_flat) | set(new_flat)):
         old, cur = old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>")
@@ -433,7 +440,8 @@ def compare_with_saved(saved: dict, new: dict) -> tuple[list[str], list[str]]:
             continue
         line = f"{key}: {old!r} -> {cur!r}"
         same_run = key.startswith(_SAME_RUN_FIELDS) and key not in _EXECUTION_FIELDS
-        if synthetic and key == "data.seed":
-            same_run = True  # the generated records depend on it
+        if key in order_fields:
+            same_run = True
+            line += " (it sets the record order, which the saved data position indexes)"
         (other_run if same_run else changed).append(line)
     return other_run, changed
