@@ -344,3 +344,22 @@ def test_resume_refuses_data_that_changed_its_number_of_records(straight_run, tm
     assert (tmp_path / "run" / "recipe.json").read_text() == recipe  # refused before anything is written
     data.write_text(json.dumps(records))  # the same data again: the run continues
     assert loop_lib.train(demo_config(tmp_path / "run", *own, "num_steps=2")).last_step == 2
+
+
+def test_data_smaller_than_one_step_is_an_error_and_a_used_up_run_resumes_to_nothing(straight_run, tmp_path, caplog):
+    """3 records in one epoch cannot fill a step of 4 accumulation steps: the run trained nothing,
+    which is a failure, not a completed run with no checkpoint. A run that used its data up and is
+    launched again only says so."""
+    records = json.loads((straight_run[0] / "data" / "records.json").read_text())
+    (tmp_path / "few.json").write_text(json.dumps(records[:3]))
+    own = ["synthetic_records=None", f"data.data_path={tmp_path}/few.json", f"data.image_folder={straight_run[0]}/data",
+           "data.num_epochs=1", "data.pack=False"]
+    with pytest.raises(loop_lib.TrainingError, match=r"the data ran out before the first step: .*few.json does not fill "
+                                                     r"one step's batch \(4 rows: 1 shards x 1 rows x 4 accumulation"):
+        loop_lib.train(demo_config(tmp_path / "short", *own, "grad_accum=4"))
+    result = loop_lib.train(demo_config(tmp_path / "run", *own))
+    assert (result.status, result.last_step) == ("data_exhausted", 3)
+    with caplog.at_level(logging.WARNING, logger="manager_jax"):
+        again = loop_lib.train(demo_config(tmp_path / "run", *own))
+    assert (again.status, again.first_step, again.last_step, again.losses) == ("data_exhausted", 3, 3, [])
+    assert "the data ran out at step 3 (num_steps 6): nothing to train" in caplog.text

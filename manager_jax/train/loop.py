@@ -535,6 +535,13 @@ def train(
             stop_for_skips(fetched is None)
         if exhausted and step < config.num_steps:
             status, fetched = "data_exhausted", None
+            if step == 0:  # not one step's batch in the data: a run that trains nothing has failed
+                raise TrainingError(
+                    f"the data ran out before the first step: {config.data.mixture or config.data.data_path} does not "
+                    f"fill one step's batch ({config.global_batch_size} rows: {shards} shards x "
+                    f"{config.data.rows_per_host} rows x {accum} accumulation steps) in data.num_epochs="
+                    f"{config.data.num_epochs}; give more data, more epochs (None: repeat) or a smaller batch")
+            logger.warning("the data ran out at step %d (num_steps %d): nothing to train", step, config.num_steps)
         while fetched is not None and step < config.num_steps:
             batch = place_batch(setup, fetched[0], shards=shards)
             run = step_fn
