@@ -310,8 +310,9 @@ def resolve_params_dir(path: str) -> tuple[str, str | None]:
     """(Orbax params item directory, config.json path or None) for a params dir or training checkpoint.
 
     A training checkpoint directory holds numbered step directories; the latest committed one
-    (Orbax's commit_success.txt) with a `params` item wins, as the training loop would resume from
-    it. Newer steps that are skipped (no params item, an unfinished save) are logged. Its config is
+    (Orbax's commit_success.txt) with a `params` item wins. Newer steps that are skipped (no params
+    item, an unfinished save) are logged; the training loop refuses to resume from a step without
+    its items. Its config is
     looked up in the step directory, then the checkpoint root. A training `output_dir` (holding
     `checkpoints/`) resolves to its latest checkpoint.
     """

@@ -363,3 +363,17 @@ def test_data_smaller_than_one_step_is_an_error_and_a_used_up_run_resumes_to_not
         again = loop_lib.train(demo_config(tmp_path / "run", *own))
     assert (again.status, again.first_step, again.last_step, again.losses) == ("data_exhausted", 3, 3, [])
     assert "the data ran out at step 3 (num_steps 6): nothing to train" in caplog.text
+
+
+def test_a_resume_from_a_step_with_a_removed_item_is_refused_in_one_line(straight_run, tmp_path):
+    """A step directory whose params were removed (or whose metadata is damaged) was resumed and
+    failed deep in Orbax with a KeyError traceback."""
+    out = _copy_run(straight_run[0], tmp_path / "run")
+    shutil.rmtree(out / "checkpoints" / "6" / "params")
+    os.remove(out / "checkpoints" / "6" / "data" / "metadata")
+    before = _snapshot(out)
+    with pytest.raises(FileNotFoundError, match=r"6: the checkpoint of step 6 has no readable params, data \(files "
+                                                r"removed or damaged\); remove that step directory to start afresh"):
+        loop_lib.train(demo_config(out, "num_steps=8"))
+    assert _snapshot(out) == before
+    assert FileNotFoundError in loop_lib.input_errors()  # run.py: one error line, exit status 2

@@ -197,9 +197,21 @@ class Checkpointer:
         self.manager.close()
 
 
+class IncompleteCheckpointError(FileNotFoundError):
+    """The latest step directory lacks items (removed or damaged files): a resume cannot restore it."""
+
+
+def missing_items(step_dir: str) -> list[str]:
+    """The items of a finished step directory that are absent or have no Orbax metadata."""
+    metadata = {"data": "metadata", "recipe": "metadata"}
+    return [item for item in ITEMS
+            if not os.path.exists(os.path.join(step_dir, item, metadata.get(item, "_METADATA")))]
+
+
 def saved_run(directory: str) -> tuple[list[int], dict | None, list[Any] | None]:
     """(steps, run config of the latest step, its data states per shard) of a checkpoint directory;
-    ([], None, None) when it holds none. Reads only: creates nothing."""
+    ([], None, None) when it holds none. Reads only: creates nothing. IncompleteCheckpointError
+    when the latest step lacks an item."""
     if not os.path.isdir(directory):
         return [], None, None
     manager = ocp.CheckpointManager(
@@ -210,6 +222,12 @@ def saved_run(directory: str) -> tuple[list[int], dict | None, list[Any] | None]
         steps = sorted(manager.all_steps())
         if not steps:
             return [], None, None
+        missing = missing_items(os.path.join(directory, str(steps[-1])))
+        if missing:
+            earlier = f"to resume from step {steps[-2]}" if len(steps) > 1 else "to start afresh"
+            raise IncompleteCheckpointError(
+                f"{os.path.join(directory, str(steps[-1]))}: the checkpoint of step {steps[-1]} has no readable "
+                f"{', '.join(missing)} (files removed or damaged); remove that step directory {earlier}")
         out = manager.restore(steps[-1], args=ocp.args.Composite(recipe=ocp.args.JsonRestore(),
                                                                  data=ocp.args.JsonRestore()))
     finally:
