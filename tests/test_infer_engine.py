@@ -299,6 +299,32 @@ def test_rows_without_a_prompt_do_not_hold_the_loop(baseline_engine):
     assert engine.last_decode_steps == max(len(g.token_ids) for g in gens)
 
 
+def test_each_prompt_has_its_own_room_below_max_length(baseline_engine):
+    """max_length bounds each prompt's answer by its own length: a short prompt batched with one
+    that leaves room for 3 tokens still gets its max_new_tokens (before, every row was cut to the
+    longest prompt's room, so the answer depended on the batch), at any row of the batch."""
+    model, _ = baseline_engine
+    engine = InferenceEngine(model, pad_id=0, max_length=20)
+    short, long = Prompt([5, 6, 7]), Prompt(list(range(1, 18)))  # 17 tokens: room for 3
+
+    def greedy(prompt, steps):  # uncached full forwards
+        out: list[int] = []
+        for _ in range(steps):
+            out.append(int(np.argmax(full_forward_logits(model, engine, prompt, out))))
+        return out
+
+    expected = {"short": (greedy(short, 8), "length"), "long": (greedy(long, 3), "length")}
+    params = SamplingParams(max_new_tokens=8)
+    for order in (("short", "long"), ("long", "short")):
+        prompts = [short if name == "short" else long for name in order]
+        gens = engine.generate(prompts, params)
+        assert [(g.token_ids, g.finish_reason) for g in gens] == [expected[name] for name in order], order
+    # An end id ends a row before its limit, as before.
+    stop = expected["short"][0][1]
+    gens = engine.generate([short, long], SamplingParams(max_new_tokens=8, eos_ids=(stop,)))
+    assert (gens[0].token_ids, gens[0].finish_reason) == (expected["short"][0][:2], "eos")
+
+
 def test_decode_min_rows_pads_the_decode_and_keeps_the_answers(manager_engine):
     model, engine = manager_engine
     padded = InferenceEngine(model, pad_id=0, decode_min_rows=3)

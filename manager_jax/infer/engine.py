@@ -18,7 +18,8 @@ length, crops, image tokens), the decode loop once per (rows, cache length, gree
 Sampling knobs, max_new_tokens, eos ids and the vocabulary limit are traced values.
 
 The decode loop is a `lax.while_loop` on device: no Python per token. It stops when every row has
-produced an eos id or after max_new_tokens.
+produced an eos id or reached its own limit (max_new_tokens, or less where its prompt leaves less
+room below max_length).
 """
 
 from __future__ import annotations
@@ -582,14 +583,22 @@ class InferenceEngine:
         def mark(seen, tok):  # ids produced so far, for the repetition penalty
             return seen.at[jnp.arange(rows), tok].set(True)
 
+        # Each row's own limit: max_new is the shortest prompt's (`_row_max_new`), a longer one has
+        # less room below max_length.
+        row_max = jnp.minimum(controls["max_new"], self.max_length - next_pos)
+
+        def ended(tok, count):  # an end id, or the row's own answer limit
+            return is_eos(tok) | (count >= row_max)
+
         key, sub = split_rows(row_keys(key, controls["stream"]))  # one random stream per prompt
         seen = jnp.zeros(first_logits.shape, bool)
         first = pick(first_logits, seen, sub)
         out = jnp.full((rows, new_slots), pad, jnp.int32).at[:, 0].set(first)
+        count = jnp.ones((rows,), jnp.int32)
         # Rows that hold no prompt (a batch bucket's padding, decode_min_rows' fillers) start done:
         # the loop's end waits for the prompts' answers only.
-        state0 = (jnp.int32(1), first, out, is_eos(first) | ~controls["live"], jnp.ones((rows,), jnp.int32), cache,
-                  key, mark(seen, first))
+        state0 = (jnp.int32(1), first, out, ended(first, count) | ~controls["live"], count, cache, key,
+                  mark(seen, first))
 
         def room_for(steps):  # a token loop may run `steps` more steps (step i makes token i)
             def cond(carry):
@@ -604,7 +613,7 @@ class InferenceEngine:
             new = jnp.where(done, pad, pick(logits, seen, sub))
             out = jax.lax.dynamic_update_slice(out, new[:, None], (jnp.int32(0), i))
             count = count + (~done).astype(jnp.int32)
-            return i + 1, new, out, done | is_eos(new), count, cache, key, mark(seen, new)
+            return i + 1, new, out, done | ended(new, count), count, cache, key, mark(seen, new)
 
         def run_of_steps(carry):
             # Unrolled, not a nested loop of known trip count: on an H100 the GPU runtime left the
@@ -683,15 +692,17 @@ class InferenceEngine:
         return self.decode(prepared, first_logits, cache, params, streams=streams)
 
     def new_slots(self, prepared: PreparedBatch, params: SamplingParams) -> int:
-        """Cache slots reserved for the answers (max_new_tokens, cut to the room below max_length, bucketed)."""
-        return length_bucket(self._max_new(prepared, params), self.min_new_bucket)
+        """Cache slots reserved for the answers (the longest answer a prompt may have, bucketed)."""
+        return length_bucket(int(self._row_max_new(prepared, params).max()), self.min_new_bucket)
 
-    def _max_new(self, prepared: PreparedBatch, params: SamplingParams) -> int:
-        room = self.max_length - int(prepared.lengths.max())
-        if room < 1:
+    def _row_max_new(self, prepared: PreparedBatch, params: SamplingParams) -> np.ndarray:
+        """Most tokens each prompt may get: max_new_tokens, cut to the room below max_length that
+        its own length leaves (not the batch's longest: an answer must not depend on its batch)."""
+        room = self.max_length - prepared.lengths[: prepared.num_prompts].astype(np.int64)
+        if room.min() < 1:
             raise PromptTooLongError(f"a prompt fills {self._max_length_name} of {self.max_length} tokens; "
                                      "no room to generate")
-        return min(params.max_new_tokens, room)
+        return np.minimum(params.max_new_tokens, room).astype(np.int32)
 
     def decode(self, prepared: PreparedBatch, first_logits, cache, params: SamplingParams, *,
                streams: Sequence[int] | None = None) -> list[Generation]:
@@ -706,15 +717,18 @@ class InferenceEngine:
             rows = self.decode_min_rows
         kv_seg = self._put({"kv_seg": kv_seg}, rows)["kv_seg"]
         next_pos = self._put({"next_pos": next_pos}, rows)["next_pos"]
-        out, count, done, steps, cache = self._decode_jit(
+        out, count, _, steps, cache = self._decode_jit(
             self.state, first_logits, cache, kv_seg, next_pos, controls, jax.random.key(params.seed),
             greedy=params.greedy, new_slots=new_slots,
         )
         del cache
-        out, count, done = np.asarray(out), np.asarray(count), np.asarray(done)
+        out, count = np.asarray(out), np.asarray(count)
         self.last_decode_steps = int(steps)
+        # A row ended on an end id when its last token is one (else at its limit).
+        eos = set(controls["eos"][controls["eos"] >= 0].tolist())
         return [
-            Generation(out[r, : count[r]].tolist(), "eos" if done[r] else "length", int(prepared.lengths[r]))
+            Generation(out[r, : count[r]].tolist(), "eos" if out[r, count[r] - 1] in eos else "length",
+                       int(prepared.lengths[r]))
             for r in range(prepared.num_prompts)
         ]
 
@@ -746,7 +760,7 @@ class InferenceEngine:
             raise ValueError(f"streams must be in [0, 2**31); got {streams.tolist()}")
         # The rows after the prompts (the batch bucket's padding, decode_min_rows' fillers) repeat the last.
         streams = np.pad(streams.astype(np.int32), (0, rows - prompts), mode="edge")
-        max_new = self._max_new(prepared, params)
+        max_new = int(self._row_max_new(prepared, params).max())
         if new_slots < max_new:
             raise ValueError(f"the cache has {new_slots} answer slots, {max_new} are needed")
         eos_ids = self.eos_ids if params.eos_ids is None else [int(e) for e in params.eos_ids]
