@@ -265,6 +265,25 @@ def test_jsonl_lines_are_all_checked_before_the_first_answer(checkpoint, capsys,
         assert f"{prompts}:4" in err and message in err, (name, err)
 
 
+def test_jsonl_line_that_leaves_no_room_to_answer_is_refused_before_the_first_answer(checkpoint, model_and_tokenizer,
+                                                                                     capsys, tmp_path):
+    """A line whose prompt fills --max-length exactly passed the up-front check (it fits) and then
+    failed in its own batch, after the earlier lines' answers were printed."""
+    ckpt, _, _ = checkpoint
+    _, tok = model_and_tokenizer
+    long = "word " * 40
+    length = len(build_eval_prompt(long, 0, tok))
+    prompts = tmp_path / "full.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": long}) + "\n")
+    argv = ["--checkpoint", ckpt, "--prompts", str(prompts), "--json", "--batch-size", "1", "--max-new-tokens", "2"]
+    code, out, err = run(generate_main, argv + ["--max-length", str(length)], capsys)
+    assert code == 2 and out == "", out
+    assert f"{prompts}:2" in err and "no room to generate" in err, err
+    code, out, err = run(generate_main, argv + ["--max-length", str(length + 1)], capsys)  # room for one token
+    assert code == 0, err
+    assert [len(json.loads(line)["token_ids"]) for line in out.strip().splitlines()] == [2, 1]
+
+
 def test_tokenizer_folder_without_a_tokenizer(checkpoint, capsys, tmp_path):
     ckpt, _, _ = checkpoint
     (tmp_path / "empty").mkdir()

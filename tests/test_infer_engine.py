@@ -402,9 +402,12 @@ def test_check_prompt_measures_what_process_builds():
         ids = [1, 2, *[IMAGE_TOKEN_INDEX] * len(images), 3]
         length = engine.process(ids, images, "p").expanded_length
         sizes = [im.size for im in images]
-        InferenceEngine(model, pad_id=0, max_length=length).check_prompt(ids, sizes, "f.jsonl:3")
+        InferenceEngine(model, pad_id=0, max_length=length + 1).check_prompt(ids, sizes, "f.jsonl:3")
         with pytest.raises(PromptTooLongError, match=f"prompt f.jsonl:3 has {length} tokens.*max_length of {length - 1}"):
             InferenceEngine(model, pad_id=0, max_length=length - 1).check_prompt(ids, sizes, "f.jsonl:3")
+        # A prompt that fills max_length leaves no room for an answer: refused up front, as generate would.
+        with pytest.raises(PromptTooLongError, match=f"prompt f.jsonl:3 has {length} tokens.*no room to generate"):
+            InferenceEngine(model, pad_id=0, max_length=length).check_prompt(ids, sizes, "f.jsonl:3")
     with pytest.raises(InputError, match="f.jsonl:2: 1 image placeholders but 2 images"):
         engine.check_prompt([1, IMAGE_TOKEN_INDEX], [(10, 10), (10, 10)], "f.jsonl:2")
     for bad in (dict(max_length=0), dict(max_length=-5), dict(vocab_limit=0)):

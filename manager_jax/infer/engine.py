@@ -456,12 +456,17 @@ class InferenceEngine:
             )
 
     def check_prompt(self, ids: Sequence[int], image_sizes: Sequence[tuple[int, int]], name: str) -> None:
-        """The checks of `process` (placeholders, ids, length after image expansion) from the images'
-        sizes (W, H) alone: no pixels, so a whole prompt file can be checked before generating."""
+        """The checks of `process` (placeholders, ids, length after image expansion) and `generate`'s
+        room for an answer, from the images' sizes (W, H) alone: no pixels, so a whole prompt file
+        can be checked before generating."""
         ids = self._checked_ids(ids, len(image_sizes), name)
         options = self._image_options(len(image_sizes))
         tokens = [multigrid.plan_image(tuple(size), **options).num_tokens for size in image_sizes]
         self._check_length(name, len(ids), tokens)
+        expanded = len(ids) - len(tokens) + sum(tokens)
+        if expanded >= self.max_length:
+            raise PromptTooLongError(f"prompt {name} has {expanded} tokens after image expansion, filling "
+                                     f"{self._max_length_name} of {self.max_length}: no room to generate")
 
     def process(self, ids: Sequence[int], images: Sequence[Image.Image], name: str) -> ProcessedSample:
         """Preprocess one prompt's images and pair them with its ids."""
