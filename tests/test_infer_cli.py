@@ -215,6 +215,30 @@ def test_damaged_checkpoints_give_one_line_errors(checkpoint, capsys, tmp_path):
             assert "Traceback" not in err
 
 
+def test_damaged_generation_config_gives_one_line_errors(checkpoint, capsys, tmp_path):
+    """generation_config.json (eos ids, repetition penalty) that is not JSON, not an object, or holds
+    values of the wrong type: `error: cannot read checkpoint ...` naming the file, exit 2 (score used
+    to crash with a traceback, generate to print its usage and a bare JSON parser message)."""
+    import shutil
+
+    ckpt, _, _ = checkpoint
+    cases = {"truncated": '{"eos_token_id": ', "list": "[1, 2]", "eos_text": '{"eos_token_id": ["x"]}',
+             "penalty_text": '{"repetition_penalty": "high"}', "penalty_zero": '{"repetition_penalty": 0}'}
+    for name, text in cases.items():
+        shutil.copytree(ckpt, tmp_path / name)
+        (tmp_path / name / "generation_config.json").write_text(text)
+        for main, extra in ((generate_main, ["--max-new-tokens", "1"]), (score_main, ["--continuation", "x"])):
+            if main is score_main and name.startswith("penalty"):
+                continue  # scoring reads the eos ids only
+            try:
+                code, out, err = run(main, ["--checkpoint", str(tmp_path / name), "--prompt", "hi", *extra], capsys)
+            except SystemExit as exit_:  # a usage message is not the right answer either
+                code, out, err = exit_.code, *capsys.readouterr()
+            assert code == 2 and out == "", (name, main.__name__, code)
+            assert err.startswith("error: cannot read checkpoint") and "generation_config.json" in err, (name, err)
+            assert len(err.strip().splitlines()) == 1, (name, err)
+
+
 def test_out_of_range_values_are_usage_errors(checkpoint, capsys):
     """Non-finite sampling values, --max-length < 1, --vocab-limit 0: exit 2 before anything loads
     (inf and nan used to produce excluded ids or "!!!", 0 was read as "default")."""

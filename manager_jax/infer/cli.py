@@ -241,6 +241,9 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
             penalty = read_repetition_penalty(args.checkpoint) if os.path.isdir(args.checkpoint) else 1.0
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed, repetition_penalty=penalty)
+    except CheckpointError as e:  # a damaged generation_config.json: bad input, not a usage error
+        print(f"error: {e}", file=sys.stderr)
+        return exit_status.BAD_INPUT
     except ValueError as e:
         p.error(str(e))
     try:

@@ -127,23 +127,44 @@ def read_generation_config(checkpoint: str | None) -> dict:
     if checkpoint:
         path = os.path.join(checkpoint, "generation_config.json")
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+                raise CheckpointError(f"cannot read checkpoint {checkpoint!r}: generation_config.json: "
+                                      f"not valid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise CheckpointError(f"cannot read checkpoint {checkpoint!r}: generation_config.json: expected "
+                                      f"an object, got {type(config).__name__}")
+            return config
     return {}
+
+
+def _bad_generation_config(checkpoint: str | None, key: str, value, expected: str) -> CheckpointError:
+    return CheckpointError(f"cannot read checkpoint {checkpoint!r}: generation_config.json: {key} must be "
+                           f"{expected}, got {value!r}")
 
 
 def read_eos_ids(checkpoint: str | None, fallback: Sequence[int]) -> list[int]:
     """eos ids of the checkpoint's generation_config.json (SPEC §7.2 step 9), else `fallback`."""
     eos = read_generation_config(checkpoint).get("eos_token_id")
     if eos is not None:
-        return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+        ids = eos if isinstance(eos, list) else [eos]
+        if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
+            raise _bad_generation_config(checkpoint, "eos_token_id", eos, "a token id or a list of them")
+        return [int(e) for e in ids]
     return [int(e) for e in fallback]
 
 
 def read_repetition_penalty(checkpoint: str | None) -> float:
     """generation_config.json's repetition_penalty (1.0 when absent). HF applies it in greedy mode
     too, so the original evaluation used it whenever the checkpoint had one (SPEC §7.2 step 10)."""
-    return float(read_generation_config(checkpoint).get("repetition_penalty") or 1.0)
+    penalty = read_generation_config(checkpoint).get("repetition_penalty")
+    if penalty is None:
+        return 1.0
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < float("inf"):
+        raise _bad_generation_config(checkpoint, "repetition_penalty", penalty, "a number > 0 (1.0 = off)")
+    return float(penalty)
 
 
 def default_vocab_limit(tokenizer, model_vocab: int) -> int:
