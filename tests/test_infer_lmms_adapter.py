@@ -394,3 +394,26 @@ def test_loglikelihood_mixed_requests_keep_their_order(adapter):
     assert results == singles
     assert results[3] == (0.0, True)
     assert len({r[0] for r in results}) == len(results)  # distinct: a swapped result would show
+
+
+def test_requests_too_long_for_max_length_are_skipped_and_counted(adapter, checkpoint, caplog):  # noqa: F811
+    """With max_length 1,000 the two-image document (2 x 729 image tokens) does not fit: its
+    requests are skipped with a warning and counted ("" and -inf), the others are answered as
+    without the limit, and the evaluation goes on."""
+    ckpt, _, _ = checkpoint
+    short = LlavaOVManagerJax(pretrained=ckpt, dtype="float32", batch_size="3", max_length="1000")
+    short.task_dict = adapter.task_dict
+    kwargs = {"max_new_tokens": 4, "until": ["\n\n"], "do_sample": False}
+    asks = [Instance("generate_until", (q, dict(kwargs), doc_to_visual, d, TASK, SPLIT))
+            for q, d in (("What is in the image?", 0), ("Compare the images.", 1), ("Which colour?", 0))]
+    scores = [Instance("loglikelihood", (q, t, doc_to_visual, d, TASK, SPLIT))
+              for q, t, d in (("How many?", "Two", 1), ("What is it?", "A cat", 0))]
+    with caplog.at_level("WARNING", logger="manager_jax.infer.lmms_adapter"):
+        answers = short.generate_until(asks)
+        results = short.loglikelihood(scores)
+    assert answers[1] == "" and short.skipped_too_long == 2
+    assert answers[0] == adapter.generate_until([asks[0]])[0] and answers[2] == adapter.generate_until([asks[2]])[0]
+    assert results[0] == (float("-inf"), False) and results[1] == adapter.loglikelihood([scores[1]])[0]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all(f"request {TASK}/{SPLIT}/1 skipped" in w for w in warnings)
+    assert "(2 so far)" in warnings[1]

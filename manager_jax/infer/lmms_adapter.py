@@ -20,6 +20,10 @@ Differences from the original, on purpose:
   file too, else from HF's defaults (temperature 1, top_k 50), as HF generate does (do_sample with
   temperature 0, which HF refuses, decodes greedily); `num_beams` > 1 is not supported (a warning).
 - Videos and JSON-encoded multi-turn contexts are not supported (contexts are plain questions).
+- A request whose prompt (after image expansion) does not fit `max_length` (the model's maximum
+  position unless given) is skipped with a warning and counted (`skipped_too_long`): its answer is
+  "" and its log-likelihood -inf, and the evaluation goes on. The original has no such limit (HF
+  runs past the trained positions); here one long document must not end a run of hours.
 - `generate_until_multi_round` follows the original's round protocol (the task's `doc_to_text`
   gives each next round's visuals and context and says when to stop), one request at a time, with
   a round limit (`max_rounds`) instead of looping for ever on a task that never says stop.
@@ -54,7 +58,7 @@ from typing import Any
 
 from PIL import Image
 
-from manager_jax.infer.engine import InferenceEngine, InputError
+from manager_jax.infer.engine import InferenceEngine, InputError, PromptTooLongError
 from manager_jax.infer.loading import (
     default_vocab_limit,
     load_model,
@@ -244,6 +248,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         self.batch_size_per_gpu = max(int(batch_size), 1)
         self.apply_until = _as_bool(apply_until)
         self.max_rounds = int(max_rounds)
+        self.skipped_too_long = 0  # requests whose prompt does not fit max_length (module docstring)
 
     @property
     def batch_size(self) -> int:
@@ -272,6 +277,20 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id) -> list[Image.Image]:
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
         return _images(visuals, f"{task}/{split}/{doc_id}")
+
+    def _fits(self, prompt, images: list[Image.Image], where: str) -> bool:
+        """Whether the prompt leaves room to answer below max_length; if not, the request is
+        skipped: counted and logged, not an error that would end the evaluation."""
+        try:
+            self.engine.check_prompt(prompt.ids, [image.size for image in images], where)
+        except PromptTooLongError as err:
+            self._skip_too_long(where, err)
+            return False
+        return True
+
+    def _skip_too_long(self, where: str, err: PromptTooLongError) -> None:
+        self.skipped_too_long += 1
+        logger.warning("request %s skipped (%d so far): %s", where, self.skipped_too_long, err)
 
     def _answers(self, prompts: list, params: SamplingParams, until: list[str], streams: Sequence[int]) -> list[str]:
         """Decoded, stripped answers to prompts generated as one batch (`streams`: each prompt's
@@ -327,16 +346,20 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         for indices in groups.values():
             params, until = self._sampling(requests[indices[0]].args[1])
             for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                prompts = []
-                for index in chunk:
+                prompts, kept = [], []
+                for index in indices[start : start + self.batch_size]:
                     context, _, doc_to_visual, doc_id, task, split = requests[index].args
                     images = self._visuals(doc_to_visual, task, split, doc_id)
-                    prompts.append(generation_prompt(context, images, self.tokenizer))
+                    prompt = generation_prompt(context, images, self.tokenizer)
+                    if self._fits(prompt, images, f"{task}/{split}/{doc_id}"):  # else its answer stays ""
+                        prompts.append(prompt)
+                        kept.append(index)
+                if not prompts:
+                    continue
                 # Each request samples from the stream of its document, whatever the batch size, the
                 # other requests, and how lmms-eval splits them over processes.
-                chunk_streams = [streams[index] for index in chunk]
-                for index, answer in zip(chunk, self._answers(prompts, params, until, chunk_streams)):
+                chunk_streams = [streams[index] for index in kept]
+                for index, answer in zip(kept, self._answers(prompts, params, until, chunk_streams)):
                     results[index] = answer
         return [r if r is not None else "" for r in results]
 
@@ -353,7 +376,12 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
             if score is None:
                 results.append((0.0, True))
                 continue
-            result = self.engine.score([score])[0]
+            try:
+                result = self.engine.score([score])[0]
+            except PromptTooLongError as err:  # skipped and counted: no option is chosen for it
+                self._skip_too_long(f"{task}/{split}/{doc_id}", err)
+                results.append((float("-inf"), False))
+                continue
             results.append((result.logprob, result.is_greedy))
         return results
 
@@ -388,6 +416,9 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
                                          "(raise max_rounds if the task needs more)")
                     images = _images(visuals, where)
                 prompt = generation_prompt(context, images, self.tokenizer)
+                if not self._fits(prompt, images, f"{where} round {round_idx}"):
+                    answers.append("")  # skipped (counted); no later round can fit better
+                    break
                 stream = request_stream(task, split, doc_id, context, 0)
                 answers.append(self._answers([prompt], params, until, [stream])[0])
             results.append(tuple(answers))
