@@ -112,6 +112,28 @@ def test_pad_pixels_equal_transformers_multi_image(hf_image_processor):
     np.testing.assert_allclose(normalize(pixels), ref, atol=1e-6)
 
 
+def transparent_images():
+    rng = np.random.default_rng(6)
+    rgba = rng.integers(0, 256, (300, 500, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(rng.random((300, 500)) < 0.3, 0, rgba[..., 3])  # fully clear pixels too
+    rgba = Image.fromarray(rgba, "RGBA")
+    pal = rgba.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pal.info["transparency"] = 3  # a palette entry drawn as clear (PNG tRNS)
+    return {"RGBA": rgba, "LA": rgba.convert("LA"), "PA": rgba.convert("PA"), "P+tRNS": pal}
+
+
+@pytest.mark.parametrize("name", ["RGBA", "LA", "PA", "P+tRNS"])
+def test_hf_convention_composites_transparency_on_white_as_transformers(name, hf_image_processor):
+    # transformers' processor lays transparent pixels over white; the original (and "original")
+    # converts with PIL, which drops the alpha channel.
+    image = transparent_images()[name]
+    ref = hf_image_processor(images=[image], return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
+    pixels, _ = ip.preprocess_image(image, mode="anyres_max_9", pinpoints=PINPOINTS, convention="hf")
+    np.testing.assert_allclose(normalize(pixels), ref, atol=1e-6)
+    original, _ = ip.preprocess_image(image, mode="anyres_max_9", pinpoints=PINPOINTS, convention="original")
+    np.testing.assert_array_equal(original, ip.crop_pixels(spec_crops(image.convert("RGB"))))
+
+
 def test_max_tiles_keeps_crops_and_plan_consistent():
     image = random_image(1920, 1080, seed=6)
     pixels, plan = ip.preprocess_image(image, mode="anyres_max_9", pinpoints=PINPOINTS, max_tiles=4)

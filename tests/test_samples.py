@@ -124,6 +124,24 @@ def test_non_rgb_modes_are_converted(mode):
     assert np.abs(centre - expected).max() <= 12  # same colour up to JPEG / palette error
 
 
+def test_hf_convention_records_lay_transparent_images_over_white_as_transformers(tok, tmp_path):
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :30, 3] = 255  # left half opaque red, right half fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    rec = {"id": "t", "image": "t.png", "conversations": ask()}
+    hf_opts = SampleOptions.from_configs(tiny(), image_folder=str(tmp_path), convention="hf", image_mode="square")
+    sample = process_record(rec, tok, hf_opts)
+    processor = LlavaOnevisionImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": 384, "width": 384})
+    ref = processor(images=[Image.open(tmp_path / "t.png")], return_tensors="np")["pixel_values"][0][0]  # the base crop
+    np.testing.assert_allclose(sample.pixels[0].astype(np.float32) / 127.5 - 1, ref.transpose(1, 2, 0), atol=1e-5)
+    assert (sample.pixels[0, :, -20:] == 255).all()  # the clear half is white
+    original = process_record(rec, tok, opts(str(tmp_path), image_mode="square"))
+    assert (original.pixels[0, :, -20:] == (200, 0, 0)).all()  # the original drops alpha
+
+
 def test_size_limits_skip_before_pixel_work(tok, folder):
     rec = {"id": "big", "image": "a.jpg", "conversations": ask()}  # 2929 image tokens, 5 crops
     with pytest.raises(SkipSample, match="too_long"):

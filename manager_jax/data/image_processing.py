@@ -19,12 +19,14 @@ PAD_COLOR = (127, 127, 127)  # int(0.5 * 255) for each channel: pad-to-square ba
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def load_rgb(image: Image.Image) -> Image.Image:
+def load_rgb(image: Image.Image, convention: str = "original") -> Image.Image:
     """Convert a PIL image of any mode to 8-bit RGB.
 
     As in the original (``Image.open(...).convert("RGB")``), PIL's own conversion is used for
     8-bit modes: alpha is dropped (not composited), palettes are expanded, CMYK/YCbCr/LAB/HSV
-    go through PIL's converters. Departures, because PIL clips instead of scaling:
+    go through PIL's converters. With ``convention="hf"`` an image with an alpha band or a
+    transparency entry is laid over white first, as transformers' image processors do.
+    Departures, because PIL clips instead of scaling:
 
     - 16-bit modes (``I;16*``) are scaled to 8 bits with ``round(v / 257)`` (65535 -> 255).
     - ``I`` (32-bit int): negative values clip to 0; if the maximum exceeds 255 the image is
@@ -36,8 +38,13 @@ def load_rgb(image: Image.Image) -> Image.Image:
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"load_rgb expects a PIL.Image.Image, got {type(image).__name__}")
+    if convention not in multigrid.CONVENTIONS:
+        raise ValueError(f"convention must be one of {multigrid.CONVENTIONS}, got {convention!r}")
     if image.mode == "RGB":
         return image
+    if convention == "hf" and ("A" in image.getbands() or image.info.get("transparency") is not None):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         return Image.fromarray(_to_uint8_gray(image)).convert("RGB")
     try:
@@ -98,7 +105,7 @@ def image_crops(
     ``convention`` and ``max_tiles`` select the canvas as :func:`multigrid.plan_image` does, so
     crops and plan agree.
     """
-    rgb = load_rgb(image)
+    rgb = load_rgb(image, convention)
     kind, _ = multigrid.parse_mode(mode)
     square = (patch, patch)
     if kind == "square":
@@ -152,7 +159,7 @@ def preprocess_image(
 
     ``grid_type`` (Manager "main"/"grid"/"all"), when given, fills ``plan.manager``.
     """
-    rgb = load_rgb(image)
+    rgb = load_rgb(image, convention)
     # Plan first: it raises clear errors before any pixel work.
     plan = multigrid.plan_image(
         rgb.size,

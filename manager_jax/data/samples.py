@@ -221,8 +221,11 @@ def read_image_file(path: str, rid: str) -> bytes:
         raise SkipSample(UNREADABLE_IMAGE, rid, f"{path!r}: {err}") from None
 
 
-def load_image(name: str, data: bytes | None, *, image_folder: str | None, rid: str) -> Image.Image:
-    """Open one image fully (from ``data`` or the file) and convert it to RGB; bad ones -> SkipSample."""
+def load_image(
+    name: str, data: bytes | None, *, image_folder: str | None, rid: str, convention: str = "original"
+) -> Image.Image:
+    """Open one image fully (from ``data`` or the file) and convert it to RGB (``load_rgb`` under
+    ``convention``); bad ones -> SkipSample."""
     if data is None:
         data = read_image_file(name if image_folder is None else os.path.join(image_folder, name), rid)
     if len(data) == 0:
@@ -233,7 +236,7 @@ def load_image(name: str, data: bytes | None, *, image_folder: str | None, rid: 
         img.load()  # decode now: truncated files fail here, not later in a worker
         if img.width == 0 or img.height == 0:
             raise SkipSample(ZERO_SIZE_IMAGE, rid, f"{name!r} is {img.width}x{img.height}")
-        return load_rgb(img)
+        return load_rgb(img, convention)
     except SkipSample:
         raise
     except Image.DecompressionBombError as err:
@@ -297,7 +300,7 @@ def process_record(
         )
 
     folder = record.get("_image_folder", options.image_folder) if isinstance(record, Mapping) else options.image_folder
-    images = [load_image(name, data, image_folder=folder, rid=rid) for name, data in entries]
+    images = [load_image(name, data, image_folder=folder, rid=rid, convention=options.convention) for name, data in entries]
     mode = "pad" if n_images > 1 else options.image_mode
     plans = [
         multigrid.plan_image(
