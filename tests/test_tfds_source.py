@@ -118,6 +118,8 @@ def test_cli(dataset, tmp_path, capsys):
     ("strict", 1, "skipped (missing_image)"),
     # An image folder that exists but is the wrong one: every image record would be left out.
     ("wrong_image_folder", 1, "left out, more than --max-skip-fraction=0.5: missing_image"),
+    # Training refuses a data set without records: converting one is refused up front.
+    ("empty", 2, "empty.json: no records"),
 ])
 def test_cli_errors_are_one_line_with_the_exit_status_and_write_nothing(dataset, tmp_path, capsys, case, status,
                                                                          message):
@@ -133,6 +135,11 @@ def test_cli_errors_are_one_line_with_the_exit_status_and_write_nothing(dataset,
         args["image-folder"] = str(tmp_path / "nope")
     elif case == "wrong_image_folder":
         args["image-folder"] = str(tmp_path)
+    elif case == "empty":
+        empty = tmp_path.parent / f"{tmp_path.name}_data" / "empty.json"
+        empty.parent.mkdir()
+        empty.write_text("[]")
+        args["data"] = str(empty)
     else:
         extra = ["--strict"]
     argv = [a for k, v in args.items() for a in (f"--{k}", v)] + extra

@@ -13,7 +13,7 @@ out fails the conversion (a wrong ``--image-folder``, say): training on such a d
 see the skips, only the text-only records that remain. The output
 folder is written under a temporary name and renamed at the end, so a failed run leaves no
 half-written dataset. Exit statuses as every command (manager_jax/exit_status.py): 2 for bad input
-(an existing ``--out`` without ``--overwrite``, unreadable data), 1 for a record ``--strict`` rejects
+(an existing ``--out`` without ``--overwrite``, unreadable data or no records), 1 for a record ``--strict`` rejects
 or too many records left out.
 """
 
@@ -31,7 +31,7 @@ from manager_jax import exit_status
 from manager_jax.data import tfds_source
 from manager_jax.data.ordering import modality_length
 from manager_jax.data.mixture import load_mixture
-from manager_jax.data.records import RecordSource, open_records
+from manager_jax.data.records import RecordFormatError, RecordSource, open_records
 from manager_jax.data.samples import (
     BAD_RECORD,
     ZERO_SIZE_IMAGE,
@@ -136,10 +136,12 @@ def convert_records(
 
 
 def open_any(data: str, *, seed: int = 0) -> RecordSource:
-    """JSON / JSONL / brace pattern, or a mixture YAML."""
-    if data.endswith((".yaml", ".yml")):
-        return load_mixture(data, seed=seed)
-    return open_records(data)
+    """JSON / JSONL / brace pattern, or a mixture YAML; RecordFormatError when it holds no records
+    (training refuses such a data set, so converting it would only defer the error)."""
+    source = load_mixture(data, seed=seed) if data.endswith((".yaml", ".yml")) else open_records(data)
+    if len(source) == 0:
+        raise RecordFormatError(f"{data}: no records")
+    return source
 
 
 def main(argv: Sequence[str] | None = None) -> int:
