@@ -90,10 +90,6 @@ class ProcessedSample:
         """Sequence length after each sentinel is replaced by its image's tokens."""
         return len(self.ids) - self.num_images + self.num_image_tokens
 
-    @property
-    def supervised_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
-
 
 @dataclasses.dataclass(eq=False)
 class Batch:
@@ -197,6 +193,12 @@ class ExpandedSample:
     image_lengths: np.ndarray
     full_length: int
     length: int
+
+    @property
+    def supervised_targets(self) -> int:
+        """Positions the loss trains on: position t predicts labels[t + 1] (the first label never
+        is a target), within the kept length."""
+        return int((self.labels[1:] != IGNORE_INDEX).sum())
 
 
 def expand_sample(ids: np.ndarray, labels: np.ndarray, image_lengths: Sequence[int], max_len: int | None = None) -> ExpandedSample:

@@ -130,3 +130,32 @@ def test_run_recipe_configs_load_through_the_recipe_loader(setup, tmp_path, caps
     with_image = [r for r in rows if r["image_sizes"]]
     assert with_image and all(r["num_crops"] == 1 and r["image_tokens"] == 729 for r in with_image)
     assert all(r["skipped"] == "too_long" for r in with_image)
+
+
+def test_supervised_tokens_are_the_targets_training_keeps_after_truncation(setup, capsys, tmp_path):
+    # An anyres 640x480 image takes 2929 tokens: a row of 2000 cut by truncation keeps no answer.
+    import numpy as np
+
+    from manager_jax.batch import assemble_batch
+    from manager_jax.config import tiny
+    from manager_jax.data.pipeline import DataConfig, sample_options
+    from manager_jax.data.samples import process_record
+    from manager_jax.data.tokenizer import load_tokenizer
+
+    root, cfg, records, _ = setup
+    record = next(r for r in records if isinstance(r.get("image"), str))
+    one = str(tmp_path / "one.json")
+    write_records(one, [record])
+    for seq_len in (2000, 4096):
+        argv = ["--config", cfg, "--json", "--data", one, "--set", "data.pack=False", "--set", f"data.seq_len={seq_len}"]
+        assert inspect_data.main(argv) == 0
+        row = json.loads(capsys.readouterr().out.splitlines()[0])
+        assert row["id"] == record["id"] and row["skipped"] is None
+        data = DataConfig(data_path="unused", image_folder=str(root), pack=False, seq_len=seq_len)
+        sample = process_record(record, load_tokenizer(), sample_options(data, tiny()))
+        batch = assemble_batch([sample], rows=1, seq_len=seq_len, max_crops=8, max_image_tokens=4000, pack=False,
+                               grid_type=None, query_type=None, truncate=True)
+        same = batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]
+        targets = int(((batch.labels[:, 1:] != -100) & same & (batch.segment_ids[:, :-1] != 0)).sum())
+        assert row["supervised_tokens"] == targets
+    assert targets > 0  # the 4096 row keeps the answer

@@ -13,8 +13,10 @@ JSON object per record::
     {"id", "image_sizes": [[W, H], ...], "num_crops", "image_tokens", "text_tokens",
      "supervised_tokens", "seq_len", "skipped": null | reason, "detail": null | what was wrong}
 
-(``seq_len`` is the length after image expansion, before any truncation; records skipped
-for their size, e.g. "too_long", still show their numbers) and then one line
+(``seq_len`` is the length after image expansion, before any truncation; ``supervised_tokens``
+the positions the loss trains on, after the truncation of a config that cuts long samples, so a
+record cut inside its image shows 0; records skipped for their size, e.g. "too_long", still show
+their numbers) and then one line
 ``{"summary": {...}}`` with counts, a sequence-length histogram and the skip reasons. Without
 ``--json`` the same is printed as a table. ``--strict`` stops at the first bad record (exit 1).
 """
@@ -32,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from manager_jax import exit_status
+from manager_jax.batch import expand_sample
 from manager_jax.data.pipeline import DataConfig, open_source, sample_options
 from manager_jax.data.samples import SkipCounter, SkipSample, check_limits, process_record, record_id
 
@@ -174,7 +177,8 @@ def _inspect_rows(source: Any, options: Any, data_config: DataConfig, tokenizer:
             num_crops=sample.num_crops,
             image_tokens=sample.num_image_tokens,
             text_tokens=len(sample.ids) - sample.num_images,
-            supervised_tokens=sample.supervised_tokens,
+            supervised_tokens=expand_sample(sample.ids, sample.labels, [p.num_tokens for p in sample.plans],
+                                            data_config.seq_len if options.truncate else None).supervised_targets,
             seq_len=sample.expanded_length,
         )
         if row["skipped"] is not None:
