@@ -89,6 +89,7 @@ def test_bad_input_is_one_error_line_and_exit_status_2(setup, capsys, tmp_path):
         (["--data", str(tmp_path / "missing.json")], "data file not found"),
         (["--data", str(tmp_path / "missing.yaml")], "missing.yaml"),
         (["--image-folder", str(tmp_path / "no_dir")], "no_dir': no such directory"),
+        (["--limit", "-1"], "--limit must be >= 0, got -1"),  # it summarised '"records": -1'
     ]
     for args, message in cases:
         assert inspect_data.main(["--config", cfg, "--json", *args]) == 2, args

@@ -240,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
     args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 0:
+        sys.stderr.write(f"error: --limit must be >= 0, got {args.limit}\n")
+        return exit_status.BAD_INPUT
     try:
         rows = _open(args)
     except (ValueError, OSError) as err:  # the config, the data files, the tokenizer: one line, no traceback
