@@ -322,6 +322,9 @@ class ModelConfig:
 
 
 def _text_from_qwen2(cfg: dict) -> TextConfig:
+    # save_pretrained leaves out values equal to Qwen2Config's defaults, so an absent rope_theta or
+    # tie_word_embeddings means those (1e4, untied), as transformers reads it; shapes are checked
+    # against the tensors, these two are not.
     hidden = cfg.get("hidden_size", 896)
     heads = cfg.get("num_attention_heads", 14)
     return TextConfig(
@@ -332,9 +335,9 @@ def _text_from_qwen2(cfg: dict) -> TextConfig:
         num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads", heads),
         head_dim=cfg.get("head_dim") or hidden // heads,
-        rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 1e6))),
+        rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         max_position_embeddings=cfg.get("max_position_embeddings", 32768),
     )
 

@@ -110,3 +110,39 @@ def test_presets():
 def test_invalid_configs_raise_clear_errors(change, message):
     with pytest.raises(C.ConfigError, match=message):
         C.preset("0.5b", "grid_manager").replace(**change)
+
+
+# A config.json may leave out what equals transformers' defaults (save_pretrained writes a diff
+# against them; Qwen2Config's are rope_theta 1e4 and untied embeddings). Neither is checked against
+# a tensor shape, so a wrong default silently changes the model.
+_QWEN2_DROPS = [
+    pytest.param(("rope_theta",), id="no-rope_theta"),
+    pytest.param(("tie_word_embeddings",), id="no-tie"),
+]
+
+
+@pytest.mark.parametrize("drop", _QWEN2_DROPS)
+def test_omitted_qwen2_fields_mean_what_transformers_reads(drop):
+    from transformers import Qwen2Config
+
+    raw = {k: v for k, v in _original_config(True, True).items() if k not in drop}
+    want = Qwen2Config.from_dict(dict(raw, model_type="qwen2"))
+    text = C.ModelConfig.from_original_config(raw).text
+    assert text.rope_theta == want.rope_parameters["rope_theta"]
+    assert text.tie_word_embeddings == want.tie_word_embeddings
+
+
+@pytest.mark.parametrize("drop", _QWEN2_DROPS)
+def test_omitted_hf_text_fields_mean_what_transformers_reads(drop):
+    from transformers import LlavaOnevisionConfig
+
+    from manager_jax.reference.hf_tiny import tiny_hf_config
+
+    raw = tiny_hf_config(vision_layers=2, text_layers=2, tie_word_embeddings=True).to_dict()
+    for key in drop:  # from both levels; rope_theta lives in rope_parameters in transformers 5.x
+        raw.pop(key, None)
+        raw["text_config"].pop("rope_parameters" if key == "rope_theta" else key, None)
+    want = LlavaOnevisionConfig.from_dict(raw)
+    text = C.ModelConfig.from_hf_config(raw).text
+    assert text.rope_theta == want.text_config.rope_parameters["rope_theta"]
+    assert text.tie_word_embeddings == want.tie_word_embeddings

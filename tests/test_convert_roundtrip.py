@@ -242,3 +242,18 @@ def test_exported_pinpoints_take_every_form_the_model_reads():
     assert configs_out.original_config(cfg, np.float32)["image_grid_pinpoints"] == [[384, 768], [768, 1152]]
     # transformers reads (height, width): the pairs are swapped for it
     assert configs_out.hf_config(cfg, np.float32)["image_grid_pinpoints"] == [[768, 384], [1152, 768]]
+
+
+def test_untied_hf_checkpoint_whose_config_omits_tie_word_embeddings(tmp_path):
+    """transformers reads an absent tie_word_embeddings as False (Qwen2Config's default): the
+    checkpoint's lm_head is the model's output layer and must not be dropped as a tied copy."""
+    model = _hf_model(tied=False, seed=4)
+    model.save_pretrained(tmp_path / "src")
+    raw = json.loads((tmp_path / "src" / "config.json").read_text())
+    raw.pop("tie_word_embeddings")
+    raw["text_config"].pop("tie_word_embeddings")
+    (tmp_path / "src" / "config.json").write_text(json.dumps(raw))
+    cfg = convert.to_orbax(str(tmp_path / "src"), str(tmp_path / "p"))
+    assert not cfg.text.tie_word_embeddings
+    tree = params_io.load_params(str(tmp_path / "p"))[1]
+    np.testing.assert_array_equal(tree["lm_head"]["kernel"], model.lm_head.weight.detach().numpy().T)
