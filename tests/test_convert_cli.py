@@ -162,3 +162,15 @@ def test_a_written_checkpoint_that_does_not_read_back_exits_1_and_leaves_nothing
     assert main(["from-orbax", str(tmp_path / "p"), str(tmp_path / "out"), "--format", "llava", "--quiet"]) == 1
     assert "written checkpoint does not read back" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["p"]
+
+
+@pytest.mark.parametrize("size", ["5XB", "", "0", "-1", "GB"])
+def test_a_bad_max_shard_size_is_refused_with_one_line(ckpt, tmp_path, capsys, size):
+    root, _ = ckpt
+    assert main(["to-orbax", str(root / "src"), str(tmp_path / "p"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["from-orbax", str(tmp_path / "p"), str(tmp_path / "out"), "--format", "llava",
+                 "--max-shard-size", size, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--max-shard-size" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "out")

@@ -301,15 +301,18 @@ class ExportPlan:
 
 
 def parse_size(text: str | int) -> int:
-    """"5GB", "500MB", "2GiB" or a byte count."""
-    if isinstance(text, int):
-        return text
-    t = text.strip().upper()
+    """"5GB", "500MB", "2GiB" or a byte count; ConversionError unless it is a positive size."""
+    t = str(text).strip().upper()
     units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, factor in units.items():
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * factor)
-    return int(t)
+    unit = next((u for u in units if t.endswith(u)), "")
+    try:
+        size = int(float(t[: len(t) - len(unit)]) * units.get(unit, 1))
+    except (ValueError, OverflowError):
+        size = 0
+    if size <= 0:
+        raise ConversionError("--max-shard-size", [f"--max-shard-size {text!r}: expected a positive size such as "
+                                                   "5GB, 500MB, 2GiB or a byte count"])
+    return size
 
 
 def _export_layout(source: OrbaxSource, fmt: str, hf_naming: str) -> str:
@@ -412,9 +415,9 @@ def from_orbax(
     _check_destination(dst, overwrite, src, _sources(src, tokenizer))
     if tokenizer is not None and not os.path.isdir(tokenizer):
         raise ConversionError(src, [f"--tokenizer {tokenizer}: not a directory"])
+    max_bytes = parse_size(max_shard_size)
     source = OrbaxSource(src)
     plan = plan_export(source, fmt, dtype, hf_naming, accept_hf_convention)
-    max_bytes = parse_size(max_shard_size)
     tok_dir = tokenizer or source.tokenizer_dir() or _training_tokenizer(source)
     # A model with Qwen2's vocabulary and no tokenizer folder (a training run's checkpoint) was
     # trained and is run here with the offline Qwen2 tokenizer: the export carries that one.
