@@ -174,3 +174,28 @@ def test_a_bad_max_shard_size_is_refused_with_one_line(ckpt, tmp_path, capsys, s
     err = capsys.readouterr().err
     assert err.startswith("error:") and "--max-shard-size" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "out")
+
+
+def _limit_file_size():  # a full disk, as the writer sees it: writes past 40 KB fail with EFBIG
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+
+def test_a_write_that_fails_is_one_error_line_exit_1_and_leaves_nothing(ckpt, tmp_path):
+    root, _ = ckpt
+    assert main(["to-orbax", str(root / "src"), str(tmp_path / "p"), "--quiet"]) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    for args in (["to-orbax", str(root / "src"), str(out / "p")],
+                 ["from-orbax", str(tmp_path / "p"), str(out / "hf"), "--format", "llava"]):
+        proc = subprocess.run([sys.executable, "-m", "tools.convert_weights", *args, "--quiet"], cwd=REPO,
+                              capture_output=True, text=True, preexec_fn=_limit_file_size)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
+        # Orbax's writer threads log their own tracebacks first; the command's outcome is the last line(s).
+        tail = proc.stderr[proc.stderr.index("error:"):]
+        assert "writing failed" in tail and "File too large" in tail and "Traceback" not in tail
+        assert os.listdir(out) == []

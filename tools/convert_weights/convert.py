@@ -64,6 +64,13 @@ def _check_destination(dst: str, overwrite: bool, source: str, sources: list[str
         raise ConversionError(source, [f"--overwrite would delete what is being converted: {problem}"])
 
 
+def _write_failed(dst: str, err: Exception) -> ConversionFailed:
+    """A write that failed (disk full, quota, no permission: an OSError, or TensorStore's ValueError
+    for the same causes) as one error naming its cause; the temporary output is already removed."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" [tensorstore_spec=")[0]
+    return ConversionFailed(dst, [f"writing failed ({type(err).__name__}: {first}); nothing was written"])
+
+
 # ---- fresh parameters (stage-1 starting point, SPEC §1.2, §1.3, §2.2) -----------------------------
 
 # How the original initialises the parts a SigLIP + Qwen2 start does not contain:
@@ -252,6 +259,10 @@ def to_orbax(
                               sources=_sources(src))
     except params_io.ParamsError as e:
         raise ConversionError(src, [str(e)]) from None
+    except ConversionError:
+        raise
+    except Exception as e:  # what the writer raised
+        raise _write_failed(dst, e) from e
     return source.config
 
 
@@ -285,6 +296,10 @@ def _orbax_to_orbax(src: str, dst: str, dtype: str, overwrite: bool, progress: P
                               sources=_sources(src))
     except params_io.ParamsError as e:
         raise ConversionError(src, [str(e)]) from None
+    except ConversionError:
+        raise
+    except Exception as e:  # what the writer raised
+        raise _write_failed(dst, e) from e
     finally:
         source.release()
     return source.config
@@ -449,6 +464,10 @@ def from_orbax(
         params_io.write_atomically(dst, fill, overwrite=overwrite, sources=_sources(src, tokenizer))
     except params_io.ParamsError as e:
         raise ConversionError(src, [str(e)]) from None
+    except ConversionError:
+        raise
+    except Exception as e:  # what the writer raised
+        raise _write_failed(dst, e) from e
     return written + ["config.json"]
 
 
