@@ -227,10 +227,14 @@ def query_positions(
     *,
     max_len: int | None = None,
     im_start_id: int = IM_START_TOKEN_ID,
+    manager_lengths: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Expanded positions (within the sample) of the adaptive Manager's extra query.
 
-    ``ids`` are the unexpanded ids (with -200 sentinels), ``image_lengths`` the L of each image.
+    ``ids`` are the unexpanded ids (with -200 sentinels), ``image_lengths`` the tokens of each image,
+    ``manager_lengths`` the length of each image's Manager features (``image_length_list`` of the
+    original: 729 for grid type "main", the grid part for "grid"; None = ``image_lengths``), which
+    only the plain rule reads.
     Reproduces ``prepare_inputs_labels_for_multimodal`` (``llava_arch.py`` L613-690) and the
     injection loop (``modeling_qwen2.py`` L1082-1127). SPEC §2.5:
 
@@ -269,7 +273,8 @@ def query_positions(
     im_starts = np.flatnonzero(ids == im_start_id)[1:3].tolist()
     plain = len(im_starts) == 0
     if plain:
-        q0, q1, q2 = -1, expanded_len, lengths[-1]
+        q2 = lengths[-1] if manager_lengths is None else int(np.asarray(manager_lengths).reshape(-1)[-1])
+        q0, q1 = -1, expanded_len
     else:
         third = im_starts[1] if len(im_starts) > 1 else len(ids)
         q0, q1, q2 = im_starts[0], third - 2 + lengths[0], starts[0] + lengths[0]
@@ -372,7 +377,12 @@ def assemble_batch(
         positions[row, start : start + length] = np.arange(length, dtype=np.int32)
         segment_ids[row, start : start + length] = segment
         if query_type in ADAPTIVE_QUERY_TYPES:
-            query = query_positions(sample.ids, exp.image_lengths, max_len=length, im_start_id=im_start_id)
+            # Manager feature lengths (multi_image=True: a lone single-crop image has its 729 even
+            # for "grid", where our token mask leaves its update out).
+            mlen = None if grid_type is None else [
+                int(multigrid.manager_token_mask(p, grid_type, True).sum()) for p in sample.plans]
+            query = query_positions(sample.ids, exp.image_lengths, max_len=length, im_start_id=im_start_id,
+                                    manager_lengths=mlen)
             query_mask[row, start + query] = True
 
         if sample.num_crops:

@@ -221,6 +221,12 @@ def test_query_plain_caption_minus_final_token_and_truncation():
     assert query_positions(np.array(ids), [4], max_len=6).tolist() == [4, 5]
 
 
+def test_query_plain_starts_at_the_manager_feature_length():
+    ids = [IMG, 31, 32, 33, NL]  # an image of 10 tokens (0..9) whose Manager features are 4 ("main")
+    # modeling_qwen2.py: range(q2, min(q1 - 1, S)) with q2 = image_length_list[-1] = 4, q1 = 14
+    assert query_positions(np.array(ids), [10], manager_lengths=[4]).tolist() == list(range(4, 13))
+
+
 def test_query_multi_image_matches_the_original_729_formula():
     # user: <|im_start|>(7) user(8) \n(9) <image>(10) " "(11) <image>(12) \n(13) q1 q2 <|im_end|> \n <|im_start|>(18)
     ids = np.array(SYSTEM + [S_, 872, NL, IMG, 220, IMG, NL, 501, 502, E_, NL, S_, 77, NL])

@@ -1,7 +1,8 @@
 """Parity with the PyTorch Manager reference (manager_jax/reference/torch_manager.py, written from
 SPEC §2-§3 on top of transformers), random non-zero Manager parameters, original convention.
 
-Every manager type x grid type on a chat sample with an anyres_max_9 image; the no-grid (flat)
+Every manager type x grid type on a chat sample with an anyres_max_9 image; the adaptive query of a
+plain prompt with an anyres_max_9 image per grid type; the no-grid (flat)
 checkpoints with and without a Manager; a multi-image pad sample; a batch with a text-only row;
 and truncation after image expansion.
 """
@@ -85,6 +86,20 @@ def test_manager_types_and_grid_types(hf, manager_type, grid_type):
     if cfg.manager.query_type in ("last", "average", "cross"):
         assert case.batch.query_mask.any()  # the adaptive query really is exercised
     print(f"PARITY manager {manager_type}/{grid_type}: {err:.2e}")
+    assert err <= TOL, err
+
+
+@pytest.mark.parametrize("grid_type", ["all", "main", "grid"])
+@pytest.mark.parametrize("manager_type", ["adaptive_average_zerouni", "adaptive_cross_zerouni"])
+def test_plain_prompt_query_with_an_anyres_image(hf, manager_type, grid_type):
+    """Plain prompt (stage-1 layout, no <|im_start|>): the extra query starts at L, the length of the
+    last image's Manager features, not of its tokens: 729 for "main", the grid part for "grid"."""
+    cfg, settings = _configs(hf, manager_type, grid_type)
+    rng = np.random.default_rng(9)
+    err, case = _parity(hf, cfg, settings, [SampleSpec([IMG] + [int(v) for v in rng.integers(1, 400, 12)] + [NL],
+                                                        [(500, 300)])])
+    assert case.batch.query_mask.any()
+    print(f"PARITY plain prompt {manager_type}/{grid_type}: {err:.2e}")
     assert err <= TOL, err
 
 
