@@ -340,6 +340,16 @@ def test_load_model_restores_into_shards(checkpoint, model_and_tokenizer, capsys
 
 
 
+@pytest.mark.parametrize("spec", ["data=--1", "tensor=-+2", "data=\u00b2", "fsdp=\u0661"])
+def test_mesh_spec_with_a_malformed_number_is_a_mesh_error(spec):
+    """Sizes that pass a digits-only look but are no integer (a doubled sign, a superscript or
+    Arabic-Indic digit) are a bad mesh entry, not a ValueError from int() with a traceback."""
+    from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
+
+    with pytest.raises(MeshSpecError, match="bad mesh entry"):
+        mesh_from_spec(spec)
+
+
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     """Ctrl-C in `run.py generate` / `score` (here raised where the command runs): one
     `error: interrupted` line and exit status 130, as `train` and the converter do."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -199,7 +200,8 @@ def mesh_from_spec(spec: str | None, devices=None):
     for part in spec.replace("/", ",").split(","):
         name, _, value = part.replace(":", "=", 1).partition("=")
         name = name.strip()
-        if name not in ("data", "fsdp", "tensor") or not value.strip().lstrip("-").isdigit():
+        # ASCII digits only: str.isdigit also takes '²', and lstrip("-") a doubled sign.
+        if name not in ("data", "fsdp", "tensor") or not re.fullmatch(r"-?[0-9]+", value.strip()):
             raise MeshSpecError(f"bad mesh entry {part!r}: expected data=N, fsdp=N or tensor=N (N may be -1; "
                                 "also written data:N/tensor:N)")
         if name in sizes:
