@@ -77,6 +77,11 @@ def initialize(
         local_device_ids = _env_int("JAX_LOCAL_DEVICE_IDS", many=True)
     explicit = coordinator_address is not None and (num_processes or 1) > 1
     if not explicit and not cluster_detected():
+        if num_processes is None and (coordinator_address is not None or process_id is not None):
+            # Each host would start alone, as process 0 of 1, and train on its own into the same output_dir.
+            given = "JAX_COORDINATOR_ADDRESS" if coordinator_address is not None else "JAX_PROCESS_ID"
+            raise DistributedSetupError(f"{given} is set but JAX_NUM_PROCESSES is not: set it to the number of "
+                                        "processes of the job (1 for a single process)")
         return False
     if explicit and process_id is None:
         raise DistributedSetupError("JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES are set but JAX_PROCESS_ID is not")

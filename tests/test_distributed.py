@@ -16,6 +16,9 @@ BAD_ENVS = [
     ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES='two' must be an integer"),
     ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, r"JAX_PROCESS_ID=2 must be in 0\.\.1"),
     ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0", "JAX_LOCAL_DEVICE_IDS": "0,x"}, "comma-separated integers"),
+    # Without the count, each host would start alone as process 0 of 1 and train on its own.
+    ({"JAX_PROCESS_ID": "1"}, "JAX_NUM_PROCESSES is not"),
+    ({}, "JAX_NUM_PROCESSES is not"),
 ]
 
 
