@@ -189,6 +189,8 @@ def _snapshot(directory):
         (["synthetic_records=None", "data.data_path={out}/data/records.json", "data.image_folder={out}/data"],
          r"  - synthetic_records: 40 -> None"),
         (["checkpoint.resume=False"], r"already holds checkpoints \(steps 6\) and checkpoint.resume=False.*another output_dir"),
+        # Other data shards (as a new mesh resolves batch_shards=-1 to): the error says how to keep them.
+        (["batch_shards=2"], r"  - batch_shards \(resolved\): 1 -> 2 .*--set batch_shards=1 keeps the checkpoint's shards"),
     ],
 )
 def test_a_refused_resume_changes_nothing_in_the_run_directory(straight_run, tmp_path, overrides, message):

@@ -206,7 +206,8 @@ def check_resume(config: TrainConfig, shards: int, num_records: int | None = Non
         )
     other_run, changed = compare_with_saved(saved, config.to_dict())
     if len(data_states) != shards:
-        other_run.append(f"batch_shards (resolved): {len(data_states)} -> {shards} (the data state is kept per shard)")
+        other_run.append(f"batch_shards (resolved): {len(data_states)} -> {shards} (the data state is kept per shard; "
+                         f"--set batch_shards={len(data_states)} keeps the checkpoint's shards on this mesh)")
     saved_records = data_states[0].get("num_records") if data_states and isinstance(data_states[0], dict) else None
     if num_records is not None and saved_records is not None and saved_records != num_records:
         # The data state holds positions in a shuffled order of the saved number of records.
