@@ -197,5 +197,5 @@ def test_a_write_that_fails_is_one_error_line_exit_1_and_leaves_nothing(ckpt, tm
         assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
         # Orbax's writer threads log their own tracebacks first; the command's outcome is the last line(s).
         tail = proc.stderr[proc.stderr.index("error:"):]
-        assert "writing failed" in tail and "File too large" in tail and "Traceback" not in tail
+        assert "reading or writing failed" in tail and "File too large" in tail and "Traceback" not in tail
         assert os.listdir(out) == []

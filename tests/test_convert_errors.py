@@ -11,7 +11,7 @@ import torch
 
 from manager_jax.config import tiny
 from tools.convert_weights import convert, testing
-from tools.convert_weights.sources import ConversionError
+from tools.convert_weights.sources import ConversionError, ConversionFailed
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,8 @@ def test_orbax_params_disagreeing_with_their_config(good, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(good, tmp_path, monkeypatch):
-    """A crash mid-export (here: a tensor that cannot be produced) removes the temporary directory."""
+    """An I/O failure mid-export (here: a tensor that cannot be read) is one error naming its cause,
+    and the temporary directory is removed."""
     from tools.convert_weights import orbax_io
 
     calls = {"n": 0}
@@ -163,6 +164,6 @@ def test_failure_while_writing_leaves_nothing(good, tmp_path, monkeypatch):
         return real_read(self, path, layer)
 
     monkeypatch.setattr(orbax_io.OrbaxSource, "read", flaky)
-    with pytest.raises(OSError, match="disk went away"):
+    with pytest.raises(ConversionFailed, match=r"reading or writing failed \(OSError: disk went away\)"):
         convert.from_orbax(str(good / "params"), str(tmp_path / "out"), fmt="llava")
     _assert_nothing_written(tmp_path)

@@ -64,11 +64,16 @@ def _check_destination(dst: str, overwrite: bool, source: str, sources: list[str
         raise ConversionError(source, [f"--overwrite would delete what is being converted: {problem}"])
 
 
-def _write_failed(dst: str, err: Exception) -> ConversionFailed:
-    """A write that failed (disk full, quota, no permission: an OSError, or TensorStore's ValueError
-    for the same causes) as one error naming its cause; the temporary output is already removed."""
+# What reading the source or writing the output raises when a file system fails (disk full, quota,
+# no permission, a file that went away: an OSError, or TensorStore's ValueError for the same causes).
+_IO_ERRORS = (OSError, ValueError)
+
+
+def _io_failed(dst: str, err: Exception) -> ConversionFailed:
+    """An I/O failure mid-conversion as one error naming its cause (not whether it was the read or
+    the write: both end here); the temporary output is already removed."""
     first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" [tensorstore_spec=")[0]
-    return ConversionFailed(dst, [f"writing failed ({type(err).__name__}: {first}); nothing was written"])
+    return ConversionFailed(dst, [f"reading or writing failed ({type(err).__name__}: {first}); nothing was written"])
 
 
 # ---- fresh parameters (stage-1 starting point, SPEC §1.2, §1.3, §2.2) -----------------------------
@@ -261,8 +266,8 @@ def to_orbax(
         raise ConversionError(src, [str(e)]) from None
     except ConversionError:
         raise
-    except Exception as e:  # what the writer raised
-        raise _write_failed(dst, e) from e
+    except _IO_ERRORS as e:
+        raise _io_failed(dst, e) from e
     return source.config
 
 
@@ -298,8 +303,8 @@ def _orbax_to_orbax(src: str, dst: str, dtype: str, overwrite: bool, progress: P
         raise ConversionError(src, [str(e)]) from None
     except ConversionError:
         raise
-    except Exception as e:  # what the writer raised
-        raise _write_failed(dst, e) from e
+    except _IO_ERRORS as e:
+        raise _io_failed(dst, e) from e
     finally:
         source.release()
     return source.config
@@ -466,8 +471,8 @@ def from_orbax(
         raise ConversionError(src, [str(e)]) from None
     except ConversionError:
         raise
-    except Exception as e:  # what the writer raised
-        raise _write_failed(dst, e) from e
+    except _IO_ERRORS as e:
+        raise _io_failed(dst, e) from e
     return written + ["config.json"]
 
 
