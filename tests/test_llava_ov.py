@@ -173,8 +173,6 @@ def test_plain_causal_flag_keeps_causal_attention_on_every_backend(cfg):
                                    np.asarray(model.hidden_states(batch)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: the adaptive extra query is gathered per row, not per packed "
-                   "sample (models/manager.py AdaptiveBlock._extra); train refuses data.pack with these types")
 @pytest.mark.parametrize("manager_type", ["adaptive_last_zerouni", "adaptive_average_zerouni", "adaptive_cross_zerouni"])
 def test_packed_rows_with_an_adaptive_extra_query_give_the_same_per_sample_logits(cfg, manager_type):
     """Two chat samples with an image each packed into one row vs one per row: each image must read

@@ -34,7 +34,7 @@ def _setup(manager_type, seed=0, with_query=True):
         qmask[1, 30:33] = True
     h = rng.normal(size=(B, S, D)).astype(np.float32)
     tokens = ManagerTokens(jnp.asarray(feats), jnp.asarray(dst), jnp.asarray(active), jnp.asarray(image),
-                           jnp.asarray(qmask), num_images=2)
+                           jnp.asarray(qmask), jnp.ones((B, S), jnp.int32), num_images=2)
     return cfg, mgr, tokens, h, dict(feats=feats, dst=dst, image=image, active=active, qmask=qmask)
 
 

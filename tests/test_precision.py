@@ -135,7 +135,8 @@ def test_manager_sums(models, block):
     with torch.no_grad():
         ref, ref32 = torch_update(torch.bfloat16, feats, q), torch_update(torch.float32, feats32, q32)
     tokens = ManagerTokens(features=fj[0], dst=jnp.arange(300), active=jnp.ones(300, bool),
-                           image=jnp.zeros(300, jnp.int32), query_mask=None, num_images=1)
+                           image=jnp.zeros(300, jnp.int32), query_mask=None, segment_ids=None,
+                           num_images=1)
     ours = compiled(lambda blk, f, q, t: blk.weights(f, q, t, q, None), excess_precision=False)(
         models["ours"].manager.blocks[block], fj[0], qj[0], tokens)
     _check(ours[None], ref, ref32, MODULE_FRACTION, f"Manager block {block}")

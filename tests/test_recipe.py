@@ -38,20 +38,11 @@ def test_demo_recipe_and_overrides():
         ("checkpoint.every_steps=-5", "checkpoint.every_steps must be >= 0"),
         ("global_batch_size=0", "global_batch_size must be >= 1 or -1"),
         ("data.data_path=/x.json", "data.mixture=None"),  # with the recipe's mixture below
-        # the demo packs rows: an adaptive extra query would mix the packed samples' texts
-        ("model.manager.type=adaptive_last_zerouni", "data.pack=False"),
-        ("model.manager.type=adaptive_cross_zerouni", "data.pack=False"),
     ],
 )
 def test_bad_overrides_fail_with_clear_messages(override, message):
     with pytest.raises((RecipeError, ValueError), match=message):  # ConfigError for the model
         load_recipe(DEMO, [override, *(["data.mixture=m.yaml"] if override.startswith("data.data_path") else [])])
-
-
-def test_packing_is_kept_for_managers_without_an_extra_query():
-    for manager_type in ("static_zerouni", "adaptive_zerouni"):
-        assert load_recipe(DEMO, [f"model.manager.type={manager_type}"]).data.pack
-    assert not load_recipe(DEMO, ["model.manager.type=adaptive_average_zerouni", "data.pack=False"]).data.pack
 
 
 def test_explicit_grad_accum_must_agree_with_the_global_batch_size():

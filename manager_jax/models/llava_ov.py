@@ -110,6 +110,7 @@ class LlavaOV(nnx.Module):
             active=batch["plan_manager"] & (batch["plan_dst"] < b * s),
             image=batch["plan_image"],
             query_mask=batch.get("query_mask"),
+            segment_ids=batch["segment_ids"],
             num_images=int(batch["pixel_values"].shape[0]),
         )
         return h, mtok

@@ -29,11 +29,12 @@ class ManagerTokens:
     active: jax.Array  # [T] bool: token receives the update
     image: jax.Array  # [T] int32 image index (jitter / per-image fallback query), -1 = padding
     query_mask: jax.Array | None  # [B, S] bool, adaptive last/average/cross only
+    segment_ids: jax.Array | None  # [B, S] packed samples of a row
     num_images: int  # static bound on image indices
 
 
 jax.tree_util.register_dataclass(
-    ManagerTokens, data_fields=["features", "dst", "active", "image", "query_mask"], meta_fields=["num_images"]
+    ManagerTokens, data_fields=["features", "dst", "active", "image", "query_mask", "segment_ids"], meta_fields=["num_images"]
 )
 
 
@@ -86,30 +87,36 @@ class AdaptiveBlock(nnx.Module):
             self.fusion_k = linear(dim, dim, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def _extra(self, q, tokens: ManagerTokens, h_flat):
-        """The controller's extra input per token [T, D] (SPEC §2.7 last / average / cross)."""
+        """The controller's extra input per token [T, D] (SPEC §2.7 last / average / cross): each
+        image token reads the query of its own sample, a (row, packed segment) pair; an image whose
+        sample has no query reads its own tokens instead."""
+        s = tokens.query_mask.shape[1]
         b_s = h_flat.shape[0]
         qm = tokens.query_mask.reshape(-1)  # [B*S]
-        s = tokens.query_mask.shape[1]
-        sample = jnp.clip(tokens.dst // s, 0, tokens.query_mask.shape[0] - 1)  # [T]
-        has_query = tokens.query_mask.any(axis=1)[sample]  # [T]
+        pos = jnp.arange(b_s)
+        group = (pos // s) * (s + 1) + tokens.segment_ids.reshape(-1)  # the sample of each position
         img = tokens.image.clip(0)
         n_img = tokens.num_images
+        placed = tokens.dst < b_s  # not padding, not cut off by truncation
+        image_group = jax.ops.segment_max(jnp.where(placed, group[jnp.where(placed, tokens.dst, 0)], -1), img, n_img)
+        # [n_img, B*S]: the query positions each image reads; per image, not per row, so that a
+        # packed row's samples stay apart and the arrays stay small.
+        query_of = qm[None, :] & (group[None, :] == image_group[:, None])
+        has_query = query_of.any(axis=1)[img]  # [T]
         tok_w = tokens.active.astype(q.dtype)
-        pos = jnp.arange(b_s)
         if self.query_type in ("last", "average"):
             if self.query_type == "average":
                 # torch.mean: an fp32 sum and division, rounded once.
                 f32 = jnp.float32
-                hq = jnp.where(qm[:, None], h_flat.astype(f32), 0).reshape(tokens.query_mask.shape + (-1,))
-                e_sample = (hq.sum(1) / jnp.maximum(tokens.query_mask.sum(1), 1)[:, None]).astype(q.dtype)
+                sums = jnp.dot(query_of.astype(f32), h_flat.astype(f32), precision=jax.lax.Precision.HIGHEST)
+                e_sample = (sums / jnp.maximum(query_of.sum(1), 1).astype(f32)[:, None]).astype(q.dtype)
                 e_img = (jax.ops.segment_sum(q.astype(f32) * tok_w[:, None], img, n_img) / jnp.maximum(
                     jax.ops.segment_sum(tok_w.astype(f32), img, n_img), 1)[:, None]).astype(q.dtype)
             else:
-                last_q = jnp.max(jnp.where(tokens.query_mask, pos.reshape(tokens.query_mask.shape), -1), axis=1)
-                e_sample = h_flat[jnp.clip(last_q, 0)]
+                e_sample = h_flat[jnp.max(jnp.where(query_of, pos, 0), axis=1)]
                 last_tok = jax.ops.segment_max(jnp.where(tokens.active, jnp.arange(q.shape[0]), -1), img, n_img)
                 e_img = q[jnp.clip(last_tok, 0)]
-            return jnp.where(has_query[:, None], e_sample[sample], e_img[img])
+            return jnp.where(has_query[:, None], e_sample[img], e_img[img])
         # cross: attention of each image token over its sample's query tokens (or its own image).
         d = q.shape[-1]
         qp = self.fusion_q(q)
@@ -122,7 +129,7 @@ class AdaptiveBlock(nnx.Module):
         def softmax(logits, ok):  # torch.softmax of a 16-bit tensor: fp32 math, rounded once
             return jax.nn.softmax(jnp.where(ok, logits, -jnp.inf), axis=-1).astype(q.dtype)
 
-        key_ok = qm[None, :] & ((pos // s)[None, :] == sample[:, None])
+        key_ok = query_of[img]
         att = softmax(scaled(qp @ kq.T), key_ok)
         ctx_query = jnp.where(has_query[:, None], jnp.nan_to_num(att) @ h_flat, 0)
         kt = self.fusion_k(q)

@@ -299,7 +299,6 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> TrainConfig:
 
 def validate(config: TrainConfig) -> None:
     """Checks of the run config that need no devices (device-dependent checks run in the loop)."""
-    from manager_jax.batch import ADAPTIVE_QUERY_TYPES
     from manager_jax.train.optimizer import parse_tunable_parts
     from manager_jax.train.step import LOSS_NORMALIZATIONS
 
@@ -330,13 +329,6 @@ def validate(config: TrainConfig) -> None:
         problems.append(
             f"data.data_path ({config.data.data_path}) and data.mixture ({config.data.mixture}) are both set; "
             "give one: --set data.mixture=None to train on data_path, or --set data.data_path=None for the mixture"
-        )
-    if getattr(config.data, "pack", False) and config.model.manager.query_type in ADAPTIVE_QUERY_TYPES:
-        # The model gathers an adaptive Manager's extra query per row, not per packed sample: in a
-        # packed row every image would read the query text of all the row's samples.
-        problems.append(
-            f"model.manager.type={config.model.manager.type} reads each sample's query text, which the "
-            "model cannot yet tell apart in packed rows: set data.pack=False (one sample per row, as the original)"
         )
     problems += config.optim.problems()
     if config.max_nonfinite_steps < 1:
