@@ -271,6 +271,16 @@ def test_qwen_1_5_text_only_keeps_image_literal(tok, hf_ref):
     assert ids[start : start + len(user_ids)] == user_ids
 
 
+def test_qwen_1_5_system_turn_after_the_first_is_a_masked_turn(tok, hf_ref):
+    convs = [MULTI_TURN[0], {"from": "system", "value": "Be brief.\nNo lists."}, MULTI_TURN[1]]
+    ids, labels = build_qwen_1_5(convs, tok)
+    system_ids = tok.encode("<|im_start|>system\nBe brief.\nNo lists.<|im_end|>\n")
+    start = len(build_qwen_1_5(convs[:1] + [MULTI_TURN[1]], tok)[0]) - len(tok.encode("<|im_start|>assistant\n"
+                                                                                      + MULTI_TURN[1]["value"] + "<|im_end|>\n"))
+    assert ids[start : start + len(system_ids)] == system_ids
+    assert labels[start : start + len(system_ids)] == [i if i in UNMASKED_IDS else IGNORE_INDEX for i in system_ids]
+
+
 @pytest.mark.parametrize(
     "convs,reason",
     [
@@ -279,6 +289,8 @@ def test_qwen_1_5_text_only_keeps_image_literal(tok, hf_ref):
         ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "no_assistant_turn"),
         ([{"from": "human", "value": "only a question"}], "no_assistant_turn"),
         ([{"from": "narrator", "value": "a"}, {"from": "gpt", "value": "b"}], "unknown_role"),
+        ([{"from": "system", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}],
+         "leading_system_turn"),
         ([{"value": "a"}, {"from": "gpt", "value": "b"}], "unknown_role"),
         ([{"from": "human", "value": 3}, {"from": "gpt", "value": "b"}], "bad_turn"),
         (["not a dict", {"from": "gpt", "value": "b"}], "unknown_role"),

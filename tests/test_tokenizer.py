@@ -45,12 +45,14 @@ def _gpt2_byte_alphabet() -> dict[int, str]:
     return mapping
 
 
-@functools.lru_cache(maxsize=1)
-def build_reference_hf_qwen2():
+@functools.lru_cache(maxsize=2)
+def build_reference_hf_qwen2(instruct: bool = False):
     """transformers Qwen2Tokenizer from qwen.tiktoken: vocab + merges derived from the ranks.
 
     A merge (a, b) exists for every split of a token into two tokens; merges are ordered by the
-    rank of the merged token, as BPE training created them. Specials get HF llava-onevision ids.
+    rank of the merged token, as BPE training created them. Specials get HF llava-onevision ids;
+    `instruct=True` gives Qwen2-Instruct's specials only (no "<image>" / "<video>"), the tokenizer
+    the original trained with.
     """
     from transformers import Qwen2Tokenizer
 
@@ -67,18 +69,19 @@ def build_reference_hf_qwen2():
         splits.sort(key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
         merges.extend((rank, left, right) for left, right in splits)
     merges.sort(key=lambda merge: merge[0])
+    specials = {t: i for t, i in SPECIALS.items() if not (instruct and t in ("<image>", "<video>"))}
     vocab = {as_str(token): rank for token, rank in ranks.items()}
-    vocab.update(SPECIALS)
+    vocab.update(specials)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=[(as_str(left), as_str(right)) for _, left, right in merges],
         unk_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+        additional_special_tokens=[t for t in specials if t != "<|endoftext|>"],
     )
     tokenizer.chat_template = MINIMAL_CHATML_TEMPLATE
-    assert tokenizer.convert_tokens_to_ids(list(SPECIALS)) == list(SPECIALS.values())
+    assert tokenizer.convert_tokens_to_ids(list(specials)) == list(specials.values())
     return tokenizer
 
 

@@ -1,7 +1,8 @@
 """Conversation templates, tokenization with image placeholders, and training labels (SPEC §4, §7.2).
 
-Conversations are LLaVA records' `conversations` lists: `[{"from": "human"|"gpt", "value": str}, ...]`
-(`{"role": "user"|"assistant", "content": str}` is accepted too, as the original code does).
+Conversations are LLaVA records' `conversations` lists: `[{"from": "human"|"gpt"|"system", "value": str}, ...]`
+(`{"role": "user"|"assistant"|"system", "content": str}` is accepted too; the original's
+`preprocess_qwen` reads those keys for every turn but the first, so it fails on such records).
 
 Every returned id list uses `IMAGE_TOKEN_INDEX` (-200) where an image's features go; labels are
 unshifted and `IGNORE_INDEX` (-100) where unsupervised.
@@ -19,7 +20,7 @@ IGNORE_INDEX = -100
 DEFAULT_IMAGE_TOKEN = "<image>"
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
 
-_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 class ConversationError(ValueError):
@@ -44,7 +45,7 @@ def _turn_role(turn: Mapping[str, object], index: int) -> str:
     raw = turn.get("from", turn.get("role")) if isinstance(turn, Mapping) else None
     role = _ROLE_ALIASES.get(raw) if isinstance(raw, str) else None
     if role is None:
-        raise ConversationError("unknown_role", f"turn {index} has role {raw!r}; expected human/gpt")
+        raise ConversationError("unknown_role", f"turn {index} has role {raw!r}; expected human/gpt/system")
     return role
 
 
@@ -120,11 +121,16 @@ def _chatml_turn(role: str, content: str) -> str:
 
 def _validated_turns(conversations: Sequence[Mapping[str, object]]) -> list[tuple[str, str]]:
     """(role, text) pairs after dropping a leading assistant turn. As in `preprocess_qwen`, the
-    roles need not alternate (two user turns in a row are two masked turns); at least one assistant
-    turn must remain, else nothing but the chat's special ids would be supervised."""
+    roles need not alternate (two user turns in a row are two masked turns) and a system turn
+    after the first is one more masked turn; at least one assistant turn must remain, else nothing
+    but the chat's special ids would be supervised."""
     if len(conversations) == 0:
         raise ConversationError("empty_conversation", "no turns")
     turns = [(_turn_role(turn, i), _turn_text(turn, i)) for i, turn in enumerate(conversations)]
+    if turns[0][0] == "system":
+        # preprocess_qwen looks the first turn's role up among human/gpt only: a KeyError there.
+        raise ConversationError("leading_system_turn", "the first turn is a system turn, which the original "
+                                "cannot take (its system message is always the default one)")
     if turns[0][0] == "assistant":
         turns = turns[1:]
     if not turns:
@@ -143,9 +149,9 @@ def build_qwen_1_5(
 ) -> tuple[list[int], list[int]]:
     """qwen_1_5 training sample (`train.py preprocess_qwen`): (ids, labels), no truncation.
 
-    ids = system turn + each turn rendered as "<|im_start|>{role}\\n{text}<|im_end|>\\n".
-    Assistant turns are labelled in full (header and trailing "<|im_end|>\\n" included); system
-    and user turns are not, except that every "\\n" (198), <|im_start|> and <|im_end|> id is
+    ids = system turn + each turn rendered as "<|im_start|>{role}\\n{text}<|im_end|>\\n" (role user,
+    assistant or system). Assistant turns are labelled in full (header and trailing "<|im_end|>\\n"
+    included); system and user turns are not, except that every "\\n" (198), <|im_start|> and <|im_end|> id is
     labelled everywhere. A leading gpt turn is dropped. `has_image=False` (text-only records)
     tokenizes "<image>" as plain text, as the original does when it does not add the token.
     """

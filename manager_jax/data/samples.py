@@ -37,7 +37,7 @@ __all__ = ["ProcessedSample", "SampleOptions", "SkipCounter", "SkipSample", "che
 TEMPLATES = ("plain", "qwen_1_5")
 
 # Reasons raised here (ConversationError reasons from conversation.py pass through unchanged:
-# bad_turn, unknown_role, empty_conversation, no_assistant_turn,
+# bad_turn, unknown_role, leading_system_turn, empty_conversation, no_assistant_turn,
 # plain_needs_two_turns, plain_needs_image).
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
@@ -280,27 +280,37 @@ def process_record(
     turns = _conversations(record, rid)
     entries = _image_entries(record, rid)
     n_images = len(entries)
+    # As `_get_item`: a record with an "image" field is an image record even when the list is empty.
+    image_record = record.get("image") is not None or record.get("image_bytes") is not None
     try:
-        placeholders = conv.count_images(turns)
-        if placeholders != n_images:
-            raise SkipSample(IMAGE_COUNT_MISMATCH, rid, f"{placeholders} <image> in the text, {n_images} images")
-        if n_images:
+        if image_record:
             turns = conv.normalize_image_placement(turns)
         if options.template == "plain":
             ids, labels = conv.build_plain(turns, tokenizer)
         else:
-            ids, labels = conv.build_qwen_1_5(turns, tokenizer, has_image=n_images > 0)
+            ids, labels = conv.build_qwen_1_5(turns, tokenizer, has_image=image_record)
     except conv.ConversationError as err:
         raise SkipSample(err.reason, rid, str(err)) from None
     ids = np.asarray(ids, np.int32)
     labels = np.asarray(labels, np.int32)
-    if int((ids == conv.IMAGE_TOKEN_INDEX).sum()) != n_images:  # e.g. plain keeps only one <image>
-        raise SkipSample(
-            IMAGE_COUNT_MISMATCH, rid, f"the template kept {int((ids == conv.IMAGE_TOKEN_INDEX).sum())} of {n_images} images"
-        )
+    placeholders = int((ids == conv.IMAGE_TOKEN_INDEX).sum())
+    if placeholders != n_images and not (n_images == 1 and placeholders == 0):
+        # Only one image and no "<image>" left (none in the text, or only in a dropped leading gpt
+        # turn) is well defined in the original: the image is encoded and not inserted.
+        raise SkipSample(IMAGE_COUNT_MISMATCH, rid, f"{placeholders} <image> in the prompt, {n_images} images")
+    if options.truncate and options.seq_len is not None:
+        # The collator's cut to model_max_length, before pad ids are dropped and images expanded.
+        ids, labels = ids[: options.seq_len], labels[: options.seq_len]
+    # The original drops every pad id (<|endoftext|>, also literal in a text) before the model:
+    # the collator's attention_mask is ids != pad, and the image insertion keeps unmasked ids only.
+    keep = ids != tokenizer.pad_id
+    ids, labels = ids[keep], labels[keep]
 
     folder = record.get("_image_folder", options.image_folder) if isinstance(record, Mapping) else options.image_folder
     images = [load_image(name, data, image_folder=folder, rid=rid, convention=options.convention) for name, data in entries]
+    # Images whose "<image>" is gone (none in the text, or cut off) are checked, as the original
+    # opens them (a bad one still skips the record), but not inserted.
+    images = images[: int((ids == conv.IMAGE_TOKEN_INDEX).sum())]
     mode = "pad" if n_images > 1 else options.image_mode
     plans = [
         multigrid.plan_image(

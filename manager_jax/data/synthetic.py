@@ -249,8 +249,12 @@ def write_bad_examples(out_dir: str, *, seed: int = 0) -> list[tuple[dict[str, A
         (rec("bad-empty-conversations", "bad_images/ok.jpg", []), "no_conversations"),
         (rec("bad-no-answer", "bad_images/ok.jpg", [ask[0], _turn("human", "And?")]), "no_assistant_turn"),
         (rec("bad-count-extra", "bad_images/ok.jpg", [_turn("human", "<image> <image>\nSame?"), ask[1]]), "image_count_mismatch"),
-        (rec("bad-count-missing", "bad_images/ok.jpg", [_turn("human", "What colour?"), ask[1]]), "image_count_mismatch"),
-        (rec("bad-text-with-image-tag", None, ask), "image_count_mismatch"),
+        (rec("bad-count-missing", ["bad_images/ok.jpg"] * 2, [_turn("human", "What colour?"), ask[1]]), "image_count_mismatch"),
+        (rec("bad-empty-image-list", [], ask), "image_count_mismatch"),
+        # As in the original: one image and no "<image>" trains as text (the image is checked, not
+        # inserted); a text-only record's "<image>" is plain text.
+        (rec("ok-image-without-tag", "bad_images/ok.jpg", [_turn("human", "What colour?"), ask[1]]), None),
+        (rec("ok-text-with-image-tag", None, ask), None),
     ]
     for name in ("cmyk.jpg", "palette.png", "rgba.png", "la.png", "grey.png", "grey16.png"):
         cases.append((rec(f"ok-{name.split('.')[0]}", f"bad_images/{name}", ask), None))
