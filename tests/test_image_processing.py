@@ -119,10 +119,12 @@ def transparent_images():
     rgba = Image.fromarray(rgba, "RGBA")
     pal = rgba.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     pal.info["transparency"] = 3  # a palette entry drawn as clear (PNG tRNS)
-    return {"RGBA": rgba, "LA": rgba.convert("LA"), "PA": rgba.convert("PA"), "P+tRNS": pal}
+    rgb = rgba.convert("RGB")
+    rgb.info["transparency"] = tuple(int(v) for v in np.asarray(rgb)[0, 0])  # an RGB PNG's tRNS colour
+    return {"RGBA": rgba, "LA": rgba.convert("LA"), "PA": rgba.convert("PA"), "P+tRNS": pal, "RGB+tRNS": rgb}
 
 
-@pytest.mark.parametrize("name", ["RGBA", "LA", "PA", "P+tRNS"])
+@pytest.mark.parametrize("name", ["RGBA", "LA", "PA", "P+tRNS", "RGB+tRNS"])
 def test_hf_convention_composites_transparency_on_white_as_transformers(name, hf_image_processor):
     # transformers' processor lays transparent pixels over white; the original (and "original")
     # converts with PIL, which drops the alpha channel.

@@ -25,7 +25,8 @@ def load_rgb(image: Image.Image, convention: str = "original") -> Image.Image:
     As in the original (``Image.open(...).convert("RGB")``), PIL's own conversion is used for
     8-bit modes: alpha is dropped (not composited), palettes are expanded, CMYK/YCbCr/LAB/HSV
     go through PIL's converters. With ``convention="hf"`` an image with an alpha band or a
-    transparency entry is laid over white first, as transformers' image processors do.
+    transparency entry (palette or RGB tRNS) is laid over white first, as transformers' image
+    processors do.
     Departures, because PIL clips instead of scaling:
 
     - 16-bit modes (``I;16*``) are scaled to 8 bits with ``round(v / 257)`` (65535 -> 255).
@@ -40,11 +41,12 @@ def load_rgb(image: Image.Image, convention: str = "original") -> Image.Image:
         raise TypeError(f"load_rgb expects a PIL.Image.Image, got {type(image).__name__}")
     if convention not in multigrid.CONVENTIONS:
         raise ValueError(f"convention must be one of {multigrid.CONVENTIONS}, got {convention!r}")
-    if image.mode == "RGB":
-        return image
+    # Before the RGB shortcut: an RGB PNG can carry a transparent colour (tRNS) too.
     if convention == "hf" and ("A" in image.getbands() or image.info.get("transparency") is not None):
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if image.mode == "RGB":
+        return image
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         return Image.fromarray(_to_uint8_gray(image)).convert("RGB")
     try:
