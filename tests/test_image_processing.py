@@ -104,6 +104,23 @@ def test_pixels_equal_transformers_pil_processor(size, hf_image_processor):
     np.testing.assert_allclose(normalize(pixels), ref, atol=1e-6)
 
 
+EDGE_SIZES = [(1, 2000), (2000, 1), (383, 385), (384, 768), (1152, 1152), (4000, 300), (1153, 384), (767, 1536), (960, 577)]
+
+
+@pytest.mark.parametrize("size", EDGE_SIZES)
+def test_edge_size_pixels_equal_both_references(size, hf_image_processor):
+    # strips, exact pinpoint sizes, and sizes one pixel off a pinpoint or its aspect ratio
+    image = random_image(*size, seed=13)
+    ref = hf_image_processor(images=[image], return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
+    pixels, _ = ip.preprocess_image(image, mode="anyres_max_9", pinpoints=PINPOINTS, convention="hf")
+    np.testing.assert_allclose(normalize(pixels), ref, atol=1e-6)
+    original, _ = ip.preprocess_image(image, mode="anyres_max_9", pinpoints=PINPOINTS, convention="original")
+    np.testing.assert_array_equal(original, ip.crop_pixels(spec_crops(image)))
+    ref = hf_image_processor(images=[[image, image]], return_tensors="np")["pixel_values"][0, :1].transpose(0, 2, 3, 1)
+    pixels, _ = ip.preprocess_image(image, mode="pad", convention="hf")
+    np.testing.assert_allclose(normalize(pixels), ref, atol=1e-6)
+
+
 def test_pad_pixels_equal_transformers_multi_image(hf_image_processor):
     image = random_image(500, 300, seed=5)
     ref = hf_image_processor(images=[[image, image]], return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
