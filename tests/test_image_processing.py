@@ -104,6 +104,23 @@ def test_pixels_equal_transformers_pil_processor(size, hf_image_processor):
     np.testing.assert_allclose(normalize(pixels), ref, atol=1e-6)
 
 
+EDGE_SIZES = [(1, 2000), (2000, 1), (383, 385), (384, 768), (1152, 1152), (4000, 300), (1153, 384), (767, 1536), (960, 577)]
+
+
+@pytest.mark.parametrize("size", EDGE_SIZES)
+def test_edge_size_pixels_equal_both_references(size, hf_image_processor):
+    # strips, exact pinpoint sizes, and sizes one pixel off a pinpoint or its aspect ratio
+    image = random_image(*size, seed=13)
+    ref = hf_image_processor(images=[image], return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
+    pixels, _ = ip.preprocess_image(image, mode="anyres_max_9", pinpoints=PINPOINTS, convention="hf")
+    np.testing.assert_allclose(normalize(pixels), ref, atol=1e-6)
+    original, _ = ip.preprocess_image(image, mode="anyres_max_9", pinpoints=PINPOINTS, convention="original")
+    np.testing.assert_array_equal(original, ip.crop_pixels(spec_crops(image)))
+    ref = hf_image_processor(images=[[image, image]], return_tensors="np")["pixel_values"][0, :1].transpose(0, 2, 3, 1)
+    pixels, _ = ip.preprocess_image(image, mode="pad", convention="hf")
+    np.testing.assert_allclose(normalize(pixels), ref, atol=1e-6)
+
+
 def test_pad_pixels_equal_transformers_multi_image(hf_image_processor):
     image = random_image(500, 300, seed=5)
     ref = hf_image_processor(images=[[image, image]], return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
@@ -119,10 +136,12 @@ def transparent_images():
     rgba = Image.fromarray(rgba, "RGBA")
     pal = rgba.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     pal.info["transparency"] = 3  # a palette entry drawn as clear (PNG tRNS)
-    return {"RGBA": rgba, "LA": rgba.convert("LA"), "PA": rgba.convert("PA"), "P+tRNS": pal}
+    rgb = rgba.convert("RGB")
+    rgb.info["transparency"] = tuple(int(v) for v in np.asarray(rgb)[0, 0])  # an RGB PNG's tRNS colour
+    return {"RGBA": rgba, "LA": rgba.convert("LA"), "PA": rgba.convert("PA"), "P+tRNS": pal, "RGB+tRNS": rgb}
 
 
-@pytest.mark.parametrize("name", ["RGBA", "LA", "PA", "P+tRNS"])
+@pytest.mark.parametrize("name", ["RGBA", "LA", "PA", "P+tRNS", "RGB+tRNS"])
 def test_hf_convention_composites_transparency_on_white_as_transformers(name, hf_image_processor):
     # transformers' processor lays transparent pixels over white; the original (and "original")
     # converts with PIL, which drops the alpha channel.
@@ -216,38 +235,54 @@ def test_8bit_modes_follow_pil_convert():
     np.testing.assert_array_equal(rgb_of(premultiplied), [[[80] * 3, [80] * 3]])
 
 
-def test_16bit_images_are_scaled_not_clipped():
-    values = np.array([[0, 257, 32896, 65535]], np.uint16)
-    expected = [0, 1, 128, 255]
-    little = Image.fromarray(values)
-    assert little.mode == "I;16"
-    np.testing.assert_array_equal(rgb_of(little)[0, :, 0], expected)
-    big = Image.frombytes("I;16B", (4, 1), values.astype(">u2").tobytes())
-    np.testing.assert_array_equal(rgb_of(big)[0, :, 2], expected)
-    # PIL itself would clip 257 and above to 255
-    assert np.asarray(little.convert("RGB"))[0, 1, 0] == 255
+def high_bit_depth_images():
+    rng = np.random.default_rng(11)
+    wide = rng.integers(0, 65536, (90, 140), dtype=np.uint16)
+    return {
+        "I;16": Image.fromarray(wide),
+        "I;16 8-bit values": Image.fromarray(rng.integers(0, 256, (90, 140), dtype=np.uint16)),
+        "I;16B": Image.frombytes("I;16B", (140, 90), wide.astype(">u2").tobytes()),
+        "I": Image.fromarray(rng.integers(-300, 70000, (90, 140), dtype=np.int32)),
+        "F": Image.fromarray((rng.random((90, 140)) * 400 - 50).astype(np.float32)),
+        "F unit range": Image.fromarray(rng.random((90, 140)).astype(np.float32)),
+    }
 
 
-def test_32bit_int_and_float_images():
-    as_int = Image.fromarray(np.array([[0, 257, 65535, 70000, -5]], np.int32))
-    assert as_int.mode == "I"
-    np.testing.assert_array_equal(rgb_of(as_int)[0, :, 0], [0, 1, 255, 255, 0])  # 16-bit range
-    small_int = Image.fromarray(np.array([[0, 17, 255, -3]], np.int32))
-    np.testing.assert_array_equal(rgb_of(small_int)[0, :, 1], [0, 17, 255, 0])  # 8-bit range kept
-    unit_float = Image.fromarray(np.array([[0.0, 0.5, 1.0, 0.25]], np.float32))
-    assert unit_float.mode == "F"
-    np.testing.assert_array_equal(rgb_of(unit_float)[0, :, 0], [0, 128, 255, 64])
-    wide_float = Image.fromarray(np.array([[0.0, 300.0, -5.0, 100.4, np.nan]], np.float32))
-    np.testing.assert_array_equal(rgb_of(wide_float)[0, :, 0], [0, 255, 0, 100, 0])
+@pytest.mark.parametrize("name", list(high_bit_depth_images()))
+def test_high_bit_depth_images_follow_both_references(name, hf_image_processor):
+    # Both references convert with PIL, which clips to 0..255 (a full-range 16-bit image comes out
+    # mostly white): the original opens every image with .convert("RGB"), transformers' processor
+    # calls .convert("RGB") on images without an alpha band.
+    image = high_bit_depth_images()[name]
+    ref = hf_image_processor(images=[image], return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
+    pixels, _ = ip.preprocess_image(image, mode="anyres_max_9", pinpoints=PINPOINTS, convention="hf")
+    np.testing.assert_allclose(normalize(pixels), ref, atol=1e-6)
+    original, _ = ip.preprocess_image(image, mode="anyres_max_9", pinpoints=PINPOINTS, convention="original")
+    np.testing.assert_array_equal(original, ip.crop_pixels(spec_crops(image.convert("RGB"))))
 
 
-def test_crops_of_a_16bit_image():
-    values = np.linspace(0, 65535, 200 * 300).round().astype(np.uint16).reshape(200, 300)
-    pixels, plan = ip.preprocess_image(Image.fromarray(values), mode="anyres_max_9", pinpoints=PINPOINTS)
-    assert pixels.shape == (plan.num_crops, 384, 384, 3)
-    # a full-range gradient stays a gradient (PIL's clipping would make nearly all of it white)
-    assert pixels[0].max() == 255 and pixels[0].min() == 0
-    assert abs(float(normalize(pixels[0]).mean())) < 0.05
+def exif_rotated_jpeg():
+    """A 200x120 JPEG whose EXIF orientation (6) tells viewers to rotate it to 120x200."""
+    import io
+
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    random_image(200, 120, seed=12).save(buf, format="JPEG", quality=95, exif=exif)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def test_exif_orientation_is_ignored_as_both_references_do(hf_image_processor):
+    # Neither the original (Image.open(...).convert("RGB")) nor transformers' processor (given a
+    # PIL image) applies the EXIF orientation: the stored pixels are used as they are.
+    image = exif_rotated_jpeg()
+    assert image.getexif().get(0x0112) == 6 and image.size == (200, 120)
+    ref = hf_image_processor(images=[image], return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
+    pixels, plan = ip.preprocess_image(image, mode="anyres_max_9", pinpoints=PINPOINTS, convention="hf")
+    np.testing.assert_allclose(normalize(pixels), ref, atol=1e-6)
+    original, plan = ip.preprocess_image(image, mode="anyres_max_9", pinpoints=PINPOINTS, convention="original")
+    np.testing.assert_array_equal(original, ip.crop_pixels(spec_crops(image.convert("RGB"))))
+    assert plan.image_size == (200, 120)
 
 
 def test_load_rgb_rejects_non_images():

@@ -186,6 +186,18 @@ def test_clear_errors(checkpoint, capsys, tmp_path):
         generate_main(["--checkpoint", ckpt, "--prompt", "hi", "--top-p", "0"])
 
 
+def test_image_over_pils_pixel_limit_is_a_one_line_error(checkpoint, capsys, monkeypatch):
+    # PIL refuses images over 2 x MAX_IMAGE_PIXELS (a decompression bomb) with an exception that is
+    # not an OSError; the limit is lowered so that the 90x70 test image exceeds it.
+    from PIL import Image
+
+    ckpt, image, _ = checkpoint
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    code, _, err = run(generate_main, ["--checkpoint", ckpt, "--image", image, "--prompt", "hi"], capsys)
+    assert code == 2 and "cannot read image" in err and "decompression bomb" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no Orbax thread tracebacks
 def test_damaged_checkpoints_give_one_line_errors(checkpoint, capsys, tmp_path):
     """An interrupted save (params/ with only _METADATA), missing array files, an empty params/ and a

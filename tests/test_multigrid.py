@@ -373,6 +373,23 @@ def test_token_counts_match_transformers_processor(hf_processor):
     assert ours == hf_counts
 
 
+def pinpoint_edge_sizes():
+    """Every pinpoint's exact size and aspect ratio (at half size), and each just off by one pixel."""
+    sizes = []
+    for w, h in spec_pairs():
+        sizes += [(w, h), (w + 1, h), (w - 1, h), (w, h + 1), (w // 2, h // 2), (w // 2, h // 2 + 1), (w // 2 + 1, h // 2)]
+    return sizes + [(1, 1), (1, 2000), (2000, 1), (383, 385), (385, 383), (4000, 300), (300, 4000), (5000, 5000)]
+
+
+def test_token_counts_at_pinpoint_edges_match_both_references(hf_processor):
+    sizes = pinpoint_edge_sizes()
+    hf_counts = hf_processor._get_num_multimodal_tokens(image_sizes=[(H, W) for W, H in sizes]).num_image_tokens
+    for (W, H), hf_count in zip(sizes, hf_counts):
+        assert mg.plan_image((W, H), mode="anyres_max_9", pinpoints=PINPOINTS, convention="hf").num_tokens == hf_count
+        original = mg.plan_image((W, H), mode="anyres_max_9", pinpoints=PINPOINTS, convention="original")
+        assert original.num_tokens == spec_tokens(W, H, "original", 9), (W, H)
+
+
 def test_token_counts_match_transformers_processor_end_to_end(hf_processor):
     from PIL import Image
 

@@ -16,37 +16,31 @@ from PIL import Image
 from manager_jax import multigrid
 
 PAD_COLOR = (127, 127, 127)  # int(0.5 * 255) for each channel: pad-to-square background
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def load_rgb(image: Image.Image, convention: str = "original") -> Image.Image:
-    """Convert a PIL image of any mode to 8-bit RGB.
+    """Convert a PIL image of any mode to 8-bit RGB, as the reference of ``convention`` does.
 
-    As in the original (``Image.open(...).convert("RGB")``), PIL's own conversion is used for
-    8-bit modes: alpha is dropped (not composited), palettes are expanded, CMYK/YCbCr/LAB/HSV
-    go through PIL's converters. With ``convention="hf"`` an image with an alpha band or a
-    transparency entry is laid over white first, as transformers' image processors do.
-    Departures, because PIL clips instead of scaling:
+    ``"original"``: PIL's own conversion (``Image.open(...).convert("RGB")``): alpha is dropped
+    (not composited), palettes are expanded, CMYK/YCbCr/LAB/HSV go through PIL's converters.
+    ``"hf"``: an image with an alpha band or a transparency entry is laid over white first, as
+    transformers' image processors do; any other image is converted as above.
 
-    - 16-bit modes (``I;16*``) are scaled to 8 bits with ``round(v / 257)`` (65535 -> 255).
-    - ``I`` (32-bit int): negative values clip to 0; if the maximum exceeds 255 the image is
-      taken to hold 16-bit data (16-bit PNGs open as ``I`` in older Pillows) and scaled by 1/257
-      after clipping to 65535; otherwise it is used as is.
-    - ``F`` (32-bit float): if every finite value lies in [0, 1] it is scaled by 255, otherwise
-      clipped to [0, 255]; NaN becomes 0.
-    - Modes PIL cannot convert to RGB directly go through RGBA or LA (e.g. premultiplied ``La``).
+    High bit-depth modes (``I;16*``, ``I``, ``F``) are converted by PIL too, which clips to
+    0..255 instead of scaling (a full-range 16-bit image comes out nearly white): both
+    references do exactly that, and the released models saw such images that way.
+    Modes PIL cannot convert to RGB directly go through RGBA or LA (e.g. premultiplied ``La``).
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"load_rgb expects a PIL.Image.Image, got {type(image).__name__}")
     if convention not in multigrid.CONVENTIONS:
         raise ValueError(f"convention must be one of {multigrid.CONVENTIONS}, got {convention!r}")
-    if image.mode == "RGB":
-        return image
+    # Before the RGB shortcut: an RGB PNG can carry a transparent colour (tRNS) too.
     if convention == "hf" and ("A" in image.getbands() or image.info.get("transparency") is not None):
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
-        return Image.fromarray(_to_uint8_gray(image)).convert("RGB")
+    if image.mode == "RGB":
+        return image
     try:
         return image.convert("RGB")
     except ValueError:
@@ -57,21 +51,6 @@ def load_rgb(image: Image.Image, convention: str = "original") -> Image.Image:
         except ValueError:
             continue
     raise ValueError(f"cannot convert a PIL image of mode {image.mode!r} to RGB")
-
-
-def _to_uint8_gray(image: Image.Image) -> np.ndarray:
-    """Scale a high bit-depth single-channel image to uint8 (see :func:`load_rgb`)."""
-    values = np.asarray(image)
-    if image.mode in _SIXTEEN_BIT_MODES:
-        scaled = values.astype(np.float64) / 257.0
-    elif image.mode == "I":
-        values = np.clip(values.astype(np.int64), 0, 65535)
-        scaled = values / 257.0 if values.size and values.max() > 255 else values.astype(np.float64)
-    else:  # "F"
-        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        in_unit_range = values.size and values.min() >= 0.0 and values.max() <= 1.0
-        scaled = values * 255.0 if in_unit_range else values
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int] = PAD_COLOR) -> Image.Image:

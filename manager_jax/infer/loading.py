@@ -119,7 +119,8 @@ def load_image(path: str) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return image.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    # DecompressionBombError (over 2 x Image.MAX_IMAGE_PIXELS) is not an OSError.
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageLoadError(f"cannot read image {path!r}: {e}") from e
 
 
