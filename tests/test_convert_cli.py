@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from manager_jax.config import tiny
-from tools.convert_weights import testing
+from tools.convert_weights import convert, testing
 from tools.convert_weights.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,3 +199,22 @@ def test_a_write_that_fails_is_one_error_line_exit_1_and_leaves_nothing(ckpt, tm
         tail = proc.stderr[proc.stderr.index("error:"):]
         assert "reading or writing failed" in tail and "File too large" in tail and "Traceback" not in tail
         assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize("command", ["to-orbax", "from-orbax"])
+def test_an_empty_destination_is_refused_and_the_working_directory_kept(ckpt, tmp_path, monkeypatch, capsys, command):
+    """An empty DST (an unset shell variable) resolved to the working directory, which --overwrite replaced."""
+    root, _ = ckpt
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "keep.txt").write_text("mine")
+    monkeypatch.chdir(cwd)
+    src = root / "src"
+    if command == "from-orbax":
+        convert.to_orbax(str(src), str(tmp_path / "params"))
+        src = tmp_path / "params"
+    extra = ["--format", "llava"] if command == "from-orbax" else []
+    code = main([command, str(src), "", "--overwrite", "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and "empty" in err, err
+    assert os.listdir(cwd) == ["keep.txt"]

@@ -167,3 +167,27 @@ def test_failure_while_writing_leaves_nothing(good, tmp_path, monkeypatch):
     with pytest.raises(ConversionFailed, match=r"reading or writing failed \(OSError: disk went away\)"):
         convert.from_orbax(str(good / "params"), str(tmp_path / "out"), fmt="llava")
     _assert_nothing_written(tmp_path)
+
+
+def test_tied_config_with_a_different_stored_lm_head_is_refused(tmp_path, capsys):
+    """transformers keeps a stored lm_head that differs from the embedding even under a tied config
+    (it unties them); dropping it as "tied" would convert another model than the one transformers runs."""
+    from safetensors.torch import load_file, save_file
+
+    from manager_jax.reference.hf_tiny import tiny_hf_config, tiny_hf_model
+    from tools.convert_weights.cli import main
+
+    src = tmp_path / "src"
+    tiny_hf_model(tiny_hf_config(vision_layers=2, text_layers=2, tie_word_embeddings=False), seed=1).save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["tie_word_embeddings"] = cfg["text_config"]["tie_word_embeddings"] = True
+    (src / "config.json").write_text(json.dumps(cfg))
+    code = main(["to-orbax", str(src), str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "tie_word_embeddings" in err and "language_model.lm_head.weight differs" in err, err
+    _assert_nothing_written(tmp_path)
+    # A stored copy of the embedding is what a tied model may hold: still dropped, not refused.
+    tensors = load_file(src / "model.safetensors")
+    tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"].clone()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    assert main(["to-orbax", str(src), str(tmp_path / "out"), "--quiet"]) == 0

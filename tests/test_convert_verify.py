@@ -4,10 +4,13 @@ logits (fp32, relative error <= 1e-5); `verify` reports and gates on the differe
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from manager_jax import params_io
 from manager_jax.config import tiny
@@ -85,3 +88,49 @@ def test_compare_logits_statistics():
     assert r.top1_agreement == pytest.approx((2 + (ours[0, 2].argmax() == ref[0, 2].argmax())) / 3)
     chunked = verify.compare_logits(ours, ref, valid, chunk=2)
     assert chunked.max_kl == r.max_kl and chunked.relative_error == pytest.approx(r.relative_error)
+
+
+def _rope_permuted(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """q/k projection rows reordered from the half-split RoPE layout to the interleaved one within each
+    head, as converters for interleaved-RoPE models do: a wrong conversion for Qwen2 (SPEC §1.4)."""
+    head_dim = w.shape[0] // heads
+    return w.reshape(heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+@pytest.fixture(scope="module")
+def rope_case(tmp_path_factory):
+    """An HF checkpoint converted correctly (fp32 and bf16) and one converted with RoPE-permuted q/k rows."""
+    root = tmp_path_factory.mktemp("rope")
+    config = tiny_hf_config(vision_layers=2, text_layers=2)
+    tiny_hf_model(config, seed=5).save_pretrained(root / "torch")
+    shutil.copytree(root / "torch", root / "permuted")
+    tensors = load_file(root / "permuted" / "model.safetensors")
+    text = config.text_config
+    for key in tensors:
+        if key.startswith("language_model.") and (".q_proj." in key or ".k_proj." in key):
+            heads = text.num_attention_heads if ".q_proj." in key else text.num_key_value_heads
+            tensors[key] = _rope_permuted(tensors[key], heads)
+    save_file(tensors, root / "permuted" / "model.safetensors", metadata={"format": "pt"})
+    convert.to_orbax(str(root / "torch"), str(root / "fp32"), dtype="fp32")
+    convert.to_orbax(str(root / "torch"), str(root / "bf16"), dtype="bf16")
+    convert.to_orbax(str(root / "permuted"), str(root / "wrong"), dtype="fp32")
+    return root
+
+
+@pytest.mark.parametrize("params", ["fp32", "bf16"])
+def test_default_thresholds_pass_a_correct_conversion(rope_case, params, capsys):
+    code = main(["verify", "--torch", str(rope_case / "torch"), "--jax", str(rope_case / params),
+                 "--image-size", "384x384"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.rstrip().endswith("OK")
+
+
+def test_default_thresholds_fail_rope_permuted_q_k(rope_case, capsys):
+    """Flat logits of a random model keep the KL of this wrong layout tiny; the relative error shows it."""
+    code = main(["verify", "--torch", str(rope_case / "torch"), "--jax", str(rope_case / "wrong"),
+                 "--image-size", "384x384", "--min-top1", "0"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    failed = [line for line in out.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and "relative error" in failed[0] and "KL" not in failed[0], out

@@ -55,6 +55,8 @@ def _sources(src: str, *more: str | None) -> list[str]:
 
 
 def _check_destination(dst: str, overwrite: bool, source: str, sources: list[str]) -> None:
+    if not dst.strip():  # e.g. an unset shell variable: it would name the working directory
+        raise ConversionError(source, ["the destination DST is empty"])
     if not os.path.lexists(dst):
         return
     if not overwrite:

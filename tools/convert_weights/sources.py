@@ -333,6 +333,19 @@ def _canonical(ckpt: SafetensorsCheckpoint, layout: str, ignore: Callable[[str],
     return canon, names
 
 
+def _tied_lm_head(ckpt: SafetensorsCheckpoint, lm_head_key: str, embed_key: str, problems: list[str]) -> str:
+    """The reason to skip a stored lm_head under a tied config, or a problem when it is not the embedding:
+    transformers then keeps the two apart, so dropping it would convert another model."""
+    if embed_key in ckpt:
+        head, embed = ckpt.read(lm_head_key), ckpt.read(embed_key)
+        rows = 4096  # compared in blocks of rows: both are memory maps, the largest tensors of the model
+        if head.shape != embed.shape or not all(np.array_equal(head[i:i + rows], embed[i:i + rows])
+                                                for i in range(0, head.shape[0], rows)):
+            problems.append(f"config.json ties the word embeddings (tie_word_embeddings true) but {lm_head_key} "
+                            f"differs from {embed_key}: set tie_word_embeddings to false to keep it")
+    return "tied to the embedding"
+
+
 def _hf_layout(keys: list[str]) -> str:
     if any(k.startswith("vision_tower.vision_model.") for k in keys):
         return "hf_legacy"
@@ -361,12 +374,13 @@ def open_llava_or_hf(src: str, kind: str) -> TorchSource:
     if cfg is None:
         raise ConversionError(src, problems)
     lm_head_key = mapping.to_layout("lm_head.weight", layout)
+    embed_key = mapping.to_layout("model.embed_tokens.weight", layout)
     vision_layer = re.compile(re.escape(mapping.to_layout(mapping._V + "encoder.layers.", layout)) + r"(\d+)\.")
     declared_layers = (raw.get("vision_config") or {}).get("num_hidden_layers") if kind == "hf" else None
 
     def ignore(key: str) -> str | None:
         if key == lm_head_key and cfg.text.tie_word_embeddings:
-            return "tied to the embedding"
+            return _tied_lm_head(ckpt, lm_head_key, embed_key, problems)
         m = vision_layer.match(key)
         # An HF config declaring the full 27-layer SigLIP: its last layer is unused (SPEC §1.1).
         if m and declared_layers == cfg.vision.num_layers + 1 and int(m.group(1)) == cfg.vision.num_layers:
@@ -480,7 +494,7 @@ def open_siglip_qwen2(
 
     def ignore_qwen(key: str) -> str | None:
         if key == "lm_head.weight" and cfg.text.tie_word_embeddings:
-            return "tied to the embedding"
+            return _tied_lm_head(q_ckpt, key, "model.embed_tokens.weight", problems)
         return None
 
     s_canon, s_names = _canonical(s_ckpt, s_layout, ignore_siglip, ignored)

@@ -5,12 +5,15 @@ The reference is transformers' LlavaOnevision for HF checkpoints without a Manag
 Manager reference (`manager_jax.reference.torch_manager`, on top of the same transformers modules)
 otherwise. Original-layout baselines run through the Manager reference with all-zero scores (a
 no-op Manager), because only it has the original's image handling (flat merge, int() unpad, no
-newline after single-crop images). Everything runs in fp32 on CPU.
+newline after single-crop images). Everything runs in fp32 on CPU, the reference's weights rounded
+to the dtype each one is stored in under --jax (a bf16 conversion is checked against the same bf16
+values, so rounding alone moves no logit and the thresholds stay tight enough for layout bugs).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,11 +36,17 @@ class VerifyReport:
     max_kl: float
     top1_agreement: float
     reference: str
+    rounded_to: tuple[str, ...] = ()  # dtypes the reference's weights were rounded to (those of --jax)
 
-    def failures(self, max_kl: float = 1e-4, max_logit_diff: float | None = None, min_top1: float = 1.0) -> list[str]:
+    def failures(self, max_kl: float = 1e-4, max_logit_diff: float | None = None, min_top1: float = 1.0,
+                 max_rel_error: float | None = 1e-4) -> list[str]:
         out = []
         if not math.isfinite(self.mean_kl) or self.mean_kl > max_kl:
             out.append(f"mean KL {self.mean_kl:.3e} > {max_kl:.1e}")
+        # The near-uniform logits of a random model hide a wrong layout (e.g. RoPE-permuted q/k rows:
+        # KL 1.6e-8) from the KL; the relative error sees it (1.1e-3, against 2e-7 when correct).
+        if max_rel_error is not None and not self.relative_error <= max_rel_error:
+            out.append(f"relative error {self.relative_error:.3e} > {max_rel_error:.1e}")
         if max_logit_diff is not None and not self.max_abs_diff <= max_logit_diff:
             out.append(f"max |logit diff| {self.max_abs_diff:.3e} > {max_logit_diff:.1e}")
         if self.top1_agreement < min_top1:
@@ -45,14 +54,15 @@ class VerifyReport:
         return out
 
     def __str__(self) -> str:
-        return (f"reference: {self.reference}\ncompared tokens: {self.tokens}\n"
+        rounded = f" (weights rounded to {', '.join(self.rounded_to)} as stored in --jax)" if self.rounded_to else ""
+        return (f"reference: {self.reference}{rounded}\ncompared tokens: {self.tokens}\n"
                 f"max |logit diff|: {self.max_abs_diff:.3e}\nrelative error: {self.relative_error:.3e}\n"
                 f"KL(torch || jax): mean {self.mean_kl:.3e}, max {self.max_kl:.3e}\n"
                 f"top-1 agreement: {self.top1_agreement:.4f}")
 
 
 def compare_logits(ours: np.ndarray, ref: np.ndarray, valid: np.ndarray, reference: str = "",
-                   chunk: int = 256) -> VerifyReport:
+                   chunk: int = 256, rounded_to: tuple[str, ...] = ()) -> VerifyReport:
     """Statistics of two [B, S, V] logit arrays over the positions where `valid` [B, S] is True.
 
     Computed in fp64, `chunk` tokens at a time (a 150k vocabulary makes whole-sequence fp64 copies
@@ -82,6 +92,7 @@ def compare_logits(ours: np.ndarray, ref: np.ndarray, valid: np.ndarray, referen
         max_kl=float(kl.max()),
         top1_agreement=agree / len(rows),
         reference=reference,
+        rounded_to=rounded_to,
     )
 
 
@@ -143,6 +154,22 @@ def _settings(cfg: ModelConfig):
     )
 
 
+def stored_dtypes(cfg: ModelConfig, params: dict) -> dict[str, str]:
+    """Original key -> "bfloat16" / "float16" for each tensor whose parameter --jax stores that narrow."""
+    out = {}
+    for spec in mapping.param_specs(cfg):
+        name = np.dtype(mapping.get_path(params, spec.path).dtype).name
+        if name in ("bfloat16", "float16"):
+            out.update({t.key: name for t in mapping.tensor_specs(spec)})
+    return out
+
+
+def _rounded(x, dtype_name: str | None):
+    import torch
+
+    return x.to(getattr(torch, dtype_name)).to(x.dtype) if dtype_name else x
+
+
 def _read_torch(source: TorchSource, keys) -> dict:
     import torch
 
@@ -178,8 +205,11 @@ def _hf_model_from_original(source: TorchSource):
     return model.eval()
 
 
-def torch_logits(source: TorchSource, case) -> tuple[np.ndarray, str]:
-    """Reference logits [B, S, V] for a case built by `build_inputs`, and the reference's name."""
+def torch_logits(source: TorchSource, case, stored: Mapping[str, str] | None = None) -> tuple[np.ndarray, str]:
+    """Reference logits [B, S, V] for a case built by `build_inputs`, and the reference's name.
+
+    `stored` (from `stored_dtypes`): original key -> dtype to round that weight to first.
+    """
     import torch
 
     from manager_jax.reference.torch_manager import init_manager_params, reference_from_hf_and_manager
@@ -192,6 +222,10 @@ def torch_logits(source: TorchSource, case) -> tuple[np.ndarray, str]:
                                                                     attn_implementation="sdpa").eval()
     else:
         hf = _hf_model_from_original(source)
+    stored = stored or {}
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # a tied lm_head is listed (and rounded) once, as the embedding
+            p.copy_(_rounded(p, stored.get(mapping.from_layout(name, "hf_memory"))))
     inputs = {k: torch.from_numpy(v) for k, v in case.hf_inputs.items() if k != "labels"}
     with torch.no_grad():
         if source.kind == "hf" and not cfg.manager.enabled:
@@ -199,7 +233,8 @@ def torch_logits(source: TorchSource, case) -> tuple[np.ndarray, str]:
             return logits.float().numpy(), "transformers LlavaOnevisionForConditionalGeneration"
         settings = _settings(cfg)
         if cfg.manager.enabled:
-            manager = _read_torch(source, [k for k in source.refs if k.startswith("model.manager")])
+            manager = {k: _rounded(v, stored.get(k)) for k, v in
+                       _read_torch(source, [k for k in source.refs if k.startswith("model.manager")]).items()}
             name = f"Manager reference ({cfg.manager.type}, {cfg.image.convention} convention)"
         else:  # zero scores: the Manager adds nothing, only the original image handling remains
             manager = init_manager_params(settings, cfg.text.hidden_size, nonzero=False)
@@ -263,11 +298,12 @@ def verify(torch_path: str, jax_path: str, *, image_size: tuple[int, int] = (512
     if problems:
         raise ConversionError(f"{torch_path} vs {jax_path}", problems)
     case = build_inputs(jcfg, image_size, seed)
-    ref, name = torch_logits(source, case)
+    stored = stored_dtypes(jcfg, params)
+    ref, name = torch_logits(source, case, stored)
     ours = jax_logits(jcfg, params, case)
     if ours.shape != ref.shape:
         raise ConversionError(jax_path, [f"logits shapes differ: ours {ours.shape}, reference {ref.shape}"])
-    return compare_logits(ours, ref, case.valid, name)
+    return compare_logits(ours, ref, case.valid, name, rounded_to=tuple(sorted(set(stored.values()))))
 
 
 def verify_cli(args) -> int:
@@ -278,7 +314,7 @@ def verify_cli(args) -> int:
         raise ConversionError("--image-size", [f"--image-size {args.image_size!r}: expected WxH, e.g. 512x384"])
     report = verify(args.torch_path, args.jax_path, image_size=(w, h), seed=args.seed)
     print(report)
-    failures = report.failures(args.max_kl, args.max_logit_diff, args.min_top1)
+    failures = report.failures(args.max_kl, args.max_logit_diff, args.min_top1, args.max_rel_error)
     if failures:
         print("FAILED: " + "; ".join(failures))
         return exit_status.FAILED
