@@ -150,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return exit_status.BAD_INPUT
+    from manager_jax.platform import widen_cpu_thread_pools
+
+    widen_cpu_thread_pools()  # before any command starts the backend: fake CPU devices can deadlock otherwise
     try:
         result = COMMANDS[name][0]()(rest)
     except KeyboardInterrupt:  # every command: Ctrl-C is one line and 130, as train's and convert's own

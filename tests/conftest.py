@@ -3,6 +3,8 @@
 Eight fake CPU devices let the sharding tests build real meshes on one machine. XLA reads the flag
 once, when the backend starts, so it must be set before anything imports jax.
 
+XLA:CPU's thread pools get 4 threads per device (`manager_jax.platform.widen_cpu_thread_pools`).
+
 The persistent compilation cache (which `run.py` turns on) goes to a folder of this session,
 shared by the tests' subprocesses and removed at the end, not to the user's cache.
 """
@@ -21,6 +23,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="manager_jax_tests_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+from manager_jax.platform import widen_cpu_thread_pools  # noqa: E402  (after XLA_FLAGS, before the backend starts)
+
+widen_cpu_thread_pools()  # the 8 devices' collectives can deadlock XLA:CPU's default thread pools
 
 
 def pytest_configure(config) -> None:

@@ -1,9 +1,13 @@
-"""The persistent compilation cache that run.py turns on (manager_jax/platform.py)."""
+"""The persistent compilation cache that run.py turns on, and the CPU thread pools it widens (manager_jax/platform.py)."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
+
+from manager_jax.platform import widen_cpu_thread_pools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,3 +62,49 @@ def test_a_folder_that_cannot_be_made_turns_the_cache_off_with_a_warning(tmp_pat
     result, err = probe({"JAX_COMPILATION_CACHE_DIR": str(blocker / "cache")}, tmp_path)
     assert result["path"] is None and result["hits"] == 0
     assert "compilation cache off: cannot write to" in err
+
+
+# How many threads XLA:CPU's pool of a fresh interpreter has, after run.py's start-up (tsl names
+# them tf_XLAEigen; the collectives of a step wait on these threads).
+POOL_PROBE = r"""
+import os, sys, jax, jax.numpy as jnp
+import run
+try:
+    run.main(["train", "--help"])  # run.py's start-up, then argparse's help exits
+except SystemExit:
+    pass
+jax.block_until_ready(jnp.ones(4) + 1)  # starts the CPU backend
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(jax.device_count(), names.count("tf_XLAEigen"))
+"""
+
+
+def pool_threads(env_updates: dict[str, str]) -> tuple[int, int]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC", "XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env.update(JAX_PLATFORMS="cpu", **env_updates)
+    out = subprocess.run([sys.executable, "-c", POOL_PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    devices, threads = out.stdout.split()[-2:]
+    return int(devices), int(threads)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux's /proc")
+def test_run_py_gives_fake_cpu_devices_four_pool_threads_each():
+    """XLA's own size, max(cores, devices), let the Manager step's collectives on 8 fake devices
+    take every thread and hang (widen_cpu_thread_pools)."""
+    devices, threads = pool_threads({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert devices == 8 and threads == max(os.cpu_count(), 32)
+    # The user's own size is kept.
+    assert pool_threads({"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PJRT_NPROC": "12"}) == (8, 12)
+
+
+def test_thread_pool_size_follows_the_device_count_and_leaves_one_device_alone():
+    env = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2 "
+                        "--xla_force_host_platform_device_count=16"}  # XLA takes the last
+    assert widen_cpu_thread_pools(env) == max(os.cpu_count(), 64) and env["PJRT_NPROC"] == str(max(os.cpu_count(), 64))
+    env = {"JAX_NUM_CPU_DEVICES": "4"}
+    assert widen_cpu_thread_pools(env) == max(os.cpu_count(), 16)
+    for env in ({}, {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, {"JAX_NUM_CPU_DEVICES": "1"},
+                {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "NPROC": "3"}):
+        before = dict(env)
+        assert widen_cpu_thread_pools(env) is None and env == before
