@@ -25,9 +25,9 @@ def compile_cache(tmp_path_factory):
     yield from compile_cache_fixture(tmp_path_factory)
 
 
-def run(mesh_config: MeshConfig, devices, batches: list[dict]):
+def run(mesh_config: MeshConfig, devices, batches: list[dict], cfg=None):
     """STEPS train steps on a mesh; returns (setup, final state, losses)."""
-    cfg = small_model("manager")
+    cfg = cfg or small_model("manager")
     mesh = make_mesh(mesh_config, devices)
     setup = make_setup(cfg, mesh, tunable_parts=TUNABLE, optim=OPTIM, total_steps=10, loss=LossConfig())
     state = init_state(setup, init_params(setup, 0), 0)
@@ -66,6 +66,19 @@ def test_losses_and_params_match_single_device(runs):
     for other in (a_state, b_state):
         for x, y in zip(jax.tree.leaves(other["params"]), jax.tree.leaves(s_state["params"])):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=atol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("manager_type", ["adaptive_average_zerouni", "adaptive_cross_zerouni"])
+def test_adaptive_extra_query_on_packed_rows_matches_single_device(manager_type):
+    """Two image samples and a text one packed per row: each image's query mask ([images, B*S]) spans
+    the sharded rows, so its reductions cross devices."""
+    cfg = small_model("manager", manager_type=manager_type)
+    flat = [random_step_batch(cfg, 20 + s, accum=1, shards=8, images=2, seq_len=1600) for s in range(STEPS)]
+    assert flat[0]["query_mask"].any() and flat[0]["segment_ids"].max() == 3
+    as_accum = [{k: v.reshape((2, 4) + v.shape[2:]) for k, v in b.items()} for b in flat]
+    single = run(MeshConfig(1, 1, 1), jax.devices()[:1], as_accum, cfg)[2]
+    np.testing.assert_allclose(run(MeshConfig(data=1, fsdp=4, tensor=2), None, flat, cfg)[2], single, rtol=2e-5)
 
 
 def test_params_and_optimizer_state_are_sharded(runs):
