@@ -147,7 +147,7 @@ def open_any(data: str, *, seed: int = 0) -> RecordSource:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.prepare_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="LLaVA .json / .jsonl / 'dir/{a,b}.json' / mixture .yaml")
     parser.add_argument("--image-folder", default=None, help="folder that image paths are relative to")
     parser.add_argument("--out", required=True, help="output folder (created)")
