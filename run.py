@@ -86,7 +86,12 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def cmd_compile(argv: Sequence[str]) -> int:
-    args = _train_parser("run.py compile", aot=True).parse_args(argv)
+    parser = _train_parser("run.py compile", aot=True)
+    args = parser.parse_args(argv)
+    if args.hlo_out:  # found before the compile (minutes), not when its text is written
+        folder = os.path.dirname(os.path.abspath(args.hlo_out))
+        if os.path.isdir(args.hlo_out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            parser.error(f"--hlo-out {args.hlo_out!r}: needs a file path in an existing, writable folder")
     _setup_logging(args.log_level)
     from manager_jax.train.aot import AotError, cache_compiled_programs, compile_for_topology, format_report
     from manager_jax.train.recipe import load_recipe

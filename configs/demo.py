@@ -1,6 +1,6 @@
 """The demo: a tiny "Baseline + Manager" model trained on generated captions and VQA, on CPU in minutes.
 
-    python run.py train --config configs/demo.py [--set output_dir=/tmp/demo --set num_steps=60]
+    python run.py train --config configs/demo.py [--set output_dir=runs/demo2 --set num_steps=60]
     python run.py generate --checkpoint runs/demo/checkpoints ...
 
 A synthetic data set (manager_jax/data/synthetic.py: one coloured shape per image, captions and

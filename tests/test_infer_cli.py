@@ -276,6 +276,17 @@ def test_out_of_range_values_are_usage_errors(checkpoint, capsys):
     assert code == 2 and "the continuation must not contain '<image>'" in err
 
 
+def test_sampling_value_errors_name_the_flag(checkpoint, capsys):
+    """An out-of-range sampling value is refused naming the flag to fix, not the dataclass field."""
+    base = ["--checkpoint", checkpoint[0], "--prompt", "hi"]
+    for flag, value in (("--temperature", "-1"), ("--top-p", "2"), ("--top-k", "-1"),
+                        ("--repetition-penalty", "0"), ("--max-new-tokens", "0")):
+        with pytest.raises(SystemExit) as exit_:
+            generate_main(base + [flag, value])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and err.startswith(f"run.py generate: error: {flag} "), (flag, err)
+
+
 def test_jsonl_lines_are_all_checked_before_the_first_answer(checkpoint, capsys, tmp_path):
     """A bad image, a placeholder mismatch or a too long prompt on a late line: nothing is generated,
     and the error names FILE:LINE (it used to fail after the earlier batches, as 'prompt 0')."""

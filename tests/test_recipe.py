@@ -29,7 +29,8 @@ def test_demo_recipe_and_overrides():
     [
         ("optim.lrr=1", "has no field 'lrr'"),
         ("optim=3", "is a section"),
-        ("num_steps=abc", "expected"),
+        ("num_steps=abc", r"num_steps='abc': expected int$"),  # the type as written, not <class 'int'>
+        ("data.max_skip_fraction=abc", r"expected float \| None$"),
         ("model.text.num_heads=5", "multiple of"),  # re-validated by ModelConfig
         ("tunable_parts=mm_everything", "unknown mm_tunable_parts"),
         ("data.seq_len=0", "seq_len must be >= 1"),

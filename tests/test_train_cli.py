@@ -56,6 +56,13 @@ def test_train_input_errors_are_one_line_with_status_2(args, message, tmp_path, 
     assert not os.path.exists(tmp_path / "run")  # refused before anything was written
 
 
+def test_compile_refuses_an_unwritable_hlo_out_before_compiling(tmp_path, capsys):
+    for path in (tmp_path / "no_such_folder" / "step.hlo", tmp_path):  # a missing folder; a folder
+        with pytest.raises(SystemExit) as exit_:
+            run.main(["compile", "--topology", "cpu:1", "--hlo-out", str(path)])
+        assert exit_.value.code == 2 and "error: --hlo-out" in capsys.readouterr().err
+
+
 def test_debug_log_level_adds_the_traceback(capsys):
     assert run.main(["train", "--log-level", "DEBUG", "--config", "configs/no_such_recipe.py"]) == 2
     err = capsys.readouterr().err

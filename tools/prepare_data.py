@@ -6,8 +6,10 @@ so training reads one sharded dataset instead of millions of small files::
     python -m tools.prepare_data --data data/llava.json --image-folder data/images --out data/llava_ar
     python -m tools.prepare_data --data mixture.yaml --out data/stage2_ar --num-shards 64
 
-Records whose images are missing or unreadable are left out and counted (the summary is printed
-and stored in ``llava_records.json``); ``--strict`` stops at the first one instead. More than
+Records whose images are missing or empty (or, with ``--verify-images``, do not decode) are left out
+and counted (the summary is printed and stored in ``llava_records.json``); ``--strict`` stops at
+the first one instead. Without ``--verify-images`` an undecodable file is embedded as it is, and
+training skips its record (``unreadable_image``). More than
 ``--max-skip-fraction`` (default 0.5, as training's ``data.max_skip_fraction``) of the records left
 out fails the conversion (a wrong ``--image-folder``, say): training on such a dataset would never
 see the skips, only the text-only records that remain. The output
@@ -145,14 +147,15 @@ def open_any(data: str, *, seed: int = 0) -> RecordSource:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.prepare_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="LLaVA .json / .jsonl / 'dir/{a,b}.json' / mixture .yaml")
     parser.add_argument("--image-folder", default=None, help="folder that image paths are relative to")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--split", default="train", help="name of the split written (default: train)")
     parser.add_argument("--num-shards", type=int, default=1, help="ArrayRecord files to write (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random:K mixture strategies")
-    parser.add_argument("--verify-images", action="store_true", help="decode every image (slower)")
+    parser.add_argument("--verify-images", action="store_true",
+                        help="decode every image (slower), leaving out records whose images do not decode")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--max-skip-fraction", type=float, default=0.5,

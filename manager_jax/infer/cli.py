@@ -244,8 +244,9 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     except CheckpointError as e:  # a damaged generation_config.json: bad input, not a usage error
         print(f"error: {e}", file=sys.stderr)
         return exit_status.BAD_INPUT
-    except ValueError as e:
-        p.error(str(e))
+    except ValueError as e:  # SamplingParams starts with its field's name: name the flag instead
+        field, _, rest = str(e).partition(" ")
+        p.error(f"--{field.replace('_', '-')} {rest}")
     try:
         items = [("--prompt", args.prompt, args.image)] if args.prompt is not None else _read_jsonl(args.prompts)
         sizes = _image_sizes(items)  # every image and placeholder count, before the (slow) model load

@@ -209,7 +209,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
     if any(o in (list, tuple, dict) or typing.get_origin(o) in (list, tuple, dict) for o in options):
         return value
-    raise RecipeError(f"--set {key}={value!r}: expected {annotation}")
+    # "int", "float | None": the annotation as written, not "<class 'int'>"
+    expected = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+    raise RecipeError(f"--set {key}={value!r}: expected {expected}")
 
 
 def apply_override(config: Any, key: str, value: Any) -> None:

@@ -86,14 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="run the PyTorch reference and our model on the same input; compare logits")
     p.add_argument("--torch", required=True, dest="torch_path", help="PyTorch checkpoint (llava or hf)")
     p.add_argument("--jax", required=True, dest="jax_path", help="params directory converted from it")
-    p.add_argument("--max-kl", type=float, default=1e-4, help="fail above this mean KL(torch || jax) per token")
-    p.add_argument("--max-logit-diff", type=float, default=None, help="fail above this max |logit diff|")
+    p.add_argument("--max-kl", type=float, default=1e-4, help="fail above this mean KL(torch || jax) per token (default: 1e-4)")
+    p.add_argument("--max-logit-diff", type=float, default=None, help="fail above this max |logit diff| (default: no limit)")
     p.add_argument("--max-rel-error", type=float, default=1e-4,
-                   help="fail above this ||jax - torch|| / ||torch|| of the logits (catches wrong layouts, e.g. "
-                        "RoPE-permuted q/k rows, that the near-uniform logits of random weights hide from the KL)")
-    p.add_argument("--min-top1", type=float, default=1.0, help="fail below this top-1 agreement")
-    p.add_argument("--image-size", default="512x384", help="WxH of the generated test image")
-    p.add_argument("--seed", type=int, default=0)
+                   help="fail above this ||jax - torch|| / ||torch|| of the logits (default: 1e-4; catches wrong "
+                        "layouts, e.g. RoPE-permuted q/k rows, that the near-uniform logits of random weights hide from the KL)")
+    p.add_argument("--min-top1", type=float, default=1.0, help="fail below this top-1 agreement (default: 1.0)")
+    p.add_argument("--image-size", default="512x384", help="WxH of the generated test image (default: 512x384)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated test prompt and image (default: 0)")
     return parser
 
 
