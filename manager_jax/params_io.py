@@ -401,6 +401,33 @@ def overlap_problem(destination: str, sources: Sequence[str]) -> str | None:
     return None
 
 
+class DestinationExists(ParamsError):
+    """The directory to write exists and replacing it was not asked for (callers name their own
+    way to ask: a flag, an argument)."""
+
+
+def resolve_destination(directory: str) -> str:
+    """The absolute path `write_atomically` writes: a symlink is followed (its target is replaced and
+    the link kept, as cp and rsync write through a link), any other path is taken as given."""
+    directory = os.path.abspath(directory.rstrip("/") or "/")
+    return os.path.realpath(directory) if os.path.islink(directory) else directory
+
+
+def destination_problem(directory: str) -> str | None:
+    """Why `directory` (after `resolve_destination`) could not be created, checked before any work:
+    an ancestor that is not a directory, or a nearest existing ancestor this process cannot write
+    (os.access: also a read-only mount; root passes permission bits). None when it can."""
+    target = resolve_destination(directory)
+    ancestor = os.path.dirname(target)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"cannot create {directory}: {ancestor} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot create {directory}: {ancestor} is not writable (permissions or a read-only file system)"
+    return None
+
+
 def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -442,14 +469,19 @@ def write_atomically(
 
     With `overwrite`, an existing `directory` (directory or file) is replaced, unless it is one of
     `sources`, holds one or lies inside one (the paths `fill` reads from): that raises ParamsError
-    before anything is written. An exception or a SIGTERM / SIGHUP / SIGINT while writing removes
-    the temporary directory (SIGTERM / SIGHUP then exit with status 128 + the signal number, SIGINT
-    raises KeyboardInterrupt as usual).
+    (DestinationExists without `overwrite`) before anything is written, as does a `directory` that
+    cannot be created (`destination_problem`). A symlink `directory` is written through: its
+    target is replaced, the link kept. An exception or a SIGTERM / SIGHUP / SIGINT while writing
+    removes the temporary directory (SIGTERM / SIGHUP then exit with status 128 + the signal number,
+    SIGINT raises KeyboardInterrupt as usual). Returns the path written (a link's target).
     """
-    directory = os.path.abspath(directory.rstrip("/"))
+    problem = destination_problem(directory)
+    if problem:
+        raise ParamsError(problem)
+    directory = resolve_destination(directory)
     if os.path.lexists(directory):
         if not overwrite:
-            raise ParamsError(f"{directory} already exists (pass overwrite=True to replace it)")
+            raise DestinationExists(f"{directory} already exists")
         problem = overlap_problem(directory, sources)
         if problem:
             raise ParamsError(f"refusing to overwrite: {problem}")

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", help="siglip+qwen2: a JSON ModelConfig whose manager/image sections to use")
     p.add_argument("--seed", type=int, default=0, help="siglip+qwen2: seed of the fresh projector/newline/Manager")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace DST if it exists (never when DST is, holds or lies inside SRC)")
+                   help="replace DST if it exists (never when DST is, holds or lies inside SRC); a DST that is "
+                        "a symlink is written through: its target is replaced, the link kept")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
     p = sub.add_parser(
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-hf-convention", action="store_true",
                    help="allow --format hf of a model with the original image convention (see below)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace DST if it exists (never when DST is, holds or lies inside SRC or --tokenizer)")
+                   help="replace DST if it exists (never when DST is, holds or lies inside SRC or --tokenizer); "
+                        "a DST that is a symlink is written through: its target is replaced, the link kept")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
     p = sub.add_parser("inspect", help="detected format, config and tensors of any supported checkpoint "

@@ -7,6 +7,7 @@ result has been read back and checked.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -57,13 +58,21 @@ def _sources(src: str, *more: str | None) -> list[str]:
 def _check_destination(dst: str, overwrite: bool, source: str, sources: list[str]) -> None:
     if not dst.strip():  # e.g. an unset shell variable: it would name the working directory
         raise ConversionError(source, ["the destination DST is empty"])
-    if not os.path.lexists(dst):
+    # Checked before the source is opened, not when the write begins (bad input: status 2).
+    problem = params_io.destination_problem(dst)
+    if problem:
+        raise ConversionError(source, [problem])
+    if not os.path.lexists(params_io.resolve_destination(dst)):
         return
     if not overwrite:
-        raise ConversionError(source, [f"destination {dst} already exists (pass --overwrite to replace it)"])
+        raise ConversionError(source, [_exists(dst)])
     problem = params_io.overlap_problem(dst, sources)
     if problem:
         raise ConversionError(source, [f"--overwrite would delete what is being converted: {problem}"])
+
+
+def _exists(dst: str) -> str:
+    return f"destination {dst} already exists (pass --overwrite to replace it)"
 
 
 # What reading the source or writing the output raises when a file system fails (disk full, quota,
@@ -76,6 +85,21 @@ def _io_failed(dst: str, err: Exception) -> ConversionFailed:
     the write: both end here); the temporary output is already removed."""
     first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" [tensorstore_spec=")[0]
     return ConversionFailed(dst, [f"reading or writing failed ({type(err).__name__}: {first}); nothing was written"])
+
+
+@contextlib.contextmanager
+def _writing(src: str, dst: str):
+    """Turns what writing DST raises into ConversionErrors (the temporary output is already removed)."""
+    try:
+        yield
+    except params_io.DestinationExists:  # created by someone else since _check_destination
+        raise ConversionError(src, [_exists(dst)]) from None
+    except params_io.ParamsError as e:
+        raise ConversionError(src, [str(e)]) from None
+    except ConversionError:
+        raise
+    except _IO_ERRORS as e:
+        raise _io_failed(dst, e) from e
 
 
 # ---- fresh parameters (stage-1 starting point, SPEC §1.2, §1.3, §2.2) -----------------------------
@@ -261,15 +285,9 @@ def to_orbax(
     _add_aux(extra, source.aux)
     if progress:
         progress(f"writing Orbax params to {dst}")
-    try:
+    with _writing(src, dst):
         params_io.save_params(dst, tree, source.config, extra_files=extra, overwrite=overwrite,
                               sources=_sources(src))
-    except params_io.ParamsError as e:
-        raise ConversionError(src, [str(e)]) from None
-    except ConversionError:
-        raise
-    except _IO_ERRORS as e:
-        raise _io_failed(dst, e) from e
     return source.config
 
 
@@ -299,14 +317,9 @@ def _orbax_to_orbax(src: str, dst: str, dtype: str, overwrite: bool, progress: P
     if progress:
         progress(f"writing Orbax params to {dst}")
     try:
-        params_io.save_params(dst, tree, source.config, extra_files=extra, overwrite=overwrite,
-                              sources=_sources(src))
-    except params_io.ParamsError as e:
-        raise ConversionError(src, [str(e)]) from None
-    except ConversionError:
-        raise
-    except _IO_ERRORS as e:
-        raise _io_failed(dst, e) from e
+        with _writing(src, dst):
+            params_io.save_params(dst, tree, source.config, extra_files=extra, overwrite=overwrite,
+                                  sources=_sources(src))
     finally:
         source.release()
     return source.config
@@ -467,14 +480,8 @@ def from_orbax(
         written.extend(n for n in extra)
         _verify_written(tmp, plan)
 
-    try:
+    with _writing(src, dst):
         params_io.write_atomically(dst, fill, overwrite=overwrite, sources=_sources(src, tokenizer))
-    except params_io.ParamsError as e:
-        raise ConversionError(src, [str(e)]) from None
-    except ConversionError:
-        raise
-    except _IO_ERRORS as e:
-        raise _io_failed(dst, e) from e
     return written + ["config.json"]
 
 
