@@ -132,10 +132,24 @@ def _handler(compress: bool = False) -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
 
 
+class _DropWriterThreadTraceback(logging.Filter):
+    """Orbax logs a failed writer thread's exception with its traceback, then raises that same
+    exception from `save`: the caller reports it once, so the log would only repeat it (a page of
+    Orbax / asyncio frames before the one-line error of a full disk)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in str(record.msg)
+
+
 def save_tree(path: str, tree: Mapping, *, compress: bool = False) -> None:
     """Writes a pure nested dict of numpy / jax arrays as an Orbax PyTree checkpoint at `path`."""
-    with ocp.Checkpointer(_handler(compress)) as ckpt:
-        ckpt.save(os.path.abspath(path), args=ocp.args.PyTreeSave(dict(tree)))
+    absl_logger, quiet = logging.getLogger("absl"), _DropWriterThreadTraceback()
+    absl_logger.addFilter(quiet)  # the save is synchronous: its threads end before the filter goes
+    try:
+        with ocp.Checkpointer(_handler(compress)) as ckpt:
+            ckpt.save(os.path.abspath(path), args=ocp.args.PyTreeSave(dict(tree)))
+    finally:
+        absl_logger.removeFilter(quiet)
 
 
 def int_keys(tree: Any) -> Any:
