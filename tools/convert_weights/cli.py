@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["llava", "hf"], required=True,
                    help="llava: the original LLaVA-OV(-Manager) layout and config (mm_* fields); hf: transformers "
                         "LlavaOnevisionForConditionalGeneration names and config (Manager fields kept as extras)")
-    p.add_argument("--dtype", choices=["keep", "bf16", "fp32"], default="keep",
-                   help="dtype of the written tensors (keep: as stored)")
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp32", "fp16"], default="keep",
+                   help="dtype of the written tensors (keep: as stored; fp16, what the original evaluates in, "
+                        "refuses a value beyond float16's range instead of writing inf)")
     p.add_argument("--tokenizer", help="tokenizer directory whose files are copied into DST (default: the params "
                                        "directory's tokenizer/, else the training run's data.tokenizer_path, else, "
                                        "for a Qwen2 vocabulary, the offline Qwen2 tokenizer)")

@@ -41,13 +41,18 @@ from tools.convert_weights.sources import (
 )
 
 DTYPE_CHOICES = {"keep": None, "bf16": np.dtype(ml_dtypes.bfloat16), "fp32": np.dtype(np.float32)}
+# Exports also take fp16, the dtype the original evaluates its checkpoints in. Our own params keep to
+# bf16 / fp32 (an fp16 source is kept as such): JAX training and inference gain nothing from fp16
+# storage but its narrower range.
+EXPORT_DTYPE_CHOICES = {**DTYPE_CHOICES, "fp16": np.dtype(np.float16)}
+FP16_MAX = float(np.finfo(np.float16).max)
 Progress = Callable[[str], None] | None
 
 
-def _dtype_choice(dtype: str) -> np.dtype | None:
-    if dtype not in DTYPE_CHOICES:
-        raise ConversionError("--dtype", [f"--dtype {dtype!r}: choose from {', '.join(DTYPE_CHOICES)}"])
-    return DTYPE_CHOICES[dtype]
+def _dtype_choice(dtype: str, choices: dict = DTYPE_CHOICES) -> np.dtype | None:
+    if dtype not in choices:
+        raise ConversionError("--dtype", [f"--dtype {dtype!r}: choose from {', '.join(choices)}"])
+    return choices[dtype]
 
 
 def _sources(src: str, *more: str | None) -> list[str]:
@@ -376,7 +381,7 @@ def plan_export(source: OrbaxSource, fmt: str, dtype: str = "keep", hf_naming: s
 
     An hf export of a model whose image convention is not "hf" is refused unless
     `accept_hf_convention` (transformers would preprocess its images differently)."""
-    target = _dtype_choice(dtype)
+    target = _dtype_choice(dtype, EXPORT_DTYPE_CHOICES)
     cfg = source.config
     problems = []
     if fmt not in ("llava", "hf"):
@@ -400,8 +405,8 @@ def plan_export(source: OrbaxSource, fmt: str, dtype: str = "keep", hf_naming: s
     for spec in source.specs:
         out_dtype = target or source.dtype(spec.path)
         for t in mapping.tensor_specs(spec):
-            plans.append(TensorPlan(mapping.to_layout(t.key, layout), t.torch_shape, out_dtype,
-                                    _producer(source, t, out_dtype)))
+            name = mapping.to_layout(t.key, layout)
+            plans.append(TensorPlan(name, t.torch_shape, out_dtype, _producer(source, t, out_dtype, name)))
             dtypes.append((out_dtype, t.torch_shape))
     main_dtype = max({d for d, _ in dtypes}, key=lambda d: sum(np.prod(s) for dd, s in dtypes if dd == d))
     origin = source.record if source.record.get("format") != "orbax" else source.record.get("origin", {})
@@ -413,12 +418,27 @@ def plan_export(source: OrbaxSource, fmt: str, dtype: str = "keep", hf_naming: s
     return ExportPlan(layout, plans, config_json)
 
 
-def _producer(source: OrbaxSource, t: mapping.TensorSpec, dtype: np.dtype) -> Callable[[], np.ndarray]:
+def _producer(source: OrbaxSource, t: mapping.TensorSpec, dtype: np.dtype, name: str) -> Callable[[], np.ndarray]:
     def produce() -> np.ndarray:
-        value = source.read(t.param.path, t.layer)
-        return np.ascontiguousarray(mapping.to_torch(value, t.param.transform)).astype(dtype, copy=False)
+        value = np.ascontiguousarray(mapping.to_torch(source.read(t.param.path, t.layer), t.param.transform))
+        with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
+            out = value.astype(dtype, copy=False)
+        if dtype == np.float16 and value.dtype != dtype:
+            _check_fits_fp16(source.path, name, value, out)
+        return out
 
     return produce
+
+
+def _check_fits_fp16(src: str, name: str, value: np.ndarray, out: np.ndarray) -> None:
+    """A finite value the fp16 cast turned into inf (|x| >= 65520) would be a silently broken export:
+    refused, naming the tensor (the partial output is removed by write_atomically)."""
+    overflow = np.isinf(out) & np.isfinite(value)
+    if overflow.any():
+        largest = float(np.max(np.abs(np.asarray(value, np.float32)[overflow])))
+        raise ConversionError(src, [f"{name} holds {int(overflow.sum())} value(s) beyond float16's range "
+                                    f"(|x| up to {largest:.6g} > {FP16_MAX:g}): --dtype fp16 would write inf; "
+                                    "export with --dtype bf16 or fp32; nothing was written"])
 
 
 def from_orbax(
