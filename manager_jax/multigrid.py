@@ -336,7 +336,8 @@ def plan_image(
     if not unpad:
         raise NotImplementedError(
             "anyres without 'unpad' in mm_patch_merge_type (the original's 'spatial'/'flat' grid "
-            "paths) is not supported; use unpad=True (spatial_unpad, as all released checkpoints do)"
+            "paths) is not supported; use mm_patch_merge_type 'spatial_unpad' (image.patch_merge_type in our "
+            "config.json), as all released checkpoints do"
         )
     if pinpoints is None:
         raise ValueError(f"mode {mode!r} needs image_grid_pinpoints")

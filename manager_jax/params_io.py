@@ -132,10 +132,24 @@ def _handler(compress: bool = False) -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
 
 
+class _DropWriterThreadTraceback(logging.Filter):
+    """Orbax logs a failed writer thread's exception with its traceback, then raises that same
+    exception from `save`: the caller reports it once, so the log would only repeat it (a page of
+    Orbax / asyncio frames before the one-line error of a full disk)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in str(record.msg)
+
+
 def save_tree(path: str, tree: Mapping, *, compress: bool = False) -> None:
     """Writes a pure nested dict of numpy / jax arrays as an Orbax PyTree checkpoint at `path`."""
-    with ocp.Checkpointer(_handler(compress)) as ckpt:
-        ckpt.save(os.path.abspath(path), args=ocp.args.PyTreeSave(dict(tree)))
+    absl_logger, quiet = logging.getLogger("absl"), _DropWriterThreadTraceback()
+    absl_logger.addFilter(quiet)  # the save is synchronous: its threads end before the filter goes
+    try:
+        with ocp.Checkpointer(_handler(compress)) as ckpt:
+            ckpt.save(os.path.abspath(path), args=ocp.args.PyTreeSave(dict(tree)))
+    finally:
+        absl_logger.removeFilter(quiet)
 
 
 def int_keys(tree: Any) -> Any:
@@ -401,6 +415,33 @@ def overlap_problem(destination: str, sources: Sequence[str]) -> str | None:
     return None
 
 
+class DestinationExists(ParamsError):
+    """The directory to write exists and replacing it was not asked for (callers name their own
+    way to ask: a flag, an argument)."""
+
+
+def resolve_destination(directory: str) -> str:
+    """The absolute path `write_atomically` writes: a symlink is followed (its target is replaced and
+    the link kept, as cp and rsync write through a link), any other path is taken as given."""
+    directory = os.path.abspath(directory.rstrip("/") or "/")
+    return os.path.realpath(directory) if os.path.islink(directory) else directory
+
+
+def destination_problem(directory: str) -> str | None:
+    """Why `directory` (after `resolve_destination`) could not be created, checked before any work:
+    an ancestor that is not a directory, or a nearest existing ancestor this process cannot write
+    (os.access: also a read-only mount; root passes permission bits). None when it can."""
+    target = resolve_destination(directory)
+    ancestor = os.path.dirname(target)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"cannot create {directory}: {ancestor} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot create {directory}: {ancestor} is not writable (permissions or a read-only file system)"
+    return None
+
+
 def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -442,14 +483,19 @@ def write_atomically(
 
     With `overwrite`, an existing `directory` (directory or file) is replaced, unless it is one of
     `sources`, holds one or lies inside one (the paths `fill` reads from): that raises ParamsError
-    before anything is written. An exception or a SIGTERM / SIGHUP / SIGINT while writing removes
-    the temporary directory (SIGTERM / SIGHUP then exit with status 128 + the signal number, SIGINT
-    raises KeyboardInterrupt as usual).
+    (DestinationExists without `overwrite`) before anything is written, as does a `directory` that
+    cannot be created (`destination_problem`). A symlink `directory` is written through: its
+    target is replaced, the link kept. An exception or a SIGTERM / SIGHUP / SIGINT while writing
+    removes the temporary directory (SIGTERM / SIGHUP then exit with status 128 + the signal number,
+    SIGINT raises KeyboardInterrupt as usual). Returns the path written (a link's target).
     """
-    directory = os.path.abspath(directory.rstrip("/"))
+    problem = destination_problem(directory)
+    if problem:
+        raise ParamsError(problem)
+    directory = resolve_destination(directory)
     if os.path.lexists(directory):
         if not overwrite:
-            raise ParamsError(f"{directory} already exists (pass overwrite=True to replace it)")
+            raise DestinationExists(f"{directory} already exists")
         problem = overlap_problem(directory, sources)
         if problem:
             raise ParamsError(f"refusing to overwrite: {problem}")

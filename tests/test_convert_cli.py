@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from manager_jax.config import tiny
 from tools.convert_weights import convert, testing
-from tools.convert_weights.cli import main
+from tools.convert_weights.cli import build_parser, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,9 +195,10 @@ def test_a_write_that_fails_is_one_error_line_exit_1_and_leaves_nothing(ckpt, tm
                               capture_output=True, text=True, preexec_fn=_limit_file_size)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
-        # Orbax's writer threads log their own tracebacks first; the command's outcome is the last line(s).
         tail = proc.stderr[proc.stderr.index("error:"):]
-        assert "reading or writing failed" in tail and "File too large" in tail and "Traceback" not in tail
+        assert "reading or writing failed" in tail and "File too large" in tail
+        # Orbax's writer threads no longer log the same failure first, with its traceback.
+        assert "Traceback" not in proc.stderr and "raised an exception" not in proc.stderr, proc.stderr[-2000:]
         assert os.listdir(out) == []
 
 
@@ -218,3 +219,71 @@ def test_an_empty_destination_is_refused_and_the_working_directory_kept(ckpt, tm
     err = capsys.readouterr().err
     assert code == 2 and "empty" in err, err
     assert os.listdir(cwd) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("command", ["to-orbax", "from-orbax"])
+@pytest.mark.parametrize("below", ["x", "x/y"])
+def test_a_destination_under_a_file_is_refused_before_anything_is_read(ckpt, tmp_path, capsys, command, below):
+    """DST inside a regular file failed only when the write began, as a FileExistsError / NotADirectoryError
+    with status 1: it is bad input, said before the source is read."""
+    root, _ = ckpt
+    src = str(root / "src")
+    if command == "from-orbax":
+        convert.to_orbax(src, str(tmp_path / "params"))
+        src = str(tmp_path / "params")
+    (tmp_path / "config.json").write_text("mine")
+    extra = ["--format", "llava"] if command == "from-orbax" else []
+    code = main([command, src, str(tmp_path / "config.json" / below), "--overwrite", "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'config.json'} is not a directory" in err and "FileExistsError" not in err, err
+    assert (tmp_path / "config.json").read_text() == "mine"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a directory whatever its mode")
+def test_a_destination_whose_parent_is_not_writable_is_refused_up_front(ckpt, tmp_path, capsys):
+    root, _ = ckpt
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(["to-orbax", str(root / "src"), str(locked / "p"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"{locked} is not writable" in err, err
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["to-orbax", "from-orbax"])
+def test_overwrite_writes_through_a_symlink_destination(ckpt, tmp_path, capsys, command):
+    """--overwrite of a DST that links to a directory replaced the link with a directory and left the
+    target untouched; now the target is replaced and the link kept (as cp / rsync write through)."""
+    root, _ = ckpt
+    src = str(root / "src")
+    if command == "from-orbax":
+        convert.to_orbax(src, str(tmp_path / "params"))
+        src = str(tmp_path / "params")
+    extra = ["--format", "llava"] if command == "from-orbax" else []
+    target, link = tmp_path / "releases" / "v3", tmp_path / "current"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("old")
+    link.symlink_to(target, target_is_directory=True)
+    assert main([command, src, str(link), "--quiet", *extra]) == 2  # it exists: --overwrite still needed
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([command, src, str(link), "--overwrite", "--quiet", *extra]) == 0
+    assert link.is_symlink() and os.path.realpath(link) == str(target)
+    assert "old.txt" not in os.listdir(target) and "config.json" in os.listdir(target)
+    assert sorted(os.listdir(target.parent)) == ["v3"]  # no temporary or replaced copy left beside it
+    subcommand = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    assert "a symlink is written through" in " ".join(subcommand.format_help().split())
+
+
+def test_a_destination_created_during_the_conversion_names_the_flag(ckpt, tmp_path):
+    """DST created by another process after the up-front check: the library's refusal reaches the
+    user, and it must name --overwrite, not the Python argument overwrite=True."""
+    root, _ = ckpt
+    dst = tmp_path / "p"
+    with pytest.raises(convert.ConversionError) as info:  # progress runs after the check, before the write
+        convert.to_orbax(str(root / "src"), str(dst), progress=lambda msg: dst.mkdir(exist_ok=True))
+    assert "--overwrite" in str(info.value) and "overwrite=True" not in str(info.value), info.value
+    assert os.listdir(dst) == []

@@ -257,3 +257,40 @@ def test_untied_hf_checkpoint_whose_config_omits_tie_word_embeddings(tmp_path):
     assert not cfg.text.tie_word_embeddings
     tree = params_io.load_params(str(tmp_path / "p"))[1]
     np.testing.assert_array_equal(tree["lm_head"]["kernel"], model.lm_head.weight.detach().numpy().T)
+
+
+def test_fp16_export_loads_in_transformers_as_torch_half_of_the_source(tmp_path):
+    """--dtype fp16 (what the original evaluates in): transformers loads exactly torch's .half() of
+    the fp32 source, including a value just under float16's largest (65519 rounds to 65504)."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    model = _hf_model(tied=False, seed=5)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = 65519.0
+        model.lm_head.weight[0, 1] = 1e-7  # an fp16 subnormal
+    model.save_pretrained(tmp_path / "src")
+    convert.to_orbax(str(tmp_path / "src"), str(tmp_path / "p"))
+    convert.from_orbax(str(tmp_path / "p"), str(tmp_path / "fp16"), fmt="hf", dtype="fp16")
+    config = json.loads((tmp_path / "fp16" / "config.json").read_text())
+    assert config["dtype"] == config["text_config"]["dtype"] == "float16"  # not the source's float32
+    # dtype "auto": the dtype the config declares, not a cast asked for here.
+    loaded = LlavaOnevisionForConditionalGeneration.from_pretrained(str(tmp_path / "fp16"), dtype="auto")
+    assert_bit_identical(loaded.state_dict(), model.half().state_dict())
+
+
+def test_fp16_export_refuses_a_value_beyond_its_range(tmp_path, capsys):
+    from tools.convert_weights.cli import main
+
+    model = _hf_model(tied=True, seed=6)
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_1.weight[3, 2] = 1e6  # inf in fp16
+    model.save_pretrained(tmp_path / "src")
+    convert.to_orbax(str(tmp_path / "src"), str(tmp_path / "p"))
+    capsys.readouterr()
+    assert main(["from-orbax", str(tmp_path / "p"), str(tmp_path / "out"), "--format", "hf", "--dtype", "fp16",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "linear_1.weight" in err and "1e+06" in err and "--dtype bf16" in err, err
+    assert "Warning" not in err and sorted(os.listdir(tmp_path)) == ["p", "src"]  # no partial or temporary output
+    assert main(["from-orbax", str(tmp_path / "p"), str(tmp_path / "out"), "--format", "hf", "--dtype", "bf16",
+                 "--quiet"]) == 0

@@ -328,7 +328,7 @@ def test_plan_errors():
         mg.plan_image((10, 10), mode="anyres_max_9")
     with pytest.raises(ValueError, match="positive"):
         mg.plan_image((0, 10), mode="square")
-    with pytest.raises(NotImplementedError, match="unpad"):
+    with pytest.raises(NotImplementedError, match="mm_patch_merge_type 'spatial_unpad'"):  # the setting, not the argument
         mg.plan_image((10, 10), mode="anyres_max_9", pinpoints=PINPOINTS, unpad=False)
     assert mg.plan_image((10, 10), mode="square", unpad=False).num_tokens == 729
 

@@ -104,6 +104,15 @@ def test_strict_conversion_fails_and_leaves_nothing(dataset, tmp_path):
     assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
 
 
+def test_an_existing_out_created_after_the_cli_check_names_the_flag(dataset, tmp_path):
+    """convert_records' own refusal (an --out created after main's check) reaches the CLI user."""
+    root, path, _ = dataset
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError) as info:
+        prepare_data.convert_records(open_records(path), str(tmp_path / "taken"), image_folder=str(root))
+    assert "--overwrite" in str(info.value) and "overwrite=True" not in str(info.value)
+
+
 def test_cli(dataset, tmp_path, capsys):
     root, path, records = dataset
     out = str(tmp_path / "cli")

@@ -91,7 +91,7 @@ def convert_records(
     Raises TooManySkipped, writing nothing, when more than ``max_skip_fraction`` of the records
     were left out (1: never)."""
     if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir!r} exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{out_dir!r} exists; pass --overwrite to replace it, or another --out")
     tmp_dir = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     skips = SkipCounter()

@@ -361,9 +361,9 @@ class InferenceEngine:
 
         pure = nnx.to_pure_dict(state)
         try:  # an fsdp axis that splits nothing would keep a whole copy of the weights per device
-            check_fsdp_divides(pure, self.mesh)
+            check_fsdp_divides(pure, self.mesh, remedy="use --mesh data={data},fsdp={fsdp}")
         except ShardingError as err:
-            raise InputError(str(err).replace("use fsdp=", "use --mesh fsdp=")) from None
+            raise InputError(str(err)) from None
         placed = jax.tree_util.tree_map(place, pure, tree_shardings(pure, self.mesh))
         nnx.replace_by_pure_dict(state, placed)
         return state

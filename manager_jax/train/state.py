@@ -76,7 +76,7 @@ def make_setup(
 ) -> TrainSetup:
     """Shapes and shardings of params, optimizer state and the whole train state."""
     graphdef, params = model_abstract(model_config)
-    check_fsdp_divides(params, mesh)
+    check_fsdp_divides(params, mesh, remedy="use --set mesh.fsdp={fsdp} --set mesh.data={data}")
     param_shardings = tree_shardings(params, mesh)
     abstract_params = _with_shardings(params, param_shardings)
     mask = trainable_mask(params, tunable_parts)

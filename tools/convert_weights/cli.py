@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", help="siglip+qwen2: a JSON ModelConfig whose manager/image sections to use")
     p.add_argument("--seed", type=int, default=0, help="siglip+qwen2: seed of the fresh projector/newline/Manager")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace DST if it exists (never when DST is, holds or lies inside SRC)")
+                   help="replace DST if it exists (never when DST is, holds or lies inside SRC); a DST that is "
+                        "a symlink is written through: its target is replaced, the link kept")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
     p = sub.add_parser(
@@ -62,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["llava", "hf"], required=True,
                    help="llava: the original LLaVA-OV(-Manager) layout and config (mm_* fields); hf: transformers "
                         "LlavaOnevisionForConditionalGeneration names and config (Manager fields kept as extras)")
-    p.add_argument("--dtype", choices=["keep", "bf16", "fp32"], default="keep",
-                   help="dtype of the written tensors (keep: as stored)")
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp32", "fp16"], default="keep",
+                   help="dtype of the written tensors (keep: as stored; fp16, what the original evaluates in, "
+                        "refuses a value beyond float16's range instead of writing inf)")
     p.add_argument("--tokenizer", help="tokenizer directory whose files are copied into DST (default: the params "
                                        "directory's tokenizer/, else the training run's data.tokenizer_path, else, "
                                        "for a Qwen2 vocabulary, the offline Qwen2 tokenizer)")
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-hf-convention", action="store_true",
                    help="allow --format hf of a model with the original image convention (see below)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace DST if it exists (never when DST is, holds or lies inside SRC or --tokenizer)")
+                   help="replace DST if it exists (never when DST is, holds or lies inside SRC or --tokenizer); "
+                        "a DST that is a symlink is written through: its target is replaced, the link kept")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
     p = sub.add_parser("inspect", help="detected format, config and tensors of any supported checkpoint "

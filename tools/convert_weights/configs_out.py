@@ -170,6 +170,9 @@ def hf_config(cfg: ModelConfig, dtype: np.dtype, base: dict | None = None) -> di
         hidden_act="silu",
     )
     text_config.pop("rope_theta", None)
+    text_config.pop("torch_dtype", None)
+    if "dtype" in text_config:  # the base's is the source's; the export may have another
+        text_config["dtype"] = torch_dtype_name(dtype)
     text_config.pop("layer_types", None)  # derived from num_hidden_layers by transformers
     if t.head_dim * t.num_heads != t.hidden_size:
         text_config["head_dim"] = t.head_dim

@@ -7,6 +7,7 @@ result has been read back and checked.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -40,13 +41,18 @@ from tools.convert_weights.sources import (
 )
 
 DTYPE_CHOICES = {"keep": None, "bf16": np.dtype(ml_dtypes.bfloat16), "fp32": np.dtype(np.float32)}
+# Exports also take fp16, the dtype the original evaluates its checkpoints in. Our own params keep to
+# bf16 / fp32 (an fp16 source is kept as such): JAX training and inference gain nothing from fp16
+# storage but its narrower range.
+EXPORT_DTYPE_CHOICES = {**DTYPE_CHOICES, "fp16": np.dtype(np.float16)}
+FP16_MAX = float(np.finfo(np.float16).max)
 Progress = Callable[[str], None] | None
 
 
-def _dtype_choice(dtype: str) -> np.dtype | None:
-    if dtype not in DTYPE_CHOICES:
-        raise ConversionError("--dtype", [f"--dtype {dtype!r}: choose from {', '.join(DTYPE_CHOICES)}"])
-    return DTYPE_CHOICES[dtype]
+def _dtype_choice(dtype: str, choices: dict = DTYPE_CHOICES) -> np.dtype | None:
+    if dtype not in choices:
+        raise ConversionError("--dtype", [f"--dtype {dtype!r}: choose from {', '.join(choices)}"])
+    return choices[dtype]
 
 
 def _sources(src: str, *more: str | None) -> list[str]:
@@ -57,13 +63,21 @@ def _sources(src: str, *more: str | None) -> list[str]:
 def _check_destination(dst: str, overwrite: bool, source: str, sources: list[str]) -> None:
     if not dst.strip():  # e.g. an unset shell variable: it would name the working directory
         raise ConversionError(source, ["the destination DST is empty"])
-    if not os.path.lexists(dst):
+    # Checked before the source is opened, not when the write begins (bad input: status 2).
+    problem = params_io.destination_problem(dst)
+    if problem:
+        raise ConversionError(source, [problem])
+    if not os.path.lexists(params_io.resolve_destination(dst)):
         return
     if not overwrite:
-        raise ConversionError(source, [f"destination {dst} already exists (pass --overwrite to replace it)"])
+        raise ConversionError(source, [_exists(dst)])
     problem = params_io.overlap_problem(dst, sources)
     if problem:
         raise ConversionError(source, [f"--overwrite would delete what is being converted: {problem}"])
+
+
+def _exists(dst: str) -> str:
+    return f"destination {dst} already exists (pass --overwrite to replace it)"
 
 
 # What reading the source or writing the output raises when a file system fails (disk full, quota,
@@ -76,6 +90,21 @@ def _io_failed(dst: str, err: Exception) -> ConversionFailed:
     the write: both end here); the temporary output is already removed."""
     first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" [tensorstore_spec=")[0]
     return ConversionFailed(dst, [f"reading or writing failed ({type(err).__name__}: {first}); nothing was written"])
+
+
+@contextlib.contextmanager
+def _writing(src: str, dst: str):
+    """Turns what writing DST raises into ConversionErrors (the temporary output is already removed)."""
+    try:
+        yield
+    except params_io.DestinationExists:  # created by someone else since _check_destination
+        raise ConversionError(src, [_exists(dst)]) from None
+    except params_io.ParamsError as e:
+        raise ConversionError(src, [str(e)]) from None
+    except ConversionError:
+        raise
+    except _IO_ERRORS as e:
+        raise _io_failed(dst, e) from e
 
 
 # ---- fresh parameters (stage-1 starting point, SPEC §1.2, §1.3, §2.2) -----------------------------
@@ -261,15 +290,9 @@ def to_orbax(
     _add_aux(extra, source.aux)
     if progress:
         progress(f"writing Orbax params to {dst}")
-    try:
+    with _writing(src, dst):
         params_io.save_params(dst, tree, source.config, extra_files=extra, overwrite=overwrite,
                               sources=_sources(src))
-    except params_io.ParamsError as e:
-        raise ConversionError(src, [str(e)]) from None
-    except ConversionError:
-        raise
-    except _IO_ERRORS as e:
-        raise _io_failed(dst, e) from e
     return source.config
 
 
@@ -299,14 +322,9 @@ def _orbax_to_orbax(src: str, dst: str, dtype: str, overwrite: bool, progress: P
     if progress:
         progress(f"writing Orbax params to {dst}")
     try:
-        params_io.save_params(dst, tree, source.config, extra_files=extra, overwrite=overwrite,
-                              sources=_sources(src))
-    except params_io.ParamsError as e:
-        raise ConversionError(src, [str(e)]) from None
-    except ConversionError:
-        raise
-    except _IO_ERRORS as e:
-        raise _io_failed(dst, e) from e
+        with _writing(src, dst):
+            params_io.save_params(dst, tree, source.config, extra_files=extra, overwrite=overwrite,
+                                  sources=_sources(src))
     finally:
         source.release()
     return source.config
@@ -363,7 +381,7 @@ def plan_export(source: OrbaxSource, fmt: str, dtype: str = "keep", hf_naming: s
 
     An hf export of a model whose image convention is not "hf" is refused unless
     `accept_hf_convention` (transformers would preprocess its images differently)."""
-    target = _dtype_choice(dtype)
+    target = _dtype_choice(dtype, EXPORT_DTYPE_CHOICES)
     cfg = source.config
     problems = []
     if fmt not in ("llava", "hf"):
@@ -387,8 +405,8 @@ def plan_export(source: OrbaxSource, fmt: str, dtype: str = "keep", hf_naming: s
     for spec in source.specs:
         out_dtype = target or source.dtype(spec.path)
         for t in mapping.tensor_specs(spec):
-            plans.append(TensorPlan(mapping.to_layout(t.key, layout), t.torch_shape, out_dtype,
-                                    _producer(source, t, out_dtype)))
+            name = mapping.to_layout(t.key, layout)
+            plans.append(TensorPlan(name, t.torch_shape, out_dtype, _producer(source, t, out_dtype, name)))
             dtypes.append((out_dtype, t.torch_shape))
     main_dtype = max({d for d, _ in dtypes}, key=lambda d: sum(np.prod(s) for dd, s in dtypes if dd == d))
     origin = source.record if source.record.get("format") != "orbax" else source.record.get("origin", {})
@@ -400,12 +418,27 @@ def plan_export(source: OrbaxSource, fmt: str, dtype: str = "keep", hf_naming: s
     return ExportPlan(layout, plans, config_json)
 
 
-def _producer(source: OrbaxSource, t: mapping.TensorSpec, dtype: np.dtype) -> Callable[[], np.ndarray]:
+def _producer(source: OrbaxSource, t: mapping.TensorSpec, dtype: np.dtype, name: str) -> Callable[[], np.ndarray]:
     def produce() -> np.ndarray:
-        value = source.read(t.param.path, t.layer)
-        return np.ascontiguousarray(mapping.to_torch(value, t.param.transform)).astype(dtype, copy=False)
+        value = np.ascontiguousarray(mapping.to_torch(source.read(t.param.path, t.layer), t.param.transform))
+        with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
+            out = value.astype(dtype, copy=False)
+        if dtype == np.float16 and value.dtype != dtype:
+            _check_fits_fp16(source.path, name, value, out)
+        return out
 
     return produce
+
+
+def _check_fits_fp16(src: str, name: str, value: np.ndarray, out: np.ndarray) -> None:
+    """A finite value the fp16 cast turned into inf (|x| >= 65520) would be a silently broken export:
+    refused, naming the tensor (the partial output is removed by write_atomically)."""
+    overflow = np.isinf(out) & np.isfinite(value)
+    if overflow.any():
+        largest = float(np.max(np.abs(np.asarray(value, np.float32)[overflow])))
+        raise ConversionError(src, [f"{name} holds {int(overflow.sum())} value(s) beyond float16's range "
+                                    f"(|x| up to {largest:.6g} > {FP16_MAX:g}): --dtype fp16 would write inf; "
+                                    "export with --dtype bf16 or fp32; nothing was written"])
 
 
 def from_orbax(
@@ -467,14 +500,8 @@ def from_orbax(
         written.extend(n for n in extra)
         _verify_written(tmp, plan)
 
-    try:
+    with _writing(src, dst):
         params_io.write_atomically(dst, fill, overwrite=overwrite, sources=_sources(src, tokenizer))
-    except params_io.ParamsError as e:
-        raise ConversionError(src, [str(e)]) from None
-    except ConversionError:
-        raise
-    except _IO_ERRORS as e:
-        raise _io_failed(dst, e) from e
     return written + ["config.json"]
 
 
