@@ -204,3 +204,30 @@ def test_temperature_zero_when_sampling_draws_among_the_tied_best():
     draws = jax.vmap(lambda k: select_tokens(jnp.asarray(logits), k, greedy=False, temperature=0.0)[0])(
         jax.random.split(jax.random.key(0), 400))
     assert set(np.asarray(draws).tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("probs, temperature, top_k, top_p", [
+    ([0.3, 0.25, 0.15, 0.12, 0.08, 0.05, 0.03, 0.02], 1.0, 0, 1.0),
+    ([0.3, 0.25, 0.15, 0.12, 0.08, 0.05, 0.03, 0.02], 0.7, 0, 0.8),
+    ([0.3, 0.25, 0.15, 0.12, 0.08, 0.05, 0.03, 0.02], 1.8, 5, 1.0),
+    ([0.3, 0.25, 0.15, 0.12, 0.08, 0.05, 0.03, 0.02], 1.2, 6, 0.9),
+    ([0.3, 0.2, 0.2, 0.2, 0.1], 1.0, 0, 0.6),  # the cut falls inside the tie
+])
+def test_draws_follow_transformers_distribution(probs, temperature, top_k, top_p):
+    """20000 draws with per-row keys (as the decode loop draws) against HF's warped distribution:
+    nothing outside its support, and a chi-square statistic far below what a wrong distribution
+    gives (the bound df + 8 sqrt(2 df) + 10 lies beyond the 1e-6 tail; the seed is fixed)."""
+    from manager_jax.infer.sampling import row_keys
+
+    logits = np.log(np.asarray([probs], np.float32))
+    expected = hf_probs(logits, temperature, top_k, top_p)[0]
+    n = 20000
+    keys = row_keys(jax.random.key(123), jnp.arange(n, dtype=jnp.int32))
+    draws = select_tokens(jnp.broadcast_to(jnp.asarray(logits), (n, len(probs))), keys, greedy=False,
+                          temperature=temperature, top_k=top_k, top_p=top_p)
+    counts = np.bincount(np.asarray(draws), minlength=len(probs))
+    support = expected > 0
+    assert counts[~support].sum() == 0
+    chi2 = (((counts - n * expected) ** 2)[support] / (n * expected[support])).sum()
+    df = support.sum() - 1
+    assert chi2 < df + 8 * np.sqrt(2 * df) + 10, (chi2, counts / n, expected)
