@@ -228,19 +228,20 @@ def test_damaged_checkpoints_give_one_line_errors(checkpoint, capsys, tmp_path):
 
 
 def test_damaged_generation_config_gives_one_line_errors(checkpoint, capsys, tmp_path):
-    """generation_config.json (eos ids, repetition penalty) that is not JSON, not an object, or holds
+    """generation_config.json (eos ids, repetition penalty, top_k / top_p) that is not JSON, not an object, or holds
     values of the wrong type: `error: cannot read checkpoint ...` naming the file, exit 2 (score used
     to crash with a traceback, generate to print its usage and a bare JSON parser message)."""
     import shutil
 
     ckpt, _, _ = checkpoint
     cases = {"truncated": '{"eos_token_id": ', "list": "[1, 2]", "eos_text": '{"eos_token_id": ["x"]}',
-             "penalty_text": '{"repetition_penalty": "high"}', "penalty_zero": '{"repetition_penalty": 0}'}
+             "penalty_text": '{"repetition_penalty": "high"}', "penalty_zero": '{"repetition_penalty": 0}',
+             "top_k": '{"top_k": 2.5}', "top_p": '{"top_p": 0}'}
     for name, text in cases.items():
         shutil.copytree(ckpt, tmp_path / name)
         (tmp_path / name / "generation_config.json").write_text(text)
         for main, extra in ((generate_main, ["--max-new-tokens", "1"]), (score_main, ["--continuation", "x"])):
-            if main is score_main and name.startswith("penalty"):
+            if main is score_main and not name.startswith("eos") and name not in ("truncated", "list"):
                 continue  # scoring reads the eos ids only
             try:
                 code, out, err = run(main, ["--checkpoint", str(tmp_path / name), "--prompt", "hi", *extra], capsys)
@@ -386,3 +387,31 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
         monkeypatch.setattr(cli, entry, interrupted)
         assert run.main([command, "--checkpoint", "x"]) == 130
         assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_sampling_without_top_k_or_top_p_takes_hfs_defaults(checkpoint, capsys, tmp_path):
+    """`--temperature T` alone samples as HF `generate(do_sample=True, temperature=T)`: top_k and
+    top_p from the checkpoint's generation_config.json, else GenerationConfig's defaults (top_k
+    50); an explicit --top-k / --top-p wins (0 and 1 are "off")."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    hf = GenerationConfig._get_default_generation_params()
+    ckpt, image, _ = checkpoint
+
+    def tokens(directory, *extra):
+        code, out, err = run(generate_main, ["--checkpoint", directory, "--image", image, "--prompt", "Tell me a story",
+                                             "--json", "--max-new-tokens", "6", "--temperature", "3", "--seed", "4",
+                                             *extra], capsys)
+        assert code == 0, err
+        return json.loads(out)["token_ids"]
+
+    default = tokens(ckpt)
+    assert default == tokens(ckpt, "--top-k", str(hf["top_k"]), "--top-p", str(hf["top_p"]))
+    assert default != tokens(ckpt, "--top-k", "0")  # the defaults matter here
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "generation_config.json").write_text('{"top_k": 3, "top_p": 0.6}')
+    configured = str(tmp_path / "ckpt")
+    assert tokens(configured) == tokens(ckpt, "--top-k", "3", "--top-p", "0.6") != default
+    assert tokens(configured, "--top-k", "0", "--top-p", "1") == tokens(ckpt, "--top-k", "0")

@@ -646,3 +646,30 @@ def test_decode_attention_auto_picks_the_kernels_on_gpus_only(monkeypatch):
     # A jax without Pallas's Triton backend (deprecated since 0.11) decodes with XLA's attention.
     monkeypatch.setattr("manager_jax.infer.engine.decode_kernels_available", lambda: False)
     assert InferenceEngine(model, pad_id=0).decode_attention == "xla"
+
+
+def test_stopping_on_several_eos_ids_at_different_steps(baseline_engine):
+    """Several end ids (generation_config.json's list): a row ending at its first token on one, a
+    row ending later on another, a row meeting none; each answer is its free answer cut after its
+    first end id, the others untouched, also with the pad id an end id (Qwen2: <|endoftext|> is
+    both) and with max_new_tokens 1."""
+    model, engine = baseline_engine
+    prompts = [Prompt([5, 6, 7]), Prompt([8, 9, 10, 11]), Prompt([12, 13])]
+    free = [g.token_ids for g in engine.generate(prompts, SamplingParams(max_new_tokens=8))]
+    first, later = free[0][0], free[1][3]
+    ends = (first, later)
+
+    def cut(answer):
+        stop = next((i for i, t in enumerate(answer) if t in ends), None)
+        return (answer, "length") if stop is None else (answer[: stop + 1], "eos")
+
+    expected = [cut(a) for a in free]
+    assert expected[0] == ([first], "eos") and len(expected[1][0]) <= 4
+    for pad in (0, first, later):
+        padded = InferenceEngine(model, pad_id=pad)
+        gens = padded.generate(prompts, SamplingParams(max_new_tokens=8, eos_ids=ends))
+        assert [(g.token_ids, g.finish_reason) for g in gens] == expected, pad
+        assert padded.last_decode_steps == max(len(t) for t, _ in expected)
+    one = engine.generate(prompts, SamplingParams(max_new_tokens=1, eos_ids=ends))
+    assert [(g.token_ids, g.finish_reason) for g in one] == [
+        ([a[0]], "eos" if a[0] in ends else "length") for a in free]

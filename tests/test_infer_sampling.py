@@ -140,3 +140,94 @@ def test_row_keys_draw_each_row_as_a_batch_of_one():
 def test_non_finite_sampling_values_are_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def hf_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """The distribution HF samples from (softmax of the warped scores), in float64."""
+    return torch.softmax(torch.tensor(hf_filtered(logits, temperature, top_k, top_p), dtype=torch.float64), -1).numpy()
+
+
+def our_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    filtered = filter_logits(jnp.asarray(logits), jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    return np.asarray(jax.nn.softmax(filtered, axis=-1), np.float64)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.5), (0, 1e-4), (2, 0.7), (0, 0.75)])
+def test_top_p_ties_are_cut_like_transformers(top_k, top_p):
+    """Exact ties at the top-p boundary (flat rows; bf16 logits have many): HF keeps the tokens
+    after the boundary in its sort order (ascending, equal logits by id), not every tied token, so
+    a flat row with top_p 0.5 keeps half of it and top_p -> 0 one token (min_tokens_to_keep=1)."""
+    logits = np.asarray([[0.0] * 10, [1, 3, 3, 0, 3, 2, 3, 1, 1, 0], [2, 2, 2, 2, -np.inf, 5, 5, 2, 2, 2]],
+                        np.float32)
+    ours, ref = our_probs(logits, 1.0, top_k, top_p), hf_probs(logits, 1.0, top_k, top_p)
+    np.testing.assert_array_equal(ours > 0, ref > 0)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 0.9), (1.0, 0, 0.5), (0.7, 50, 0.8), (1.3, 0, 0.99),
+                                                       (0.7, 20, 0.95), (1.0, 200000, 0.3)])
+def test_bf16_logits_over_qwen2s_vocabulary_keep_transformers_tokens(temperature, top_k, top_p):
+    """Model logits in bf16 (fp32 copies, as HF generate takes them): ties everywhere, from flat
+    rows to peaked ones. As many tokens stay as in HF, with HF's probabilities; every token off the
+    cut's logit has HF's fate. Which of the tokens tied at the cut stay is torch's sort order in
+    HF, unstable beyond a few dozen ids; ours takes the highest ids."""
+    rng = np.random.default_rng(5)
+    logits = (rng.normal(size=(4, 151936)) * np.array([[1], [2], [4], [4]])).astype(np.float32)
+    logits[:, 7] += np.array([0, 5, 10, 20], np.float32)
+    logits[:, 151646:] = -np.inf  # the vocabulary limit
+    logits = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32))
+    ours, ref = our_probs(logits, temperature, top_k, top_p), hf_probs(logits, temperature, top_k, top_p)
+    np.testing.assert_array_equal((ours > 0).sum(axis=1), (ref > 0).sum(axis=1))
+    np.testing.assert_allclose(np.sort(ours, axis=1), np.sort(ref, axis=1), rtol=1e-4, atol=1e-9)
+    cut = np.where(ref > 0, logits, np.inf).min(axis=1, keepdims=True)
+    np.testing.assert_array_equal((ours > 0)[logits != cut], (ref > 0)[logits != cut])
+    kept_at_cut = (ours > 0) & (logits == cut)
+    for row, tied in zip(kept_at_cut, logits == cut):  # the highest tied ids
+        assert np.array_equal(np.nonzero(row)[0], np.nonzero(tied)[0][len(np.nonzero(tied)[0]) - row.sum():])
+
+
+@pytest.mark.parametrize("temperature", [1e-7, 1e-8, 1e-20])
+def test_very_small_temperatures_divide_like_transformers(temperature):
+    """No floor on the temperature: logits 1e-6 apart at temperature 1e-7 are e^10 apart in
+    probability, as in HF (a floor of 1e-6 made it e^1)."""
+    logits = np.asarray([[0.0, 1e-6, -1.0, 1e-6 - 2e-7]], np.float32)
+    np.testing.assert_allclose(our_probs(logits, temperature, 0, 1.0), hf_probs(logits, temperature, 0, 1.0),
+                               atol=1e-6)
+
+
+def test_temperature_zero_when_sampling_draws_among_the_tied_best():
+    """HF refuses do_sample with temperature 0 (SamplingParams makes it greedy). Called with it
+    anyway, the sampler takes the limit of temperature -> 0: the argmax, ties drawn uniformly,
+    never a NaN."""
+    logits = np.asarray([[1.0, 3.0, 3.0, 2.0, -np.inf]], np.float32)
+    np.testing.assert_allclose(our_probs(logits, 0.0, 0, 1.0), [[0, 0.5, 0.5, 0, 0]])
+    draws = jax.vmap(lambda k: select_tokens(jnp.asarray(logits), k, greedy=False, temperature=0.0)[0])(
+        jax.random.split(jax.random.key(0), 400))
+    assert set(np.asarray(draws).tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("probs, temperature, top_k, top_p", [
+    ([0.3, 0.25, 0.15, 0.12, 0.08, 0.05, 0.03, 0.02], 1.0, 0, 1.0),
+    ([0.3, 0.25, 0.15, 0.12, 0.08, 0.05, 0.03, 0.02], 0.7, 0, 0.8),
+    ([0.3, 0.25, 0.15, 0.12, 0.08, 0.05, 0.03, 0.02], 1.8, 5, 1.0),
+    ([0.3, 0.25, 0.15, 0.12, 0.08, 0.05, 0.03, 0.02], 1.2, 6, 0.9),
+    ([0.3, 0.2, 0.2, 0.2, 0.1], 1.0, 0, 0.6),  # the cut falls inside the tie
+])
+def test_draws_follow_transformers_distribution(probs, temperature, top_k, top_p):
+    """20000 draws with per-row keys (as the decode loop draws) against HF's warped distribution:
+    nothing outside its support, and a chi-square statistic far below what a wrong distribution
+    gives (the bound df + 8 sqrt(2 df) + 10 lies beyond the 1e-6 tail; the seed is fixed)."""
+    from manager_jax.infer.sampling import row_keys
+
+    logits = np.log(np.asarray([probs], np.float32))
+    expected = hf_probs(logits, temperature, top_k, top_p)[0]
+    n = 20000
+    keys = row_keys(jax.random.key(123), jnp.arange(n, dtype=jnp.int32))
+    draws = select_tokens(jnp.broadcast_to(jnp.asarray(logits), (n, len(probs))), keys, greedy=False,
+                          temperature=temperature, top_k=top_k, top_p=top_p)
+    counts = np.bincount(np.asarray(draws), minlength=len(probs))
+    support = expected > 0
+    assert counts[~support].sum() == 0
+    chi2 = (((counts - n * expected) ** 2)[support] / (n * expected[support])).sum()
+    df = support.sum() - 1
+    assert chi2 < df + 8 * np.sqrt(2 * df) + 10, (chi2, counts / n, expected)

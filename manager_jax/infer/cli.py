@@ -44,6 +44,7 @@ from manager_jax.infer.loading import (
     mesh_from_spec,
     read_eos_ids,
     read_repetition_penalty,
+    read_sampling_defaults,
 )
 from manager_jax.infer.requests import generation_prompt, score_request
 from manager_jax.infer.sampling import SamplingParams
@@ -216,8 +217,11 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                    help="most tokens per answer (default: 128; fewer when the prompt leaves less room below "
                         "--max-length)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling (finite, > 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off, the default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass in (0, 1], 1 = off (default, as HF generate: the checkpoint's "
+                        "generation_config.json value, else 1)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="0 = off (default, as HF generate: the checkpoint's generation_config.json value, else 50)")
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="HF repetition penalty on the generated ids (default: the checkpoint's "
                         "generation_config.json value, else 1.0 = off)")
@@ -236,11 +240,16 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
     try:
+        config_dir = args.checkpoint if os.path.isdir(args.checkpoint) else None
         penalty = args.repetition_penalty
         if penalty is None:
-            penalty = read_repetition_penalty(args.checkpoint) if os.path.isdir(args.checkpoint) else 1.0
+            penalty = read_repetition_penalty(config_dir)
+        # --temperature T alone samples as HF generate(do_sample=True, temperature=T) does.
+        defaults = read_sampling_defaults(config_dir)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, repetition_penalty=penalty)
+                                top_p=defaults["top_p"] if args.top_p is None else args.top_p,
+                                top_k=defaults["top_k"] if args.top_k is None else args.top_k,
+                                seed=args.seed, repetition_penalty=penalty)
     except CheckpointError as e:  # a damaged generation_config.json: bad input, not a usage error
         print(f"error: {e}", file=sys.stderr)
         return exit_status.BAD_INPUT

@@ -682,9 +682,9 @@ class InferenceEngine:
 
         Sampling: prompt i of the batch draws from random stream `streams[i]` (default i) of
         `params.seed` (`sampling.row_keys`), whatever the batch. Give each prompt of a run its own
-        stream (its index in the run, or one derived from what it is) and its answer does not
-        depend on the batch size nor its place in the batch, and repeated prompts get independent
-        samples. Stream 0 is what a lone prompt has always used.
+        stream (its index in the run, or one derived from what it is) and its draws do not depend
+        on the batch size nor its place in the batch (its answer neither, as far as its logits do
+        not), and repeated prompts get independent samples. Stream 0 is what a lone prompt has always used.
         """
         prepared = self.prepare(prompts)
         return self.generate_prepared(prepared, params, streams=streams)

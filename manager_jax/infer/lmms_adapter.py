@@ -64,17 +64,14 @@ from manager_jax.infer.loading import (
     load_model,
     mesh_from_spec,
     read_eos_ids,
-    read_generation_config,
     read_repetition_penalty,
+    read_sampling_defaults,
 )
 from manager_jax.infer.requests import generation_prompt, score_request
 from manager_jax.infer.sampling import SamplingParams
 from manager_jax.platform import use_compilation_cache
 
 logger = logging.getLogger(__name__)
-# transformers.GenerationConfig's defaults, which HF generate samples with when neither the request
-# nor the checkpoint's generation_config.json sets them.
-HF_DEFAULT_TEMPERATURE, HF_DEFAULT_TOP_K, HF_DEFAULT_TOP_P = 1.0, 50, 1.0
 SAMPLING_OFF = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # the values of a warper HF does not add
 
 MODEL_NAME = "llava_ov_manager_jax"
@@ -239,12 +236,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         self.repetition_penalty = read_repetition_penalty(pretrained) if pretrained else 1.0
         # What HF generate samples with for a knob the request does not give (the original gives no
         # top_k; a task may set do_sample alone): generation_config.json's value, else HF's default.
-        generation_config = read_generation_config(pretrained) if pretrained else {}
-        self.sampling_defaults = {
-            "temperature": float(_given(generation_config.get("temperature"), HF_DEFAULT_TEMPERATURE)),
-            "top_p": float(_given(generation_config.get("top_p"), HF_DEFAULT_TOP_P)),
-            "top_k": int(_given(generation_config.get("top_k"), HF_DEFAULT_TOP_K)),
-        }
+        self.sampling_defaults = read_sampling_defaults(pretrained)
         self.batch_size_per_gpu = max(int(batch_size), 1)
         self.apply_until = _as_bool(apply_until)
         self.max_rounds = int(max_rounds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -167,6 +168,32 @@ def read_repetition_penalty(checkpoint: str | None) -> float:
     if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < float("inf"):
         raise _bad_generation_config(checkpoint, "repetition_penalty", penalty, "a number > 0 (1.0 = off)")
     return float(penalty)
+
+
+# transformers.GenerationConfig's defaults, which HF generate samples with when neither the call
+# nor the checkpoint's generation_config.json sets them.
+HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+
+
+def read_sampling_defaults(checkpoint: str | None) -> dict:
+    """{temperature, top_p, top_k} that HF generate samples with when the call does not give them:
+    generation_config.json's values, else `HF_SAMPLING_DEFAULTS`."""
+    config, defaults = read_generation_config(checkpoint), {}
+    for name, fallback in HF_SAMPLING_DEFAULTS.items():
+        value = config.get(name)
+        if value is None:
+            defaults[name] = fallback
+            continue
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if name == "top_k":
+            ok = ok and value == int(value) and value >= 0
+        ok = ok and value >= 0 and (name != "top_p" or 0 < value <= 1)
+        if not ok:
+            raise _bad_generation_config(checkpoint, name, value, {"temperature": "a number >= 0",
+                                                                   "top_p": "a number in (0, 1]",
+                                                                   "top_k": "an integer >= 0"}[name])
+        defaults[name] = int(value) if name == "top_k" else float(value)
+    return defaults
 
 
 def default_vocab_limit(tokenizer, model_vocab: int) -> int:

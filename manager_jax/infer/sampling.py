@@ -70,26 +70,37 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Ar
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Temperature, top-k and top-p applied to fp32 logits [B, V]; removed tokens get -inf.
+    """Temperature, top-k and top-p applied to fp32 logits [B, V] as HF's warpers; removed tokens get -inf.
 
-    Ties at the top-k / top-p boundary are kept (HF's top-k does the same; its top-p breaks ties by
-    sort order, a measure-zero difference for real-valued logits). top_p >= 1 filters nothing: HF
-    adds no top-p warper then, while the cumulative sum, rounded, can reach 1 before the tail.
+    The values are HF's (logits / temperature), so are the ties: top-k keeps every token tied with
+    the k-th; top-p cuts in HF's sort order (ascending, equal logits by id: torch's stable sort),
+    so of the tokens tied at its boundary only those after it stay (bf16 logits tie often).
+    top_p >= 1 filters nothing: HF adds no top-p warper then, while the cumulative sum, rounded,
+    can reach 1 before the tail. Temperature 0 (HF refuses it) or one so small that the best logit
+    overflows is the limit T -> 0: the tied best tokens only.
     """
-    logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-    sorted_asc = jnp.sort(logits, axis=-1)
+    logits = logits.astype(jnp.float32)
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    limit = jnp.where(logits == best, 0.0, NEG_INF)
+    logits = jnp.where(jnp.isfinite(best / temperature), logits / temperature, limit)
     vocab = logits.shape[-1]
+    ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), logits.shape)
+    sorted_asc, sorted_ids = jax.lax.sort((logits, ids), dimension=-1, is_stable=True, num_keys=1)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     kth = jnp.take_along_axis(sorted_asc, jnp.broadcast_to(vocab - k, logits.shape[:-1])[..., None], axis=-1)
     logits = jnp.where(logits < kth, NEG_INF, logits)
     sorted_asc = jnp.where(sorted_asc < kth, NEG_INF, sorted_asc)
     # top-p as HF computes it: the ascending cumulative mass (summed from the least likely, so the
-    # tail is not lost to rounding); token i goes when the mass up to it is <= 1 - top_p. The most
-    # likely token stays.
+    # tail is not lost to rounding); sorted position j goes when the mass up to it is <= 1 - top_p,
+    # the last (most likely) stays. The removed positions are a prefix: the first kept one, by
+    # value and id, is the cut.
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_asc, axis=-1), axis=-1)
-    keep = (cumulative > 1.0 - top_p) | (jnp.arange(vocab) == vocab - 1) | (top_p >= 1.0)
-    cutoff = jnp.min(jnp.where(keep, sorted_asc, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits < cutoff, NEG_INF, logits)
+    removed = (cumulative <= 1.0 - top_p) & (jnp.arange(vocab) < vocab - 1) & (top_p < 1.0)
+    first = jnp.sum(removed, axis=-1, keepdims=True)
+    cut_value = jnp.take_along_axis(sorted_asc, first, axis=-1)
+    cut_id = jnp.take_along_axis(sorted_ids, first, axis=-1)
+    keep = (logits > cut_value) | ((logits == cut_value) & (ids >= cut_id))
+    return jnp.where(keep, logits, NEG_INF)
 
 
 def row_keys(key: jax.Array, streams: jax.Array) -> jax.Array:
