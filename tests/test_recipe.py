@@ -39,6 +39,8 @@ def test_demo_recipe_and_overrides():
         ("checkpoint.every_steps=-5", "checkpoint.every_steps must be >= 0"),
         ("global_batch_size=0", "global_batch_size must be >= 1 or -1"),
         ("data.data_path=/x.json", "data.mixture=None"),  # with the recipe's mixture below
+        ("output_dir=gs://bucket/run", "output_dir=gs://bucket/run is a URL.*mount the bucket"),
+        ("checkpoint.dir=s3://bucket/ckpt", "checkpoint.dir=s3://bucket/ckpt is a URL"),
     ],
 )
 def test_bad_overrides_fail_with_clear_messages(override, message):

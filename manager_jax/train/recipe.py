@@ -20,6 +20,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -332,6 +333,13 @@ def validate(config: TrainConfig) -> None:
             f"data.data_path ({config.data.data_path}) and data.mixture ({config.data.mixture}) are both set; "
             "give one: --set data.mixture=None to train on data_path, or --set data.data_path=None for the mixture"
         )
+    for field, where in (("output_dir", config.output_dir), ("checkpoint.dir", config.checkpoint.dir)):
+        if where and _URL.match(where):
+            # os.makedirs("gs://b/run") makes a local folder "gs:" and every host would write there.
+            problems.append(
+                f"{field}={where} is a URL, but the run writes through the local file system: mount the bucket "
+                "(e.g. gcsfuse) or use a shared file system every host sees, and give its path"
+            )
     problems += config.optim.problems()
     if config.max_nonfinite_steps < 1:
         problems.append("max_nonfinite_steps must be >= 1")
@@ -410,6 +418,7 @@ _ORDER_FIELDS = ("data.seed", "data.shuffle", "data.group_by_modality_length")
 _GROUPED_ORDER_FIELDS = ("data.rows_per_host", "grad_accum", "data.worker_count")
 # Model fields that only choose how it runs, not what it is.
 _EXECUTION_FIELDS = ("model.dtype", "model.remat_policy", "model.attention_impl", "model.vision_token_multiple")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Where the run lives: moving a run directory is no change.
 _LOCATION_FIELDS = ("output_dir", "checkpoint.dir")
 
