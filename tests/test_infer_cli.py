@@ -163,7 +163,7 @@ def test_clear_errors(checkpoint, capsys, tmp_path):
     assert code == 2 and "checkpoint not found" in err
     code, _, err = run(generate_main, ["--checkpoint", ckpt, "--image", str(root / "missing.png"), "--prompt", "hi"],
                        capsys)
-    assert code == 2 and "image not found" in err
+    assert code == 2 and "error: --image: image not found" in err  # the flag that names it
     code, _, err = run(generate_main, ["--checkpoint", ckpt, "--image", str(root / "broken.png"), "--prompt", "hi"],
                        capsys)
     assert code == 2 and "cannot read image" in err

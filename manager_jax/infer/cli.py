@@ -196,8 +196,8 @@ def _image_sizes(items: list[tuple[str, str, list[str]]]) -> list[list[tuple[int
         for path in paths:
             try:
                 image = load_image(path)
-            except ImageLoadError as e:
-                raise ImageLoadError(f"{where}: {e}") from None
+            except ImageLoadError as e:  # one prompt: its images come from --image; else the FILE:LINE
+                raise ImageLoadError(f"{'--image' if where == '--prompt' else where}: {e}") from None
             row.append(image.size)
             image.close()
         sizes.append(row)
