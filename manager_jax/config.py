@@ -184,6 +184,11 @@ class ModelConfig:
             problems.append(f"image.convention {self.image.convention!r} not in {CONVENTIONS}")
         if self.image.patch_merge_type not in ("flat", "spatial_unpad"):
             problems.append(f"image.patch_merge_type {self.image.patch_merge_type!r} not supported")
+        elif (not self.image.has_newline and str(self.image.aspect_ratio).startswith("anyres") and m.enabled
+              and m.grid_type == "grid"):
+            from manager_jax.multigrid import FLAT_GRID_ERROR
+
+            problems.append(FLAT_GRID_ERROR)
         if t.num_heads % t.num_kv_heads:
             problems.append("text.num_heads must be a multiple of text.num_kv_heads")
         if v.hidden_size % v.num_heads:

@@ -264,6 +264,9 @@ class ImagePlan:
     canvas: tuple[int, int] | None = None  # anyres canvas (w*, h*)
     grid_map: tuple[int, int] | None = None  # (h', w') of the grid part, newline column excluded
     manager: np.ndarray | None = None  # bool [T], filled when plan_image gets a grid_type
+    # mm_patch_merge_type "flat" with several crops: every crop's tokens in crop order, and the
+    # Manager features flattened the same way (so they cover every token whatever the grid type).
+    flat: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -307,7 +310,7 @@ def plan_image(
       max_tiles: optional cap on the tiles per image (filters the pinpoints; not in the original).
       patch: crop side in pixels; grid_tokens: patch tokens per crop side.
       unpad: whether ``mm_patch_merge_type`` contains "unpad" (the max-N rule and the newline
-        need it). The non-unpad anyres paths of the original are not implemented.
+        need it). Without it ("flat") an anyres image is every crop's tokens in crop order.
       grid_type: if given ("main"/"grid"/"all"), ``plan.manager`` holds
         :func:`manager_token_mask`.
 
@@ -333,14 +336,10 @@ def plan_image(
         plan = ImagePlan(1, None, src, weight, newline, is_base, image_size=tuple(image_size))
         return _with_manager(plan, grid_type)
 
-    if not unpad:
-        raise NotImplementedError(
-            "anyres without 'unpad' in mm_patch_merge_type (the original's 'spatial'/'flat' grid "
-            "paths) is not supported; use mm_patch_merge_type 'spatial_unpad' (image.patch_merge_type in our "
-            "config.json), as all released checkpoints do"
-        )
     if pinpoints is None:
         raise ValueError(f"mode {mode!r} needs image_grid_pinpoints")
+    if not unpad:
+        return _flat_plan(image_size, pinpoints, convention, max_tiles, patch, grid_tokens, grid_type)
     if convention == "hf" and max_n is None:
         max_n = HF_DEFAULT_MAX_PATCHES  # transformers applies the max-N rule always (SPEC §3.9 #3)
 
@@ -430,6 +429,10 @@ def manager_token_mask(plan: ImagePlan, grid_type: str, multi_image: bool = Fals
     """
     if grid_type not in GRID_TYPES:
         raise ValueError(f"grid_type must be one of {GRID_TYPES}, got {grid_type!r}")
+    if plan.flat:
+        if grid_type == "grid":
+            raise ValueError(FLAT_GRID_ERROR)
+        return np.ones(plan.num_tokens, bool)
     if plan.num_crops == 1:
         if grid_type == "grid" and not multi_image:
             return np.zeros(plan.num_tokens, bool)
@@ -444,6 +447,29 @@ def manager_token_mask(plan: ImagePlan, grid_type: str, multi_image: bool = Fals
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+# The original's flat branch flattens all crops' Manager features but still offsets a "grid"
+# Manager by 729 tokens: its update would land 729 tokens late, partly on the text after the image.
+FLAT_GRID_ERROR = ("manager grid_type 'grid' with mm_patch_merge_type 'flat' and anyres tiling: the original shifts "
+                   "the Manager update 729 tokens past the image's; use grid_type 'all' or 'main' (the same there: "
+                   "every token) or mm_patch_merge_type 'spatial_unpad'")
+
+
+def _flat_plan(image_size, pinpoints, convention, max_tiles, patch, grid_tokens, grid_type) -> ImagePlan:
+    """An anyres image under mm_patch_merge_type "flat" (llava_arch.py's flat branch): base crop and
+    grid crops, each crop's tokens in raster order, no unpad, no resize, no newline."""
+    canvas = best_resolution(image_size, pinpoints, convention=convention, max_tiles=max_tiles, patch=patch)
+    nw, nh = canvas[0] // patch, canvas[1] // patch
+    num_crops = 1 + nw * nh
+    n_tok = num_crops * grid_tokens * grid_tokens
+    weight = np.zeros((n_tok, 4), np.float32)
+    weight[:, 0] = 1
+    is_base = np.zeros(n_tok, bool)
+    is_base[: grid_tokens * grid_tokens] = True
+    plan = ImagePlan(num_crops, (nw, nh), np.repeat(np.arange(n_tok, dtype=np.int32)[:, None], 4, axis=1), weight,
+                     np.zeros(n_tok, bool), is_base, image_size=tuple(image_size), canvas=canvas, flat=True)
+    return _with_manager(plan, grid_type)
 
 
 def _with_manager(plan: ImagePlan, grid_type: str | None) -> ImagePlan:

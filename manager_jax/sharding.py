@@ -270,8 +270,9 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
 
 
-def local_shard_indices(mesh: Mesh, num_shards: int) -> list[int]:
-    """The data shards (rows of the shard dimension) that this process's devices hold, in order.
+def local_shard_indices(mesh: Mesh, num_shards: int, process_index: int | None = None) -> list[int]:
+    """The data shards (rows of the shard dimension) that this process's devices hold, in order
+    (another process's with `process_index`, e.g. of compile-only devices).
 
     Each process feeds exactly these shards; together the processes cover 0..num_shards-1 once.
     """
@@ -280,11 +281,12 @@ def local_shard_indices(mesh: Mesh, num_shards: int) -> list[int]:
             f"batch_shards={num_shards} must be a multiple of the data-parallel size "
             f"data*fsdp={data_parallel_size(mesh)}"
         )
+    process = jax.process_index() if process_index is None else process_index
     sharding = batch_sharding(mesh, 2, shard_dim=0)
-    index_map = sharding.addressable_devices_indices_map((num_shards, 1))
     rows: set[int] = set()
-    for index in index_map.values():
-        rows.update(range(*index[0].indices(num_shards)))
+    for device, index in sharding.devices_indices_map((num_shards, 1)).items():
+        if device.process_index == process:
+            rows.update(range(*index[0].indices(num_shards)))
     return sorted(rows)
 
 

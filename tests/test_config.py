@@ -146,3 +146,16 @@ def test_omitted_hf_text_fields_mean_what_transformers_reads(drop):
     text = C.ModelConfig.from_hf_config(raw).text
     assert text.rope_theta == want.text_config.rope_parameters["rope_theta"]
     assert text.tie_word_embeddings == want.tie_word_embeddings
+
+
+def test_flat_anyres_with_a_grid_manager_is_refused_at_validation():
+    """mm_patch_merge_type flat + anyres tiling is the original's flat branch (supported, see
+    tests/test_parity_manager.py); with grid_type "grid" the original misplaces the update by 729
+    tokens, so the config is refused when built, not at the first image."""
+    base = C.ModelConfig()
+    flat = C.dataclasses.replace(base.image, patch_merge_type="flat")
+    C.ModelConfig(image=flat, manager=C.dataclasses.replace(base.manager, grid_type="all"))
+    with pytest.raises(C.ConfigError, match="grid_type 'grid' with mm_patch_merge_type 'flat'"):
+        C.ModelConfig(image=flat, manager=C.dataclasses.replace(base.manager, grid_type="grid"))
+    C.ModelConfig(image=C.dataclasses.replace(flat, aspect_ratio="square", grid_pinpoints=None),
+                manager=C.dataclasses.replace(base.manager, grid_type="grid"))

@@ -328,9 +328,20 @@ def test_plan_errors():
         mg.plan_image((10, 10), mode="anyres_max_9")
     with pytest.raises(ValueError, match="positive"):
         mg.plan_image((0, 10), mode="square")
-    with pytest.raises(NotImplementedError, match="mm_patch_merge_type 'spatial_unpad'"):  # the setting, not the argument
-        mg.plan_image((10, 10), mode="anyres_max_9", pinpoints=PINPOINTS, unpad=False)
+    with pytest.raises(ValueError, match="grid_type 'grid' with mm_patch_merge_type 'flat'"):
+        mg.plan_image((10, 10), mode="anyres_max_9", pinpoints=PINPOINTS, unpad=False, grid_type="grid")
     assert mg.plan_image((10, 10), mode="square", unpad=False).num_tokens == 729
+
+
+def test_flat_anyres_plan_is_every_crop_in_order():
+    """mm_patch_merge_type "flat" (llava_arch.py's flat branch): each crop's 729 tokens in crop
+    order, no unpad, no newline; the Manager covers every token for "main" as for "all"."""
+    unpadded = mg.plan_image((700, 330), mode="anyres_max_9", pinpoints=PINPOINTS)
+    plan = mg.plan_image((700, 330), mode="anyres_max_9", pinpoints=PINPOINTS, unpad=False, grid_type="main")
+    assert (plan.num_crops, plan.grid, plan.canvas) == (unpadded.num_crops, unpadded.grid, unpadded.canvas)
+    assert plan.num_tokens == plan.num_crops * 729 and not plan.newline.any() and plan.is_base.sum() == 729
+    np.testing.assert_array_equal(plan.src[:, 0], np.arange(plan.num_tokens))
+    assert plan.manager.all()
 
 
 # ------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ checkpoints with and without a Manager; a multi-image pad sample; a batch with a
 and truncation after image expansion.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,4 +158,22 @@ def test_truncation_after_expansion(hf):
     settings.model_max_length = 1000
     err, case = _parity(hf, cfg, settings, [SampleSpec(ids, [(700, 330)])], seq_len=1000)
     assert (case.batch.plan_dst == case.batch.input_ids.size).any()  # tokens past the cut are dropped
+    assert err <= TOL, err
+
+
+@pytest.mark.parametrize("mode", ["anyres_max_9", "anyres"])
+@pytest.mark.parametrize("grid_type", ["all", "main"])
+def test_flat_merge_with_anyres_tiling(hf, mode, grid_type):
+    """mm_patch_merge_type "flat" with anyres tiling (llava_arch.py's flat branch): every crop's 729
+    tokens in crop order, base first, no unpad, no newline, no max_N resize; the Manager features
+    are flattened the same way, so every token gets the update whatever the grid type."""
+    cfg, settings = _configs(hf, "static_zerouni", grid_type)
+    cfg = cfg.replace(image=ImageConfig(aspect_ratio=mode, grid_pinpoints=cfg.image.grid_pinpoints,
+                                        patch_merge_type="flat", convention="original"))
+    settings = dataclasses.replace(settings, image_aspect_ratio=mode, merge_type="flat")
+    rng = np.random.default_rng(6)
+    err, case = _parity(hf, cfg, settings, [SampleSpec(_chat(rng), [(700, 330)])])
+    tokens = case.batch.plan_dst.shape[0]
+    assert tokens > 729 and tokens % 729 == 0 and case.batch.plan_manager.all()
+    print(f"PARITY flat {mode} {grid_type}: {err:.2e}")
     assert err <= TOL, err

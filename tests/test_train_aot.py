@@ -9,7 +9,8 @@ import sys
 import jax
 import pytest
 
-from manager_jax.train.aot import (AotError, compile_for_topology, compile_time_oom, format_report, gpu_memory_gib,
+from manager_jax.sharding import MeshConfig, make_mesh
+from manager_jax.train.aot import (AotError, compile_for_topology, compile_time_oom, format_report, gpu_memory_gib, host_batch,
                                    libtpu_available, topology_devices, ways_to_fit)
 from manager_jax.train.recipe import load_recipe
 
@@ -204,3 +205,17 @@ def test_compile_for_gpus_without_one_makes_the_gpu_choices(tensor):
     assert report["device_kind"] == "NVIDIA H100 80GB HBM3" and report["devices"] == 8
     assert report["attention"] == "cudnn" and report["attention_kernel_calls"] > 0
     assert report["fits"] is True and "XLA_PYTHON_CLIENT_MEM_FRACTION" in format_report(report)
+
+
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+def test_multi_host_topology_reports_the_batch_each_host_feeds():
+    """v5p:2x2x2 is 2 hosts of 4 chips: with the 0.5B stage-2 mesh (fsdp 8) each host reads 4 of
+    the 8 shard batches, 2 rows each, per accumulation step; with tensor 8 (72B) the one shard
+    spans both hosts, which each read it whole."""
+    devices = topology_devices("v5p:2x2x2")
+    mesh = make_mesh(MeshConfig(fsdp=-1), devices)
+    assert host_batch(mesh, shards=8, rows=2) == {"hosts": 2, "shards_per_host": 4, "rows_per_host": 8}
+    mesh = make_mesh(MeshConfig(fsdp=-1, tensor=8), devices)
+    assert host_batch(mesh, shards=1, rows=1) == {"hosts": 2, "shards_per_host": 1, "rows_per_host": 1}
+    assert host_batch(make_mesh(MeshConfig(fsdp=-1), jax.devices()[:4]), shards=8, rows=3) == {
+        "hosts": 1, "shards_per_host": 8, "rows_per_host": 24}

@@ -8,7 +8,7 @@ shapes, then normalise the crops.
 
 Bad input raises :class:`SkipSample` with a short reason and the record id (DESIGN.md "Bad
 input"); :class:`SkipCounter` tallies them and logs a summary. Configuration mistakes (an unknown
-mode, anyres without unpad) raise ``ValueError`` when :class:`SampleOptions` is built, so they
+mode, a flat anyres "grid" Manager) raise ``ValueError`` when :class:`SampleOptions` is built, so they
 can never be mistaken for bad records.
 """
 

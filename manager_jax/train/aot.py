@@ -29,7 +29,7 @@ from typing import Any
 import jax
 
 from manager_jax.platform import compiling_for, use_compilation_cache
-from manager_jax.sharding import data_parallel_size, make_mesh
+from manager_jax.sharding import data_parallel_size, local_shard_indices, make_mesh
 from manager_jax.train import flops as flops_lib
 from manager_jax.train.recipe import TrainConfig, resolve_batch_layout
 from manager_jax.train.state import abstract_step_batch, batch_field_shapes, jit_train_step, make_setup
@@ -276,7 +276,8 @@ def _compile_step(config: TrainConfig, topology: str, devices: list[Any], hlo_ou
         "devices": len(devices),
         "mesh": dict(mesh.shape),
         "batch": {"shards": shards, "grad_accum": accum, "rows_per_shard": config.data.rows_per_host,
-                  "seq_len": config.data.seq_len, "rows_per_step": rows},
+                  "seq_len": config.data.seq_len, "rows_per_step": rows,
+                  **host_batch(mesh, shards=shards, rows=config.data.rows_per_host)},
         "params": setup.num_params(),
         "trainable_params": setup.num_params(trainable_only=True),
         "to_fit": ways_to_fit(config, dict(mesh.shape)),
@@ -378,6 +379,18 @@ def format_report(report: dict[str, Any]) -> str:
     if report["fits"] is False:
         lines.append("to fit: " + "; ".join(report["to_fit"]))
     return "\n".join(lines)
+
+
+def host_batch(mesh: Any, *, shards: int, rows: int) -> dict[str, int]:
+    """What each host of the mesh feeds per accumulation step: its shard batches (`data.rows_per_host`
+    is the rows of one shard batch, not of a host) and their rows. Hosts whose devices share a shard
+    (a tensor axis across hosts) each read it."""
+    hosts = sorted({d.process_index for d in mesh.devices.flat})
+    per_host = {len(local_shard_indices(mesh, shards, h)) for h in hosts}
+    if len(per_host) != 1:  # make_mesh splits the batch axes evenly; say so if that ever changes
+        raise AotError(f"mesh {dict(mesh.shape)} gives its {len(hosts)} hosts unequal shares of the {shards} shards")
+    (n,) = per_host
+    return {"hosts": len(hosts), "shards_per_host": n, "rows_per_host": n * rows}
 
 
 def ways_to_fit(config: TrainConfig, mesh_shape: dict[str, int]) -> list[str]:
