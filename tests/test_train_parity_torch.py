@@ -21,11 +21,10 @@ import torch
 from flax import nnx
 from transformers import TrainingArguments, get_cosine_schedule_with_warmup
 
-from manager_jax.config import ImageConfig, ManagerConfig, ModelConfig
 from manager_jax.data.conversation import IMAGE_TOKEN_INDEX as IMG
 from manager_jax.reference.hf_tiny import tiny_hf_config, tiny_hf_model
 from manager_jax.reference.parity import SampleSpec, build_case, jax_model_from_torch, tree_from_torch_state
-from manager_jax.reference.torch_manager import ManagerSettings, init_manager_params, reference_from_hf_and_manager
+from manager_jax.reference.torch_manager import init_manager_params, reference_from_hf_and_manager
 from manager_jax.sharding import MeshConfig, batch_sharding, make_mesh, path_str
 from manager_jax.train.optimizer import OptimConfig
 from manager_jax.train.state import init_state, jit_train_step, make_setup, place_batch
@@ -39,21 +38,6 @@ WEIGHT_DECAY = 0.1  # 0 in the recipes; here it checks which parameters decay, a
 # Softmax over keys is invariant to a key bias (it adds q.b to a whole row of scores): the exact
 # gradient is 0 and both sides' Adam steps on it are rounding noise divided by its own scale.
 KEY_BIASES = ("vision.layers.attn.k.bias", "manager.blocks.1.fusion_k.bias")
-
-
-def _configs(hf):
-    base = ModelConfig.from_hf_config(hf.config.to_dict())
-    manager = ManagerConfig(type="adaptive_cross_zerouni", grid_type="all", vision_select_layers_start=1,
-                            vision_select_layers_end=3, injection_start=0, injection_interval=1, injection_end=2,
-                            jitter_eps=0.0)
-    cfg = base.replace(image=ImageConfig(grid_pinpoints=base.image.grid_pinpoints, convention="original"),
-                       manager=manager)
-    settings = ManagerSettings(
-        manager_type=manager.type, grid_type="all", select_layers=manager.select_layers,
-        injection_layers=cfg.injection_layers(), convention="original", image_aspect_ratio=cfg.image.aspect_ratio,
-        merge_type=cfg.image.patch_merge_type, image_grid_pinpoints=base.image.grid_pinpoints, im_start_id=IMS,
-    )
-    return cfg, settings
 
 
 def _micro_batch(rng):
@@ -93,7 +77,7 @@ def test_steps_with_accumulation_clipping_and_schedule_match_torch():
     torch.manual_seed(0)
     hf = tiny_hf_model(tiny_hf_config(vision_layers=2, text_layers=2), seed=3, attn_implementation="eager")
     hf.train()  # no dropout in the tiny config; train() only so autograd sees the usual mode
-    cfg, settings = _configs(hf)
+    cfg, settings = torch_parity_configs(hf, im_start_id=IMS)
     mparams = init_manager_params(settings, cfg.text.hidden_size, seed=5, nonzero=True)
     manager = {k: v.clone().requires_grad_(True) for k, v in mparams.items()}
 
