@@ -185,3 +185,10 @@ def test_original_recipes(stage, variant, size):
     for dp in (8, 32) + ((256,) if cfg.data.rows_per_host <= 2 else ()):
         shards, accum = resolve_batch_layout(cfg, dp)
         assert shards * accum * cfg.data.rows_per_host == 512
+    # The loss is the original's: a token mean per micro-batch, averaged over ranks and accumulation
+    # steps; a shard batch is the 0.5B scripts' per-device batch (16 in stage 1, 2 after), so the
+    # same samples share a mean. bf16 compute on fp32 master weights, as DeepSpeed's bf16 mode.
+    assert cfg.loss_normalization == "shard_mean"
+    if size == "0.5b":
+        assert cfg.data.rows_per_host == (16 if stage == "1" else 2)
+    assert (cfg.model.dtype, cfg.model.param_dtype) == ("bfloat16", "float32")

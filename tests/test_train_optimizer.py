@@ -1,4 +1,4 @@
-"""Tunable parts, LR groups, the schedule and the AdamW update against independent formulas."""
+"""Tunable parts, LR groups, and the schedule, clipping and AdamW update against transformers and torch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from transformers import get_cosine_schedule_with_warmup
 
 from manager_jax.sharding import path_str
 from manager_jax.train.optimizer import (
@@ -67,57 +68,115 @@ def test_groups_and_lrs():
     assert set(cfg.group_lrs().values()) == {1e-5}
 
 
-def hf_cosine_with_warmup(step, peak, total, ratio):
-    """transformers.get_cosine_schedule_with_warmup with warmup = ceil(ratio * total)."""
-    warmup = math.ceil(ratio * total)
-    if step < warmup:
-        return peak * step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+def hf_lrs(peak, total, ratio):
+    """The LR of every optimizer step 0..total-1 under HF Trainer: transformers'
+    get_cosine_schedule_with_warmup stepped after each torch optimizer step, with
+    num_warmup_steps = ceil(ratio * total) (TrainingArguments.get_warmup_steps of the original's
+    transformers 4.40; 5.x reads a warmup_ratio of 1.0 as 1 step)."""
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=peak)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(total * ratio), total)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
 
 
-@pytest.mark.parametrize("total, ratio", [(100, 0.03), (1091, 0.03), (7, 0.5), (10, 0.0)])
+@pytest.mark.parametrize("total, ratio", [
+    (1, 0.03), (1, 0.0), (7, 0.03), (10, 0.0), (34, 0.03), (100, 0.03), (1090, 0.03), (7, 0.5), (5, 1.0)])
 def test_schedule_matches_hf(total, ratio):
+    """Per step, step 0 (0 under warmup, the peak without) to the last (above 0)."""
     sched = make_schedule(2e-3, total, OptimConfig(warmup_ratio=ratio))
-    for step in range(total + 1):
-        assert float(sched(step)) == pytest.approx(hf_cosine_with_warmup(step, 2e-3, total, ratio), rel=1e-5, abs=2e-3 * 1e-6)  # fp32 schedule
+    want = hf_lrs(2e-3, total, ratio)
+    ours = [float(sched(step)) for step in range(total)]
+    np.testing.assert_allclose(ours, want, rtol=1e-6, atol=2e-3 * 1e-7)  # the schedule is fp32
+    assert (want[0] == 0.0) == (math.ceil(total * ratio) > 0)
 
 
-def test_adamw_with_clipping_matches_a_numpy_transcription():
+def test_adamw_steps_match_torch_adamw_with_the_original_param_groups():
+    """Three steps of our optimizer (clipping, per-group AdamW, schedule) against torch:
+    clip_grad_norm_ over the trainable parameters, then torch.optim.AdamW (HF's defaults: betas
+    0.9 / 0.999, eps 1e-8) over LLaVATrainer.create_optimizer's groups, then the cosine schedule.
+
+    On the tiny model's real parameters (an adaptive cross Manager: scores, gate, controller and
+    fusion Linears with biases): the projector frozen (no state, unchanged), per-group LRs, weight
+    decay 0.1 (0 in the recipes) to check which parameters decay (not biases and the tower's
+    LayerNorms; Qwen2's RMSNorm and image_newline do), warmup 2 of 4 steps (step 0 runs at LR 0 but
+    moves Adam's moments), clipping active, and some gradients exactly 0, as the original's
+    DeepSpeed optimizer sees an unused parameter (the tower's post_layernorm): zero-filled, not None.
+    """
+    import torch
+
+    from manager_jax.reference.hf_tiny import tiny_hf_config, tiny_hf_model
+    from manager_jax.reference.parity import tree_from_torch_state
+    from manager_jax.reference.torch_manager import init_manager_params
+    from manager_jax.reference.torch_optim import layer_norm_param_names, original_param_groups
+    from tests.train_batches import torch_parity_configs
+
+    lrs = {"language_model": 2e-3, "projector": 3e-3, "manager": 5e-3, "vision_tower": 1e-3}
+    hf = tiny_hf_model(tiny_hf_config(vision_layers=2, text_layers=2), seed=3)
+    cfg, settings = torch_parity_configs(hf, im_start_id=450)
+    manager = {k: torch.nn.Parameter(v) for k, v in init_manager_params(settings, cfg.text.hidden_size, seed=5).items()}
+    for p in hf.model.multi_modal_projector.parameters():
+        p.requires_grad_(False)
+    named = [*hf.named_parameters(), *manager.items()]
+    zero_grad = ("model.image_newline", "model.manager.1.zero_gate", "model.vision_tower.post_layernorm.weight",
+                 "model.vision_tower.post_layernorm.bias")
+
+    def torch_tree(values):  # our tree of {torch name: tensor}, copied (the torch step updates in place)
+        return tree_from_torch_state(cfg, {n: v.detach().numpy().copy() for n, v in values.items()}, "hf_memory")
+
+    start = torch_tree(dict(named))
+    mask = trainable_mask(start, "mm_vision_tower,mm_manager,mm_language_model")
+    optim = OptimConfig(lr=lrs["language_model"], projector_lr=lrs["projector"], manager_lr=lrs["manager"],
+                        vision_tower_lr=lrs["vision_tower"], warmup_ratio=0.3, weight_decay=0.1)
+    trainable, frozen = split_trainable(jax.tree.map(jnp.asarray, start), mask)
+    tx, _ = make_optimizer(optim, trainable, total_steps=4)
+    opt_state = tx.init(trainable)
+
+    groups = original_param_groups(named, layer_norm_param_names(hf), {
+        "multi_modal_projector": lrs["projector"], "manager": lrs["manager"], "vision_tower": lrs["vision_tower"]},
+        weight_decay=0.1)
+    assert {g["name"] for g in groups} == {"base", "vision_tower", "manager"}  # the projector is frozen
+    assert any(g["weight_decay"] == 0.0 and g["name"] == "base" for g in groups)  # Qwen2 biases
+    opt = torch.optim.AdamW(groups, lr=lrs["language_model"], betas=(0.9, 0.999), eps=1e-8)
+    sched = get_cosine_schedule_with_warmup(opt, 2, 4)
+    trained = [p for g in groups for p in g["params"]]
+
     rng = np.random.default_rng(0)
-    params = {"projector": {"w": rng.normal(size=(3, 4)).astype(np.float32)},
-              "text": {"w": rng.normal(size=(5,)).astype(np.float32)},
-              "vision": {"w": rng.normal(size=(2,)).astype(np.float32)}}
-    mask = {"projector": {"w": True}, "text": {"w": True}, "vision": {"w": False}}
-    cfg = OptimConfig(lr=1e-2, projector_lr=3e-2, warmup_ratio=0.0, schedule="constant", max_grad_norm=1.0,
-                      weight_decay=0.0)
-    trainable, frozen = split_trainable(params, mask)
-    assert frozen["projector"]["w"] is None and trainable["vision"]["w"] is None
-    tx, _ = make_optimizer(cfg, trainable, total_steps=10)
-    state = tx.init(trainable)
-    current = jax.tree.map(jnp.asarray, trainable)
-    ref = {k: params[k]["w"].astype(np.float64) for k in ("projector", "text")}
-    m = {k: np.zeros_like(v) for k, v in ref.items()}
-    v = {k: np.zeros_like(x) for k, x in ref.items()}
-    lrs = {"projector": 3e-2, "text": 1e-2}
-    for t in range(1, 4):
-        grads = {k: rng.normal(size=ref[k].shape) * 3 for k in ref}
-        norm = math.sqrt(sum((g**2).sum() for g in grads.values()))
-        scale = min(1.0, 1.0 / (norm + 1e-6))  # torch's clip_grad_norm_(1.0) over all trainable grads
-        for k in ref:
-            g = grads[k] * scale
-            m[k] = 0.9 * m[k] + 0.1 * g
-            v[k] = 0.999 * v[k] + 0.001 * g * g
-            mhat, vhat = m[k] / (1 - 0.9**t), v[k] / (1 - 0.999**t)
-            ref[k] = ref[k] - lrs[k] * mhat / (np.sqrt(vhat) + 1e-8)
-        g_tree = {"projector": {"w": jnp.asarray(grads["projector"], jnp.float32)},
-                  "text": {"w": jnp.asarray(grads["text"], jnp.float32)}, "vision": {"w": None}}
-        updates, state = tx.update(g_tree, state, current)
-        current = jax.tree.map(lambda p, u: p + u, current, updates)
-    for k in ref:
-        np.testing.assert_allclose(np.asarray(current[k]["w"]), ref[k], rtol=1e-5, atol=1e-6)
-    merged = merge_trainable(current, frozen)
-    np.testing.assert_array_equal(merged["vision"]["w"], params["vision"]["w"])
+    norms = []
+    for _ in range(3):
+        for name, p in named:
+            if p.requires_grad:
+                g = rng.normal(size=p.shape).astype(np.float32) * 0.05
+                p.grad = torch.zeros_like(p) if name in zero_grad else torch.from_numpy(g)
+        grads = split_trainable(
+            torch_tree({n: (p.grad if p.requires_grad else torch.zeros_like(p)) for n, p in named}), mask)[0]
+        norms.append(float(torch.nn.utils.clip_grad_norm_(trained, 1.0)))
+        opt.step()
+        sched.step()
+        updates, opt_state = tx.update(jax.tree.map(jnp.asarray, grads), opt_state, trainable)
+        trainable = jax.tree.map(lambda p, u: p + u, trainable, updates)
+    assert sum(n > 1.0 for n in norms) >= 2, norms  # clipping active
+
+    want = torch_tree(dict(named))
+    ours = merge_trainable(trainable, frozen)
+    flat = lambda tree: {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    flat_start, flat_want, flat_ours = flat(start), flat(want), flat(ours)
+    assert flat_want.keys() == flat_ours.keys()
+    for name, w in flat_want.items():
+        moved_want, moved_ours = w - flat_start[name], flat_ours[name] - flat_start[name]
+        if name.startswith("projector.") or name.startswith("vision.post_ln."):
+            # Frozen, or a zero gradient and no decay (Adam's step is 0 / eps): unchanged.
+            assert not np.abs(moved_want).max() and not np.abs(moved_ours).max(), name
+            continue
+        # Relative to the update, plus the rounding of the parameter itself (a decay-only update is ~1e-4 of it).
+        tol = 2e-5 * np.abs(moved_want).max() + 2 * np.spacing(np.abs(w).max())
+        np.testing.assert_allclose(moved_ours, moved_want, rtol=0, atol=tol, err_msg=name)
 
 
 @pytest.mark.parametrize("norm", [0.5, 1.0 - 3e-7, 1.0, 1.0 + 1e-6, 3.0])

@@ -1,6 +1,8 @@
 """Several optimizer steps of our train step against the PyTorch reference trained the way the
 original was (SPEC §2.8): HF Trainer's loss (mean CE per micro-batch, divided by the accumulation
-steps), torch.nn.utils.clip_grad_norm_, torch.optim.AdamW with the original's param groups (per LR
+steps, gradients averaged over the data-parallel ranks: our shard batches, with different numbers
+of supervised tokens, so that this differs from one mean over all tokens),
+torch.nn.utils.clip_grad_norm_, torch.optim.AdamW with the original's param groups (per LR
 group, decayed or not; weight decay 0.1 here, 0 in the recipes), and
 transformers' cosine schedule with its warmup-steps rounding (TrainingArguments.get_warmup_steps).
 
@@ -21,71 +23,39 @@ import torch
 from flax import nnx
 from transformers import TrainingArguments, get_cosine_schedule_with_warmup
 
-from manager_jax.config import ImageConfig, ManagerConfig, ModelConfig
 from manager_jax.data.conversation import IMAGE_TOKEN_INDEX as IMG
 from manager_jax.reference.hf_tiny import tiny_hf_config, tiny_hf_model
 from manager_jax.reference.parity import SampleSpec, build_case, jax_model_from_torch, tree_from_torch_state
-from manager_jax.reference.torch_manager import ManagerSettings, init_manager_params, reference_from_hf_and_manager
+from manager_jax.reference.torch_manager import init_manager_params, reference_from_hf_and_manager
+from manager_jax.reference.torch_optim import layer_norm_param_names, original_param_groups
 from manager_jax.sharding import MeshConfig, batch_sharding, make_mesh, path_str
 from manager_jax.train.optimizer import OptimConfig
 from manager_jax.train.state import init_state, jit_train_step, make_setup, place_batch
 from manager_jax.train.step import MODEL_FIELDS, LossConfig
+from tests.train_batches import torch_parity_configs
 
 IMS, IME, NL = 450, 451, 198
 STEPS, ACCUM, WARMUP_RATIO = 4, 2, 0.3  # ceil(0.3 * 4) = 2 warmup steps: lr 0 at step 0, peak at step 2
+SHARDS = 2  # data-parallel ranks of the original, each with its own micro-batch
 LRS = {"language_model": 2e-3, "projector": 3e-3, "manager": 5e-3, "vision_tower": 1e-3}
 MAX_GRAD_NORM = 1.0
 WEIGHT_DECAY = 0.1  # 0 in the recipes; here it checks which parameters decay, as the original
+# The reference's param groups (named by their LR keyword) -> ours.
+OUR_GROUP = {"base": "language_model", "multi_modal_projector": "projector", "manager": "manager",
+             "vision_tower": "vision_tower"}
 # Softmax over keys is invariant to a key bias (it adds q.b to a whole row of scores): the exact
 # gradient is 0 and both sides' Adam steps on it are rounding noise divided by its own scale.
 KEY_BIASES = ("vision.layers.attn.k.bias", "manager.blocks.1.fusion_k.bias")
 
 
-def _configs(hf):
-    base = ModelConfig.from_hf_config(hf.config.to_dict())
-    manager = ManagerConfig(type="adaptive_cross_zerouni", grid_type="all", vision_select_layers_start=1,
-                            vision_select_layers_end=3, injection_start=0, injection_interval=1, injection_end=2,
-                            jitter_eps=0.0)
-    cfg = base.replace(image=ImageConfig(grid_pinpoints=base.image.grid_pinpoints, convention="original"),
-                       manager=manager)
-    settings = ManagerSettings(
-        manager_type=manager.type, grid_type="all", select_layers=manager.select_layers,
-        injection_layers=cfg.injection_layers(), convention="original", image_aspect_ratio=cfg.image.aspect_ratio,
-        merge_type=cfg.image.patch_merge_type, image_grid_pinpoints=base.image.grid_pinpoints, im_start_id=IMS,
-    )
-    return cfg, settings
-
-
-def _micro_batch(rng):
-    """A chat sample with one image (3 crops) and a text-only row, of fixed lengths (one compiled step)."""
+def _micro_batch(rng, text_labelled):
+    """A chat sample with one image (3 crops) and a text-only row of fixed lengths (one compiled
+    step); the text row's last `text_labelled` tokens are supervised."""
     t = lambda n: [int(v) for v in rng.integers(1, 400, n)]
     chat = [IMS] + t(4) + [IME, NL, IMS, 7, NL] + t(3) + [IMG] + t(5) + [IME, NL, IMS, 8, NL] + t(6) + [IME, NL]
     text = [IMS] + t(20) + [IME, NL]
-    ids = np.asarray(chat)
-    labels = np.where(np.arange(len(ids)) < len(ids) - 9, -100, ids).tolist()  # the answer turn only
-    return [SampleSpec(chat, [(500, 300)], labels=labels), SampleSpec(text)]
-
-
-def _torch_groups(hf, manager):
-    """torch param groups as the original LLaVATrainer.create_optimizer builds them: by LR group
-    ("mm_projector" is HF's multi_modal_projector; manager tensors are the reference's own), each
-    split into decayed and not decayed (nn.LayerNorm parameters and names with "bias")."""
-    layer_norm = {f"{module_name}.{name}" for module_name, module in hf.named_modules()
-                  if isinstance(module, torch.nn.LayerNorm) for name, _ in module.named_parameters(recurse=False)}
-    assert layer_norm  # the vision tower's
-    groups = {(g, decay): [] for g in LRS for decay in (True, False)}
-    for name, p in [*hf.named_parameters(), *manager.items()]:
-        if name in manager:
-            group = "manager"
-        elif "vision_tower" in name:
-            group = "vision_tower"
-        elif "multi_modal_projector" in name:
-            group = "projector"
-        else:
-            group = "language_model"
-        groups[group, name not in layer_norm and "bias" not in name].append(p)
-    return [{"params": ps, "lr": LRS[g], "name": g, "weight_decay": WEIGHT_DECAY if decay else 0.0}
-            for (g, decay), ps in groups.items() if ps]
+    last = lambda ids, n: np.where(np.arange(len(ids)) < len(ids) - n, -100, ids).tolist()
+    return [SampleSpec(chat, [(500, 300)], labels=last(chat, 9)), SampleSpec(text, labels=last(text, text_labelled))]
 
 
 @pytest.mark.slow
@@ -93,15 +63,17 @@ def test_steps_with_accumulation_clipping_and_schedule_match_torch():
     torch.manual_seed(0)
     hf = tiny_hf_model(tiny_hf_config(vision_layers=2, text_layers=2), seed=3, attn_implementation="eager")
     hf.train()  # no dropout in the tiny config; train() only so autograd sees the usual mode
-    cfg, settings = _configs(hf)
+    cfg, settings = torch_parity_configs(hf, im_start_id=IMS)
     mparams = init_manager_params(settings, cfg.text.hidden_size, seed=5, nonzero=True)
     manager = {k: v.clone().requires_grad_(True) for k, v in mparams.items()}
 
     rng = np.random.default_rng(0)
-    cases = [[build_case(cfg, _micro_batch(rng), seed=10 * s + a, im_start_id=IMS) for a in range(ACCUM)]
-             for s in range(STEPS)]
-    shapes = {k: v.shape for k, v in cases[0][0].batch.to_model_inputs().items()}
-    assert all(c.batch.to_model_inputs()[k].shape == shapes[k] for step in cases for c in step for k in shapes)
+    # cases[step][accum][shard]; shard 0's text row is fully supervised, shard 1's in its last 3 tokens.
+    cases = [[[build_case(cfg, _micro_batch(rng, (22, 3)[k]), seed=100 * s + 10 * a + k, im_start_id=IMS)
+               for k in range(SHARDS)] for a in range(ACCUM)] for s in range(STEPS)]
+    micro = [c for step in cases for acc in step for c in acc]
+    shapes = {k: v.shape for k, v in micro[0].batch.to_model_inputs().items()}
+    assert all(c.batch.to_model_inputs()[k].shape == shapes[k] for c in micro for k in shapes)
 
     # ---- ours -------------------------------------------------------------------------------
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
@@ -113,31 +85,37 @@ def test_steps_with_accumulation_clipping_and_schedule_match_torch():
     start = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.split(jax_model_from_torch(cfg, hf, mparams))[1]))  # host copy: the step donates its state
     shardings = jax.tree.map(lambda s: s.sharding, setup.abstract_params)
     state = init_state(setup, jax.device_put(start, shardings), seed=0)
-    abstract = {k: jax.ShapeDtypeStruct((ACCUM, 1) + shapes[k], cases[0][0].batch.to_model_inputs()[k].dtype,
+    abstract = {k: jax.ShapeDtypeStruct((ACCUM, SHARDS) + shapes[k], micro[0].batch.to_model_inputs()[k].dtype,
                                         sharding=batch_sharding(mesh, len(shapes[k]) + 2)) for k in MODEL_FIELDS}
     step_fn = jit_train_step(setup, abstract)
     ours = []
     for step_cases in cases:
-        local = {k: np.stack([c.batch.to_model_inputs()[k] for c in step_cases])[:, None] for k in MODEL_FIELDS}
-        state, metrics = step_fn(state, place_batch(setup, local, shards=1))
+        local = {k: np.stack([np.stack([c.batch.to_model_inputs()[k] for c in acc]) for acc in step_cases])
+                 for k in MODEL_FIELDS}
+        state, metrics = step_fn(state, place_batch(setup, local, shards=SHARDS))
         ours.append(jax.device_get(metrics))
 
     # ---- torch, as HF Trainer + AdamW + clip_grad_norm_ + get_cosine_schedule_with_warmup --------
     ref = reference_from_hf_and_manager(hf, manager, settings)
-    opt = torch.optim.AdamW(_torch_groups(hf, manager), betas=(0.9, 0.999), eps=1e-8)
+    groups = original_param_groups(
+        [*hf.named_parameters(), *manager.items()], layer_norm_param_names(hf),
+        {"multi_modal_projector": LRS["projector"], "manager": LRS["manager"], "vision_tower": LRS["vision_tower"]},
+        WEIGHT_DECAY)
+    opt = torch.optim.AdamW(groups, lr=LRS["language_model"], betas=(0.9, 0.999), eps=1e-8)
     warmup = TrainingArguments.get_warmup_steps(types.SimpleNamespace(warmup_steps=WARMUP_RATIO), STEPS)
     sched = get_cosine_schedule_with_warmup(opt, warmup, STEPS)
     params = [p for g in opt.param_groups for p in g["params"]]
     theirs = []
     for step_cases in cases:
-        lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+        lrs = {OUR_GROUP[g["name"]]: g["lr"] for g in opt.param_groups}
         total = 0.0
-        for case in step_cases:
+        for case in (c for acc in step_cases for c in acc):
             inputs = {k: torch.from_numpy(v) for k, v in case.hf_inputs.items()}
             inputs["labels"] = inputs["labels"].long()
             _, loss = ref(**inputs, batch_num_images=case.batch_num_images)
-            (loss / ACCUM).backward()
-            total += float(loss) / ACCUM
+            # HF Trainer divides by the accumulation steps; DDP averages the ranks' gradients.
+            (loss / (ACCUM * SHARDS)).backward()
+            total += float(loss) / (ACCUM * SHARDS)
         norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
         opt.step()
         sched.step()

@@ -32,6 +32,28 @@ def small_model(variant: str = "manager", **overrides) -> ModelConfig:
     return cfg
 
 
+def torch_parity_configs(hf, *, im_start_id: int):
+    """(our ModelConfig, the PyTorch reference's ManagerSettings) for a tiny HF LlavaOnevision model
+    with an adaptive cross Manager injected before both decoder layers, jitter off (random by
+    design), original conventions: the Manager type with the most kinds of parameters (scores,
+    gate, controller, fusion Linears with biases)."""
+    from manager_jax.config import ImageConfig, ManagerConfig
+    from manager_jax.reference.torch_manager import ManagerSettings
+
+    base = ModelConfig.from_hf_config(hf.config.to_dict())
+    manager = ManagerConfig(type="adaptive_cross_zerouni", grid_type="all", vision_select_layers_start=1,
+                            vision_select_layers_end=3, injection_start=0, injection_interval=1, injection_end=2,
+                            jitter_eps=0.0)
+    cfg = base.replace(image=ImageConfig(grid_pinpoints=base.image.grid_pinpoints, convention="original"),
+                       manager=manager)
+    settings = ManagerSettings(
+        manager_type=manager.type, grid_type="all", select_layers=manager.select_layers,
+        injection_layers=cfg.injection_layers(), convention="original", image_aspect_ratio=cfg.image.aspect_ratio,
+        merge_type=cfg.image.patch_merge_type, image_grid_pinpoints=base.image.grid_pinpoints, im_start_id=im_start_id,
+    )
+    return cfg, settings
+
+
 def shard_batch(
     cfg: ModelConfig,
     rng: np.random.Generator,

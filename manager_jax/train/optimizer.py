@@ -49,7 +49,9 @@ class OptimConfig:
     ``projector_lr`` / ``manager_lr`` / ``vision_tower_lr`` mirror ``mm_projector_lr`` /
     ``mm_manager_lr`` / ``mm_vision_tower_lr`` (None = use ``lr``). ``per_group_lr=False``
     trains every group at ``lr``: what DeepSpeed's own optimizer section most likely did to the
-    original stage 1.5 / 2 runs (SPEC §2.8 "Per-group LR caveat").
+    original stage 1.5 / 2 runs (SPEC §2.8 "Per-group LR caveat"). A ``weight_decay`` above 0
+    (0 in every recipe) always follows create_optimizer's exclusions (biases, LayerNorms); that
+    same DeepSpeed optimizer would have decayed every parameter.
     """
 
     lr: float = 1e-5
@@ -61,7 +63,7 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | constant (after the warmup: HF's constant_with_warmup)
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0  # <= 0 disables clipping
 
