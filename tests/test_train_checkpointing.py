@@ -69,12 +69,14 @@ _KILLED_DURING_SAVE = textwrap.dedent("""
     import jax.numpy as jnp
     from manager_jax.train.checkpointing import Checkpointer
     def state(v):
-        return {"params": {"w": jnp.full((1 << 20,), v)}, "opt_state": {"m": jnp.zeros((1 << 20,))},
+        return {"params": {"w": jnp.full((1 << 23,), v)}, "opt_state": {"m": jnp.zeros((1 << 23,))},
                 "step": jnp.int32(v), "rng": jnp.zeros((2,), jnp.uint32)}
     ckpt = Checkpointer(sys.argv[1], keep=3)
     ckpt.save(2, state(2.0), [{}], {"run": 1})
     ckpt.wait()
     ckpt.save(4, state(4.0), [{}], {"run": 1})
+    while not any(name.startswith("4.") for name in os.listdir(sys.argv[1])):  # its write has begun
+        pass
     os.kill(os.getpid(), signal.SIGKILL)
 """)
 
@@ -87,7 +89,7 @@ def test_the_partial_step_of_a_killed_save_is_no_checkpoint_and_is_removed_when_
                           text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     leftover = [name for name in os.listdir(directory) if name.startswith("4.")]
-    assert leftover, os.listdir(directory)  # the kill came while step 4 was being written
+    assert leftover and "4" not in os.listdir(directory), os.listdir(directory)  # killed while step 4 was written
     ckpt = Checkpointer(directory, keep=3)
     try:
         assert ckpt.all_steps() == [2]
