@@ -5,6 +5,10 @@ leaves are stored a layer per chunk and restore bit for bit on other meshes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import jax
@@ -20,6 +24,7 @@ from manager_jax.train.state import make_setup
 from manager_jax.train.step import LossConfig
 from tests.train_batches import small_model
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNWRITABLE = [{"positions": {1, 2}}]  # a set: not JSON
 
 
@@ -54,6 +59,43 @@ def test_the_next_save_names_the_step_whose_save_failed(tmp_path):
         ckpt.save(4, _state(4.0), UNWRITABLE, {"run": 1})
         with pytest.raises(CheckpointSaveError, match="step 4 in .* failed"):
             ckpt.save(5, _state(5.0), [{}], {"run": 1})
+    finally:
+        ckpt.close()
+
+
+# A run killed (kill -9) while its step 4 is written in the background: step 2 is complete.
+_KILLED_DURING_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import jax.numpy as jnp
+    from manager_jax.train.checkpointing import Checkpointer
+    def state(v):
+        return {"params": {"w": jnp.full((1 << 23,), v)}, "opt_state": {"m": jnp.zeros((1 << 23,))},
+                "step": jnp.int32(v), "rng": jnp.zeros((2,), jnp.uint32)}
+    ckpt = Checkpointer(sys.argv[1], keep=3)
+    ckpt.save(2, state(2.0), [{}], {"run": 1})
+    ckpt.wait()
+    ckpt.save(4, state(4.0), [{}], {"run": 1})
+    while not any(name.startswith("4.") for name in os.listdir(sys.argv[1])):  # its write has begun
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_the_partial_step_of_a_killed_save_is_no_checkpoint_and_is_removed_when_the_run_goes_on(tmp_path):
+    """The temporary directory of a save cut short by kill -9 stayed forever when the relaunched run
+    did not save that same step again (another every_steps, a SIGTERM save): a checkpoint's size of disk."""
+    directory = str(tmp_path / "ck")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_DURING_SAVE, directory], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    leftover = [name for name in os.listdir(directory) if name.startswith("4.")]
+    assert leftover and "4" not in os.listdir(directory), os.listdir(directory)  # killed while step 4 was written
+    ckpt = Checkpointer(directory, keep=3)
+    try:
+        assert ckpt.all_steps() == [2]
+        ckpt.save(3, _state(3.0), [{}], {"run": 1})
+        assert ckpt.save_error(wait=True) is None
+        assert sorted(os.listdir(directory)) == ["2", "3"]
     finally:
         ckpt.close()
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
 import sys
+import time
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_unknown_command_is_an_error(capsys):
@@ -84,3 +90,57 @@ def test_a_failed_run_exits_1_and_ctrl_c_130(capsys):
     assert capsys.readouterr().err == "error: interrupted\n"
     with pytest.raises(ZeroDivisionError):  # a bug is not an input error: its traceback stays
         run._reporting_errors(lambda: 1 // 0, "INFO", bad_input=(ValueError,))
+
+
+def _train_cmd(output_dir) -> list[str]:
+    sets = [f"output_dir={output_dir}", "num_steps=16", "synthetic_records=40", "data.seq_len=832",
+            "checkpoint.every_steps=2", "checkpoint.keep=2", "logging.progress_bar=False", "logging.tensorboard=False",
+            "mesh.fsdp=1", "mesh.num_devices=1", "batch_shards=1", "loss_token_budget=96"]
+    return [sys.executable, "run.py", "train", "--config", "configs/demo.py", *[a for s in sets for a in ("--set", s)]]
+
+
+def _records(output_dir) -> list[dict]:
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    return [json.loads(line) for line in lines[:-1]]  # the last line may be cut short while it is written
+
+
+def _wait_for(condition, proc, timeout=300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended (or hung) before the moment waited for"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_a_save_resumes_exactly_and_a_second_launch_is_refused(tmp_path):
+    """kill -9 of `run.py train` while a checkpoint is written in the background (a preempted
+    host), then a relaunch: it resumes from the newest complete checkpoint, with the losses of an
+    uninterrupted run, each step once in metrics.jsonl. A launch while the run lives is refused."""
+    straight = subprocess.run(_train_cmd(tmp_path / "straight"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = [(r["step"], r["loss"]) for r in _records(tmp_path / "straight") + [{}] if "loss" in r]
+    out = tmp_path / "run"
+    first = subprocess.Popen(_train_cmd(out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: any(r.get("event") == "checkpoint" for r in _records(out)), first)
+        second = subprocess.run(_train_cmd(out), cwd=REPO, capture_output=True, text=True, timeout=600)
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert second.returncode == 2 and len(errors) == 1, second.stderr[-3000:]
+        assert f"is in use by another training run (host {socket.gethostname()}, pid {first.pid}, since " in errors[0]
+        # The next save's event is written once its background write has started: kill it then.
+        saves = len([r for r in _records(out) if r.get("event") == "checkpoint"])
+        _wait_for(lambda: len([r for r in _records(out) if r.get("event") == "checkpoint"]) > saves, first)
+        first.kill()
+    finally:
+        first.kill()
+        first.wait()
+    again = subprocess.run(_train_cmd(out), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    with open(out / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [(r["step"], r["loss"]) for r in records if "loss" in r] == expected
+    assert sorted(os.listdir(out / "checkpoints")) == ["14", "16", "config.json"]

@@ -9,6 +9,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 
 import jax
 import numpy as np
@@ -379,3 +380,25 @@ def test_a_resume_from_a_step_with_a_removed_item_is_refused_in_one_line(straigh
         loop_lib.train(demo_config(out, "num_steps=8"))
     assert _snapshot(out) == before
     assert FileNotFoundError in loop_lib.input_errors()  # run.py: one error line, exit status 2
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_and_the_first_goes_on(straight_run, tmp_path):
+    """Two launches into one output_dir both trained, wrote over each other's checkpoints and
+    metrics.jsonl (the second's rewrite of it left the first writing to a removed file), and both exited 0."""
+    refusals = []
+
+    def launch_again(step, record):
+        if step == 2:
+            with pytest.raises(RecipeError) as err:  # run.py: one error line, exit status 2
+                loop_lib.train(demo_config(tmp_path))
+            refusals.append(str(err.value))
+
+    first = loop_lib.train(demo_config(tmp_path), on_step=launch_again)
+    assert len(refusals) == 1
+    assert f"{tmp_path} is in use by another training run (host {socket.gethostname()}, pid {os.getpid()}, since " \
+        in refusals[0] and "use another output_dir" in refusals[0]
+    assert first.status == "completed" and first.losses == straight_run[1].losses
+    assert [r["step"] for r in read_metrics(os.path.join(tmp_path, "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
+    # The lock ends with its run (and with its process, however it ends): the next launch resumes.
+    again = loop_lib.train(demo_config(tmp_path, "num_steps=7"))
+    assert (again.first_step, again.last_step) == (6, 7)

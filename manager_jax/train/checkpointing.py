@@ -103,6 +103,9 @@ class Checkpointer:
             max_to_keep=keep if keep > 0 else None,
             enable_async_checkpointing=async_save,
             create=True,
+            # What a killed save left (a "<step>.orbax-checkpoint-tmp" directory) is removed: the run
+            # holds the directory (run_lock), so no other save is in progress there.
+            cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self.last_save: int | None = None  # step of the last save started

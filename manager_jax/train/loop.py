@@ -39,6 +39,7 @@ from manager_jax.train import flops as flops_lib
 from manager_jax.train.checkpointing import Checkpointer, CheckpointSaveError, gather_shard_states, saved_run
 from manager_jax.train.metrics import MetricsWriter, Progress, memory_record
 from manager_jax.train.recipe import RecipeError, TrainConfig, check_inputs, compare_with_saved, resolve_batch_layout
+from manager_jax.train.run_lock import RunDirectoryInUse, RunLock
 from manager_jax.train.state import (
     TrainSetup,
     abstract_step_batch,
@@ -188,7 +189,7 @@ def _prepare_synthetic_data(config: TrainConfig) -> None:
     config.data.mixture = None
 
 
-def check_resume(config: TrainConfig, shards: int, num_records: int | None = None) -> int | None:
+def check_resume(config: TrainConfig, shards: int, num_records: int | None = None, *, log: bool = True) -> int | None:
     """The checkpoint step to resume from (None: a fresh run), after checking that the checkpoints
     in the run's directory belong to this run (`num_records`: of the data it reads, None for the
     generated set, which the config determines). Reads only, so a refused run leaves the directory
@@ -219,7 +220,7 @@ def check_resume(config: TrainConfig, shards: int, num_records: int | None = Non
             + "\n  - ".join(other_run)
             + "\nUse another output_dir for a new run, or set these fields back to resume this one"
         )
-    if changed:
+    if changed and log:
         logger.info("resuming with changed settings: %s", "; ".join(changed))
     return steps[-1]
 
@@ -367,7 +368,6 @@ def train(
     `stop_at_step` defaults to `config.stop_at_step`. `on_step(step, metrics)` is called with
     every step's metrics, once the step after it is dispatched (tests, custom monitoring).
     """
-    primary = jax.process_index() == 0
     stop_at_step = config.stop_at_step if stop_at_step is None else stop_at_step
     # Checks first, writes after: a refused run leaves output_dir as it was.
     check_inputs(config)
@@ -381,7 +381,43 @@ def train(
 
     # Read before anything is written: an unreadable or empty data file leaves output_dir as it was.
     source = None if config.synthetic_records else open_source(config.data)
-    latest = check_resume(config, shards, None if source is None else len(source))
+    num_records = None if source is None else len(source)
+    check_resume(config, shards, num_records, log=False)  # before the lock: a refused run leaves output_dir as it was
+    lock = _lock_run_dirs(config)
+    try:
+        # Again under the lock: a run that held it until now may have saved newer checkpoints.
+        latest = check_resume(config, shards, num_records)
+        return _train(config, mesh, shards, accum, source, latest, stop_at_step, on_step, keep_state)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_dirs(config: TrainConfig) -> RunLock | None:
+    """Process 0 locks output_dir (and checkpoint.dir when outside it); all processes stop when it
+    is in use by another run."""
+    lock, refusal = None, None
+    if jax.process_index() == 0:
+        directories = [config.output_dir]
+        checkpoints = os.path.abspath(config.checkpoint_dir())
+        if os.path.commonpath([checkpoints, os.path.abspath(config.output_dir)]) != os.path.abspath(config.output_dir):
+            directories.append(checkpoints)
+        try:
+            lock = RunLock(directories)
+        except RunDirectoryInUse as err:
+            refusal = err
+    if any_process((refusal is not None,))[0]:
+        raise refusal or RunDirectoryInUse(
+            "process 0 found output_dir in use by another training run; its error names the run")
+    return lock
+
+
+def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any, latest: int | None,
+           stop_at_step: int | None, on_step: Callable[[int, dict], None] | None, keep_state: bool) -> TrainResult:
+    """`train` once the run holds its directories."""
+    primary = jax.process_index() == 0
+    from manager_jax.data.pipeline import open_source
+
     loss_cfg = LossConfig(config.loss_normalization, config.loss_token_budget, config.loss_chunk_size)
     setup = make_setup(
         config.model, mesh, tunable_parts=config.tunable_parts, optim=config.optim,
