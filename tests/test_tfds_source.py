@@ -180,3 +180,53 @@ def test_conversion_stores_the_modality_lengths_of_the_records_it_wrote(dataset,
     assert source.modality_lengths().tolist() == read
     assert {x > 0 for x in read} == {True, False}  # image and text-only records
     assert ordering.modality_lengths(source).tolist() == read
+
+
+def test_a_mixture_converts_to_the_same_records_in_the_same_order(tmp_path):
+    """JSON mixture (JSON + JSONL, first / end / random / P%, a dataset's own image_folder and the
+    global one) == its ArrayRecord conversion (3 shards) == TFDS' reader of it, record for record,
+    and the pipeline serves the same samples from both, shuffled by the same seed."""
+    import tensorflow_datasets as tfds
+
+    from manager_jax.data.mixture import load_mixture
+
+    a = make_synthetic_dataset(str(tmp_path / "a"), num_records=6, seed=1, sizes=[(400, 300)], records_file="a.json")
+    b = make_synthetic_dataset(str(tmp_path / "b"), num_records=7, seed=2, sizes=[(300, 400)], multi_image_fraction=0.5)
+    write_records(str(tmp_path / "b" / "b.jsonl"), b.records)
+    mix_path = tmp_path / "mix.yaml"
+    mix_path.write_text(
+        "datasets:\n"
+        f"  - {{json_path: {tmp_path}/a/a.json, sampling_strategy: 'end:50%', image_folder: {tmp_path}/a}}\n"
+        f"  - {{json_path: {tmp_path}/b/b.jsonl, sampling_strategy: 'random:4'}}\n"
+        f"  - {{json_path: {tmp_path}/a/a.json, sampling_strategy: 'first:2', image_folder: {tmp_path}/a}}\n"
+    )
+    mixture = load_mixture(str(mix_path), seed=11)
+    expected = [{k: v for k, v in mixture[i].items() if k != "_image_folder"} for i in range(len(mixture))]
+    assert len(expected) == 3 + 4 + 2
+    assert [r["id"] for r in expected[:3]] == [r["id"] for r in a.records[3:]]
+    assert [r["id"] for r in expected[7:]] == [r["id"] for r in a.records[:2]]
+
+    out = str(tmp_path / "ar")
+    assert prepare_data.main(["--data", str(mix_path), "--image-folder", str(tmp_path / "b"), "--out", out,
+                              "--seed", "11", "--num-shards", "3"]) == 0
+    converted = tfds_source.ArrayRecordRecords(out)
+    got = [converted[i] for i in range(len(converted))]
+    for record in got:
+        record.pop("image_bytes")
+    assert got == expected
+    by_tfds = tfds.builder_from_directory(out).as_data_source("train")
+    assert [json.loads(by_tfds[i]["record_json"]) for i in range(len(by_tfds))] == expected
+
+    tok = load_tokenizer()
+    common = dict(rows_per_host=2, seq_len=4096, max_crops=12, max_image_tokens=8000, shuffle=True, seed=11,
+                  num_epochs=1)
+    from_json = list(make_train_iterator(DataConfig(mixture=str(mix_path), image_folder=str(tmp_path / "b"), **common),
+                                         tiny(), tok, process_index=0, process_count=1))
+    from_ar = list(make_train_iterator(DataConfig(data_path=out, **common), tiny(), tok, process_index=0,
+                                       process_count=1))
+    assert len(from_json) == len(from_ar) > 0
+    assert sum(len(ids) for batch in from_json for ids in batch.sample_ids) == len(expected)
+    for x, y in zip(from_json, from_ar):
+        assert x.sample_ids == y.sample_ids
+        for name in Batch.ARRAY_FIELDS:
+            assert np.array_equal(getattr(x, name), getattr(y, name)), name

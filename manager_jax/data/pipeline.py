@@ -67,7 +67,7 @@ class DataConfig:
       data_path: LLaVA .json / .jsonl (or the original's ``dir/{a,b}.json``), or a folder written
         by tools/prepare_data.py (ArrayRecord).
       image_folder: folder that record image paths are relative to (not used for ArrayRecord).
-      mixture: a mixture YAML (mixture.py); used instead of ``data_path`` when set.
+      mixture: a mixture YAML (mixture.py); used instead of ``data_path`` (which refuses a YAML).
       format: "auto" (by suffix / folder) | "json" | "jsonl" | "arrayrecord".
       split: split of an ArrayRecord dataset.
       template: "plain" (stage 1) | "qwen_1_5".

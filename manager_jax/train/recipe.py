@@ -397,6 +397,10 @@ def check_inputs(config: TrainConfig) -> None:
                 problems.append(f"data.mixture: {data.mixture}: no such file")
         elif not data.data_path:
             problems.append("data.data_path or data.mixture must be set")
+        elif data.data_path.endswith((".yaml", ".yml")):
+            # The original's --data_path takes both; here a mixture has its own field.
+            problems.append(f"data.data_path: {data.data_path} is a mixture YAML: give it as data.mixture "
+                            f"(--set data.mixture={data.data_path} --set data.data_path=None)")
         else:
             missing = [p for p in expand_data_path(data.data_path) if not os.path.exists(p)]
             if missing:
