@@ -216,7 +216,7 @@ def test_generate_until_multi_round(adapter):
     )[0].token_ids, skip_special_tokens=True).strip()
     first = greedy("What is in the image?", doc_to_visual(adapter.task_dict[TASK][SPLIT][0]))
     second = greedy(f"You said {first!r}. Compare.", two_images)
-    assert answers == (first, second, "(kept by the task)")
+    assert answers == [first, second, "(kept by the task)"]
     assert calls == [("A cat", [first], 1, None), ("A cat", [first, second], 2, {"round": 1})]
 
 

@@ -422,7 +422,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         self._summary(skipped_before)
         return results
 
-    def generate_until_multi_round(self, requests: Sequence[Any]) -> list[tuple[str, ...]]:
+    def generate_until_multi_round(self, requests: Sequence[Any]) -> list[list[str]]:
         """Every round's answer per request, as the original adapter runs lmms-eval's multi-round
         tasks. request.args = (context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split).
 
@@ -430,6 +430,8 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         ``doc_to_text(doc, previous_output=answers so far, round_idx=r, previous_round_info=info)``
         returns (visuals, context, terminal, answers, info): the next round's inputs, whether to
         stop, and the answers as the task keeps them (they replace ours, as in the original).
+        Each result is a list, one answer per round: lmms-eval 0.7.3 passes a list of strings to the
+        task and turns anything else (the original's tuple) into one string.
         """
         results = []
         skipped_before = self.skipped.total
@@ -459,7 +461,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
                     break
                 stream = request_stream(task, split, doc_id, context, 0)
                 answers.append(self._answers([prompt], params, until, [stream])[0])
-            results.append(tuple(answers))
+            results.append(list(answers))
         self._summary(skipped_before)
         return results
 
