@@ -376,8 +376,9 @@ def test_sampled_request_draws_from_its_documents_stream(adapter):
 
 
 def test_loglikelihood_mixed_requests_keep_their_order(adapter):
-    """Mixed contexts (text-only, one and two images, an empty continuation): each result is the
-    one a single-request call gives, at its request's place."""
+    """Mixed contexts (text-only, one and two images, an empty continuation), scored batch_size
+    at a time (a multiple-choice task's options share a forward pass): each result is the one a
+    single-request call gives, at its request's place."""
     tok = adapter.tokenizer
     docs = {0: dict(adapter.task_dict[TASK][SPLIT][0]), 1: dict(adapter.task_dict[TASK][SPLIT][1]),
             2: {"images": [], "answer": "Yes"}}
@@ -386,9 +387,18 @@ def test_loglikelihood_mixed_requests_keep_their_order(adapter):
     requests = [Instance("loglikelihood", (q, target, doc_to_visual, d, TASK, SPLIT)) for q, target, d in (
         ("What is it?", "A cat", 0), ("Is it day?", lambda doc: doc["answer"], 2), ("How many?", "Two of them", 1),
         ("Anything?", "", 0), ("What is it?", "A dog", 0), ("Tell me a longer story, please.", " Once", 2))]
-    results = lm.loglikelihood(requests)
+    calls = []
+    score = lm.engine.score
+    lm.engine.score = lambda batch: calls.append(len(batch)) or score(batch)  # counts the real calls
+    try:
+        results = lm.loglikelihood(requests)
+    finally:
+        del lm.engine.score
+    assert calls == [3, 2]  # batches of batch_size (the empty continuation is not scored)
     singles = [lm.loglikelihood([r])[0] for r in requests]
-    assert results == singles
+    for (logprob, greedy), (single, single_greedy) in zip(results, singles):
+        # float32 sums over differently padded batches: equal to rounding
+        assert logprob == pytest.approx(single, rel=1e-5) and greedy == single_greedy
     assert results[3] == (0.0, True)
     assert len({r[0] for r in results}) == len(results)  # distinct: a swapped result would show
 

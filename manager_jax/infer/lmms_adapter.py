@@ -11,7 +11,8 @@ Differences from the original, on purpose:
   closing "<|im_end|>\\n"; `is_greedy` is computed on aligned positions (the original compares
   slices taken at unexpanded positions of the expanded logits).
 - Requests with identical generation kwargs are batched (`batch_size`, left-padded; outputs are
-  the same as one by one). The original requires batch size 1.
+  the same as one by one), and so are consecutive log-likelihood requests (equal to rounding).
+  The original requires batch size 1.
 - `until` is ignored by default, as in the original (it pops it); `apply_until=True` cuts answers
   at the first stop string, as lmms-eval's API describes.
 - The checkpoint's generation_config.json repetition_penalty, if any, applies to the generated
@@ -76,7 +77,7 @@ from manager_jax.data.samples import (
     decode_image,
     image_errors,
 )
-from manager_jax.infer.engine import InferenceEngine, InputError, Prompt, PromptTooLongError
+from manager_jax.infer.engine import InferenceEngine, InputError, Prompt, PromptTooLongError, ScoreRequest
 from manager_jax.infer.loading import (
     default_vocab_limit,
     load_model,
@@ -395,32 +396,53 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
         """(sum of log p of the continuation's tokens, is greedy) per request;
-        request.args = (context, doc_to_target, doc_to_visual, doc_id, task, split)."""
+        request.args = (context, doc_to_target, doc_to_visual, doc_id, task, split).
+        Scored `batch_size` requests per forward pass (a multiple-choice task's options are
+        consecutive requests); images are read one batch at a time."""
         results: list[tuple[float, bool]] = []
         skipped_before = self.skipped.total
-        for request in requests:
-            context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
-            where = f"{task}/{split}/{doc_id}"
-            continuation = (doc_to_target if isinstance(doc_to_target, str)
-                            else doc_to_target(self.task_dict[task][split][doc_id]))
-            try:
-                images = self._visuals(self._doc_visuals(doc_to_visual, task, split, doc_id), where)
-                score = score_request(context, continuation, images, self.tokenizer)
-                if score is None:
-                    results.append((0.0, True))
-                    continue
-                _check_placeholders(score.ids, len(images), where)
+        for start in range(0, len(requests), self.batch_size):
+            known: list[tuple[float, bool] | None] = []  # None: the next result of `batch`
+            batch = []
+            for request in requests[start : start + self.batch_size]:
                 try:
-                    result = self.engine.score([score])[0]
-                except PromptTooLongError as err:
-                    raise SkipSample(TOO_LONG, where, str(err)) from None
-            except SkipSample as skip:  # no option is chosen for it
-                self._skip(skip)
-                results.append((float("-inf"), False))
-                continue
-            results.append((result.logprob, result.is_greedy))
+                    where, score = self._score_request(request)
+                except SkipSample as skip:  # no option is chosen for it
+                    self._skip(skip)
+                    known.append((float("-inf"), False))
+                    continue
+                known.append((0.0, True) if score is None else None)  # nothing to score: log 1
+                if score is not None:
+                    batch.append((where, score))
+            scored = iter(self._scores(batch))
+            results += [result if result is not None else next(scored) for result in known]
         self._summary(skipped_before)
         return results
+
+    def _score_request(self, request) -> tuple[str, ScoreRequest | None]:
+        """(where, what to score; None for an empty continuation), or SkipSample."""
+        context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
+        where = f"{task}/{split}/{doc_id}"
+        continuation = (doc_to_target if isinstance(doc_to_target, str)
+                        else doc_to_target(self.task_dict[task][split][doc_id]))
+        images = self._visuals(self._doc_visuals(doc_to_visual, task, split, doc_id), where)
+        score = score_request(context, continuation, images, self.tokenizer)
+        if score is not None:
+            _check_placeholders(score.ids, len(images), where)
+        return where, score
+
+    def _scores(self, batch: list[tuple[str, ScoreRequest]]) -> list[tuple[float, bool]]:
+        """Results of one forward pass over `batch`; if a request is too long for max_length, the
+        batch is scored one by one and that request skipped."""
+        if not batch:
+            return []
+        try:
+            return [(r.logprob, r.is_greedy) for r in self.engine.score([score for _, score in batch])]
+        except PromptTooLongError as err:
+            if len(batch) > 1:
+                return [result for item in batch for result in self._scores([item])]
+            self._skip(SkipSample(TOO_LONG, batch[0][0], str(err)))
+            return [(float("-inf"), False)]
 
     def generate_until_multi_round(self, requests: Sequence[Any]) -> list[list[str]]:
         """Every round's answer per request, as the original adapter runs lmms-eval's multi-round
