@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from manager_jax.data.conversation import build_eval_prompt
+from manager_jax.data.conversation import build_eval_prompt, tokenizer_image_token
 from manager_jax.data.tokenizer import load_tokenizer
 from manager_jax.infer.engine import Prompt
 from manager_jax.infer.lmms_adapter import LlavaOVManagerJax
@@ -189,11 +189,8 @@ def test_loglikelihood(adapter):
         assert greedy == expected_greedy
 
 
-def test_default_tokenizer_and_unsupported_visuals(adapter):
+def test_default_tokenizer(adapter):
     assert adapter.tokenizer is load_tokenizer(None)
-    request = Instance("generate_until", ("Q", {"max_new_tokens": 2}, lambda doc: ["video.mp4"], 0, TASK, SPLIT))
-    with pytest.raises(ValueError, match="only PIL images"):
-        adapter.generate_until([request])
 
 
 def test_generate_until_multi_round(adapter):
@@ -219,7 +216,7 @@ def test_generate_until_multi_round(adapter):
     )[0].token_ids, skip_special_tokens=True).strip()
     first = greedy("What is in the image?", doc_to_visual(adapter.task_dict[TASK][SPLIT][0]))
     second = greedy(f"You said {first!r}. Compare.", two_images)
-    assert answers == (first, second, "(kept by the task)")
+    assert answers == [first, second, "(kept by the task)"]
     assert calls == [("A cat", [first], 1, None), ("A cat", [first, second], 2, {"round": 1})]
 
 
@@ -379,8 +376,9 @@ def test_sampled_request_draws_from_its_documents_stream(adapter):
 
 
 def test_loglikelihood_mixed_requests_keep_their_order(adapter):
-    """Mixed contexts (text-only, one and two images, an empty continuation): each result is the
-    one a single-request call gives, at its request's place."""
+    """Mixed contexts (text-only, one and two images, an empty continuation), scored batch_size
+    at a time (a multiple-choice task's options share a forward pass): each result is the one a
+    single-request call gives, at its request's place."""
     tok = adapter.tokenizer
     docs = {0: dict(adapter.task_dict[TASK][SPLIT][0]), 1: dict(adapter.task_dict[TASK][SPLIT][1]),
             2: {"images": [], "answer": "Yes"}}
@@ -389,9 +387,18 @@ def test_loglikelihood_mixed_requests_keep_their_order(adapter):
     requests = [Instance("loglikelihood", (q, target, doc_to_visual, d, TASK, SPLIT)) for q, target, d in (
         ("What is it?", "A cat", 0), ("Is it day?", lambda doc: doc["answer"], 2), ("How many?", "Two of them", 1),
         ("Anything?", "", 0), ("What is it?", "A dog", 0), ("Tell me a longer story, please.", " Once", 2))]
-    results = lm.loglikelihood(requests)
+    calls = []
+    score = lm.engine.score
+    lm.engine.score = lambda batch: calls.append(len(batch)) or score(batch)  # counts the real calls
+    try:
+        results = lm.loglikelihood(requests)
+    finally:
+        del lm.engine.score
+    assert calls == [3, 2]  # batches of batch_size (the empty continuation is not scored)
     singles = [lm.loglikelihood([r])[0] for r in requests]
-    assert results == singles
+    for (logprob, greedy), (single, single_greedy) in zip(results, singles):
+        # float32 sums over differently padded batches: equal to rounding
+        assert logprob == pytest.approx(single, rel=1e-5) and greedy == single_greedy
     assert results[3] == (0.0, True)
     assert len({r[0] for r in results}) == len(results)  # distinct: a swapped result would show
 
@@ -411,9 +418,92 @@ def test_requests_too_long_for_max_length_are_skipped_and_counted(adapter, check
     with caplog.at_level("WARNING", logger="manager_jax.infer.lmms_adapter"):
         answers = short.generate_until(asks)
         results = short.loglikelihood(scores)
-    assert answers[1] == "" and short.skipped_too_long == 2
+    assert answers[1] == "" and short.skipped.counts == {"too_long": 2}
     assert answers[0] == adapter.generate_until([asks[0]])[0] and answers[2] == adapter.generate_until([asks[2]])[0]
     assert results[0] == (float("-inf"), False) and results[1] == adapter.loglikelihood([scores[1]])[0]
-    warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 2 and all(f"request {TASK}/{SPLIT}/1 skipped" in w for w in warnings)
-    assert "(2 so far)" in warnings[1]
+    warnings = [r.getMessage() for r in caplog.records if " skipped (" in r.getMessage()]
+    assert len(warnings) == 2 and all(f"request {TASK}/{SPLIT}/1 skipped (too_long; " in w for w in warnings)
+    assert "2 skipped so far" in warnings[1]
+    assert "too_long: 2" in caplog.records[-1].getMessage()  # the summary at the end of the call
+
+
+def _greedy(engine, tok, ids: list[int], images: list, steps: int) -> str:
+    [gen] = engine.generate([Prompt(ids, images)], SamplingParams(max_new_tokens=steps))
+    return tok.decode(gen.token_ids, skip_special_tokens=True).strip()
+
+
+def test_conversation_contexts_are_rendered_as_turns(adapter):
+    """Tasks such as llava_interleave_bench give a conversation as a JSON list of {"from", "value"}
+    turns; the original adapter (`utils.is_json(question)`) renders them as alternating user /
+    assistant turns ending with an open assistant turn, not as one user message holding the JSON
+    text. A context that is JSON but not a list is a plain question; a conversation with an even
+    number of turns (the original asserts) is skipped and counted."""
+    tok, engine = adapter.tokenizer, adapter.engine
+    lm = LlavaOVManagerJax(engine=engine, tokenizer_obj=tok, batch_size=2)
+    paths = adapter.task_dict[TASK][SPLIT][1]["images"]
+    lm.task_dict = {TASK: {SPLIT: {0: {"images": paths[:1]}, 2: {"images": []}}}}
+    with_image = json.dumps([{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."},
+                             {"from": "human", "value": "And its colour?"}])
+    text_only = json.dumps([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""},
+                            {"from": "human", "value": "Name a colour."}])
+    even = json.dumps([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}])
+    kwargs = {"max_new_tokens": 6, "until": ["\n\n"], "do_sample": False}
+    asks = [Instance("generate_until", (c, dict(kwargs), doc_to_visual, d, TASK, SPLIT))
+            for c, d in ((with_image, 0), (text_only, 2), (even, 2), ("42", 2))]
+    answers = lm.generate_until(asks)
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    first = (system + "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n"
+             "<|im_start|>user\nAnd its colour?<|im_end|>\n<|im_start|>assistant\n")
+    # An empty message renders as its role line alone (the original's `if message:`).
+    second = (system + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+              "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
+    image = doc_to_visual({"images": paths[:1]})
+    assert answers[0] == _greedy(engine, tok, tokenizer_image_token(first, tok), image, 6)
+    assert answers[1] == _greedy(engine, tok, tokenizer_image_token(second, tok), [], 6)
+    assert answers[2] == "" and lm.skipped.counts == {"bad_conversation": 1}
+    assert answers[3] == _greedy(engine, tok, build_eval_prompt("42", 0, tok), [], 6)
+
+
+def _truncated_png(path) -> str:
+    random_image((64, 48), 5).save(path)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    return str(path)
+
+
+def test_bad_visuals_are_skipped_and_counted(adapter, checkpoint, tmp_path, caplog):  # noqa: F811
+    """One bad request in a long evaluation is skipped with a warning and counted by reason (its
+    answer "", its log-likelihood -inf), not an exception that ends the run: an unreadable image
+    (raised by the task's doc_to_visual, as a dataset's lazy decoding does), a truncated file
+    opened lazily, a video path, a zero-size image, and "<image>" in a context without visuals.
+    None entries of a visual list are no image (a text-only document). The other requests get the
+    answers they get alone, in their places."""
+    _, _, root = checkpoint
+    tok, engine = adapter.tokenizer, adapter.engine
+    lm = LlavaOVManagerJax(engine=engine, tokenizer_obj=tok, batch_size=3)
+    good, truncated = adapter.task_dict[TASK][SPLIT][0]["images"], _truncated_png(tmp_path / "cut.png")
+    lm.task_dict = {TASK: {SPLIT: {0: {"images": good}, 1: {"images": [str(root / "broken.png")]},
+                                   2: {"images": [truncated]}, 3: {"images": []}}}}
+    lazy = lambda doc: [Image.open(p) for p in doc["images"]]  # decoded on first use
+    kwargs = {"max_new_tokens": 3, "until": ["\n\n"], "do_sample": False}
+    spec = [("What is in the image?", doc_to_visual, 0), ("And here?", doc_to_visual, 1),
+            ("Truncated?", lazy, 2), ("A video.", lambda doc: ["clip.mp4"], 3),
+            ("Nothing to see.", lambda doc: [None], 3), ("Tiny.", lambda doc: [Image.new("RGB", (0, 8))], 3),
+            ("<image>\nWhere is it?", doc_to_visual, 3), ("Which colour?", doc_to_visual, 0)]
+    asks = [Instance("generate_until", (q, dict(kwargs), v, d, TASK, SPLIT)) for q, v, d in spec]
+    with caplog.at_level("WARNING", logger="manager_jax.infer.lmms_adapter"):
+        answers = lm.generate_until(asks)
+        scores = lm.loglikelihood([Instance("loglikelihood", ("What is it?", "A cat", v, d, TASK, SPLIT))
+                                   for _, v, d in spec[:3]])
+    assert answers[1:4] == ["", "", ""] and answers[5:7] == ["", ""]
+    image = doc_to_visual({"images": good})
+    assert answers[0] == _greedy(engine, tok, build_eval_prompt(spec[0][0], 1, tok), image, 3)
+    assert answers[7] == _greedy(engine, tok, build_eval_prompt(spec[7][0], 1, tok), image, 3)
+    assert answers[4] == _greedy(engine, tok, build_eval_prompt(spec[4][0], 0, tok), [], 3)
+    assert scores[1:] == [(float("-inf"), False)] * 2 and scores[0] == adapter.loglikelihood(
+        [Instance("loglikelihood", ("What is it?", "A cat", doc_to_visual, 0, TASK, SPLIT))])[0]
+    assert lm.skipped.counts == {"unreadable_image": 2, "truncated_image": 2, "video_unsupported": 1,
+                                 "zero_size_image": 1, "image_count_mismatch": 1}
+    text = caplog.text
+    assert f"request {TASK}/{SPLIT}/1 skipped (unreadable_image; " in text and "broken.png" in text
+    assert f"request {TASK}/{SPLIT}/3 skipped (video_unsupported; " in text and "'clip.mp4'" in text

@@ -40,3 +40,23 @@ def test_registered_built_and_run_by_lmms_eval(checkpoint, adapter):  # noqa: F8
     assert lm.generate_until(real("generate_until", gen)) == adapter.generate_until(stand_in("generate_until", gen))
     assert lm.loglikelihood(real("loglikelihood", ll)) == adapter.loglikelihood(stand_in("loglikelihood", ll))
     assert (lm.rank, lm.world_size) == (0, 1)
+
+
+def test_multi_round_answers_reach_the_task_one_per_round(adapter):
+    """lmms-eval 0.7.3's evaluator hands a multi-round output to the task through
+    `unwrap_generation_output`, which keeps a list of strings (one per round) and turns anything
+    else, a tuple included, into one string."""
+    from lmms_eval.api.instance import unwrap_generation_output
+
+    def doc_to_text(doc, previous_output, round_idx, previous_round_info):
+        if round_idx == 1:
+            return None, "And now?", False, previous_output, None
+        return None, "", True, previous_output, None
+
+    meta = {"task": TASK, "doc_id": 0, "repeats": 1}
+    request = Instance("generate_until_multi_round", ("What is in it?", {"max_new_tokens": 2, "do_sample": False},
+                                                      doc_to_visual, doc_to_text, 0, TASK, SPLIT), idx=0, metadata=meta)
+    [output] = adapter.generate_until_multi_round([request])
+    rounds, _ = unwrap_generation_output(output)
+    assert isinstance(rounds, list) and len(rounds) == 2 and all(isinstance(r, str) for r in rounds)
+    assert rounds == list(output)

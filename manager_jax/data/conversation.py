@@ -187,26 +187,36 @@ def _with_image_prefix(question: str, n_images: int) -> str:
     return question
 
 
-def _chatml_prompt(system: str, question: str, answer: str) -> str:
+def _chatml_prompt(system: str, question: str | Sequence[str], answer: str) -> str:
     # Conversation.get_prompt for SeparatorStyle.CHATML: an empty message renders only
     # "<role>\n" (no "<|im_end|>\n"), exactly as the original's `if message:` does.
+    turns = [question] if isinstance(question, str) else list(question)
+    if len(turns) % 2 != 1:
+        raise ValueError(f"a conversation needs an odd number of turns (user first and last), got {len(turns)}")
     prompt = f"{IM_START}system\n{system}{IM_END}\n"
-    for role, message in ((f"{IM_START}user", question), (f"{IM_START}assistant", answer)):
+    roles = [f"{IM_START}user", f"{IM_START}assistant"]
+    for index, message in enumerate(turns + [answer]):
+        role = roles[index % 2]
         prompt += f"{role}\n{message}{IM_END}\n" if message else f"{role}\n"
     return prompt
 
 
-def render_eval_prompt(question: str, n_images: int, system: str = DEFAULT_SYSTEM_MESSAGE) -> str:
+def render_eval_prompt(question: str | Sequence[str], n_images: int, system: str = DEFAULT_SYSTEM_MESSAGE) -> str:
     """qwen_1_5 evaluation prompt text (`conv_qwen` CHATML + lmms-eval llava_onevision adapter).
 
     "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{Q}<|im_end|>\n<|im_start|>assistant\n",
     where Q = " ".join(["<image>"] * n_images) + "\n" + question when images are given and the
-    question has no "<image>", else the question.
+    question has no "<image>", else the question. A sequence of strings is a conversation: turns
+    alternately user and assistant (an odd number), then the open assistant turn; it gets no
+    "<image>" prefix (the original parses a conversation only when it has none, lmms-eval's
+    JSON-encoded contexts), so its turns must hold one "<image>" per image.
     """
-    return _chatml_prompt(system, _with_image_prefix(question, n_images), "")
+    if isinstance(question, str):
+        question = _with_image_prefix(question, n_images)
+    return _chatml_prompt(system, question, "")
 
 
-def build_eval_prompt(question: str, n_images: int, tokenizer: Tokenizer) -> list[int]:
+def build_eval_prompt(question: str | Sequence[str], n_images: int, tokenizer: Tokenizer) -> list[int]:
     """Ids of `render_eval_prompt(question, n_images)` with IMAGE_TOKEN_INDEX placeholders."""
     return tokenizer_image_token(render_eval_prompt(question, n_images), tokenizer)
 

@@ -14,6 +14,7 @@ can never be mistaken for bad records.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -221,6 +222,30 @@ def read_image_file(path: str, rid: str) -> bytes:
         raise SkipSample(UNREADABLE_IMAGE, rid, f"{path!r}: {err}") from None
 
 
+@contextlib.contextmanager
+def image_errors(name: str, rid: str):
+    """PIL's errors opening or decoding image `name` of record `rid` -> SkipSample (by reason)."""
+    try:
+        yield
+    except Image.DecompressionBombError as err:  # not an OSError
+        raise SkipSample(IMAGE_TOO_LARGE, rid, f"{name!r}: {err}") from None
+    except UnidentifiedImageError as err:
+        raise SkipSample(UNREADABLE_IMAGE, rid, f"{name!r}: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        reason = TRUNCATED_IMAGE if "truncated" in str(err).lower() else UNREADABLE_IMAGE
+        raise SkipSample(reason, rid, f"{name!r}: {err}") from None
+
+
+def decode_image(img: Image.Image, name: str, rid: str) -> Image.Image:
+    """Decodes an opened image now (a truncated file fails here, not later in a worker or a
+    batch); bad or zero-size ones -> SkipSample."""
+    with image_errors(name, rid):
+        img.load()
+    if img.width == 0 or img.height == 0:
+        raise SkipSample(ZERO_SIZE_IMAGE, rid, f"{name!r} is {img.width}x{img.height}")
+    return img
+
+
 def load_image(
     name: str, data: bytes | None, *, image_folder: str | None, rid: str, convention: str = "original"
 ) -> Image.Image:
@@ -230,22 +255,10 @@ def load_image(
         data = read_image_file(name if image_folder is None else os.path.join(image_folder, name), rid)
     if len(data) == 0:
         raise SkipSample(ZERO_SIZE_IMAGE, rid, f"{name!r} is an empty file")
-    try:
+    with image_errors(name, rid):
         # No context manager: Image.close() would invalidate the decoded pixels we return.
-        img = Image.open(io.BytesIO(data))
-        img.load()  # decode now: truncated files fail here, not later in a worker
-        if img.width == 0 or img.height == 0:
-            raise SkipSample(ZERO_SIZE_IMAGE, rid, f"{name!r} is {img.width}x{img.height}")
+        img = decode_image(Image.open(io.BytesIO(data)), name, rid)
         return load_rgb(img, convention)
-    except SkipSample:
-        raise
-    except Image.DecompressionBombError as err:
-        raise SkipSample(IMAGE_TOO_LARGE, rid, f"{name!r}: {err}") from None
-    except UnidentifiedImageError as err:
-        raise SkipSample(UNREADABLE_IMAGE, rid, f"{name!r}: {err}") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        reason = TRUNCATED_IMAGE if "truncated" in str(err).lower() else UNREADABLE_IMAGE
-        raise SkipSample(reason, rid, f"{name!r}: {err}") from None
 
 
 def _conversations(record: Any, rid: str) -> list[Mapping[str, Any]]:

@@ -11,7 +11,8 @@ Differences from the original, on purpose:
   closing "<|im_end|>\\n"; `is_greedy` is computed on aligned positions (the original compares
   slices taken at unexpanded positions of the expanded logits).
 - Requests with identical generation kwargs are batched (`batch_size`, left-padded; outputs are
-  the same as one by one). The original requires batch size 1.
+  the same as one by one), and so are consecutive log-likelihood requests (equal to rounding).
+  The original requires batch size 1.
 - `until` is ignored by default, as in the original (it pops it); `apply_until=True` cuts answers
   at the first stop string, as lmms-eval's API describes.
 - The checkpoint's generation_config.json repetition_penalty, if any, applies to the generated
@@ -19,11 +20,18 @@ Differences from the original, on purpose:
   When a request samples (`do_sample`) without temperature / top_p / top_k, they come from that
   file too, else from HF's defaults (temperature 1, top_k 50), as HF generate does (do_sample with
   temperature 0, which HF refuses, decodes greedily); `num_beams` > 1 is not supported (a warning).
-- Videos and JSON-encoded multi-turn contexts are not supported (contexts are plain questions).
-- A request whose prompt (after image expansion) does not fit `max_length` (the model's maximum
-  position unless given) is skipped with a warning and counted (`skipped_too_long`): its answer is
-  "" and its log-likelihood -inf, and the evaluation goes on. The original has no such limit (HF
-  runs past the trained positions); here one long document must not end a run of hours.
+- A context that is a JSON list of {"value": ...} turns (lmms-eval's conversational tasks, e.g.
+  llava_interleave_bench) is rendered as alternating user / assistant turns, as the original's
+  `utils.is_json` branch does, when no "<image>" prefix is due; other JSON (a bare number) is a
+  plain question (the original fails on it).
+- A request that cannot be answered is skipped with a warning and counted by reason in `skipped`
+  (a `SkipCounter`; a summary is logged at the end of each call): its answer is "" and its
+  log-likelihood -inf, and the evaluation goes on. Reasons: a prompt that does not fit `max_length`
+  (the model's maximum position unless given; HF runs past the trained positions), an image that
+  cannot be decoded or has no pixels, a video (lmms-eval passes videos as paths) or another
+  non-image visual, "<image>" placeholders that do not match the visuals, a JSON conversation with
+  an even number of turns. The original raises on each of them (or runs on, past its positions),
+  ending a run of hours on one document. None entries of a visual list are no image.
 - `generate_until_multi_round` follows the original's round protocol (the task's `doc_to_text`
   gives each next round's visuals and context and says when to stop), one request at a time, with
   a round limit (`max_rounds`) instead of looping for ever on a task that never says stop.
@@ -58,7 +66,18 @@ from typing import Any
 
 from PIL import Image
 
-from manager_jax.infer.engine import InferenceEngine, InputError, PromptTooLongError
+from manager_jax.data.conversation import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from manager_jax.data.samples import (
+    BAD_RECORD,
+    IMAGE_COUNT_MISMATCH,
+    TOO_LONG,
+    VIDEO_UNSUPPORTED,
+    SkipCounter,
+    SkipSample,
+    decode_image,
+    image_errors,
+)
+from manager_jax.infer.engine import InferenceEngine, InputError, Prompt, PromptTooLongError, ScoreRequest
 from manager_jax.infer.loading import (
     default_vocab_limit,
     load_model,
@@ -75,6 +94,7 @@ logger = logging.getLogger(__name__)
 SAMPLING_OFF = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # the values of a warper HF does not add
 
 MODEL_NAME = "llava_ov_manager_jax"
+BAD_CONVERSATION = "bad_conversation"  # a skip reason (module docstring)
 DEFAULT_MAX_NEW_TOKENS = 1024  # the original adapter's default
 
 
@@ -240,7 +260,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         self.batch_size_per_gpu = max(int(batch_size), 1)
         self.apply_until = _as_bool(apply_until)
         self.max_rounds = int(max_rounds)
-        self.skipped_too_long = 0  # requests whose prompt does not fit max_length (module docstring)
+        self.skipped = SkipCounter()  # requests that cannot be answered, by reason (module docstring)
 
     @property
     def batch_size(self) -> int:
@@ -266,23 +286,40 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         return torch.device("cuda", self.local_rank if torch.cuda.device_count() > 1 else 0)
 
     # ---- helpers ---------------------------------------------------------------------------
-    def _visuals(self, doc_to_visual, task: str, split: str, doc_id) -> list[Image.Image]:
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
-        return _images(visuals, f"{task}/{split}/{doc_id}")
+    def _visuals(self, load_visuals, where: str) -> list[Image.Image]:
+        # A dataset decodes its images when the task's doc_to_visual reads them: errors come from there too.
+        with image_errors("the task's visuals", where):
+            visuals = load_visuals()
+        return _images(visuals, where)
 
-    def _fits(self, prompt, images: list[Image.Image], where: str) -> bool:
-        """Whether the prompt leaves room to answer below max_length; if not, the request is
-        skipped: counted and logged, not an error that would end the evaluation."""
+    def _doc_visuals(self, doc_to_visual, task: str, split: str, doc_id):
+        """A loader of a document's visuals, for `_prompt` / `_visuals`."""
+        return lambda: doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
+
+    def _prompt(self, context: str, load_visuals, where: str) -> Prompt | None:
+        """The generation prompt of a request, or None when it is skipped (`_skip`)."""
         try:
-            self.engine.check_prompt(prompt.ids, [image.size for image in images], where)
-        except PromptTooLongError as err:
-            self._skip_too_long(where, err)
-            return False
-        return True
+            images = self._visuals(load_visuals, where)
+            prompt = generation_prompt(lmms_question(context, len(images), where), images, self.tokenizer)
+            _check_placeholders(prompt.ids, len(images), where)
+            try:  # room to answer below max_length
+                self.engine.check_prompt(prompt.ids, [image.size for image in images], where)
+            except PromptTooLongError as err:
+                raise SkipSample(TOO_LONG, where, str(err)) from None
+        except SkipSample as skip:
+            self._skip(skip)
+            return None
+        return prompt
 
-    def _skip_too_long(self, where: str, err: PromptTooLongError) -> None:
-        self.skipped_too_long += 1
-        logger.warning("request %s skipped (%d so far): %s", where, self.skipped_too_long, err)
+    def _skip(self, skip: SkipSample) -> None:
+        self.skipped.add(skip)
+        logger.warning("request %s skipped (%s; %d skipped so far): %s", skip.record_id, skip.reason,
+                       self.skipped.total, skip.detail)
+
+    def _summary(self, skipped_before: int) -> None:
+        """At the end of a call that skipped requests: the counts so far, by reason."""
+        if self.skipped.total > skipped_before:
+            self.skipped.log_summary(logger)
 
     def _answers(self, prompts: list, params: SamplingParams, until: list[str], streams: Sequence[int]) -> list[str]:
         """Decoded, stripped answers to prompts generated as one batch (`streams`: each prompt's
@@ -326,6 +363,7 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
         """One answer per request; request.args = (context, gen_kwargs, doc_to_visual, doc_id, task, split)."""
         results: list[str | None] = [None] * len(requests)
+        skipped_before = self.skipped.total
         groups: dict[str, list[int]] = {}
         streams, copies = [], Counter()
         for index, request in enumerate(requests):
@@ -341,9 +379,9 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
                 prompts, kept = [], []
                 for index in indices[start : start + self.batch_size]:
                     context, _, doc_to_visual, doc_id, task, split = requests[index].args
-                    images = self._visuals(doc_to_visual, task, split, doc_id)
-                    prompt = generation_prompt(context, images, self.tokenizer)
-                    if self._fits(prompt, images, f"{task}/{split}/{doc_id}"):  # else its answer stays ""
+                    prompt = self._prompt(context, self._doc_visuals(doc_to_visual, task, split, doc_id),
+                                          f"{task}/{split}/{doc_id}")
+                    if prompt is not None:  # else its answer stays ""
                         prompts.append(prompt)
                         kept.append(index)
                 if not prompts:
@@ -353,31 +391,60 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
                 chunk_streams = [streams[index] for index in kept]
                 for index, answer in zip(kept, self._answers(prompts, params, until, chunk_streams)):
                     results[index] = answer
+        self._summary(skipped_before)
         return [r if r is not None else "" for r in results]
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
         """(sum of log p of the continuation's tokens, is greedy) per request;
-        request.args = (context, doc_to_target, doc_to_visual, doc_id, task, split)."""
+        request.args = (context, doc_to_target, doc_to_visual, doc_id, task, split).
+        Scored `batch_size` requests per forward pass (a multiple-choice task's options are
+        consecutive requests); images are read one batch at a time."""
         results: list[tuple[float, bool]] = []
-        for request in requests:
-            context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
-            continuation = (doc_to_target if isinstance(doc_to_target, str)
-                            else doc_to_target(self.task_dict[task][split][doc_id]))
-            images = self._visuals(doc_to_visual, task, split, doc_id)
-            score = score_request(context, continuation, images, self.tokenizer)
-            if score is None:
-                results.append((0.0, True))
-                continue
-            try:
-                result = self.engine.score([score])[0]
-            except PromptTooLongError as err:  # skipped and counted: no option is chosen for it
-                self._skip_too_long(f"{task}/{split}/{doc_id}", err)
-                results.append((float("-inf"), False))
-                continue
-            results.append((result.logprob, result.is_greedy))
+        skipped_before = self.skipped.total
+        for start in range(0, len(requests), self.batch_size):
+            known: list[tuple[float, bool] | None] = []  # None: the next result of `batch`
+            batch = []
+            for request in requests[start : start + self.batch_size]:
+                try:
+                    where, score = self._score_request(request)
+                except SkipSample as skip:  # no option is chosen for it
+                    self._skip(skip)
+                    known.append((float("-inf"), False))
+                    continue
+                known.append((0.0, True) if score is None else None)  # nothing to score: log 1
+                if score is not None:
+                    batch.append((where, score))
+            scored = iter(self._scores(batch))
+            results += [result if result is not None else next(scored) for result in known]
+        self._summary(skipped_before)
         return results
 
-    def generate_until_multi_round(self, requests: Sequence[Any]) -> list[tuple[str, ...]]:
+    def _score_request(self, request) -> tuple[str, ScoreRequest | None]:
+        """(where, what to score; None for an empty continuation), or SkipSample."""
+        context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
+        where = f"{task}/{split}/{doc_id}"
+        continuation = (doc_to_target if isinstance(doc_to_target, str)
+                        else doc_to_target(self.task_dict[task][split][doc_id]))
+        images = self._visuals(self._doc_visuals(doc_to_visual, task, split, doc_id), where)
+        score = score_request(context, continuation, images, self.tokenizer)
+        if score is not None:
+            _check_placeholders(score.ids, len(images), where)
+        return where, score
+
+    def _scores(self, batch: list[tuple[str, ScoreRequest]]) -> list[tuple[float, bool]]:
+        """Results of one forward pass over `batch`; if a request is too long for max_length, the
+        batch is scored one by one and that request skipped."""
+        if not batch:
+            return []
+        try:
+            return [(r.logprob, r.is_greedy) for r in self.engine.score([score for _, score in batch])]
+        except PromptTooLongError as err:
+            if len(batch) > 1:
+                return [result for item in batch for result in self._scores([item])]
+            self._skip(SkipSample(TOO_LONG, batch[0][0], str(err)))
+            return [(float("-inf"), False)]
+
+    def generate_until_multi_round(self, requests: Sequence[Any]) -> list[list[str]]:
         """Every round's answer per request, as the original adapter runs lmms-eval's multi-round
         tasks. request.args = (context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split).
 
@@ -385,14 +452,17 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         ``doc_to_text(doc, previous_output=answers so far, round_idx=r, previous_round_info=info)``
         returns (visuals, context, terminal, answers, info): the next round's inputs, whether to
         stop, and the answers as the task keeps them (they replace ours, as in the original).
+        Each result is a list, one answer per round: lmms-eval 0.7.3 passes a list of strings to the
+        task and turns anything else (the original's tuple) into one string.
         """
         results = []
+        skipped_before = self.skipped.total
         for request in requests:
             context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
             where = f"{task}/{split}/{doc_id}"
             params, until = self._sampling(gen_kwargs)
             doc = self.task_dict[task][split][doc_id]
-            images = self._visuals(doc_to_visual, task, split, doc_id)
+            load_visuals = self._doc_visuals(doc_to_visual, task, split, doc_id)
             answers: list[str] = []
             info = None
             for round_idx in range(self.max_rounds + 1):
@@ -406,14 +476,15 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
                     if round_idx == self.max_rounds:
                         raise InputError(f"{where}: no terminal signal after {self.max_rounds} rounds "
                                          "(raise max_rounds if the task needs more)")
-                    images = _images(visuals, where)
-                prompt = generation_prompt(context, images, self.tokenizer)
-                if not self._fits(prompt, images, f"{where} round {round_idx}"):
-                    answers.append("")  # skipped (counted); no later round can fit better
+                    load_visuals = lambda visuals=visuals: visuals
+                prompt = self._prompt(context, load_visuals, f"{where} round {round_idx}")
+                if prompt is None:
+                    answers.append("")  # skipped (counted); later rounds build on this one
                     break
                 stream = request_stream(task, split, doc_id, context, 0)
                 answers.append(self._answers([prompt], params, until, [stream])[0])
-            results.append(tuple(answers))
+            results.append(list(answers))
+        self._summary(skipped_before)
         return results
 
 
@@ -425,15 +496,47 @@ def request_stream(task: str, split: str, doc_id: Any, context: str, copy: int) 
 
 
 def _images(visuals: Any, where: str) -> list[Image.Image]:
-    """A task's visuals (None, one image or a list of them) as a list of PIL images."""
+    """A task's visuals (None, one image or a list of them; None entries are no image) as decoded
+    PIL images; SkipSample for anything else (a path: how lmms-eval passes videos) or a bad image."""
     if visuals is None:
         return []
     if not isinstance(visuals, (list, tuple)):
         visuals = [visuals]
-    for v in visuals:
+    images = []
+    for i, v in enumerate(v for v in visuals if v is not None):
+        if isinstance(v, str):
+            raise SkipSample(VIDEO_UNSUPPORTED, where, f"visual {v!r:.120} is a path, as lmms-eval passes "
+                                                       "videos: only PIL images are supported")
         if not isinstance(v, Image.Image):
-            raise InputError(f"{where}: only PIL images are supported, got {type(v).__name__} (videos are not)")
-    return list(visuals)
+            raise SkipSample(BAD_RECORD, where, f"visual {i} is a {type(v).__name__}, not a PIL image")
+        images.append(decode_image(v, getattr(v, "filename", "") or f"visual {i}", where))
+    return images
+
+
+def _check_placeholders(ids: Sequence[int], n_images: int, where: str) -> None:
+    found = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
+    if found != n_images:
+        raise SkipSample(IMAGE_COUNT_MISMATCH, where, f"the prompt has {found} {DEFAULT_IMAGE_TOKEN!r} for "
+                                                      f"{n_images} visuals")
+
+
+def lmms_question(context: str, n_images: int, where: str) -> str | list[str]:
+    """The original adapter's reading of a context (`utils.is_json`): a JSON list of {"value": str}
+    turns is a conversation (its values, alternately user and assistant) when no "<image>" prefix
+    is due (it would make the text no longer JSON); anything else is the question itself."""
+    if n_images and DEFAULT_IMAGE_TOKEN not in context:
+        return context
+    try:
+        turns = json.loads(context)
+    except ValueError:
+        return context
+    if not isinstance(turns, list):  # a bare number or string: the original fails on it
+        return context
+    values = [turn.get("value") if isinstance(turn, dict) else None for turn in turns]
+    if len(values) % 2 != 1 or not all(isinstance(v, str) for v in values):
+        raise SkipSample(BAD_CONVERSATION, where, "a JSON conversation needs an odd number of {\"value\": str} "
+                                                  f"turns, user first and last; got {context!r:.160}")
+    return values
 
 
 def lmms_eval_manifest():

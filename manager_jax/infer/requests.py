@@ -16,8 +16,9 @@ from manager_jax.data.tokenizer import IM_END, QWEN2_TEXT_SPECIAL_TOKENS
 from manager_jax.infer.engine import InputError, Prompt, ScoreRequest
 
 
-def generation_prompt(question: str, images: Sequence[Image.Image], tokenizer) -> Prompt:
-    """The evaluation prompt of `question` with `images`, ready for `InferenceEngine.generate`."""
+def generation_prompt(question: str | Sequence[str], images: Sequence[Image.Image], tokenizer) -> Prompt:
+    """The evaluation prompt of `question` (or a conversation's turns, `render_eval_prompt`) with
+    `images`, ready for `InferenceEngine.generate`."""
     return Prompt(build_eval_prompt(question, len(images), tokenizer), list(images))
 
 
