@@ -143,3 +143,17 @@ def test_logits_image_and_text_only_batch(models):
     assert (case.batch.segment_ids[1] == 0).any()  # the text-only row is padded
     print(f"PARITY hf image + text-only batch: {err:.2e}")
     assert err <= TOL, err
+
+
+@pytest.mark.parametrize("declared, feature_layer", [(4, -2), (4, -1), (4, 3)])
+def test_logits_follow_vision_feature_layer(declared, feature_layer):
+    """transformers takes hidden_states[vision_feature_layer] of the tower its config declares; we
+    run that many layers. A 27-layer config with -1 uses all 27 (our reading dropped the last)."""
+    hf_cfg = tiny_hf_config(vision_layers=declared, text_layers=2)
+    hf_cfg.vision_feature_layer = feature_layer
+    hf = tiny_hf_model(hf_cfg, seed=3, attn_implementation="sdpa")
+    cfg = ModelConfig.from_hf_config(hf_cfg.to_dict())
+    rng = np.random.default_rng(11)
+    err, _ = _logits_parity(hf, cfg, jax_model_from_torch(cfg, hf), [SampleSpec(_text(rng, 4) + [IMG] + _text(rng, 5),
+                                                                                 [(500, 400)])])
+    assert err <= TOL, (declared, feature_layer, cfg.vision.num_layers, err)
