@@ -157,3 +157,28 @@ def test_logits_follow_vision_feature_layer(declared, feature_layer):
     err, _ = _logits_parity(hf, cfg, jax_model_from_torch(cfg, hf), [SampleSpec(_text(rng, 4) + [IMG] + _text(rng, 5),
                                                                                  [(500, 400)])])
     assert err <= TOL, (declared, feature_layer, cfg.vision.num_layers, err)
+
+
+@pytest.mark.parametrize("theta", [1e4, 1e6])
+def test_rope_beyond_32k_positions_and_packing_restarts(theta):
+    """cos/sin against transformers' Qwen2 rotary embedding at positions past
+    max_position_embeddings (up to 1M) and restarting at 0 as packed rows do. bf16 is identical;
+    fp32 is within a rounding of cos/sin plus what one ulp of an inverse frequency makes at that
+    position (jnp and torch's fp32 pow differ by one ulp in one frequency at head_dim 128, theta 1e6)."""
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    from manager_jax.models.qwen2 import rope_cos_sin
+
+    hf_cfg = Qwen2Config(hidden_size=128, num_attention_heads=1, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": theta})
+    rotary = Qwen2RotaryEmbedding(hf_cfg)
+    pos = np.concatenate([np.arange(40), np.arange(7), [32767, 32768, 40000, 131071, 500000, 1_000_000]])[None]
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, 1, 128, dtype=dtype), _t(pos.astype(np.int64)))
+        ours = rope_cos_sin(jnp.asarray(pos, jnp.int32), 128, theta, jnp.dtype(str(dtype).split(".")[1]))
+        inv_freq = np.concatenate([rotary.inv_freq.numpy()] * 2)
+        bound = 6e-8 + pos[..., None] * inv_freq * 2.0**-23 if dtype == torch.float32 else 0.0
+        for got, ref in zip(ours, (cos, sin)):
+            assert (np.abs(np.asarray(got, np.float32) - ref.float().numpy()) <= bound).all()
