@@ -281,7 +281,8 @@ class ModelConfig:
             convention="original",
         )
         vision = _vision_from_siglip(cfg.get("vision_config") or {})
-        base = cls(vision=vision, text=text, manager=manager, image=image)
+        base = cls(vision=vision, text=text, manager=manager, image=image,
+                   projector_type=cfg.get("mm_projector_type") or "mlp2x_gelu")
         return base.replace(**overrides) if overrides else base
 
     @classmethod
@@ -291,8 +292,11 @@ class ModelConfig:
         if "tie_word_embeddings" in cfg:
             text.tie_word_embeddings = bool(cfg["tie_word_embeddings"])
         vision = _vision_from_siglip(cfg["vision_config"])
-        if vision.num_layers == 27:
-            vision.num_layers = 26  # LLaVA-OV drops the last layer (vision_feature_layer -1 of 26)
+        # The features are hidden_states[vision_feature_layer] of the declared tower: we run the
+        # layers up to that one (26 of so400m's 27 for LLaVA-OV's -2, all 26 for -1 of 26).
+        vision.num_layers = _feature_layers(cfg, vision.num_layers)
+        _refuse_unless(cfg, "projector_hidden_act", "gelu", "gelu")
+        _refuse_unless(cfg, "multimodal_projector_bias", True, True)
         pin = cfg.get("image_grid_pinpoints")
         convention = cfg.get(HF_CONVENTION_FIELD, "hf")
         if pin:  # HF pairs are (h, w); an original-convention model reads (w, h)
@@ -326,7 +330,44 @@ class ModelConfig:
         return cls.from_original_config(cfg, **overrides)
 
 
+def _refuse_unless(cfg: dict, key: str, default, supported) -> None:
+    """A config.json setting our model does not implement: refused, not read as the default."""
+    value = cfg.get(key, default)
+    if value != supported:
+        raise ConfigError(f"{key}={value!r} is not supported (only {supported!r} is implemented)")
+
+
+def _feature_layers(cfg: dict, declared: int) -> int:
+    """How many SigLIP layers an HF LlavaOnevision config uses: hidden_states[vision_feature_layer]
+    of its `declared`-layer tower, taken whole ("full": SigLIP has no CLS token to drop)."""
+    _refuse_unless(cfg, "vision_feature_select_strategy", "full", "full")  # absent: transformers' defaults
+    layer = cfg.get("vision_feature_layer", -1)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not (-declared <= layer <= declared) or layer == 0:
+        raise ConfigError(f"vision_feature_layer={layer!r}: only one encoder layer's output of the {declared}-layer "
+                          "SigLIP tower is supported")
+    return declared + 1 + layer if layer < 0 else layer
+
+
+def _refuse_unsupported_qwen2(cfg: dict) -> None:
+    """Qwen2 settings that transformers implements and our decoder does not."""
+    _refuse_unless(cfg, "hidden_act", "silu", "silu")
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"rope scaling {rope_type!r} is not supported (only plain RoPE is implemented)")
+    # As transformers' Qwen2Config: the window exists only with use_sliding_window; layers from
+    # max_window_layers on use it, unless layer_types names them.
+    if cfg.get("use_sliding_window") and cfg.get("sliding_window") is not None:
+        n = cfg.get("num_hidden_layers", 24)
+        types = cfg.get("layer_types") or ["sliding_attention" if i >= cfg.get("max_window_layers", 28) else
+                                           "full_attention" for i in range(n)]
+        if "sliding_attention" in types[:n]:
+            raise ConfigError(f"use_sliding_window with sliding_window={cfg['sliding_window']} is not supported "
+                              "(sliding window attention is not implemented)")
+
+
 def _text_from_qwen2(cfg: dict) -> TextConfig:
+    _refuse_unsupported_qwen2(cfg)
     # save_pretrained leaves out values equal to Qwen2Config's defaults, so an absent rope_theta or
     # tie_word_embeddings means those (1e4, untied), as transformers reads it; shapes are checked
     # against the tensors, these two are not.
@@ -349,6 +390,7 @@ def _text_from_qwen2(cfg: dict) -> TextConfig:
 
 def _vision_from_siglip(cfg: dict) -> VisionConfig:
     d = VisionConfig()
+    _refuse_unless(cfg, "hidden_act", "gelu_pytorch_tanh", "gelu_pytorch_tanh")
     return VisionConfig(
         hidden_size=cfg.get("hidden_size", d.hidden_size),
         intermediate_size=cfg.get("intermediate_size", d.intermediate_size),

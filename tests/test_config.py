@@ -159,3 +159,72 @@ def test_flat_anyres_with_a_grid_manager_is_refused_at_validation():
         C.ModelConfig(image=flat, manager=C.dataclasses.replace(base.manager, grid_type="grid"))
     C.ModelConfig(image=C.dataclasses.replace(flat, aspect_ratio="square", grid_pinpoints=None),
                 manager=C.dataclasses.replace(base.manager, grid_type="grid"))
+
+
+# Settings of real checkpoints' config.json that change the numbers but that our model does not
+# implement: read as the defaults they silently gave another model than transformers runs.
+_UNSUPPORTED_TEXT = [
+    pytest.param({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 1}, "sliding window",
+                 id="sliding-window"),
+    pytest.param({"use_sliding_window": True, "sliding_window": 4096,
+                  "layer_types": ["full_attention", "sliding_attention"]}, "sliding window",
+                 id="layer-types"),
+    pytest.param({"hidden_act": "gelu"}, "hidden_act", id="hidden-act"),
+    pytest.param({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+                 "rope", id="rope-scaling"),
+]
+
+
+@pytest.mark.parametrize("change, message", _UNSUPPORTED_TEXT)
+def test_qwen2_settings_we_do_not_implement_are_refused(change, message):
+    from transformers import Qwen2Config
+
+    raw = dict(_original_config(False, False), num_hidden_layers=2, **change)
+    hf = Qwen2Config.from_dict(dict(raw, model_type="qwen2"))
+    # transformers does implement each of these (the sliding window in every attention implementation).
+    assert ("sliding_attention" in hf.layer_types or hf.hidden_act != "silu"
+            or hf.rope_parameters["rope_type"] != "default")
+    with pytest.raises(C.ConfigError, match=message):
+        C.ModelConfig.from_original_config(raw)
+    hf_raw = _tiny_hf_dict()
+    hf_raw["text_config"].pop("layer_types")  # to_dict() wrote the ones of the config it came from
+    hf_raw["text_config"].update(change, num_hidden_layers=2)
+    with pytest.raises(C.ConfigError, match=message):
+        C.ModelConfig.from_hf_config(hf_raw)
+
+
+def test_released_qwen2_sliding_window_fields_are_accepted():
+    """Qwen2-Instruct configs carry sliding_window / max_window_layers with use_sliding_window false."""
+    raw = dict(_original_config(False, False), use_sliding_window=False, sliding_window=32768, max_window_layers=21,
+               hidden_act="silu", rope_scaling=None)
+    assert C.ModelConfig.from_original_config(raw).text == C.preset("0.5b", "baseline").text
+
+
+def _tiny_hf_dict(**kw) -> dict:
+    from manager_jax.reference.hf_tiny import tiny_hf_config
+
+    return tiny_hf_config(vision_layers=3, text_layers=2, **kw).to_dict()
+
+
+@pytest.mark.parametrize("change, message", [
+    pytest.param({"vision_feature_select_strategy": "default"}, "vision_feature_select_strategy", id="strategy"),
+    pytest.param({"vision_feature_layer": [-2, -1]}, "vision_feature_layer", id="layer-list"),
+    pytest.param({"vision_feature_layer": -5}, "vision_feature_layer", id="layer-out-of-range"),
+    pytest.param({"projector_hidden_act": "relu"}, "projector_hidden_act", id="projector-act"),
+    pytest.param({"vision_config": {"hidden_act": "gelu"}}, "hidden_act", id="vision-act"),
+])
+def test_hf_vision_settings_we_do_not_implement_are_refused(change, message):
+    raw = _tiny_hf_dict()
+    for key, value in change.items():
+        if isinstance(value, dict):
+            raw[key].update(value)
+        else:
+            raw[key] = value
+    with pytest.raises(C.ConfigError, match=message):
+        C.ModelConfig.from_hf_config(raw)
+
+
+def test_original_projector_type_is_read():
+    raw = dict(_original_config(False, False), mm_projector_type="linear")
+    with pytest.raises(C.ConfigError, match="mlp2x_gelu"):
+        C.ModelConfig.from_original_config(raw)

@@ -216,8 +216,11 @@ def test_training_checkpoint_as_source(tmp_path):
 
 
 def test_hf_config_declaring_the_full_27_layer_siglip(tmp_path):
-    """An HF config with SigLIP's 27 layers: LLaVA-OV uses 26, so layer 26 (and a tied lm_head) is skipped."""
-    model = tiny_hf_model(tiny_hf_config(vision_layers=27, text_layers=2), seed=6)
+    """An HF config with SigLIP's 27 layers and vision_feature_layer -2: LLaVA-OV uses 26, so layer 26 (and a
+    tied lm_head) is skipped."""
+    hf_cfg = tiny_hf_config(vision_layers=27, text_layers=2)
+    hf_cfg.vision_feature_layer = -2  # hidden_states[-2] of 27 layers: the output of layer 25 (SPEC §1.1)
+    model = tiny_hf_model(hf_cfg, seed=6)
     model.save_pretrained(tmp_path / "src")
     tensors = load_dir(tmp_path / "src")
     tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"].clone()

@@ -673,3 +673,33 @@ def test_stopping_on_several_eos_ids_at_different_steps(baseline_engine):
     one = engine.generate(prompts, SamplingParams(max_new_tokens=1, eos_ids=ends))
     assert [(g.token_ids, g.finish_reason) for g in one] == [
         ([a[0]], "eos" if a[0] in ends else "length") for a in free]
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (7, 1)], ids=["gqa1", "gqa2", "gqa7"])
+def test_every_attention_impl_gives_the_xla_logits(heads, kv_heads):
+    """Prefill and decode logits (left-padded cache, a one-token prompt, prompt lengths and buckets
+    not multiples of 128) and scores under each `attention_impl` the config accepts, against "xla".
+    On CPU "splash" runs the Splash kernel in interpret mode; it refused the engine's prompt
+    buckets that are not multiples of 128 (64, 96, 192, ...), so generation failed."""
+    from manager_jax.config import ATTENTION_IMPLS
+    from manager_jax.infer.engine import ScoreRequest
+
+    prompts = [Prompt(list(range(1, 9))), Prompt([5]), Prompt(list(range(10, 140)))]
+    results = {}
+    for impl in ATTENTION_IMPLS:
+        cfg = tiny("baseline", attention_impl=impl)
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_heads=heads, num_kv_heads=kv_heads))
+        model = LlavaOV(cfg, rngs=nnx.Rngs(3))
+        model.text.embed.embedding[...] = jax.random.normal(jax.random.key(4), model.text.embed.embedding.shape)
+        engine = InferenceEngine(model, pad_id=0)
+        prepared = engine.prepare(prompts)
+        logits, cache = engine.prefill(prepared, prepared.prompt_slots + 2)
+        kv_seg = engine.kv_segments(prepared, 2)
+        tokens = np.asarray([7, 8, 9] + [0] * (len(prepared.lengths) - 3), np.int32)
+        step, _ = engine.decode_step(tokens, prepared.lengths, prepared.prompt_slots, cache, kv_seg)
+        scores = engine.score([ScoreRequest(list(range(1, 200)), 150, 199), ScoreRequest([3, 4], 1, 2)])
+        results[impl] = (np.asarray(logits)[:3], np.asarray(step)[:3], [s.logprob for s in scores])
+    for impl, (prefill, step, scores) in results.items():
+        np.testing.assert_allclose(prefill, results["xla"][0], rtol=1e-5, atol=1e-5, err_msg=impl)
+        np.testing.assert_allclose(step, results["xla"][1], rtol=1e-5, atol=1e-5, err_msg=impl)
+        np.testing.assert_allclose(scores, results["xla"][2], rtol=1e-5, atol=1e-5, err_msg=impl)

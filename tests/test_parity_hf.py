@@ -143,3 +143,42 @@ def test_logits_image_and_text_only_batch(models):
     assert (case.batch.segment_ids[1] == 0).any()  # the text-only row is padded
     print(f"PARITY hf image + text-only batch: {err:.2e}")
     assert err <= TOL, err
+
+
+@pytest.mark.parametrize("declared, feature_layer", [(4, -2), (4, -1), (4, 3)])
+def test_logits_follow_vision_feature_layer(declared, feature_layer):
+    """transformers takes hidden_states[vision_feature_layer] of the tower its config declares; we
+    run that many layers. A 27-layer config with -1 uses all 27 (our reading dropped the last)."""
+    hf_cfg = tiny_hf_config(vision_layers=declared, text_layers=2)
+    hf_cfg.vision_feature_layer = feature_layer
+    hf = tiny_hf_model(hf_cfg, seed=3, attn_implementation="sdpa")
+    cfg = ModelConfig.from_hf_config(hf_cfg.to_dict())
+    rng = np.random.default_rng(11)
+    err, _ = _logits_parity(hf, cfg, jax_model_from_torch(cfg, hf), [SampleSpec(_text(rng, 4) + [IMG] + _text(rng, 5),
+                                                                                 [(500, 400)])])
+    assert err <= TOL, (declared, feature_layer, cfg.vision.num_layers, err)
+
+
+@pytest.mark.parametrize("theta", [1e4, 1e6])
+def test_rope_beyond_32k_positions_and_packing_restarts(theta):
+    """cos/sin against transformers' Qwen2 rotary embedding at positions past
+    max_position_embeddings (up to 1M) and restarting at 0 as packed rows do. bf16 is identical;
+    fp32 is within a rounding of cos/sin plus what one ulp of an inverse frequency makes at that
+    position (jnp and torch's fp32 pow differ by one ulp in one frequency at head_dim 128, theta 1e6)."""
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    from manager_jax.models.qwen2 import rope_cos_sin
+
+    hf_cfg = Qwen2Config(hidden_size=128, num_attention_heads=1, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": theta})
+    rotary = Qwen2RotaryEmbedding(hf_cfg)
+    pos = np.concatenate([np.arange(40), np.arange(7), [32767, 32768, 40000, 131071, 500000, 1_000_000]])[None]
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, 1, 128, dtype=dtype), _t(pos.astype(np.int64)))
+        ours = rope_cos_sin(jnp.asarray(pos, jnp.int32), 128, theta, jnp.dtype(str(dtype).split(".")[1]))
+        inv_freq = np.concatenate([rotary.inv_freq.numpy()] * 2)
+        bound = 6e-8 + pos[..., None] * inv_freq * 2.0**-23 if dtype == torch.float32 else 0.0
+        for got, ref in zip(ours, (cos, sin)):
+            assert (np.abs(np.asarray(got, np.float32) - ref.float().numpy()) <= bound).all()

@@ -50,7 +50,7 @@ from manager_jax.infer.sampling import (
     select_tokens,
     split_rows,
 )
-from manager_jax.models.attention import AttentionMesh, sharded_attention
+from manager_jax.models.attention import AttentionMesh, sharded_attention, splash_row_multiple
 from manager_jax.models.decode_attention import KernelConfig
 from manager_jax.models.decode_attention import available as decode_kernels_available
 from manager_jax.models.decode_matmul import SITES as MATMUL_SITES
@@ -313,6 +313,10 @@ class InferenceEngine:
         self.min_new_bucket = min_new_bucket
         self.mesh = mesh
         self._attention = self._attention_mesh(mesh)
+        with sharded_attention(self._attention):
+            # Prompt rows the Splash kernel takes (`attention_impl` splash, or auto on TPU):
+            # explicit "splash" refuses other lengths, "auto" would run them on the XLA path.
+            self._row_multiple = splash_row_multiple(self.cfg.attention_impl)
         self.graphdef, state = nnx.split(model)
         # The decode steps' own graph: the same params with the decoder's layer loop as asked.
         layers, attn = model.text.layers, model.text.layers.attn
@@ -335,6 +339,10 @@ class InferenceEngine:
         # Tokens per row the last decode loop made (the prefill's first included): where it stopped,
         # for benchmarks and tests (the loop ends when every prompt's answer has, or at max_new).
         self.last_decode_steps: int | None = None
+
+    def _prompt_bucket(self, n: int) -> int:
+        bucket = length_bucket(n, self.min_prompt_bucket)
+        return -(-bucket // self._row_multiple) * self._row_multiple
 
     @staticmethod
     def _attention_mesh(mesh) -> AttentionMesh:
@@ -507,7 +515,7 @@ class InferenceEngine:
         samples = [self.process(p.ids, p.images, str(i)) for i, p in enumerate(prompts)]
         lengths = np.zeros(rows_bucket(len(samples)), np.int32)
         lengths[: len(samples)] = [s.expanded_length for s in samples]
-        seq_len = length_bucket(int(lengths.max()), self.min_prompt_bucket)
+        seq_len = self._prompt_bucket(int(lengths.max()))
         batch = self._assemble(samples, seq_len, len(lengths))
         return PreparedBatch(self._model_inputs(batch), lengths, len(samples), samples)
 
@@ -868,7 +876,7 @@ class InferenceEngine:
             spans.append((expanded_start[req.target_start:req.target_end] - 1, targets))
             samples.append(sample)
         rows = rows_bucket(len(samples))
-        seq_len = length_bucket(max(s.expanded_length for s in samples), self.min_prompt_bucket)
+        seq_len = self._prompt_bucket(max(s.expanded_length for s in samples))
         batch = self._assemble(samples, seq_len, rows)
         width = length_bucket(max(len(t) for _, t in spans), 8)
         pred_pos = np.zeros((rows, width), np.int32)

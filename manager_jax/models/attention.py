@@ -330,6 +330,13 @@ def unmasked_row_multiple(impl: str, dtype=jnp.bfloat16, head_dim: int = 64) -> 
     gets the Splash kernel at all (TPU: 128; rows of another length take the XLA path)."""
     if resolve_impl(impl, cudnn_takes(dtype, head_dim)) == "cudnn":
         return FLASH_SEQ_MULTIPLE
+    return splash_row_multiple(impl)
+
+
+def splash_row_multiple(impl: str) -> int:
+    """The row length a fresh self-attention under `impl` needs to run on the Splash kernel inside
+    the current `sharded_attention` (128), or 1 where Splash does not run: a caller choosing its
+    own lengths (the inference engine's prompt buckets) rounds them up to it."""
     return SPLASH_LANES if splash_applies(impl, SPLASH_LANES) else 1
 
 

@@ -382,9 +382,11 @@ def open_llava_or_hf(src: str, kind: str) -> TorchSource:
         if key == lm_head_key and cfg.text.tie_word_embeddings:
             return _tied_lm_head(ckpt, lm_head_key, embed_key, problems)
         m = vision_layer.match(key)
-        # An HF config declaring the full 27-layer SigLIP: its last layer is unused (SPEC §1.1).
-        if m and declared_layers == cfg.vision.num_layers + 1 and int(m.group(1)) == cfg.vision.num_layers:
-            return "last SigLIP layer, dropped by LLaVA-OneVision"
+        # An HF config declaring more SigLIP layers than its vision_feature_layer reads (so400m's 27
+        # with -2, SPEC §1.1): the layers after that one are unused.
+        if m and declared_layers is not None and declared_layers > cfg.vision.num_layers \
+                and int(m.group(1)) >= cfg.vision.num_layers:
+            return "SigLIP layer after vision_feature_layer, unused by LLaVA-OneVision"
         return None
 
     ignored: list[str] = []
