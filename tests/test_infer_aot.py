@@ -121,6 +121,19 @@ def test_cli_errors_are_one_line(capsys):
     assert model_config("7b:baseline", "bfloat16").manager.enabled is False
 
 
+@needs_8
+def test_a_mesh_or_workload_the_engine_refuses_is_a_one_line_error(capsys):
+    """The engine's own refusals (an fsdp axis of 3 that splits no 0.5B width, a prompt longer than
+    the model) come before any compile: one `error:` line and exit 2, as a bad --mesh spec."""
+    assert main(["--model", "0.5b", "--topology", "cpu:3"]) == 2  # fsdp=-1 fills 3 devices
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "fsdp=3 divides no dimension of text.embed.embedding" in err and "data=3,fsdp=1" in err
+    assert main(["--model", "0.5b", "--topology", "cpu:1", "--prompt-tokens", "40000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "32768" in err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
 def test_72b_generation_fits_8_v5p_chips_with_tensor_8():
