@@ -90,8 +90,8 @@ def test_an_abstract_model_on_a_mesh_compiles_with_sharded_params():
     model = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))
     params = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert sharded["params_gib"] * 2**30 == params
-    # The prompts' inputs are the same per chip either way (pixels replicated, 2 rows on 1 data
-    # shard); the parameters are split 8 ways on the mesh (a few small ones whole).
+    # The prompts' inputs are about the same per chip either way (pixels replicated; the 2 rows
+    # padded to 4 over fsdp=4, a few ids); the parameters are split 8 ways on the mesh (a few small ones whole).
     for program in ("prefill", "score"):
         saved = (whole["programs"][program]["arguments_gib"] - sharded["programs"][program]["arguments_gib"]) * 2**30
         assert 0.6 * params < saved <= params * 7 / 8, program
@@ -119,6 +119,19 @@ def test_cli_errors_are_one_line(capsys):
     with pytest.raises(SystemExit):
         main(["--topology", "cpu:1", "--image-size", "768"])
     assert model_config("7b:baseline", "bfloat16").manager.enabled is False
+
+
+@needs_8
+def test_a_mesh_or_workload_the_engine_refuses_is_a_one_line_error(capsys):
+    """The engine's own refusals (an fsdp axis of 3 that splits no 0.5B width, a prompt longer than
+    the model) come before any compile: one `error:` line and exit 2, as a bad --mesh spec."""
+    assert main(["--model", "0.5b", "--topology", "cpu:3"]) == 2  # fsdp=-1 fills 3 devices
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "fsdp=3 divides no dimension of text.embed.embedding" in err and "data=3,fsdp=1" in err
+    assert main(["--model", "0.5b", "--topology", "cpu:1", "--prompt-tokens", "40000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "32768" in err
 
 
 @pytest.mark.slow

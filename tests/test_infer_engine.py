@@ -452,6 +452,25 @@ def test_tensor_and_fsdp_meshes_give_the_single_device_tokens_and_scores(manager
     np.testing.assert_allclose(got, [r.logprob for r in single.score(requests)], rtol=1e-4, atol=1e-3)
 
 
+def test_rows_that_the_data_axes_do_not_divide_are_padded_not_replicated(baseline_engine):
+    """3 prompts on data=2: 4 rows, so the batch and the KV cache are split over the data axis (one
+    copy of each row, not every row on every device); the answers are the one-device ones."""
+    from manager_jax.sharding import MeshConfig, make_mesh
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py provides them on CPU")
+    model, single = baseline_engine
+    prompts = [Prompt([5, 6, 7]), Prompt([8, 9]), Prompt([10, 11, 12, 13])]
+    sharded = InferenceEngine(model, pad_id=0, mesh=make_mesh(MeshConfig(2, 1, 1, num_devices=2)))
+    prepared = sharded.prepare(prompts)
+    _, (k, v) = sharded.prefill(prepared)
+    for c in (k, v):
+        assert c.sharding.shard_shape(c.shape)[1] * 2 == c.shape[1] == 4
+    params = SamplingParams(max_new_tokens=NEW)
+    assert [g.token_ids for g in sharded.generate(prompts, params)] == \
+        [g.token_ids for g in single.generate(prompts, params)]
+
+
 def test_an_fsdp_axis_that_splits_no_large_weight_is_refused():
     """Width 36 over fsdp=8: the 1.2 MiB embedding would be whole on every device; the error says
     which mesh splits it."""

@@ -70,3 +70,27 @@ def test_two_processes_generate_and_score_as_one(files):
     (two,) = _json_lines(_run(score, 2)[0])
     assert two["num_tokens"] == one["num_tokens"] > 1 and two["is_greedy"] == one["is_greedy"]
     assert two["logprob"] == pytest.approx(one["logprob"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_bad_input_on_one_process_stops_every_process(files, tmp_path):
+    """Process 1's prompts file names an image that is not there: it refuses (exit 2), and process 0,
+    whose input is good, stops with it (exit 2) instead of waiting alone to start or in the first
+    collective (it waited past 240 s before)."""
+    ckpt, _, prompts = files
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "What is it?", "images": ["missing.png"]}) + "\n")
+    port = _free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "run.py", "generate", "--checkpoint", ckpt, "--prompts", path,
+                          "--max-new-tokens", "2", "--json", "--mesh", "data=2"],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=_env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                  JAX_PROCESS_ID=str(i)))
+        for i, path in enumerate([prompts, str(bad)])
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], [err[-2000:] for _, err in outputs]
+    assert "error: another process refused its input" in outputs[0][1]
+    assert "missing.png" in outputs[1][1] and "image not found" in outputs[1][1]
+    assert _json_lines(outputs[0][0]) == []

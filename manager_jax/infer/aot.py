@@ -31,7 +31,7 @@ from PIL import Image
 from manager_jax import exit_status
 from manager_jax.config import VARIANTS, ConfigError, ModelConfig, preset
 from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
-from manager_jax.infer.engine import InferenceEngine, Prompt, ScoreRequest
+from manager_jax.infer.engine import InferenceEngine, InputError, Prompt, ScoreRequest
 from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
 from manager_jax.infer.sampling import SamplingParams
 from manager_jax.models.llava_ov import LlavaOV
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workload=GenerateWorkload(args.rows, args.image_size, args.prompt_tokens, args.new_tokens,
                                       args.score_tokens),
         )
-    except (AotError, ConfigError, MeshSpecError) as err:
+    except (AotError, ConfigError, MeshSpecError, InputError) as err:  # InputError: the engine's refusals (mesh, prompt length)
         print(f"error: {err}", file=sys.stderr)
         return exit_status.BAD_INPUT
     print(format_generate_report(report))

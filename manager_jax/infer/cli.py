@@ -53,6 +53,32 @@ from manager_jax.infer.sampling import SamplingParams
 USER_ERRORS = (FileNotFoundError, CheckpointError, ImageLoadError, InputError, ConfigError, MeshSpecError)
 
 
+def _start_processes() -> None:
+    """Several processes (JAX_* variables or a detected cluster): one global mesh. Before any input
+    is read, so that the processes can agree on it (`_agreed`)."""
+    from manager_jax import distributed
+
+    try:
+        distributed.initialize()
+    except distributed.DistributedSetupError as err:
+        raise InputError(str(err)) from None
+
+
+def _agreed(step):
+    """step() on this process; a user error on any process stops every one (each raises), before
+    the next step's collectives: a process alone in them would wait for its peers until it times out."""
+    from manager_jax.distributed import any_process
+
+    error = result = None
+    try:
+        result = step()
+    except USER_ERRORS as err:
+        error = err
+    if any_process((error is not None,))[0]:
+        raise error or InputError("another process refused its input (its error says why)")
+    return result
+
+
 def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--checkpoint", required=True, help="params directory or training checkpoint directory")
@@ -105,7 +131,6 @@ def check_common_args(parser: argparse.ArgumentParser, args) -> None:
 def build_engine(args, generating: bool = True) -> tuple[InferenceEngine, object]:
     """Model, tokenizer and engine from the common command-line options (`generating`: the eos ids
     must lie inside the vocab limit)."""
-    from manager_jax import distributed
     from manager_jax.data.tokenizer import load_tokenizer
     from manager_jax.platform import use_compilation_cache
 
@@ -117,18 +142,19 @@ def build_engine(args, generating: bool = True) -> tuple[InferenceEngine, object
         matmul_kernels = parse_matmul_configs(args.decode_matmul_kernels)
     except ValueError as err:
         raise InputError(f"--decode-matmul-kernels: {err}") from None
-    try:
-        distributed.initialize()  # several processes (JAX_* variables or a detected cluster): one global mesh
-    except distributed.DistributedSetupError as err:
-        raise InputError(str(err)) from None
+    _start_processes()
     use_compilation_cache()
-    mesh = mesh_from_spec(args.mesh)
-    tokenizer_path = _tokenizer_path(args)
-    try:  # before the (slow) model load
-        tokenizer = load_tokenizer(tokenizer_path)
-    except (OSError, ValueError, TypeError, KeyError) as err:  # transformers' many ways to fail on a bad folder
-        raise InputError(f"cannot load the tokenizer from {tokenizer_path!r}: {type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}") from err
+
+    def mesh_and_tokenizer():
+        mesh = mesh_from_spec(args.mesh)
+        tokenizer_path = _tokenizer_path(args)
+        try:  # before the (slow) model load
+            return mesh, load_tokenizer(tokenizer_path)
+        except (OSError, ValueError, TypeError, KeyError) as err:  # transformers' many ways to fail on a bad folder
+            raise InputError(f"cannot load the tokenizer from {tokenizer_path!r}: {type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}") from err
+
+    mesh, tokenizer = _agreed(mesh_and_tokenizer)  # the model load restores across the processes
     model = load_model(args.checkpoint, dtype=args.dtype, mesh=mesh)
     vocab = model.cfg.text.vocab_size
     if args.vocab_limit is None:
@@ -257,11 +283,16 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         field, _, rest = str(e).partition(" ")
         p.error(f"--{field.replace('_', '-')} {rest}")
     try:
-        items = [("--prompt", args.prompt, args.image)] if args.prompt is not None else _read_jsonl(args.prompts)
-        sizes = _image_sizes(items)  # every image and placeholder count, before the (slow) model load
-        engine, tokenizer = build_engine(args)
-        for (where, text, _), row in zip(items, sizes):  # and every length, before the first batch
-            engine.check_prompt(build_eval_prompt(text, len(row), tokenizer), row, where)
+        _start_processes()
+
+        def read_items():  # every image and placeholder count, before the (slow) model load
+            items = [("--prompt", args.prompt, args.image)] if args.prompt is not None else _read_jsonl(args.prompts)
+            return items, _image_sizes(items)
+
+        items, sizes = _agreed(read_items)
+        engine, tokenizer = _agreed(lambda: build_engine(args))
+        _agreed(lambda: [engine.check_prompt(build_eval_prompt(text, len(row), tokenizer), row, where)  # every length,
+                         for (where, text, _), row in zip(items, sizes)])  # before the first batch
         index = 0
         for start in range(0, len(items), args.batch_size):  # images are decoded batch by batch
             chunk = items[start : start + args.batch_size]
@@ -302,9 +333,10 @@ def score_main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     check_common_args(p, args)
     try:
-        images = [load_image(path) for path in args.image]
-        engine, tokenizer = build_engine(args, generating=False)
-        request = score_request(args.prompt, args.continuation, images, tokenizer)
+        _start_processes()
+        images = _agreed(lambda: [load_image(path) for path in args.image])
+        engine, tokenizer = _agreed(lambda: build_engine(args, generating=False))
+        request = _agreed(lambda: score_request(args.prompt, args.continuation, images, tokenizer))
         if request is None:
             logprob, num_tokens, greedy = 0.0, 0, True
         else:

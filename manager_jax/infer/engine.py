@@ -419,6 +419,17 @@ class InferenceEngine:
 
         return {name: one(name, value) for name, value in inputs.items()}
 
+    def _rows(self, prompts: int) -> int:
+        """Rows of a batch of `prompts`: `rows_bucket`, then on a mesh a multiple of the devices the
+        rows are split over (data x fsdp), so that each row and its KV cache are on one of them
+        (`_batch_spec` replicates rows it cannot split: every device held every row's cache)."""
+        rows = rows_bucket(prompts)
+        if self.mesh is None:
+            return rows
+        from manager_jax.sharding import data_parallel_size
+
+        return -(-rows // data_parallel_size(self.mesh)) * data_parallel_size(self.mesh)
+
     def _replicated(self):
         return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
 
@@ -513,7 +524,7 @@ class InferenceEngine:
         if not prompts:
             raise InputError("no prompts given")
         samples = [self.process(p.ids, p.images, str(i)) for i, p in enumerate(prompts)]
-        lengths = np.zeros(rows_bucket(len(samples)), np.int32)
+        lengths = np.zeros(self._rows(len(samples)), np.int32)
         lengths[: len(samples)] = [s.expanded_length for s in samples]
         seq_len = self._prompt_bucket(int(lengths.max()))
         batch = self._assemble(samples, seq_len, len(lengths))
@@ -875,7 +886,7 @@ class InferenceEngine:
             targets = ids[req.target_start:req.target_end]
             spans.append((expanded_start[req.target_start:req.target_end] - 1, targets))
             samples.append(sample)
-        rows = rows_bucket(len(samples))
+        rows = self._rows(len(samples))
         seq_len = self._prompt_bucket(max(s.expanded_length for s in samples))
         batch = self._assemble(samples, seq_len, rows)
         width = length_bucket(max(len(t) for _, t in spans), 8)
@@ -885,5 +896,5 @@ class InferenceEngine:
         for r, (pos, t) in enumerate(spans):
             pred_pos[r, : len(t)], tgt[r, : len(t)], valid[r, : len(t)] = pos, t, True
         # One right-padded sample per row: exactly causal, so flash attention on GPU (as in prefill);
-        # rows past the requests are padding (`rows_bucket`).
+        # rows past the requests are padding (`_rows`).
         return self._model_inputs(batch), {"pred_pos": pred_pos, "targets": tgt, "valid": valid}, limit, spans
