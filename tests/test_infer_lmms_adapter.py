@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 from flax import nnx
-from PIL import Image
+from PIL import Image, ImageFile
 
 from manager_jax.data.conversation import build_eval_prompt, tokenizer_image_token
 from manager_jax.data.tokenizer import load_tokenizer
@@ -471,7 +471,7 @@ def _truncated_png(path) -> str:
     return str(path)
 
 
-def test_bad_visuals_are_skipped_and_counted(adapter, checkpoint, tmp_path, caplog):  # noqa: F811
+def test_bad_visuals_are_skipped_and_counted(adapter, checkpoint, tmp_path, caplog, monkeypatch):  # noqa: F811
     """One bad request in a long evaluation is skipped with a warning and counted by reason (its
     answer "", its log-likelihood -inf), not an exception that ends the run: an unreadable image
     (raised by the task's doc_to_visual, as a dataset's lazy decoding does), a truncated file
@@ -479,6 +479,9 @@ def test_bad_visuals_are_skipped_and_counted(adapter, checkpoint, tmp_path, capl
     None entries of a visual list are no image (a text-only document). The other requests get the
     answers they get alone, in their places."""
     _, _, root = checkpoint
+    # lmms-eval's task module sets PIL's LOAD_TRUNCATED_IMAGES (so there, as in the original's runs, a
+    # truncated file decodes padded): PIL's default here, whichever test imported lmms-eval first.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
     tok, engine = adapter.tokenizer, adapter.engine
     lm = LlavaOVManagerJax(engine=engine, tokenizer_obj=tok, batch_size=3)
     good, truncated = adapter.task_dict[TASK][SPLIT][0]["images"], _truncated_png(tmp_path / "cut.png")
