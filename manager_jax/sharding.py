@@ -6,8 +6,10 @@ logical names to mesh axes. Optimizer-state leaves (``...mu.text.layers.attn.q.k
 their parameter's path, so the same table shards them too: FSDP for params, gradients and
 optimizer state comes from sharding the ``embed`` dimension over ``fsdp``.
 
-A dimension whose size is not a multiple of its mesh axes is left unsharded (e.g. 2 KV heads on a
-tensor axis of 4); a mesh axis is never used twice in one spec. An fsdp axis that splits none of a
+A dimension whose size is not a multiple of its mesh axes is left unsharded; a mesh axis is never
+used twice in one spec. Head dimensions are the flattened width (heads x head_dim), so they split
+even mid-head (0.5B's 2 KV heads of 64 on a tensor axis of 4: half a head per device); the results
+are the same, at the cost of GSPMD resharding inside attention. An fsdp axis that splits none of a
 large parameter's dimensions is refused instead (`check_fsdp_divides`), naming an fsdp x data split
 that works.
 
