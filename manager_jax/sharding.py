@@ -310,12 +310,13 @@ FSDP_MIN_BYTES = 1 << 20
 
 
 def check_fsdp_divides(tree: Any, mesh: Any, min_bytes: int = FSDP_MIN_BYTES, *,
-                       remedy: str = "use fsdp={fsdp} and data={data}") -> None:
+                       remedy: str = "use fsdp={fsdp} and data={data}", training: bool = True) -> None:
     """Raises ShardingError when the mesh's fsdp axis splits none of the dimensions meant for it
     (``embed`` / ``vision_embed``) of a parameter of `min_bytes` or more, naming a mesh that does.
 
     `tree`: params (arrays or ShapeDtypeStructs); optimizer state has their specs, so it is covered.
     `remedy`: how the caller's user sets that mesh (their flags), formatted with `fsdp` and `data`.
+    `training`: whether gradients and optimizer state come with the params (the message says so).
     """
     fsdp = mesh.shape.get("fsdp", 1)
     if fsdp == 1:
@@ -344,6 +345,6 @@ def check_fsdp_divides(tree: Any, mesh: Any, min_bytes: int = FSDP_MIN_BYTES, *,
     names = ", ".join(f"{n} {s}" for _, n, s in unsplit[:3]) + (f" and {len(unsplit) - 3} more" if len(unsplit) > 3 else "")
     raise ShardingError(
         f"mesh fsdp={fsdp} divides no dimension of {names} ({sum(b for b, _, _ in unsplit) / 2**30:.2f} GiB), "
-        f"which would then be whole on every device with its gradient and optimizer state; "
+        f"which would then be whole on every device{' with its gradient and optimizer state' if training else ''}; "
         f"{remedy.format(fsdp=fit, data=data)} (fsdp must divide {sorted(set(dims))})"
     )

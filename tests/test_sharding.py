@@ -141,6 +141,7 @@ def test_an_fsdp_axis_that_splits_no_large_parameter_is_refused_with_a_mesh_that
     from manager_jax.sharding import replicated_leaves
 
     with pytest.raises(ShardingError, match=r"fsdp=256 divides no dimension of text\.embed\.embedding.*"
+                                            r"with its gradient and optimizer state; "
                                             r"use --set mesh\.fsdp=128 --set mesh\.data=2"):
         _recipe_setup("stage2_grid_manager_0.5b", 1, 256, 1)
     setup = _recipe_setup("stage2_grid_manager_0.5b", 2, 128, 1)

@@ -369,7 +369,8 @@ class InferenceEngine:
 
         pure = nnx.to_pure_dict(state)
         try:  # an fsdp axis that splits nothing would keep a whole copy of the weights per device
-            check_fsdp_divides(pure, self.mesh, remedy="use --mesh data={data},fsdp={fsdp}")
+            check_fsdp_divides(pure, self.mesh, remedy="use --mesh data={data},fsdp={fsdp}",
+                               training=False)
         except ShardingError as err:
             raise InputError(str(err)) from None
         placed = jax.tree_util.tree_map(place, pure, tree_shardings(pure, self.mesh))
