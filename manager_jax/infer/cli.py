@@ -190,9 +190,9 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     p.add_argument("--prompt", default=None, help="the question (wrapped in the qwen_1_5 template)")
     p.add_argument("--prompts", default=None,
-                   help='JSONL file: {"prompt": str, "images": [path, ...]} per line (blank lines skipped; relative '
-                        "image paths resolve against the file's directory); every line is checked before the "
-                        "first answer")
+                   help='JSONL file: {"prompt": str, "images": [path, ...], "id": optional} per line (blank lines '
+                        "skipped; relative image paths resolve against the file's directory); every line is checked "
+                        "before the first answer, and a bad one refuses the file (see --skip-bad)")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="most tokens per answer (default: 128; fewer when the prompt leaves less room below "
                         "--max-length)")

@@ -42,10 +42,10 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def refuse_or_skip(line: PromptLine, reason: str, skip_bad: bool, error=InputError) -> None:
-    """A bad line: refuses the whole file (`error`, naming FILE:LINE), or with --skip-bad marks the line skipped."""
+def refuse_or_skip(line: PromptLine, reason: str, skip_bad: bool) -> None:
+    """A bad line: refuses the whole file (naming FILE:LINE), or with --skip-bad marks the line skipped."""
     if not skip_bad:
-        raise error(f"{line.where}: {reason}")
+        raise InputError(f"{line.where}: {reason}")
     line.error = reason
 
 
