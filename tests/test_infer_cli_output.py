@@ -192,3 +192,35 @@ def test_skip_bad_lists_the_bad_lines_and_answers_the_others_as_a_full_run(check
     mixed.write_bytes(good[0].encode() + b"\n" + bad[6][0] + b"\n")
     code, _, err = generate(ckpt, mixed, tmp_path / "strict.jsonl", capsys, *options)
     assert code == 2 and f"{mixed}:2: not UTF-8 text" in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_a_killed_process_resumes_to_the_straight_runs_file(checkpoint, straight, tmp_path):  # noqa: F811
+    """`run.py generate --output` killed with SIGKILL once its file has answers (no handler runs),
+    then relaunched: the file ends equal to the straight run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_train_multiprocess import REPO, TIMEOUT, _env
+
+    ckpt, _, _ = checkpoint
+    prompts, expected = straight
+    output = tmp_path / "answers.jsonl"
+    cmd = [sys.executable, "run.py", "generate", "--checkpoint", ckpt, "--prompts", str(prompts), "--output",
+           str(output), *SAMPLING, "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + TIMEOUT
+    while not (output.exists() and output.read_bytes().count(b"\n") >= 2) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    written = output.read_bytes()
+    assert 2 <= written.count(b"\n") < 7, written  # killed part way
+    assert expected.read_bytes().startswith(written[: written.rfind(b"\n") + 1])
+    done = subprocess.run(cmd, cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert output.read_bytes() == expected.read_bytes()
