@@ -94,3 +94,20 @@ def test_a_bad_input_on_one_process_stops_every_process(files, tmp_path):
     assert "error: another process refused its input" in outputs[0][1]
     assert "missing.png" in outputs[1][1] and "image not found" in outputs[1][1]
     assert _json_lines(outputs[0][0]) == []
+
+
+@pytest.mark.slow
+def test_two_processes_write_and_resume_one_answers_file(files, tmp_path):
+    """--output: process 0 alone writes the file (both processes see this folder: a second writer
+    would double the lines or be refused its lock), and a relaunch resumes after the lines process
+    0 read there (process 1 learns their count); the file equals that of one process."""
+    ckpt, _, prompts = files
+    generate = ["generate", "--checkpoint", ckpt, "--prompts", prompts, "--max-new-tokens", "4", "--temperature", "3",
+                "--mesh", "data=2,tensor=2"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    _run(generate + ["--output", str(one)], 1)
+    _run(generate + ["--output", str(two)], 2)
+    assert len(one.read_text().splitlines()) == 2 and two.read_bytes() == one.read_bytes()
+    two.write_bytes(one.read_bytes().splitlines(keepends=True)[0])
+    _run(generate + ["--output", str(two)], 2)
+    assert two.read_bytes() == one.read_bytes()

@@ -3,12 +3,14 @@
   python run.py generate --checkpoint DIR [--tokenizer DIR] --image PATH [--image PATH ...] \\
       --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--json]
   python run.py generate --checkpoint DIR --prompts FILE.jsonl [--batch-size N] [--json]
+      [--output ANSWERS.jsonl [--skip-bad]]
   python run.py score --checkpoint DIR [--tokenizer DIR] [--image PATH ...] --prompt TEXT \\
       --continuation TEXT [--json]
 
 Prompts are wrapped in the qwen_1_5 evaluation template (SPEC §4); several images per prompt use
 pad mode (SPEC §7.2). In a JSONL file each line is {"prompt": str, "images": [path, ...]}; relative
-image paths are resolved against the JSONL file's directory. With --json, generate prints one
+image paths are resolved against the JSONL file's directory, an optional "id" is copied into
+the answer. With --output the answers go to a resumable file (`prompt_file.py`). With --json, generate prints one
 {"text", "token_ids", "finish_reason"} object per prompt and line; score prints
 {"logprob", "num_tokens", "is_greedy"} where logprob is the sum of the log-probabilities of the
 continuation's tokens (not the original adapter's mean loss, SPEC §7.2).
@@ -16,21 +18,25 @@ continuation's tokens (not the original adapter's mean loss, SPEC §7.2).
 Several hosts: run the same command on every host with --mesh, and JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or on a cluster that jax.distributed detects). The mesh
 spans every host's devices, the parameters are restored straight into their shards, and process 0
-prints.
+prints (and alone writes --output).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
+
+import numpy as np
 
 from manager_jax import exit_status
 from manager_jax.config import ConfigError
-from manager_jax.data.conversation import DEFAULT_IMAGE_TOKEN, build_eval_prompt
+from manager_jax.data.conversation import build_eval_prompt
 from manager_jax.infer.engine import InferenceEngine, InputError
 from manager_jax.models.decode_attention import parse_kernel_configs
 from manager_jax.models.decode_matmul import parse_matmul_configs
@@ -46,6 +52,7 @@ from manager_jax.infer.loading import (
     read_repetition_penalty,
     read_sampling_defaults,
 )
+from manager_jax.infer.prompt_file import AnswerFile, PromptLine, answer_record, check_images, read_prompts
 from manager_jax.infer.requests import generation_prompt, score_request
 from manager_jax.infer.sampling import SamplingParams
 
@@ -177,68 +184,15 @@ def build_engine(args, generating: bool = True) -> tuple[InferenceEngine, object
     return engine, tokenizer
 
 
-def _read_jsonl(path: str) -> list[tuple[str, str, list[str]]]:
-    """(FILE:LINE, prompt, absolute image paths) per non-blank line."""
-    if not os.path.isfile(path):
-        raise InputError(f"prompts file not found: {path!r}")
-    base = os.path.dirname(os.path.abspath(path))
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{number}: not valid JSON ({e})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise InputError(f"{path}:{number}: expected an object with a string 'prompt'")
-            unknown = sorted(set(record) - {"prompt", "images"})
-            if unknown:  # e.g. "image": its picture would be silently left out
-                raise InputError(f"{path}:{number}: unknown key(s) {', '.join(map(repr, unknown))}; a line has "
-                                 "'prompt' and optionally 'images'")
-            images = record.get("images", [])
-            if isinstance(images, str):
-                images = [images]
-            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-                raise InputError(f"{path}:{number}: 'images' must be a list of paths")
-            items.append((f"{path}:{number}", record["prompt"],
-                          [i if os.path.isabs(i) else os.path.join(base, i) for i in images]))
-    if not items:
-        raise InputError(f"{path}: no prompts")
-    return items
-
-
-def _image_sizes(items: list[tuple[str, str, list[str]]]) -> list[list[tuple[int, int]]]:
-    """Decodes every image of every prompt once (then lets it go) and checks the "<image>" counts:
-    a bad line fails here, named FILE:LINE, before the model is loaded."""
-    sizes = []
-    for where, text, paths in items:
-        count = text.count(DEFAULT_IMAGE_TOKEN)
-        if count and count != len(paths):
-            raise InputError(f"{where}: the prompt has {count} {DEFAULT_IMAGE_TOKEN!r} placeholders but "
-                             f"{len(paths)} images")
-        row = []
-        for path in paths:
-            try:
-                image = load_image(path)
-            except ImageLoadError as e:  # one prompt: its images come from --image; else the FILE:LINE
-                raise ImageLoadError(f"{'--image' if where == '--prompt' else where}: {e}") from None
-            row.append(image.size)
-            image.close()
-        sizes.append(row)
-    return sizes
-
-
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `run.py generate`; returns the exit status."""
     p = _common_parser("run.py generate", "Generate answers with a LLaVA-OV(-Manager) checkpoint.")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     p.add_argument("--prompt", default=None, help="the question (wrapped in the qwen_1_5 template)")
     p.add_argument("--prompts", default=None,
-                   help='JSONL file: {"prompt": str, "images": [path, ...]} per line (blank lines skipped; relative '
-                        "image paths resolve against the file's directory); every line is checked before the "
-                        "first answer")
+                   help='JSONL file: {"prompt": str, "images": [path, ...], "id": optional} per line (blank lines '
+                        "skipped; relative image paths resolve against the file's directory); every line is checked "
+                        "before the first answer, and a bad one refuses the file (see --skip-bad)")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="most tokens per answer (default: 128; fewer when the prompt leaves less room below "
                         "--max-length)")
@@ -257,6 +211,13 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in --prompts mode (default: 8)")
     p.add_argument("--json", action="store_true",
                    help='print one JSON object per prompt: {"text", "token_ids", "finish_reason": "eos"|"length"}')
+    p.add_argument("--output", default=None, metavar="FILE.jsonl",
+                   help="--prompts mode: append the answers to this file instead of printing them, one JSON line "
+                        "per prompt, synced batch by batch; run again with the same options to resume after its "
+                        "last complete line")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="--prompts mode with --output: a bad line (not JSON, no prompt, an unreadable image, too long) "
+                        "is skipped and listed in the output with its reason, instead of refusing the whole file")
     args = p.parse_args(argv)
     check_common_args(p, args)
     if (args.prompt is None) == (args.prompts is None):
@@ -265,6 +226,10 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         p.error("--image goes with --prompt; in --prompts mode list images in the JSONL file")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.prompts is None and (args.output is not None or args.skip_bad):
+        p.error("--output and --skip-bad go with --prompts")
+    if args.skip_bad and args.output is None:
+        p.error("--skip-bad lists the skipped lines in the --output file: give --output")
     try:
         config_dir = args.checkpoint if os.path.isdir(args.checkpoint) else None
         penalty = args.repetition_penalty
@@ -283,35 +248,150 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         field, _, rest = str(e).partition(" ")
         p.error(f"--{field.replace('_', '-')} {rest}")
     try:
+        from manager_jax import distributed
+
         _start_processes()
+        answers = None
+        if args.output is not None:
+            tokenizer_path = _tokenizer_path(args)
+            answers = AnswerFile(args.output, {
+                "checkpoint": os.path.realpath(args.checkpoint),
+                "tokenizer": tokenizer_path and os.path.realpath(tokenizer_path),
+                "dtype": args.dtype, "max_length": args.max_length, "vocab_limit": args.vocab_limit,
+                **dataclasses.asdict(params)})
 
-        def read_items():  # every image and placeholder count, before the (slow) model load
-            items = [("--prompt", args.prompt, args.image)] if args.prompt is not None else _read_jsonl(args.prompts)
-            return items, _image_sizes(items)
+        def read_items():  # the prompts file, and the answers already written (process 0 writes them)
+            if args.prompt is not None:
+                return [PromptLine("--prompt", 0, text=args.prompt, paths=args.image)], 0
+            lines = read_prompts(args.prompts, args.skip_bad)
+            return lines, answers.resume(lines) if answers is not None and distributed.is_primary() else 0
 
-        items, sizes = _agreed(read_items)
+        items, done = _agreed(read_items)
+        done = _from_process_0(done)
+        items = items[done:]
+        progress = _Progress(len(items) + done, done, args.prompts is not None and distributed.is_primary())
+        if not items:  # a finished run relaunched: nothing to load the model for
+            progress.summary()
+            return 0
+        # Every image and placeholder count, before the (slow) model load.
+        _agreed(lambda: check_images(items, args.skip_bad))
         engine, tokenizer = _agreed(lambda: build_engine(args))
-        _agreed(lambda: [engine.check_prompt(build_eval_prompt(text, len(row), tokenizer), row, where)  # every length,
-                         for (where, text, _), row in zip(items, sizes)])  # before the first batch
-        index = 0
-        for start in range(0, len(items), args.batch_size):  # images are decoded batch by batch
-            chunk = items[start : start + args.batch_size]
-            prompts = [generation_prompt(text, [load_image(p) for p in paths], tokenizer) for _, text, paths in chunk]
-            for gen in engine.generate(prompts, params, streams=range(start, start + len(chunk))):  # prompt i: stream i
-                _print_generation(gen, tokenizer, index, args.json, single=len(items) == 1)
-                index += 1
+        _agreed(lambda: _check_lengths(engine, tokenizer, items, args.skip_bad))  # before the first batch
+        _agree_on_skips(items)
+        if answers is not None:  # a vote on every process: process 0's refusal stops them all
+            _agreed(lambda: answers.open() if distributed.is_primary() else None)
+        try:
+            for span, good in _batches(items, args.batch_size):
+                # Images are decoded batch by batch; prompt i draws from stream i.
+                prompts = [generation_prompt(line.text, [load_image(p) for p in line.paths], tokenizer)
+                           for line in good]
+                gens = dict(zip((line.index for line in good),
+                                engine.generate(prompts, params, streams=[line.index for line in good]) if good else []))
+                if not distributed.is_primary():  # every process of a multi-host run holds the same answers
+                    continue
+                texts = {i: tokenizer.decode(g.token_ids, skip_special_tokens=True).strip() for i, g in gens.items()}
+                if answers is not None:
+                    answers.append([answer_record(line, texts.get(line.index), gens.get(line.index)) for line in span])
+                else:
+                    for line in good:
+                        _print_generation(gens[line.index], texts[line.index], line.index, args.json,
+                                          single=args.prompt is not None)
+                progress.update(span, gens.values())
+        finally:
+            if answers is not None:
+                answers.close()
+        progress.summary()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_status.BAD_INPUT
     return 0
 
 
-def _print_generation(gen, tokenizer, index: int, as_json: bool, single: bool) -> None:
-    from manager_jax import distributed
+def _from_process_0(value: int) -> int:
+    """Process 0's value on every process (it alone reads the --output file)."""
+    import jax
 
-    if not distributed.is_primary():  # every process of a multi-host run holds the same answers
-        return
-    text = tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _check_lengths(engine, tokenizer, lines: list[PromptLine], skip_bad: bool) -> None:
+    """Every prompt's length after image expansion, with room for an answer (from the images' sizes)."""
+    for line in lines:
+        if line.error is None:
+            try:
+                engine.check_prompt(build_eval_prompt(line.text, len(line.sizes), tokenizer), line.sizes, line.where)
+            except InputError as e:
+                if not skip_bad:
+                    raise
+                line.error = str(e)
+
+
+def _agree_on_skips(lines: list[PromptLine]) -> None:
+    """A line skipped on one process is skipped on every one: the batches must be the same everywhere."""
+    from manager_jax.distributed import any_process
+
+    for line, bad in zip(lines, any_process([line.error is not None for line in lines])):
+        if bad and line.error is None:
+            line.error = "refused on another process (its images differ there)"
+
+
+def _batches(lines: list[PromptLine], batch_size: int):
+    """(span, good): the lines in order up to and including the batch_size-th line to answer, and
+    those to answer; the skipped ones in between are written in their place."""
+    span: list[PromptLine] = []
+    for line in lines:
+        span.append(line)
+        if sum(item.error is None for item in span) == batch_size:
+            yield span, [item for item in span if item.error is None]
+            span = []
+    if span:
+        yield span, [item for item in span if item.error is None]
+
+
+class _Progress:
+    """--prompts runs: prompts done / total and tokens per second on stderr, at most every
+    PROGRESS_EVERY_S seconds, and a summary at the end."""
+
+    def __init__(self, total: int, resumed: int, show: bool):
+        self.total, self.resumed, self.show = total, resumed, show
+        self.done, self.skipped, self.tokens = resumed, 0, 0
+        self.finish = {"eos": 0, "length": 0}
+        self.start = self.last = time.monotonic()
+        if show and resumed:
+            print(f"generate: resuming after {resumed} of {total} prompts already in the output", file=sys.stderr,
+                  flush=True)
+
+    def _rate(self) -> str:
+        elapsed = time.monotonic() - self.start
+        return f"{self.tokens} tokens in {elapsed:.1f} s ({self.tokens / max(elapsed, 1e-9):.1f} tokens/s)"
+
+    def update(self, span, gens) -> None:
+        self.done += len(span)
+        self.skipped += sum(line.error is not None for line in span)
+        for gen in gens:
+            self.tokens += len(gen.token_ids)
+            self.finish[gen.finish_reason] = self.finish.get(gen.finish_reason, 0) + 1
+        now = time.monotonic()
+        if self.show and self.done < self.total and now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            print(f"generate: {self.done}/{self.total} prompts, {self._rate()}", file=sys.stderr, flush=True)
+
+    def summary(self) -> None:
+        if self.show:
+            finish = ", ".join(f"{k} {v}" for k, v in self.finish.items())
+            print(f"generate: done, {self.total} prompts ({self.resumed} from before, {self.skipped} skipped, "
+                  f"{self.done - self.resumed - self.skipped} answered: {finish}), {self._rate()}",
+                  file=sys.stderr, flush=True)
+
+
+PROGRESS_EVERY_S = 10.0
+
+
+def _print_generation(gen, text: str, index: int, as_json: bool, single: bool) -> None:
     if as_json:
         print(json.dumps({"text": text, "token_ids": gen.token_ids, "finish_reason": gen.finish_reason},
                          ensure_ascii=False, allow_nan=False), flush=True)
