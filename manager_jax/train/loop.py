@@ -77,7 +77,7 @@ class TrainResult:
     first_step: int  # step the run started from (0, or the restored step)
     last_step: int  # steps completed when it returned
     losses: list[float]  # loss of every step run in this call
-    status: str  # "completed" | "stopped" (SIGTERM / Ctrl-C / stop_at_step) | "data_exhausted"
+    status: str  # "completed" (num_steps reached and saved) | "stopped" (SIGTERM / Ctrl-C / stop_at_step before it) | "data_exhausted"
     checkpoint_dir: str
     state: dict | None = None  # final train state (kept only when asked)
     # The signal that stopped the run (this process's, else SIGTERM: another host's preemption
@@ -615,7 +615,9 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
             if stop_requested or exhausted or step == config.num_steps or (every and step % every == 0):
                 read_unread()
                 save(step, data_after)  # the iterator states before the read-ahead
-            if stop_requested:
+            # A signal that came during the last step stops nothing: that step's checkpoint, checked
+            # below, is the final one, and a relaunch would have nothing to train.
+            if stop_requested and step < config.num_steps:
                 status = "stopped"
                 if step != stop_at_step:
                     stop_signal = stop.signum or signal.SIGTERM
