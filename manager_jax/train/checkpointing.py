@@ -29,8 +29,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from manager_jax.params_io import int_keys
+from manager_jax.params_io import int_keys, quiet_orbax_save_failures
 from manager_jax.sharding import logical_axes, path_str
+from manager_jax.train import write_errors
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _restore_args(abstract: Any) -> Any:
     return jax.tree.map(one, abstract)
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(write_errors.WriteFailed):
     """A checkpoint could not be written (disk full, no permission, ...)."""
 
 
@@ -108,6 +109,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        quiet_orbax_save_failures()  # save_error reports a failed save once
         self.last_save: int | None = None  # step of the last save started
         self._unchecked = False  # whether that save's outcome is still to be read
 
@@ -159,9 +161,13 @@ class Checkpointer:
         return None
 
     def _failure(self, err: Exception, step: int | None) -> str:
-        lines = str(err).strip().splitlines() or [type(err).__name__]
-        return (f"saving the checkpoint of step {step} in {self.directory} failed ({type(err).__name__}: "
-                f"{lines[-1]}); the earlier checkpoints there are complete")
+        try:
+            earlier = [s for s in self.all_steps() if step is None or s < step]
+        except Exception:  # noqa: BLE001 - the listing is extra information; the failure is the message
+            earlier = []
+        resume = f"the next launch resumes from step {earlier[-1]}" if earlier else "no earlier checkpoint"
+        return (f"saving the checkpoint of step {step} in {self.directory} failed: {write_errors.cause(err)}; "
+                f"the earlier checkpoints there are complete ({resume})")
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, list[Any], dict]:
         """(state on the abstract target's shardings, data states per shard, recipe dict)."""
