@@ -66,6 +66,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     from manager_jax.train.recipe import load_recipe
 
     from manager_jax.train.loop import TrainingError, input_errors, train
+    from manager_jax.train.write_errors import WriteFailed
 
     def run() -> int:
         distributed.initialize()  # before any JAX computation; a no-op for one process
@@ -82,7 +83,9 @@ def cmd_train(argv: Sequence[str]) -> int:
             return 128 + result.stop_signal
         return 0
 
-    return _reporting_errors(run, args.log_level, bad_input=input_errors(), failed=(TrainingError,))
+    # OSError: the environment failed the run (a full disk, a lost mount); a missing input file is
+    # FileNotFoundError, among the input errors, which are matched first.
+    return _reporting_errors(run, args.log_level, bad_input=input_errors(), failed=(TrainingError, WriteFailed, OSError))
 
 
 def cmd_compile(argv: Sequence[str]) -> int:

@@ -144,3 +144,44 @@ def test_a_run_killed_during_a_save_resumes_exactly_and_a_second_launch_is_refus
         records = [json.loads(line) for line in f]
     assert [(r["step"], r["loss"]) for r in records if "loss" in r] == expected
     assert sorted(os.listdir(out / "checkpoints")) == ["14", "16", "config.json"]
+
+
+def _ignore_sigxfsz():  # a write past RLIMIT_FSIZE then fails with EFBIG, as one on a full disk with ENOSPC
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_up_stops_the_run_in_one_line_and_a_relaunch_resumes(tmp_path):
+    """The disk fills up (a file size limit set on the running process) after the checkpoint of
+    step 2: one error line naming the step, the directory and the cause, exit 1, no Orbax
+    tracebacks; the partial step is no checkpoint, and a relaunch resumes from the last complete one."""
+    import re
+    import resource
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ignore_sigxfsz)
+    try:
+        _wait_for(lambda: os.path.isdir(out / "checkpoints" / "2"), proc)
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))  # checkpoint files are 1-70 MB
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+        proc.wait()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "ERROR" not in stderr, stderr[-3000:]
+    found = re.fullmatch(rf"error: saving the checkpoint of step (\d+) in {out / 'checkpoints'} failed: File too large "
+                         r"\(EFBIG\); the earlier checkpoints there are complete \(the next launch resumes from step (\d+)\)",
+                         errors[0])
+    assert found, errors[0]
+    failed, resume = int(found.group(1)), int(found.group(2))
+    steps = sorted(int(name) for name in os.listdir(out / "checkpoints") if name.isdigit())
+    assert steps and steps[-1] == resume < failed
+    again = subprocess.run(_train_cmd(out), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(steps {resume + 1}..16, completed)" in again.stdout
+    assert sorted(os.listdir(out / "checkpoints")) == ["14", "16", "config.json"]  # the partial step removed
+    assert [r["step"] for r in _records(out) + [{}] if "loss" in r] == list(range(1, 17))

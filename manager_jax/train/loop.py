@@ -561,6 +561,7 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
         if on_step is not None:
             on_step(done, record)
 
+    cleanups = (progress.close, stop.uninstall, ckpt.close, feed.close, writer.close)
     try:
         # One vote of all processes per step (the first batch has its own), on flags of the host:
         # whether to stop after the step just dispatched, whether a shard ran out of data, and
@@ -630,15 +631,30 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
         save_error = ckpt.save_error(wait=True)  # the last save, written in the background
         if any_process((save_error is not None,))[0]:
             raise TrainingError(save_error or "saving a checkpoint failed on another process; its error names the cause")
-    finally:
-        progress.close()
-        stop.uninstall()
-        ckpt.close()
-        feed.close()
-        writer.close()
+    except BaseException:
+        _close_all(cleanups)  # the error on its way out is the one to report
+        raise
+    failure = _close_all(cleanups)
+    if failure is not None:
+        raise failure
     if primary and losses:
         logger.info("steps %d..%d: first loss %.4f, last loss %.4f (%s)", first_step + 1, step, losses[0], losses[-1], status)
     return TrainResult(first_step, step, losses, status, ckpt.directory, state if keep_state else None, stop_signal)
+
+
+def _close_all(closers: tuple[Callable[[], None], ...]) -> Exception | None:
+    """Runs every closer, also after one failed (a full disk fails several: the checkpointer's
+    wait, metrics.jsonl's last flush); returns the first failure."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as err:  # noqa: BLE001 - each is reported (first) or logged, none skips the rest
+            if first is None:
+                first = err
+            else:
+                logger.debug("closing the run after an earlier failure: %s", err, exc_info=True)
+    return first
 
 
 def _step_record(config: TrainConfig, setup: TrainSetup, m: dict, step_time: float, peak: float | None, first: bool) -> dict:
