@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from manager_jax import exit_status
 from manager_jax.config import ModelConfig
 
 PARAMS_ITEM = "params"
@@ -478,31 +478,8 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-# SIGINT already raises KeyboardInterrupt, which the cleanup below catches; these two would kill
-# the process without running it.
-_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-_STOP_SIGNALS = (signal.SIGINT, *_EXIT_SIGNALS)
-
-
-class _ExitOnSignal:
-    """While active (main thread only), SIGTERM / SIGHUP raise SystemExit(128 + signal), so `finally`
-    / `except BaseException` blocks run and the process exits nonzero without a traceback."""
-
-    def __enter__(self):
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in _EXIT_SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._raise)
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise SystemExit(128 + signum)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
+# SIGINT raises KeyboardInterrupt, which the cleanup below catches; ExitOnSignal makes the others exit through it too.
+_STOP_SIGNALS = (signal.SIGINT, *exit_status.EXIT_SIGNALS)
 
 
 def write_atomically(
@@ -531,7 +508,7 @@ def write_atomically(
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
-    with _ExitOnSignal():
+    with exit_status.ExitOnSignal():
         try:
             os.makedirs(tmp)
             fill(tmp)

@@ -185,3 +185,26 @@ def test_a_disk_that_fills_up_stops_the_run_in_one_line_and_a_relaunch_resumes(t
     assert f"(steps {resume + 1}..16, completed)" in again.stdout
     assert sorted(os.listdir(out / "checkpoints")) == ["14", "16", "config.json"]  # the partial step removed
     assert [r["step"] for r in _records(out) + [{}] if "loss" in r] == list(range(1, 17))
+
+
+def test_a_sigterm_before_the_training_steps_exits_143_in_one_line_and_leaves_no_temporary_file(tmp_path):
+    """SIGTERM while the run sets up (here: once it holds its directory, while it builds the model
+    and the data), before the loop's handler that stops after a step: it killed the process (a
+    signal death, not exit 143, and no cleanup ran)."""
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: os.path.exists(out / "train.lock"), proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        "error: stopped by SIGTERM outside the training steps; the next launch resumes from the last complete checkpoint"]
+    leftovers = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if f.endswith(".tmp")]
+    assert leftovers == [] and not os.path.exists(out / "metrics.jsonl")

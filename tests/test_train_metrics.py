@@ -76,7 +76,7 @@ def test_a_tensorboard_writer_that_fails_warns_once_and_the_run_goes_on(tmp_path
 _METRICS_DISK_FULL = textwrap.dedent("""
     import resource, signal, sys
     from manager_jax.train.metrics import MetricsWriter
-    from manager_jax.train.write_errors import WriteFailed
+    from manager_jax.train.run_files import WriteFailed
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     writer = MetricsWriter(sys.argv[1], tensorboard=False)
     resource.setrlimit(resource.RLIMIT_FSIZE, (2_000, 2_000))

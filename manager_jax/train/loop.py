@@ -36,6 +36,7 @@ from manager_jax.distributed import DistributedSetupError, any_process
 from manager_jax.params_io import ParamsError, dotted
 from manager_jax.sharding import ShardingError, data_parallel_size, local_shard_indices, make_mesh
 from manager_jax.train import flops as flops_lib
+from manager_jax.train import run_files
 from manager_jax.train.checkpointing import Checkpointer, CheckpointSaveError, gather_shard_states, saved_run
 from manager_jax.train.metrics import MetricsWriter, Progress, memory_record
 from manager_jax.train.recipe import RecipeError, TrainConfig, check_inputs, compare_with_saved, resolve_batch_layout
@@ -428,10 +429,7 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
         source = open_source(config.data)
     if primary:
         os.makedirs(config.output_dir, exist_ok=True)
-        tmp = os.path.join(config.output_dir, ".recipe.json.tmp")  # never a half-written recipe.json
-        with open(tmp, "w") as f:
-            f.write(config.to_json())
-        os.replace(tmp, os.path.join(config.output_dir, "recipe.json"))
+        run_files.write_atomically(os.path.join(config.output_dir, "recipe.json"), config.to_json())
     logger.info(
         "mesh %s; %d shards x %d rows x %d accumulation steps per step; %d params (%d trainable: %s)",
         dict(mesh.shape), shards, config.data.rows_per_host, accum, setup.num_params(),

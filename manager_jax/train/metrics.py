@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from manager_jax.train import write_errors
+from manager_jax.train import run_files
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +150,11 @@ class MetricsWriter:
         try:
             self._jsonl.write(json.dumps(record) + "\n")
         except OSError as err:
-            raise write_errors.WriteFailed(f"writing {self.path} failed: {write_errors.cause(err)}") from err
+            raise run_files.WriteFailed(f"writing {self.path} failed: {run_files.cause(err)}") from err
 
     def _tensorboard_failed(self, err: OSError) -> None:
         logger.warning("TensorBoard logging is off: writing its events failed (%s); metrics.jsonl goes on",
-                       write_errors.cause(err))
+                       run_files.cause(err))
         tb, self._tb = self._tb, None
         if tb is not None:
             try:
@@ -178,7 +178,7 @@ class MetricsWriter:
             try:
                 jsonl.close()
             except OSError as err:
-                raise write_errors.WriteFailed(f"writing {self.path} failed: {write_errors.cause(err)}") from err
+                raise run_files.WriteFailed(f"writing {self.path} failed: {run_files.cause(err)}") from err
 
 
 def drop_records_after(path: str, step: int) -> int:
@@ -200,10 +200,7 @@ def drop_records_after(path: str, step: int) -> int:
             else:
                 dropped += 1
     if dropped:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        run_files.write_atomically(path, "".join(kept))
         logger.info("%s: dropped %d records after step %d (they are run again)", path, dropped, step)
     return dropped
 

@@ -1,11 +1,28 @@
-"""Why a write into the run's directories failed, in words a user acts on (disk full, quota, file
-size limit), and the error that stops a run for it (exit 1, `manager_jax/exit_status.py`)."""
+"""The run's own small files (recipe.json, the checkpoints' config.json, metrics.jsonl rewritten on
+resume): written whole or not at all; and why a write into the run's directories failed, in words a
+user acts on (disk full, quota, file size limit), with the error that stops a run for it (exit 1,
+`manager_jax/exit_status.py`)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+
+
+def write_atomically(path: str, text: str) -> None:
+    """`path` holds `text` whole, or what it held before: written beside it and renamed. The
+    temporary file goes when the write fails or is interrupted (a full disk, a SIGTERM)."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 class WriteFailed(RuntimeError):
