@@ -208,3 +208,13 @@ def test_a_sigterm_before_the_training_steps_exits_143_in_one_line_and_leaves_no
         "error: stopped by SIGTERM outside the training steps; the next launch resumes from the last complete checkpoint"]
     leftovers = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if f.endswith(".tmp")]
     assert leftovers == [] and not os.path.exists(out / "metrics.jsonl")
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line_with_status_2(tmp_path, capsys):
+    """It was a PermissionError traceback (exit 1) from the run lock. sysfs refuses a new folder
+    also to root, for whom permission bits do not count."""
+    if not os.path.isdir("/sys/kernel"):
+        pytest.skip("needs sysfs")
+    assert run.main(["train", "--set", "output_dir=/sys/manager_jax_run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write into /sys/manager_jax_run: Operation not permitted") and "Traceback" not in err, err
