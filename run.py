@@ -60,12 +60,29 @@ def _train_parser(prog: str, aot: bool) -> argparse.ArgumentParser:
 
 def cmd_train(argv: Sequence[str]) -> int:
     args = _train_parser("run.py train", aot=False).parse_args(argv)
+    # Outside the training steps (imports, data, model init, the last save's wait), where the loop's
+    # handler that stops after a step is not installed, SIGTERM / SIGHUP exit through the cleanup
+    # (the run lock released, no temporary file left) with 128 + the signal: killed by it, a
+    # scheduler saw a signal death and the temporary files stayed.
+    with exit_status.ExitOnSignal():
+        try:
+            return _train(args)
+        except SystemExit as err:
+            if err.code in [128 + s for s in exit_status.EXIT_SIGNALS]:
+                name = signal.Signals(err.code - 128).name
+                print(f"error: stopped by {name} outside the training steps; the next launch resumes from the last "
+                      "complete checkpoint", file=sys.stderr)
+            raise
+
+
+def _train(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from manager_jax import distributed
     from manager_jax.platform import use_compilation_cache
     from manager_jax.train.recipe import load_recipe
 
     from manager_jax.train.loop import TrainingError, input_errors, train
+    from manager_jax.train.run_files import WriteFailed
 
     def run() -> int:
         distributed.initialize()  # before any JAX computation; a no-op for one process
@@ -82,7 +99,9 @@ def cmd_train(argv: Sequence[str]) -> int:
             return 128 + result.stop_signal
         return 0
 
-    return _reporting_errors(run, args.log_level, bad_input=input_errors(), failed=(TrainingError,))
+    # OSError: the environment failed the run (a full disk, a lost mount); a missing input file is
+    # FileNotFoundError, among the input errors, which are matched first.
+    return _reporting_errors(run, args.log_level, bad_input=input_errors(), failed=(TrainingError, WriteFailed, OSError))
 
 
 def cmd_compile(argv: Sequence[str]) -> int:

@@ -16,7 +16,35 @@ A launch script or scheduler can then tell "fix the command" from "the work fail
 
 from __future__ import annotations
 
+import signal
+import threading
+
 OK = 0
 FAILED = 1
 BAD_INPUT = 2
 INTERRUPTED = 130
+
+# Signals that end a process without running its `finally` blocks (SIGINT raises KeyboardInterrupt).
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class ExitOnSignal:
+    """While active (main thread only), SIGTERM / SIGHUP raise SystemExit(128 + signal), so `finally`
+    / `except BaseException` blocks run (a temporary file removed, a lock released) and the process
+    exits with that status, without a traceback."""
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in EXIT_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False

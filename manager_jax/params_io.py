@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import signal
-import threading
+import sys
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from manager_jax import exit_status
 from manager_jax.config import ModelConfig
 
 PARAMS_ITEM = "params"
@@ -132,24 +133,52 @@ def _handler(compress: bool = False) -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
 
 
-class _DropWriterThreadTraceback(logging.Filter):
-    """Orbax logs a failed writer thread's exception with its traceback, then raises that same
-    exception from `save`: the caller reports it once, so the log would only repeat it (a page of
-    Orbax / asyncio frames before the one-line error of a full disk)."""
+class _DropOrbaxSaveFailureLogs(logging.Filter):
+    """For the `absl` logger: Orbax logs a failed save's exception, with its traceback, from each
+    writer thread, commit thread and finalize wait that sees it, then raises that same exception
+    from `save` / `wait_until_finished`. The caller reports it once, so the log would only repeat
+    it (pages of Orbax / asyncio frames before the one-line error of a full disk)."""
+
+    MESSAGES = ("_SignalingThread.run() raised an exception", "Commit operations or the Commit callback in background",
+                "Save Finalize thread")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "_SignalingThread.run() raised an exception" not in str(record.msg)
+        message = str(record.msg)
+        return not any(m in message for m in self.MESSAGES)
+
+
+def _late_write_callback(unraisable: Any) -> bool:
+    """A tensorstore write that finished after its save had failed and Orbax had closed the event
+    loop waiting for it: its callback cannot reach the loop, and nothing waits for it any more."""
+    tb = unraisable.exc_traceback
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+            and "call_soon_threadsafe" in frames)
+
+
+@functools.cache
+def quiet_orbax_save_failures() -> None:
+    """Once per process: a failed Orbax save reaches its caller as one exception, not as that
+    exception logged by every thread that saw it. Kept for the whole process, since the other
+    threads of a failed save go on writing, and failing, after the caller got the error."""
+    logging.getLogger("absl").addFilter(_DropOrbaxSaveFailureLogs())
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not _late_write_callback(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def save_tree(path: str, tree: Mapping, *, compress: bool = False) -> None:
     """Writes a pure nested dict of numpy / jax arrays as an Orbax PyTree checkpoint at `path`."""
-    absl_logger, quiet = logging.getLogger("absl"), _DropWriterThreadTraceback()
-    absl_logger.addFilter(quiet)  # the save is synchronous: its threads end before the filter goes
-    try:
-        with ocp.Checkpointer(_handler(compress)) as ckpt:
-            ckpt.save(os.path.abspath(path), args=ocp.args.PyTreeSave(dict(tree)))
-    finally:
-        absl_logger.removeFilter(quiet)
+    quiet_orbax_save_failures()
+    with ocp.Checkpointer(_handler(compress)) as ckpt:
+        ckpt.save(os.path.abspath(path), args=ocp.args.PyTreeSave(dict(tree)))
 
 
 def int_keys(tree: Any) -> Any:
@@ -449,31 +478,8 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-# SIGINT already raises KeyboardInterrupt, which the cleanup below catches; these two would kill
-# the process without running it.
-_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-_STOP_SIGNALS = (signal.SIGINT, *_EXIT_SIGNALS)
-
-
-class _ExitOnSignal:
-    """While active (main thread only), SIGTERM / SIGHUP raise SystemExit(128 + signal), so `finally`
-    / `except BaseException` blocks run and the process exits nonzero without a traceback."""
-
-    def __enter__(self):
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in _EXIT_SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._raise)
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise SystemExit(128 + signum)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
+# SIGINT raises KeyboardInterrupt, which the cleanup below catches; ExitOnSignal makes the others exit through it too.
+_STOP_SIGNALS = (signal.SIGINT, *exit_status.EXIT_SIGNALS)
 
 
 def write_atomically(
@@ -502,7 +508,7 @@ def write_atomically(
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
-    with _ExitOnSignal():
+    with exit_status.ExitOnSignal():
         try:
             os.makedirs(tmp)
             fill(tmp)

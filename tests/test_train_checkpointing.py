@@ -100,6 +100,52 @@ def test_the_partial_step_of_a_killed_save_is_no_checkpoint_and_is_removed_when_
         ckpt.close()
 
 
+# A disk that fills up after step 2 was saved (a file size limit stands in for it: writes past
+# 100 KB fail with EFBIG, as they would with ENOSPC).
+_DISK_FULL_AT_STEP_4 = textwrap.dedent("""
+    import resource, signal, sys
+    import jax
+    from manager_jax.train.checkpointing import Checkpointer
+    def state(v):
+        noise = lambda k: jax.random.normal(jax.random.key(k), (1 << 20,))  # 4 MB that do not compress
+        return {"params": {"w": noise(v), "b": noise(v + 1)}, "opt_state": {"m": noise(v + 2)},
+                "step": jax.numpy.int32(v), "rng": jax.numpy.zeros((2,), jax.numpy.uint32)}
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    ckpt = Checkpointer(sys.argv[1], keep=3)
+    ckpt.save(2, state(2), [{}], {"run": 1})
+    assert ckpt.save_error(wait=True) is None
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    ckpt.save(4, state(4), [{}], {"run": 1})
+    print("error:", ckpt.save_error(wait=True), file=sys.stderr)
+    ckpt.close()
+""")
+
+
+def test_a_save_on_a_full_disk_is_one_line_naming_the_cause_and_the_step_to_resume_from(tmp_path):
+    """Orbax logged the failure with its traceback from every writer and commit thread, and late
+    tensorstore callbacks printed theirs: 50 to 130 tracebacks before the one error line."""
+    directory = str(tmp_path / "ck")
+    proc = subprocess.run([sys.executable, "-c", _DISK_FULL_AT_STEP_4, directory], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: saving the checkpoint of step 4 in {directory} failed: File too large (EFBIG); "
+                      "the earlier checkpoints there are complete (the next launch resumes from step 2)"]
+    ckpt = Checkpointer(directory, keep=3)
+    try:
+        assert ckpt.all_steps() == [2]
+        abstract = {"params": {"w": jax.ShapeDtypeStruct((1 << 20,), jnp.float32),
+                               "b": jax.ShapeDtypeStruct((1 << 20,), jnp.float32)},
+                    "opt_state": {"m": jax.ShapeDtypeStruct((1 << 20,), jnp.float32)},
+                    "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+        state, _, _ = ckpt.restore(2, abstract)
+        np.testing.assert_array_equal(np.asarray(state["params"]["w"]),
+                                      np.asarray(jax.random.normal(jax.random.key(2), (1 << 20,))))
+    finally:
+        ckpt.close()
+
+
 def _stored_chunk(item: str, key: tuple) -> tuple:
     return tuple(params_io.open_stored_array(item, key).chunk_layout.read_chunk.shape)
 

@@ -144,3 +144,77 @@ def test_a_run_killed_during_a_save_resumes_exactly_and_a_second_launch_is_refus
         records = [json.loads(line) for line in f]
     assert [(r["step"], r["loss"]) for r in records if "loss" in r] == expected
     assert sorted(os.listdir(out / "checkpoints")) == ["14", "16", "config.json"]
+
+
+def _ignore_sigxfsz():  # a write past RLIMIT_FSIZE then fails with EFBIG, as one on a full disk with ENOSPC
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_up_stops_the_run_in_one_line_and_a_relaunch_resumes(tmp_path):
+    """The disk fills up (a file size limit set on the running process) after the checkpoint of
+    step 2: one error line naming the step, the directory and the cause, exit 1, no Orbax
+    tracebacks; the partial step is no checkpoint, and a relaunch resumes from the last complete one."""
+    import re
+    import resource
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ignore_sigxfsz)
+    try:
+        _wait_for(lambda: os.path.isdir(out / "checkpoints" / "2"), proc)
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))  # checkpoint files are 1-70 MB
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+        proc.wait()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "ERROR" not in stderr, stderr[-3000:]
+    found = re.fullmatch(rf"error: saving the checkpoint of step (\d+) in {out / 'checkpoints'} failed: File too large "
+                         r"\(EFBIG\); the earlier checkpoints there are complete \(the next launch resumes from step (\d+)\)",
+                         errors[0])
+    assert found, errors[0]
+    failed, resume = int(found.group(1)), int(found.group(2))
+    steps = sorted(int(name) for name in os.listdir(out / "checkpoints") if name.isdigit())
+    assert steps and steps[-1] == resume < failed
+    again = subprocess.run(_train_cmd(out), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(steps {resume + 1}..16, completed)" in again.stdout
+    assert sorted(os.listdir(out / "checkpoints")) == ["14", "16", "config.json"]  # the partial step removed
+    assert [r["step"] for r in _records(out) + [{}] if "loss" in r] == list(range(1, 17))
+
+
+def test_a_sigterm_before_the_training_steps_exits_143_in_one_line_and_leaves_no_temporary_file(tmp_path):
+    """SIGTERM while the run sets up (here: once it holds its directory, while it builds the model
+    and the data), before the loop's handler that stops after a step: it killed the process (a
+    signal death, not exit 143, and no cleanup ran)."""
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: os.path.exists(out / "train.lock"), proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        "error: stopped by SIGTERM outside the training steps; the next launch resumes from the last complete checkpoint"]
+    leftovers = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if f.endswith(".tmp")]
+    assert leftovers == [] and not os.path.exists(out / "metrics.jsonl")
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line_with_status_2(tmp_path, capsys):
+    """It was a PermissionError traceback (exit 1) from the run lock. sysfs refuses a new folder
+    also to root, for whom permission bits do not count."""
+    if not os.path.isdir("/sys/kernel"):
+        pytest.skip("needs sysfs")
+    assert run.main(["train", "--set", "output_dir=/sys/manager_jax_run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write into /sys/manager_jax_run: Operation not permitted") and "Traceback" not in err, err

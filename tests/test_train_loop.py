@@ -402,3 +402,18 @@ def test_a_second_run_into_a_directory_in_use_is_refused_and_the_first_goes_on(s
     # The lock ends with its run (and with its process, however it ends): the next launch resumes.
     again = loop_lib.train(demo_config(tmp_path, "num_steps=7"))
     assert (again.first_step, again.last_step) == (6, 7)
+
+
+def test_a_signal_during_the_last_step_leaves_a_completed_run(tmp_path):
+    """Ctrl-C / SIGTERM while the last step ran: its checkpoint is the final one and a relaunch has
+    nothing to train, so the run is complete (exit 0), not "stopped" with 130 / 143."""
+
+    def ctrl_c_at_1(step, record):
+        if step == 1:  # read while step 2, the last, runs
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = loop_lib.train(demo_config(tmp_path, "num_steps=2"), on_step=ctrl_c_at_1)
+    assert (result.status, result.last_step, result.stop_signal) == ("completed", 2, None)
+    ckpt = Checkpointer(result.checkpoint_dir)
+    assert ckpt.all_steps() == [2]
+    ckpt.close()

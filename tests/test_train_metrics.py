@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 
-from manager_jax.train.metrics import memory_record
+from manager_jax.train.metrics import memory_record, read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _Device:
@@ -37,3 +43,54 @@ def test_device_memory_is_reported_when_the_backend_has_it():
     for missing in (None, {}):
         record = memory_record(_Device(missing))
         assert "device_memory_gb" not in record and record["host_rss_gb"] > 0
+
+
+# TensorBoard's events fill a disk before metrics.jsonl (a file size limit stands in for the full
+# disk: 20 scalars take ~1 KB a step as events, ~300 bytes as a JSON line).
+_TENSORBOARD_DISK_FULL = textwrap.dedent("""
+    import resource, signal, sys
+    from manager_jax.train.metrics import MetricsWriter
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    writer = MetricsWriter(sys.argv[1], tensorboard=True)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    for step in range(1, 51):
+        writer.write(step, {f"m{i}": float(step + i) for i in range(20)})
+    writer.close()
+    print("done")
+""")
+
+
+def test_a_tensorboard_writer_that_fails_warns_once_and_the_run_goes_on(tmp_path):
+    """tensorboardX's writer thread died on the full disk and its queue then blocked the next
+    add_scalar for ever: the run hung."""
+    proc = subprocess.run([sys.executable, "-c", _TENSORBOARD_DISK_FULL, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "done\n", proc.stderr[-2000:]
+    assert proc.stderr.count("TensorBoard logging is off: writing its events failed (File too large (EFBIG))") == 1
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))] == list(range(1, 51))
+    events = os.listdir(tmp_path / "tensorboard")
+    assert len(events) == 1 and os.path.getsize(tmp_path / "tensorboard" / events[0]) <= 20_000
+
+
+_METRICS_DISK_FULL = textwrap.dedent("""
+    import resource, signal, sys
+    from manager_jax.train.metrics import MetricsWriter
+    from manager_jax.train.run_files import WriteFailed
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    writer = MetricsWriter(sys.argv[1], tensorboard=False)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000, 2_000))
+    try:
+        for step in range(1, 51):
+            writer.write(step, {"loss": 1.0, "grad_norm": 2.0})
+    except WriteFailed as err:
+        print(f"step {step}: {err}")
+""")
+
+
+def test_metrics_jsonl_on_a_full_disk_is_an_error_naming_the_file_and_the_cause(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _METRICS_DISK_FULL, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.endswith(f"writing {tmp_path / 'metrics.jsonl'} failed: File too large (EFBIG)\n"), proc.stdout
+    assert int(proc.stdout.split()[1].rstrip(":")) > 1  # the first records were written

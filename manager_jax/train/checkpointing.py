@@ -29,8 +29,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from manager_jax.params_io import int_keys
+from manager_jax.params_io import int_keys, quiet_orbax_save_failures
 from manager_jax.sharding import logical_axes, path_str
+from manager_jax.train import run_files
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _restore_args(abstract: Any) -> Any:
     return jax.tree.map(one, abstract)
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(run_files.WriteFailed):
     """A checkpoint could not be written (disk full, no permission, ...)."""
 
 
@@ -108,6 +109,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        quiet_orbax_save_failures()  # save_error reports a failed save once
         self.last_save: int | None = None  # step of the last save started
         self._unchecked = False  # whether that save's outcome is still to be read
 
@@ -121,9 +123,8 @@ class Checkpointer:
         """config.json at the root (process 0), so the directory is a params_io source."""
         if jax.process_index() == 0:
             os.makedirs(self.directory, exist_ok=True)
-            tmp = os.path.join(self.directory, ".config.json.tmp")
-            model_config.save(tmp)
-            os.replace(tmp, os.path.join(self.directory, "config.json"))
+            run_files.write_atomically(os.path.join(self.directory, "config.json"),
+                                       json.dumps(model_config.to_dict(), indent=2))
 
     def save(self, step: int, state: dict, data_states: list[Any], recipe: dict) -> bool:
         """Starts an (async) save of everything; returns whether a save was started."""
@@ -159,9 +160,13 @@ class Checkpointer:
         return None
 
     def _failure(self, err: Exception, step: int | None) -> str:
-        lines = str(err).strip().splitlines() or [type(err).__name__]
-        return (f"saving the checkpoint of step {step} in {self.directory} failed ({type(err).__name__}: "
-                f"{lines[-1]}); the earlier checkpoints there are complete")
+        try:
+            earlier = [s for s in self.all_steps() if step is None or s < step]
+        except Exception:  # noqa: BLE001 - the listing is extra information; the failure is the message
+            earlier = []
+        resume = f"the next launch resumes from step {earlier[-1]}" if earlier else "no earlier checkpoint"
+        return (f"saving the checkpoint of step {step} in {self.directory} failed: {run_files.cause(err)}; "
+                f"the earlier checkpoints there are complete ({resume})")
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, list[Any], dict]:
         """(state on the abstract target's shardings, data states per shard, recipe dict)."""

@@ -36,6 +36,7 @@ from manager_jax.distributed import DistributedSetupError, any_process
 from manager_jax.params_io import ParamsError, dotted
 from manager_jax.sharding import ShardingError, data_parallel_size, local_shard_indices, make_mesh
 from manager_jax.train import flops as flops_lib
+from manager_jax.train import run_files
 from manager_jax.train.checkpointing import Checkpointer, CheckpointSaveError, gather_shard_states, saved_run
 from manager_jax.train.metrics import MetricsWriter, Progress, memory_record
 from manager_jax.train.recipe import RecipeError, TrainConfig, check_inputs, compare_with_saved, resolve_batch_layout
@@ -77,7 +78,7 @@ class TrainResult:
     first_step: int  # step the run started from (0, or the restored step)
     last_step: int  # steps completed when it returned
     losses: list[float]  # loss of every step run in this call
-    status: str  # "completed" | "stopped" (SIGTERM / Ctrl-C / stop_at_step) | "data_exhausted"
+    status: str  # "completed" (num_steps reached and saved) | "stopped" (SIGTERM / Ctrl-C / stop_at_step before it) | "data_exhausted"
     checkpoint_dir: str
     state: dict | None = None  # final train state (kept only when asked)
     # The signal that stopped the run (this process's, else SIGTERM: another host's preemption
@@ -428,10 +429,7 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
         source = open_source(config.data)
     if primary:
         os.makedirs(config.output_dir, exist_ok=True)
-        tmp = os.path.join(config.output_dir, ".recipe.json.tmp")  # never a half-written recipe.json
-        with open(tmp, "w") as f:
-            f.write(config.to_json())
-        os.replace(tmp, os.path.join(config.output_dir, "recipe.json"))
+        run_files.write_atomically(os.path.join(config.output_dir, "recipe.json"), config.to_json())
     logger.info(
         "mesh %s; %d shards x %d rows x %d accumulation steps per step; %d params (%d trainable: %s)",
         dict(mesh.shape), shards, config.data.rows_per_host, accum, setup.num_params(),
@@ -561,6 +559,7 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
         if on_step is not None:
             on_step(done, record)
 
+    cleanups = (progress.close, stop.uninstall, ckpt.close, feed.close, writer.close)
     try:
         # One vote of all processes per step (the first batch has its own), on flags of the host:
         # whether to stop after the step just dispatched, whether a shard ran out of data, and
@@ -615,7 +614,9 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
             if stop_requested or exhausted or step == config.num_steps or (every and step % every == 0):
                 read_unread()
                 save(step, data_after)  # the iterator states before the read-ahead
-            if stop_requested:
+            # A signal that came during the last step stops nothing: that step's checkpoint, checked
+            # below, is the final one, and a relaunch would have nothing to train.
+            if stop_requested and step < config.num_steps:
                 status = "stopped"
                 if step != stop_at_step:
                     stop_signal = stop.signum or signal.SIGTERM
@@ -628,15 +629,30 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
         save_error = ckpt.save_error(wait=True)  # the last save, written in the background
         if any_process((save_error is not None,))[0]:
             raise TrainingError(save_error or "saving a checkpoint failed on another process; its error names the cause")
-    finally:
-        progress.close()
-        stop.uninstall()
-        ckpt.close()
-        feed.close()
-        writer.close()
+    except BaseException:
+        _close_all(cleanups)  # the error on its way out is the one to report
+        raise
+    failure = _close_all(cleanups)
+    if failure is not None:
+        raise failure
     if primary and losses:
         logger.info("steps %d..%d: first loss %.4f, last loss %.4f (%s)", first_step + 1, step, losses[0], losses[-1], status)
     return TrainResult(first_step, step, losses, status, ckpt.directory, state if keep_state else None, stop_signal)
+
+
+def _close_all(closers: tuple[Callable[[], None], ...]) -> Exception | None:
+    """Runs every closer, also after one failed (a full disk fails several: the checkpointer's
+    wait, metrics.jsonl's last flush); returns the first failure."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as err:  # noqa: BLE001 - each is reported (first) or logged, none skips the rest
+            if first is None:
+                first = err
+            else:
+                logger.debug("closing the run after an earlier failure: %s", err, exc_info=True)
+    return first
 
 
 def _step_record(config: TrainConfig, setup: TrainSetup, m: dict, step_time: float, peak: float | None, first: bool) -> dict:

@@ -9,7 +9,10 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any
+
+from manager_jax.train import run_files
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,37 @@ def memory_record(device: Any = None) -> dict:
     return record
 
 
+class _TensorBoard:
+    """TensorBoard event file, written on the calling thread. tensorboardX's SummaryWriter writes
+    from a thread that dies on a full disk, after which its bounded queue blocks the next
+    `add_scalar` for ever: a run that hangs instead of training on. Here a failed write turns
+    TensorBoard off with one warning; metrics.jsonl stays the record."""
+
+    FLUSH_SECONDS = 120.0  # as SummaryWriter: a flush syncs the file
+
+    def __init__(self, directory: str) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+
+        os.makedirs(directory, exist_ok=True)
+        self.directory = directory
+        self._writer = EventsWriter(os.path.join(directory, "events"))
+        self._flushed = time.monotonic()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        now = time.time()
+        for name, value in values.items():
+            self._writer.write_event(Event(wall_time=now, step=int(step), summary=scalar(name, value)))
+        if time.monotonic() - self._flushed > self.FLUSH_SECONDS:
+            self._writer.flush()
+            self._flushed = time.monotonic()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class MetricsWriter:
     """Fan-out of metric records: JSONL always, TensorBoard / wandb when enabled and available."""
 
@@ -77,11 +111,11 @@ class MetricsWriter:
         self._jsonl = open(self.path, "a", buffering=1)
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+                self._tb = _TensorBoard(os.path.join(output_dir, "tensorboard"))
             except ImportError:
                 logger.warning("tensorboardX is not installed; TensorBoard logging is off")
+            except OSError as err:
+                self._tensorboard_failed(err)
         if wandb:
             try:
                 import wandb as wandb_lib
@@ -95,29 +129,56 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._append(record)
         numeric = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
-            for k, v in numeric.items():
-                self._tb.add_scalar(k, v, step)
+            try:
+                self._tb.scalars(step, numeric)
+            except OSError as err:
+                self._tensorboard_failed(err)
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
 
     def event(self, step: int, kind: str, **info: Any) -> None:
         """A non-metric record (checkpoint saved, step skipped, ...) in metrics.jsonl."""
         if self.enabled:
-            self._jsonl.write(json.dumps({"step": int(step), "event": kind, **{k: _plain(v) for k, v in info.items()}}) + "\n")
+            self._append({"step": int(step), "event": kind, **{k: _plain(v) for k, v in info.items()}})
+
+    def _append(self, record: dict) -> None:
+        """One line of metrics.jsonl; WriteFailed (the run stops: this file is its record) when the
+        disk refuses it."""
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise run_files.WriteFailed(f"writing {self.path} failed: {run_files.cause(err)}") from err
+
+    def _tensorboard_failed(self, err: OSError) -> None:
+        logger.warning("TensorBoard logging is off: writing its events failed (%s); metrics.jsonl goes on",
+                       run_files.cause(err))
+        tb, self._tb = self._tb, None
+        if tb is not None:
+            try:
+                tb.close()
+            except OSError:
+                pass  # the same failure, already said
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
+        """Closes every sink, even when one fails; then raises WriteFailed for metrics.jsonl's failure."""
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError as err:
+                self._tensorboard_failed(err)
             self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._jsonl is not None:
+            jsonl, self._jsonl = self._jsonl, None
+            try:
+                jsonl.close()
+            except OSError as err:
+                raise run_files.WriteFailed(f"writing {self.path} failed: {run_files.cause(err)}") from err
 
 
 def drop_records_after(path: str, step: int) -> int:
@@ -139,10 +200,7 @@ def drop_records_after(path: str, step: int) -> int:
             else:
                 dropped += 1
     if dropped:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        run_files.write_atomically(path, "".join(kept))
         logger.info("%s: dropped %d records after step %d (they are run again)", path, dropped, step)
     return dropped
 

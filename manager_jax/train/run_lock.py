@@ -43,9 +43,13 @@ class RunLock:
             raise
 
     def _acquire(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # refused before anything is built: a wrong or read-only output_dir
+            raise RecipeError(f"cannot write into {directory}: {err.strerror} (a read-only file system, no "
+                              "permission or a full disk); choose another output_dir (or checkpoint.dir)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
