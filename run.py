@@ -50,7 +50,7 @@ def _train_parser(prog: str, aot: bool) -> argparse.ArgumentParser:
                    help="override a config field (nested with dots); repeatable")
     if aot:
         p.add_argument("--topology", required=True,
-                       help="TPU topology like v5p:2x2x2 or v5e:4x4 (needs libtpu), GPUs like h100:8 or h100:8x8 "
+                       help="TPU topology like v5p:2x2x2 or v5e:4x4, 2xv5e:4x4 for 2 slices (needs libtpu), GPUs like h100:8 or h100:8x8 "
                             "(hosts x GPUs; needs jax's CUDA plugin), or cpu:N (N local CPU devices)")
         p.add_argument("--hlo-out", metavar="PATH",
                        help="also write the compiled program's HLO text there (read it with benchmarks/hlo_traffic.py)")

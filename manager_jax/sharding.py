@@ -77,25 +77,95 @@ class MeshConfig:
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
-    """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all devices of all processes).
+    """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all devices of all processes),
+    laid out by `device_grid`."""
+    return Mesh(device_grid(config, list(jax.devices() if devices is None else devices)), MESH_AXES)
 
-    On TPU, `mesh_utils.create_device_mesh` orders devices along the physical torus so that the
-    innermost axis (tensor) gets the fastest links.
+
+def device_grid(config: MeshConfig, devices: Sequence[Any]) -> np.ndarray:
+    """`devices` (the first `config.num_devices`) as an array of the mesh's (data, fsdp, tensor) shape.
+
+    Within one granule (a TPU slice; a GPU or CPU host) `mesh_utils.create_device_mesh` orders the
+    devices, on TPU along the physical torus so that the innermost axis (tensor) gets the fastest
+    links. Across granules (`device_granules`: TPU slices over DCN, hosts over the network) the
+    slow links go to the outermost axes: the granules are split over `data` first, then over
+    `fsdp` (`dcn_shape`), and every tensor group stays inside one granule (a shape that cannot is
+    refused).
     """
-    devices = list(jax.devices() if devices is None else devices)
+    devices = list(devices)
     if config.num_devices != -1:
         if not 1 <= config.num_devices <= len(devices):
             raise ShardingError(f"mesh.num_devices={config.num_devices} but {len(devices)} devices exist")
         devices = devices[: config.num_devices]
     sizes = config.shape(len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        from jax.experimental import mesh_utils
+    kind, granules = device_granules(devices)
+    if len(granules) == 1:
+        return _granule_grid(shape, devices)
+    per = {len(g) for g in granules}
+    if len(per) != 1:
+        raise ShardingError(
+            f"the {len(devices)} devices lie unevenly on {len(granules)} {kind}s "
+            f"({sorted(len(g) for g in granules)} devices each); mesh.num_devices must take whole {kind}s"
+        )
+    dcn = dcn_shape(sizes, len(granules), kind, per.pop())
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    # [granule, *ici] -> [*dcn, *ici] -> axis by axis (dcn outer, ici inner) -> the mesh.
+    grids = np.stack([_granule_grid(ici, g) for g in granules]).reshape(dcn + ici)
+    n = len(MESH_AXES)
+    grid = grids.transpose([i for a in range(n) for i in (a, n + a)]).reshape(shape)
+    logger.info("mesh %s over %d %ss: %s across them, %s within each", sizes, len(granules), kind,
+                dict(zip(MESH_AXES, dcn)), dict(zip(MESH_AXES, ici)))
+    return grid
 
-        grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-    except Exception:  # CPU / unusual topologies: plain order is fine
-        grid = np.asarray(devices, dtype=object).reshape(shape)
-    return Mesh(grid, MESH_AXES)
+
+def device_granules(devices: Sequence[Any]) -> tuple[str, list[list[Any]]]:
+    """("slice" or "host", the devices of each, in order of their index): the groups whose devices
+    share fast links. TPU devices of several slices carry `slice_index`; GPU devices of a
+    multi-process job carry it per node (the processes of one host share it); otherwise a process is
+    a host. Reads only `platform`, `slice_index` and `process_index` of the devices."""
+    tpu = devices[0].platform == "tpu"
+    kind = "slice" if tpu else "host"
+    if tpu:
+        key = lambda d: getattr(d, "slice_index", 0)
+    elif all(hasattr(d, "slice_index") for d in devices):
+        key = lambda d: d.slice_index
+    else:
+        key = lambda d: d.process_index
+    groups: dict[int, list[Any]] = {}
+    for d in devices:
+        groups.setdefault(key(d), []).append(d)
+    return kind, [groups[k] for k in sorted(groups)]
+
+
+def dcn_shape(sizes: dict[str, int], granules: int, kind: str, per_granule: int) -> tuple[int, ...]:
+    """How many of the `granules` each mesh axis spans: `data` as many as it can, `fsdp` the rest,
+    `tensor` none (ShardingError, naming what would, where the shape needs it to cross)."""
+    data = math.gcd(sizes["data"], granules)
+    fsdp = math.gcd(sizes["fsdp"], granules // data)
+    if data * fsdp == granules:
+        return (data, fsdp, 1)
+    if per_granule % sizes["tensor"]:
+        fix = f"tensor must divide {per_granule}"
+    else:
+        fix = f"e.g. data={granules} (fsdp=-1 takes the rest)"
+    raise ShardingError(
+        f"mesh {sizes} would split tensor groups across {kind}s ({granules} {kind}s of {per_granule} devices, "
+        f"whose data x fsdp = {sizes['data']} x {sizes['fsdp']} must take the {kind}s): {fix}"
+    )
+
+
+def _granule_grid(shape: tuple[int, ...], devices: Sequence[Any]) -> np.ndarray:
+    """Devices of one slice / host as an array of `shape`, in create_device_mesh's order."""
+    from jax.experimental import mesh_utils
+
+    try:
+        return mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+    except Exception as err:  # noqa: BLE001 - any failure: listed order, said in the log
+        # e.g. a part of a TPU slice (mesh.num_devices), which has no torus to follow.
+        logger.warning("mesh %s over %d %s devices in their listed order, not along the physical links (%s: %s)",
+                       shape, len(devices), devices[0].platform, type(err).__name__, str(err)[:300])
+        return np.asarray(devices, dtype=object).reshape(shape)
 
 
 # ---- parameter rules -------------------------------------------------------------------------

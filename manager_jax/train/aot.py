@@ -8,7 +8,9 @@ recipe over them, the abstract train state (`nnx.eval_shape`: nothing is allocat
 compiles the jitted step exactly as the loop would run it on those devices (the model's "auto"
 choices follow them: `manager_jax.platform`), and reports memory per chip and FLOPs per step.
 
-Topologies: a TPU slice as libtpu names it ("v5p:2x2x2", "v5e:4x4"); GPUs as "h100:G" or
+Topologies: a TPU slice as libtpu names it ("v5p:2x2x2", "v5e:4x4"), or N such slices joined over
+the data-center network ("2xv5e:4x4", multi-slice: `sharding.make_mesh` puts data, then fsdp,
+across the slices); GPUs as "h100:G" or
 "h100:HxG" (H hosts of G GPUs; also h200), which XLA compiles for from a description of the card
 without one; "cpu:N", N local CPU devices. Neither libtpu nor the CUDA plugin is a requirement of
 this project: `pip install libtpu` (the version `jax[tpu]` pins for the installed jax) for TPU
@@ -158,7 +160,12 @@ def topology_devices(topology: str) -> list[Any]:
             )
         return devices[:n]
     if ":" not in name:
-        raise AotError(f"topology {topology!r}: expected like 'v5p:2x2x2', 'v5e:4x4', 'h100:8x8' or 'cpu:8'")
+        raise AotError(f"topology {topology!r}: expected like 'v5p:2x2x2', 'v5e:4x4', '2xv5e:4x4', 'h100:8x8' or 'cpu:8'")
+    # "2xv5e:4x4": two slices of v5e:4x4, joined over the data-center network (multi-slice).
+    slices, name = re.fullmatch(r"(?:(\d+)x)?(.+)", name).groups()
+    num_slices = int(slices) if slices else 1
+    if num_slices < 1:
+        raise AotError(f"topology {topology!r}: the number of slices must be at least 1")
     if not libtpu_available():
         raise AotError(
             f"compiling for TPU topology {topology!r} needs libtpu, which is not installed (it is not in "
@@ -171,7 +178,7 @@ def topology_devices(topology: str) -> list[Any]:
     from jax.experimental import topologies
 
     try:
-        desc = topologies.get_topology_desc(name, "tpu")
+        desc = topologies.get_topology_desc(name, "tpu", num_slices=num_slices)
     except Exception as err:  # libtpu reports unknown names / bad shapes with its own exceptions
         raise AotError(f"libtpu cannot build topology {topology!r}: {err}") from err
     return list(desc.devices)
