@@ -352,6 +352,22 @@ def test_lengths_within_a_bucket_do_not_recompile(manager_engine):
     assert engine._prefill_jit._cache_size() == prefills and engine._decode_jit._cache_size() == decodes
 
 
+def test_scoring_other_lengths_within_the_buckets_does_not_recompile(manager_engine):
+    """An evaluation scores tens of thousands of requests: other prompt lengths, continuation
+    lengths, images and rows within the same buckets reuse the one program."""
+    _, engine = manager_engine
+
+    def request(prompt_len, target_len, image_size, seed):
+        ids = [IMAGE_TOKEN_INDEX, *range(1, prompt_len)] + list(range(20, 20 + target_len))
+        return ScoreRequest(ids, prompt_len, prompt_len + target_len, [random_image(image_size, seed)])
+
+    engine.score([request(3, 2, (40, 40), 1), request(9, 5, (90, 60), 2), request(5, 1, (60, 90), 3)])
+    programs = engine._score_jit._cache_size()
+    # 3 rows, prompts of 729 + 2..12 tokens, continuations of 1..8 tokens: the same buckets.
+    engine.score([request(12, 8, (30, 70), 4), request(2, 3, (50, 50), 5), request(7, 6, (80, 20), 6)])
+    assert engine._score_jit._cache_size() == programs
+
+
 def test_sampling_seeded_and_vocab_limited(baseline_engine):
     model, _ = baseline_engine
     engine = InferenceEngine(model, pad_id=0, vocab_limit=300)

@@ -258,7 +258,9 @@ def gather_shard_states(local: Mapping[int, Any], num_shards: int) -> list[Any]:
     payload = json.dumps({str(k): v for k, v in local.items()}).encode()
     length = np.asarray([len(payload)], np.int64)
     lengths = np.asarray(multihost_utils.process_allgather(length)).reshape(-1)
-    buf = np.zeros(int(lengths.max()), np.uint8)
+    # A power of two: the all-gather compiles once per buffer length, and the states' JSON changes
+    # length at most checkpoints of a run (positions, counters, skip details).
+    buf = np.zeros(1 << max(10, (int(lengths.max()) - 1).bit_length()), np.uint8)
     buf[: len(payload)] = np.frombuffer(payload, np.uint8)
     gathered = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(lengths), -1)
     merged: dict[int, Any] = {}
