@@ -94,3 +94,44 @@ def test_metrics_jsonl_on_a_full_disk_is_an_error_naming_the_file_and_the_cause(
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.endswith(f"writing {tmp_path / 'metrics.jsonl'} failed: File too large (EFBIG)\n"), proc.stdout
     assert int(proc.stdout.split()[1].rstrip(":")) > 1  # the first records were written
+
+
+class _FlakyWandb:
+    """The part of the wandb package MetricsWriter calls, failing as a lost login / network /
+    backend process makes it fail: `init` raises, or `log` raises from its `fail_at`-th call on."""
+
+    def __init__(self, init_fails: bool = False, fail_at: int | None = None):
+        self.init_fails, self.fail_at, self.logged, self.finished = init_fails, fail_at, [], False
+
+    def init(self, **kwargs):
+        if self.init_fails:
+            raise RuntimeError("api_key not configured (no-tty)")
+        return self
+
+    def log(self, data, step):
+        if self.fail_at is not None and len(self.logged) + 1 >= self.fail_at:
+            raise OSError("The wandb backend process has shutdown")
+        self.logged.append(step)
+
+    def finish(self):
+        self.finished = True
+
+
+def test_a_failing_wandb_warns_once_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    """wandb asked for but unreachable at the start, or dying mid-run: one warning, wandb off,
+    every record still in metrics.jsonl (a run of days is not stopped by its dashboard)."""
+    from manager_jax.train.metrics import MetricsWriter
+
+    for name, fake in (("init", _FlakyWandb(init_fails=True)), ("log", _FlakyWandb(fail_at=3))):
+        monkeypatch.setitem(sys.modules, "wandb", fake)
+        out = tmp_path / name
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            writer = MetricsWriter(str(out), tensorboard=False, wandb=True)
+            for step in range(1, 7):
+                writer.write(step, {"loss": 1.0 / step})
+            writer.close()
+        warnings = [r.getMessage() for r in caplog.records if "wandb" in r.getMessage()]
+        assert len(warnings) == 1 and f"wandb.{name} failed" in warnings[0], warnings
+        assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
+        assert fake.logged == ([] if name == "init" else [1, 2]) and not fake.finished

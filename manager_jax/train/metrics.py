@@ -122,7 +122,11 @@ class MetricsWriter:
             except ImportError:
                 logger.warning("logging.wandb=True but the wandb package is not installed; wandb logging is off")
             else:
-                self._wandb = wandb_lib.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
+                try:
+                    self._wandb = wandb_lib.init(project=wandb_project, name=wandb_run_name, config=config,
+                                                 resume="allow")
+                except Exception as err:  # noqa: BLE001 - wandb's errors (login, network) have no common base
+                    self._wandb_failed("wandb.init", err)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """One record: {"step": step, **metrics}."""
@@ -137,7 +141,10 @@ class MetricsWriter:
             except OSError as err:
                 self._tensorboard_failed(err)
         if self._wandb is not None:
-            self._wandb.log(numeric, step=step)
+            try:
+                self._wandb.log(numeric, step=step)
+            except Exception as err:  # noqa: BLE001 - as in __init__
+                self._wandb_failed("wandb.log", err)
 
     def event(self, step: int, kind: str, **info: Any) -> None:
         """A non-metric record (checkpoint saved, step skipped, ...) in metrics.jsonl."""
@@ -162,6 +169,13 @@ class MetricsWriter:
             except OSError:
                 pass  # the same failure, already said
 
+    def _wandb_failed(self, call: str, err: Exception) -> None:
+        """A run of days is not stopped by its dashboard (a lost login, network or wandb process):
+        said once, wandb is off, metrics.jsonl goes on."""
+        logger.warning("wandb logging is off: %s failed (%s: %s); metrics.jsonl goes on", call,
+                       type(err).__name__, str(err)[:300])
+        self._wandb = None
+
     def close(self) -> None:
         """Closes every sink, even when one fails; then raises WriteFailed for metrics.jsonl's failure."""
         if self._tb is not None:
@@ -171,7 +185,10 @@ class MetricsWriter:
                 self._tensorboard_failed(err)
             self._tb = None
         if self._wandb is not None:
-            self._wandb.finish()
+            try:
+                self._wandb.finish()
+            except Exception as err:  # noqa: BLE001 - as in __init__
+                self._wandb_failed("wandb.finish", err)
             self._wandb = None
         if self._jsonl is not None:
             jsonl, self._jsonl = self._jsonl, None
