@@ -10,14 +10,21 @@ processes:
   Open MPI launches: JAX detects the cluster itself.
 
 On CPU, cross-process collectives need gloo (``jax_cpu_collectives_implementation``).
+
+A process that fails ends every process of the job (`exit_on_failure`, `_watch_for_failures`): the
+others may be waiting in a collective or barrier it will never reach (inside an Orbax restore, a
+train step), and JAX's exit would wait for them at its shutdown barrier.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
 import socket
+import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -107,6 +114,9 @@ def initialize(
     else:
         jax.distributed.initialize()
     _initialized = True
+    if jax.process_count() > 1:
+        atexit.register(_leaving.set)  # runs before JAX's own exit handler (the last registered runs first)
+        threading.Thread(target=_watch_for_failures, name="manager_jax-failure-watch", daemon=True).start()
     logger.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -183,3 +193,78 @@ def any_process(flags: Sequence[bool], *, timeout_s: float = 3600.0) -> tuple[bo
         # Every process read round_ - 1 before it entered this round's barrier.
         client.key_value_delete(f"{_VOTE_PREFIX}/{round_ - 1}/{me}")
     return tuple(any(v[i] == "1" for v in votes) for i in range(len(flags)))
+
+
+# A failing process writes "<process> <exit status>" under this key; every process watches it.
+_FAILURE_KEY = "manager_jax/failed"
+_SEEN_PREFIX = "manager_jax/failure_seen/"
+_leaving = threading.Event()  # this process ends on its own failure (or exits): its watcher stands down
+
+
+def _client():
+    from jax._src import distributed as jax_distributed  # the client of jax.distributed.initialize()
+
+    return jax_distributed.global_state.client
+
+
+def _leave(status: int, wait_for_others_s: float) -> None:
+    """Exit now, without JAX's shutdown barrier: it waits for every process, and the others may
+    be stuck. Process 0 hosts the coordination service; it leaves last, once every process has
+    seen the failure (or after `wait_for_others_s`), so that none loses the service first."""
+    import jax
+
+    client, count = _client(), jax.process_count()
+    deadline = time.monotonic() + (wait_for_others_s if jax.process_index() == 0 else 0)
+    while time.monotonic() < deadline:
+        try:
+            if len(client.key_value_dir_get(_SEEN_PREFIX)) >= count:
+                time.sleep(0.5)  # the others exit right after they wrote theirs
+                break
+        except Exception:  # the service is gone
+            break
+        time.sleep(0.1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def exit_on_failure(status: int, *, wait_for_others_s: float = 10.0) -> None:
+    """Called by a process that is about to end with a failure `status` (1 or 2): every other
+    process of the job stops within seconds with the same status, wherever it waits, and this one
+    exits (it does not return). A no-op with one process."""
+    import jax
+
+    if not _initialized or jax.process_count() == 1 or _client() is None:
+        return
+    _leaving.set()
+    me, client = jax.process_index(), _client()
+    try:
+        client.key_value_set(_SEEN_PREFIX + str(me), "failed")
+        client.key_value_set(_FAILURE_KEY, f"{me} {int(status)}")
+    except Exception:  # another process failed first (the key exists), or the service is gone
+        pass
+    _leave(status, wait_for_others_s)
+
+
+def _watch_for_failures() -> None:
+    """In each process: when another one reports a failure, say so and exit with its status."""
+    import jax
+
+    me, count, client = jax.process_index(), jax.process_count(), _client()
+    while not _leaving.is_set():
+        try:
+            value = client.blocking_key_value_get(_FAILURE_KEY, 5000)
+        except Exception:  # not set within 5 s (or the client is shutting down at exit): look again
+            time.sleep(0.1)
+            continue
+        if _leaving.is_set():
+            return
+        _leaving.set()
+        process, _, status = value.partition(" ")
+        print(f"error: process {process} of {count} failed (exit status {status}; its log says why); "
+              f"process {me} stops too", file=sys.stderr)
+        try:
+            client.key_value_set(_SEEN_PREFIX + str(me), "stopped")
+        except Exception:
+            pass
+        _leave(int(status) if status.isdigit() else 1, wait_for_others_s=10.0)
