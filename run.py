@@ -165,8 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # every command: Ctrl-C is one line and 130, as train's and convert's own
         print("error: interrupted", file=sys.stderr)
         return exit_status.INTERRUPTED
-    except Exception:  # a bug or an unexpected error: its traceback, then the other processes stop too
+    except Exception as err:  # a bug or an unexpected error: its traceback, then the other processes stop too
         traceback.print_exc()
+        # Last, as every command's errors: e.g. a collective whose peer process died.
+        print(f"error: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}", file=sys.stderr)
         exit_on_failure(exit_status.FAILED)
         return exit_status.FAILED
     if result in (exit_status.FAILED, exit_status.BAD_INPUT):

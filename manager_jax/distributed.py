@@ -115,8 +115,10 @@ def initialize(
         jax.distributed.initialize()
     _initialized = True
     if jax.process_count() > 1:
-        atexit.register(_leaving.set)  # runs before JAX's own exit handler (the last registered runs first)
-        threading.Thread(target=_watch_for_failures, name="manager_jax-failure-watch", daemon=True).start()
+        global _watcher
+        _watcher = threading.Thread(target=_watch_for_failures, name="manager_jax-failure-watch", daemon=True)
+        _watcher.start()
+        atexit.register(_stop_watching)  # runs before JAX's own exit handler (the last registered runs first)
     logger.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -195,10 +197,12 @@ def any_process(flags: Sequence[bool], *, timeout_s: float = 3600.0) -> tuple[bo
     return tuple(any(v[i] == "1" for v in votes) for i in range(len(flags)))
 
 
-# A failing process writes "<process> <exit status>" under this key; every process watches it.
-_FAILURE_KEY = "manager_jax/failed"
+# A failing process writes "<process> <exit status>" under each other process's key of this
+# prefix; each process's watcher waits on its own (a process wakes its own at exit).
+_FAILURE_PREFIX = "manager_jax/failed/"
 _SEEN_PREFIX = "manager_jax/failure_seen/"
-_leaving = threading.Event()  # this process ends on its own failure (or exits): its watcher stands down
+_leaving = threading.Event()  # this process ends (on its own failure, or exits): its watcher stands down
+_watcher: threading.Thread | None = None
 
 
 def _client():
@@ -234,15 +238,16 @@ def exit_on_failure(status: int, *, wait_for_others_s: float = 10.0) -> None:
     exits (it does not return). A no-op with one process."""
     import jax
 
-    if not _initialized or jax.process_count() == 1 or _client() is None:
+    if _watcher is None or _client() is None:
         return
     _leaving.set()
     me, client = jax.process_index(), _client()
-    try:
-        client.key_value_set(_SEEN_PREFIX + str(me), "failed")
-        client.key_value_set(_FAILURE_KEY, f"{me} {int(status)}")
-    except Exception:  # another process failed first (the key exists), or the service is gone
-        pass
+    for key, value in [(_SEEN_PREFIX + str(me), "failed")] + [
+            (f"{_FAILURE_PREFIX}{p}", f"{me} {int(status)}") for p in range(jax.process_count()) if p != me]:
+        try:
+            client.key_value_set(key, value)
+        except Exception:  # another process failed first (the key exists), or the service is gone
+            pass
     _leave(status, wait_for_others_s)
 
 
@@ -253,11 +258,10 @@ def _watch_for_failures() -> None:
     me, count, client = jax.process_index(), jax.process_count(), _client()
     while not _leaving.is_set():
         try:
-            value = client.blocking_key_value_get(_FAILURE_KEY, 5000)
-        except Exception:  # not set within 5 s (or the client is shutting down at exit): look again
-            time.sleep(0.1)
+            value = client.blocking_key_value_get(f"{_FAILURE_PREFIX}{me}", 60_000)
+        except Exception:  # not set within the minute: wait again
             continue
-        if _leaving.is_set():
+        if _leaving.is_set():  # woken at exit, or this process fails itself
             return
         _leaving.set()
         process, _, status = value.partition(" ")
@@ -268,3 +272,19 @@ def _watch_for_failures() -> None:
         except Exception:
             pass
         _leave(int(status) if status.isdigit() else 1, wait_for_others_s=10.0)
+
+
+def _stop_watching() -> None:
+    """At a normal exit, before JAX's handler shuts the client down: wake the watcher and wait for
+    it. A thread still inside the client's blocking call when the interpreter finalises aborts the
+    process ("FATAL: exception not rethrown")."""
+    import jax
+
+    if _leaving.is_set() or _watcher is None:
+        return
+    _leaving.set()
+    try:
+        _client().key_value_set(f"{_FAILURE_PREFIX}{jax.process_index()}", "exit")
+    except Exception:  # a failure note is already there: the watcher has woken
+        pass
+    _watcher.join(timeout=5.0)

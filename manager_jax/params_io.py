@@ -182,8 +182,7 @@ def _metadata_tree(path: str) -> Any:
         # which a training checkpoint's params item does not hold (a warning per call).
         meta = _handler().metadata(epath.Path(path))
     except Exception as e:  # Orbax raises many kinds of errors for damaged checkpoints
-        raise ParamsError(f"{path}: cannot read the Orbax metadata ({type(e).__name__}: {e}); "
-                          "the checkpoint is damaged or incomplete") from e
+        raise restore_failure(f"{path}: cannot read the Orbax metadata", e) from e
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree) if tree is not None else None
     if not tree:
