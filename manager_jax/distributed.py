@@ -211,10 +211,11 @@ def _client():
     return jax_distributed.global_state.client
 
 
-def _leave(status: int, wait_for_others_s: float) -> None:
+def _leave(status: int, wait_for_others_s: float, message: str | None = None) -> None:
     """Exit now, without JAX's shutdown barrier: it waits for every process, and the others may
     be stuck. Process 0 hosts the coordination service; it leaves last, once every process has
-    seen the failure (or after `wait_for_others_s`), so that none loses the service first."""
+    seen the failure (or after `wait_for_others_s`), so that none loses the service first.
+    `message`: printed last, after what the main thread may still print of its own failure."""
     import jax
 
     client, count = _client(), jax.process_count()
@@ -227,6 +228,8 @@ def _leave(status: int, wait_for_others_s: float) -> None:
         except Exception:  # the service is gone
             break
         time.sleep(0.1)
+    if message:
+        print(message, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
@@ -240,7 +243,9 @@ def exit_on_failure(status: int, *, wait_for_others_s: float = 10.0) -> None:
 
     if _watcher is None or _client() is None:
         return
-    _leaving.set()
+    _failing.set()
+    if not _claim():  # the watcher is ending the process on another's failure
+        threading.Event().wait()
     me, client = jax.process_index(), _client()
     for key, value in [(_SEEN_PREFIX + str(me), "failed")] + [
             (f"{_FAILURE_PREFIX}{p}", f"{me} {int(status)}") for p in range(jax.process_count()) if p != me]:
@@ -251,27 +256,50 @@ def exit_on_failure(status: int, *, wait_for_others_s: float = 10.0) -> None:
     _leave(status, wait_for_others_s)
 
 
+_claim_lock = threading.Lock()
+# The main thread ends on its own error: it reports that error (all processes do when they fail
+# together after a vote), not another process's note that came at the same time.
+_failing = threading.Event()
+
+
+def _claim() -> bool:
+    """Whether this thread is the first to end the process (the watcher, the main thread's
+    failure and the exit handler may race)."""
+    with _claim_lock:
+        if _leaving.is_set():
+            return False
+        _leaving.set()
+        return True
+
+
+def _announcement(note: str) -> tuple[int, str]:
+    """(exit status, error line) for another process's failure note."""
+    import jax
+
+    process, _, status = note.partition(" ")
+    return int(status) if status.isdigit() else 1, (
+        f"error: process {process} of {jax.process_count()} failed (exit status {status}; its log says why); "
+        f"process {jax.process_index()} stops too")
+
+
 def _watch_for_failures() -> None:
     """In each process: when another one reports a failure, say so and exit with its status."""
     import jax
 
-    me, count, client = jax.process_index(), jax.process_count(), _client()
+    me, client = jax.process_index(), _client()
     while not _leaving.is_set():
         try:
-            value = client.blocking_key_value_get(f"{_FAILURE_PREFIX}{me}", 60_000)
+            note = client.blocking_key_value_get(f"{_FAILURE_PREFIX}{me}", 60_000)
         except Exception:  # not set within the minute: wait again
             continue
-        if _leaving.is_set():  # woken at exit, or this process fails itself
+        if _leaving.is_set() or _failing.wait(timeout=2.0) or not _claim():  # it exits, or fails itself
             return
-        _leaving.set()
-        process, _, status = value.partition(" ")
-        print(f"error: process {process} of {count} failed (exit status {status}; its log says why); "
-              f"process {me} stops too", file=sys.stderr)
+        status, message = _announcement(note)
         try:
             client.key_value_set(_SEEN_PREFIX + str(me), "stopped")
         except Exception:
             pass
-        _leave(int(status) if status.isdigit() else 1, wait_for_others_s=10.0)
+        _leave(status, 10.0, message)
 
 
 def _stop_watching() -> None:
@@ -280,9 +308,8 @@ def _stop_watching() -> None:
     process ("FATAL: exception not rethrown")."""
     import jax
 
-    if _leaving.is_set() or _watcher is None:
+    if _watcher is None or not _claim():
         return
-    _leaving.set()
     try:
         _client().key_value_set(f"{_FAILURE_PREFIX}{jax.process_index()}", "exit")
     except Exception:  # a failure note is already there: the watcher has woken
