@@ -177,12 +177,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from manager_jax.platform import widen_cpu_thread_pools
 
     widen_cpu_thread_pools()  # before any command starts the backend: fake CPU devices can deadlock otherwise
+    from manager_jax.distributed import exit_on_failure
+
     try:
-        result = COMMANDS[name][0]()(rest)
+        result = int(COMMANDS[name][0]()(rest) or 0)
     except KeyboardInterrupt:  # every command: Ctrl-C is one line and 130, as train's and convert's own
         print("error: interrupted", file=sys.stderr)
         return exit_status.INTERRUPTED
-    return int(result or 0)
+    except Exception as err:  # a bug or an unexpected error: its traceback, then the other processes stop too
+        traceback.print_exc()
+        # Last, as every command's errors: e.g. a collective whose peer process died.
+        print(f"error: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}", file=sys.stderr)
+        exit_on_failure(exit_status.FAILED)
+        return exit_status.FAILED
+    if result in (exit_status.FAILED, exit_status.BAD_INPUT):
+        # Several processes: the others may wait for this one in a collective; they stop too.
+        exit_on_failure(result)
+    return result
 
 
 if __name__ == "__main__":

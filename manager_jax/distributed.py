@@ -10,14 +10,21 @@ processes:
   Open MPI launches: JAX detects the cluster itself.
 
 On CPU, cross-process collectives need gloo (``jax_cpu_collectives_implementation``).
+
+A process that fails ends every process of the job (`exit_on_failure`, `_watch_for_failures`): the
+others may be waiting in a collective or barrier it will never reach (inside an Orbax restore, a
+train step), and JAX's exit would wait for them at its shutdown barrier.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
 import socket
+import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -107,6 +114,11 @@ def initialize(
     else:
         jax.distributed.initialize()
     _initialized = True
+    if jax.process_count() > 1:
+        global _watcher
+        _watcher = threading.Thread(target=_watch_for_failures, name="manager_jax-failure-watch", daemon=True)
+        _watcher.start()
+        atexit.register(_stop_watching)  # runs before JAX's own exit handler (the last registered runs first)
     logger.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -183,3 +195,123 @@ def any_process(flags: Sequence[bool], *, timeout_s: float = 3600.0) -> tuple[bo
         # Every process read round_ - 1 before it entered this round's barrier.
         client.key_value_delete(f"{_VOTE_PREFIX}/{round_ - 1}/{me}")
     return tuple(any(v[i] == "1" for v in votes) for i in range(len(flags)))
+
+
+# A failing process writes "<process> <exit status>" under each other process's key of this
+# prefix; each process's watcher waits on its own (a process wakes its own at exit).
+_FAILURE_PREFIX = "manager_jax/failed/"
+_SEEN_PREFIX = "manager_jax/failure_seen/"
+_leaving = threading.Event()  # this process ends (on its own failure, or exits): its watcher stands down
+_watcher: threading.Thread | None = None
+
+
+def _client():
+    from jax._src import distributed as jax_distributed  # the client of jax.distributed.initialize()
+
+    return jax_distributed.global_state.client
+
+
+def _leave(status: int, wait_for_others_s: float, message: str | None = None) -> None:
+    """Exit now, without JAX's shutdown barrier: it waits for every process, and the others may
+    be stuck. Process 0 hosts the coordination service; it leaves last, once every process has
+    seen the failure (or after `wait_for_others_s`), so that none loses the service first.
+    `message`: printed last, after what the main thread may still print of its own failure."""
+    import jax
+
+    client, count = _client(), jax.process_count()
+    deadline = time.monotonic() + (wait_for_others_s if jax.process_index() == 0 else 0)
+    while time.monotonic() < deadline:
+        try:
+            if len(client.key_value_dir_get(_SEEN_PREFIX)) >= count:
+                time.sleep(0.5)  # the others exit right after they wrote theirs
+                break
+        except Exception:  # the service is gone
+            break
+        time.sleep(0.1)
+    if message:
+        print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def exit_on_failure(status: int, *, wait_for_others_s: float = 10.0) -> None:
+    """Called by a process that is about to end with a failure `status` (1 or 2): every other
+    process of the job stops within seconds with the same status, wherever it waits, and this one
+    exits (it does not return). A no-op with one process."""
+    import jax
+
+    if _watcher is None or _client() is None:
+        return
+    _failing.set()
+    if not _claim():  # the watcher is ending the process on another's failure
+        threading.Event().wait()
+    me, client = jax.process_index(), _client()
+    for key, value in [(_SEEN_PREFIX + str(me), "failed")] + [
+            (f"{_FAILURE_PREFIX}{p}", f"{me} {int(status)}") for p in range(jax.process_count()) if p != me]:
+        try:
+            client.key_value_set(key, value)
+        except Exception:  # another process failed first (the key exists), or the service is gone
+            pass
+    _leave(status, wait_for_others_s)
+
+
+_claim_lock = threading.Lock()
+# The main thread ends on its own error: it reports that error (all processes do when they fail
+# together after a vote), not another process's note that came at the same time.
+_failing = threading.Event()
+
+
+def _claim() -> bool:
+    """Whether this thread is the first to end the process (the watcher, the main thread's
+    failure and the exit handler may race)."""
+    with _claim_lock:
+        if _leaving.is_set():
+            return False
+        _leaving.set()
+        return True
+
+
+def _announcement(note: str) -> tuple[int, str]:
+    """(exit status, error line) for another process's failure note."""
+    import jax
+
+    process, _, status = note.partition(" ")
+    return int(status) if status.isdigit() else 1, (
+        f"error: process {process} of {jax.process_count()} failed (exit status {status}; its log says why); "
+        f"process {jax.process_index()} stops too")
+
+
+def _watch_for_failures() -> None:
+    """In each process: when another one reports a failure, say so and exit with its status."""
+    import jax
+
+    me, client = jax.process_index(), _client()
+    while not _leaving.is_set():
+        try:
+            note = client.blocking_key_value_get(f"{_FAILURE_PREFIX}{me}", 60_000)
+        except Exception:  # not set within the minute: wait again
+            continue
+        if _leaving.is_set() or _failing.wait(timeout=2.0) or not _claim():  # it exits, or fails itself
+            return
+        status, message = _announcement(note)
+        try:
+            client.key_value_set(_SEEN_PREFIX + str(me), "stopped")
+        except Exception:
+            pass
+        _leave(status, 10.0, message)
+
+
+def _stop_watching() -> None:
+    """At a normal exit, before JAX's handler shuts the client down: wake the watcher and wait for
+    it. A thread still inside the client's blocking call when the interpreter finalises aborts the
+    process ("FATAL: exception not rethrown")."""
+    import jax
+
+    if _watcher is None or not _claim():
+        return
+    try:
+        _client().key_value_set(f"{_FAILURE_PREFIX}{jax.process_index()}", "exit")
+    except Exception:  # a failure note is already there: the watcher has woken
+        pass
+    _watcher.join(timeout=5.0)

@@ -211,8 +211,7 @@ def _metadata_tree(path: str) -> Any:
         # which a training checkpoint's params item does not hold (a warning per call).
         meta = _handler().metadata(epath.Path(path))
     except Exception as e:  # Orbax raises many kinds of errors for damaged checkpoints
-        raise ParamsError(f"{path}: cannot read the Orbax metadata ({type(e).__name__}: {e}); "
-                          "the checkpoint is damaged or incomplete") from e
+        raise restore_failure(f"{path}: cannot read the Orbax metadata", e) from e
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree) if tree is not None else None
     if not tree:
@@ -638,8 +637,19 @@ def load_params(
     except ParamsError:
         raise
     except Exception as e:  # missing or truncated array files: Orbax / TensorStore errors of many kinds
-        raise ParamsError(f"{item}: cannot restore the parameters ({type(e).__name__}: {e}); "
-                          "the checkpoint is damaged or incomplete") from e
+        raise restore_failure(f"{item}: cannot restore the parameters", e) from e
+
+
+def restore_failure(what: str, err: Exception) -> ParamsError:
+    """A one-line error for a failed Orbax restore: the root cause's first line (Orbax wraps
+    TensorStore's reason in an exception whose own text is a multi-line spec dump)."""
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    line = (str(root).strip().splitlines() or [""])[0]
+    # A runtime error (a collective whose peer process has gone) says nothing about the files.
+    hint = "" if isinstance(root, jax.errors.JaxRuntimeError) else "; the checkpoint is damaged or unreadable here"
+    return ParamsError(f"{what} ({type(root).__name__}: {line}){hint}")
 
 
 def restore_into(model, params: Mapping) -> None:

@@ -6,6 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import time
+
+import pytest
 
 from tests.test_train_multiprocess import REPO, _env, _free_port
 
@@ -35,3 +38,31 @@ def test_two_processes_vote_without_waiting_for_their_devices():
         # round before once it has passed the barrier of the next).
         rounds_left = {int(k.split("/")[-2]) for k in report["keys_left"]}
         assert rounds_left <= {107, 108} and {f"manager_jax/any_process/108/{p}" for p in (0, 1)} <= set(report["keys_left"])
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_failing_process_stops_the_other_where_it_waits(failing):
+    """The failing process (0 hosts the coordination service) exits at once with its status, the
+    other with the same status and a one-line message, not after the vote's hour or JAX's 300 s
+    shutdown barrier."""
+    port = _free_port()
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.distributed_failure_worker", str(failing)], cwd=REPO,
+            env=_env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert time.monotonic() - start < 40
+    assert [p.returncode for p in procs] == [2, 2], [err[-2000:] for _, err in outputs]
+    errors = [err.strip().splitlines()[-1] for _, err in outputs]
+    other = 1 - failing
+    assert errors[failing] == "error: this process's own error"
+    assert errors[other] == f"error: process {failing} of 2 failed (exit status 2; its log says why); process {other} stops too"

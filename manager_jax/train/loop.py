@@ -33,7 +33,7 @@ import numpy as np
 
 from manager_jax.config import ConfigError
 from manager_jax.distributed import DistributedSetupError, any_process
-from manager_jax.params_io import ParamsError, dotted
+from manager_jax.params_io import ParamsError, dotted, restore_failure
 from manager_jax.sharding import ShardingError, data_parallel_size, local_shard_indices, make_mesh
 from manager_jax.train import flops as flops_lib
 from manager_jax.train import run_files
@@ -253,7 +253,10 @@ def load_initial_params(setup: TrainSetup, params: dict, init_from: str, strict:
             wanted[path] = target
         if not wanted:
             raise TrainingError(f"init_from {directory}: no parameter of this model found there")
-        restored = params_io.flatten_tree(params_io.restore_tree(item, _unflatten(wanted), partial=True))
+        try:
+            restored = params_io.flatten_tree(params_io.restore_tree(item, _unflatten(wanted), partial=True))
+        except Exception as err:  # unreadable or damaged array files
+            raise params_io.restore_failure(f"init_from {directory}: cannot restore the parameters", err) from err
         for path, value in restored.items():
             flat_params[path] = value
             loaded.add(path)
@@ -441,7 +444,10 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
     data_states = None
     if latest is not None:
         logger.info("resuming from %s step %d", ckpt.directory, latest)
-        state, data_states, _ = ckpt.restore(latest, setup.abstract_state)
+        try:
+            state, data_states, _ = ckpt.restore(latest, setup.abstract_state)
+        except Exception as err:  # unreadable or damaged array files: Orbax / TensorStore errors of many kinds
+            raise restore_failure(f"cannot restore step {latest} from {ckpt.directory}", err) from err
     else:
         params = init_params(setup, config.seed)
         if config.init_from:
