@@ -49,9 +49,9 @@ def _train_parser(prog: str, aot: bool) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (nested with dots); repeatable")
     if aot:
-        p.add_argument("--topology", required=True,
-                       help="TPU topology like v5p:2x2x2 or v5e:4x4, 2xv5e:4x4 for 2 slices (needs libtpu), GPUs like h100:8 or h100:8x8 "
-                            "(hosts x GPUs; needs jax's CUDA plugin), or cpu:N (N local CPU devices)")
+        from manager_jax.train.aot import TOPOLOGY_HELP
+
+        p.add_argument("--topology", required=True, help=TOPOLOGY_HELP)
         p.add_argument("--hlo-out", metavar="PATH",
                        help="also write the compiled program's HLO text there (read it with benchmarks/hlo_traffic.py)")
     p.add_argument("--log-level", default="INFO", help="INFO (default), DEBUG (also prints the traceback of an error), WARNING, ...")

@@ -116,6 +116,11 @@ def device_grid(config: MeshConfig, devices: Sequence[Any]) -> np.ndarray:
     grid = grids.transpose([i for a in range(n) for i in (a, n + a)]).reshape(shape)
     logger.info("mesh %s over %d %ss: %s across them, %s within each", sizes, len(granules), kind,
                 dict(zip(MESH_AXES, dcn)), dict(zip(MESH_AXES, ici)))
+    if kind == "slice" and dcn[1] > 1:  # (GPU nodes: FSDP across nodes is the usual setup)
+        # Every layer's weight gathers (and gradient reductions) then go over DCN, each step.
+        logger.warning("mesh %s: fsdp spans %d TPU slices, so FSDP's weight gathers cross the data-center "
+                       "network every layer; --set mesh.data=%d keeps fsdp inside a slice", sizes, dcn[1],
+                       len(granules))
     return grid
 
 

@@ -47,14 +47,19 @@ def test_the_multi_slice_topology_has_two_slices_of_four_hosts(two_slices):
 
 
 @needs_libtpu
-def test_slices_go_to_data_first_then_fsdp_and_never_to_tensor(two_slices):
+def test_slices_go_to_data_first_then_fsdp_and_never_to_tensor(two_slices, caplog):
     # data=2: each data row is one whole slice; fsdp and tensor stay inside it.
-    grid = make_mesh(MeshConfig(data=2, fsdp=-1, tensor=4), two_slices).devices
+    with caplog.at_level(logging.WARNING, logger="manager_jax.sharding"):
+        grid = make_mesh(MeshConfig(data=2, fsdp=-1, tensor=4), two_slices).devices
+    assert "fsdp spans" not in caplog.text
     assert [spans(list(grid[i].flat), "slice_index") for i in range(2)] == [1, 1]
     assert {grid[i].flat[0].slice_index for i in range(2)} == {0, 1}
     assert all(spans(g, "slice_index") == 1 for g in groups(grid, "fsdp") + groups(grid, "tensor"))
-    # The recipes' default mesh (fsdp over all): fsdp is the axis that crosses, tensor groups stay.
-    grid = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=2), two_slices).devices
+    # The recipes' default mesh (fsdp over all): fsdp is the axis that crosses, tensor groups stay;
+    # the log says how to keep FSDP's gathers off the slow links.
+    with caplog.at_level(logging.WARNING, logger="manager_jax.sharding"):
+        grid = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=2), two_slices).devices
+    assert "fsdp spans 2 TPU slices" in caplog.text and "--set mesh.data=2" in caplog.text
     assert all(spans(g, "slice_index") == 2 for g in groups(grid, "fsdp"))
     assert all(spans(g, "slice_index") == 1 for g in groups(grid, "tensor"))
     # A tensor group may span the hosts of one slice (ICI links them), not two slices.

@@ -71,7 +71,7 @@ def test_the_tpu_compilers_out_of_memory_refusal_is_a_report_that_does_not_fit()
     config = load_recipe(os.path.join(REPO, "configs", "llava_ov.py:stage2_grid_manager_72b"))
     ways = ways_to_fit(config, {"data": 1, "fsdp": 8, "tensor": 8})
     # 8 KV heads already split 8 ways, one row per shard, full remat: only more chips are left.
-    assert ways == ["more chips (a larger --topology; fsdp=-1 takes them)"]
+    assert len(ways) == 1 and ways[0].startswith("more chips")
     assert len(ways_to_fit(config, {"fsdp": 64, "tensor": 1})) == 2  # + --set mesh.tensor=2
     report = {"recipe": "r", "topology": "v5p:4x4x4", "devices": 64, "device_kind": "TPU v5", "mesh": {"fsdp": 8},
               "batch": {}, "params": 10, "trainable_params": 10, "compile_s": 1.0, "hbm_per_chip_gib": 95.73,

@@ -35,8 +35,8 @@ from manager_jax.infer.engine import InferenceEngine, InputError, Prompt, ScoreR
 from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
 from manager_jax.infer.sampling import SamplingParams
 from manager_jax.models.llava_ov import LlavaOV
-from manager_jax.train.aot import (AotError, building_for, cache_compiled_programs, compile_time_oom, memory_capacity,
-                                   memory_per_chip, topology_devices)
+from manager_jax.train.aot import (TOPOLOGY_HELP, AotError, building_for, cache_compiled_programs, compile_time_oom,
+                                   memory_capacity, memory_per_chip, topology_devices)
 
 PROGRAMS = ("prefill", "decode", "score")
 
@@ -178,8 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help=f"preset size[:variant]: sizes 0.5b, 7b, 72b; variants {', '.join(VARIANTS)} (default: 0.5b:grid_manager)")
     which.add_argument("--checkpoint", default=None,
                        help="take the model config of this checkpoint directory instead (no weights are read)")
-    p.add_argument("--topology", required=True,
-                   help="v5p:2x2x2 (a TPU slice; needs libtpu), h100:8 or h100:2x8 (GPUs; needs jax's CUDA plugin), or cpu:N")
+    p.add_argument("--topology", required=True, help=TOPOLOGY_HELP)
     p.add_argument("--mesh", default=None, help="like 'tensor=8' or 'data=2,tensor=4' (default: fsdp over all devices)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="params and compute dtype (default: bfloat16)")
     p.add_argument("--rows", type=int, default=1, help="prompts decoded together (default: 1)")

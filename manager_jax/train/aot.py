@@ -141,6 +141,11 @@ def _gpu_devices(card: str, shape: str, topology: str) -> list[Any]:
     return list(desc.devices)
 
 
+# The --topology flag of `run.py compile` and `run.py compile-generate`.
+TOPOLOGY_HELP = ("TPU topology like v5p:2x2x2 or v5e:4x4, 2xv5e:4x4 for 2 slices (needs libtpu), GPUs like h100:8 or "
+                 "h100:8x8 (hosts x GPUs; needs jax's CUDA plugin), or cpu:N (N local CPU devices)")
+
+
 def topology_devices(topology: str) -> list[Any]:
     """Compile-only devices of a TPU topology ("v5p:2x2x2") or GPU cluster ("h100:8x8"), or local
     CPU devices ("cpu:8")."""
@@ -406,7 +411,8 @@ def host_batch(mesh: Any, *, shards: int, rows: int) -> dict[str, int]:
 
 def ways_to_fit(config: TrainConfig, mesh_shape: dict[str, int]) -> list[str]:
     """What could bring the step under the chip's memory, leaving out what the config already does."""
-    ways = ["more chips (a larger --topology; fsdp=-1 takes them)"]
+    ways = ["more chips (a larger --topology, or on TPU N slices of it: Nx<topology> with --set mesh.data=N; "
+            "fsdp=-1 takes them)"]
     heads = config.model.text.num_kv_heads
     tensor = mesh_shape.get("tensor", 1)
     if heads % (2 * tensor) == 0:
