@@ -81,6 +81,20 @@ def test_the_tpu_compilers_out_of_memory_refusal_is_a_report_that_does_not_fit()
     assert "to fit: more chips" in text
 
 
+def test_one_row_per_shard_suggestion_scales_the_crop_and_image_token_capacities():
+    """The 0.5B stage-2 recipe sizes a shard batch's crops (74) and image tokens (32,768) for its
+    2 rows. `--set data.rows_per_host=1` alone kept them: its v5e:4x4 step needed more memory than
+    2 rows (17.16 against 16.32 GiB), since the tower still ran 74 crop slots per row and the
+    step's pixel input doubled with the accumulation steps. The suggestion must keep them per row."""
+    config = load_recipe(os.path.join(REPO, "configs", "llava_ov.py:stage2_grid_manager_0.5b"))
+    [way] = [w for w in ways_to_fit(config, {"data": 1, "fsdp": 16, "tensor": 1}) if "rows_per_host" in w]
+    overrides = [part.strip() for part in way.split("(")[0].split("--set") if part.strip()]
+    smaller = load_recipe(os.path.join(REPO, "configs", "llava_ov.py:stage2_grid_manager_0.5b"), overrides)
+    assert smaller.data.rows_per_host == 1
+    assert smaller.data.max_crops * config.data.rows_per_host == config.data.max_crops
+    assert smaller.data.max_image_tokens * config.data.rows_per_host == config.data.max_image_tokens
+
+
 def test_compile_cli_errors_are_one_line_not_a_traceback():
     out = subprocess.run([sys.executable, "run.py", "compile", "--config", "configs/demo.py", "--topology", "v9z:2x2"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -121,11 +121,17 @@ class SiglipTower(nnx.Module):
         real = lambda h: h[..., :n, :] if valid_len else h
         if not select_layers:
             return real(run(h0_run, 0, None, False)[0]), None
-        # Only layers at or after the first selected one keep their outputs (memory).
-        first = max(min(select_layers) - 1, 0)
+        # The tail scan starts at the first selected layer and emits each layer's *input*: under
+        # remat that input is also the scan's saved residual, so the selected hidden states are
+        # not kept a second time.
+        first = min(k for k in select_layers if k > 0) if any(k > 0 for k in select_layers) else 0
         h, _ = run(h0_run, 0, first, False)
-        last, tail = run(h, first, None, True)
-        # hidden_states[k] for k >= first + 1 is tail[k - first - 1]; k = 0 is the embeddings.
-        stacked = jnp.concatenate([h[None], tail], axis=0)  # hidden_states[first:]
-        picked = [h0_run if k == 0 else stacked[k - first] for k in select_layers]
+        body_in = lambda layer, x, _: (layer(x, valid_len), x)
+        last, tail = run_stacked(layers, h, body_in, start=first, stop=None, scan=self.scan_layers,
+                                 remat_policy=self.remat_policy, collect=True)
+        num = self.cfg.num_layers
+        # hidden_states[k]: the embeddings (k = 0), tail[k - first] (first <= k < num), last (k = num).
+        if select_layers == list(range(first, first + len(select_layers))) and first + len(select_layers) <= num:
+            return real(last), real(tail[: len(select_layers)])  # the recipes' 13..25: no copy
+        picked = [h0_run if k == 0 else last if k == num else tail[k - first] for k in select_layers]
         return real(last), real(jnp.stack(picked))

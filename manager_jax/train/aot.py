@@ -417,8 +417,14 @@ def ways_to_fit(config: TrainConfig, mesh_shape: dict[str, int]) -> list[str]:
     tensor = mesh_shape.get("tensor", 1)
     if heads % (2 * tensor) == 0:
         ways.append(f"--set mesh.tensor={2 * tensor}")
-    if config.data.rows_per_host > 1:
-        ways.append("--set data.rows_per_host=1 (more accumulation steps)")
+    rows = config.data.rows_per_host
+    if rows > 1:
+        # A shard batch's crop and image-token capacities are set for all its rows (the recipes
+        # derive them from rows): kept, one row would still run the vision tower on every crop
+        # slot, and the step's pixel input grows with the accumulation steps.
+        per_row = lambda total: -(-total // rows)
+        ways.append(f"--set data.rows_per_host=1 --set data.max_crops={per_row(config.data.max_crops)} "
+                    f"--set data.max_image_tokens={per_row(config.data.max_image_tokens)} (more accumulation steps)")
     if config.model.remat_policy != "full":
         ways.append("--set model.remat_policy=full")
     return ways
