@@ -71,9 +71,17 @@ def _start_processes() -> None:
         raise InputError(str(err)) from None
 
 
+# How long a process whose step failed waits for the others at the vote after it. They may never
+# come: a step with collectives inside (the model's restore) holds them there, waiting for this one.
+FAILED_VOTE_WAIT_S = 30.0
+
+
 def _agreed(step):
     """step() on this process; a user error on any process stops every one (each raises), before
-    the next step's collectives: a process alone in them would wait for its peers until it times out."""
+    the next step's collectives: a process alone in them would wait for its peers until it times out.
+
+    A process whose step failed and whose peers do not come to the vote raises its error anyway;
+    run.py's `distributed.exit_on_failure` then stops them wherever they wait."""
     from manager_jax.distributed import any_process
 
     error = result = None
@@ -81,7 +89,13 @@ def _agreed(step):
         result = step()
     except USER_ERRORS as err:
         error = err
-    if any_process((error is not None,))[0]:
+    try:
+        refused = any_process((error is not None,), **({"timeout_s": FAILED_VOTE_WAIT_S} if error else {}))[0]
+    except RuntimeError:
+        if error is None:
+            raise
+        raise error from None
+    if refused:
         raise error or InputError("another process refused its input (its error says why)")
     return result
 
