@@ -194,6 +194,23 @@ def test_skip_bad_lists_the_bad_lines_and_answers_the_others_as_a_full_run(check
     assert code == 2 and f"{mixed}:2: not UTF-8 text" in err and "Traceback" not in err, err
 
 
+def test_skip_bad_with_every_line_bad_fails_and_lists_them(checkpoint, capsys, tmp_path):  # noqa: F811
+    """--skip-bad keeps a run going past bad lines, but a file with no answer is a failed run (exit 1),
+    whether its lines fail before the model load (JSON, images) or after it (lengths)."""
+    ckpt, image, _ = checkpoint
+    early = tmp_path / "early.jsonl"
+    early.write_text('{not json\n' + json.dumps({"prompt": "x", "images": ["nope.png"]}) + "\n")
+    code, _, err = generate(ckpt, early, tmp_path / "early_answers.jsonl", capsys, "--skip-bad")
+    assert code == 1 and "every one of the 2 lines" in err and "Traceback" not in err, err
+    records = answers(tmp_path / "early_answers.jsonl")
+    assert ["not valid JSON" in records[0]["error"], "image not found" in records[1]["error"]] == [True, True]
+    late = tmp_path / "late.jsonl"
+    late.write_text(json.dumps({"prompt": "word " * 1200, "images": [image]}) + "\n")
+    code, _, err = generate(ckpt, late, tmp_path / "late_answers.jsonl", capsys, "--skip-bad", "--max-length", "1000")
+    assert code == 1 and "every one of the 1 lines" in err, err
+    assert "more than the max_length of 1000" in answers(tmp_path / "late_answers.jsonl")[0]["error"]
+
+
 @pytest.mark.slow
 def test_a_killed_process_resumes_to_the_straight_runs_file(checkpoint, straight, tmp_path):  # noqa: F811
     """`run.py generate --output` killed with SIGKILL once its file has answers (no handler runs),

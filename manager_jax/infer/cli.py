@@ -289,9 +289,12 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
             return 0
         # Every image and placeholder count, before the (slow) model load.
         _agreed(lambda: check_images(items, args.skip_bad))
-        engine, tokenizer = _agreed(lambda: build_engine(args))
-        _agreed(lambda: _check_lengths(engine, tokenizer, items, args.skip_bad))  # before the first batch
         _agree_on_skips(items)
+        engine = tokenizer = None
+        if any(line.error is None for line in items):  # else nothing to load the model for
+            engine, tokenizer = _agreed(lambda: build_engine(args))
+            _agreed(lambda: _check_lengths(engine, tokenizer, items, args.skip_bad))  # before the first batch
+            _agree_on_skips(items)
         if answers is not None:  # a vote on every process: process 0's refusal stops them all
             _agreed(lambda: answers.open() if distributed.is_primary() else None)
         try:
@@ -315,6 +318,11 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
             if answers is not None:
                 answers.close()
         progress.summary()
+        if not done and all(line.error is not None for line in items):
+            # --skip-bad kept the run going, but a file with no answer at all is a failed run.
+            print(f"error: every one of the {len(items)} lines of {args.prompts} was skipped; "
+                  f"{args.output} lists each with its cause", file=sys.stderr)
+            return exit_status.FAILED
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_status.BAD_INPUT
