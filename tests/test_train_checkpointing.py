@@ -116,7 +116,9 @@ _DISK_FULL_AT_STEP_4 = textwrap.dedent("""
     assert ckpt.save_error(wait=True) is None
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
     ckpt.save(4, state(4), [{}], {"run": 1})
+    print("completed before:", ckpt.take_completed())
     print("error:", ckpt.save_error(wait=True), file=sys.stderr)
+    print("completed after:", ckpt.take_completed())
     ckpt.close()
 """)
 
@@ -132,6 +134,8 @@ def test_a_save_on_a_full_disk_is_one_line_naming_the_cause_and_the_step_to_resu
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: saving the checkpoint of step 4 in {directory} failed: File too large (EFBIG); "
                       "the earlier checkpoints there are complete (the next launch resumes from step 2)"]
+    # Step 2 is reported complete (once), the failed step 4 never: the loop's "checkpoint" events.
+    assert proc.stdout.splitlines() == ["completed before: 2", "completed after: None"], proc.stdout
     ckpt = Checkpointer(directory, keep=3)
     try:
         assert ckpt.all_steps() == [2]

@@ -131,9 +131,8 @@ def test_a_run_killed_during_a_save_resumes_exactly_and_a_second_launch_is_refus
         errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
         assert second.returncode == 2 and len(errors) == 1, second.stderr[-3000:]
         assert f"is in use by another training run (host {socket.gethostname()}, pid {first.pid}, since " in errors[0]
-        # The next save's event is written once its background write has started: kill it then.
-        saves = len([r for r in _records(out) if r.get("event") == "checkpoint"])
-        _wait_for(lambda: len([r for r in _records(out) if r.get("event") == "checkpoint"]) > saves, first)
+        # Kill it while a save is written in the background (its temporary step directory exists).
+        _wait_for(lambda: any(".orbax-checkpoint-tmp" in name for name in os.listdir(out / "checkpoints")), first)
         first.kill()
     finally:
         first.kill()
@@ -180,6 +179,9 @@ def test_a_disk_that_fills_up_stops_the_run_in_one_line_and_a_relaunch_resumes(t
     failed, resume = int(found.group(1)), int(found.group(2))
     steps = sorted(int(name) for name in os.listdir(out / "checkpoints") if name.isdigit())
     assert steps and steps[-1] == resume < failed
+    with open(out / "metrics.jsonl") as f:  # "checkpoint" events name complete checkpoints only
+        events = [record["step"] for record in map(json.loads, f) if record.get("event") == "checkpoint"]
+    assert events and events[-1] == resume and failed not in events, events
     again = subprocess.run(_train_cmd(out), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"(steps {resume + 1}..16, completed)" in again.stdout

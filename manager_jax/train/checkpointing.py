@@ -112,6 +112,7 @@ class Checkpointer:
         quiet_orbax_save_failures()  # save_error reports a failed save once
         self.last_save: int | None = None  # step of the last save started
         self._unchecked = False  # whether that save's outcome is still to be read
+        self._completed: int | None = None  # a save found complete and not yet taken by take_completed
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -157,7 +158,13 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception as err:  # as in save
             return self._failure(err, self.last_save)
+        self._completed = self.last_save
         return None
+
+    def take_completed(self) -> int | None:
+        """The step of a save that `save_error` (or `save`) found complete since the last call, once."""
+        step, self._completed = self._completed, None
+        return step
 
     def _failure(self, err: Exception, step: int | None) -> str:
         try:

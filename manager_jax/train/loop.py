@@ -505,7 +505,14 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
         except CheckpointSaveError as err:
             raise TrainingError(str(err)) from err
         saved_step = step
-        writer.event(step, "checkpoint", directory=ckpt.directory)
+        log_completed_save()  # the one before, found complete before this one started
+
+    def log_completed_save() -> None:
+        """The "checkpoint" event of metrics.jsonl, once its background save is complete (not when
+        it starts: a save that then fails is no checkpoint)."""
+        completed = ckpt.take_completed()
+        if completed is not None:
+            writer.event(completed, "checkpoint", directory=ckpt.directory)
 
     losses: list[float] = []
     status, stop_signal = "completed", None
@@ -603,6 +610,7 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
             # A SIGTERM / Ctrl-C that came while this step ran stops after it.
             # A background save that failed (disk full, ...) stops the run now, not at the next save.
             save_error = ckpt.save_error()
+            log_completed_save()
             stop_requested, exhausted, over_budget, skips_over, save_failed = any_process((
                 stop.requested or step == stop_at_step,
                 fetched is None and step < config.num_steps,
@@ -633,6 +641,7 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
                 break
         read_unread()
         save_error = ckpt.save_error(wait=True)  # the last save, written in the background
+        log_completed_save()
         if any_process((save_error is not None,))[0]:
             raise TrainingError(save_error or "saving a checkpoint failed on another process; its error names the cause")
     except BaseException:
