@@ -76,7 +76,8 @@ def test_kernel_equals_the_xla_step_on_a_left_padded_cache(heads, kv, d):
 @pytest.mark.parametrize("config", [KernelConfig(block=32, programs=1), KernelConfig(block=256, programs=64),
                                     KernelConfig(block=64, programs=10_000, num_stages=1),
                                     KernelConfig(block=32, programs=12, num_warps=2),
-                                    KernelConfig(block=32, programs=12, peel=0), KernelConfig(block=32, programs=1, peel=0)])
+                                    KernelConfig(block=32, programs=12, peel=0),
+                                    KernelConfig(block=32, programs=1, peel=0)])
 def test_every_division_of_the_work_gives_the_xla_steps_result(config):
     """One split or many, small key blocks or blocks larger than a split's share of a row's padding;
     splits that share a row's keys unevenly, and one left without keys (the short row, 3 splits)."""

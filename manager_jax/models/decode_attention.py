@@ -94,13 +94,14 @@ class KernelConfig:
 
 
 def parse_kernel_configs(text: str) -> dict[int, KernelConfig]:
-    """Configs by the rows decoded together: "ROWS:block,programs,warps,stages;..." (what
+    """Configs by the rows decoded together: "ROWS:block,programs,warps,stages[,peel];..." (what
     benchmarks/decode_attention.py prints as the fastest), e.g. "2:128,132,4,2;16:64,528,4,3,0"."""
     configs = {}
     for item in filter(None, (x.strip() for x in text.split(";"))):
         rows, sep, config = item.partition(":")
         if not sep or not rows.strip().isdigit() or int(rows) < 1:
-            raise ValueError(f"a kernel config by rows is ROWS:block,programs,num_warps,num_stages[,peel]; got {item!r}")
+            raise ValueError(f"a kernel config by rows is ROWS:block,programs,num_warps,num_stages[,peel]; "
+                             f"got {item!r}")
         configs[int(rows)] = KernelConfig.parse(config)
     return configs
 
