@@ -12,7 +12,8 @@ for `--layers` layers in a row (4: each layer is its own Triton compile), as a d
 `--passes` times over in a device loop (32), with the cache donated and written in place. The
 time is the median of `--repeats` calls after a warm-up call, divided by layers x passes.
 
-Each config is `block,programs,num_warps,num_stages` (`models/decode_attention.py KernelConfig`).
+Each config is `block,programs,num_warps,num_stages[,peel]` (`models/decode_attention.py KernelConfig`;
+peel 0: the first key block in the pipelined loop too).
 Each path's output is checked against the XLA step in fp32 first: a config more than twice as
 far off as XLA's bf16 path is reported WRONG and never picked. Prints one JSON line per
 (rows, path), a table with the keys and values read per second, and the fastest config per row
@@ -42,10 +43,13 @@ from manager_jax.models.decode_attention import KernelConfig, decode_attention, 
 from manager_jax.models.qwen2 import apply_rope, rope_cos_sin  # noqa: E402
 
 # The likeliest first: a sweep cut short by --budget-s times the ones at the front.
-# "128,32,4,4": one split per (row, KV head) at 16 rows, so no combine kernel runs.
+# "128,32,4,4": one split per (row, KV head) at 16 rows, so no combine kernel runs. "...,0": the
+# defaults for 2 and 16 rows without the peeled first block (fewer memory round trips in a row in
+# the sm_90 code; not timed yet).
 DEFAULT_CONFIGS = ";".join([
-    "128,264,4,2",  # the default
-    "128,528,4,2", "64,528,4,3", "128,264,4,3", "64,264,4,3", "128,32,4,4", "128,132,4,2",
+    "128,528,4,2", "128,264,4,3",  # the defaults for 2 and 16 rows (`KernelConfig.default_for`)
+    "128,528,4,2,0", "128,264,4,3,0", "128,264,4,4,0",
+    "128,264,4,2", "64,528,4,3", "64,264,4,3", "128,32,4,4", "128,132,4,2",
     "128,1056,4,2", "64,1056,4,3", "32,528,4,3", "128,264,8,2", "64,528,4,4",
 ])
 
@@ -78,8 +82,8 @@ def fastest(lines: list[dict]) -> dict[int, KernelConfig]:
         if not line.get("correct", True):
             continue
         if line["path"] == "pallas" and (line["rows"] not in best or line["us_per_layer"] < best[line["rows"]][0]):
-            best[line["rows"]] = (line["us_per_layer"], KernelConfig(*(line[f] for f in ("block", "programs", "num_warps",
-                                                                                          "num_stages"))))
+            fields = {f.name: line[f.name] for f in dataclasses.fields(KernelConfig)}
+            best[line["rows"]] = (line["us_per_layer"], KernelConfig(**fields))
     return {rows: config for rows, (_, config) in best.items()}
 
 
@@ -132,7 +136,8 @@ def time_block(step, token, k, v, q_seg, seg, q_slot, layers: int, passes: int, 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="2,16", help="rows decoded together (2: batch 1 decoded as two rows)")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help="';'-separated block,programs,num_warps,num_stages")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS,
+                   help="';'-separated block,programs,num_warps,num_stages[,peel]")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--layers", type=int, default=4, help="layers per pass (a decode step has 24)")
     p.add_argument("--passes", type=int, default=32, help="passes over the layers per timed call (a device loop)")
@@ -194,12 +199,12 @@ def main(argv=None) -> list[dict]:
             lines.append(line)
             print(json.dumps(line), flush=True)
     lines.sort(key=lambda x: all_rows.index(x["rows"]))  # the table by row count, in path order
-    print("| rows | path | block | programs | warps | stages | us per layer | KV read GB/s | vs XLA | max error |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| rows | path | block | programs | warps | stages | peel | us per layer | KV read GB/s | vs XLA | max error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for line in lines:
         base = next((x for x in lines if x["rows"] == line["rows"] and x["path"] == "xla"), None)
         ratio = f"{base['us_per_layer'] / line['us_per_layer']:.2f}x" if base else "-"
-        cfg = [str(line.get(f, "-")) for f in ("key_block", "programs", "num_warps", "num_stages")]
+        cfg = [str(line.get(f, "-")) for f in ("key_block", "programs", "num_warps", "num_stages", "peel")]
         print(f"| {line['rows']} | {line['path']} | {' | '.join(cfg)} | {line['us_per_layer']:.1f} | "
               f"{line['kv_read_gb_per_s']:.0f} | {ratio} | {line['max_err']:.2g}{'' if line['correct'] else ' WRONG'} |")
     # For `benchmarks/generate.py --decode-kernels` (gpu_session.sh reads this line).

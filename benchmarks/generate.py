@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
                    help="the decode steps' attention (InferenceEngine decode_attention): XLA's, the fused Pallas kernels, "
                         "or auto (the kernels on GPUs)")
-    p.add_argument("--decode-kernels", default="", metavar="ROWS:B,P,W,S;...",
+    p.add_argument("--decode-kernels", default="", metavar="ROWS:B,P,W,S[,PEEL];...",
                    help="the Pallas kernels' configs by rows decoded together (InferenceEngine decode_kernels), as "
                         "benchmarks/decode_attention.py prints the fastest; rows not listed: the default")
     p.add_argument("--decode-matmul", default="xla", choices=["xla", "pallas"],

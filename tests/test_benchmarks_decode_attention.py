@@ -5,17 +5,19 @@ from benchmarks import decode_attention
 
 
 def test_tiny_run_reports_the_xla_path_and_each_config(capsys):
-    lines = decode_attention.main(["--tiny", "--rows", "2", "--configs", "32,4,4,2;64,1,4,1"])
+    lines = decode_attention.main(["--tiny", "--rows", "2", "--configs", "32,4,4,2;64,1,4,1;32,4,4,2,0"])
     out = capsys.readouterr().out
-    assert [(x["path"], x.get("key_block")) for x in lines] == [("xla", None), ("pallas", 32), ("pallas", 64)]
+    assert [(x["path"], x.get("key_block"), x.get("peel")) for x in lines] == [
+        ("xla", None, None), ("pallas", 32, 1), ("pallas", 64, 1), ("pallas", 32, 0)]
     assert all(x["us_per_layer"] > 0 and x["rows"] == 2 for x in lines)
-    assert out.count("| 2 | pallas |") == 2 and "failed" not in out
+    assert out.count("| 2 | pallas |") == 3 and "| 2 | pallas | 32 | 4 | 4 | 2 | 0 |" in out and "failed" not in out
     # The fastest config per row count, in the form generate.py --decode-kernels reads.
     from manager_jax.models.decode_attention import KernelConfig, parse_kernel_configs
 
     best = min((x for x in lines if x["path"] == "pallas"), key=lambda x: x["us_per_layer"])
     picked = parse_kernel_configs(out.split("fastest kernels: ")[1].splitlines()[0])
-    assert picked == {2: KernelConfig(best["block"], best["programs"], best["num_warps"], best["num_stages"])}
+    assert picked == {2: KernelConfig(best["block"], best["programs"], best["num_warps"], best["num_stages"],
+                                      best["peel"])}
 
 
 def test_a_spent_budget_stops_the_sweep_and_still_reports(capsys):

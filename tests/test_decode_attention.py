@@ -9,6 +9,7 @@ xla_step`, which the kernels' benchmark times them against).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -74,7 +75,9 @@ def test_kernel_equals_the_xla_step_on_a_left_padded_cache(heads, kv, d):
 
 @pytest.mark.parametrize("config", [KernelConfig(block=32, programs=1), KernelConfig(block=256, programs=64),
                                     KernelConfig(block=64, programs=10_000, num_stages=1),
-                                    KernelConfig(block=32, programs=12, num_warps=2)])
+                                    KernelConfig(block=32, programs=12, num_warps=2),
+                                    KernelConfig(block=32, programs=12, peel=0),
+                                    KernelConfig(block=32, programs=1, peel=0)])
 def test_every_division_of_the_work_gives_the_xla_steps_result(config):
     """One split or many, small key blocks or blocks larger than a split's share of a row's padding;
     splits that share a row's keys unevenly, and one left without keys (the short row, 3 splits)."""
@@ -91,6 +94,22 @@ def test_every_division_of_the_work_gives_the_xla_steps_result(config):
     step = functools.partial(decode_attention, layer=0, interpret=True, config=config)
     kernels = _pallas_calls(jax.make_jaxpr(step)(*token, k, v, q_seg, seg, 460).jaxpr)
     assert kernels == (["decode_attention"] if one_split else ["decode_attention", "decode_attention_combine"])
+
+
+@pytest.mark.parametrize("config", [KernelConfig(block=32, programs=12), KernelConfig(block=32, programs=1)])
+def test_the_first_block_in_the_loop_or_apart_gives_the_same_bits(config):
+    """`KernelConfig.peel` only changes when the first key block is requested: the outputs and the
+    written cache are bit for bit those of the peeled kernel, with many splits (one left without
+    keys) and with one (no combine; the write after the loop)."""
+    rng = np.random.default_rng(11)
+    k, v, seg = left_padded_cache(rng, 2, 512, 448, [440, 70], 2, 64, dtype=jnp.bfloat16)
+    token = new_token(rng, 2, 14, 2, 64, jnp.bfloat16)
+    q_seg = jnp.ones((2,), jnp.int32)
+    peeled = decode_attention(*token, k, v, q_seg, seg, 460, layer=0, interpret=True, config=config)
+    looped = decode_attention(*token, k, v, q_seg, seg, 460, layer=0, interpret=True,
+                              config=dataclasses.replace(config, peel=0))
+    for a, b in zip(peeled, looped):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
 
 
 def _pallas_calls(jaxpr) -> list[str]:
@@ -151,10 +170,12 @@ def test_splits_and_key_blocks():
 
 
 def test_kernel_configs_by_rows_parse_and_print_back():
-    configs = parse_kernel_configs("2:128,132,4,2; 16:64,528,8,3;")
-    assert configs == {2: KernelConfig(128, 132, 4, 2), 16: KernelConfig(64, 528, 8, 3)}
+    configs = parse_kernel_configs("2:128,132,4,2; 16:64,528,8,3,0;4:32,8,4,1,1")
+    assert configs == {2: KernelConfig(128, 132, 4, 2), 16: KernelConfig(64, 528, 8, 3, peel=0),
+                       4: KernelConfig(32, 8, 4, 1)}
     assert parse_kernel_configs(";".join(f"{r}:{c}" for r, c in configs.items())) == configs
-    for bad in ("128,132,4,2", "x:128,132,4,2", "0:128,132,4,2", "2:128,132,4", "2:128,0,4,2", "2:a,b,c,d"):
+    for bad in ("128,132,4,2", "x:128,132,4,2", "0:128,132,4,2", "2:128,132,4", "2:128,0,4,2", "2:a,b,c,d",
+                "2:128,132,4,2,2", "2:128,132,4,2,0,1"):
         with pytest.raises(ValueError, match="kernel config"):
             parse_kernel_configs(bad)
 
@@ -166,7 +187,8 @@ def test_gpu_kernel_equals_the_xla_step_at_the_benchmark_shapes():
     (`KernelConfig.default_for`) and with one split per (row, KV head) (no combine kernel)."""
     rng = np.random.default_rng(3)
     for rows, config in ((2, KernelConfig.default_for(2)), (16, KernelConfig.default_for(16)),
-                         (2, KernelConfig(128, 4, 4, 3)), (16, KernelConfig(128, 32, 4, 4))):
+                         (2, KernelConfig(128, 4, 4, 3)), (16, KernelConfig(128, 32, 4, 4)),
+                         (2, KernelConfig(128, 528, 4, 2, peel=0)), (16, KernelConfig(128, 264, 4, 3, peel=0))):
         lengths = list(rng.integers(1000, 4096, size=rows))
         k, v, seg = left_padded_cache(rng, rows, 4224, 4096, lengths, 2, 64, layers=3, dtype=jnp.bfloat16)
         token = new_token(rng, rows, 14, 2, 64, jnp.bfloat16)

@@ -120,7 +120,7 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
                    help="attention of the decode steps: XLA's, or two fused GPU kernels per layer (per device on a "
                         "mesh; off the GPU it is interpreted, for tests only); auto: the kernels on GPUs, XLA's elsewhere")
-    p.add_argument("--decode-kernels", default="", metavar="ROWS:B,P,W,S;...",
+    p.add_argument("--decode-kernels", default="", metavar="ROWS:B,P,W,S[,PEEL];...",
                    help="the fused kernels' division of the work by rows decoded together, as "
                         "benchmarks/decode_attention.py prints the fastest (speed only; default: built in)")
     p.add_argument("--decode-matmul", default="xla", choices=["xla", "pallas"],

@@ -53,12 +53,20 @@ class KernelConfig:
       system busy at batch 1 as at batch 16).
     num_warps / num_stages: Triton's, for the main kernel (num_stages > 1 prefetches the next
       block's keys and values while the current one is used).
+    peel: 1 loads each split's first key block before the queries are made, apart from the loop;
+      0 streams every block through the loop. In the sm_90 code Triton makes of 1, that block's
+      keys pass through shared memory (the transpose for q k^T) before its values are requested,
+      and the loop's prefetch of the next blocks waits for that block's softmax: three memory
+      round trips one after another before the loop runs. With 0 the queries' loads come first,
+      then the loop's prologue requests the first num_stages - 1 blocks' keys and values at once:
+      two. The same result either way.
     """
 
     block: int = 128
     programs: int = 264
     num_warps: int = 4
     num_stages: int = 3
+    peel: int = 1
 
     @classmethod
     def default_for(cls, rows: int) -> "KernelConfig":
@@ -71,28 +79,29 @@ class KernelConfig:
 
     @classmethod
     def parse(cls, text: str) -> "KernelConfig":
-        """"block,programs,num_warps,num_stages", e.g. "64,528,4,3"."""
+        """"block,programs,num_warps,num_stages[,peel]", e.g. "64,528,4,3" or "128,264,4,3,0"."""
         try:
             fields = [int(x) for x in text.split(",")]
         except ValueError:
             fields = []
-        if len(fields) != 4 or min(fields) < 1:
-            raise ValueError(f"a kernel config is four positive integers block,programs,num_warps,num_stages; "
-                             f"got {text!r}")
+        if len(fields) not in (4, 5) or min(fields[:4]) < 1 or fields[4:] not in ([], [0], [1]):
+            raise ValueError(f"a kernel config is four positive integers block,programs,num_warps,num_stages and "
+                             f"optionally peel (0 or 1); got {text!r}")
         return cls(*fields)
 
     def __str__(self) -> str:
-        return f"{self.block},{self.programs},{self.num_warps},{self.num_stages}"
+        return f"{self.block},{self.programs},{self.num_warps},{self.num_stages}" + ("" if self.peel else ",0")
 
 
 def parse_kernel_configs(text: str) -> dict[int, KernelConfig]:
-    """Configs by the rows decoded together: "ROWS:block,programs,warps,stages;..." (what
-    benchmarks/decode_attention.py prints as the fastest), e.g. "2:128,132,4,2;16:64,528,4,3"."""
+    """Configs by the rows decoded together: "ROWS:block,programs,warps,stages[,peel];..." (what
+    benchmarks/decode_attention.py prints as the fastest), e.g. "2:128,132,4,2;16:64,528,4,3,0"."""
     configs = {}
     for item in filter(None, (x.strip() for x in text.split(";"))):
         rows, sep, config = item.partition(":")
         if not sep or not rows.strip().isdigit() or int(rows) < 1:
-            raise ValueError(f"a kernel config by rows is ROWS:block,programs,num_warps,num_stages; got {item!r}")
+            raise ValueError(f"a kernel config by rows is ROWS:block,programs,num_warps,num_stages[,peel]; "
+                             f"got {item!r}")
         configs[int(rows)] = KernelConfig.parse(config)
     return configs
 
@@ -151,7 +160,8 @@ def _new_key_and_value(qkv_ref, bk_ref, bv_ref, cols, partner, cos, sin, *, head
 
 
 def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg_ref, info_ref, *out_refs,
-            block: int, blocks: int, splits: int, scale: float, rows: int, group: int, heads: int, kv: int):
+            block: int, blocks: int, splits: int, scale: float, rows: int, group: int, heads: int, kv: int,
+            peel: bool):
     """One (row, KV head, split of the row's keys): the group's queries -> unnormalised o [R, d],
     max m [R] and sum l [R] over the split's keys before the query's slot. The first split writes
     the new key and value at the query's slot (the cache outputs alias the cache inputs); nothing
@@ -179,9 +189,8 @@ def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg
         keys = pl.ds(offset, block)
         return offset, k_ref[keys, :], v_ref[keys, :], seg_ref[keys]
 
-    # The first block is loaded before the queries are made, so that its memory latency overlaps
-    # theirs: a split of one block (many programs) then waits for memory once.
-    first_block = load(first)
+    # peel: the first block is requested before the queries are made (`KernelConfig.peel`).
+    first_block = load(first) if peel else None
 
     cos, sin = cos_ref[...].astype(jnp.float32), sin_ref[...].astype(jnp.float32)
     cols = jax.lax.broadcasted_iota(jnp.int32, (d,), 0)
@@ -192,13 +201,18 @@ def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg
                             jnp.broadcast_to(partner, (rows, d)), cos, sin, k_ref.dtype, in_group)
     k_new, v_new = _new_key_and_value(qkv_ref, bk_ref, bv_ref, cols, partner, cos, sin, heads=heads, kv=kv,
                                       dtype=k_ref.dtype)
-
     k_out_ref, v_out_ref = out_refs[-2:]
 
-    @pl.when((pl.program_id(2) == 0) & (q_slot < k_out_ref.shape[0]))  # never a write past the cache
-    def _():
-        k_out_ref[q_slot, :] = k_new
-        v_out_ref[q_slot, :] = v_new
+    def write_new_key_and_value():
+        @pl.when((pl.program_id(2) == 0) & (q_slot < k_out_ref.shape[0]))  # never a write past the cache
+        def _():
+            k_out_ref[q_slot, :] = k_new
+            v_out_ref[q_slot, :] = v_new
+
+    # Without peel the write comes after the loop, which then starts right after the queries are
+    # made. The key at the query's slot is never attended here (masked; the combine adds it).
+    if peel:
+        write_new_key_and_value()
 
     def attend(loaded, carry, live=True):
         """Online softmax over one block; `live` False: the block is only masked (a no-op)."""
@@ -214,9 +228,11 @@ def _kernel(qkv_ref, bq_ref, bk_ref, bv_ref, cos_ref, sin_ref, k_ref, v_ref, seg
         return o, m_new, l * rescale + jnp.sum(p, axis=1)
 
     init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
-    carry = attend(first_block, init, first < last)
-    # The rest in a plain loop, which Triton pipelines (num_stages).
-    o, m, l = jax.lax.fori_loop(first + 1, last, lambda i, c: attend(load(i), c), carry)
+    carry = attend(first_block, init, first < last) if peel else init
+    # The (rest of the) blocks in a plain loop, which Triton pipelines (num_stages).
+    o, m, l = jax.lax.fori_loop(first + int(peel), last, lambda i, c: attend(load(i), c), carry)
+    if not peel:
+        write_new_key_and_value()
     if splits == 1:
         from jax.experimental.pallas import triton as plgpu
 
@@ -318,7 +334,8 @@ def decode_attention(qkv, biases, cos, sin, k_cache, v_cache, q_seg, kv_seg, q_s
     cache_spec = pl.BlockSpec((None, None, k_cache.shape[2], None, d), lambda i, j, n: (layer, i, 0, j, 0))
     main = functools.partial(
         pl.pallas_call,
-        functools.partial(_kernel, block=block, blocks=s // block, splits=splits, rows=rows, **statics),
+        functools.partial(_kernel, block=block, blocks=s // block, splits=splits, rows=rows, peel=bool(config.peel),
+                          **statics),
         grid=(b, kv, splits),
         in_specs=[
             *token_specs,

@@ -13,9 +13,9 @@ bound by their own latency (RESULTS.md, session 13). These kernels do a layer's 
 Each program makes one block of `block_n` output columns for every row, reading its columns of the
 weight once, `block_k` rows at a time (Triton pipelines the reads over `num_stages`); gate/up reads
 both weights' tiles in the same loop step. The norm first reads each row's input in chunks of up to
-512 columns (2 loads for K = 896 rather than K / block_k): at batch 1 a kernel's time follows its
-sequential loop steps (about 0.7 us each on an H200). The rows are padded to 16 inside the kernel
-(Triton's matmul tile).
+512 columns, all requested at once (2 loads for K = 896 rather than K / block_k, waited for
+together): at batch 1 a kernel's time follows its sequential loop steps (about 0.7 us each on an
+H200). The rows are padded to 16 inside the kernel (Triton's matmul tile).
 
 Numerics follow the model's modules: the norm in fp32 rounded to the activation dtype, then times
 its scale; products accumulated in fp32 and rounded before the residual add or the gate; silu(gate)
@@ -122,13 +122,16 @@ def _norm_factor(x_ref, rows, row_mask, in_size: int, eps: float):
 
     chunk = min(1 << (in_size - 1).bit_length(), _NORM_CHUNK)
 
-    def body(i, total):
+    def load(i):
         cols = i * chunk + jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
         mask = row_mask[:, None] & (cols < in_size)[None, :]
-        x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0.0).astype(jnp.float32)
-        return total + jnp.sum(x * x, axis=1)
+        return plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0.0).astype(jnp.float32)
 
-    total = jax.lax.fori_loop(0, -(-in_size // chunk), body, jnp.zeros(rows.shape, jnp.float32))
+    # Every chunk is requested before the first is summed: in a loop, each step's load waited for
+    # the previous step's sum (a memory round trip each, in the sm_90 code).
+    total = jnp.zeros(rows.shape, jnp.float32)
+    for x in [load(i) for i in range(-(-in_size // chunk))]:
+        total = total + jnp.sum(x * x, axis=1)
     return jax.lax.rsqrt(total / in_size + eps)
 
 
