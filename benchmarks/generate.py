@@ -152,9 +152,10 @@ def main(argv=None) -> int:
     p.add_argument("--decode-attention", default="auto", choices=["auto", "xla", "pallas"],
                    help="the decode steps' attention (InferenceEngine decode_attention): XLA's, the fused Pallas kernels, "
                         "or auto (the kernels on GPUs)")
-    p.add_argument("--decode-kernels", default="", metavar="ROWS:B,P,W,S[,PEEL];...",
+    p.add_argument("--decode-kernels", action="append", default=[], metavar="ROWS:B,P,W,S[,PEEL];...",
                    help="the Pallas kernels' configs by rows decoded together (InferenceEngine decode_kernels), as "
-                        "benchmarks/decode_attention.py prints the fastest; rows not listed: the default")
+                        "benchmarks/decode_attention.py prints the fastest; rows not listed: the default. May be "
+                        "repeated (a later one wins for its rows): gpu_session.sh's variants cannot hold a ';'")
     p.add_argument("--decode-matmul", default="xla", choices=["xla", "pallas"],
                    help="the decode steps' projections (InferenceEngine decode_matmul): XLA's, or the fused Pallas "
                         "kernels of models/decode_matmul.py (with --decode-attention pallas or auto on a GPU)")
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
     from manager_jax.models.decode_matmul import parse_matmul_configs
 
     try:
-        decode_kernels = parse_kernel_configs(args.decode_kernels)
+        decode_kernels = parse_kernel_configs(";".join(args.decode_kernels))
         matmul_kernels = parse_matmul_configs(args.decode_matmul_kernels)
     except ValueError as err:
         p.error(str(err))

@@ -10,11 +10,13 @@ from manager_jax.models.decode_attention import KernelConfig
 
 
 def test_tiny_run_reports_each_batch_with_its_kernel_config(capsys):
-    assert generate.main(["--tiny", "--batch", "1,2", "--new-tokens", "3", "--decode-attention", "pallas",
-                          "--decode-kernels", "2:16,4,4,1"]) == 0
+    # Repeated --decode-kernels add up, a later one winning for its rows (gpu_session.sh's variants).
+    assert generate.main(["--tiny", "--batch", "1,2,3", "--new-tokens", "3", "--decode-attention", "pallas",
+                          "--decode-kernels", "2:8,4,4,1;3:16,4,4,1,0", "--decode-kernels", "2:16,4,4,1"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [(x["batch"], x["decode_attention"], x["decode_kernel"]) for x in lines] == \
-        [(1, "pallas", str(KernelConfig.default_for(1))), (2, "pallas", "16,4,4,1")]  # batch 1: not listed
+        [(1, "pallas", str(KernelConfig.default_for(1))), (2, "pallas", "16,4,4,1"),  # batch 1: not listed
+         (3, "pallas", "16,4,4,1,0")]
     assert all(x["decode_tokens_per_s"] > 0 and x["prefill_s"] > 0 and x["new_tokens"] == 3 for x in lines)
 
 
