@@ -108,6 +108,8 @@ def table(rows: list[dict]) -> list[str]:
             layers += f", end checked every {mine['decode_check_every']} tokens"
         if mine.get("decode_command_buffers"):
             layers += ", loops in CUDA graphs"
+        if mine.get("decode_multi_output_fusion"):
+            layers += ", residual add + next norm fused"
         if mine.get("tokens_sha1"):  # equal digests: the same tokens (speed options must not change them)
             layers += f", tokens {mine['tokens_sha1']}"
         label = f"generate B={batch} {mine.get('image')} ({mine.get('variant')}, {mine.get('new_tokens')} new{layers}{_flags(mine)})"

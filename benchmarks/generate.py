@@ -117,6 +117,7 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
         "decode_layers": "scan" if args.decode_scan else "unrolled", "decode_min_rows": engine.decode_min_rows,
         "decode_attention": engine.decode_attention, "decode_check_every": engine.decode_check_every,
         "decode_command_buffers": engine.decode_command_buffers,
+        "decode_multi_output_fusion": engine.decode_multi_output_fusion,
         "decode_kernel": str(dict(engine.decode_kernels).get(rows) or KernelConfig.default_for(rows))
         if engine.decode_attention == "pallas" else None,
         "decode_matmul": engine.decode_matmul,
@@ -168,6 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-command-buffers", action="store_true",
                    help="GPU: the decode loop's loops in CUDA graphs, their conditions tested on the device "
                         "(InferenceEngine decode_command_buffers)")
+    p.add_argument("--decode-multi-output-fusion", action="store_true",
+                   help="GPU: each layer's residual add and the next layer's RMSNorm in one kernel "
+                        "(InferenceEngine decode_multi_output_fusion)")
     p.add_argument("--profile", default=None, metavar="FILE.xplane.pb",
                    help="after timing, profile one prefill + decode per batch size (FILE with _b<batch> before .xplane.pb)")
     args = p.parse_args(argv)
@@ -194,7 +198,8 @@ def main(argv=None) -> int:
                              decode_scan_layers=args.decode_scan, decode_min_rows=args.decode_min_rows,
                              decode_attention=args.decode_attention, decode_kernels=decode_kernels,
                              decode_check_every=args.decode_check_every, decode_matmul=args.decode_matmul,
-                             decode_matmul_kernels=matmul_kernels, decode_command_buffers=args.decode_command_buffers)
+                             decode_matmul_kernels=matmul_kernels, decode_command_buffers=args.decode_command_buffers,
+                             decode_multi_output_fusion=args.decode_multi_output_fusion)
     for batch in (int(b) for b in args.batch.split(",")):
         profile = args.profile.replace(".xplane.pb", f"_b{batch}.xplane.pb") if args.profile else None
         print(json.dumps(bench(engine, args, batch, profile=profile)), flush=True)

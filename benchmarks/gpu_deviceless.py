@@ -68,7 +68,8 @@ def compile_train(args, devices) -> str:
     return jit_train_step(setup, abstract).lower(setup.abstract_state, abstract).compile().as_text()
 
 
-def compile_decode(args, devices) -> str:
+def compile_decode(args, devices, cfg=None) -> str:
+    """The decode loop's optimized HLO; `cfg`: another model than the benchmarks' (tests)."""
     from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -77,7 +78,7 @@ def compile_decode(args, devices) -> str:
     from manager_jax.models.decode_matmul import parse_matmul_configs
     from manager_jax.models.llava_ov import LlavaOV
 
-    cfg = benchmark_model_config(False, args.variant).replace(dtype="bfloat16", param_dtype="bfloat16")
+    cfg = (cfg or benchmark_model_config(False, args.variant)).replace(dtype="bfloat16", param_dtype="bfloat16")
     model = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))  # shapes only: nothing is allocated
     # decode_check_every 1 (the default here): one token per loop iteration, so the counts are per
     # token. The engine's default unrolls runs of tokens in each iteration.
@@ -85,7 +86,8 @@ def compile_decode(args, devices) -> str:
                              decode_attention=args.decode_attention, decode_check_every=args.decode_check_every,
                              decode_matmul=args.decode_matmul,
                              decode_matmul_kernels=parse_matmul_configs(args.decode_matmul_kernels),
-                             decode_command_buffers=args.decode_command_buffers)
+                             decode_command_buffers=args.decode_command_buffers,
+                             decode_multi_output_fusion=args.decode_multi_output_fusion)
     rows = max(args.rows, engine.decode_min_rows)
     here = NamedSharding(Mesh(np.asarray(devices[:1]), ("x",)), PartitionSpec())
     shaped = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=here)
@@ -137,6 +139,8 @@ def main(argv=None) -> int:
                         "as generate.py --decode-matmul-kernels")
     decode.add_argument("--decode-command-buffers", action="store_true",
                         help="InferenceEngine decode_command_buffers (the loops in CUDA graphs)")
+    decode.add_argument("--decode-multi-output-fusion", action="store_true",
+                        help="InferenceEngine decode_multi_output_fusion (residual add + next RMSNorm in one kernel)")
     decode.add_argument("--prompt-slots", type=int, default=4096)
     decode.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args(argv)

@@ -7,6 +7,7 @@ give `generate`'s tokens and `score`'s log-likelihoods. Over an abstract model o
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -22,6 +23,7 @@ from flax import nnx
 from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
 from manager_jax.infer.aot import GenerateWorkload, compile_generate_for_topology, main, model_config
 from manager_jax.infer.engine import (
+    MULTI_OUTPUT_FUSION,
     XLA_COMMAND_BUFFER_DEFAULTS,
     InferenceEngine,
     Prompt,
@@ -208,11 +210,38 @@ def test_the_command_buffer_types_are_this_jaxs_defaults(tmp_path):
     assert sorted(defaults) == sorted(XLA_COMMAND_BUFFER_DEFAULTS)
 
 
+def test_multi_output_fusion_joins_each_residual_add_to_the_next_norm():
+    """decode_multi_output_fusion: one kernel fewer per decoded token at each layer boundary but the
+    last (the 0.5B model's widths with 4 layers, compiled for an H100 without one)."""
+    import argparse
+
+    from benchmarks.gpu_deviceless import compile_decode
+    from benchmarks.hlo_traffic import launches
+    from benchmarks.shapes import benchmark_model_config
+    from manager_jax.train.aot import building_for
+
+    devices = _gpu_devices_or_skip("h100:1")[:1]
+    cfg = benchmark_model_config(False, "baseline")
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_layers=4, vocab_size=1024))
+    per_token = {}
+    for on in (False, True):
+        args = argparse.Namespace(rows=2, decode_min_rows=None, decode_attention="auto", decode_check_every=1,
+                                  decode_matmul="xla", decode_matmul_kernels="", decode_command_buffers=False,
+                                  decode_multi_output_fusion=on, prompt_slots=256, new_tokens=16)
+        with building_for(devices):
+            per_token[on] = sum(launch.count for launch in launches(compile_decode(args, devices, cfg))
+                                if launch.loop_depth)
+    # 4 layers: the add kernels after layers 0 and 1 join the next norms; the last boundary's stays.
+    assert per_token[False] - per_token[True] == 2, per_token
+
+
 def test_command_buffers_are_a_gpu_option_that_yields_to_xla_flags(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     assert decode_compiler_options(True) is None  # this host's CPU: the loops run on the device already
+    assert decode_compiler_options(False, True) is None  # and XLA:CPU has no Triton fusions
     with compiling_for("gpu"):
         assert decode_compiler_options(False) is None
+        assert decode_compiler_options(False, True) == {MULTI_OUTPUT_FUSION: True}
         types = decode_compiler_options(True)["xla_gpu_enable_command_buffer"].split(",")
         assert types == [*XLA_COMMAND_BUFFER_DEFAULTS, "WHILE"]
         assert InferenceEngine(tiny_model("baseline"), decode_command_buffers=True).decode_command_buffers

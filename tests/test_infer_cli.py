@@ -85,7 +85,8 @@ def test_generate_json_matches_full_forward_greedy(checkpoint, model_and_tokeniz
     if decode_matmul == "pallas":
         kernels += ["--decode-matmul", "pallas", "--decode-matmul-kernels", "down=16,32,4,1"]
     if decode_attention == "xla":
-        kernels += ["--decode-command-buffers"]  # taken (a GPU option: nothing changes here)
+        # Taken (GPU options: nothing changes here).
+        kernels += ["--decode-command-buffers", "--decode-multi-output-fusion"]
     code, out, err = run(generate_main, ["--checkpoint", ckpt, "--image", image, "--prompt", "What is shown?",
                                          "--max-new-tokens", "5", "--json", "--decode-attention", decode_attention,
                                          *kernels], capsys)

@@ -86,21 +86,23 @@ def model_config(spec: str | None, dtype: str | None, checkpoint: str | None = N
 def compile_generate_for_topology(cfg: ModelConfig, topology: str, *, mesh: str | None = None,
                                   workload: GenerateWorkload = GenerateWorkload(),
                                   decode_scan_layers: bool = False, decode_command_buffers: bool = False,
+                                  decode_multi_output_fusion: bool = False,
                                   compiler_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Compiles prefill and the decode loop of `cfg` for `topology`; returns a report dict.
     `compiler_options`: more XLA options for every program (`InferenceEngine.compile_generate`)."""
     devices = topology_devices(topology)
     with building_for(devices):  # the engine's "auto" choices follow the devices, not this host
         return _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers, decode_command_buffers,
-                                 compiler_options)
+                                 decode_multi_output_fusion, compiler_options)
 
 
 def _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers, decode_command_buffers,
-                      compiler_options) -> dict[str, Any]:
+                      decode_multi_output_fusion, compiler_options) -> dict[str, Any]:
     device_mesh = mesh_from_spec(mesh, devices) if mesh else mesh_from_spec("fsdp=-1", devices)
     model = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))
     engine = InferenceEngine(model, mesh=device_mesh, decode_scan_layers=decode_scan_layers,
-                             decode_command_buffers=decode_command_buffers)
+                             decode_command_buffers=decode_command_buffers,
+                             decode_multi_output_fusion=decode_multi_output_fusion)
     prepared = engine.prepare(workload.prompts(cfg.text.vocab_size))
     params = SamplingParams(max_new_tokens=workload.new_tokens)
     kind = devices[0].device_kind
@@ -113,6 +115,7 @@ def _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers
         "params_gib": params_bytes / 2**30, "decode": "scanned layers" if decode_scan_layers else "unrolled layers",
         "decode_attention": engine.decode_attention, "decode_rows": max(workload.rows, engine.decode_min_rows),
         "decode_check_every": engine.decode_check_every, "decode_command_buffers": engine.decode_command_buffers,
+        "decode_multi_output_fusion": engine.decode_multi_output_fusion,
     }
     report["hbm_per_chip_gib"], report["capacity"] = memory_capacity(kind)
     t0 = time.perf_counter()
@@ -192,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="scan the decoder layers while decoding (no second copy of the decoder weights)")
     p.add_argument("--decode-command-buffers", action="store_true",
                    help="GPU: the decode loop's loops in CUDA graphs (InferenceEngine decode_command_buffers)")
+    p.add_argument("--decode-multi-output-fusion", action="store_true",
+                   help="GPU: each layer's residual add and the next RMSNorm in one kernel "
+                        "(InferenceEngine decode_multi_output_fusion)")
     args = p.parse_args(argv)
     if min(args.rows, args.prompt_tokens, args.new_tokens) < 1 or args.score_tokens < 0:
         p.error("--rows, --prompt-tokens and --new-tokens must be >= 1, --score-tokens >= 0")
@@ -201,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = compile_generate_for_topology(
             cfg, args.topology, mesh=args.mesh, decode_scan_layers=args.decode_scan_layers,
             decode_command_buffers=args.decode_command_buffers,
+            decode_multi_output_fusion=args.decode_multi_output_fusion,
             workload=GenerateWorkload(args.rows, args.image_size, args.prompt_tokens, args.new_tokens,
                                       args.score_tokens),
         )

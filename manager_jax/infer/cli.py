@@ -131,6 +131,9 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         "the fastest (speed only; default: built in)")
     p.add_argument("--decode-command-buffers", action="store_true",
                    help="GPU: run the decode loop's loops in CUDA graphs, their end tested on the GPU (speed only)")
+    p.add_argument("--decode-multi-output-fusion", action="store_true",
+                   help="GPU: compile the decode steps with each layer's residual add and the next layer's RMSNorm "
+                        "in one kernel (XLA's multi-output Triton fusions; speed only)")
     return p
 
 
@@ -192,6 +195,7 @@ def build_engine(args, generating: bool = True) -> tuple[InferenceEngine, object
             im_start_id=tokenizer.im_start_id, vocab_limit=limit, max_length=args.max_length, mesh=mesh,
             decode_attention=args.decode_attention, decode_kernels=decode_kernels, decode_matmul=args.decode_matmul,
             decode_matmul_kernels=matmul_kernels, decode_command_buffers=args.decode_command_buffers,
+            decode_multi_output_fusion=args.decode_multi_output_fusion,
         )
     except ValueError as err:  # options that do not go together (e.g. the fused projections without the attention kernels)
         raise InputError(str(err)) from None

@@ -155,13 +155,26 @@ XLA_COMMAND_BUFFER_DEFAULTS = ("FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "C
                                "CONDITIONAL")
 
 
-def decode_compiler_options(command_buffers: bool) -> dict[str, str] | None:
-    """The decode loop's XLA options: with `command_buffers`, on GPU, the loops join the CUDA graphs
-    (InferenceEngine decode_command_buffers), unless XLA_FLAGS sets the command buffer types itself."""
-    if not command_buffers or target_platform() != "gpu" or "xla_gpu_enable_command_buffer" in os.environ.get(
-            "XLA_FLAGS", ""):
+# XLA's Triton fusions with several outputs ("unsupported": not on by default in XLA). In the decode
+# step they let the kernel of a layer's last residual add (with the down projection's split-K sum)
+# also compute the next layer's input RMSNorm: 22 kernels fewer per token for the 24-layer 0.5B
+# model, at 2 and 16 rows (deviceless H100 compile, RESULTS.md session 22).
+MULTI_OUTPUT_FUSION = "xla_gpu_unsupported_enable_triton_multi_output_fusion"
+
+
+def decode_compiler_options(command_buffers: bool, multi_output_fusion: bool = False) -> dict[str, Any] | None:
+    """The decode loop's XLA options, on GPU: with `command_buffers` the loops join the CUDA graphs
+    (InferenceEngine decode_command_buffers), unless XLA_FLAGS sets the command buffer types itself;
+    with `multi_output_fusion` each layer's residual add joins the next layer's RMSNorm kernel
+    (InferenceEngine decode_multi_output_fusion)."""
+    if target_platform() != "gpu":
         return None
-    return {"xla_gpu_enable_command_buffer": ",".join((*XLA_COMMAND_BUFFER_DEFAULTS, "WHILE"))}
+    options: dict[str, Any] = {}
+    if command_buffers and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+        options["xla_gpu_enable_command_buffer"] = ",".join((*XLA_COMMAND_BUFFER_DEFAULTS, "WHILE"))
+    if multi_output_fusion:
+        options[MULTI_OUTPUT_FUSION] = True
+    return options or None
 
 
 # ---- the engine ---------------------------------------------------------------------------------
@@ -218,6 +231,12 @@ class InferenceEngine:
         GPU only (elsewhere the loops run on the device already; the option does nothing there); an
         `xla_gpu_enable_command_buffer` in XLA_FLAGS takes precedence. Off by default until timed
         at both batch sizes (RESULTS.md, session 19). Speed only: the same tokens.
+      decode_multi_output_fusion: compile the decode loop with XLA's multi-output Triton fusions
+        (`MULTI_OUTPUT_FUSION`): each layer's residual add and the next layer's RMSNorm become one
+        kernel (about 9 kernels per layer instead of 10). GPU only (a no-op elsewhere). Off by
+        default until timed: the merged kernel runs one program per row where the add ran many,
+        and the split-K sum moves into Triton code (benchmarks/generate.py's tokens_sha1 tells
+        whether the tokens stay the same).
       decode_kernels: how the Pallas kernels divide the work, by the rows decoded together
         ({rows: KernelConfig}, rows of the whole batch; rows not listed get
         `KernelConfig.default_for(rows)`). On a mesh a device holds fewer rows and heads: time
@@ -254,6 +273,7 @@ class InferenceEngine:
         decode_matmul: str = "xla",
         decode_matmul_kernels: Mapping[str, MatmulConfig] | None = None,
         decode_command_buffers: bool = False,
+        decode_multi_output_fusion: bool = False,
     ):
         self.cfg = model.cfg
         self.decode_scan_layers = bool(decode_scan_layers)
@@ -331,8 +351,10 @@ class InferenceEngine:
         self.state = self._place_params(state)
         self._prefill_jit = jax.jit(self._prefill_fn, static_argnames=("cache_len", "plain_causal"))
         self._step_jit = jax.jit(self._decode_step_fn, donate_argnames=("cache",))
-        decode_options = decode_compiler_options(bool(decode_command_buffers))
-        self.decode_command_buffers = decode_options is not None  # asked for, and in effect here
+        decode_options = decode_compiler_options(bool(decode_command_buffers), bool(decode_multi_output_fusion))
+        # What was asked for and is in effect here.
+        self.decode_command_buffers = "xla_gpu_enable_command_buffer" in (decode_options or {})
+        self.decode_multi_output_fusion = MULTI_OUTPUT_FUSION in (decode_options or {})
         self._decode_jit = jax.jit(self._decode_loop_fn, static_argnames=("greedy", "new_slots"),
                                    donate_argnames=("cache",), compiler_options=decode_options)
         self._score_jit = jax.jit(self._score_fn, static_argnames=("plain_causal",))
