@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 
 import pytest
@@ -68,9 +69,10 @@ def test_missing_shard_and_truncated_shard_reported_together(good, tmp_path):
 
 def test_config_disagreeing_with_tensors_lists_every_problem(good, tmp_path):
     src = _copy(good, tmp_path)
-    cfg = json.loads(open(os.path.join(src, "config.json")).read())
+    config = pathlib.Path(src, "config.json")
+    cfg = json.loads(config.read_text())
     cfg.update(num_hidden_layers=5, vocab_size=600, mm_manager_injection_interval=1, mm_patch_merge_type="flat")
-    open(os.path.join(src, "config.json"), "w").write(json.dumps(cfg))
+    config.write_text(json.dumps(cfg))
     msg = _convert_fails(src, tmp_path)
     assert "num_hidden_layers=5 but the checkpoint has decoder layers 0..3 (4)" in msg
     assert "vocab_size=600 but model.embed_tokens.weight has 512 rows" in msg
@@ -83,11 +85,12 @@ def test_config_disagreeing_with_tensors_lists_every_problem(good, tmp_path):
 
 def test_manager_tensors_without_manager_config(good, tmp_path):
     src = _copy(good, tmp_path)
-    cfg = json.loads(open(os.path.join(src, "config.json")).read())
+    config = pathlib.Path(src, "config.json")
+    cfg = json.loads(config.read_text())
     for key in [k for k in cfg if k.startswith("mm_manager")]:
         del cfg[key]
     cfg["model_type"] = "llava_qwen"
-    open(os.path.join(src, "config.json"), "w").write(json.dumps(cfg))
+    config.write_text(json.dumps(cfg))
     msg = _convert_fails(src, tmp_path)
     assert "Manager tensors" in msg and "unexpected tensors" in msg
 

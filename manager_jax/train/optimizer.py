@@ -154,7 +154,7 @@ def clip_by_global_norm_as_torch(max_norm: float) -> optax.GradientTransformatio
 
     def update(updates, state, params=None):
         del params
-        coef = max_norm / (optax.global_norm(updates) + 1e-6)
+        coef = max_norm / (optax.tree.norm(updates) + 1e-6)
         scale = jnp.minimum(coef, 1.0)
         return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
 
