@@ -244,11 +244,12 @@ def memory_per_chip(compiled: Any, platform: str) -> dict[str, float] | None:
     The parts are XLA's buffer classes: arguments (donated or not), outputs, aliased (donated
     arguments that outputs reuse), temporaries, code. On GPU and CPU temporaries are the one block
     the runtime allocates for them, so the total is the parts, aliased bytes counted once. libtpu's
-    temporaries are not that block: they count more (a 4-layer cut of the 0.5B stage-2 step on
-    v5e:4x4: 6.35 GiB, against a 4.86 GiB block in its buffer assignment), so the parts' sum
-    overstates a TPU step (the full step: 17.47 GiB, over the chip, for a step libtpu compiled
-    within its 15.75). On TPU the total is libtpu's peak of the live buffers, arguments included
-    (peak_memory_in_bytes); whether the step fits is libtpu's to say (`fits_chip`)."""
+    temporaries are not that block: they count more (the 0.5B stage-2 step on v5e:4x4: 17.47 GiB,
+    against a 13.21 GiB block in its buffer assignment), so the parts' sum overstates a TPU step
+    (there 19.20 GiB, over the chip's 15.75, for a step libtpu compiled). On TPU the total is
+    libtpu's peak of the live buffers, arguments included (peak_memory_in_bytes; 14.47 GiB there;
+    it leaves out the block's fragmentation: arguments + block are 14.84); whether the program
+    fits is libtpu's to say (`fits_chip`)."""
     mem = compiled.memory_analysis()
     if mem is None:
         return None
