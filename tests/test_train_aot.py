@@ -69,6 +69,11 @@ def test_the_tpu_compilers_out_of_memory_refusal_is_a_report_that_does_not_fit()
                "for HLO temporaries (133.00G) exceeds available HBM (95.73G). HLO module: jit_train_step.")
     assert compile_time_oom(message) == pytest.approx((133.0, 95.73))
     assert compile_time_oom("RESOURCE_EXHAUSTED: out of host memory") is None
+    # libtpu's other form of the refusal
+    other = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used "
+             "17.51G of 15.48G hbm. Exceeded hbm capacity by 2.03G.")
+    assert compile_time_oom(other) == pytest.approx((17.51, 15.48))
+    assert compile_time_oom("Ran out of memory in memory space vmem. Used 17.51M of 16.00M vmem.") is None
     config = load_recipe(os.path.join(REPO, "configs", "llava_ov.py:stage2_grid_manager_72b"))
     ways = ways_to_fit(config, {"data": 1, "fsdp": 8, "tensor": 8})
     # 8 KV heads already split 8 ways, one row per shard, full remat: only more chips are left.

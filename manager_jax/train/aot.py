@@ -59,7 +59,9 @@ class AotError(RuntimeError):
 # What the TPU compiler says when a program cannot fit the chip: it refuses to compile. Its
 # "temporaries" are all the program needs at its peak, arguments included (a program of 10 GiB of
 # arguments and 8 of temporaries on v5e is refused for "HLO temporaries (18.00G)").
-_COMPILE_TIME_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+# Its other form, for a program whose buffers it could not place: "Used 17.51G of 15.48G hbm".
+_COMPILE_TIME_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"
+                               r"|Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm")
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -68,8 +70,9 @@ def compile_time_oom(message: str) -> tuple[float, float] | None:
     m = _COMPILE_TIME_OOM.search(message)
     if not m:
         return None
+    needs, needs_unit, hbm, hbm_unit = [g for g in m.groups() if g is not None]
     gib = lambda value, unit: float(value) * _UNITS[unit] / 2**30
-    return gib(m.group(1), m.group(2)), gib(m.group(3), m.group(4))
+    return gib(needs, needs_unit), gib(hbm, hbm_unit)
 
 
 def hbm_gib(device_kind: str) -> float | None:
