@@ -121,7 +121,7 @@ def cmd_compile(argv: Sequence[str]) -> int:
         cache_compiled_programs(args.topology)
         report = compile_for_topology(load_recipe(args.config, args.overrides), args.topology, hlo_out=args.hlo_out)
         print(format_report(report))
-        if args.hlo_out and report.get("refused_temporaries_gib") is None:
+        if args.hlo_out and report.get("refused_needs_gib") is None:
             print(f"HLO: {args.hlo_out}")
         return exit_status.FAILED if report["fits"] is False else exit_status.OK  # a launch script can stop on it
 

@@ -36,7 +36,8 @@ from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
 from manager_jax.infer.sampling import SamplingParams
 from manager_jax.models.llava_ov import LlavaOV
 from manager_jax.train.aot import (TOPOLOGY_HELP, AotError, building_for, cache_compiled_programs, compile_time_oom,
-                                   memory_capacity, memory_per_chip, topology_devices)
+                                   fits_chip, memory_capacity, memory_line, memory_per_chip, refused_line,
+                                   topology_devices)
 
 PROGRAMS = ("prefill", "decode", "score")
 
@@ -129,11 +130,10 @@ def _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers
         if oom is None:
             raise
         return {**report, "compile_s": time.perf_counter() - t0, "programs": None, "fits": False,
-                "refused_temporaries_gib": oom[0], "hbm_per_chip_gib": oom[1]}
-    programs = {name: memory_per_chip(compiled[name]) for name in PROGRAMS if name in compiled}
-    capacity = report["hbm_per_chip_gib"]
-    totals = [p["total_gib"] for p in programs.values() if p]
-    fits = (max(totals) <= capacity) if (capacity and len(totals) == len(programs)) else None
+                "refused_needs_gib": oom[0], "hbm_per_chip_gib": oom[1]}
+    platform = devices[0].platform
+    programs = {name: memory_per_chip(compiled[name], platform) for name in PROGRAMS if name in compiled}
+    fits = fits_chip(platform, [p and p["total_gib"] for p in programs.values()], report["hbm_per_chip_gib"])
     return {**report, "compile_s": time.perf_counter() - t0, "programs": programs, "fits": fits}
 
 
@@ -149,19 +149,15 @@ def format_generate_report(report: dict[str, Any]) -> str:
         f"attention, {report['decode_rows']} rows, the end checked every "
         + ("token" if report["decode_check_every"] == 1 else f"{report['decode_check_every']} tokens"),
     ]
-    cap = report["hbm_per_chip_gib"]
     if report["programs"] is None:
-        lines.append(f"the compiler refused after {report['compile_s']:.1f} s: temporaries alone need "
-                     f"{report['refused_temporaries_gib']:.2f} GiB of {cap:.2f} GiB HBM -> DOES NOT FIT")
+        lines.append(f"after {report['compile_s']:.1f} s {refused_line(report)}")
         return "\n".join(lines)
     lines.append(f"compiled in {report['compile_s']:.1f} s; memory per chip:")
     for name, mem in report["programs"].items():
         if mem is None:
             lines.append(f"  {name:8s} not reported by this backend")
             continue
-        lines.append(f"  {name:8s} {mem['total_gib']:7.2f} GiB (arguments {mem['arguments_gib']:.2f}, outputs "
-                     f"{mem['outputs_gib']:.2f}, aliased {mem['aliased_gib']:.2f}, temporaries "
-                     f"{mem['temporaries_gib']:.2f})")
+        lines.append(f"  {name:8s} {memory_line(mem)}")
     if report["fits"] is not None:
         lines.append(f"of {report['capacity']} -> " + ("fits" if report["fits"] else "DOES NOT FIT"))
     return "\n".join(lines)

@@ -56,18 +56,23 @@ class AotError(RuntimeError):
     """A topology that cannot be compiled for here (e.g. libtpu missing)."""
 
 
-# What the TPU compiler says when the step's temporaries cannot fit the chip: it refuses to compile.
-_COMPILE_TIME_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+# What the TPU compiler says when a program cannot fit the chip: it refuses to compile. Its
+# "temporaries" are all the program needs at its peak, arguments included (a program of 10 GiB of
+# arguments and 8 of temporaries on v5e is refused for "HLO temporaries (18.00G)").
+# Its other form, for a program whose buffers it could not place: "Used 17.51G of 15.48G hbm".
+_COMPILE_TIME_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"
+                               r"|Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm")
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def compile_time_oom(message: str) -> tuple[float, float] | None:
-    """(temporaries GiB, HBM GiB) from the TPU compiler's out-of-memory refusal, or None."""
+    """(GiB the program needs, HBM GiB) from the TPU compiler's out-of-memory refusal, or None."""
     m = _COMPILE_TIME_OOM.search(message)
     if not m:
         return None
+    needs, needs_unit, hbm, hbm_unit = [g for g in m.groups() if g is not None]
     gib = lambda value, unit: float(value) * _UNITS[unit] / 2**30
-    return gib(m.group(1), m.group(2)), gib(m.group(3), m.group(4))
+    return gib(needs, needs_unit), gib(hbm, hbm_unit)
 
 
 def hbm_gib(device_kind: str) -> float | None:
@@ -219,7 +224,9 @@ def memory_capacity(device_kind: str) -> tuple[float | None, str]:
         total, usable = gpu
         return usable, f"{usable:.0f} GiB of {total:.0f} (JAX's allocator share; XLA_PYTHON_CLIENT_MEM_FRACTION)"
     hbm = hbm_gib(device_kind)
-    return hbm, (f"{hbm:.0f} GiB HBM" if hbm else "")
+    if hbm and device_kind.startswith("TPU"):
+        return hbm, f"{hbm:g} GiB HBM (libtpu compiles only programs that fit it)"
+    return hbm, (f"{hbm:g} GiB HBM" if hbm else "")
 
 
 def attention_kernels(hlo: str | None) -> tuple[str, int | None]:
@@ -234,25 +241,47 @@ def attention_kernels(hlo: str | None) -> tuple[str, int | None]:
     return ("cudnn", cudnn) if cudnn else ("xla", 0)
 
 
-def memory_per_chip(compiled: Any) -> dict[str, float] | None:
-    """A compiled program's memory on one device, GiB: arguments, outputs, aliased, temporaries,
-    code and their total (None where the backend does not report it)."""
+def memory_per_chip(compiled: Any, platform: str) -> dict[str, float] | None:
+    """A compiled program's memory on one device, GiB (None where the backend does not report it).
+
+    The parts are XLA's buffer classes: arguments (donated or not), outputs, aliased (donated
+    arguments that outputs reuse), temporaries, code. On GPU and CPU temporaries are the one block
+    the runtime allocates for them, so the total is the parts, aliased bytes counted once. libtpu's
+    temporaries are not that block: they count more (the 0.5B stage-2 step on v5e:4x4: 17.47 GiB,
+    against a 13.21 GiB block in its buffer assignment), so the parts' sum overstates a TPU step
+    (there 19.20 GiB, over the chip's 15.75, for a step libtpu compiled). On TPU the total is
+    libtpu's peak of the live buffers, arguments included (peak_memory_in_bytes; 14.47 GiB there;
+    it leaves out the block's fragmentation: arguments + block are 14.84); whether the program
+    fits is libtpu's to say (`fits_chip`)."""
     mem = compiled.memory_analysis()
     if mem is None:
         return None
+    gib = lambda name: getattr(mem, name, 0) / 2**30
     per_chip = {
-        "arguments_gib": mem.argument_size_in_bytes / 2**30,
-        "outputs_gib": mem.output_size_in_bytes / 2**30,
-        "aliased_gib": mem.alias_size_in_bytes / 2**30,
-        "temporaries_gib": mem.temp_size_in_bytes / 2**30,
-        "code_gib": mem.generated_code_size_in_bytes / 2**30,
+        "arguments_gib": gib("argument_size_in_bytes"),
+        "outputs_gib": gib("output_size_in_bytes"),
+        "aliased_gib": gib("alias_size_in_bytes"),
+        "temporaries_gib": gib("temp_size_in_bytes"),
+        "code_gib": gib("generated_code_size_in_bytes"),
     }
-    # Donated inputs alias their outputs, so aliased bytes are counted once.
-    per_chip["total_gib"] = (
+    peak = gib("peak_memory_in_bytes") if platform == "tpu" else 0.0
+    per_chip["total_gib"] = peak or (
         per_chip["arguments_gib"] + per_chip["outputs_gib"] - per_chip["aliased_gib"]
         + per_chip["temporaries_gib"] + per_chip["code_gib"]
     )
+    per_chip["total_is_peak"] = bool(peak)
     return per_chip
+
+
+def fits_chip(platform: str, totals: Sequence[float | None], capacity: float | None) -> bool | None:
+    """Whether compiled programs with these totals (GiB per chip) fit, or None where unknown. On TPU
+    a compiled program fits: libtpu refuses to compile one its buffers cannot fit in the chip's HBM
+    (`compile_time_oom`). Elsewhere the totals are compared with the capacity."""
+    if platform == "tpu":
+        return True
+    if capacity is None or not totals or any(t is None for t in totals):
+        return None
+    return max(totals) <= capacity
 
 
 def compile_for_topology(config: TrainConfig, topology: str, hlo_out: str | None = None) -> dict[str, Any]:
@@ -303,11 +332,12 @@ def _compile_step(config: TrainConfig, topology: str, devices: list[Any], hlo_ou
             raise
         # The compiler refused: the step does not fit. Reported like any other answer.
         return {**report, "compile_s": time.perf_counter() - t0, "memory_per_chip": None, "hbm_per_chip_gib": oom[1],
-                "fits": False, "refused_temporaries_gib": oom[0], "xla_flops_per_device": None,
+                "fits": False, "refused_needs_gib": oom[0], "xla_flops_per_device": None,
                 "model_flops_per_step": None, "attention": None, "attention_kernel_calls": None}
     compile_s = time.perf_counter() - t0
 
-    per_chip = memory_per_chip(compiled)
+    platform = devices[0].platform
+    per_chip = memory_per_chip(compiled, platform)
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
@@ -346,7 +376,7 @@ def _compile_step(config: TrainConfig, topology: str, devices: list[Any], hlo_ou
         "memory_per_chip": per_chip,
         "hbm_per_chip_gib": capacity,
         "capacity": capacity_note,
-        "fits": (per_chip["total_gib"] <= capacity) if (per_chip and capacity) else None,
+        "fits": fits_chip(platform, [per_chip and per_chip["total_gib"]], capacity),
         # XLA's count of the compiled program for one device (loops may be counted once per body).
         "xla_flops_per_device": float(cost.get("flops", 0.0)) or None,
         "model_flops_per_step": full_batch_flops,
@@ -361,12 +391,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"recipe {report['recipe']} on {report['topology']} ({report['devices']} x {report['device_kind']}), mesh {report['mesh']}",
         f"batch: {report['batch']}",
     ]
-    if report.get("refused_temporaries_gib") is not None:
+    if report.get("refused_needs_gib") is not None:
         lines += [
             f"params: {report['params']:,} ({report['trainable_params']:,} trainable); the compiler refused after "
             f"{report['compile_s']:.1f} s",
-            f"memory per chip: temporaries alone need {report['refused_temporaries_gib']:.2f} GiB of "
-            f"{report['hbm_per_chip_gib']:.2f} GiB HBM -> DOES NOT FIT",
+            f"memory per chip: {refused_line(report)}",
             "to fit: " + "; ".join(report["to_fit"]),
         ]
         return "\n".join(lines)
@@ -379,11 +408,7 @@ def format_report(report: dict[str, Any]) -> str:
     if mem:
         cap = report["hbm_per_chip_gib"]
         fit = "" if report["fits"] is None else (" -> fits" if report["fits"] else " -> DOES NOT FIT")
-        lines.append(
-            f"memory per chip: {mem['total_gib']:.2f} GiB (arguments {mem['arguments_gib']:.2f}, outputs "
-            f"{mem['outputs_gib']:.2f}, aliased {mem['aliased_gib']:.2f}, temporaries {mem['temporaries_gib']:.2f})"
-            + (f" of {report['capacity']}{fit}" if cap else "")
-        )
+        lines.append(f"memory per chip: {memory_line(mem)}" + (f" of {report['capacity']}{fit}" if cap else ""))
     else:
         lines.append("memory per chip: not reported by this backend")
     if report["xla_flops_per_device"]:
@@ -395,6 +420,19 @@ def format_report(report: dict[str, Any]) -> str:
     if report["fits"] is False:
         lines.append("to fit: " + "; ".join(report["to_fit"]))
     return "\n".join(lines)
+
+
+def memory_line(mem: dict[str, float]) -> str:
+    """'12.34 GiB (peak; arguments ..., temporaries ...)': one program's `memory_per_chip`."""
+    return (f"{mem['total_gib']:.2f} GiB ({'peak' if mem['total_is_peak'] else 'sum'}; arguments "
+            f"{mem['arguments_gib']:.2f}, outputs {mem['outputs_gib']:.2f}, aliased {mem['aliased_gib']:.2f}, "
+            f"temporaries {mem['temporaries_gib']:.2f})")
+
+
+def refused_line(report: dict[str, Any]) -> str:
+    """The TPU compiler's out-of-memory refusal, as a verdict."""
+    return (f"libtpu refused to compile: it needs {report['refused_needs_gib']:.2f} GiB (arguments and temporaries) "
+            f"of {report['hbm_per_chip_gib']:.2f} GiB HBM -> DOES NOT FIT")
 
 
 def host_batch(mesh: Any, *, shards: int, rows: int) -> dict[str, int]:
