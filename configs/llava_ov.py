@@ -21,10 +21,11 @@ Caveats:
   records // 512: HF Trainer's optimizer steps per epoch are the dataloader's full accumulation
   rounds, and it stops there). Stage 1 uses the 558,128 LLaVA-Pretrain records: 1,090 steps.
 - Data and initial-weight paths are placeholders under ``data/`` and ``checkpoints/``; override them.
-- On 16 GiB chips (TPU v5e) the 0.5B stage-2 recipes need one row per shard batch, with that
-  batch's crop and image-token room cut to one row's: ``--set data.rows_per_host=1 --set
-  data.max_crops=37 --set data.max_image_tokens=16384`` (13.1 GiB per chip for ``v5e:4x4`` by
-  ``run.py compile``, which suggests these when a step does not fit; not yet run on a v5e).
+- On 16 GiB chips (TPU v5e) the 0.5B stage-2 grid + Manager step compiles for ``v5e:4x4`` at
+  14.5 GiB per chip (libtpu's peak, of 15.75 usable; ``run.py compile``; not yet run on a v5e).
+  For more headroom, one row per shard batch with its crop and image-token room cut to one row's:
+  ``--set data.rows_per_host=1 --set data.max_crops=37 --set data.max_image_tokens=16384``
+  (what ``run.py compile`` suggests for a step that does not fit).
 
 Speed options that leave the loss unchanged (not set here, so a recipe compiles one step):
 - ``--set loss_token_budget=N`` sends at most N supervised positions per shard batch through the
