@@ -176,12 +176,11 @@ def test_a_bad_max_shard_size_is_refused_with_one_line(ckpt, tmp_path, capsys, s
     assert not os.path.exists(tmp_path / "out")
 
 
-def _limit_file_size():  # a full disk, as the writer sees it: writes past 40 KB fail with EFBIG
-    import resource
-    import signal
-
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+# A full disk, as the writer sees it: the child sets a 40 KB file size limit on itself and execs the
+# command in its arguments, whose writes past it fail with EFBIG (Python ignores SIGXFSZ). Set in the
+# child, not by a preexec_fn: that forks this multithreaded JAX process.
+_LIMIT_FILE_SIZE = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000)); "
+                    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
 
 
 def test_a_write_that_fails_is_one_error_line_exit_1_and_leaves_nothing(ckpt, tmp_path):
@@ -191,8 +190,8 @@ def test_a_write_that_fails_is_one_error_line_exit_1_and_leaves_nothing(ckpt, tm
     out.mkdir()
     for args in (["to-orbax", str(root / "src"), str(out / "p")],
                  ["from-orbax", str(tmp_path / "p"), str(out / "hf"), "--format", "llava"]):
-        proc = subprocess.run([sys.executable, "-m", "tools.convert_weights", *args, "--quiet"], cwd=REPO,
-                              capture_output=True, text=True, preexec_fn=_limit_file_size)
+        proc = subprocess.run([sys.executable, "-c", _LIMIT_FILE_SIZE, "-m", "tools.convert_weights", *args, "--quiet"],
+                              cwd=REPO, capture_output=True, text=True)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
         tail = proc.stderr[proc.stderr.index("error:"):]

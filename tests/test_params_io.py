@@ -191,8 +191,12 @@ def test_overwriting_a_plain_file_leaves_no_hidden_copy(tmp_path):
     assert (tmp_path / "afile" / "f.txt").read_text() == "new"
 
 
+# Ctrl-C's handler in the writer, as in a terminal: a shell's background job (a CI wrapper started
+# with `&`) passes SIGINT on ignored, and Python then installs none. Set in the child, not by a
+# preexec_fn: that forks this multithreaded JAX process.
 _SLOW_WRITE = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from manager_jax import params_io
 
 def fill(tmp):
@@ -216,11 +220,8 @@ def test_a_signal_while_writing_removes_the_temporary_directory(tmp_path, sig):
     out.mkdir()
     ready = tmp_path / "ready"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # SIGINT at its default in the writer, as in a terminal: a shell's background job (a CI wrapper
-    # started with `&`) passes SIGINT on ignored, and Python then installs no Ctrl-C handler.
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITE, str(out / "dst"), str(ready)], cwd=repo,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while not ready.exists():
