@@ -144,8 +144,10 @@ def _reporting_errors(run: Callable[[], int], log_level: str, *, bad_input: tupl
 
 
 def _setup_logging(level: str) -> None:
+    # force: a handler that an import put on the root logger first (absl's, through jax: the
+    # compile parser's help text imports train.aot) made this a no-op, and INFO lines vanished.
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
