@@ -80,6 +80,24 @@ def test_supervised_nll_matches_model_lm_loss(tied):
         assert float(value) == pytest.approx(float(expected), rel=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size, kept", [(0, 1), (16, 0)])
+def test_one_lm_head_chunk_keeps_its_logits_for_the_backward_pass(chunk_size, kept, capsys):
+    """One chunk: its [n, V] logits are saved, not computed again in the backward pass; several
+    chunks: every chunk's logits are remade (saved, they would add up to all the logits)."""
+    cfg = small_model("manager", dtype="bfloat16")
+    model = LlavaOV(cfg, rngs=nnx.Rngs(0))
+    n, v = 40, cfg.text.vocab_size
+    hidden = jax.random.normal(jax.random.key(0), (1, n, cfg.text.hidden_size))
+    labels = jax.random.randint(jax.random.key(1), (1, n), 0, v)
+    segments = jnp.ones((1, n), jnp.int32)
+    nll = lambda h: supervised_nll(model, h, labels, segments, LossConfig(chunk_size=chunk_size))[0]
+    jax.ad_checkpoint.print_saved_residuals(nll, hidden)
+    saved = [line for line in capsys.readouterr().out.splitlines() if f",{v}]" in line]
+    assert len(saved) == kept, saved
+    if kept:  # the matmul's bf16 output, not its fp32 copy
+        assert saved[0].startswith(f"bf16[1,{n},{v}]") and "dot_general" in saved[0], saved
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_target_logits_are_the_logits_at_the_targets(tied, dtype):

@@ -28,15 +28,17 @@ def save_dots_and_attention_kernels(prim, *args, **params) -> bool:
 
 
 # Names (`jax.ad_checkpoint.checkpoint_name`) of the values that remat "dots_acts" keeps besides
-# what "dots" keeps: the MLP activation (SigLIP's GELU output, Qwen2's silu(gate) * up), and the
-# attention's inputs (q, k, v after bias, RoPE and the padding mask) and masked output.
+# what "dots" keeps: the MLP activation (SigLIP's GELU output, Qwen2's silu(gate) * up), the
+# attention's inputs (q, k, v after bias, RoPE and the padding mask) and masked output, and the
+# layer norms' outputs (the inputs of the q/k/v and gate/up or fc1 matmuls).
 MLP_ACTIVATION = "mlp_activation"
 ATTENTION_IO = "attention_io"
+NORM_OUTPUT = "norm_output"
 
 
 def save_dots_activations_and_attention_io(prim, *args, **params) -> bool:
-    """Remat policy "dots_acts": "dots", plus the MLP activations and the attention's inputs and
-    masked output.
+    """Remat policy "dots_acts": "dots", plus the MLP activations, the attention's inputs and
+    masked output, and the layer norms' outputs.
 
     The MLP activation is the down projection's input, which its weight gradient reads. Recomputed,
     the backward pass runs the activation again and writes it out again; on GPU the SigLIP GELU's
@@ -51,9 +53,13 @@ def save_dots_activations_and_attention_io(prim, *args, **params) -> bool:
     Deviceless H100, unrolled 0.5B step: non-matmul traffic 117.5 -> 100.3 GB, 2,977 -> 2,603
     launches, +4 GiB of memory. With the layers in a scan, every kept value also gets a stacked
     buffer, and the program does not shrink (RESULTS.md, session 7).
+
+    The norms' outputs are the weight gradients' other operand. Recomputed, the backward pass ran
+    every norm again (its reduction and its write). Kept, the unrolled 0.5B step (deviceless H100)
+    has 72 launches and 1.6 GB of writes fewer, for about 1.6 GB more memory (RESULTS.md, session 22).
     """
     if prim.name == "name":
-        return params.get("name") in (MLP_ACTIVATION, ATTENTION_IO)
+        return params.get("name") in (MLP_ACTIVATION, ATTENTION_IO, NORM_OUTPUT)
     return save_dots_and_attention_kernels(prim, *args, **params)
 
 

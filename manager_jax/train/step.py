@@ -91,7 +91,6 @@ def supervised_nll(model, hidden: jax.Array, labels: jax.Array, segment_ids: jax
         flat_v = jnp.pad(flat_v, (0, pad))
     chunks = (flat_h.reshape(-1, chunk, d), flat_t.reshape(-1, chunk), flat_v.reshape(-1, chunk))
 
-    @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
     def chunk_nll(h, t, v):
         # log-sum-exp minus the target's logit: the only [chunk, V] arrays are the logits and,
         # in the backward pass, their softmax.
@@ -99,9 +98,14 @@ def supervised_nll(model, hidden: jax.Array, labels: jax.Array, segment_ids: jax
         return jnp.where(v, nll, 0.0).sum()
 
     if chunks[0].shape[0] == 1:
-        total = chunk_nll(chunks[0][0], chunks[1][0], chunks[2][0])
+        # One chunk: its bf16 logits are kept for the backward pass rather than computed again
+        # (at most chunk_size x V); their fp32 copy and softmax are still remade.
+        keep_logits = jax.checkpoint(chunk_nll, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        total = keep_logits(chunks[0][0], chunks[1][0], chunks[2][0])
     else:
-        total, _ = jax.lax.scan(lambda acc, xs: (acc + chunk_nll(*xs), None), jnp.zeros((), jnp.float32), chunks)
+        # Each chunk's logits are recomputed in the backward pass instead of stored.
+        total, _ = jax.lax.scan(lambda acc, xs: (acc + jax.checkpoint(chunk_nll)(*xs), None),
+                                jnp.zeros((), jnp.float32), chunks)
     return total, valid.sum()
 
 
