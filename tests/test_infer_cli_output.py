@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
 
 import pytest
 
@@ -200,7 +201,10 @@ def test_skip_bad_with_every_line_bad_fails_and_lists_them(checkpoint, capsys, t
     ckpt, image, _ = checkpoint
     early = tmp_path / "early.jsonl"
     early.write_text('{not json\n' + json.dumps({"prompt": "x", "images": ["nope.png"]}) + "\n")
-    code, _, err = generate(ckpt, early, tmp_path / "early_answers.jsonl", capsys, "--skip-bad")
+    # Lines that all fail before the model load do not load it: a checkpoint without weights does.
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(ckpt, no_weights, ignore=shutil.ignore_patterns("params"))
+    code, _, err = generate(str(no_weights), early, tmp_path / "early_answers.jsonl", capsys, "--skip-bad")
     assert code == 1 and "every one of the 2 lines" in err and "Traceback" not in err, err
     records = answers(tmp_path / "early_answers.jsonl")
     assert ["not valid JSON" in records[0]["error"], "image not found" in records[1]["error"]] == [True, True]
