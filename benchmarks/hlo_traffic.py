@@ -1,4 +1,4 @@
-"""Kernel launches and bytes written per step, by kind, read from an optimized XLA HLO dump.
+"""Kernel launches and bytes written and read per step, by kind, read from an optimized XLA HLO dump.
 
     python benchmarks/hlo_traffic.py step.hlo [--top 30]
 
@@ -10,7 +10,9 @@ carry none, read from the loop's `counter < N` condition); a loop with an unknow
 decode loop) counts once, so its numbers are per iteration. Bytes are the instruction's output
 size; a dynamic-update-slice fusion writes in place, so it counts the size of its updates, and a
 custom call's outputs that alias its operands (a kernel updating a buffer in place) are not
-counted.
+counted. Bytes read are an estimate: a launch's operands, where a fusion that only slices an operand
+reads its slices, and an in-place update does not read the buffer it updates; a custom call counts
+its operands whole, so a kernel that reads one layer out of a stacked cache is overcounted.
 
 This is a static reading of the program, not a timing: it shows where the memory traffic and the
 launches are (zero-filled stacks, layout transposes, per-layer copies), which is what the GPU
@@ -43,6 +45,7 @@ class Launch:
     count: int  # launches per step (loop trip counts multiplied in)
     op_name: str
     loop_depth: int  # 0 = outside every loop
+    bytes_read: int = 0  # estimate: the operands, or the slices of them a fusion reads
 
 
 def array_bytes(shape: str) -> int:
@@ -280,6 +283,49 @@ def _copy_start_destination(shape: str) -> tuple[str, str]:
     return destination, "copy"
 
 
+_SLICING = ("slice", "dynamic-slice", "gather")
+
+
+def _fusion_read_bytes(comps: dict[str, list[str]], line: str, operand_bytes: list[int]) -> int:
+    """Bytes a fusion reads: each operand whole, except one that the fused computation only slices
+    (a layer's weights out of a stack, a cache row), which counts its slices' sizes, and the buffer
+    of an in-place update, which is not read. A broadcast operand counts once: caches serve the rest."""
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    defs = _definitions(comps.get(called.group(1), [])) if called else {}
+    users: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    params: dict[int, str] = {}
+    for name, (op, inner) in defs.items():
+        if op == "parameter":
+            params[int(re.search(r"parameter\((\d+)\)", inner).group(1))] = name
+        else:
+            for operand in set(_operands(inner, op)):
+                users[operand].append((name, op))
+    total = 0
+    for index, whole in enumerate(operand_bytes):
+        param = params.get(index, "")
+        uses = users.get(param, [])
+        first = [_operands(defs[name][1], op)[0] == param for name, op in uses]
+        if uses and all(op == "dynamic-update-slice" and is_buffer for (_, op), is_buffer in zip(uses, first)):
+            continue  # the buffer an in-place update writes into
+        if uses and all(op in _SLICING and is_array for (_, op), is_array in zip(uses, first)):
+            total += sum(array_bytes(_INSTRUCTION.match(defs[name][1]).group(2)) for name, _ in uses)
+        else:
+            total += whole
+    return total
+
+
+def _read_bytes(comps: dict[str, list[str]], shapes: dict[str, str], line: str, op: str) -> int:
+    """Bytes a launch reads: an estimate from its operands' sizes (see `_fusion_read_bytes`)."""
+    sizes = [array_bytes(shapes.get(name, "")) for name in _operands(line, op)]
+    if op == "dynamic-update-slice":  # in place: reads its update, not the buffer
+        return sum(sizes[1:])
+    if op == "dynamic-slice":
+        return array_bytes(_INSTRUCTION.match(line).group(2))
+    if op in ("fusion", "fusion-start"):
+        return _fusion_read_bytes(comps, line, sizes)
+    return sum(sizes)
+
+
 def launches(text: str) -> list[Launch]:
     comps, entry = computations(text)
     shapes = {name: {m.group(1): m.group(2) for m in map(_INSTRUCTION.match, lines) if m}
@@ -317,30 +363,32 @@ def launches(text: str) -> list[Launch]:
             elif op in ("fusion", "fusion-start"):
                 written = _fusion_written_bytes(comps, line, written)
             op_name = re.search(r'op_name="([^"]+)"', line)
-            found.append(Launch(name, kind, shape, written, count, op_name.group(1) if op_name else "", depth))
+            read = _read_bytes(comps, shapes[comp], line, op)
+            found.append(Launch(name, kind, shape, written, count, op_name.group(1) if op_name else "", depth, read))
 
     walk(entry, 1, 0)
     return found
 
 
 def table(found: list[Launch]) -> list[str]:
-    totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
     for launch in found:
         totals[launch.kind][0] += launch.count
         totals[launch.kind][1] += launch.count * launch.bytes_written
-    out = ["| kind | launches | GB written |", "|---|---|---|"]
-    for kind, (n, written) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
-        out.append(f"| {kind} | {n:,} | {written / 1e9:.2f} |")
-    n_all = sum(v[0] for v in totals.values())
-    written_all = sum(v[1] for v in totals.values())
-    out.append(f"| **all** | **{n_all:,}** | **{written_all / 1e9:.2f}** |")
+        totals[launch.kind][2] += launch.count * launch.bytes_read
+    out = ["| kind | launches | GB written | GB read (est.) |", "|---|---|---|---|"]
+    for kind, (n, written, read) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        out.append(f"| {kind} | {n:,} | {written / 1e9:.2f} | {read / 1e9:.2f} |")
+    n_all, written_all, read_all = (sum(v[i] for v in totals.values()) for i in range(3))
+    out.append(f"| **all** | **{n_all:,}** | **{written_all / 1e9:.2f}** | **{read_all / 1e9:.2f}** |")
     return out
 
 
 def top(found: list[Launch], n: int) -> list[str]:
-    rows = sorted(found, key=lambda launch: -launch.count * launch.bytes_written)[:n]
-    return [f"{r.count * r.bytes_written / 1e9:7.2f} GB  x{r.count:<4d} {r.kind:32s} {r.shape[:70]:70s} {r.op_name[-70:]}"
-            for r in rows]
+    """The `n` launches that move the most bytes (written + read)."""
+    rows = sorted(found, key=lambda launch: -launch.count * (launch.bytes_written + launch.bytes_read))[:n]
+    return [f"{r.count * r.bytes_written / 1e9:7.2f} GB w {r.count * r.bytes_read / 1e9:7.2f} GB r  x{r.count:<4d} "
+            f"{r.kind:32s} {r.shape[:60]:60s} {r.op_name[-70:]}" for r in rows]
 
 
 def report(text: str, top_n: int = 0, in_loops_only: bool = False) -> str:
@@ -353,7 +401,7 @@ def report(text: str, top_n: int = 0, in_loops_only: bool = False) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("hlo", help="optimized HLO text")
-    p.add_argument("--top", type=int, default=0, help="also list the N launches that write the most")
+    p.add_argument("--top", type=int, default=0, help="also list the N launches that move the most bytes")
     args = p.parse_args(argv)
     with open(args.hlo) as f:
         print(report(f.read(), args.top))

@@ -1,5 +1,6 @@
 """benchmarks/hlo_traffic.py on programs compiled here: loop bodies count once per iteration, and
-a dynamic-update-slice counts the slice it writes, not the buffer it writes into."""
+a dynamic-update-slice counts the slice it writes, not the buffer it writes into; reads count the
+slices of stacks."""
 
 import os
 import re
@@ -32,6 +33,20 @@ def test_loop_bodies_count_per_iteration():
     assert updates and all(l.bytes_written == 64 * 64 * 4 for l in updates)
     assert sum(l.count * l.bytes_written for l in updates) == 6 * 64 * 64 * 4
     assert table(long)[-1].startswith("| **all** | **")
+
+
+def test_bytes_read_per_iteration_do_not_grow_with_the_stacks():
+    """Each iteration reads its layer's weights out of the input stack and writes one slice into
+    the output stack: both count a slice (counted whole, the reads would grow with the length)."""
+    def in_loop(length):
+        return [l for l in launches(_scan_program(length)) if l.loop_depth]
+
+    short, long = in_loop(3), in_loop(6)
+    assert sum(l.bytes_read for l in short) == sum(l.bytes_read for l in long)
+    slice_bytes = 64 * 64 * 4
+    for kind in ("dynamic-slice copy", "dynamic-update-slice (in place)"):
+        (stack_op,) = [l for l in long if l.kind == kind]
+        assert slice_bytes <= stack_op.bytes_read <= slice_bytes + 8  # the slice and its index
 
 
 def test_array_bytes_adds_up_tuples():
