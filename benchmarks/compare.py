@@ -49,8 +49,10 @@ def _ratio(ours: float | None, ref: float | None) -> float | None:
 
 
 def _flags(row: dict) -> str:
-    """The XLA_FLAGS a run had, for its label (variants differ by them)."""
-    return f", XLA_FLAGS={row['xla_flags']}" if row.get("xla_flags") else ""
+    """The XLA_FLAGS a run had, for its label (variants differ by them), less the dump flags
+    gpu_session.sh gives every run (they change what is written, not what runs)."""
+    flags = " ".join(f for f in str(row.get("xla_flags") or "").split() if not f.startswith("--xla_dump"))
+    return f", XLA_FLAGS={flags}" if flags else ""
 
 
 def table(rows: list[dict]) -> list[str]:

@@ -13,6 +13,11 @@ writes the optimized HLO and prints its launches and bytes written by kind (benc
 It is for reading the program: zero-filled stacks, layout transposes, per-layer copies, kernels
 per decoded token. Timings come from the device (benchmarks/gpu_session.sh).
 
+`--card-dump DIR` compiles for a card that ran benchmarks/gpu_session.sh instead, from the XLA
+dump that session brought back (xla_dump.tar.gz, unpacked): the card's own description and its
+autotuner's picks, so the program is the one that card ran (every fusion must have a pick unless
+`--allow-missing-autotune`). Its optimized HLO is in the dump too, for reading as it is.
+
 The model's "auto" choices follow the platform being compiled for (`manager_jax.platform`), so the
 compiled program is the GPU one (cuDNN attention, two-row decode, the Pallas decode attention,
 crops padded to 768).
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,14 +43,46 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def target_devices(topology: str = "h100:1"):
+def target_devices(topology: str = "h100:1", gpu_config: str | None = None):
     """The devices of `topology` (default: one H100 SXM, 80 GB HBM3, described to XLA, not attached)."""
     from manager_jax.train.aot import AotError, topology_devices
 
     try:
-        return topology_devices(topology)
+        return topology_devices(topology, gpu_config)
     except AotError as err:
         raise SystemExit(str(err)) from err
+
+
+def card_dump(folder: str, merged_autotune: str) -> tuple[str, str]:
+    """(topology, target config text) of the card whose XLA dump is under `folder` (gpu_session.sh's
+    xla_dump.tar.gz, unpacked), after writing every autotune result found there into one file,
+    `merged_autotune`. A result is keyed by the card and the fusion's own HLO, so those of one
+    program also serve another's fusions of the same shapes."""
+    from manager_jax.train.aot import GPU_CARDS
+
+    configs, results, version = [], [], None
+    for root, _, names in sorted(os.walk(folder)):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            if name.endswith("gpu_target_config.pbtxt"):
+                configs.append(path)
+            elif name.endswith("autotune_results.pbtxt"):
+                with open(path) as f:
+                    for line in f:
+                        if line.startswith("version:"):
+                            version = version or line
+                        else:
+                            results.append(line)
+    if not configs:
+        raise SystemExit(f"--card-dump {folder}: no *gpu_target_config.pbtxt under it (unpack the xla_dump.tar.gz "
+                         "that benchmarks/gpu_session.sh brings back from a GPU)")
+    with open(configs[0]) as f:
+        config = f.read()
+    with open(merged_autotune, "w") as f:
+        f.write((version or "version: 3\n") + "".join(results))
+    described = re.search(r'device_description_str: "([^"]*)"', config)
+    card = next((key for key, c in GPU_CARDS.items() if described and c["description"] == described.group(1)), "h100")
+    return f"{card}:1", config
 
 
 def compile_train(args, devices) -> str:
@@ -118,6 +156,12 @@ def main(argv=None) -> int:
     p.add_argument("--topology", default="h100:1",
                    help="compile for the first device of this topology: h100:1 (default), h200:1, or a TPU "
                         "slice such as v5p:2x2x1 (needs libtpu; set TPU_WORKER_HOSTNAMES=localhost)")
+    p.add_argument("--card-dump", metavar="DIR",
+                   help="compile for the GPU whose XLA dump is in DIR (benchmarks/gpu_session.sh's xla_dump.tar.gz, "
+                        "unpacked) with its autotuner's picks: the program that card ran (instead of --topology)")
+    p.add_argument("--allow-missing-autotune", action="store_true",
+                   help="with --card-dump: fusions the card did not tune (changed code) take XLA's default tiles "
+                        "instead of failing the compile")
     train = p.add_argument_group("train (the shapes of benchmarks/train_step.py)")
     train.add_argument("--batch-per-device", type=int, default=2)
     train.add_argument("--remat", default="dots_acts")
@@ -148,9 +192,24 @@ def main(argv=None) -> int:
 
     from manager_jax.train.aot import building_for
 
-    devices = target_devices(args.topology)[:1]
-    with building_for(devices):  # the model's "auto" choices are the GPU ones (module doc)
-        text = compile_train(args, devices) if args.what == "train" else compile_decode(args, devices)
+    topology, gpu_config = args.topology, None
+    if args.card_dump:
+        merged = os.path.splitext(args.out)[0] + ".autotune_results.pbtxt"
+        topology, gpu_config = card_dump(args.card_dump, merged)
+        # Read when XLA first compiles for the GPU, after this point.
+        os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+            os.environ.get("XLA_FLAGS"), f"--xla_gpu_load_autotune_results_from={merged}",
+            "" if args.allow_missing_autotune else "--xla_gpu_require_complete_aot_autotune_results=true"]))
+    devices = target_devices(topology, gpu_config)[:1]
+    try:
+        with building_for(devices):  # the model's "auto" choices are the GPU ones (module doc)
+            text = compile_train(args, devices) if args.what == "train" else compile_decode(args, devices)
+    except jax.errors.JaxRuntimeError as err:
+        if not args.card_dump or not any(m in str(err) for m in ("No cached config found", "Failed to get configs")):
+            raise
+        raise SystemExit(f"--card-dump {args.card_dump}: the card tuned no fusion like one of this program (the code or "
+                         f"the shapes changed since the dump); --allow-missing-autotune gives those XLA's default "
+                         f"tiles. XLA: {str(err).splitlines()[0][:400]}") from err
     with open(args.out, "w") as f:
         f.write(text)
     per = "per step" if args.what == "train" else "per decoded token (the token loop's body)"

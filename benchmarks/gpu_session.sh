@@ -24,6 +24,10 @@
 # Every step runs under its own `timeout` and prints its JSON line as soon as it has one, so a
 # step that hangs costs only its own budget. SMOKE=1 runs the same steps on the CPU with the
 # reference's tiny shapes in fp32 (benchmarks/shapes.py). Logs go to $OUT (or a temporary folder).
+# DUMP=0 skips XLA's record of the programs built on this card (on by default on a GPU): per step,
+# the optimized HLO, the autotuner's picks, the card's description and the launch sequence of the
+# train step, prefill and decode loop, packed into $OUT/xla_dump.tar.gz, to read and to recompile
+# without a GPU (benchmarks/gpu_deviceless.py --card-dump).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -49,6 +53,10 @@ else
 fi
 
 BUDGET=${BUDGET:-550}  # seconds for the whole script: a step gets what is left, at most its own limit
+if [ -z "${DUMP:-}" ]; then  # on by default on a GPU machine
+  DUMP=0; [ "${SMOKE:-0}" != 1 ] && command -v nvidia-smi > /dev/null && DUMP=1
+fi
+DUMP_MODULES='jit_(train_step|_prefill_fn|_decode_loop_fn)'
 
 step() {  # step NAME SECONDS CMD...: run under timeout, keep JSON lines, show the rest's tail on failure
   local name=$1 limit=$2; shift 2
@@ -57,7 +65,9 @@ step() {  # step NAME SECONDS CMD...: run under timeout, keep JSON lines, show t
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s): $*"
   local start=$SECONDS
-  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local dump=()  # a variant that sets XLA_FLAGS itself (`env XLA_FLAGS=...`) replaces this
+  [ "$DUMP" = 1 ] && dump=(env "XLA_FLAGS=${XLA_FLAGS:-} --xla_dump_to=$OUT/xla_dump/$name --xla_dump_hlo_module_re=$DUMP_MODULES")
+  timeout "$limit" "${dump[@]}" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
   grep -E '^\{' "$LOGS/$name.log" | tee -a "$LOG"
   grep -E '^profile:' "$LOGS/$name.log"
@@ -192,3 +202,10 @@ if [ "${GEN:-1}" = 1 ] && [ "${SCAN:-1}" = 1 ] && step generate_jax_scan "${T_GE
   $PY benchmarks/compare.py "$LOG"
 fi
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -r "$LOGS"
+if [ -d "$OUT/xla_dump" ]; then  # what gpu_deviceless.py and hlo_traffic.py read; the rest is large
+  find "$OUT/xla_dump" -type f ! \( -name '*_after_optimizations.txt' -o -name '*autotune_results.pbtxt' \
+    -o -name '*gpu_target_config.pbtxt' -o -name '*thunk_sequence_after_thunk_passes.txt' \) -delete
+  find "$OUT/xla_dump" -type d -empty -delete
+  tar -czf "$OUT/xla_dump.tar.gz" -C "$OUT" xla_dump && rm -r "$OUT/xla_dump"
+  echo "== XLA's record of the programs: $(du -h "$OUT/xla_dump.tar.gz" | cut -f1) in xla_dump.tar.gz"
+fi

@@ -46,7 +46,9 @@ def test_other_devices_are_not_judged_and_empty_input_fails(tmp_path):
 def test_variants_are_labelled_by_their_layers_and_xla_flags(tmp_path):
     base = {"what": "train", "impl": "jax-manager_jax", "batch_per_device": 2, "remat": "dots", "tokens_per_s": 1.0}
     path = tmp_path / "variants.jsonl"
-    _write(path, [dict(base, layers="scan"), dict(base, layers="unrolled", xla_flags="--xla_foo=1")])
+    dump = " --xla_dump_to=/x/train --xla_dump_hlo_module_re=jit_(train_step)"  # every run of gpu_session.sh
+    _write(path, [dict(base, layers="scan", xla_flags=dump),
+                  dict(base, layers="unrolled", xla_flags="--xla_foo=1" + dump)])
     labels = [line for line in table(read_lines([str(path)])) if "tokens/s" in line]
     assert "remat dots, scan layers)" in labels[0]
     assert "remat dots, unrolled layers, XLA_FLAGS=--xla_foo=1)" in labels[1]

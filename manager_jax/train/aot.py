@@ -128,7 +128,7 @@ def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
-def _gpu_devices(card: str, shape: str, topology: str) -> list[Any]:
+def _gpu_devices(card: str, shape: str, topology: str, target_config: str | None = None) -> list[Any]:
     parts = shape.lower().split("x")
     if not (1 <= len(parts) <= 2 and all(p.isdigit() and int(p) > 0 for p in parts)):
         raise AotError(f"topology {topology!r}: expected {card}:GPUS or {card}:HOSTSxGPUS, e.g. {card}:8x8")
@@ -136,7 +136,7 @@ def _gpu_devices(card: str, shape: str, topology: str) -> list[Any]:
     from jax.experimental import topologies
 
     try:
-        desc = topologies.get_topology_desc(card, "cuda", target_config=gpu_target_config(card),
+        desc = topologies.get_topology_desc(card, "cuda", target_config=target_config or gpu_target_config(card),
                                             topology=f"1x{hosts}x{gpus}")
     except Exception as err:  # noqa: BLE001 - no CUDA plugin, or one that cannot compile without a GPU
         raise AotError(
@@ -151,13 +151,14 @@ TOPOLOGY_HELP = ("TPU topology like v5p:2x2x2 or v5e:4x4, 2xv5e:4x4 for 2 slices
                  "h100:8x8 (hosts x GPUs; needs jax's CUDA plugin), or cpu:N (N local CPU devices)")
 
 
-def topology_devices(topology: str) -> list[Any]:
+def topology_devices(topology: str, gpu_config: str | None = None) -> list[Any]:
     """Compile-only devices of a TPU topology ("v5p:2x2x2") or GPU cluster ("h100:8x8"), or local
-    CPU devices ("cpu:8")."""
+    CPU devices ("cpu:8"). `gpu_config`: a GpuTargetConfigProto text to describe the GPUs with
+    instead of GPU_CARDS' (a card's own, as XLA dumps it)."""
     name = topology.strip()
     card, _, shape = name.lower().partition(":")
     if card in GPU_CARDS:
-        return _gpu_devices(card, shape, topology)
+        return _gpu_devices(card, shape, topology, gpu_config)
     if card == "cpu":
         devices = jax.devices("cpu")
         if shape and not (shape.strip().isdigit() and int(shape) >= 1):
