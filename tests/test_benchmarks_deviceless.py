@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install 'jax[tpu]==<this jax>'; not in requirements.txt)")
 def test_tpu_decode_loop_writes_no_cache_sized_copies(tmp_path):
     """Per decoded token the TPU program streams the weights into VMEM and writes little else: the
     two [24, 1, 4224, 2, 64] caches (26 MB each) are updated one slot at a time, never copied."""

@@ -135,7 +135,7 @@ ENTRY %main (c: bf16[24,1,4224,2,64], u: bf16[1,1,1,2,64], w: bf16[896,4864], i:
     assert copy.kind == "copy" and copy.bytes_written == 896 * 4864 * 2
 
 
-@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install 'jax[tpu]==<this jax>'; not in requirements.txt)")
 def test_tpu_scan_program_writes_the_same_per_iteration_whatever_the_stack_length():
     """The scan of the first test compiled for a TPU chip by libtpu (which folds the stacked
     output's update into the matmul's fusion): each iteration writes a few [64, 64] f32 arrays,

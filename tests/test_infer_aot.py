@@ -137,7 +137,7 @@ def test_a_mesh_or_workload_the_engine_refuses_is_a_one_line_error(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install 'jax[tpu]==<this jax>'; not in requirements.txt)")
 def test_72b_generation_fits_8_v5p_chips_with_tensor_8():
     """The 72B grid + Manager model (136 GiB of bf16 params) served on v5p:2x2x2, run as the CLI does
     (a fresh process: libtpu owns its backend)."""

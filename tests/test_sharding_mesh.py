@@ -20,7 +20,7 @@ import pytest
 from manager_jax.sharding import MeshConfig, ShardingError, device_grid, make_mesh
 from manager_jax.train.aot import AotError, host_batch, libtpu_available, topology_devices
 
-needs_libtpu = pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu)")
+needs_libtpu = pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install 'jax[tpu]==<this jax>')")
 
 
 def groups(grid: np.ndarray, axis: str) -> list[list]:

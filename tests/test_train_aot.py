@@ -11,11 +11,25 @@ import pytest
 
 from manager_jax.sharding import MeshConfig, make_mesh
 from manager_jax.train.aot import (AotError, compile_for_topology, compile_time_oom, fits_chip, format_report, gpu_memory_gib,
-                                   host_batch, libtpu_available, memory_per_chip, refused_line, topology_devices,
-                                   ways_to_fit)
+                                   host_batch, libtpu_available, libtpu_pin_problem, memory_per_chip, refused_line,
+                                   topology_devices, ways_to_fit)
 from manager_jax.train.recipe import load_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_libtpu_other_than_the_one_jax_pins_is_named_with_the_install_that_fixes_it():
+    requires = ["jaxlib<=0.10.2,>=0.10.2", 'libtpu==0.0.42.*; extra == "tpu"', 'requests; extra == "tpu"']
+    assert libtpu_pin_problem("0.0.42.1", requires) is None
+    assert libtpu_pin_problem("0.0.42", requires) is None
+    problem = libtpu_pin_problem("0.0.52", requires)
+    assert "libtpu 0.0.52" in problem and "0.0.42.*" in problem and f'"jax[tpu]=={jax.__version__}"' in problem
+    assert libtpu_pin_problem("0.0.420", requires) is not None  # 0.0.42.* is not a prefix match on text
+    assert libtpu_pin_problem("0.0.17", ['libtpu==0.0.17; extra == "tpu"']) is None
+    assert libtpu_pin_problem("0.0.52", ["numpy>=2"]) is None  # nothing pinned: nothing to say
+    # The jax installed here pins one; the libtpu installed beside it (if any) is judged against it.
+    from importlib import metadata
+    assert any(r.startswith("libtpu") for r in metadata.requires("jax"))
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py)")
@@ -110,7 +124,7 @@ def test_compile_cli_errors_are_one_line_not_a_traceback():
 
 
 @pytest.mark.slow  # two compiles of the demo step, about 30 s on 2 CPU cores
-@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install 'jax[tpu]==<this jax>'; not in requirements.txt)")
 def test_compiling_for_a_tpu_slice_stores_nothing_in_the_persistent_cache(tmp_path):
     """A program compiled for compile-only devices cannot be loaded back: a cached one only made the
     next `run.py compile` warn ("Error reading persistent compilation cache entry") and compile
@@ -143,7 +157,7 @@ def test_bad_topologies_fail_clearly():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install 'jax[tpu]==<this jax>'; not in requirements.txt)")
 def test_stage2_7b_grid_manager_compiles_for_v5p_and_fits():
     """The real recipe on 8 v5p chips, run as the CLI does (a fresh process: libtpu owns its backend)."""
     cmd = [
@@ -159,7 +173,7 @@ def test_stage2_7b_grid_manager_compiles_for_v5p_and_fits():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install 'jax[tpu]==<this jax>'; not in requirements.txt)")
 def test_stage2_72b_fits_64_v5p_chips():
     """The 72B recipe's stage 2 on v5p:4x4x4 (fsdp 8 x tensor 8). It fits only because the Manager's
     13-layer features are split over the tensor axis (143.5 GiB of temporaries per chip whole)."""
@@ -173,7 +187,7 @@ def test_stage2_72b_fits_64_v5p_chips():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install 'jax[tpu]==<this jax>'; not in requirements.txt)")
 def test_stage2_72b_on_8_v5p_chips_does_not_fit_and_says_so():
     """The same recipe on v5p:2x2x2 (tensor 8, no FSDP): libtpu refuses it for memory. The command
     reports it and exits 1, so a launch script stops there."""
@@ -227,7 +241,7 @@ def test_compile_for_gpus_without_one_makes_the_gpu_choices(tensor):
     assert report["fits"] is True and "XLA_PYTHON_CLIENT_MEM_FRACTION" in format_report(report)
 
 
-@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install 'jax[tpu]==<this jax>'; not in requirements.txt)")
 def test_multi_host_topology_reports_the_batch_each_host_feeds():
     """v5p:2x2x2 is 2 hosts of 4 chips: with the 0.5B stage-2 mesh (fsdp 8) each host reads 4 of
     the 8 shard batches, 2 rows each, per accumulation step; with tensor 8 (72B) the one shard
@@ -241,7 +255,7 @@ def test_multi_host_topology_reports_the_batch_each_host_feeds():
         "hosts": 1, "shards_per_host": 8, "rows_per_host": 24}
 
 
-needs_libtpu = pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install libtpu; not in requirements.txt)")
+needs_libtpu = pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install 'jax[tpu]==<this jax>'; not in requirements.txt)")
 
 
 def _v5e_program(argument_gib: float, temporaries_gib: float) -> jax.stages.Lowered:

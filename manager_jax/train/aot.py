@@ -13,8 +13,8 @@ the data-center network ("2xv5e:4x4", multi-slice: `sharding.make_mesh` puts dat
 across the slices); GPUs as "h100:G" or
 "h100:HxG" (H hosts of G GPUs; also h200), which XLA compiles for from a description of the card
 without one; "cpu:N", N local CPU devices. Neither libtpu nor the CUDA plugin is a requirement of
-this project: `pip install libtpu` (the version `jax[tpu]` pins for the installed jax) for TPU
-topologies, `pip install "jax[cuda12]==<this jax>"` for GPU ones.
+this project: `pip install "jax[tpu]==<this jax>"` (the libtpu this jax is built against; a newer one
+is warned about) for TPU topologies, `pip install "jax[cuda12]==<this jax>"` for GPU ones.
 """
 
 from __future__ import annotations
@@ -128,6 +128,37 @@ def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+TPU_INSTALL = f'pip install "jax[tpu]=={jax.__version__}"'  # jax and the libtpu it is built against
+
+
+def libtpu_pin_problem(installed: str, jax_requires: Sequence[str]) -> str | None:
+    """Why the installed libtpu is not the one this jax pins for TPUs (its `tpu` extra), or None.
+    `pip install libtpu` takes the newest, which an older jax may not load: seen here, libtpu 0.0.52
+    under jax 0.10.2 (pinned 0.0.42.*) crashed jax's profiler with a segmentation fault."""
+    for requirement in jax_requires:
+        m = re.fullmatch(r'libtpu\s*==\s*([\w.]+?)(\.\*)?\s*;.*extra\s*==\s*"tpu".*', requirement.strip())
+        if not m:
+            continue
+        pinned, wildcard = m.groups()
+        if installed == pinned or (wildcard and installed.startswith(pinned + ".")):
+            return None
+        return (f"libtpu {installed} is installed, but jax {jax.__version__} is built for libtpu {pinned}"
+                f"{'.*' if wildcard else ''}: compiles may fail and processes crash; {TPU_INSTALL} installs that one")
+    return None
+
+
+def check_libtpu_version() -> None:
+    """Warns when the installed libtpu is not the one this jax pins (`libtpu_pin_problem`)."""
+    from importlib import metadata
+
+    try:
+        problem = libtpu_pin_problem(metadata.version("libtpu"), metadata.requires("jax") or [])
+    except metadata.PackageNotFoundError:
+        return
+    if problem:
+        logger.warning("%s", problem)
+
+
 def _gpu_devices(card: str, shape: str, topology: str, target_config: str | None = None) -> list[Any]:
     parts = shape.lower().split("x")
     if not (1 <= len(parts) <= 2 and all(p.isdigit() and int(p) > 0 for p in parts)):
@@ -180,12 +211,13 @@ def topology_devices(topology: str, gpu_config: str | None = None) -> list[Any]:
     if not libtpu_available():
         raise AotError(
             f"compiling for TPU topology {topology!r} needs libtpu, which is not installed (it is not in "
-            "requirements.txt): pip install libtpu  # the version jax[tpu] pins for this jax"
+            f"requirements.txt): {TPU_INSTALL}"
         )
     # libtpu looks for its hosts; compile-only use needs none but the variable must be set. Another
     # process on this host may hold libtpu's lock file; compiling needs no exclusive TPU access.
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    check_libtpu_version()
     from jax.experimental import topologies
 
     try:
