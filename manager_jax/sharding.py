@@ -9,7 +9,8 @@ optimizer state comes from sharding the ``embed`` dimension over ``fsdp``.
 A dimension whose size is not a multiple of its mesh axes is left unsharded; a mesh axis is never
 used twice in one spec. Head dimensions are the flattened width (heads x head_dim), so they split
 even mid-head (0.5B's 2 KV heads of 64 on a tensor axis of 4: half a head per device); the results
-are the same, at the cost of GSPMD resharding inside attention. An fsdp axis that splits none of a
+are the same, at the cost of GSPMD resharding inside attention, which training and inference warn
+about (`heads_split_mid_head`). An fsdp axis that splits none of a
 large parameter's dimensions is refused instead (`check_fsdp_divides`), naming an fsdp x data split
 that works.
 
@@ -382,6 +383,30 @@ def replicated_leaves(tree: Any) -> list[tuple[int, str, tuple[int, ...]]]:
 # its gradient and Adam moments are then whole on every device (0.5B at fsdp=256: 10 GiB per device
 # instead of 40 MiB). Smaller leaves (norms, biases, the Manager's scores) may stay whole.
 FSDP_MIN_BYTES = 1 << 20
+
+
+def heads_split_mid_head(model_config: Any, mesh: Any) -> str | None:
+    """A warning when the mesh axes of the head dimensions split attention heads mid-head (a head
+    count they do not divide, its flattened width they do), or None. The results are the same
+    (module doc); each layer's attention then regathers whole heads, which a tensor size dividing
+    every head count avoids."""
+    axes = {a for name in ("heads", "kv_heads", "vision_heads")
+            for a in ((LOGICAL_RULES[name],) if isinstance(LOGICAL_RULES[name], str) else LOGICAL_RULES[name] or ())}
+    n = math.prod(mesh.shape.get(a, 1) for a in axes)
+    if n == 1:
+        return None
+    text, vision = model_config.text, model_config.vision
+    counts = {"text query": (text.num_heads, text.head_dim), "text key/value": (text.num_kv_heads, text.head_dim),
+              "vision": (vision.num_heads, vision.head_dim)}
+    split = [f"{count} {name} heads ({count / n:g} per device)"
+             for name, (count, head_dim) in counts.items() if count % n and count * head_dim % n == 0]
+    if not split:
+        return None
+    whole = math.gcd(*(count for count, _ in counts.values()))
+    fits = [d for d in range(1, n) if whole % d == 0 and n % d == 0]
+    return (f"mesh {'x'.join(sorted(axes))}={n} splits attention heads mid-head: {', '.join(split)}; the results are "
+            f"the same, but every layer's attention regathers whole heads (slower). "
+            f"{'x'.join(sorted(axes))}={' or '.join(map(str, fits))} keeps whole heads on each device")
 
 
 def check_fsdp_divides(tree: Any, mesh: Any, min_bytes: int = FSDP_MIN_BYTES, *,

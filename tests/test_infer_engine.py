@@ -447,11 +447,12 @@ def test_sharded_generation_equals_single_device(baseline_engine):
     assert [g.token_ids for g in sharded.generate(prompts, params)] == expected
 
 
-@pytest.mark.parametrize("axes", [(1, 1, 2), (1, 4, 1)])
-def test_tensor_and_fsdp_meshes_give_the_single_device_tokens_and_scores(manager_engine, axes):
+@pytest.mark.parametrize("axes", [(1, 1, 2), (1, 4, 1), (1, 1, 4)])
+def test_tensor_and_fsdp_meshes_give_the_single_device_tokens_and_scores(manager_engine, axes, caplog):
     """Tensor parallel (heads, MLP and the KV cache over 2 devices) and FSDP over 4, with 3 prompts
     (an image, text only) that the 4 FSDP rows do not divide: the one-device greedy tokens, and
-    log-likelihoods within fp32 rounding of the one-device scores."""
+    log-likelihoods within fp32 rounding of the one-device scores. Tensor over 4 splits the 2 KV
+    heads mid-head: the same answers, with a warning."""
     from manager_jax.sharding import MeshConfig, make_mesh
 
     if len(jax.devices()) < 8:
@@ -461,7 +462,12 @@ def test_tensor_and_fsdp_meshes_give_the_single_device_tokens_and_scores(manager
     requests = [ScoreRequest(list(p.ids) + [7, 8, 9], len(p.ids), len(p.ids) + 3, p.images) for p in prompts]
     params = SamplingParams(max_new_tokens=NEW)
     mesh = make_mesh(MeshConfig(*axes, num_devices=int(np.prod(axes))))
-    sharded = InferenceEngine(model, pad_id=0, mesh=mesh)
+    with caplog.at_level("WARNING", logger="manager_jax.infer.engine"):
+        sharded = InferenceEngine(model, pad_id=0, mesh=mesh)
+    warned = [r.getMessage() for r in caplog.records if "mid-head" in r.getMessage()]
+    assert warned == (["mesh tensor=4 splits attention heads mid-head: 2 text key/value heads (0.5 per device); the "
+                       "results are the same, but every layer's attention regathers whole heads (slower). tensor=1 "
+                       "or 2 keeps whole heads on each device (--mesh tensor=...)"] if axes[2] == 4 else [])
     assert [g.token_ids for g in sharded.generate(prompts, params)] == \
         [g.token_ids for g in single.generate(prompts, params)]
     got = [r.logprob for r in sharded.score(requests)]

@@ -146,3 +146,29 @@ def test_an_fsdp_axis_that_splits_no_large_parameter_is_refused_with_a_mesh_that
         _recipe_setup("stage2_grid_manager_0.5b", 1, 256, 1)
     setup = _recipe_setup("stage2_grid_manager_0.5b", 2, 128, 1)
     assert replicated_leaves(setup.abstract_state)[0][0] < 1 << 20
+
+
+def test_a_tensor_axis_that_splits_heads_mid_head_is_warned_about_with_sizes_that_do_not(caplog):
+    """0.5B has 14 query, 2 key/value and 16 vision heads: tensor=4 splits the text heads mid-head
+    (their widths 896 and 128 divide by 4, the counts do not), tensor=2 does not; 7B (28, 4, 16) on
+    tensor=8 splits both text counts; 72B (64, 8, 16) on 8 keeps whole heads. The train setup logs it."""
+    from jax.sharding import AbstractMesh
+
+    from manager_jax.sharding import heads_split_mid_head
+
+    mesh = lambda tensor: AbstractMesh((1, 1, tensor), ("data", "fsdp", "tensor"))
+    warning = heads_split_mid_head(preset("0.5b"), mesh(4))
+    assert "tensor=4 splits attention heads mid-head: 14 text query heads (3.5 per device), " \
+           "2 text key/value heads (0.5 per device);" in warning and "vision" not in warning
+    assert warning.endswith("tensor=1 or 2 keeps whole heads on each device")
+    assert heads_split_mid_head(preset("0.5b"), mesh(2)) is None
+    assert heads_split_mid_head(preset("0.5b"), mesh(1)) is None
+    warning = heads_split_mid_head(preset("7b"), mesh(8))
+    assert "28 text query heads (3.5 per device), 4 text key/value heads (0.5 per device)" in warning
+    assert warning.endswith("tensor=1 or 2 or 4 keeps whole heads on each device")
+    assert heads_split_mid_head(preset("72b"), mesh(8)) is None
+
+    with caplog.at_level("WARNING", logger="manager_jax.train.state"):
+        _recipe_setup("stage2_grid_manager_0.5b", 1, 2, 4)
+    assert any("splits attention heads mid-head" in r.getMessage() and "--set mesh.tensor" in r.getMessage()
+               for r in caplog.records)

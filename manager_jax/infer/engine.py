@@ -25,8 +25,9 @@ room below max_length).
 from __future__ import annotations
 
 import functools
-import os
+import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,7 @@ from manager_jax.models.layers import unstack_layers
 from manager_jax.models.llava_ov import LlavaOV
 from manager_jax.platform import target_platform
 
+logger = logging.getLogger(__name__)
 MAX_EOS_IDS = 8  # eos ids are padded to this many (-1) so their number never recompiles
 # Arrays whose first axis is the batch row (sharded over the data axes on a mesh).
 ROW_FIELDS = frozenset({"input_ids", "positions", "segment_ids", "labels", "query_mask", "kv_seg", "next_pos",
@@ -382,7 +384,7 @@ class InferenceEngine:
     def _place_params(self, state):
         if self.mesh is None:
             return state
-        from manager_jax.sharding import ShardingError, check_fsdp_divides, tree_shardings
+        from manager_jax.sharding import ShardingError, check_fsdp_divides, heads_split_mid_head, tree_shardings
 
         def place(leaf, sharding):  # abstract params (an nnx.eval_shape model) get their sharding
             if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -395,6 +397,8 @@ class InferenceEngine:
                                training=False)
         except ShardingError as err:
             raise InputError(str(err)) from None
+        if warning := heads_split_mid_head(self.cfg, self.mesh):
+            logger.warning("%s (--mesh tensor=...)", warning)
         placed = jax.tree_util.tree_map(place, pure, tree_shardings(pure, self.mesh))
         nnx.replace_by_pure_dict(state, placed)
         return state

@@ -20,7 +20,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from manager_jax.config import ModelConfig
 from manager_jax.models.llava_ov import LlavaOV
-from manager_jax.sharding import batch_sharding, check_fsdp_divides, compute_shardings, replicated, tree_shardings
+from manager_jax.sharding import (batch_sharding, check_fsdp_divides, compute_shardings, heads_split_mid_head, replicated,
+                                  tree_shardings)
 from manager_jax.train.optimizer import make_optimizer, parse_tunable_parts, split_trainable, trainable_mask
 from manager_jax.train.step import MODEL_FIELDS, LossConfig, make_train_step
 
@@ -77,6 +78,8 @@ def make_setup(
     """Shapes and shardings of params, optimizer state and the whole train state."""
     graphdef, params = model_abstract(model_config)
     check_fsdp_divides(params, mesh, remedy="use --set mesh.fsdp={fsdp} --set mesh.data={data}")
+    if warning := heads_split_mid_head(model_config, mesh):
+        logger.warning("%s (--set mesh.tensor=...)", warning)
     param_shardings = tree_shardings(params, mesh)
     abstract_params = _with_shardings(params, param_shardings)
     mask = trainable_mask(params, tunable_parts)
