@@ -164,25 +164,50 @@ def test_top_p_ties_are_cut_like_transformers(top_k, top_p):
     np.testing.assert_allclose(ours, ref, atol=1e-6)
 
 
+def top_p_borderline(logits: np.ndarray, temperature: float, top_k: int, top_p: float, tol: float = 2e-6) -> np.ndarray:
+    """[B, V] the tokens whose fate under top-p rests on rounding: in HF's order (ascending, equal
+    logits by id) their exact (float64) cumulative mass is within `tol` of 1 - top_p. An fp32
+    cumulative sum over 10^5 tokens is off by up to about 1e-6, in an order and with an exp that
+    depend on the library and the CPU's vector width: HF's torch and our XLA disagreed on one such
+    token (1.5e-6 and 8e-8 from the threshold) on one machine and not on another; ours kept the exact
+    set there."""
+    border = np.zeros(logits.shape, bool)
+    for b, row in enumerate(logits / np.float32(temperature)):
+        if 0 < top_k < row.size:  # HF's top-k keeps every token tied with the k-th
+            row = np.where(row < np.sort(row)[-top_k], -np.inf, row)
+        order = np.lexsort((np.arange(row.size), row))
+        x = row[order].astype(np.float64)
+        probs = np.where(np.isfinite(x), np.exp(x - x.max()), 0.0)
+        cumulative = np.cumsum(probs / probs.sum())
+        border[b, order] = np.abs(cumulative - (1.0 - top_p)) <= tol
+    return border
+
+
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 0.9), (1.0, 0, 0.5), (0.7, 50, 0.8), (1.3, 0, 0.99),
                                                        (0.7, 20, 0.95), (1.0, 200000, 0.3)])
 def test_bf16_logits_over_qwen2s_vocabulary_keep_transformers_tokens(temperature, top_k, top_p):
     """Model logits in bf16 (fp32 copies, as HF generate takes them): ties everywhere, from flat
-    rows to peaked ones. As many tokens stay as in HF, with HF's probabilities; every token off the
-    cut's logit has HF's fate. Which of the tokens tied at the cut stay is torch's sort order in
-    HF, unstable beyond a few dozen ids; ours takes the highest ids."""
+    rows to peaked ones. Every token has HF's fate but the few whose cumulative mass lies within
+    rounding of the top-p threshold (`top_p_borderline`), with HF's probabilities. Which of the
+    tokens tied at the cut stay is torch's sort order in HF, unstable beyond a few dozen ids; ours
+    takes the highest ids."""
     rng = np.random.default_rng(5)
     logits = (rng.normal(size=(4, 151936)) * np.array([[1], [2], [4], [4]])).astype(np.float32)
     logits[:, 7] += np.array([0, 5, 10, 20], np.float32)
     logits[:, 151646:] = -np.inf  # the vocabulary limit
     logits = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32))
     ours, ref = our_probs(logits, temperature, top_k, top_p), hf_probs(logits, temperature, top_k, top_p)
-    np.testing.assert_array_equal((ours > 0).sum(axis=1), (ref > 0).sum(axis=1))
-    np.testing.assert_allclose(np.sort(ours, axis=1), np.sort(ref, axis=1), rtol=1e-4, atol=1e-9)
+    border = top_p_borderline(logits, temperature, top_k, top_p)
+    assert border.sum() < 100  # 4e-6 of probability mass per row: the comparison stays token by token
     cut = np.where(ref > 0, logits, np.inf).min(axis=1, keepdims=True)
-    np.testing.assert_array_equal((ours > 0)[logits != cut], (ref > 0)[logits != cut])
-    kept_at_cut = (ours > 0) & (logits == cut)
-    for row, tied in zip(kept_at_cut, logits == cut):  # the highest tied ids
+    settled = ~border & (logits != cut)  # ties at HF's cut: torch's unstable order decides there
+    np.testing.assert_array_equal((ours > 0)[settled], (ref > 0)[settled])
+    np.testing.assert_array_less(np.abs((ours > 0).sum(axis=1) - (ref > 0).sum(axis=1)), border.sum(axis=1) + 1)
+    # Renormalised over sets that differ by at most the borderline tokens' mass (about 1e-5).
+    np.testing.assert_allclose(ours[settled], ref[settled], rtol=1e-4, atol=1e-9)
+    own_cut = np.where(ours > 0, logits, np.inf).min(axis=1, keepdims=True)
+    kept_at_cut = (ours > 0) & (logits == own_cut)
+    for row, tied in zip(kept_at_cut, logits == own_cut):  # the highest tied ids
         assert np.array_equal(np.nonzero(row)[0], np.nonzero(tied)[0][len(np.nonzero(tied)[0]) - row.sum():])
 
 
