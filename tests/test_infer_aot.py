@@ -100,6 +100,14 @@ def test_an_abstract_model_on_a_mesh_compiles_with_sharded_params():
     assert sharded["cache_slots"] >= sharded["prompt_slots"] + 5
 
 
+def test_debug_log_level_adds_the_traceback(capsys):
+    assert main(["--topology", "cpu:1", "--mesh", "tensor=x"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["--topology", "cpu:1", "--mesh", "tensor=x", "--log-level", "DEBUG"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("error: ")
+
+
 @needs_8
 def test_cli_reports_memory_per_program_for_the_real_shapes(capsys):
     code = main(["--model", "0.5b:grid_manager", "--topology", "cpu:8", "--mesh", "tensor=2", "--rows", "2",
