@@ -37,7 +37,7 @@ from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
 from manager_jax.infer.sampling import SamplingParams
 from manager_jax.log_setup import LOG_LEVEL_HELP, setup_logging
 from manager_jax.models.llava_ov import LlavaOV
-from manager_jax.train.aot import (TOPOLOGY_HELP, AotError, building_for, cache_compiled_programs, compile_time_oom,
+from manager_jax.train.aot import (TOPOLOGY_HELP, AotError, building_for, cache_compiled_programs, compile_or_refusal,
                                    fits_chip, memory_capacity, memory_line, memory_per_chip, refused_line,
                                    topology_devices)
 
@@ -122,15 +122,15 @@ def _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers
     }
     report["hbm_per_chip_gib"], report["capacity"] = memory_capacity(kind)
     t0 = time.perf_counter()
-    try:
-        compiled = engine.compile_generate(prepared, params, compiler_options=compiler_options)
-        if workload.score_tokens:
-            compiled["score"] = engine.compile_score(workload.score_requests(cfg.text.vocab_size),
-                                                     compiler_options=compiler_options)
-    except jax.errors.JaxRuntimeError as err:
-        oom = compile_time_oom(str(err))
-        if oom is None:
-            raise
+    compiled, oom = compile_or_refusal(
+        lambda: engine.compile_generate(prepared, params, compiler_options=compiler_options),
+        f"the prefill and decode programs ({report['model']})", topology, devices)
+    if oom is None and workload.score_tokens:
+        requests = workload.score_requests(cfg.text.vocab_size)
+        compiled["score"], oom = compile_or_refusal(
+            lambda: engine.compile_score(requests, compiler_options=compiler_options),
+            f"the score program ({report['model']})", topology, devices)
+    if oom is not None:
         return {**report, "compile_s": time.perf_counter() - t0, "programs": None, "fits": False,
                 "refused_needs_gib": oom[0], "hbm_per_chip_gib": oom[1]}
     platform = devices[0].platform
