@@ -127,9 +127,10 @@ def test_a_compile_failure_not_for_memory_is_an_aot_error_naming_what_failed(cap
 
 @pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install 'jax[tpu]==<this jax>'; not in requirements.txt)")
 def test_libtpus_out_of_memory_refusal_is_returned_not_raised():
-    devices = topology_devices("v5e:1x1")
+    # (not v5e:1x1: with a default of 2x2x1 chips per host, which libtpu takes in some setups, it is refused)
+    devices = topology_devices("v5e:2x2")
     x = jax.ShapeDtypeStruct((5 * 2**30,), jnp.float32, sharding=SingleDeviceSharding(devices[0]))  # 20 GiB
-    compiled, oom = compile_or_refusal(jax.jit(lambda a: a * 2).lower(x).compile, "a 20 GiB program", "v5e:1x1",
+    compiled, oom = compile_or_refusal(jax.jit(lambda a: a * 2).lower(x).compile, "a 20 GiB program", "v5e:2x2",
                                        devices)
     assert compiled is None and oom[0] >= 20 and oom[1] < 16
 
