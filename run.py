@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import signal
 import sys
@@ -25,6 +24,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from manager_jax import exit_status
+from manager_jax.log_setup import LOG_LEVEL_HELP, setup_logging
 
 # The demo recipe is the default, wherever run.py is started from.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.py")
@@ -54,7 +54,7 @@ def _train_parser(prog: str, aot: bool) -> argparse.ArgumentParser:
         p.add_argument("--topology", required=True, help=TOPOLOGY_HELP)
         p.add_argument("--hlo-out", metavar="PATH",
                        help="also write the compiled program's HLO text there (read it with benchmarks/hlo_traffic.py)")
-    p.add_argument("--log-level", default="INFO", help="INFO (default), DEBUG (also prints the traceback of an error), WARNING, ...")
+    p.add_argument("--log-level", default="INFO", help=LOG_LEVEL_HELP)
     return p
 
 
@@ -76,7 +76,7 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     from manager_jax import distributed
     from manager_jax.platform import use_compilation_cache
     from manager_jax.train.recipe import load_recipe
@@ -111,7 +111,7 @@ def cmd_compile(argv: Sequence[str]) -> int:
         folder = os.path.dirname(os.path.abspath(args.hlo_out))
         if os.path.isdir(args.hlo_out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             parser.error(f"--hlo-out {args.hlo_out!r}: needs a file path in an existing, writable folder")
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     from manager_jax.train.aot import AotError, cache_compiled_programs, compile_for_topology, format_report
     from manager_jax.train.recipe import load_recipe
 
@@ -141,15 +141,6 @@ def _reporting_errors(run: Callable[[], int], log_level: str, *, bad_input: tupl
             return exit_status.INTERRUPTED
         print(f"error: {err}", file=sys.stderr)
         return exit_status.BAD_INPUT if isinstance(err, bad_input) else exit_status.FAILED
-
-
-def _setup_logging(level: str) -> None:
-    # force: a handler that an import put on the root logger first (absl's, through jax: the
-    # compile parser's help text imports train.aot) made this a no-op, and INFO lines vanished.
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("absl", "orbax", "jax._src", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 COMMANDS: dict[str, tuple[Callable[[], Callable[[Sequence[str]], int | None]], str]] = {

@@ -12,9 +12,12 @@ shared by the tests' subprocesses and removed at the end, not to the user's cach
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
+
+import pytest
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
@@ -32,3 +35,18 @@ widen_cpu_thread_pools()  # the 8 devices' collectives can deadlock XLA:CPU's de
 def pytest_configure(config) -> None:
     """Registers the `slow` marker (also declared in pyproject.toml) so `-m slow` never warns."""
     config.addinivalue_line("markers", "slow: long tests (real shapes, multi-process, AOT); run with -m slow")
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Commands run in-process (`run.main`, `compile-generate`'s `main`) set up logging
+    (`manager_jax.log_setup`): the root logger's level, and a handler on the stderr of the test, which
+    `capsys` closes after it. Left there, every later record is a "--- Logging error ---" traceback
+    in some other test's stderr."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)
+    for handler in root.handlers[:]:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+            root.removeHandler(handler)

@@ -34,7 +34,7 @@ from manager_jax.infer.sampling import SamplingParams
 from manager_jax.models.llava_ov import LlavaOV
 from manager_jax.platform import compiling_for
 from manager_jax.reference.parity import random_image
-from manager_jax.train.aot import libtpu_available
+from manager_jax.train.aot import AotError, libtpu_available
 from tests.test_infer_engine import tiny_model
 from tests.test_train_aot import _gpu_devices_or_skip
 
@@ -98,6 +98,27 @@ def test_an_abstract_model_on_a_mesh_compiles_with_sharded_params():
         saved = (whole["programs"][program]["arguments_gib"] - sharded["programs"][program]["arguments_gib"]) * 2**30
         assert 0.6 * params < saved <= params * 7 / 8, program
     assert sharded["cache_slots"] >= sharded["prompt_slots"] + 5
+
+
+def test_a_program_the_compiler_rejects_is_an_aot_error_naming_it():
+    """An XLA option this compiler lacks fails the first program's real compile (prefill and decode):
+    an AotError naming them and the devices, with the compiler's own line, not a traceback."""
+    cfg = tiny_model("grid_manager").cfg
+    work = GenerateWorkload(rows=1, image_size=(64, 64), prompt_tokens=4, new_tokens=2)
+    with pytest.raises(AotError) as failure:
+        compile_generate_for_topology(cfg, "cpu:1", workload=work,
+                                      compiler_options={"xla_manager_jax_no_such_option": True})
+    text = str(failure.value)
+    assert text.startswith("compiling the prefill and decode programs (") and "for cpu:1 (1 x cpu)" in text
+    assert str(failure.value.__cause__).splitlines()[0] in text and "xla_manager_jax_no_such_option" in text
+
+
+def test_debug_log_level_adds_the_traceback(capsys):
+    assert main(["--topology", "cpu:1", "--mesh", "tensor=x"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["--topology", "cpu:1", "--mesh", "tensor=x", "--log-level", "DEBUG"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("error: ")
 
 
 @needs_8

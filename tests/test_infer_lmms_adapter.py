@@ -466,8 +466,8 @@ def test_conversation_contexts_are_rendered_as_turns(adapter):
 
 def _truncated_png(path) -> str:
     random_image((64, 48), 5).save(path)
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) // 2])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
     return str(path)
 
 

@@ -211,7 +211,8 @@ def test_a_skipped_record_leaves_its_row_empty_and_the_steps_stay_aligned(mixed_
     import json
 
     root, path = mixed_data
-    records = json.load(open(path))
+    with open(path) as f:
+        records = json.load(f)
     broken = next(i for i, r in enumerate(records) if r.get("image"))
     records[broken] = dict(records[broken], image="no/such/image.jpg")
     bad_path = tmp_path / "records.json"

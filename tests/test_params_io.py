@@ -220,19 +220,19 @@ def test_a_signal_while_writing_removes_the_temporary_directory(tmp_path, sig):
     out.mkdir()
     ready = tmp_path / "ready"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITE, str(out / "dst"), str(ready)], cwd=repo,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not ready.exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() < deadline, "the writer never started"
-            time.sleep(0.1)
-        assert len(os.listdir(out)) == 1 and os.listdir(out)[0].startswith(".dst.tmp-")
-        proc.send_signal(getattr(signal, sig))
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
+    with subprocess.Popen([sys.executable, "-c", _SLOW_WRITE, str(out / "dst"), str(ready)], cwd=repo,
+                          stderr=subprocess.PIPE, text=True) as proc:  # closes its stderr pipe
+        try:
+            deadline = time.time() + 120
+            while not ready.exists():
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.time() < deadline, "the writer never started"
+                time.sleep(0.1)
+            assert len(os.listdir(out)) == 1 and os.listdir(out)[0].startswith(".dst.tmp-")
+            proc.send_signal(getattr(signal, sig))
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
     assert proc.returncode != 0
     if sig != "SIGINT":
         assert proc.returncode == 128 + getattr(signal, sig)

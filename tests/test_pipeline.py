@@ -115,7 +115,8 @@ def test_epochs_reshuffle(data, tok):
 def test_bad_records_are_counted_not_fatal_and_strict_raises(data, tok, tmp_path):
     root, path, all_ids = data
     cases = write_bad_examples(root)
-    good = json.load(open(path))
+    with open(path) as f:
+        good = json.load(f)
     mixed = str(tmp_path / "mixed.json")
     write_records(mixed, good + [r for r, _ in cases])
     it = run(config(data, data_path=mixed), tok, model=SQUARE)

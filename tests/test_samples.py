@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from manager_jax.config import tiny
 from manager_jax.data.image_processing import preprocess_image
-from manager_jax.data.samples import SampleOptions, SkipCounter, SkipSample, load_image, process_record
+from manager_jax.data.samples import SampleOptions, SkipCounter, SkipSample, decode_image, load_image, process_record
 from manager_jax.data.synthetic import Scene, draw_scene, write_bad_examples
 from manager_jax.data.tokenizer import load_tokenizer
 
@@ -104,6 +104,20 @@ def test_every_bad_input_case_gets_its_reason(tok, tmp_path):
     summary = counter.summary()
     assert summary["total"] == sum(1 for _, r in cases if r)
     assert summary["by_reason"]["image_count_mismatch"] == 3 and summary["by_reason"]["no_conversations"] == 2
+
+
+def test_an_image_that_fails_to_decode_releases_its_file(tmp_path, monkeypatch):
+    """A lazily opened image (`Image.open(path)`, as an lmms-eval task's visuals may be) that fails
+    to decode is closed: its file stayed open until the image was collected."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)  # lmms-eval's import sets it
+    path = tmp_path / "cut.png"
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(path)
+    path.write_bytes(path.read_bytes()[:60])
+    image = Image.open(path)
+    file = image.fp
+    with pytest.raises(SkipSample) as skip:
+        decode_image(image, "cut.png", "r1")
+    assert skip.value.reason == "truncated_image" and file.closed
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "P", "RGBA", "LA", "L", "I;16"])

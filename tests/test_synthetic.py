@@ -85,4 +85,8 @@ def test_sizes_and_kinds_can_be_chosen(tmp_path):
                                 image_format="png", records_file="r.jsonl")
     assert ds.records_path.endswith("r.jsonl") and os.path.isfile(ds.records_path)
     assert all(r["image"].endswith(".png") for r in ds.records)
-    assert {Image.open(os.path.join(ds.image_folder, r["image"])).size for r in ds.records} == {(123, 77)}
+    sizes = set()
+    for r in ds.records:
+        with Image.open(os.path.join(ds.image_folder, r["image"])) as image:
+            sizes.add(image.size)
+    assert sizes == {(123, 77)}

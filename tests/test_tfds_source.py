@@ -47,7 +47,8 @@ def test_round_trip_keeps_records_and_image_bytes(dataset, tmp_path):
         for name, blob in zip(names, blobs):
             with open(os.path.join(root, name), "rb") as f:
                 assert blob == f.read()
-    index = json.load(open(os.path.join(out, tfds_source.INDEX_FILE)))
+    with open(os.path.join(out, tfds_source.INDEX_FILE)) as f:
+        index = json.load(f)
     assert index["splits"]["train"]["num_records"] == len(kept) and len(index["splits"]["train"]["shards"]) == 2
     assert sum(index["splits"]["train"]["shard_lengths"]) == len(kept)
 
@@ -59,8 +60,10 @@ def test_a_wrong_split_or_format_is_a_record_format_error(dataset, tmp_path):
     with pytest.raises(RecordFormatError, match=r"has no split 'validation'; it has \['train'\]"):
         tfds_source.ArrayRecordRecords(out, "validation")
     index_path = os.path.join(out, tfds_source.INDEX_FILE)
-    index = json.load(open(index_path))
-    json.dump(dict(index, format="something_else"), open(index_path, "w"))
+    with open(index_path) as f:
+        index = json.load(f)
+    with open(index_path, "w") as f:
+        json.dump(dict(index, format="something_else"), f)
     with pytest.raises(RecordFormatError, match="'something_else' v1 is not"):
         tfds_source.ArrayRecordRecords(out)
 

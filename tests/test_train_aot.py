@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import SingleDeviceSharding
 
 from manager_jax.sharding import MeshConfig, make_mesh
-from manager_jax.train.aot import (AotError, compile_for_topology, compile_time_oom, fits_chip, format_report, gpu_memory_gib,
-                                   host_batch, libtpu_available, libtpu_pin_problem, memory_per_chip, refused_line,
-                                   topology_devices, ways_to_fit)
+from manager_jax.train.aot import (AotError, compile_for_topology, compile_or_refusal, compile_time_oom,
+                                   condense_compiler_message, fits_chip, format_report, gpu_memory_gib, host_batch,
+                                   libtpu_available, libtpu_pin_problem, memory_per_chip, refused_line, topology_devices,
+                                   ways_to_fit)
 from manager_jax.train.recipe import load_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,6 +103,57 @@ def test_the_tpu_compilers_out_of_memory_refusal_is_a_report_that_does_not_fit()
     text = format_report(report)
     assert "needs 133.00 GiB (arguments and temporaries) of 95.73 GiB HBM -> DOES NOT FIT" in text
     assert "to fit: more chips" in text
+
+
+def unregistered_ffi_call():
+    """A program XLA cannot compile: a custom call to an FFI target nothing registered (XLA looks its
+    handler up when it compiles; jax lowers it without asking)."""
+    x = jax.ShapeDtypeStruct((4,), jnp.float32)
+    call = jax.ffi.ffi_call("manager_jax_test_no_such_target", x)
+    return jax.jit(lambda a: call(a)).lower(x)
+
+
+def test_a_compile_failure_not_for_memory_is_an_aot_error_naming_what_failed(caplog):
+    devices = jax.devices("cpu")[:1]
+    with caplog.at_level(logging.DEBUG, logger="manager_jax.train.aot"), pytest.raises(AotError) as failure:
+        compile_or_refusal(unregistered_ffi_call().compile, "the test program", "cpu:1", devices)
+    text, cause = str(failure.value), failure.value.__cause__
+    assert isinstance(cause, jax.errors.JaxRuntimeError)
+    assert text.startswith(f"compiling the test program for cpu:1 (1 x {devices[0].device_kind}) failed")
+    assert str(cause).strip().splitlines()[0] in text and "manager_jax_test_no_such_target" in text
+    assert "--log-level DEBUG" in text
+    assert str(cause) in caplog.text  # the whole message, at debug level
+
+
+@pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install 'jax[tpu]==<this jax>'; not in requirements.txt)")
+def test_libtpus_out_of_memory_refusal_is_returned_not_raised():
+    # (not v5e:1x1: with a default of 2x2x1 chips per host, which libtpu takes in some setups, it is refused)
+    devices = topology_devices("v5e:2x2")
+    x = jax.ShapeDtypeStruct((5 * 2**30,), jnp.float32, sharding=SingleDeviceSharding(devices[0]))  # 20 GiB
+    compiled, oom = compile_or_refusal(jax.jit(lambda a: a * 2).lower(x).compile, "a 20 GiB program", "v5e:2x2",
+                                       devices)
+    assert compiled is None and oom[0] >= 20 and oom[1] < 16
+
+
+def test_a_long_compiler_message_keeps_its_first_and_key_lines():
+    hlo = [f"%fusion.{i} = f32[1024]{{0}} fusion(f32[1024]{{0}} %p.{i}), kind=kLoop" for i in range(200)]
+    message = "\n".join([
+        "INTERNAL: Mosaic failed to compile TPU kernel: unsupported block shape", "", "The MLIR operation involved:",
+        *hlo, "RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem. Used 17.51M of 16.00M vmem.",
+        "allocation table " + "x" * 5000 + " Exceeded vmem capacity by 1.51M.",
+        "=== Source Location Trace: ===", "learning/45eac/tfrc/runtime/libtpu_init_utils.cc:370",
+    ])
+    assert compile_time_oom(message) is None  # not the HBM refusal the reports count: an error
+    lines = condense_compiler_message(message).splitlines()
+    assert lines[0].strip() == "INTERNAL: Mosaic failed to compile TPU kernel: unsupported block shape"
+    assert any("Used 17.51M of 16.00M vmem" in line for line in lines)
+    assert any(line.startswith("  allocation table") and line.endswith("Exceeded vmem capacity by 1.51M.")
+               for line in lines)
+    assert max(len(line) for line in lines) < 400 and len(lines) < 10
+    assert sum("%fusion." in line for line in lines) <= 1  # the HLO is left out (past the first lines)
+    assert not any("Source Location" in line or ".cc:370" in line for line in lines)
+    meaningful = 2 + len(hlo) + 2  # all but the blank line and the compiler's source location
+    assert lines[-1].strip() == f"... ({meaningful - (len(lines) - 1)} more lines)"
 
 
 def test_one_row_per_shard_suggestion_scales_the_crop_and_image_token_capacities():

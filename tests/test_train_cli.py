@@ -75,6 +75,25 @@ def test_debug_log_level_adds_the_traceback(capsys):
     assert "Traceback" in err and err.rstrip().endswith("error: config file not found: configs/no_such_recipe.py")
 
 
+def test_a_compile_failure_is_one_error_line_and_its_traceback_with_debug(capsys):
+    """What `run.py compile` prints for a program XLA fails to compile (not for lack of memory)."""
+    import jax
+
+    from manager_jax.train.aot import AotError, compile_or_refusal
+    from tests.test_train_aot import unregistered_ffi_call
+
+    def compile_fails() -> int:
+        compile_or_refusal(unregistered_ffi_call().compile, "the test program", "cpu:1", jax.devices("cpu")[:1])
+        return 0
+
+    assert run._reporting_errors(compile_fails, "INFO", bad_input=(AotError,)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: compiling the test program for cpu:1") and "Traceback" not in err
+    assert "manager_jax_test_no_such_target" in err and "--log-level DEBUG" in err
+    assert run._reporting_errors(compile_fails, "DEBUG", bad_input=(AotError,)) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
 def test_a_failed_run_exits_1_and_ctrl_c_130(capsys):
     from manager_jax.train.loop import TrainingError
 

@@ -127,7 +127,7 @@ def test_nonfinite_steps_abort_after_k_in_a_row(tmp_path, monkeypatch):
                r"no checkpoint saved\. .*lower optim.lr")
     with pytest.raises(loop_lib.TrainingError, match=message):
         loop_lib.train(demo_config(tmp_path, "max_nonfinite_steps=2"))
-    events = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     skipped = [e for e in events if e.get("event") == "nonfinite_step_skipped"]
     assert [e["step"] for e in skipped] == [1, 2]
     # Each step has its record, the one that stopped the run too (README: "skipped": true in it).
@@ -207,7 +207,7 @@ def test_resume_accepts_other_settings_and_keeps_each_step_once_in_the_metrics(s
     out = _copy_run(straight_run[0], tmp_path / "run")
     with open(out / "metrics.jsonl", "a") as f:  # what a run killed after step 7 leaves: records after the checkpoint
         f.write(json.dumps({"step": 7, "loss": 99.0}) + "\n" + '{"step": 8, "lo')
-    saved = json.load(open(out / "recipe.json"))
+    saved = json.loads((out / "recipe.json").read_text())
     # The same batch, now with grad_accum derived (-1) from the global batch size: no change to the run.
     derived = ["grad_accum=-1", f"global_batch_size={saved['global_batch_size']}"]
     with caplog.at_level(logging.INFO, logger="manager_jax"):
@@ -217,7 +217,7 @@ def test_resume_accepts_other_settings_and_keeps_each_step_once_in_the_metrics(s
     records = read_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
     assert records[-1]["loss"] == result.losses[0]
-    resolved = json.load(open(out / "recipe.json"))
+    resolved = json.loads((out / "recipe.json").read_text())
     assert resolved["num_steps"] == 7 and resolved["grad_accum"] == saved["grad_accum"] >= 1  # the value used
 
 

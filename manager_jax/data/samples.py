@@ -238,9 +238,14 @@ def image_errors(name: str, rid: str):
 
 def decode_image(img: Image.Image, name: str, rid: str) -> Image.Image:
     """Decodes an opened image now (a truncated file fails here, not later in a worker or a
-    batch); bad or zero-size ones -> SkipSample."""
-    with image_errors(name, rid):
-        img.load()
+    batch); bad or zero-size ones -> SkipSample. One that fails to decode is closed: opened lazily
+    from a path (`Image.open(path)`, as a task's visuals may be), it kept its file open."""
+    try:
+        with image_errors(name, rid):
+            img.load()
+    except SkipSample:
+        img.close()
+        raise
     if img.width == 0 or img.height == 0:
         raise SkipSample(ZERO_SIZE_IMAGE, rid, f"{name!r} is {img.width}x{img.height}")
     return img

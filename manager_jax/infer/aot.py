@@ -20,6 +20,7 @@ import dataclasses
 import math
 import sys
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,8 +35,9 @@ from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
 from manager_jax.infer.engine import InferenceEngine, InputError, Prompt, ScoreRequest
 from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
 from manager_jax.infer.sampling import SamplingParams
+from manager_jax.log_setup import LOG_LEVEL_HELP, setup_logging
 from manager_jax.models.llava_ov import LlavaOV
-from manager_jax.train.aot import (TOPOLOGY_HELP, AotError, building_for, cache_compiled_programs, compile_time_oom,
+from manager_jax.train.aot import (TOPOLOGY_HELP, AotError, building_for, cache_compiled_programs, compile_or_refusal,
                                    fits_chip, memory_capacity, memory_line, memory_per_chip, refused_line,
                                    topology_devices)
 
@@ -120,15 +122,15 @@ def _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers
     }
     report["hbm_per_chip_gib"], report["capacity"] = memory_capacity(kind)
     t0 = time.perf_counter()
-    try:
-        compiled = engine.compile_generate(prepared, params, compiler_options=compiler_options)
-        if workload.score_tokens:
-            compiled["score"] = engine.compile_score(workload.score_requests(cfg.text.vocab_size),
-                                                     compiler_options=compiler_options)
-    except jax.errors.JaxRuntimeError as err:
-        oom = compile_time_oom(str(err))
-        if oom is None:
-            raise
+    compiled, oom = compile_or_refusal(
+        lambda: engine.compile_generate(prepared, params, compiler_options=compiler_options),
+        f"the prefill and decode programs ({report['model']})", topology, devices)
+    if oom is None and workload.score_tokens:
+        requests = workload.score_requests(cfg.text.vocab_size)
+        compiled["score"], oom = compile_or_refusal(
+            lambda: engine.compile_score(requests, compiler_options=compiler_options),
+            f"the score program ({report['model']})", topology, devices)
+    if oom is not None:
         return {**report, "compile_s": time.perf_counter() - t0, "programs": None, "fits": False,
                 "refused_needs_gib": oom[0], "hbm_per_chip_gib": oom[1]}
     platform = devices[0].platform
@@ -194,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--decode-multi-output-fusion", action="store_true",
                    help="GPU: each layer's residual add and the next RMSNorm in one kernel "
                         "(InferenceEngine decode_multi_output_fusion)")
+    p.add_argument("--log-level", default="INFO", help=LOG_LEVEL_HELP)
     args = p.parse_args(argv)
+    setup_logging(args.log_level)
     if min(args.rows, args.prompt_tokens, args.new_tokens) < 1 or args.score_tokens < 0:
         p.error("--rows, --prompt-tokens and --new-tokens must be >= 1, --score-tokens >= 0")
     cache_compiled_programs(args.topology)
@@ -208,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       args.score_tokens),
         )
     except (AotError, ConfigError, MeshSpecError, InputError) as err:  # InputError: the engine's refusals (mesh, prompt length)
+        if args.log_level.upper() == "DEBUG":
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return exit_status.BAD_INPUT
     print(format_generate_report(report))

@@ -25,8 +25,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import jax
 
@@ -38,6 +38,7 @@ from manager_jax.train.state import abstract_step_batch, batch_field_shapes, jit
 from manager_jax.train.step import LossConfig
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # HBM per chip (GiB) by device_kind substring, most specific first: what a program may use (v5e:
 # libtpu refuses programs over 15.75 of its 16), or the nominal size where unchecked.
@@ -53,7 +54,8 @@ HBM_GIB = (
 
 
 class AotError(RuntimeError):
-    """A topology that cannot be compiled for here (e.g. libtpu missing)."""
+    """A topology that cannot be compiled for here (e.g. libtpu missing), or a program the compiler
+    fails on other than for lack of memory (`compile_or_refusal`)."""
 
 
 # What the TPU compiler says when a program cannot fit the chip: it refuses to compile. Its
@@ -73,6 +75,55 @@ def compile_time_oom(message: str) -> tuple[float, float] | None:
     needs, needs_unit, hbm, hbm_unit = [g for g in m.groups() if g is not None]
     gib = lambda value, unit: float(value) * _UNITS[unit] / 2**30
     return gib(needs, needs_unit), gib(hbm, hbm_unit)
+
+
+# XLA's messages can run to pages (HLO text, allocation tables, the compiler's source lines). The
+# error keeps their first lines and any later line that states a status ("INTERNAL: ...") or a
+# lack of memory; --log-level DEBUG logs the whole message.
+_FIRST_LINES = 3
+_MOST_LINES = 8
+_LINE_CHARS = 300
+_STATUS_LINE = re.compile(r"^[A-Z][A-Z_]{3,}: ")  # absl's status codes: NOT_FOUND, INTERNAL, ...
+_MEMORY_LINE = re.compile(r"out of memory|exceed", re.IGNORECASE)
+_NOISE_LINE = re.compile(r"^=+[^=]*=+$|^[\w./-]+\.(cc|cpp|h|py):\d+$")
+
+
+def condense_compiler_message(message: str) -> str:
+    """The first lines of a compiler's message and its later key lines, each shortened, indented."""
+    lines = [line.strip() for line in message.splitlines()]
+    lines = [line for line in lines if line and not _NOISE_LINE.match(line)]
+    kept = [i for i, line in enumerate(lines)
+            if i < _FIRST_LINES or _STATUS_LINE.match(line) or _MEMORY_LINE.search(line)][:_MOST_LINES]
+    text = []
+    for i in kept:
+        line = lines[i]
+        if len(line) > _LINE_CHARS:  # its start (the status) and its end (often the numbers)
+            line = f"{line[:_LINE_CHARS * 2 // 3]} ... {line[-_LINE_CHARS // 3:]}"
+        text.append(f"  {line}")
+    if len(kept) < len(lines):
+        text.append(f"  ... ({len(lines) - len(kept)} more lines)")
+    return "\n".join(text)
+
+
+def compile_or_refusal(compile_program: Callable[[], T], what: str, topology: str,
+                       devices: Sequence[Any]) -> tuple[T | None, tuple[float, float] | None]:
+    """`compile_program()` (a `lowered.compile`) -> (the compiled program, None), or (None, (GiB needed, HBM
+    GiB)) when the compiler refused it for lack of memory (`compile_time_oom`): an answer the
+    reports give, not an error. Any other compiler failure (an op the target lacks, a libtpu that
+    does not match this jaxlib, an internal compiler error) is an AotError that names `what` was
+    compiled for which devices, with the compiler's message condensed."""
+    try:
+        return compile_program(), None
+    except jax.errors.JaxRuntimeError as err:
+        message = str(err)
+        oom = compile_time_oom(message)
+        if oom is not None:
+            return None, oom
+        where = f"{topology} ({len(devices)} x {devices[0].device_kind})"
+        logger.debug("compiling %s for %s failed; the compiler's whole message:\n%s", what, where, message)
+        raise AotError(f"compiling {what} for {where} failed in XLA's compiler (not for lack of memory):\n"
+                       f"{condense_compiler_message(message)}\n"
+                       "  (--log-level DEBUG logs the whole message and the traceback)") from err
 
 
 def hbm_gib(device_kind: str) -> float | None:
@@ -357,13 +408,8 @@ def _compile_step(config: TrainConfig, topology: str, devices: list[Any], hlo_ou
         "trainable_params": setup.num_params(trainable_only=True),
         "to_fit": ways_to_fit(config, dict(mesh.shape)),
     }
-    try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as err:
-        oom = compile_time_oom(str(err))
-        if oom is None:
-            raise
-        # The compiler refused: the step does not fit. Reported like any other answer.
+    compiled, oom = compile_or_refusal(lowered.compile, f"the train step of recipe {config.name!r}", topology, devices)
+    if oom is not None:  # the compiler refused: the step does not fit. Reported like any other answer.
         return {**report, "compile_s": time.perf_counter() - t0, "memory_per_chip": None, "hbm_per_chip_gib": oom[1],
                 "fits": False, "refused_needs_gib": oom[0], "xla_flops_per_device": None,
                 "model_flops_per_step": None, "attention": None, "attention_kernel_calls": None}
