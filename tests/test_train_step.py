@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from manager_jax.config import ImageConfig
-from manager_jax.models.llava_ov import LlavaOV, lm_loss
+from manager_jax.models.llava_ov import IGNORE_INDEX, LlavaOV, lm_loss, shifted_targets
 from manager_jax.sharding import MeshConfig, batch_sharding, make_mesh, path_str
 from manager_jax.train.optimizer import OptimConfig, param_group
 from manager_jax.train.state import init_params, init_state, jit_train_step, make_setup, place_batch
@@ -96,6 +97,45 @@ def test_one_lm_head_chunk_keeps_its_logits_for_the_backward_pass(chunk_size, ke
     assert len(saved) == kept, saved
     if kept:  # the matmul's bf16 output, not its fp32 copy
         assert saved[0].startswith(f"bf16[1,{n},{v}]") and "dot_general" in saved[0], saved
+
+
+def _reductions_over(closed_jaxpr, size: int) -> int:
+    """Number of max/sum reductions of arrays whose last axis is `size`, sub-jaxprs included."""
+    jaxpr = getattr(closed_jaxpr, "jaxpr", closed_jaxpr)
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("reduce_max", "reduce_sum") and eqn.invars[0].aval.shape[-1:] == (size,):
+            count += 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                    count += _reductions_over(sub, size)
+    return count
+
+
+@pytest.mark.parametrize("chunk_size", [0, 16])
+def test_lm_head_backward_makes_the_softmax_from_the_saved_logsumexp(chunk_size):
+    """The gradient equals autodiff's through a plain log-sum-exp over all logits, and the
+    backward pass adds no reduction over the vocabulary (the forward's max and sum are all)."""
+    cfg = small_model("manager")
+    model = LlavaOV(cfg, rngs=nnx.Rngs(0))
+    n, v = 40, cfg.text.vocab_size
+    hidden = jax.random.normal(jax.random.key(0), (1, n, cfg.text.hidden_size))
+    labels = jax.random.randint(jax.random.key(1), (1, n), 0, v).at[0, ::3].set(IGNORE_INDEX)
+    segments = jnp.ones((1, n), jnp.int32)
+    nll = lambda h: supervised_nll(model, h, labels, segments, LossConfig(chunk_size=chunk_size))[0]
+
+    def plain(h):
+        targets, valid = shifted_targets(labels, segments)
+        logits = model.logits(h)
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0).sum()
+
+    got, expected = jax.grad(nll)(hidden), jax.grad(plain)(hidden)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    forward = _reductions_over(jax.make_jaxpr(nll)(hidden), v)
+    assert forward >= 2  # the log-sum-exp's max and sum
+    assert _reductions_over(jax.make_jaxpr(jax.grad(nll))(hidden), v) == forward
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

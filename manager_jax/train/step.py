@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from manager_jax.models.attention import AttentionMesh, sharded_attention
 from manager_jax.models.layers import layer_params_transform
@@ -68,6 +69,32 @@ def _even_chunk(n: int, max_chunk: int) -> int:
     return min(-(-per_chunk // 8) * 8, max_chunk)
 
 
+LSE_NAME = "lm_head_logsumexp"
+
+
+@jax.custom_vjp
+def logsumexp_rows(logits: jax.Array) -> jax.Array:
+    """``logsumexp(logits, axis=-1)`` whose gradient is ``exp(logits - lse)``, made from the saved
+    log-sum-exp in one pass over the logits (as torch's log_softmax backward): autodiff's gradient,
+    ``exp(logits - max) / sum``, would make the backward pass recompute the max and the sum (two
+    more reads of the [n, V] logits)."""
+    return jax.nn.logsumexp(logits, axis=-1)
+
+
+def _logsumexp_rows_fwd(logits):
+    # Named so that the loss's remat policies keep it (a float per row) for the backward pass.
+    lse = checkpoint_name(jax.nn.logsumexp(logits, axis=-1), LSE_NAME)
+    return lse, (logits, lse)
+
+
+def _logsumexp_rows_bwd(residuals, grad):
+    logits, lse = residuals
+    return (grad[..., None] * jnp.exp(logits - lse[..., None]),)
+
+
+logsumexp_rows.defvjp(_logsumexp_rows_fwd, _logsumexp_rows_bwd)
+
+
 def supervised_nll(model, hidden: jax.Array, labels: jax.Array, segment_ids: jax.Array, cfg: LossConfig):
     """(sum of token CE, number of supervised tokens) of one shard batch, from hidden states [B, S, D]."""
     b, s, d = hidden.shape
@@ -94,17 +121,19 @@ def supervised_nll(model, hidden: jax.Array, labels: jax.Array, segment_ids: jax
     def chunk_nll(h, t, v):
         # log-sum-exp minus the target's logit: the only [chunk, V] arrays are the logits and,
         # in the backward pass, their softmax.
-        nll = jax.nn.logsumexp(model.logits(h[None])[0], axis=-1) - model.target_logits(h, t)
+        nll = logsumexp_rows(model.logits(h[None])[0]) - model.target_logits(h, t)
         return jnp.where(v, nll, 0.0).sum()
 
+    keep_lse = jax.checkpoint_policies.save_only_these_names(LSE_NAME)
     if chunks[0].shape[0] == 1:
         # One chunk: its bf16 logits are kept for the backward pass rather than computed again
         # (at most chunk_size x V); their fp32 copy and softmax are still remade.
-        keep_logits = jax.checkpoint(chunk_nll, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        keep_logits = jax.checkpoint(chunk_nll, policy=jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable, keep_lse))
         total = keep_logits(chunks[0][0], chunks[1][0], chunks[2][0])
     else:
         # Each chunk's logits are recomputed in the backward pass instead of stored.
-        total, _ = jax.lax.scan(lambda acc, xs: (acc + jax.checkpoint(chunk_nll)(*xs), None),
+        total, _ = jax.lax.scan(lambda acc, xs: (acc + jax.checkpoint(chunk_nll, policy=keep_lse)(*xs), None),
                                 jnp.zeros((), jnp.float32), chunks)
     return total, valid.sum()
 
