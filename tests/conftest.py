@@ -5,8 +5,12 @@ once, when the backend starts, so it must be set before anything imports jax.
 
 XLA:CPU's thread pools get 4 threads per device (`manager_jax.platform.widen_cpu_thread_pools`).
 
-The persistent compilation cache (which `run.py` turns on) goes to a folder of this session,
-shared by the tests' subprocesses and removed at the end, not to the user's cache.
+The persistent compilation cache (which `run.py` turns on) goes to a folder of this session (one
+per pytest-xdist worker), shared by the tests' subprocesses and removed at the end, not to the
+user's cache.
+
+The suite runs on pytest-xdist workers by default (`-n auto --dist loadfile` in pyproject.toml:
+the tests of a file share one worker and its module fixtures); `-n 0` runs it in this process.
 """
 
 from __future__ import annotations
@@ -19,17 +23,37 @@ import tempfile
 
 import pytest
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _CACHE = tempfile.mkdtemp(prefix="manager_jax_tests_xla_cache_")
+# Eight devices; and LLVM's optimisation level 0 for XLA:CPU's kernels: the tests' programs are
+# small, their time goes to compiling them (about a third less), and the level changes no result
+# (XLA:CPU does not allow LLVM to reorder floating-point arithmetic).
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+_OWN_CACHE = "MANAGER_JAX_TESTS_XLA_CACHE"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or (_OWN_CACHE in os.environ and "PYTEST_XDIST_WORKER" in os.environ):
+    # pytest-xdist workers inherit the controller's folder and each make their own inside it: two
+    # processes evicting from one jax cache race (a warning per entry lost).
+    _CACHE = tempfile.mkdtemp(prefix="manager_jax_tests_xla_cache_", dir=os.environ.get(_OWN_CACHE))
+    os.environ.setdefault(_OWN_CACHE, _CACHE)  # the controller's (or a run without workers)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 from manager_jax.platform import widen_cpu_thread_pools  # noqa: E402  (after XLA_FLAGS, before the backend starts)
 
 widen_cpu_thread_pools()  # the 8 devices' collectives can deadlock XLA:CPU's default thread pools
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (the default, pyproject.toml): a worker per core, at most one per 6 GiB of
+    available memory (a worker holding the suite's compiled programs peaks near 6 GiB)."""
+    available = 0
+    try:
+        with open("/proc/meminfo") as meminfo:
+            available = next(int(line.split()[1]) << 10 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass  # not Linux: one worker per core
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, available // (6 << 30))) if available else cores
 
 
 def pytest_configure(config) -> None:

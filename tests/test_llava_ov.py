@@ -53,7 +53,7 @@ def test_scan_equals_unrolled_and_remat_keeps_gradients(cfg):
             m = nnx.merge(graphdef, p)
             return lm_loss(m(batch), batch["labels"], batch["segment_ids"])
 
-        return jax.grad(loss)(params)
+        return jax.jit(jax.grad(loss))(params)
 
     remat = _model(cfg.replace(remat_policy="full"))
     g0, g1 = grads(scanned), grads(remat)
@@ -72,7 +72,7 @@ def test_remat_dots_acts_unrolled_on_padded_crops_keeps_loss_and_gradients(cfg):
     def loss_and_grads(model):
         graphdef, params = nnx.split(model, nnx.Param)
         loss = lambda p: lm_loss(nnx.merge(graphdef, p)(batch), batch["labels"], batch["segment_ids"])
-        return jax.value_and_grad(loss)(params)
+        return jax.jit(jax.value_and_grad(loss))(params)
 
     want_loss, want = loss_and_grads(_model(cfg))
     got_loss, got = loss_and_grads(_model(cfg.replace(remat_policy="dots_acts", scan_layers=False,
