@@ -24,8 +24,8 @@ import tempfile
 import pytest
 
 # Eight devices; and LLVM's optimisation level 0 for XLA:CPU's kernels: the tests' programs are
-# small, their time goes to compiling them (about a third less), and the level changes no result
-# (XLA:CPU does not allow LLVM to reorder floating-point arithmetic).
+# small, their time goes to compiling them (about a fifth less in all), and the level should
+# change no result (XLA:CPU's default keeps LLVM from reordering floating-point arithmetic).
 for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
