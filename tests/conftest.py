@@ -45,7 +45,9 @@ widen_cpu_thread_pools()  # the 8 devices' collectives can deadlock XLA:CPU's de
 
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (the default, pyproject.toml): a worker per core, at most one per 6 GiB of
-    available memory (a worker holding the suite's compiled programs peaks near 6 GiB)."""
+    available memory (a worker holding the default run's compiled programs peaks near 6 GiB), or
+    per 16 GiB when the run may take slow tests (0.5B shapes, several processes each)."""
+    per_worker = (6 if config.getoption("markexpr", "") == "not slow" else 16) << 30
     available = 0
     try:
         with open("/proc/meminfo") as meminfo:
@@ -53,7 +55,7 @@ def pytest_xdist_auto_num_workers(config) -> int:
     except (OSError, StopIteration, ValueError):
         pass  # not Linux: one worker per core
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, available // (6 << 30))) if available else cores
+    return max(1, min(cores, available // per_worker)) if available else cores
 
 
 def pytest_configure(config) -> None:
