@@ -112,6 +112,8 @@ def table(rows: list[dict]) -> list[str]:
             layers += ", loops in CUDA graphs"
         if mine.get("decode_multi_output_fusion"):
             layers += ", residual add + next norm fused"
+        if mine.get("decode_xla_options"):
+            layers += ", decode XLA options " + " ".join(f"{k}={v}" for k, v in mine["decode_xla_options"].items())
         if mine.get("tokens_sha1"):  # equal digests: the same tokens (speed options must not change them)
             layers += f", tokens {mine['tokens_sha1']}"
         label = f"generate B={batch} {mine.get('image')} ({mine.get('variant')}, {mine.get('new_tokens')} new{layers}{_flags(mine)})"

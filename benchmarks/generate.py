@@ -97,7 +97,9 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
 
     # The first call compiles the prefill and the decode loop. Its tokens' digest tells whether two
     # runs that differ only in speed options (kernels, command buffers) made the same tokens.
+    start = time.perf_counter()
     tokens = hashlib.sha1(json.dumps([g.token_ids for g in generate()]).encode()).hexdigest()[:12]
+    first_call_s = time.perf_counter() - start  # the compiles (unless cached) and one run
     prefill_s = timed(prefill, args.repeats)
     decode_times = []
     for _ in range(args.repeats):  # the decode loop alone, after a fresh prefill each time
@@ -118,6 +120,7 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
         "decode_attention": engine.decode_attention, "decode_check_every": engine.decode_check_every,
         "decode_command_buffers": engine.decode_command_buffers,
         "decode_multi_output_fusion": engine.decode_multi_output_fusion,
+        "decode_xla_options": engine.decode_xla_options or None,
         "decode_kernel": str(dict(engine.decode_kernels).get(rows) or KernelConfig.default_for(rows))
         if engine.decode_attention == "pallas" else None,
         "decode_matmul": engine.decode_matmul,
@@ -125,6 +128,7 @@ def bench(engine, args, batch: int, profile: str | None = None) -> dict:
         "batch": batch, "image": args.image, "crops": sample.num_crops, "prompt_len": int(prepared.lengths[0]),
         "prompt_bucket": prepared.prompt_slots, "new_tokens": args.new_tokens, "prefill_s": prefill_s,
         "decode_s_per_token": decode, "decode_tokens_per_s": batch / decode, "total_s": total_s,
+        "first_call_s": first_call_s,
         "peak_mem_gb": peak / 2**30 if peak else None, "tokens_sha1": tokens,
         "device": f"{len(jax.devices())} x {device.device_kind}", "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS"),
@@ -172,6 +176,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-multi-output-fusion", action="store_true",
                    help="GPU: each layer's residual add and the next layer's RMSNorm in one kernel "
                         "(InferenceEngine decode_multi_output_fusion)")
+    p.add_argument("--decode-xla-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an XLA option for the decode loop's program alone (InferenceEngine decode_xla_options), "
+                        "e.g. xla_gpu_exhaustive_tiling_search=true; may be repeated")
     p.add_argument("--profile", default=None, metavar="FILE.xplane.pb",
                    help="after timing, profile one prefill + decode per batch size (FILE with _b<batch> before .xplane.pb)")
     args = p.parse_args(argv)
@@ -184,13 +191,14 @@ def main(argv=None) -> int:
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (decode time is measured beyond the first token)")
 
-    from manager_jax.infer.engine import InferenceEngine
+    from manager_jax.infer.engine import InferenceEngine, parse_xla_options
     from manager_jax.models.decode_attention import parse_kernel_configs
     from manager_jax.models.decode_matmul import parse_matmul_configs
 
     try:
         decode_kernels = parse_kernel_configs(";".join(args.decode_kernels))
         matmul_kernels = parse_matmul_configs(args.decode_matmul_kernels)
+        decode_xla_options = parse_xla_options(args.decode_xla_option)
     except ValueError as err:
         p.error(str(err))
     model = build_model(args)
@@ -199,7 +207,8 @@ def main(argv=None) -> int:
                              decode_attention=args.decode_attention, decode_kernels=decode_kernels,
                              decode_check_every=args.decode_check_every, decode_matmul=args.decode_matmul,
                              decode_matmul_kernels=matmul_kernels, decode_command_buffers=args.decode_command_buffers,
-                             decode_multi_output_fusion=args.decode_multi_output_fusion)
+                             decode_multi_output_fusion=args.decode_multi_output_fusion,
+                             decode_xla_options=decode_xla_options)
     for batch in (int(b) for b in args.batch.split(",")):
         profile = args.profile.replace(".xplane.pb", f"_b{batch}.xplane.pb") if args.profile else None
         print(json.dumps(bench(engine, args, batch, profile=profile)), flush=True)

@@ -28,6 +28,7 @@ import functools
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,19 +165,46 @@ XLA_COMMAND_BUFFER_DEFAULTS = ("FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "C
 MULTI_OUTPUT_FUSION = "xla_gpu_unsupported_enable_triton_multi_output_fusion"
 
 
-def decode_compiler_options(command_buffers: bool, multi_output_fusion: bool = False) -> dict[str, Any] | None:
-    """The decode loop's XLA options, on GPU: with `command_buffers` the loops join the CUDA graphs
+def decode_compiler_options(command_buffers: bool, multi_output_fusion: bool = False,
+                            more: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The decode loop's XLA options. On GPU: with `command_buffers` the loops join the CUDA graphs
     (InferenceEngine decode_command_buffers), unless XLA_FLAGS sets the command buffer types itself;
     with `multi_output_fusion` each layer's residual add joins the next layer's RMSNorm kernel
-    (InferenceEngine decode_multi_output_fusion)."""
-    if target_platform() != "gpu":
-        return None
+    (InferenceEngine decode_multi_output_fusion). `more` (InferenceEngine decode_xla_options) on
+    every platform, over the engine's own."""
     options: dict[str, Any] = {}
-    if command_buffers and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
-        options["xla_gpu_enable_command_buffer"] = ",".join((*XLA_COMMAND_BUFFER_DEFAULTS, "WHILE"))
-    if multi_output_fusion:
-        options[MULTI_OUTPUT_FUSION] = True
+    if target_platform() == "gpu":
+        if command_buffers and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+            options["xla_gpu_enable_command_buffer"] = ",".join((*XLA_COMMAND_BUFFER_DEFAULTS, "WHILE"))
+        if multi_output_fusion:
+            options[MULTI_OUTPUT_FUSION] = True
+    options.update(more or {})
     return options or None
+
+
+def parse_xla_options(items: Sequence[str]) -> dict[str, bool | int | float | str]:
+    """["KEY=VALUE", ...] (command lines) -> XLA options: true / false -> bool, numbers -> int or
+    float, anything else a string. ValueError names an item without "=" or a key that is no XLA
+    option name."""
+    options: dict[str, bool | int | float | str] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"xla_[a-z0-9_]+", key):
+            raise ValueError(f"XLA option {item!r}: expected KEY=VALUE with KEY an XLA option name "
+                             "(xla_...), e.g. xla_gpu_exhaustive_tiling_search=true")
+        value: bool | int | float | str = text.strip()
+        if value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(value)
+                    break
+                except ValueError:
+                    pass
+        options[key] = value
+    return options
 
 
 # ---- the engine ---------------------------------------------------------------------------------
@@ -253,6 +281,12 @@ class InferenceEngine:
       decode_matmul_kernels: {site: MatmulConfig} for the projections ("qkv", "o", "gate_up",
         "down") not on `MatmulConfig()`; benchmarks/decode_matmul.py times them and prints the
         fastest in the form `parse_matmul_configs` reads. Speed only.
+      decode_xla_options: more XLA options for the decode loop's program alone, on any platform
+        (over the engine's own), e.g. {"xla_gpu_exhaustive_tiling_search": True}: the autotuner
+        searches every GEMM tiling of the decode step's few small matmul shapes, without paying
+        for the prefill's large ones (`XLA_FLAGS` sets an option for every program). For
+        experiments (benchmarks/generate.py --decode-xla-option); an unknown name fails the
+        decode program's compile with XLA's "No such compile option".
     """
 
     def __init__(
@@ -276,6 +310,7 @@ class InferenceEngine:
         decode_matmul_kernels: Mapping[str, MatmulConfig] | None = None,
         decode_command_buffers: bool = False,
         decode_multi_output_fusion: bool = False,
+        decode_xla_options: Mapping[str, Any] | None = None,
     ):
         self.cfg = model.cfg
         self.decode_scan_layers = bool(decode_scan_layers)
@@ -353,10 +388,12 @@ class InferenceEngine:
         self.state = self._place_params(state)
         self._prefill_jit = jax.jit(self._prefill_fn, static_argnames=("cache_len", "plain_causal"))
         self._step_jit = jax.jit(self._decode_step_fn, donate_argnames=("cache",))
-        decode_options = decode_compiler_options(bool(decode_command_buffers), bool(decode_multi_output_fusion))
+        self.decode_xla_options = dict(decode_xla_options or {})
+        decode_options = decode_compiler_options(bool(decode_command_buffers), bool(decode_multi_output_fusion),
+                                                 self.decode_xla_options)
         # What was asked for and is in effect here.
         self.decode_command_buffers = "xla_gpu_enable_command_buffer" in (decode_options or {})
-        self.decode_multi_output_fusion = MULTI_OUTPUT_FUSION in (decode_options or {})
+        self.decode_multi_output_fusion = bool((decode_options or {}).get(MULTI_OUTPUT_FUSION))
         self._decode_jit = jax.jit(self._decode_loop_fn, static_argnames=("greedy", "new_slots"),
                                    donate_argnames=("cache",), compiler_options=decode_options)
         self._score_jit = jax.jit(self._score_fn, static_argnames=("plain_causal",))
