@@ -88,6 +88,7 @@ def card_dump(folder: str, merged_autotune: str) -> tuple[str, str]:
 def compile_train(args, devices) -> str:
     from benchmarks import train_step as bench
     from manager_jax.sharding import MeshConfig, batch_sharding, make_mesh
+    from manager_jax.train.aot import memory_line, memory_per_chip
     from manager_jax.train.optimizer import OptimConfig
     from manager_jax.train.state import jit_train_step, make_setup
     from manager_jax.train.step import LossConfig
@@ -103,7 +104,9 @@ def compile_train(args, devices) -> str:
     local = {k: np.asarray(v)[None, None] for k, v in arrays.items()}
     local["pixel_values"] = local["pixel_values"].astype(jnp.dtype(cfg.dtype))
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, v.ndim)) for k, v in local.items()}
-    return jit_train_step(setup, abstract).lower(setup.abstract_state, abstract).compile().as_text()
+    compiled = jit_train_step(setup, abstract).lower(setup.abstract_state, abstract).compile()
+    print(f"train step memory on the device: {memory_line(memory_per_chip(compiled, devices[0].platform))}")
+    return compiled.as_text()
 
 
 def compile_decode(args, devices, cfg=None) -> str:

@@ -84,7 +84,8 @@ def test_a_stack_run_in_pieces_from_one_split_has_one_gradient_stack():
 def test_remat_dots_acts_keeps_the_mlp_activation_and_the_attention_inputs(capsys):
     """What each remat policy saves for the backward pass of a SigLIP layer on padded crops: "dots"
     the matmul outputs only; "dots_acts" also the GELU output, the attention's masked inputs and
-    output and the two layer norms' outputs, and no longer the q/k/v projections they are made from."""
+    output, the two layer norms' outputs and the second norm's input (the residual sum after the
+    attention), and no longer the q/k/v projections they are made from."""
     from manager_jax.config import tiny
     from manager_jax.models.layers import _REMAT_POLICIES
     from manager_jax.models.siglip import SiglipLayer
@@ -98,11 +99,12 @@ def test_remat_dots_acts_keeps_the_mlp_activation_and_the_attention_inputs(capsy
     for policy in ("dots", "dots_acts"):
         jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=_REMAT_POLICIES[policy]), params, x)
         saved[policy] = capsys.readouterr().out
-    for name in ("mlp_activation", "attention_io", "norm_output"):
+    for name in ("mlp_activation", "attention_io", "norm_output", "residual_sum"):
         assert f"named '{name}'" not in saved["dots"]
     assert saved["dots_acts"].count("named 'mlp_activation'") == 1
     assert saved["dots_acts"].count("named 'attention_io'") == 4  # q, k, v and the masked output
     assert saved["dots_acts"].count("named 'norm_output'") == 2  # ln1, ln2
+    assert saved["dots_acts"].count("named 'residual_sum'") == 1  # ln2's input: its backward needs it
     dots = lambda text: text.count("output of dot_general")
     assert dots(saved["dots_acts"]) < dots(saved["dots"])
 

@@ -34,11 +34,12 @@ def save_dots_and_attention_kernels(prim, *args, **params) -> bool:
 MLP_ACTIVATION = "mlp_activation"
 ATTENTION_IO = "attention_io"
 NORM_OUTPUT = "norm_output"
+RESIDUAL_SUM = "residual_sum"  # a layer's residual stream after its attention: the second norm's input
 
 
 def save_dots_activations_and_attention_io(prim, *args, **params) -> bool:
     """Remat policy "dots_acts": "dots", plus the MLP activations, the attention's inputs and
-    masked output, and the layer norms' outputs.
+    masked output, the layer norms' outputs and the residual sums they norm mid-layer.
 
     The MLP activation is the down projection's input, which its weight gradient reads. Recomputed,
     the backward pass runs the activation again and writes it out again; on GPU the SigLIP GELU's
@@ -57,9 +58,14 @@ def save_dots_activations_and_attention_io(prim, *args, **params) -> bool:
     The norms' outputs are the weight gradients' other operand. Recomputed, the backward pass ran
     every norm again (its reduction and its write). Kept, the unrolled 0.5B step (deviceless H100)
     has 72 launches and 1.6 GB of writes fewer, for about 1.6 GB more memory (RESULTS.md, session 22).
+
+    The residual sum after each layer's attention is the second norm's input, which its backward
+    reads. Recomputed, each SigLIP layer's backward added it again in a kernel of its own (and
+    Qwen2's norm backward read both addends). Kept, the step has 26 launches, 0.46 GB of writes
+    and about 1.5 GB of reads fewer, at the same peak memory (RESULTS.md, session 25).
     """
     if prim.name == "name":
-        return params.get("name") in (MLP_ACTIVATION, ATTENTION_IO, NORM_OUTPUT)
+        return params.get("name") in (MLP_ACTIVATION, ATTENTION_IO, NORM_OUTPUT, RESIDUAL_SUM)
     return save_dots_and_attention_kernels(prim, *args, **params)
 
 

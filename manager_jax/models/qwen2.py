@@ -20,7 +20,7 @@ from manager_jax.models.attention import (current_attention_mesh, dot_product_at
                                          splash_applies, splash_attention)
 from manager_jax.models.decode_attention import KernelConfig, decode_attention, decode_attention_on_mesh, supported
 from manager_jax.models import decode_matmul
-from manager_jax.models.layers import MLP_ACTIVATION, NORM_OUTPUT, RMSNorm, linear, round_to, make_stacked, run_stacked, split_stack
+from manager_jax.models.layers import MLP_ACTIVATION, NORM_OUTPUT, RESIDUAL_SUM, RMSNorm, linear, round_to, make_stacked, run_stacked, split_stack
 from manager_jax.platform import target_platform
 
 
@@ -205,7 +205,7 @@ class Qwen2Layer(nnx.Module):
             return self._fused_decode(x, ctx, cache)
         # The norms' outputs are named for remat "dots_acts" (models/layers.py); a no-op otherwise.
         a, cache = self.attn(checkpoint_name(self.input_norm(x), NORM_OUTPUT), ctx, cache)
-        x = x + a
+        x = checkpoint_name(x + a, RESIDUAL_SUM)
         return x + self.mlp(checkpoint_name(self.post_attn_norm(x), NORM_OUTPUT)), cache
 
     def _configs(self) -> dict:

@@ -9,7 +9,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from manager_jax.config import VisionConfig
 from manager_jax.models.attention import dot_product_attention, unmasked_row_multiple
-from manager_jax.models.layers import MLP_ACTIVATION, NORM_OUTPUT, activation, linear, make_stacked, run_stacked, split_stack
+from manager_jax.models.layers import MLP_ACTIVATION, NORM_OUTPUT, RESIDUAL_SUM, activation, linear, make_stacked, run_stacked, split_stack
 
 
 class SiglipAttention(nnx.Module):
@@ -54,7 +54,7 @@ class SiglipLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, valid_len: int | None = None) -> jax.Array:
         # The norms' outputs are named for remat "dots_acts" (models/layers.py); a no-op otherwise.
-        x = x + self.attn(checkpoint_name(self.ln1(x), NORM_OUTPUT), valid_len)
+        x = checkpoint_name(x + self.attn(checkpoint_name(self.ln1(x), NORM_OUTPUT), valid_len), RESIDUAL_SUM)
         return x + self.mlp(checkpoint_name(self.ln2(x), NORM_OUTPUT))
 
 
