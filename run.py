@@ -167,9 +167,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return exit_status.BAD_INPUT
-    from manager_jax.platform import widen_cpu_thread_pools
+    from manager_jax.platform import only_cpu_with_libtpu, widen_cpu_thread_pools
 
-    widen_cpu_thread_pools()  # before any command starts the backend: fake CPU devices can deadlock otherwise
+    # Both before any command starts the backend: fake CPU devices can deadlock otherwise, and an
+    # installed libtpu on a host without accelerators prints a false error.
+    widen_cpu_thread_pools()
+    if only_cpu_with_libtpu():
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
     from manager_jax.distributed import exit_on_failure
 
     try:

@@ -79,6 +79,34 @@ def widen_cpu_thread_pools(environ: dict[str, str] | None = None) -> int | None:
     return threads
 
 
+def only_cpu_with_libtpu(environ: dict[str, str] | None = None) -> bool:
+    """Whether libtpu is installed on a host that has no accelerator (no TPU chip, NVIDIA or AMD
+    GPU, as JAX's own device scans see them) and nothing asks for a platform: `run.py` then starts
+    JAX on the CPU alone (`jax_platforms="cpu"`, what it falls back to there anyway).
+
+    libtpu is installed on CPU hosts for ahead-of-time TPU compiles (`run.py compile --topology
+    v5p:...`, which builds its TPU devices without the TPU backend). Started with JAX's other
+    backends, libtpu asks the cloud metadata server for its hosts and, off the cloud, printed an
+    ``INVALID_ARGUMENT ... TPU_WORKER_HOSTNAMES`` error and a source trace at every command (unless
+    another process held libtpu's lock file). ``JAX_PLATFORMS``, ``TPU_WORKER_HOSTNAMES`` and
+    ``JAX_FORCE_TPU_INIT`` are the user's say and leave it as it is.
+    """
+    import importlib.util
+
+    env = os.environ if environ is None else environ
+    if any(env.get(name) for name in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES", "JAX_FORCE_TPU_INIT")):
+        return False
+    if importlib.util.find_spec("libtpu") is None:
+        return False
+    try:  # JAX's own scans (what its Cloud TPU and GPU plugin set-ups read); private, hence the guard
+        from jax._src import hardware_utils as hw
+
+        return not (hw.num_available_tpu_chips_and_device_id()[0] or hw.has_visible_nvidia_gpu()
+                    or hw.num_available_amd_gpus(stop_at=1))
+    except (ImportError, AttributeError, OSError, TypeError):
+        return False
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "manager_jax", "jax_compilation_cache")

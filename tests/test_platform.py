@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from manager_jax.platform import widen_cpu_thread_pools
+from manager_jax.platform import only_cpu_with_libtpu, widen_cpu_thread_pools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,3 +108,34 @@ def test_thread_pool_size_follows_the_device_count_and_leaves_one_device_alone()
                 {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "NPROC": "3"}):
         before = dict(env)
         assert widen_cpu_thread_pools(env) is None and env == before
+
+
+LIBTPU_PROBE = r"""
+import sys, jax
+if sys.argv[1] == "run.py":
+    import run
+    try:
+        run.main(["train", "--help"])  # run.py's start-up, then argparse's help exits
+    except SystemExit:
+        pass
+print(jax.devices()[0].platform)
+"""
+
+
+@pytest.mark.skipif(not only_cpu_with_libtpu({}), reason="needs libtpu installed on a host without accelerators")
+def test_run_py_starts_jax_without_libtpus_false_error():
+    """libtpu installed for ahead-of-time TPU compiles, on a CPU host: JAX starts it with its other
+    backends, and libtpu printed an INVALID_ARGUMENT error at every command (this process's own
+    libtpu would hold the lock file that keeps another quiet: the children may load it again)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TPU_WORKER_HOSTNAMES", "TPU_SKIP_MDS_QUERY", "JAX_PLATFORMS")}
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+    runs = {how: subprocess.run([sys.executable, "-c", LIBTPU_PROBE, how], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=120) for how in ("run.py", "jax alone")}
+    assert all(out.returncode == 0 and out.stdout.split()[-1] == "cpu" for out in runs.values())
+    assert "INVALID_ARGUMENT" in runs["jax alone"].stderr  # what run.py's start-up keeps away
+    assert "INVALID_ARGUMENT" not in runs["run.py"].stderr and "libtpu" not in runs["run.py"].stderr.lower()
+
+
+def test_the_users_platform_choice_keeps_libtpu():
+    for env in ({"JAX_PLATFORMS": "tpu,cpu"}, {"TPU_WORKER_HOSTNAMES": "h1,h2"}, {"JAX_FORCE_TPU_INIT": "1"}):
+        assert only_cpu_with_libtpu(env) is False
