@@ -124,6 +124,8 @@ def table(rows: list[dict]) -> list[str]:
         out.append(f"| | prefill ms | {_fmt(prefill and prefill * 1e3, '.1f')} | "
                    f"{_fmt(ref_prefill and ref_prefill * 1e3, '.1f')} | "
                    f"{_times(_ratio(ref_prefill, prefill))} | |")
+        if mine.get("first_call_s") is not None:  # the compiles: what an XLA option such as a full autotune costs
+            out.append(f"| | first call s (compiles + 1 run) | {_fmt(mine['first_call_s'], '.1f')} | | | |")
     devices = sorted({str(r.get("device")) for r in rows if r.get("device")})
     out.append("")
     out.append(f"devices: {', '.join(devices) or 'unknown'}" + ("" if on_h100 else " (targets are for one H100: not judged)"))

@@ -73,6 +73,8 @@ def test_generate_and_train_experiments_are_labelled(tmp_path):
          "decode_tokens_per_s": 1.0},
         {"what": "generate", "impl": "jax", "batch": 16, "new_tokens": 8, "decode_min_rows": 2, "decode_check_every": 8,
          "decode_command_buffers": True, "tokens_sha1": "0123456789ab", "decode_tokens_per_s": 1.0},
+        {"what": "generate", "impl": "jax", "batch": 1, "new_tokens": 8, "decode_tokens_per_s": 1.0,
+         "decode_xla_options": {"xla_gpu_exhaustive_tiling_search": True}, "first_call_s": 73.25},
     ])
     labels = [line for line in table(read_lines([str(path)])) if "tokens/s" in line]
     assert ("decoded as >= 2 rows, end checked every 8 tokens, loops in CUDA graphs, tokens 0123456789ab)"
@@ -84,3 +86,6 @@ def test_generate_and_train_experiments_are_labelled(tmp_path):
     assert "row" not in labels[5] and "pallas decode attention, pallas decode matmuls down=16,256,4,4)" in labels[5]
     assert "unrolled layers, decoded as >= 2 rows, pallas decode attention)" in labels[3]
     assert "pallas decode attention 64,528,4,3)" in labels[4]
+    assert "decode XLA options xla_gpu_exhaustive_tiling_search=True)" in labels[7]
+    first_calls = [line for line in table(read_lines([str(path)])) if "first call s" in line]
+    assert len(first_calls) == 1 and "| 73.2 |" in first_calls[0]  # only the run that reports it
