@@ -142,11 +142,12 @@ class Batch:
         "plan_weight", "plan_newline", "plan_dst", "plan_manager", "plan_image", "query_mask",
     )
 
-    def to_model_inputs(self, pixel_dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    def to_model_inputs(self, pixel_dtype: Any = np.float32, pixels_out: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The array fields as a dict of numpy arrays (what the model's forward takes), the crops
-        normalised into `pixel_dtype` (manager_jax.pixels)."""
+        normalised into `pixel_dtype` (manager_jax.pixels), written into `pixels_out` when given
+        (its slot in a step's stacked batch: no copy of the crops afterwards)."""
         out = self._arrays()
-        out["pixel_values"] = normalize(self.pixel_values, pixel_dtype)
+        out["pixel_values"] = normalize(self.pixel_values, pixel_dtype, out=pixels_out)
         return out
 
     def _arrays(self) -> dict[str, np.ndarray]:

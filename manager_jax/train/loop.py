@@ -112,21 +112,23 @@ class DataFeed:
         when a shard has run out of data."""
         per_micro = []
         over_budget = False
-        for _ in range(self.accum):
+        pixels = None  # [accum, local shards, crops, H, W, 3]: each shard batch's crops normalised in place
+        for micro in range(self.accum):
             shard_batches = []
-            for k in self.shard_ids:
+            for slot, k in enumerate(self.shard_ids):
                 try:
                     batch = next(self.iterators[k])
                 except StopIteration:
                     return None
-                arrays = batch.to_model_inputs(pixel_dtype=self.pixel_dtype)
+                if pixels is None:
+                    pixels = np.empty((self.accum, len(self.shard_ids), *batch.pixel_values.shape), self.pixel_dtype)
+                arrays = batch.to_model_inputs(pixel_dtype=self.pixel_dtype, pixels_out=pixels[micro, slot])
                 if self.token_budget:
                     over_budget |= supervised_count(arrays["labels"], arrays["segment_ids"]) > self.token_budget
                 shard_batches.append(arrays)
             per_micro.append(shard_batches)
-        out = {}
-        for name in MODEL_FIELDS:
-            out[name] = np.stack([np.stack([b[name] for b in micro]) for micro in per_micro])
+        out = {name: pixels if name == "pixel_values" else np.stack([np.stack([b[name] for b in micro]) for micro in per_micro])
+               for name in MODEL_FIELDS}
         return out, over_budget
 
     def get_states(self) -> dict[int, Any]:
