@@ -60,6 +60,17 @@ def _pair_table(dtype: np.dtype) -> np.ndarray | None:
     return table
 
 
+def _forget_threads() -> None:
+    """In a forked child: the parent's threads did not come along (a pool that believes it has
+    them would never run a task)."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_threads)
+
+
 def _threads() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:

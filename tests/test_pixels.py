@@ -1,6 +1,9 @@
 """manager_jax.pixels.normalize: the SigLIP processor's numbers for uint8 crops, in any float dtype,
 on every path (pairs of bytes, an odd last byte, threads, another width, a given output buffer)."""
 
+import multiprocessing
+import os
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -69,3 +72,26 @@ def test_written_into_a_slot_of_a_stacked_batch():
 def test_bad_inputs_are_refused(crops, out, message):
     with pytest.raises((TypeError, ValueError), match=message):
         pixels.normalize(crops, np.float32, out=out)
+
+
+def _normalise_in_child(queue) -> None:
+    crops = np.random.default_rng(4).integers(0, 256, (20, 384, 384, 3), dtype=np.uint8)
+    queue.put(pixels.normalize(crops, ml_dtypes.bfloat16).view(np.uint16).sum(dtype=np.int64))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_normalises_with_threads_of_its_own():
+    """The parent's thread pool exists (a threaded batch ran) when the child is forked; the child's
+    threaded batch must not wait for the parent's threads, which it does not have."""
+    crops = np.random.default_rng(4).integers(0, 256, (20, 384, 384, 3), dtype=np.uint8)
+    want = pixels.normalize(crops, ml_dtypes.bfloat16).view(np.uint16).sum(dtype=np.int64)
+    assert pixels._pool is not None or (os.cpu_count() or 1) == 1
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_normalise_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung on the parent's thread pool")
+    assert child.exitcode == 0 and queue.get(timeout=5) == want
