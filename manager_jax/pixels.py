@@ -14,13 +14,12 @@ the processor's numbers for all 256 values (a multiplication by 1/255 differs fo
 
 from __future__ import annotations
 
-import os
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
+from manager_jax import host_threads
 
 IMAGE_MEAN = np.float32(0.5)
 IMAGE_STD = np.float32(0.5)
@@ -42,8 +41,6 @@ NORMALIZED = _normalized_table()  # float32 [256]: the normalised value of each 
 _PAIR_INT = {2: (np.uint16, np.uint32), 4: (np.uint32, np.uint64)}
 _PAIR_TABLES: dict[np.dtype, np.ndarray] = {}
 _THREAD_CHUNK = 1 << 21  # pairs per thread's part (4 MiB of crops)
-_pool = None
-_pool_lock = threading.Lock()
 
 
 def _pair_table(dtype: np.dtype) -> np.ndarray | None:
@@ -58,25 +55,6 @@ def _pair_table(dtype: np.dtype) -> np.ndarray | None:
         table = (values[None, :] | (values[:, None] << (8 * dtype.itemsize))).reshape(-1)  # row: second byte
         _PAIR_TABLES[dtype] = table
     return table
-
-
-def _forget_threads() -> None:
-    """In a forked child: the parent's threads did not come along (a pool that believes it has
-    them would never run a task)."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_threads)
-
-
-def _threads() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="normalize")
-        return _pool
 
 
 def normalize(pixels: np.ndarray, dtype: Any = np.float32, out: np.ndarray | None = None) -> np.ndarray:
@@ -102,8 +80,8 @@ def normalize(pixels: np.ndarray, dtype: Any = np.float32, out: np.ndarray | Non
     pairs_out = flat_out[:even].view(table.dtype)
     parts = [slice(i, i + _THREAD_CHUNK) for i in range(0, pairs_in.size, _THREAD_CHUNK)]
     take = lambda part: np.take(table, pairs_in[part], out=pairs_out[part], mode="clip")  # every index is in range
-    if len(parts) > 1 and (os.cpu_count() or 1) > 1:
-        list(_threads().map(take, parts))
+    if len(parts) > 1 and host_threads.size() > 1:
+        list(host_threads.pool().map(take, parts))
     else:
         take(slice(None))
     if even < flat_in.size:
