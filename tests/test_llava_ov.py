@@ -82,8 +82,38 @@ def test_remat_dots_acts_unrolled_on_padded_crops_keeps_loss_and_gradients(cfg):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+class TowerCase:
+    """Crops, the selected layers and fixed random weights of a loss over the tower's outputs; `run`
+    gives a tower's (last, selected) hidden states and the gradients of that loss."""
+
+    def __init__(self, cfg):
+        rng = np.random.default_rng(7)
+        self.pixels = jnp.asarray(rng.normal(size=(3, 384, 384, 3)).astype(np.float32))
+        self.select = list(cfg.manager.select_layers)
+        self.w_last = jnp.asarray(rng.normal(size=(3, 729, cfg.vision.hidden_size)).astype(np.float32))
+        self.w_sel = jnp.asarray(rng.normal(size=(len(self.select), 3, 729, cfg.vision.hidden_size)).astype(np.float32))
+
+    def run(self, model):
+        graphdef, params = nnx.split(model.vision, nnx.Param)
+
+        def loss(p):
+            last, selected = nnx.merge(graphdef, p)(self.pixels, self.select)
+            return (last * self.w_last).sum() + (selected * self.w_sel).sum(), (last, selected)
+
+        (_, outs), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return outs, grads
+
+
+@pytest.fixture(scope="module")
+def unpadded_tower(cfg):
+    """The tower without padding on the TowerCase: (case, (last, selected), gradients), computed once
+    for every padded variant it is compared with."""
+    case = TowerCase(cfg)
+    return case, *case.run(_model(cfg.replace(vision_token_multiple=1)))
+
+
 @pytest.mark.parametrize("multiple", [64, 100, "splash"])
-def test_vision_tower_on_padded_crops_equals_the_unpadded_tower(cfg, multiple):
+def test_vision_tower_on_padded_crops_equals_the_unpadded_tower(cfg, unpadded_tower, multiple):
     """vision_token_multiple pads every crop once for all the tower's layers (729 -> 768 for cuDNN
     on GPU): the last and the Manager's selected hidden states and every gradient stay the same.
     "splash": the TPU path (Pallas interpret mode here), crops padded to 768 by the tower itself
@@ -92,34 +122,19 @@ def test_vision_tower_on_padded_crops_equals_the_unpadded_tower(cfg, multiple):
 
     from manager_jax.models import attention as A
 
-    rng = np.random.default_rng(7)
-    pixels = jnp.asarray(rng.normal(size=(3, 384, 384, 3)).astype(np.float32))
-    select = list(cfg.manager.select_layers)
+    case, (last0, sel0), g0 = unpadded_tower
+    select = case.select
     assert 0 in select or min(select) <= 1  # the embeddings / first layers are among the outputs
-    w_last = jnp.asarray(rng.normal(size=(3, 729, cfg.vision.hidden_size)).astype(np.float32))
-    w_sel = jnp.asarray(rng.normal(size=(len(select), 3, 729, cfg.vision.hidden_size)).astype(np.float32))
-
-    def run(model):
-        graphdef, params = nnx.split(model.vision, nnx.Param)
-
-        def loss(p):
-            last, selected = nnx.merge(graphdef, p)(pixels, select)
-            return (last * w_last).sum() + (selected * w_sel).sum(), (last, selected)
-
-        (_, outs), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        return outs, grads
-
-    (last0, sel0), g0 = run(_model(cfg.replace(vision_token_multiple=1)))
     if multiple == "splash":
         mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
         with A.sharded_attention(A.AttentionMesh(mesh)):
             model = _model(cfg.replace(attention_impl="splash"))
             assert A.unmasked_row_multiple("splash") == 128
-            jaxpr = str(jax.make_jaxpr(lambda x: model.vision(x, select))(pixels))
+            jaxpr = str(jax.make_jaxpr(lambda x: model.vision(x, select))(case.pixels))
             assert "pallas_call" in jaxpr  # the kernel runs
-            (last1, sel1), g1 = run(model)
+            (last1, sel1), g1 = case.run(model)
     else:
-        (last1, sel1), g1 = run(_model(cfg.replace(vision_token_multiple=multiple)))
+        (last1, sel1), g1 = case.run(_model(cfg.replace(vision_token_multiple=multiple)))
     assert last1.shape == last0.shape == (3, 729, cfg.vision.hidden_size) and sel1.shape == sel0.shape
     # fp32 rounding only (other reduction orders): a leak of the padding would be O(1).
     assert relative_error(last1, last0) < 1e-6 and relative_error(sel1, sel0) < 1e-6
