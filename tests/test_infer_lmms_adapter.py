@@ -320,36 +320,51 @@ def _mixed_requests(paths: list[str]) -> tuple[dict, list[Instance]]:
     return docs, [Instance("generate_until", (q, dict(kw), doc_to_visual, d, TASK, SPLIT)) for q, kw, d in spec]
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_generate_until_mixed_requests_keep_their_order(adapter, batch_size):
-    """Each answer lands at its request's place, whatever batch it was generated in: a greedy
-    request's answer is the one a single-request call gives; a sampled one's does not depend on the
-    batch size (each draws from its own stream)."""
+@pytest.fixture(scope="module")
+def mixed_one_at_a_time(adapter):
+    """The answers every batching of `_mixed_requests` must give, computed once for the batch sizes
+    tested: (the list answered by a batch-1 adapter, {index: a greedy request answered alone},
+    {index: a greedy request's answer computed here from the engine})."""
     tok, engine = adapter.tokenizer, adapter.engine
-    paths = adapter.task_dict[TASK][SPLIT][1]["images"]
-    docs, requests = _mixed_requests(paths)
-    lm = LlavaOVManagerJax(engine=engine, tokenizer_obj=tok, batch_size=batch_size)
-    lm.task_dict = {TASK: {SPLIT: docs}}
-    answers = lm.generate_until(requests)
-    assert len(answers) == len(requests)
+    docs, requests = _mixed_requests(adapter.task_dict[TASK][SPLIT][1]["images"])
     single = LlavaOVManagerJax(engine=engine, tokenizer_obj=tok, batch_size=1)
-    single.task_dict = lm.task_dict
-    for request, answer in zip(requests, answers):
-        if not request.args[1]["do_sample"]:
-            assert answer == single.generate_until([request])[0], request.args[0]
-    # Greedy answers, computed here one by one from the engine: the order is the requests' own.
-    for request, answer in zip(requests, answers):
+    single.task_dict = {TASK: {SPLIT: docs}}
+    sequential, alone, direct = single.generate_until(requests), {}, {}
+    for i, request in enumerate(requests):
         context, kwargs, _, doc_id, _, _ = request.args
         if kwargs["do_sample"]:
             continue
+        alone[i] = single.generate_until([request])[0]
         images = doc_to_visual(docs[doc_id])
         [gen] = engine.generate([Prompt(build_eval_prompt(context, len(images), tok), images)],
                                 SamplingParams(max_new_tokens=kwargs["max_new_tokens"]))
-        assert answer == tok.decode(gen.token_ids, skip_special_tokens=True).strip()
-    if batch_size > 1:
-        sequential = LlavaOVManagerJax(engine=engine, tokenizer_obj=tok, batch_size=1)
-        sequential.task_dict = lm.task_dict
-        assert sequential.generate_until(requests) == answers
+        direct[i] = tok.decode(gen.token_ids, skip_special_tokens=True).strip()
+    return sequential, alone, direct
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_generate_until_mixed_requests_keep_their_order(adapter, mixed_one_at_a_time, batch_size):
+    """Each answer lands at its request's place, whatever batch it was generated in: a greedy
+    request's answer is the one a single-request call gives; a sampled one's does not depend on the
+    batch size (each draws from its own stream). Batch size 1's answers are the fixture's list."""
+    tok, engine = adapter.tokenizer, adapter.engine
+    paths = adapter.task_dict[TASK][SPLIT][1]["images"]
+    docs, requests = _mixed_requests(paths)
+    sequential, alone, direct = mixed_one_at_a_time
+    if batch_size == 1:
+        answers = sequential
+    else:
+        lm = LlavaOVManagerJax(engine=engine, tokenizer_obj=tok, batch_size=batch_size)
+        lm.task_dict = {TASK: {SPLIT: docs}}
+        answers = lm.generate_until(requests)
+        assert answers == sequential
+    assert len(answers) == len(requests)
+    greedy = [i for i, request in enumerate(requests) if not request.args[1]["do_sample"]]
+    assert sorted(alone) == sorted(direct) == greedy and len(greedy) == 7
+    for i in greedy:
+        assert answers[i] == alone[i], requests[i].args[0]
+        # Computed from the engine one by one: the order is the requests' own.
+        assert answers[i] == direct[i], requests[i].args[0]
 
 
 def test_sampled_request_draws_from_its_documents_stream(adapter):
