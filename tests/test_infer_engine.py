@@ -128,6 +128,30 @@ def test_prepare_buckets_and_cache_segments(manager_engine):
         np.testing.assert_array_equal(row, [0] * (slots - n) + [1] * (n + 4))
 
 
+def test_prompts_prepared_on_threads_equal_one_by_one_and_fail_in_order(manager_engine, monkeypatch):
+    """prepare preprocesses the prompts' images on the host's threads: the same batch as one
+    prompt after the other, and the error of the first bad prompt in prompt order."""
+    from manager_jax import host_threads
+    from manager_jax.infer.engine import InputError
+
+    _, engine = manager_engine
+    if host_threads.size() < 2:
+        pytest.skip("one core: prepare runs the prompts one by one")
+    prompts = lambda: [Prompt([1, 2, IMAGE_TOKEN_INDEX, 3 + k], [random_image((300 + 90 * k, 200), k)]) for k in range(4)]
+    threaded = engine.prepare(prompts())
+    with monkeypatch.context() as m:
+        m.setattr(host_threads, "size", lambda: 1)
+        serial = engine.prepare(prompts())
+    assert threaded.inputs.keys() == serial.inputs.keys()
+    for name in threaded.inputs:
+        np.testing.assert_array_equal(threaded.inputs[name], serial.inputs[name], err_msg=name)
+    bad = prompts()
+    bad[1] = Prompt([1, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX], bad[1].images)  # two placeholders, one image
+    bad[3] = Prompt([1, 2], bad[3].images)
+    with pytest.raises(InputError, match="prompt 1:"):
+        engine.prepare(bad)
+
+
 def test_prepared_crops_are_normalised_in_the_model_dtype():
     """A bf16 model's prompts carry bf16 crops to the device: the processor's float32 values
     rounded as the tower's own cast would round them."""

@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
-from manager_jax import multigrid
+from manager_jax import host_threads, multigrid
 from manager_jax.batch import IM_START_TOKEN_ID, ProcessedSample, assemble_batch
 from manager_jax.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from manager_jax.data.image_processing import preprocess_image
@@ -587,7 +587,15 @@ class InferenceEngine:
         """Prompts -> a right-padded, bucketed batch (numpy)."""
         if not prompts:
             raise InputError("no prompts given")
-        samples = [self.process(p.ids, p.images, str(i)) for i, p in enumerate(prompts)]
+        process = lambda item: self.process(item[1].ids, item[1].images, str(item[0]))
+        # The prompts' images are decoded and resized on the host's threads (PIL releases the GIL):
+        # about 60 ms an image of a photo's size, more than a batch's prefill. Serially when an
+        # image object appears twice: PIL's lazy loading of one image is not thread-safe.
+        images = [id(image) for p in prompts for image in p.images]
+        if len(prompts) > 1 and host_threads.size() > 1 and len(set(images)) == len(images):
+            samples = list(host_threads.pool().map(process, enumerate(prompts)))  # the first error in prompt order
+        else:
+            samples = [process(item) for item in enumerate(prompts)]
         lengths = np.zeros(self._rows(len(samples)), np.int32)
         lengths[: len(samples)] = [s.expanded_length for s in samples]
         seq_len = self._prompt_bucket(int(lengths.max()))
