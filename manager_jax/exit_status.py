@@ -16,6 +16,8 @@ A launch script or scheduler can then tell "fix the command" from "the work fail
 
 from __future__ import annotations
 
+import gc
+import os
 import signal
 import threading
 
@@ -40,11 +42,31 @@ class ExitOnSignal:
                 self.previous[sig] = signal.signal(sig, self._raise)
         return self
 
-    @staticmethod
-    def _raise(signum, frame):
+    # How soon a signal that came inside a garbage collector's callback or a __del__ comes again.
+    RETRY_S = 0.05
+
+    @classmethod
+    def _raise(cls, signum, frame):
+        if _drops_exceptions(frame):
+            # Raised here, the exit would be printed as "Exception ignored in ..." with a
+            # traceback, and dropped: the process went on (jax's gc callback runs at every
+            # collection, often while a run sets up). The signal comes again once that code returned.
+            threading.Timer(cls.RETRY_S, os.kill, (os.getpid(), signum)).start()
+            return
         raise SystemExit(128 + signum)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
+
+
+def _drops_exceptions(frame, depth: int = 64) -> bool:
+    """Whether `frame` runs inside code whose exceptions Python prints and drops: a garbage
+    collector callback (`gc.callbacks`) or a finaliser (`__del__`)."""
+    callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None and depth > 0:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame, depth = frame.f_back, depth - 1
+    return False
