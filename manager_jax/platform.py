@@ -145,5 +145,45 @@ def use_compilation_cache() -> str | None:
             return None
         if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
             jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+        if jax.config.jax_compilation_cache_max_size != -1:
+            restore_cache_access_times(path)
     jax.config.update("jax_compilation_cache_dir", path)
     return path
+
+
+# JAX's size-capped cache keeps, beside each entry "<key>-cache", its last use in "<key>-atime".
+_ENTRY_SUFFIX, _ACCESS_TIME_SUFFIX = "-cache", "-atime"
+
+
+def restore_cache_access_times(path: str) -> int:
+    """Give every entry of a cache folder that lacks one the access-time file JAX's size cap reads;
+    returns how many were missing.
+
+    Each write to a capped cache first reads the access time of every entry, and one missing file
+    fails it: the whole cache then warns "Error writing persistent compilation cache entry ...
+    FileNotFoundError" at every compile and keeps nothing new. An entry lacks the file when JAX
+    without a cap wrote it (the folder shared with another program, or JAX_COMPILATION_CACHE_MAX_SIZE=-1
+    in some processes) or when a process was killed between its two writes. The entry's own
+    modification time stands in for its last use.
+    """
+    try:
+        import filelock  # what JAX's capped cache locks the folder with (it needs the package too)
+    except ImportError:
+        return 0
+    try:
+        names = set(os.listdir(path))
+        missing = [n[: -len(_ENTRY_SUFFIX)] for n in names
+                   if n.endswith(_ENTRY_SUFFIX) and n[: -len(_ENTRY_SUFFIX)] + _ACCESS_TIME_SUFFIX not in names]
+        if not missing:
+            return 0
+        with filelock.FileLock(os.path.join(path, ".lockfile"), timeout=10):
+            for key in missing:
+                entry, stamp = (os.path.join(path, key + suffix) for suffix in (_ENTRY_SUFFIX, _ACCESS_TIME_SUFFIX))
+                if os.path.exists(entry) and not os.path.exists(stamp):
+                    with open(stamp, "wb") as f:
+                        f.write(os.stat(entry).st_mtime_ns.to_bytes(8, "little"))
+    except (OSError, filelock.Timeout) as err:  # a cache that cannot be mended must not stop a run
+        logger.warning("compilation cache %s: could not restore its entries' access times (%s)", path, err)
+        return 0
+    logger.info("compilation cache %s: restored the access times of %d entries", path, len(missing))
+    return len(missing)

@@ -37,6 +37,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ or (_OWN_CACHE in os.environ an
     os.environ.setdefault(_OWN_CACHE, _CACHE)  # the controller's (or a run without workers)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Every test process caps the cache, as run.py's commands do (platform.CACHE_MAX_BYTES): an uncapped
+# process writes entries without the access-time files that a capped one (a test's run.py
+# subprocess) reads at each write, and the capped one's writes then fail while the test runs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 
 from manager_jax.platform import widen_cpu_thread_pools  # noqa: E402  (after XLA_FLAGS, before the backend starts)
 

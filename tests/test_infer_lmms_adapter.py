@@ -93,7 +93,8 @@ def test_beam_search_requests_are_answered_with_a_warning(adapter, caplog):
                                                          doc_to_visual, 0, TASK, SPLIT))]
     with caplog.at_level("WARNING", logger="manager_jax.infer.lmms_adapter"):
         greedy = adapter.generate_until(request({}))
-        assert caplog.records == []
+        # Only the adapter's records: JAX logs its compiles at WARNING under JAX_LOG_COMPILES=1.
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("manager_jax")] == []
         assert adapter.generate_until(request({"num_beams": 3})) == greedy
     assert "num_beams=3 is not supported: these requests are decoded greedily" in caplog.text
 

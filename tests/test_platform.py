@@ -21,9 +21,10 @@ jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
 path = use_compilation_cache()
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 f = lambda x: jnp.sin(x) @ jnp.cos(x).T
-first = jax.jit(f)(jnp.ones((64, 64)))
+n = int(os.environ.get("PROBE_SIZE", "64"))  # another size: another program
+first = jax.jit(f)(jnp.ones((n, n)))
 jax.clear_caches()
-second = jax.jit(f)(jnp.ones((64, 64)))
+second = jax.jit(f)(jnp.ones((n, n)))
 print(json.dumps({
     "path": path, "config": jax.config.jax_compilation_cache_dir,
     "files": sorted(os.listdir(path)) if path and os.path.isdir(path) else [],
@@ -62,6 +63,21 @@ def test_a_folder_that_cannot_be_made_turns_the_cache_off_with_a_warning(tmp_pat
     result, err = probe({"JAX_COMPILATION_CACHE_DIR": str(blocker / "cache")}, tmp_path)
     assert result["path"] is None and result["hits"] == 0
     assert "compilation cache off: cannot write to" in err
+
+
+def test_entries_written_without_the_size_cap_do_not_break_a_capped_cache(tmp_path):
+    """JAX without a size cap writes entries without the access-time files that a capped cache
+    (run.py's) reads at every write: use_compilation_cache restores them, so the capped process still
+    writes its programs instead of warning at each compile."""
+    mine = str(tmp_path / "shared")
+    probe({"JAX_COMPILATION_CACHE_DIR": mine, "JAX_COMPILATION_CACHE_MAX_SIZE": "-1"}, tmp_path)
+    uncapped = set(os.listdir(mine))
+    assert any(n.endswith("-cache") for n in uncapped) and not any(n.endswith("-atime") for n in uncapped)
+    result, err = probe({"JAX_COMPILATION_CACHE_DIR": mine, "PROBE_SIZE": "32"}, tmp_path)
+    assert "Error writing persistent compilation cache entry" not in err
+    written = [n for n in result["files"] if n.endswith("-cache") and n not in uncapped]
+    assert written and result["hits"] >= 1
+    assert all(n[: -len("-cache")] + "-atime" in result["files"] for n in result["files"] if n.endswith("-cache"))
 
 
 # How many threads XLA:CPU's pool of a fresh interpreter has, after run.py's start-up (tsl names
