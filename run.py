@@ -81,7 +81,7 @@ def _train(args: argparse.Namespace) -> int:
     from manager_jax.platform import use_compilation_cache
     from manager_jax.train.recipe import load_recipe
 
-    from manager_jax.train.loop import TrainingError, input_errors, train
+    from manager_jax.train.loop import TrainingError, format_throughput, input_errors, train
     from manager_jax.train.run_files import WriteFailed
 
     def run() -> int:
@@ -91,6 +91,8 @@ def _train(args: argparse.Namespace) -> int:
         if result.losses:
             print(f"first loss {result.losses[0]:.4f}  final loss {result.losses[-1]:.4f}  "
                   f"(steps {result.first_step + 1}..{result.last_step}, {result.status})")
+        if result.throughput:
+            print(format_throughput(result.throughput) + " (the steps after the first, which compiles)")
         print(f"checkpoint: {result.checkpoint_dir}")
         if result.stop_signal:  # a preempted run is not finished: nonzero, so that a scheduler relaunches it
             name = "Ctrl-C" if result.stop_signal == signal.SIGINT else signal.Signals(result.stop_signal).name

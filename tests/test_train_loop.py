@@ -203,6 +203,18 @@ def test_a_refused_resume_changes_nothing_in_the_run_directory(straight_run, tmp
     assert _snapshot(out) == before  # recipe.json and checkpoints/config.json untouched
 
 
+def test_the_runs_throughput_is_the_median_of_its_steps_after_the_first(straight_run):
+    out, result = straight_run
+    records = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert records[0]["includes_compile"] and not any(r.get("includes_compile") for r in records[1:])
+    later = records[1:]
+    assert result.throughput["step_time_s"] == float(np.median([r["step_time_s"] for r in later]))
+    assert result.throughput["tokens_per_s"] == float(np.median([r["tokens_per_s"] for r in later]))
+    assert result.throughput["samples_per_s"] == float(np.median([r["samples_per_s"] for r in later]))
+    assert result.throughput["mfu"] is None  # no peak FLOPs known for a CPU
+    assert loop_lib.format_throughput(result.throughput).startswith(f"median step {np.median([r['step_time_s'] for r in later]):.3f} s, ")
+
+
 def test_resume_accepts_other_settings_and_keeps_each_step_once_in_the_metrics(straight_run, tmp_path, caplog):
     out = _copy_run(straight_run[0], tmp_path / "run")
     with open(out / "metrics.jsonl", "a") as f:  # what a run killed after step 7 leaves: records after the checkpoint
@@ -213,6 +225,7 @@ def test_resume_accepts_other_settings_and_keeps_each_step_once_in_the_metrics(s
     with caplog.at_level(logging.INFO, logger="manager_jax"):
         result = loop_lib.train(demo_config(out, "num_steps=7", "optim.lr=1e-3", *derived))
     assert result.first_step == 6 and result.last_step == 7
+    assert result.throughput == {}  # its one step is the call's first, which compiles
     assert "resuming with changed settings: num_steps: 6 -> 7; optim.lr: 0.003 -> 0.001\n" in caplog.text + "\n"
     records = read_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import signal
+import statistics
 import time
 from typing import Any, Callable
 
@@ -84,6 +85,9 @@ class TrainResult:
     # The signal that stopped the run (this process's, else SIGTERM: another host's preemption
     # notice); None when it ran to its end or to stop_at_step.
     stop_signal: int | None = None
+    # Medians over this call's steps after its first (which compiles): step time, tokens/s, MFU
+    # (None without a known peak); empty for a call of one step.
+    throughput: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -517,6 +521,7 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
             writer.event(completed, "checkpoint", directory=ckpt.directory)
 
     losses: list[float] = []
+    timed: list[dict] = []  # the records of the steps after this call's first
     status, stop_signal = "completed", None
     nonfinite_streak = 0
     last_finite = first_step if first_step else None
@@ -563,6 +568,8 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
             nonfinite_streak = 0
             last_finite = done
         record = _step_record(config, setup, metrics, step_time, peak, first=(done == first_step + 1))
+        if not record.get("includes_compile"):
+            timed.append(record)
         skip_counts, samples_read = feed.skip_stats()  # includes the batch read ahead
         skip_watch.check(skip_counts, samples_read)
         if done % config.logging.every_steps == 0 or done == config.num_steps:
@@ -652,9 +659,31 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
     failure = _close_all(cleanups)
     if failure is not None:
         raise failure
+    throughput = _throughput(timed)
     if primary and losses:
         logger.info("steps %d..%d: first loss %.4f, last loss %.4f (%s)", first_step + 1, step, losses[0], losses[-1], status)
-    return TrainResult(first_step, step, losses, status, ckpt.directory, state if keep_state else None, stop_signal)
+    if primary and throughput:
+        logger.info("steps %d..%d: %s", step - len(timed) + 1, step, format_throughput(throughput))
+    return TrainResult(first_step, step, losses, status, ckpt.directory, state if keep_state else None, stop_signal,
+                       throughput)
+
+
+def _throughput(records: list[dict]) -> dict[str, float | None]:
+    """Medians of the steps' records (a checkpoint save or a slow batch moves a mean, not these)."""
+    if not records:
+        return {}
+    mfus = [r["mfu"] for r in records if r["mfu"] is not None]
+    return {"step_time_s": statistics.median(r["step_time_s"] for r in records),
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
+            "samples_per_s": statistics.median(r["samples_per_s"] for r in records),
+            "mfu": statistics.median(mfus) if mfus else None}
+
+
+def format_throughput(t: dict[str, float | None]) -> str:
+    """'median step 0.612 s, 1,234 tokens/s, 3.3 samples/s, MFU 12.3%'."""
+    text = (f"median step {t['step_time_s']:.3f} s, {t['tokens_per_s']:,.0f} tokens/s, "
+            f"{t['samples_per_s']:.3g} samples/s")
+    return text + (f", MFU {100 * t['mfu']:.1f}%" if t["mfu"] is not None else "")
 
 
 def _close_all(closers: tuple[Callable[[], None], ...]) -> Exception | None:
