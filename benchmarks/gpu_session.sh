@@ -21,6 +21,8 @@
 # decode-attention kernel sweep, whose fastest configs our generate runs otherwise use
 # (DECODE_KERNELS sets them by hand); MATMUL=0 skips the decode-matmul sweep and the generate run
 # on the fused projections with its picks (MATMUL_KERNELS sets them by hand).
+# CACHE=0 compiles every generate run from scratch (by default they share a compilation cache:
+# see before `generate_jax`).
 # Every step runs under its own `timeout` and prints its JSON line as soon as it has one, so a
 # step that hangs costs only its own budget. SMOKE=1 runs the same steps on the CPU with the
 # reference's tiny shapes in fp32 (benchmarks/shapes.py). Logs go to $OUT (or a temporary folder).
@@ -115,6 +117,18 @@ if [ "${TRAIN:-1}" = 1 ]; then
     step train_jax_xla_attention "$t_train" $PY benchmarks/train_step.py "${ours_train[@]}" --attention xla \
       --profile "$OUT/train_xla_attention.xplane.pb"
 fi
+# Our generate runs share one persistent compilation cache (CACHE=0: none). The variants change
+# the decode program only, so each loads the prefill programs that the first run compiled and
+# autotuned (the same program and options; XLA's dump flags are not part of JAX's cache key): a
+# variant's first_call_s is then mostly its decode program's compile. XLA's own per-fusion
+# autotuning cache, which JAX turns on beside it, stays off: a variant with another tiling search
+# (xla_gpu_exhaustive_tiling_search) must tune its GEMMs itself, not load the default search's picks.
+GEN_CACHE=
+if [ "${CACHE:-1}" = 1 ] && [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
+  GEN_CACHE=$(mktemp -d)  # not under $OUT: the call brings back 8 files at most
+  export JAX_COMPILATION_CACHE_DIR="$GEN_CACHE" JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=none \
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+fi
 # If the picked kernel configs fail end to end, the default ones still give the measurement.
 if [ "${GEN:-1}" = 1 ] && ! step generate_jax "$t_gen" $PY benchmarks/generate.py "${ours_gen[@]}" "${kernels_arg[@]}" \
     --profile "$OUT/generate.xplane.pb" && [ ${#kernels_arg[@]} -gt 0 ]; then
@@ -178,6 +192,9 @@ variants() {  # variants KIND SCRIPT LIMIT SETS FIXED...
 # The decode variants first: each is shorter than a train variant.
 [ "${GEN:-1}" = 1 ] && variants generate_jax benchmarks/generate.py "$t_gen" "${GEN_VARIANTS:-}" "${ours_gen[@]}" \
   "${kernels_arg[@]}"
+# The train variants compile programs of their own: nothing to share, and a train step's
+# executable is large to write.
+if [ -n "$GEN_CACHE" ]; then unset JAX_COMPILATION_CACHE_DIR; rm -rf "$GEN_CACHE"; fi
 variants train_jax benchmarks/train_step.py "$t_train" "${TRAIN_VARIANTS:-}" "${ours_train[@]}"
 # Where the device time went, read from the profiles on the device (benchmarks/profile_summary.py;
 # the full files come back gzipped): per train step (2 profiled) and per decoded token (1 call).
