@@ -34,7 +34,7 @@ from manager_jax.batch import ProcessedSample, assemble_batch  # noqa: E402
 from benchmarks.shapes import benchmark_model_config  # noqa: E402
 from manager_jax.sharding import MeshConfig, batch_sharding, data_parallel_size, make_mesh  # noqa: E402
 from manager_jax.train import flops  # noqa: E402
-from manager_jax.train.loop import supervised_count  # noqa: E402
+from manager_jax.train.feed import supervised_count  # noqa: E402
 from manager_jax.train.optimizer import OptimConfig  # noqa: E402
 from manager_jax.train.state import init_params, init_state, jit_train_step, make_setup, place_batch  # noqa: E402
 from manager_jax.train.step import LossConfig  # noqa: E402

@@ -98,14 +98,24 @@ def _two_processes(output_dir, *overrides: str) -> None:
         assert p.returncode == 0, err[-3000:]
 
 
+def _eval_events(directory) -> list[dict]:
+    with open(directory / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r.get("event") == "eval"]
+
+
+# A held-out set of 11 records over the 8 shards: process 1's shards (4-7, one record each) run out
+# before process 0's, and it evaluates empty batches while process 0 finishes.
+HELD_OUT = ("eval.synthetic_records=11", "eval.every_steps=2")
+
+
 @pytest.mark.slow
 def test_two_processes_with_resume_match_one_process(tmp_path):
     # Two processes x 4 devices: steps 1-2, stop (checkpoint), then a new pair resumes for 3-4.
-    _two_processes(tmp_path / "mp", "stop_at_step=2")
+    _two_processes(tmp_path / "mp", "stop_at_step=2", *HELD_OUT)
     assert [r["step"] for r in read_metrics(str(tmp_path / "mp" / "metrics.jsonl"))] == [1, 2]
-    _two_processes(tmp_path / "mp")
+    _two_processes(tmp_path / "mp", *HELD_OUT)
     # One process with the same 8 devices and 8 data shards.
-    single = subprocess.run(_train_cmd(f"output_dir={tmp_path / 'sp'}", *COMMON), cwd=REPO, env=_env(8),
+    single = subprocess.run(_train_cmd(f"output_dir={tmp_path / 'sp'}", *COMMON, *HELD_OUT), cwd=REPO, env=_env(8),
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert single.returncode == 0, single.stderr[-3000:]
     mp = read_metrics(str(tmp_path / "mp" / "metrics.jsonl"))
@@ -114,6 +124,11 @@ def test_two_processes_with_resume_match_one_process(tmp_path):
     for a, b in zip(mp, sp):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["samples"] == b["samples"] and a["supervised_tokens"] == b["supervised_tokens"]
+    mp_eval, sp_eval = _eval_events(tmp_path / "mp"), _eval_events(tmp_path / "sp")
+    assert [e["step"] for e in mp_eval] == [2, 4] == [e["step"] for e in sp_eval]
+    for a, b in zip(mp_eval, sp_eval):
+        assert a["samples"] == b["samples"] == 11 and a["tokens"] == b["tokens"] > 0
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
 @pytest.mark.slow

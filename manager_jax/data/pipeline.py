@@ -418,6 +418,7 @@ class DataIterator:
         self.skips = SkipCounter()
         self.samples = 0
         self.description = description
+        self.summary_at_end = True  # log the skip counts when the data runs out
         self._finished = False
 
     def __iter__(self) -> "DataIterator":
@@ -429,7 +430,8 @@ class DataIterator:
         except StopIteration:
             if not self._finished:
                 self._finished = True
-                self.skips.log_summary(logger)
+                if self.summary_at_end:
+                    self.skips.log_summary(logger)
             raise
         for reason, rid, *detail in element.pop("skipped"):
             self.skips.add_reason(reason, rid, *detail)

@@ -29,16 +29,17 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from manager_jax.config import ConfigError
 from manager_jax.distributed import DistributedSetupError, any_process
 from manager_jax.params_io import ParamsError, dotted, restore_failure
-from manager_jax.sharding import ShardingError, data_parallel_size, local_shard_indices, make_mesh
+from manager_jax.sharding import ShardingError, data_parallel_size, make_mesh
 from manager_jax.train import flops as flops_lib
 from manager_jax.train import run_files
 from manager_jax.train.checkpointing import Checkpointer, CheckpointSaveError, gather_shard_states, saved_run
+from manager_jax.train.evaluation import (Evaluator, eval_data_config, format_evaluation, open_eval_source,
+                                          synthetic_eval_data)
+from manager_jax.train.feed import DataFeed, TrainingError
 from manager_jax.train.metrics import MetricsWriter, Progress, memory_record
 from manager_jax.train.recipe import RecipeError, TrainConfig, check_inputs, compare_with_saved, resolve_batch_layout
 from manager_jax.train.run_lock import RunDirectoryInUse, RunLock
@@ -52,13 +53,9 @@ from manager_jax.train.state import (
     make_setup,
     place_batch,
 )
-from manager_jax.train.step import MODEL_FIELDS, LossConfig
+from manager_jax.train.step import LossConfig
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot continue (non-finite losses, data problems, bad checkpoints)."""
 
 
 def input_errors() -> tuple[type[Exception], ...]:
@@ -90,93 +87,7 @@ class TrainResult:
     throughput: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
 
-# ---- data ----------------------------------------------------------------------------------------
-class DataFeed:
-    """This process's shard iterators; stacks their batches into [accum, local_shards, ...] arrays."""
-
-    def __init__(self, config: TrainConfig, setup: TrainSetup, *, shards: int, accum: int, tokenizer: Any,
-                 source: Any) -> None:
-        from manager_jax.data.pipeline import make_train_iterator
-
-        self.shards, self.accum = shards, accum
-        self.shard_ids = local_shard_indices(setup.mesh, shards)
-        # `source` (open_source(config.data)) is opened once, shared by this process's shard iterators.
-        self.iterators = {
-            k: make_train_iterator(
-                config.data, config.model, tokenizer, process_index=k, process_count=shards, source=source,
-                accum=accum,
-            )
-            for k in self.shard_ids
-        }
-        self.pixel_dtype = np.dtype(jnp.dtype(config.model.dtype))  # the tower casts to its dtype anyway
-        self.token_budget = config.loss_token_budget
-
-    def next(self) -> tuple[dict[str, np.ndarray], bool] | None:
-        """(this step's local arrays, whether a shard batch exceeds the loss token budget), or None
-        when a shard has run out of data."""
-        per_micro = []
-        over_budget = False
-        pixels = None  # [accum, local shards, crops, H, W, 3]: each shard batch's crops normalised in place
-        for micro in range(self.accum):
-            shard_batches = []
-            for slot, k in enumerate(self.shard_ids):
-                try:
-                    batch = next(self.iterators[k])
-                except StopIteration:
-                    return None
-                if pixels is None:
-                    pixels = np.empty((self.accum, len(self.shard_ids), *batch.pixel_values.shape), self.pixel_dtype)
-                arrays = batch.to_model_inputs(pixel_dtype=self.pixel_dtype, pixels_out=pixels[micro, slot])
-                if self.token_budget:
-                    over_budget |= supervised_count(arrays["labels"], arrays["segment_ids"]) > self.token_budget
-                shard_batches.append(arrays)
-            per_micro.append(shard_batches)
-        out = {name: pixels if name == "pixel_values" else np.stack([np.stack([b[name] for b in micro]) for micro in per_micro])
-               for name in MODEL_FIELDS}
-        return out, over_budget
-
-    def get_states(self) -> dict[int, Any]:
-        return {k: it.get_state() for k, it in self.iterators.items()}
-
-    def skip_stats(self) -> tuple[dict[str, int], int]:
-        """(records skipped by reason, samples delivered) by this process's shards since the run began."""
-        counts: dict[str, int] = {}
-        for it in self.iterators.values():
-            for reason, n in it.skips.counts.items():
-                counts[reason] = counts.get(reason, 0) + n
-        return dict(sorted(counts.items())), sum(it.samples for it in self.iterators.values())
-
-    def skip_details(self) -> dict[str, str]:
-        """The first skipped record of each reason (its id and what was wrong), over this process's shards."""
-        details: dict[str, str] = {}
-        for it in self.iterators.values():
-            for reason, detail in it.skips.details.items():
-                details.setdefault(reason, detail)
-        return details
-
-    def set_states(self, states: list[Any]) -> None:
-        if len(states) != self.shards:
-            raise TrainingError(
-                f"the checkpoint has data states for {len(states)} shards but this run uses batch_shards={self.shards}; "
-                "resume with the same batch_shards"
-            )
-        for k, it in self.iterators.items():
-            it.set_state(states[k])
-
-    def close(self) -> None:
-        for it in self.iterators.values():
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-
-
 # ---- helpers -------------------------------------------------------------------------------------
-def supervised_count(labels: np.ndarray, segment_ids: np.ndarray) -> int:
-    """Positions with a next-token target (numpy twin of llava_ov.shifted_targets)."""
-    same = segment_ids[:, 1:] == segment_ids[:, :-1]
-    return int(((labels[:, 1:] != -100) & same & (segment_ids[:, :-1] != 0)).sum())
-
-
 def _synthetic_data_dir(config: TrainConfig) -> str:
     """Where the demo data set goes (per process: no shared filesystem needed)."""
     sub = "data" if jax.process_count() == 1 else f"data/process_{jax.process_index()}"
@@ -391,13 +302,14 @@ def train(
 
     # Read before anything is written: an unreadable or empty data file leaves output_dir as it was.
     source = None if config.synthetic_records else open_source(config.data)
+    eval_source = open_eval_source(config)
     num_records = None if source is None else len(source)
     check_resume(config, shards, num_records, log=False)  # before the lock: a refused run leaves output_dir as it was
     lock = _lock_run_dirs(config)
     try:
         # Again under the lock: a run that held it until now may have saved newer checkpoints.
         latest = check_resume(config, shards, num_records)
-        return _train(config, mesh, shards, accum, source, latest, stop_at_step, on_step, keep_state)
+        return _train(config, mesh, shards, accum, source, eval_source, latest, stop_at_step, on_step, keep_state)
     finally:
         if lock is not None:
             lock.release()
@@ -422,7 +334,7 @@ def _lock_run_dirs(config: TrainConfig) -> RunLock | None:
     return lock
 
 
-def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any, latest: int | None,
+def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any, eval_source: Any, latest: int | None,
            stop_at_step: int | None, on_step: Callable[[int, dict], None] | None, keep_state: bool) -> TrainResult:
     """`train` once the run holds its directories."""
     primary = jax.process_index() == 0
@@ -436,6 +348,11 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
     if config.synthetic_records:
         _prepare_synthetic_data(config)
         source = open_source(config.data)
+    eval_data = None  # (data config, source) of the held-out set
+    if config.eval.synthetic_records:
+        eval_data = synthetic_eval_data(config, os.path.join(_synthetic_data_dir(config), "eval"))
+    elif eval_source is not None:
+        eval_data = (eval_data_config(config), eval_source)
     if primary:
         os.makedirs(config.output_dir, exist_ok=True)
         run_files.write_atomically(os.path.join(config.output_dir, "recipe.json"), config.to_json())
@@ -466,8 +383,9 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
 
     from manager_jax.data.tokenizer import load_tokenizer
 
-    feed = DataFeed(config, setup, shards=shards, accum=accum, tokenizer=load_tokenizer(config.data.tokenizer_path),
-                    source=source)
+    tokenizer = load_tokenizer(config.data.tokenizer_path)
+    feed = DataFeed(config.data, setup, shards=shards, accum=accum, tokenizer=tokenizer, source=source,
+                    token_budget=config.loss_token_budget)
     if data_states is not None:
         feed.set_states(data_states)
     fields = batch_field_shapes(
@@ -476,6 +394,9 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
     )
     batch_abstract = abstract_step_batch(setup, fields, accum=accum, shards=shards)
     step_fn = jit_train_step(setup, batch_abstract)
+    evaluator = None if eval_data is None else Evaluator(
+        config, setup, data_config=eval_data[0], source=eval_data[1], shards=shards, accum=accum, tokenizer=tokenizer,
+        batch_abstract=batch_abstract)
 
     writer = MetricsWriter(
         config.output_dir, enabled=primary, tensorboard=config.logging.tensorboard, wandb=config.logging.wandb,
@@ -581,6 +502,16 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
         if on_step is not None:
             on_step(done, record)
 
+    def evaluate(done: int) -> None:
+        """The held-out evaluation after step `done`, with the state that step produced."""
+        nonlocal last_read
+        read_unread()
+        results = evaluator.run(state["params"])
+        writer.evaluation(done, results)
+        if primary:
+            logger.info("step %d: %s", done, format_evaluation(results))
+        last_read = time.perf_counter()  # the next step's time leaves the evaluation out
+
     cleanups = (progress.close, stop.uninstall, ckpt.close, feed.close, writer.close)
     try:
         # One vote of all processes per step (the first batch has its own), on flags of the host:
@@ -639,6 +570,12 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
                 save(step, data_after)  # the iterator states before the read-ahead
             # A signal that came during the last step stops nothing: that step's checkpoint, checked
             # below, is the final one, and a relaunch would have nothing to train.
+            # Not after a signal (a preemption must save and go); after stop_at_step, as planned.
+            signalled = stop_requested and step != stop_at_step
+            eval_every = config.eval.every_steps
+            if evaluator is not None and not signalled and (
+                    exhausted or step == config.num_steps or (eval_every and step % eval_every == 0)):
+                evaluate(step)
             if stop_requested and step < config.num_steps:
                 status = "stopped"
                 if step != stop_at_step:

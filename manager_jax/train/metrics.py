@@ -134,7 +134,19 @@ class MetricsWriter:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         self._append(record)
-        numeric = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._scalars(step, {k: v for k, v in record.items() if k != "step"})
+
+    def evaluation(self, step: int, results: dict[str, Any]) -> None:
+        """A held-out evaluation after `step`: an "eval" event in metrics.jsonl (metric records
+        stay one per step) and its numbers as eval/<name> scalars in TensorBoard and wandb."""
+        if not self.enabled:
+            return
+        self.event(step, "eval", **results)
+        self._scalars(step, {f"eval/{k}": _plain(v) for k, v in results.items()})
+
+    def _scalars(self, step: int, values: dict[str, Any]) -> None:
+        """The numbers of `values` (not bools, strings or dicts) to TensorBoard and wandb."""
+        numeric = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
             try:
                 self._tb.scalars(step, numeric)

@@ -73,6 +73,34 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    """A held-out loss during training: the mean cross-entropy over every supervised token of a
+    data set (not in the original, whose scripts train without evaluation).
+
+    On when ``data_path``, ``mixture`` or ``synthetic_records`` is set. The set is read in its file
+    order, once per evaluation, into batches of the training's shapes and layout (``data``'s
+    rows, seq_len, crops, template, tokenizer; batch_shards x grad_accum shard batches a step), with
+    the model as at inference (no Manager jitter). Its records that cannot be used are skipped and
+    counted in the evaluation's record, never stopping the run.
+    """
+
+    data_path: str | None = None
+    image_folder: str | None = None  # None = data.image_folder
+    mixture: str | None = None
+    format: str = "auto"
+    split: str | None = None  # of an ArrayRecord folder; None = data.split
+    every_steps: int = 0  # also every this many steps (0 = at the end of the run only)
+    max_batches: int = 0  # step batches per evaluation (0 = the whole set)
+    # Generate a held-out set of this many records into <output_dir>/data/eval (the demo), drawn
+    # with another seed than the training set's.
+    synthetic_records: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.data_path or self.mixture or self.synthetic_records)
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Everything a training run needs; saved (resolved) next to every checkpoint.
 
@@ -95,6 +123,7 @@ class TrainConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     # The original's --mm_tunable_parts (comma separated; SPEC §2.8).
     tunable_parts: str = "mm_mlp_adapter"
     num_steps: int = 100
@@ -137,6 +166,7 @@ class TrainConfig:
         kw["mesh"] = _build(MeshConfig, d.pop("mesh"))
         kw["checkpoint"] = _build(CheckpointConfig, d.pop("checkpoint"))
         kw["logging"] = _build(LoggingConfig, d.pop("logging"))
+        kw["eval"] = _build(EvalConfig, d.pop("eval", {}))  # runs saved before evaluation existed have none
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -340,6 +370,15 @@ def validate(config: TrainConfig) -> None:
                 f"{field}={where} is a URL, but the run writes through the local file system: mount the bucket "
                 "(e.g. gcsfuse) or use a shared file system every host sees, and give its path"
             )
+    if config.eval.every_steps < 0:
+        problems.append("eval.every_steps must be >= 0 (0 = at the end of the run only)")
+    if config.eval.max_batches < 0:
+        problems.append("eval.max_batches must be >= 0 (0 = the whole set)")
+    if config.eval.synthetic_records is not None and config.eval.synthetic_records < 1:
+        problems.append("eval.synthetic_records must be >= 1 or None")
+    given = [f"eval.{name}" for name in ("data_path", "mixture", "synthetic_records") if getattr(config.eval, name)]
+    if len(given) > 1:
+        problems.append(f"{' and '.join(given)} are set: give one source of the held-out set")
     problems += config.optim.problems()
     if config.max_nonfinite_steps < 1:
         problems.append("max_nonfinite_steps must be >= 1")
@@ -373,13 +412,32 @@ def resolve_batch_layout(config: TrainConfig, data_parallel: int) -> tuple[int, 
     return shards, config.global_batch_size // per_micro
 
 
+def _source_problems(prefix: str, data_path: str | None, mixture: str | None, image_folder: str | None) -> list[str]:
+    """What is missing of a data source (`prefix`.data_path or .mixture, and .image_folder)."""
+    from manager_jax.data.records import expand_data_path
+
+    problems = []
+    if mixture:
+        if not os.path.isfile(mixture):
+            problems.append(f"{prefix}.mixture: {mixture}: no such file")
+    elif data_path.endswith((".yaml", ".yml")):
+        # The original's --data_path takes both; here a mixture has its own field.
+        problems.append(f"{prefix}.data_path: {data_path} is a mixture YAML: give it as {prefix}.mixture "
+                        f"(--set {prefix}.mixture={data_path} --set {prefix}.data_path=None)")
+    else:
+        missing = [p for p in expand_data_path(data_path) if not os.path.exists(p)]
+        if missing:
+            problems.append(f"{prefix}.data_path: {', '.join(missing)}: not found")
+    if image_folder and not os.path.isdir(image_folder):
+        problems.append(f"{prefix}.image_folder: {image_folder}: no such directory")
+    return problems
+
+
 def check_inputs(config: TrainConfig) -> None:
     """Cheap file-system checks of the run's inputs (init_from, data), before anything is built.
 
     The data of a synthetic run (`synthetic_records`) is generated later and not checked.
     """
-    from manager_jax.data.records import expand_data_path
-
     problems = []
     for directory in [d.strip() for d in (config.init_from or "").split(",") if d.strip()]:
         if not os.path.isdir(directory):
@@ -391,22 +449,13 @@ def check_inputs(config: TrainConfig) -> None:
         if given:
             problems.append(f"{', '.join(given)} is set, but synthetic_records={config.synthetic_records} generates the "
                             "data and would be used instead; add --set synthetic_records=None to train on it")
+    elif not (data.mixture or data.data_path):
+        problems.append("data.data_path or data.mixture must be set")
     else:
-        if data.mixture:
-            if not os.path.isfile(data.mixture):
-                problems.append(f"data.mixture: {data.mixture}: no such file")
-        elif not data.data_path:
-            problems.append("data.data_path or data.mixture must be set")
-        elif data.data_path.endswith((".yaml", ".yml")):
-            # The original's --data_path takes both; here a mixture has its own field.
-            problems.append(f"data.data_path: {data.data_path} is a mixture YAML: give it as data.mixture "
-                            f"(--set data.mixture={data.data_path} --set data.data_path=None)")
-        else:
-            missing = [p for p in expand_data_path(data.data_path) if not os.path.exists(p)]
-            if missing:
-                problems.append(f"data.data_path: {', '.join(missing)}: not found")
-        if data.image_folder and not os.path.isdir(data.image_folder):
-            problems.append(f"data.image_folder: {data.image_folder}: no such directory")
+        problems += _source_problems("data", data.data_path, data.mixture, data.image_folder)
+    held_out = config.eval
+    if held_out.data_path or held_out.mixture:
+        problems += _source_problems("eval", held_out.data_path, held_out.mixture, held_out.image_folder)
     if problems:
         raise RecipeError("missing inputs:\n  - " + "\n  - ".join(problems))
 

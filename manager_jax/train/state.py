@@ -23,7 +23,7 @@ from manager_jax.models.llava_ov import LlavaOV
 from manager_jax.sharding import (batch_sharding, check_fsdp_divides, compute_shardings, heads_split_mid_head, replicated,
                                   tree_shardings)
 from manager_jax.train.optimizer import make_optimizer, parse_tunable_parts, split_trainable, trainable_mask
-from manager_jax.train.step import MODEL_FIELDS, LossConfig, make_train_step
+from manager_jax.train.step import MODEL_FIELDS, LossConfig, make_eval_step, make_train_step
 
 logger = logging.getLogger(__name__)
 
@@ -154,17 +154,22 @@ def abstract_step_batch(setup: TrainSetup, field_shapes: dict, *, accum: int, sh
     return out
 
 
+def _compute_dtype(setup: TrainSetup) -> Any:
+    """The dtype a step casts the params to (None: they are computed with as stored)."""
+    cfg = setup.model_config
+    return None if cfg.dtype == cfg.param_dtype else cfg.dtype
+
+
 def jit_train_step(setup: TrainSetup, batch_abstract: dict, loss: LossConfig | None = None) -> Callable:
     """The train step jitted with explicit in/out shardings; the state buffers are donated.
 
     `loss` overrides `setup.loss` (the loop's fallback without a token budget).
     """
     param_sh = jax.tree.map(lambda s: s.sharding, setup.abstract_params)
-    compute_dtype = None if setup.model_config.dtype == setup.model_config.param_dtype else setup.model_config.dtype
     step = make_train_step(
         setup.graphdef, setup.mask, setup.tx, setup.schedules, loss or setup.loss, plain_causal=setup.plain_causal,
         param_shardings=param_sh, compute_shardings=compute_shardings(setup.abstract_params, setup.mesh),
-        compute_dtype=compute_dtype,
+        compute_dtype=_compute_dtype(setup),
     )
     state_sh = setup.state_shardings
     batch_sh = {k: v.sharding for k, v in batch_abstract.items()}
@@ -174,6 +179,18 @@ def jit_train_step(setup: TrainSetup, batch_abstract: dict, loss: LossConfig | N
         out_shardings=(state_sh, replicated(setup.mesh)),
         donate_argnums=(0,),
     )
+
+
+def jit_eval_step(setup: TrainSetup, batch_abstract: dict, loss: LossConfig) -> Callable:
+    """`step.make_eval_step` jitted: (params on their shardings, a step batch) -> replicated sums.
+    Nothing is donated: the params are the train state's."""
+    step = make_eval_step(
+        setup.graphdef, loss, plain_causal=setup.plain_causal,
+        compute_shardings=compute_shardings(setup.abstract_params, setup.mesh), compute_dtype=_compute_dtype(setup),
+    )
+    param_sh = jax.tree.map(lambda s: s.sharding, setup.abstract_params)
+    batch_sh = {k: v.sharding for k, v in batch_abstract.items()}
+    return jax.jit(step, in_shardings=(param_sh, batch_sh), out_shardings=replicated(setup.mesh))
 
 
 def place_batch(setup: TrainSetup, local: dict[str, np.ndarray], *, shards: int) -> dict[str, jax.Array]:

@@ -205,6 +205,44 @@ def _skip_keeping_schedule(kept: Any, stepped: Any) -> Any:
     return jax.tree.map(lambda k, s: s if is_schedule(k) else k, kept, stepped, is_leaf=is_schedule)
 
 
+def _for_compute(compute_shardings: Any, compute_dtype: Any) -> Callable[[Any], Any]:
+    """params -> the params a micro-step computes with: cast to the compute dtype and constrained
+    to `compute_shardings` (whole, tensor-split weights on every device); identity without them."""
+    if compute_shardings is None:
+        return lambda params: params
+
+    def one(p, sharding):
+        if compute_dtype is not None and jnp.issubdtype(p.dtype, jnp.floating):
+            p = p.astype(compute_dtype)  # the model casts every weight to its compute dtype anyway
+        return jax.lax.with_sharding_constraint(p, sharding)
+
+    return lambda params: jax.tree.map(one, params, compute_shardings)
+
+
+def _mesh_and_shard_axes(compute_shardings: Any) -> tuple[Any, tuple[str, ...] | None]:
+    """The mesh of `compute_shardings` (None without) and the mesh axes the shard axis is split over."""
+    mesh = None if compute_shardings is None else jax.tree.leaves(compute_shardings)[0].mesh
+    # The shard axis is split over these mesh axes; telling vmap so lets shard_maps inside the
+    # model (the Splash attention) keep each shard on its own devices.
+    shard_axes = None if mesh is None else tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
+    return mesh, shard_axes
+
+
+def _shard_nll(graphdef: Any, loss_cfg: LossConfig, plain: bool, mesh: Any) -> Callable:
+    """(params, shard batch, jitter key or None) -> (sum of token CE, supervised tokens) of one shard."""
+
+    def shard_nll(params, shard, key):
+        model = nnx.merge(graphdef, params)
+        with contextlib.ExitStack() as scope:
+            if mesh is not None:
+                scope.enter_context(gather_stacked_layers(model, mesh))
+                scope.enter_context(sharded_attention(AttentionMesh(mesh)))
+            hidden = model.hidden_states(shard, jitter_key=key, plain_causal=plain)
+        return supervised_nll(model, hidden, shard["labels"], shard["segment_ids"], loss_cfg)
+
+    return shard_nll
+
+
 def make_train_step(
     graphdef: Any,
     trainable_mask: Any,
@@ -229,36 +267,15 @@ def make_train_step(
     onto `param_shardings`.
     """
     plain = use_plain_causal(plain_causal)
-
-    def for_compute(params):
-        if compute_shardings is None:
-            return params
-
-        def one(p, sharding):
-            if compute_dtype is not None and jnp.issubdtype(p.dtype, jnp.floating):
-                p = p.astype(compute_dtype)  # the model casts every weight to its compute dtype anyway
-            return jax.lax.with_sharding_constraint(p, sharding)
-
-        return jax.tree.map(one, params, compute_shardings)
+    for_compute = _for_compute(compute_shardings, compute_dtype)
 
     def on_param_shardings(tree):
         if param_shardings is None:
             return tree
         return jax.tree.map(lambda g, s: jax.lax.with_sharding_constraint(g, s), tree, split_trainable(param_shardings, trainable_mask)[0])
 
-    mesh = None if compute_shardings is None else jax.tree.leaves(compute_shardings)[0].mesh
-    # The shard axis is split over these mesh axes; telling vmap so lets shard_maps inside the
-    # model (the Splash attention) keep each shard on its own devices.
-    shard_axes = None if mesh is None else tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
-
-    def shard_nll(params, shard, key):
-        model = nnx.merge(graphdef, params)
-        with contextlib.ExitStack() as scope:
-            if mesh is not None:
-                scope.enter_context(gather_stacked_layers(model, mesh))
-                scope.enter_context(sharded_attention(AttentionMesh(mesh)))
-            hidden = model.hidden_states(shard, jitter_key=key, plain_causal=plain)
-        return supervised_nll(model, hidden, shard["labels"], shard["segment_ids"], loss_cfg)
+    mesh, shard_axes = _mesh_and_shard_axes(compute_shardings)
+    shard_nll = _shard_nll(graphdef, loss_cfg, plain, mesh)
 
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
         batch = {k: v for k, v in batch.items() if k in MODEL_FIELDS}
@@ -318,3 +335,33 @@ def make_train_step(
 
     return train_step
 
+
+def make_eval_step(
+    graphdef: Any,
+    loss_cfg: LossConfig,
+    plain_causal: bool = False,
+    *,
+    compute_shardings: Any = None,
+    compute_dtype: Any = None,
+) -> Callable[[dict, dict], dict]:
+    """eval_step(params, batch) -> {"nll", "tokens", "samples"}: the sums of one [accum, shards, ...]
+    batch, with the model as at inference (no Manager jitter) and no gradients. Pure; jit it with
+    shardings (`state.jit_eval_step`). The held-out loss is the sum of "nll" over a data set divided
+    by the sum of "tokens" (one mean over its supervised tokens, whatever the batch layout)."""
+    plain = use_plain_causal(plain_causal)
+    for_compute = _for_compute(compute_shardings, compute_dtype)
+    mesh, shard_axes = _mesh_and_shard_axes(compute_shardings)
+    shard_nll = _shard_nll(graphdef, loss_cfg, plain, mesh)
+
+    def eval_step(params: dict, batch: dict) -> dict:
+        batch = {k: v for k, v in batch.items() if k in MODEL_FIELDS}
+        full = for_compute(params)
+
+        def micro(carry, shards):
+            sums, counts = jax.vmap(lambda shard: shard_nll(full, shard, None), spmd_axis_name=shard_axes)(shards)
+            return (carry[0] + sums.sum(), carry[1] + counts.sum()), None
+
+        (nll, tokens), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), batch)
+        return {"nll": nll, "tokens": tokens, "samples": batch_stats(batch)["samples"]}
+
+    return eval_step
