@@ -289,7 +289,8 @@ def test_sampling_value_errors_name_the_flag(checkpoint, capsys):
     """An out-of-range sampling value is refused naming the flag to fix, not the dataclass field."""
     base = ["--checkpoint", checkpoint[0], "--prompt", "hi"]
     for flag, value in (("--temperature", "-1"), ("--top-p", "2"), ("--top-k", "-1"),
-                        ("--repetition-penalty", "0"), ("--max-new-tokens", "0")):
+                        ("--repetition-penalty", "0"), ("--max-new-tokens", "0"), ("--seed", str(2**32)),
+                        ("--seed", "-1")):
         with pytest.raises(SystemExit) as exit_:
             generate_main(base + [flag, value])
         err = capsys.readouterr().err.strip().splitlines()[-1]

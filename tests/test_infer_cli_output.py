@@ -142,6 +142,24 @@ def test_an_answers_file_of_other_prompts_or_settings_is_refused(checkpoint, str
     assert output.read_bytes() == before
 
 
+def test_an_answers_file_of_an_earlier_step_of_the_run_is_refused(checkpoint, capsys, tmp_path):  # noqa: F811
+    """--checkpoint names a training run, whose newest step changed since the answers were written:
+    the answers of two steps are not mixed (the file used to record the run's folder only)."""
+    ckpt, image, _ = checkpoint
+    run_dir = tmp_path / "checkpoints"
+    shutil.copytree(ckpt, run_dir / "1")
+    prompts, output = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
+    write_prompts(prompts, image, count=2)
+    code, _, err = generate(str(run_dir), prompts, output, capsys, "--batch-size", "1")
+    assert code == 0, err
+    output.write_bytes(output.read_bytes().splitlines(keepends=True)[0])  # as if stopped after one answer
+    before = output.read_bytes()
+    shutil.copytree(ckpt, run_dir / "2")  # the run saved a newer step
+    code, _, err = generate(str(run_dir), prompts, output, capsys, "--batch-size", "1")
+    assert code == 2 and f"{output}:1: generated with other settings" in err, err
+    assert output.read_bytes() == before
+
+
 def test_refused_input_writes_no_answers_file(checkpoint, capsys, tmp_path):  # noqa: F811
     ckpt, image, _ = checkpoint
     prompts = tmp_path / "prompts.jsonl"
@@ -161,24 +179,27 @@ def test_skip_bad_lists_the_bad_lines_and_answers_the_others_as_a_full_run(check
     """Bad lines of every kind are skipped and listed with their cause; the good lines keep their
     index, hence their sampling stream: their answers are those of a file whose bad lines are good."""
     ckpt, image, root = checkpoint
-    good = [json.dumps({"prompt": f"Question {i}?", "images": [image]}) for i in range(8)]
+    good = [json.dumps({"prompt": f"Question {i}?", "images": [image]}) for i in range(10)]
     bad = {
         1: (b"{not json", "not valid JSON"),
         3: (json.dumps({"prompt": "x", "images": ["nope.png"], "id": 3}).encode(), "image not found"),
         4: (json.dumps({"images": [image]}).encode(), "expected an object with a string 'prompt'"),
         5: (json.dumps({"prompt": "word " * 1200}).encode(), "more than the max_length of 1000"),
         6: (b'{"prompt": "caf\xe9"}', "not UTF-8 text"),
+        # ids the answers file could not hold (they crashed the run after its first batches)
+        8: (b'{"prompt": "y", "id": NaN}', "'id' must be writable as JSON"),
+        9: (b'{"prompt": "y", "id": "\\ud800"}', "'id' must be writable as JSON"),
     }
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_bytes(b"\n".join(bad[i][0] if i in bad else good[i].encode() for i in range(8)) + b"\n")
+    mixed.write_bytes(b"\n".join(bad[i][0] if i in bad else good[i].encode() for i in range(10)) + b"\n")
     clean = tmp_path / "clean.jsonl"
     clean.write_text("\n".join(good) + "\n")
     options = ["--max-length", "1000", "--batch-size", "2"]
     code, _, err = generate(ckpt, mixed, tmp_path / "mixed_answers.jsonl", capsys, *options, "--skip-bad")
     assert code == 0, err
-    assert "8 prompts (0 from before, 5 skipped, 3 answered" in err
+    assert "10 prompts (0 from before, 7 skipped, 3 answered" in err
     records = answers(tmp_path / "mixed_answers.jsonl")
-    assert [r["index"] for r in records] == list(range(8))
+    assert [r["index"] for r in records] == list(range(10))
     for i, (_, cause) in bad.items():
         assert cause in records[i]["error"] and "text" not in records[i], (i, records[i])
     assert records[3]["id"] == 3

@@ -48,6 +48,7 @@ from manager_jax.infer.loading import (
     load_image,
     load_model,
     mesh_from_spec,
+    params_dir_to_load,
     read_eos_ids,
     read_repetition_penalty,
     read_sampling_defaults,
@@ -273,7 +274,8 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         if args.output is not None:
             tokenizer_path = _tokenizer_path(args)
             answers = AnswerFile(args.output, {
-                "checkpoint": os.path.realpath(args.checkpoint),
+                # the step directory read, not the run's: answers of a later step are not mixed in
+                "checkpoint": params_dir_to_load(args.checkpoint),
                 "tokenizer": tokenizer_path and os.path.realpath(tokenizer_path),
                 "dtype": args.dtype, "max_length": args.max_length, "vocab_limit": args.vocab_limit,
                 **dataclasses.asdict(params)})

@@ -74,6 +74,26 @@ def model_from_params(cfg: ModelConfig, params: Mapping, *, dtype: str | None = 
     return nnx.merge(graphdef, state)
 
 
+def _check_checkpoint_path(checkpoint: str) -> None:
+    if not checkpoint or not os.path.exists(checkpoint):
+        raise CheckpointError(f"checkpoint not found: {checkpoint!r} (expected a directory written by "
+                              "`python -m tools.convert_weights` or by training)")
+    if not os.path.isdir(checkpoint):
+        raise CheckpointError(f"checkpoint {checkpoint!r} is a file; pass the checkpoint directory")
+
+
+def params_dir_to_load(checkpoint: str) -> str:
+    """The params directory `load_model(checkpoint)` reads now: for a training run, its newest
+    complete step's (what an answers file records, so that a later step's answers are not mixed in)."""
+    _check_checkpoint_path(checkpoint)
+    from manager_jax import params_io
+
+    try:
+        return os.path.realpath(params_io.resolve_params_dir(checkpoint)[0])
+    except params_io.ParamsError as e:
+        raise CheckpointError(f"cannot read checkpoint {checkpoint!r}: {e}") from e
+
+
 def load_model(checkpoint: str, *, dtype: str | None = None, mesh=None) -> LlavaOV:
     """The model of a checkpoint directory (our params directory or a training checkpoint).
 
@@ -81,11 +101,7 @@ def load_model(checkpoint: str, *, dtype: str | None = None, mesh=None) -> Llava
     they are restored. mesh: restore every parameter directly into its shard on this mesh (the
     rules of `manager_jax.sharding`), so a model larger than one device never lands on one device.
     """
-    if not checkpoint or not os.path.exists(checkpoint):
-        raise CheckpointError(f"checkpoint not found: {checkpoint!r} (expected a directory written by "
-                              "`python -m tools.convert_weights` or by training)")
-    if not os.path.isdir(checkpoint):
-        raise CheckpointError(f"checkpoint {checkpoint!r} is a file; pass the checkpoint directory")
+    _check_checkpoint_path(checkpoint)
     from manager_jax import params_io
 
     try:

@@ -74,6 +74,13 @@ def read_prompts(path: str, skip_bad: bool = False) -> list[PromptLine]:
                 refuse_or_skip(line, "expected an object with a string 'prompt'", skip_bad)
                 continue
             line.id = record.get("id")
+            try:  # it is copied into the answer: JSON without NaN / Infinity, and UTF-8 (no lone surrogate)
+                json.dumps(line.id, allow_nan=False, ensure_ascii=False).encode("utf-8")
+            except (ValueError, UnicodeEncodeError):
+                line.id = None
+                refuse_or_skip(line, "'id' must be writable as JSON in UTF-8 (no NaN, Infinity or lone surrogate)",
+                               skip_bad)
+                continue
             unknown = sorted(set(record) - set(KEYS))
             if unknown:  # e.g. "image": its picture would be silently left out
                 refuse_or_skip(line, f"unknown key(s) {', '.join(map(repr, unknown))}; a line has 'prompt' and "

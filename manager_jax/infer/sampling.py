@@ -43,6 +43,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**32:  # the key's 32 bits: a larger seed would wrap onto a smaller one's draws
+            raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
