@@ -152,6 +152,28 @@ def test_orbax_params_disagreeing_with_their_config(good, tmp_path):
     _assert_nothing_written(tmp_path)
 
 
+def test_a_damaged_orbax_source_is_bad_input(good, tmp_path):
+    """Array bytes cut short after the metadata was read (a large checkpoint's array file, a copy
+    interrupted): one error naming the parameter, of the conversion's bad-input class (exit 2, as
+    `run.py generate` on the same checkpoint; it was a ConversionFailed, exit 1). A cut that breaks
+    the metadata itself is refused as bad input before any array is read."""
+    from tools.convert_weights.orbax_io import OrbaxSource
+
+    shutil.copytree(good / "params", tmp_path / "params")
+    source = OrbaxSource(str(tmp_path / "params"))  # metadata and config read while intact
+    (data,) = [os.path.join(d, n) for d, _, names in os.walk(tmp_path / "params" / "params" / "d") for n in names]
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    with pytest.raises(ConversionError) as err:
+        source.read(("text", "embed", "embedding"))
+    assert not isinstance(err.value, ConversionFailed)
+    assert "parameter text.embed.embedding (damaged or unreadable)" in str(err.value), err.value
+    with pytest.raises(ConversionError) as err:
+        convert.from_orbax(str(tmp_path / "params"), str(tmp_path / "out"), fmt="llava")
+    assert not isinstance(err.value, ConversionFailed) and "damaged or unreadable" in str(err.value)
+    _assert_nothing_written(tmp_path)
+
+
 def test_failure_while_writing_leaves_nothing(good, tmp_path, monkeypatch):
     """An I/O failure mid-export (here: a tensor that cannot be read) is one error naming its cause,
     and the temporary directory is removed."""

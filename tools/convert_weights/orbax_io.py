@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from manager_jax import params_io
 from manager_jax.config import ConfigError, ModelConfig
 from tools.convert_weights import mapping
-from tools.convert_weights.sources import ConversionError, ConversionFailed
+from tools.convert_weights.sources import ConversionError
 
 CONVERSION_RECORD = "conversion.json"
 SOURCE_CONFIG = "source_config.json"
@@ -75,7 +75,9 @@ class OrbaxSource:
             try:
                 store = params_io.open_stored_array(self.item, path, self._context)
             except Exception as e:  # TensorStore raises ValueError / OSError kinds for damaged data
-                raise ConversionFailed(self.path, [f"cannot open parameter {params_io.dotted(path)}: {e}"]) from None
+                # a damaged source is bad input (exit 2), as for `run.py generate`
+                raise ConversionError(self.path, [f"cannot open parameter {params_io.dotted(path)} "
+                                                  f"(damaged or unreadable): {e}"]) from None
             self._cached = (path, store, None, None)
         _, store, block_start, block = self._cached
         rows = max(1, int(store.chunk_layout.read_chunk.shape[0] or 1)) if store.ndim else 1
@@ -86,7 +88,7 @@ class OrbaxSource:
                 block = np.asarray((store if layer is None else store[start:stop]).read().result())
             except Exception as e:
                 where = params_io.dotted(path) + ("" if layer is None else f"[{layer}]")
-                raise ConversionFailed(self.path, [f"cannot read parameter {where}: {e}"]) from None
+                raise ConversionError(self.path, [f"cannot read parameter {where} (damaged or unreadable): {e}"]) from None
             self._cached = (path, store, start, block)
         return block if layer is None else block[layer - start]
 
