@@ -319,6 +319,20 @@ def test_too_many_skipped_records_stop_the_run_also_after_a_resume(straight_run,
     assert Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [1]
 
 
+def test_a_run_that_reaches_num_steps_before_the_skip_check_completes_and_saves(straight_run, tmp_path):
+    """Below data.skip_check_after records read, with data left (it repeats), the skip fraction is
+    not judged: nothing is read after the last step, which used to count as the data run out, so
+    such a run stopped with the error before its last checkpoint, at every relaunch."""
+    data = straight_run[0] / "data"
+    (tmp_path / "no_images").mkdir()
+    result = loop_lib.train(demo_config(
+        tmp_path / "run", "synthetic_records=None", f"data.data_path={data}/records.json",
+        f"data.image_folder={tmp_path}/no_images", "data.skip_check_after=100000", "num_steps=2"))
+    assert result.status == "completed"
+    assert Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [2]
+    assert read_metrics(os.path.join(tmp_path, "run", "metrics.jsonl"))[-1]["data_skips"]["missing_image"] > 0
+
+
 @pytest.mark.parametrize("content, message", [
     ("[]", r"a.json: no records"),
     ('{"id": 1}', r"a.json: expected a JSON array of records, got dict"),

@@ -518,10 +518,11 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
         # whether to stop after the step just dispatched, whether a shard ran out of data, and
         # whether the next batch exceeds the loss token budget (every process runs the same program).
         fetched = feed.next() if step < config.num_steps else None
+        data_done = fetched is None and step < config.num_steps
         exhausted, over_budget, skips_over = any_process(
-            (fetched is None, fetched is not None and fetched[1], too_many_skips(fetched is None)))
+            (fetched is None, fetched is not None and fetched[1], too_many_skips(data_done)))
         if skips_over:
-            stop_for_skips(fetched is None)
+            stop_for_skips(data_done)
         if exhausted and step < config.num_steps:
             status, fetched = "data_exhausted", None
             if step == 0:  # not one step's batch in the data: a run that trains nothing has failed
@@ -545,6 +546,8 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
             # Data states after this step's batches: captured before reading ahead.
             data_after = feed.get_states()
             fetched = feed.next() if step < config.num_steps else None
+            # The data has run out only when a read found none: after the last step nothing is read.
+            data_done = fetched is None and step < config.num_steps
             read_unread()  # the step before this one, which ran while this one was dispatched
             unread = (step, metrics)
             # A SIGTERM / Ctrl-C that came while this step ran stops after it.
@@ -553,9 +556,9 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
             log_completed_save()
             stop_requested, exhausted, over_budget, skips_over, save_failed = any_process((
                 stop.requested or step == stop_at_step,
-                fetched is None and step < config.num_steps,
+                data_done,
                 fetched is not None and fetched[1],
-                too_many_skips(fetched is None),
+                too_many_skips(data_done),
                 save_error is not None,
             ))
             if save_failed:
@@ -563,19 +566,19 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
                 raise TrainingError(save_error or "saving a checkpoint failed on another process; its error names the cause")
             if skips_over:
                 read_unread()  # this step's metrics, with its data_skips, reach metrics.jsonl first
-                stop_for_skips(fetched is None)
+                stop_for_skips(data_done)
             every = config.checkpoint.every_steps
             if stop_requested or exhausted or step == config.num_steps or (every and step % every == 0):
                 read_unread()
                 save(step, data_after)  # the iterator states before the read-ahead
-            # A signal that came during the last step stops nothing: that step's checkpoint, checked
-            # below, is the final one, and a relaunch would have nothing to train.
             # Not after a signal (a preemption must save and go); after stop_at_step, as planned.
             signalled = stop_requested and step != stop_at_step
             eval_every = config.eval.every_steps
             if evaluator is not None and not signalled and (
                     exhausted or step == config.num_steps or (eval_every and step % eval_every == 0)):
                 evaluate(step)
+            # A signal that came during the last step stops nothing: that step's checkpoint, checked
+            # below, is the final one, and a relaunch would have nothing to train.
             if stop_requested and step < config.num_steps:
                 status = "stopped"
                 if step != stop_at_step:
