@@ -363,6 +363,8 @@ def resolve_params_dir(path: str) -> tuple[str, str | None]:
         raise ParamsError(f"{path}: not a directory")
     if os.path.isdir(os.path.join(path, PARAMS_ITEM)):
         cfg = os.path.join(path, CONFIG_FILE)
+        if not os.path.exists(cfg) and os.path.basename(path).isdigit():
+            cfg = os.path.join(os.path.dirname(path), CONFIG_FILE)  # one step of a training run: the root's
         return os.path.join(path, PARAMS_ITEM), cfg if os.path.exists(cfg) else None
     numbered = sorted((int(name), name) for name in os.listdir(path)
                       if name.isdigit() and os.path.isdir(os.path.join(path, name)))

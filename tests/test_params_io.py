@@ -109,6 +109,15 @@ def test_training_checkpoint_latest_step(tmp_path, cfg):
     assert_trees_equal(loaded, trees[10])
 
 
+def test_one_step_of_a_training_run_loads_with_the_runs_config(tmp_path, cfg):
+    """An earlier step named directly (`generate --checkpoint run/checkpoints/3`): its config.json is
+    the run's, one level up (it was refused for want of one in the step directory)."""
+    trees = _training_run(tmp_path / "run", cfg)
+    loaded_cfg, loaded = params_io.load_params(str(tmp_path / "run" / "3"))
+    assert loaded_cfg == cfg
+    assert_trees_equal(loaded, trees[3])
+
+
 def test_nnx_state_with_value_wrappers(tmp_path, cfg):
     """A tree saved as {..., "kernel": {"value": array}} (nnx.State without to_pure_dict) reads as pure."""
     tree = random_tree(cfg)
