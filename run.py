@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from manager_jax import exit_status
-from manager_jax.log_setup import LOG_LEVEL_HELP, setup_logging
+from manager_jax.log_setup import LOG_LEVEL_HELP, log_level, setup_logging
 
 # The demo recipe is the default, wherever run.py is started from.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.py")
@@ -54,7 +54,7 @@ def _train_parser(prog: str, aot: bool) -> argparse.ArgumentParser:
         p.add_argument("--topology", required=True, help=TOPOLOGY_HELP)
         p.add_argument("--hlo-out", metavar="PATH",
                        help="also write the compiled program's HLO text there (read it with benchmarks/hlo_traffic.py)")
-    p.add_argument("--log-level", default="INFO", help=LOG_LEVEL_HELP)
+    p.add_argument("--log-level", default="INFO", type=log_level, help=LOG_LEVEL_HELP)
     return p
 
 

@@ -26,6 +26,7 @@ CONVENTIONS = ("original", "hf")
 # config field transformers ignores), so reading the export back restores the model exactly.
 HF_CONVENTION_FIELD = "manager_jax_image_convention"
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_acts", "dots_no_batch", "save_attn_out")
 
 # The 36 (width, height) pinpoints of "(1x1),...,(6x6)" with 384-pixel tiles (SPEC §3.3).
@@ -201,6 +202,14 @@ class ModelConfig:
             problems.append(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             problems.append(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in FLOAT_DTYPES:
+                problems.append(f"{name} {getattr(self, name)!r} not in {FLOAT_DTYPES}")
+        for part, sub in (("text", t), ("vision", v)):
+            for f in dataclasses.fields(sub):
+                value = getattr(sub, f.name)
+                if f.type in (int, "int") and not value >= 1:  # a zero head_dim divides by zero far from here
+                    problems.append(f"{part}.{f.name} must be >= 1, got {value}")
         if self.vision_token_multiple < 0:
             problems.append(f"vision_token_multiple must be >= 0 (0 = automatic), got {self.vision_token_multiple}")
         if problems:

@@ -8,6 +8,18 @@ import logging
 LOG_LEVEL_HELP = "INFO (default), DEBUG (also prints the traceback of an error), WARNING, ..."
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(text: str) -> str:
+    """--log-level's type: a level name of `LOG_LEVELS`, any case (a misspelt one was taken as INFO)."""
+    import argparse
+
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
 def setup_logging(level: str) -> None:
     # force: a handler that an import put on the root logger first (absl's, through jax: the
     # compile parser's help text imports train.aot) made this a no-op, and INFO lines vanished.

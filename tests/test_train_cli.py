@@ -52,7 +52,7 @@ def test_dispatch_reaches_the_other_parts():
          "data.data_path: /no/such.jsonl: not found"),
         (["--set", "mesh.data=64"], "error: "),  # ShardingError: more devices than there are
         (["--set", "optim.schedule=linear"], "optim.schedule must be one of ('cosine', 'constant')"),
-        (["--set", "optim.manager_lr=-1e-4", "--set", "optim.b2=1.0"], "optim.manager_lr must be >= 0"),
+        (["--set", "optim.manager_lr=-1e-4", "--set", "optim.b2=1.0"], "optim.manager_lr must be a finite number >= 0"),
     ],
 )
 def test_train_input_errors_are_one_line_with_status_2(args, message, tmp_path, capsys):
@@ -73,6 +73,15 @@ def test_debug_log_level_adds_the_traceback(capsys):
     assert run.main(["train", "--log-level", "DEBUG", "--config", "configs/no_such_recipe.py"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.rstrip().endswith("error: config file not found: configs/no_such_recipe.py")
+
+
+def test_a_misspelt_log_level_is_a_usage_error(capsys):
+    """It was taken as INFO without a word."""
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["train", "--log-level", "DEBGU", "--config", "configs/demo.py"])
+    assert exit_.value.code == 2 and "'DEBGU' is not one of DEBUG, INFO" in capsys.readouterr().err
+    assert run.main(["train", "--log-level", "debug", "--config", "configs/no_such_recipe.py"]) == 2  # any case
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_a_compile_failure_is_one_error_line_and_its_traceback_with_debug(capsys):

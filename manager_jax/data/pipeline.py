@@ -42,6 +42,7 @@ from manager_jax.data.mixture import load_mixture
 from manager_jax.data.packing import BatchPacker
 from manager_jax.data.records import RecordFormatError, RecordSource, open_records
 from manager_jax.data.samples import (
+    TEMPLATES,
     TOO_LONG,
     TOO_MANY_CROPS,
     TOO_MANY_IMAGE_TOKENS,
@@ -132,6 +133,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.template not in TEMPLATES:
+            problems.append(f"template {self.template!r} not in {TEMPLATES}")
         if self.format not in FORMATS:
             problems.append(f"format {self.format!r} not in {FORMATS}")
         if self.too_long not in TOO_LONG_POLICIES:

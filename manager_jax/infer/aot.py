@@ -35,7 +35,7 @@ from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
 from manager_jax.infer.engine import InferenceEngine, InputError, Prompt, ScoreRequest
 from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
 from manager_jax.infer.sampling import SamplingParams
-from manager_jax.log_setup import LOG_LEVEL_HELP, setup_logging
+from manager_jax.log_setup import LOG_LEVEL_HELP, log_level, setup_logging
 from manager_jax.models.llava_ov import LlavaOV
 from manager_jax.train.aot import (TOPOLOGY_HELP, AotError, building_for, cache_compiled_programs, compile_or_refusal,
                                    fits_chip, memory_capacity, memory_line, memory_per_chip, refused_line,
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--decode-multi-output-fusion", action="store_true",
                    help="GPU: each layer's residual add and the next RMSNorm in one kernel "
                         "(InferenceEngine decode_multi_output_fusion)")
-    p.add_argument("--log-level", default="INFO", help=LOG_LEVEL_HELP)
+    p.add_argument("--log-level", default="INFO", type=log_level, help=LOG_LEVEL_HELP)
     args = p.parse_args(argv)
     setup_logging(args.log_level)
     if min(args.rows, args.prompt_tokens, args.new_tokens) < 1 or args.score_tokens < 0:

@@ -21,6 +21,7 @@ biases and the LayerNorms (the vision tower's); Qwen2's RMSNorm scales, embeddin
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from typing import Any, Callable
 
@@ -74,8 +75,8 @@ class OptimConfig:
             out.append(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for name in ("lr", "projector_lr", "manager_lr", "vision_tower_lr", "weight_decay"):
             value = getattr(self, name)
-            if value is not None and not value >= 0:
-                out.append(f"optim.{name} must be >= 0, got {value}")
+            if value is not None and not 0 <= value < math.inf:  # an infinite rate makes every weight NaN at once
+                out.append(f"optim.{name} must be a finite number >= 0, got {value}")
         for name in ("b1", "b2"):
             if not 0 <= getattr(self, name) < 1:
                 out.append(f"optim.{name} must lie in [0, 1), got {getattr(self, name)}")
@@ -83,6 +84,8 @@ class OptimConfig:
             out.append(f"optim.eps must be > 0, got {self.eps}")
         if not 0 <= self.warmup_ratio <= 1:
             out.append("optim.warmup_ratio must lie in [0, 1]")
+        if math.isnan(self.max_grad_norm) or self.max_grad_norm == math.inf:
+            out.append(f"optim.max_grad_norm must be a finite number (<= 0 turns clipping off), got {self.max_grad_norm}")
         return out
 
     def group_lrs(self) -> dict[str, float]:

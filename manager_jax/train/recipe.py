@@ -209,7 +209,7 @@ def _field_type(obj: Any, name: str) -> Any:
     return hints.get(name)
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
+def _coerce(value: Any, annotation: Any, key: str, written: str | None = None) -> Any:
     """Light type check / conversion of an override value against the field annotation."""
     if annotation is None or annotation is Any:
         return value
@@ -231,8 +231,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if opt is str:
             if isinstance(value, str):
                 return value
-            if len(options) == 1 or all(o in (str, type(None)) for o in options):
-                return str(value) if not isinstance(value, (list, dict)) else value
+            if (len(options) == 1 or all(o in (str, type(None)) for o in options)) and not isinstance(
+                    value, (list, tuple, dict)):  # a list for a path, say: an error below, not a crash later
+                return written if written is not None else str(value)
         if typing.get_origin(opt) in (list, tuple) or opt in (list, tuple):
             if isinstance(value, (list, tuple)):
                 return value
@@ -245,8 +246,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise RecipeError(f"--set {key}={value!r}: expected {expected}")
 
 
-def apply_override(config: Any, key: str, value: Any) -> None:
-    """Sets ``config.a.b.c = value`` (dataclasses all the way down), checking the names and the type."""
+def apply_override(config: Any, key: str, value: Any, written: str | None = None) -> None:
+    """Sets ``config.a.b.c = value`` (dataclasses all the way down), checking the names and the type.
+    `written`: the value as the command line gave it, which a field of type str takes as it is
+    ("1e3" stays "1e3", not the literal's "1000.0")."""
     parts = key.split(".")
     obj = config
     for i, part in enumerate(parts):
@@ -264,19 +267,20 @@ def apply_override(config: Any, key: str, value: Any) -> None:
                 for k, v in value.items():
                     apply_override(current, k, v)
                 return
-            setattr(obj, part, _coerce(value, _field_type(obj, part), key))
+            setattr(obj, part, _coerce(value, _field_type(obj, part), key, written))
         else:
             obj = getattr(obj, part)
 
 
-def split_override(text: str) -> tuple[str, Any]:
+def split_override(text: str) -> tuple[str, Any, str]:
+    """(key, the value parsed as a literal, the value as written)."""
     if "=" not in text:
         raise RecipeError(f"override {text!r} must look like key=value")
     key, value = text.split("=", 1)
     key = key.strip()
     if not key:
         raise RecipeError(f"override {text!r} has an empty key")
-    return key, parse_value(value)
+    return key, parse_value(value), value.strip()
 
 
 def _load_module(path: str) -> types.ModuleType:
@@ -287,7 +291,10 @@ def _load_module(path: str) -> types.ModuleType:
     if spec is None or spec.loader is None:
         raise RecipeError(f"cannot import config file {path}")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001 - a recipe is user code: its error is bad input, reported in one line
+        raise RecipeError(f"{path}: {type(err).__name__}: {err}") from err
     if not hasattr(module, "get_config"):
         raise RecipeError(f"{path} defines no get_config() function")
     return module
@@ -306,20 +313,22 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> TrainConfig:
     signature = inspect.signature(module.get_config)
     selectors, field_overrides = {}, []
     for text in overrides:
-        key, value = split_override(text)
+        key, value, written = split_override(text)
         if "." not in key and key in signature.parameters:
             selectors[key] = value
         else:
-            field_overrides.append((key, value))
+            field_overrides.append((key, value, written))
     args = [arg] if arg is not None else []
     try:
         config = module.get_config(*args, **selectors)
-    except TypeError as err:
-        raise RecipeError(f"{path}: get_config{tuple(args)} {selectors}: {err}") from err
+    except RecipeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - as above (a TypeError: wrong arguments)
+        raise RecipeError(f"{path}: get_config{tuple(args)} {selectors}: {type(err).__name__}: {err}") from err
     if not isinstance(config, TrainConfig):
         raise RecipeError(f"{path}: get_config() returned {type(config).__name__}, expected TrainConfig")
-    for key, value in field_overrides:
-        apply_override(config, key, value)
+    for key, value, written in field_overrides:
+        apply_override(config, key, value, written)
     config.model.validate()
     if hasattr(config.data, "__post_init__"):
         try:
@@ -370,6 +379,17 @@ def validate(config: TrainConfig) -> None:
                 f"{field}={where} is a URL, but the run writes through the local file system: mount the bucket "
                 "(e.g. gcsfuse) or use a shared file system every host sees, and give its path"
             )
+    for name in ("loss_token_budget", "loss_chunk_size"):
+        if getattr(config, name) < 0:
+            problems.append(f"{name} must be >= 0 (0 = every position / one chunk)")
+    if config.synthetic_records is not None and config.synthetic_records < 1:
+        problems.append("synthetic_records must be >= 1, or None to train on data.data_path / data.mixture")
+    sizes = config.synthetic_image_sizes
+    if sizes is not None and not (isinstance(sizes, (list, tuple)) and sizes and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) and x > 0 for x in p)
+            for p in sizes)):
+        problems.append(f"synthetic_image_sizes must be a list of (width, height) pairs of positive integers, "
+                        f"got {sizes!r}")
     if config.eval.every_steps < 0:
         problems.append("eval.every_steps must be >= 0 (0 = at the end of the run only)")
     if config.eval.max_batches < 0:
@@ -463,12 +483,14 @@ def check_inputs(config: TrainConfig) -> None:
 # Fields whose change makes a checkpoint another run's: the model (its parameter shapes), what is
 # trained (the optimizer state's layout) and where the data comes from (the iterator state indexes it).
 _SAME_RUN_FIELDS = ("model.", "tunable_parts", "data.data_path", "data.mixture", "data.format", "data.split",
-                    "synthetic_records", "synthetic_image_sizes")
+                    "synthetic_records", "synthetic_image_sizes",
+                    # the saved data position is Grain's state, whose layout follows the worker processes
+                    "data.worker_count")
 # Fields that set the record order, which the saved data state indexes: changed, the run would
 # silently repeat some records of the current epoch and never reach others.
 _ORDER_FIELDS = ("data.seed", "data.shuffle", "data.group_by_modality_length")
 # The grouped order (group_by_modality_length) also follows the step's layout (ordering.py).
-_GROUPED_ORDER_FIELDS = ("data.rows_per_host", "grad_accum", "data.worker_count")
+_GROUPED_ORDER_FIELDS = ("data.rows_per_host", "grad_accum")
 # Model fields that only choose how it runs, not what it is.
 _EXECUTION_FIELDS = ("model.dtype", "model.remat_policy", "model.attention_impl", "model.vision_token_multiple")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -483,6 +505,10 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flat(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: d}
+
+
+def _number(value: Any) -> float:
+    return value if isinstance(value, (int, float)) else 0.0
 
 
 def compare_with_saved(saved: dict, new: dict) -> tuple[list[str], list[str]]:
@@ -507,5 +533,8 @@ def compare_with_saved(saved: dict, new: dict) -> tuple[list[str], list[str]]:
         if key in order_fields:
             same_run = True
             line += " (it sets the record order, which the saved data position indexes)"
+        if key == "optim.max_grad_norm" and (_number(old) > 0) != (_number(cur) > 0):
+            same_run = True
+            line += " (clipping turned on or off: the optimizer state the checkpoint holds has another layout)"
         (other_run if same_run else changed).append(line)
     return other_run, changed
