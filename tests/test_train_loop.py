@@ -124,7 +124,7 @@ def test_nonfinite_steps_abort_after_k_in_a_row(tmp_path, monkeypatch):
     monkeypatch.setattr(loop_lib.DataFeed, "next", poisoned)
     message = (r"2 non-finite steps in a row \(max_nonfinite_steps=2\), steps 1\.\.2: the loss and the gradient norm "
                r"were not finite at step 2 \(loss nan, grad norm nan\); last finite step: none in this run; "
-               r"no checkpoint saved\. .*lower optim.lr")
+               r"no checkpoint saved: a relaunch starts over; lower optim.lr")
     with pytest.raises(loop_lib.TrainingError, match=message):
         loop_lib.train(demo_config(tmp_path, "max_nonfinite_steps=2"))
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -192,6 +192,9 @@ def _snapshot(directory):
         (["checkpoint.resume=False"], r"already holds checkpoints \(steps 6\) and checkpoint.resume=False.*another output_dir"),
         # Other data shards (as a new mesh resolves batch_shards=-1 to): the error says how to keep them.
         (["batch_shards=2"], r"  - batch_shards \(resolved\): 1 -> 2 .*--set batch_shards=1 keeps the checkpoint's shards"),
+        # Both were accepted, then failed to restore (a "damaged checkpoint", or a KeyError traceback).
+        (["optim.max_grad_norm=0"], r"  - optim.max_grad_norm: 1.0 -> 0.0 \(clipping turned on or off"),
+        (["data.worker_count=1"], r"  - data.worker_count: 0 -> 1"),
     ],
 )
 def test_a_refused_resume_changes_nothing_in_the_run_directory(straight_run, tmp_path, overrides, message):
@@ -333,6 +336,13 @@ def test_a_run_that_reaches_num_steps_before_the_skip_check_completes_and_saves(
     assert read_metrics(os.path.join(tmp_path, "run", "metrics.jsonl"))[-1]["data_skips"]["missing_image"] > 0
 
 
+def test_a_vocabulary_smaller_than_the_tokenizers_is_refused_before_anything_is_written(tmp_path):
+    """It trained NaN from the first step (ids without an embedding row) and exited 0."""
+    with pytest.raises(RecipeError, match=r"has \d+ ids but model.text.vocab_size is 100"):
+        loop_lib.train(demo_config(tmp_path / "run", "model.text.vocab_size=100"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("content, message", [
     ("[]", r"a.json: no records"),
     ('{"id": 1}', r"a.json: expected a JSON array of records, got dict"),
@@ -441,6 +451,22 @@ def test_a_signal_during_the_last_step_leaves_a_completed_run(tmp_path):
 
     result = loop_lib.train(demo_config(tmp_path, "num_steps=2"), on_step=ctrl_c_at_1)
     assert (result.status, result.last_step, result.stop_signal) == ("completed", 2, None)
+    ckpt = Checkpointer(result.checkpoint_dir)
+    assert ckpt.all_steps() == [2]
+    ckpt.close()
+
+
+def test_a_closed_terminal_saves_and_stops_like_a_preemption(tmp_path):
+    """SIGHUP during the steps (the terminal of a run started without nohup closed): a checkpoint
+    after the running step and status "stopped", exit 129 from run.py. It used to end the process
+    through the start-up handler: no checkpoint, and "outside the training steps"."""
+
+    def hang_up_at_1(step, record):
+        if step == 1:  # read while step 2 runs
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    result = loop_lib.train(demo_config(tmp_path, "num_steps=4"), on_step=hang_up_at_1)
+    assert (result.status, result.last_step, result.stop_signal) == ("stopped", 2, signal.SIGHUP)
     ckpt = Checkpointer(result.checkpoint_dir)
     assert ckpt.all_steps() == [2]
     ckpt.close()

@@ -244,10 +244,11 @@ class SkipLimit:
 
 
 class _StopFlag:
-    """SIGTERM (preemption) or Ctrl-C (SIGINT) sets the flag; the loop saves a checkpoint after the
-    current step and returns. A second Ctrl-C aborts at once (KeyboardInterrupt)."""
+    """SIGTERM (preemption), SIGHUP (the terminal closed) or Ctrl-C (SIGINT) sets the flag; the loop
+    saves a checkpoint after the current step and returns. A second Ctrl-C aborts at once
+    (KeyboardInterrupt)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
@@ -301,6 +302,7 @@ def train(
     from manager_jax.data.pipeline import open_source
 
     # Read before anything is written: an unreadable or empty data file leaves output_dir as it was.
+    check_vocabulary(config)
     source = None if config.synthetic_records else open_source(config.data)
     eval_source = open_eval_source(config)
     num_records = None if source is None else len(source)
@@ -313,6 +315,19 @@ def train(
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_vocabulary(config: TrainConfig) -> None:
+    """The tokenizer's ids must have rows in the model's embedding: an id beyond them reads no
+    embedding, and the loss is NaN from the first step on."""
+    from manager_jax.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(config.data.tokenizer_path)
+    if tokenizer.vocab_size > config.model.text.vocab_size:
+        raise RecipeError(
+            f"the tokenizer ({config.data.tokenizer_path or 'the offline Qwen2 one'}) has {tokenizer.vocab_size} ids "
+            f"but model.text.vocab_size is {config.model.text.vocab_size}: its ids from "
+            f"{config.model.text.vocab_size} on would have no embedding")
 
 
 def _lock_run_dirs(config: TrainConfig) -> RunLock | None:
@@ -482,8 +497,9 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
                     f"{nonfinite_streak} non-finite steps in a row (max_nonfinite_steps={config.max_nonfinite_steps}), "
                     f"steps {done - nonfinite_streak + 1}..{done}: {which} not finite at step {done} "
                     f"(loss {loss}, grad norm {grad_norm}); last finite step: {last_finite or 'none in this run'}; "
-                    + (f"last checkpoint: step {saved_step} in {ckpt.directory}" if saved_step else "no checkpoint saved")
-                    + ". Resuming reruns from that checkpoint; lower optim.lr or set optim.max_grad_norm first"
+                    + (f"last checkpoint: step {saved_step} in {ckpt.directory}; resuming reruns from it"
+                       if saved_step else "no checkpoint saved: a relaunch starts over")
+                    + "; lower optim.lr or set optim.max_grad_norm first"
                 )
         else:
             nonfinite_streak = 0
