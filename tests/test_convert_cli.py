@@ -236,6 +236,11 @@ def test_a_destination_under_a_file_is_refused_before_anything_is_read(ckpt, tmp
     err = capsys.readouterr().err
     assert code == 2 and f"{tmp_path / 'config.json'} is not a directory" in err and "FileExistsError" not in err, err
     assert (tmp_path / "config.json").read_text() == "mine"
+    # DST the file itself: --overwrite replaced it with the output folder
+    code = main([command, src, str(tmp_path / "config.json"), "--overwrite", "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file; the output is a directory" in err, err
+    assert (tmp_path / "config.json").read_text() == "mine"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a directory whatever its mode")

@@ -160,6 +160,18 @@ def test_an_answers_file_of_an_earlier_step_of_the_run_is_refused(checkpoint, ca
     assert output.read_bytes() == before
 
 
+def test_a_prompts_file_written_with_a_bom_reads_and_a_folder_is_named(tmp_path):
+    from manager_jax.infer.engine import InputError
+    from manager_jax.infer.prompt_file import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "Hi"}).encode() + b"\r\n")  # a Windows editor's
+    (line,) = read_prompts(str(path))
+    assert line.text == "Hi"
+    with pytest.raises(InputError, match="is a directory; give a JSONL file"):
+        read_prompts(str(tmp_path))
+
+
 def test_refused_input_writes_no_answers_file(checkpoint, capsys, tmp_path):  # noqa: F811
     ckpt, image, _ = checkpoint
     prompts = tmp_path / "prompts.jsonl"

@@ -51,6 +51,8 @@ def test_demo_recipe_and_overrides():
         ("loss_token_budget=-3", r"loss_token_budget must be >= 0"),
         ("synthetic_image_sizes=5", r"synthetic_image_sizes must be a list of \(width, height\) pairs"),
         ("synthetic_records=-5", r"synthetic_records must be >= 1, or None"),
+        ("stop_at_step=0", r"stop_at_step must be >= 1 or None, got 0"),
+        ("peak_tflops_per_device=0", r"peak_tflops_per_device must be a number > 0"),
         ("output_dir=[1]", r"output_dir=\[1\]: expected str"),
         ('data.data_path=["a.json"]', r"expected str \| None"),
     ],

@@ -38,6 +38,9 @@ class PromptLine:
     error: str | None = None  # why it is skipped (--skip-bad); None: it is answered
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -51,6 +54,8 @@ def refuse_or_skip(line: PromptLine, reason: str, skip_bad: bool) -> None:
 
 def read_prompts(path: str, skip_bad: bool = False) -> list[PromptLine]:
     """Every non-blank line of a JSONL prompts file; relative image paths resolve against its folder."""
+    if os.path.isdir(path):
+        raise InputError(f"prompts file {path!r} is a directory; give a JSONL file of prompts")
     if not os.path.isfile(path):
         raise InputError(f"prompts file not found: {path!r}")
     base = os.path.dirname(os.path.abspath(path))
@@ -58,6 +63,8 @@ def read_prompts(path: str, skip_bad: bool = False) -> list[PromptLine]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             raw = raw.rstrip(b"\r\n")
+            if number == 1 and raw.startswith(UTF8_BOM):  # what some Windows editors write first
+                raw = raw[len(UTF8_BOM):]
             if not raw.strip():
                 continue
             line = PromptLine(f"{path}:{number}", len(lines), number, digest=_digest(raw))

@@ -392,6 +392,9 @@ def _train(config: TrainConfig, mesh: Any, shards: int, accum: int, source: Any,
             params, _ = load_initial_params(setup, params, config.init_from, config.init_strict)
         state = init_state(setup, params, config.seed)
     first_step = int(jax.device_get(state["step"]))
+    if stop_at_step is not None and stop_at_step <= first_step and primary:
+        logger.warning("stop_at_step=%d is not after the checkpoint's step %d: it stops nothing (the run goes on "
+                       "to num_steps=%d)", stop_at_step, first_step, config.num_steps)
     if first_step >= config.num_steps and primary:
         logger.warning("the checkpoint is at step %d, num_steps is %d: nothing to train (raise num_steps to go on)",
                        first_step, config.num_steps)

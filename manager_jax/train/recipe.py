@@ -19,6 +19,7 @@ import dataclasses
 import importlib.util
 import inspect
 import json
+import math
 import os
 import re
 import types
@@ -379,6 +380,11 @@ def validate(config: TrainConfig) -> None:
                 f"{field}={where} is a URL, but the run writes through the local file system: mount the bucket "
                 "(e.g. gcsfuse) or use a shared file system every host sees, and give its path"
             )
+    if config.stop_at_step is not None and config.stop_at_step < 1:
+        problems.append(f"stop_at_step must be >= 1 or None, got {config.stop_at_step}")
+    if config.peak_tflops_per_device is not None and not 0 < config.peak_tflops_per_device < math.inf:
+        problems.append(f"peak_tflops_per_device must be a number > 0 (the MFU's denominator) or None, "
+                        f"got {config.peak_tflops_per_device}")
     for name in ("loss_token_budget", "loss_chunk_size"):
         if getattr(config, name) < 0:
             problems.append(f"{name} must be >= 0 (0 = every position / one chunk)")

@@ -67,8 +67,12 @@ def _check_destination(dst: str, overwrite: bool, source: str, sources: list[str
     problem = params_io.destination_problem(dst)
     if problem:
         raise ConversionError(source, [problem])
-    if not os.path.lexists(params_io.resolve_destination(dst)):
+    target = params_io.resolve_destination(dst)
+    if not os.path.lexists(target):
         return
+    if not os.path.isdir(target):  # --overwrite replaces an earlier output, a folder: not a file that is there
+        raise ConversionError(source, [f"destination {dst} is a file; the output is a directory: remove the file "
+                                       "or give another path"])
     if not overwrite:
         raise ConversionError(source, [_exists(dst)])
     problem = params_io.overlap_problem(dst, sources)
