@@ -127,6 +127,8 @@ def test_cli(dataset, tmp_path, capsys):
     ("exists", 2, "exists; pass --overwrite"),
     ("no_data", 2, "data file not found"),
     ("no_image_folder", 2, "is not a directory"),
+    # --out under a file: it failed when the write began, with status 1
+    ("out_under_a_file", 2, "--out: cannot create"),
     ("strict", 1, "skipped (missing_image)"),
     # An image folder that exists but is the wrong one: every image record would be left out.
     ("wrong_image_folder", 1, "left out, more than --max-skip-fraction=0.5: missing_image"),
@@ -147,6 +149,10 @@ def test_cli_errors_are_one_line_with_the_exit_status_and_write_nothing(dataset,
         args["image-folder"] = str(tmp_path / "nope")
     elif case == "wrong_image_folder":
         args["image-folder"] = str(tmp_path)
+    elif case == "out_under_a_file":
+        blocker = tmp_path.parent / f"{tmp_path.name}_file"
+        blocker.write_text("mine")
+        args["out"] = str(blocker / "cli")
     elif case == "empty":
         empty = tmp_path.parent / f"{tmp_path.name}_data" / "empty.json"
         empty.parent.mkdir()

@@ -169,6 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--max-skip-fraction must lie in [0, 1], got {args.max_skip_fraction}")
     if os.path.exists(args.out) and not args.overwrite:
         return _error(f"{args.out!r} exists; pass --overwrite to replace it, or another --out", exit_status.BAD_INPUT)
+    from manager_jax.params_io import destination_problem  # (imports Orbax: not for --help)
+
+    problem = destination_problem(args.out)  # under a file, in a read-only folder: known before any record is read
+    if problem:
+        return _error(f"--out: {problem}", exit_status.BAD_INPUT)
     if args.image_folder is not None and not os.path.isdir(args.image_folder):
         return _error(f"--image-folder {args.image_folder!r} is not a directory", exit_status.BAD_INPUT)
     try:
