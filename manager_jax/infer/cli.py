@@ -274,8 +274,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         if args.output is not None:
             tokenizer_path = _tokenizer_path(args)
             answers = AnswerFile(args.output, {
-                # the step directory read, not the run's: answers of a later step are not mixed in
-                "checkpoint": params_dir_to_load(args.checkpoint),
+                "checkpoint": _weights_named(args.checkpoint),
                 "tokenizer": tokenizer_path and os.path.realpath(tokenizer_path),
                 "dtype": args.dtype, "max_length": args.max_length, "vocab_limit": args.vocab_limit,
                 **dataclasses.asdict(params)})
@@ -333,6 +332,16 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return exit_status.BAD_INPUT
     return 0
+
+
+def _weights_named(checkpoint: str) -> str:
+    """What an answers file records of --checkpoint: the step directory the model loads, not the
+    run's folder, so that answers of a later step are not mixed in. A checkpoint that cannot be
+    resolved is named as given: the model load reports it, if any line needs the model."""
+    try:
+        return params_dir_to_load(checkpoint)
+    except CheckpointError:
+        return os.path.realpath(checkpoint)
 
 
 def _from_process_0(value: int) -> int:
