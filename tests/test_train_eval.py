@@ -20,22 +20,38 @@ from manager_jax.train.state import model_abstract
 from tests.test_train_loop import demo_config
 from tests.train_batches import compile_cache_fixture
 
-# 13 held-out records over 4 shards (4, 3, 3, 3): shards run out at different steps. A token
-# budget of 8 per shard batch sends the batches with more supervised tokens to the program
-# without a budget. One device (tests/test_train_multiprocess.py evaluates over two processes).
-HELD_OUT = ("num_steps=2", "eval.synthetic_records=13", "eval.every_steps=1", "loss_token_budget=8",
-            "batch_shards=4")
+# 13 held-out records over 4 shards (4, 3, 3, 3): shards run out at different steps. One record's
+# answer is longer than the demo's loss token budget (96 supervised positions per shard batch), so
+# its batch goes to the program without a budget. One device (tests/test_train_multiprocess.py
+# evaluates over two processes).
+HELD_OUT = ("num_steps=2", "eval.every_steps=1", "batch_shards=4", "loss_chunk_size=256")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    yield from compile_cache_fixture(tmp_path_factory)
+def held_out_set(directory) -> tuple[str, str]:
+    """(records file, image folder): 12 generated records and a text record with a long answer."""
+    from manager_jax.data.synthetic import make_synthetic_dataset
+
+    ds = make_synthetic_dataset(str(directory), num_records=12, seed=7, sizes=[(384, 384), (320, 240)])
+    with open(ds.records_path) as f:
+        records = json.load(f)
+    story = " ".join(f"word{i}" for i in range(150))
+    records.insert(5, {"id": "long", "conversations": [{"from": "human", "value": "Tell me a story."},
+                                                        {"from": "gpt", "value": story}]})
+    with open(ds.records_path, "w") as f:
+        json.dump(records, f)
+    return ds.records_path, ds.image_folder
 
 
 @pytest.fixture(scope="module")
-def held_out_run(tmp_path_factory):
+def held_out_data(tmp_path_factory):
+    path, images = held_out_set(tmp_path_factory.mktemp("held_out_data"))
+    return (f"eval.data_path={path}", f"eval.image_folder={images}"), path, images
+
+
+@pytest.fixture(scope="module")
+def held_out_run(tmp_path_factory, held_out_data):
     out = tmp_path_factory.mktemp("held_out")
-    config = demo_config(out, *HELD_OUT)
+    config = demo_config(out, *HELD_OUT, *held_out_data[0])
     result = loop_lib.train(config, keep_state=True)
     return out, config, result
 
@@ -71,15 +87,14 @@ def per_sample_loss(config, params, records_path, image_folder):
     return nll_sum / tokens, tokens, samples
 
 
-def test_the_held_out_loss_is_the_mean_over_every_token_of_the_set(held_out_run):
+def test_the_held_out_loss_is_the_mean_over_every_token_of_the_set(held_out_run, held_out_data):
     out, config, result = held_out_run
     assert result.status == "completed"
     events = eval_events(out)
     assert [e["step"] for e in events] == [1, 2]
     last = events[-1]
-    eval_dir = os.path.join(out, "data", "eval")
-    loss, tokens, samples = per_sample_loss(config, result.state["params"], os.path.join(eval_dir, "records.json"),
-                                            eval_dir)
+    _, path, images = held_out_data
+    loss, tokens, samples = per_sample_loss(config, result.state["params"], path, images)
     assert samples == 13 and last["samples"] == 13
     assert last["tokens"] == tokens
     assert last["loss"] == pytest.approx(loss, rel=2e-5)
@@ -88,13 +103,23 @@ def test_the_held_out_loss_is_the_mean_over_every_token_of_the_set(held_out_run)
     assert events[0]["loss"] != last["loss"]
 
 
-def test_max_batches_limits_the_evaluation_and_the_training_is_unchanged(held_out_run, tmp_path):
+def test_max_batches_limits_the_evaluation_and_the_training_is_unchanged(held_out_run, held_out_data, tmp_path):
     out, _, full = held_out_run
-    result = loop_lib.train(demo_config(tmp_path, *HELD_OUT, "eval.max_batches=1"))
+    result = loop_lib.train(demo_config(tmp_path, *HELD_OUT, *held_out_data[0], "eval.max_batches=1"))
     first = eval_events(tmp_path)[-1]
     assert first["batches"] == 1
     assert 0 < first["tokens"] < eval_events(out)[-1]["tokens"]
     assert result.losses == full.losses  # evaluating draws nothing from the training's data or randomness
+
+
+def test_the_demo_generates_a_held_out_set_of_its_own(tmp_path):
+    loop_lib.train(demo_config(tmp_path, "num_steps=1", "eval.synthetic_records=3"))
+    (event,) = eval_events(tmp_path)
+    assert event["samples"] == 3 and event["tokens"] > 0
+    with open(tmp_path / "data" / "eval" / "records.json") as f:
+        held_out = json.load(f)
+    with open(tmp_path / "data" / "records.json") as f:
+        assert len(held_out) == 3 and held_out != json.load(f)[:3]  # drawn with another seed
 
 
 def test_a_held_out_set_with_bad_records_is_evaluated_without_them(tmp_path):
