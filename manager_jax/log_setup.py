@@ -1,5 +1,5 @@
-"""Logging of the commands: one setup and one `--log-level` for `run.py train`, `compile` and
-`compile-generate`."""
+"""Logging of the commands: one setup and one `--log-level` for `run.py train`, `compile`,
+`compile-generate`, `generate` and `score`."""
 
 from __future__ import annotations
 

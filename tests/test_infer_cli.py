@@ -235,6 +235,20 @@ def test_damaged_checkpoints_give_one_line_errors(checkpoint, capsys, tmp_path):
             assert "Traceback" not in err
 
 
+def test_log_level_debug_adds_the_traceback_and_a_misspelt_one_is_a_usage_error(capsys, tmp_path):
+    """generate and score take train's --log-level: DEBUG prints a user error's traceback above its
+    one line (they had no --log-level), a misspelt level is refused before anything is read."""
+    missing = ["--checkpoint", str(tmp_path / "none"), "--prompt", "hi"]
+    for main, extra in ((generate_main, []), (score_main, ["--continuation", "x"])):
+        code, _, err = run(main, missing + extra + ["--log-level", "debug"], capsys)
+        assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: "), err
+        code, _, err = run(main, missing + extra, capsys)
+        assert code == 2 and "Traceback" not in err
+        with pytest.raises(SystemExit) as exit_:
+            main(missing + extra + ["--log-level", "LOUD"])
+        assert exit_.value.code == 2 and "--log-level: 'LOUD' is not one of" in capsys.readouterr().err
+
+
 def test_damaged_generation_config_gives_one_line_errors(checkpoint, capsys, tmp_path):
     """generation_config.json (eos ids, repetition penalty, top_k / top_p) that is not JSON, not an object, or holds
     values of the wrong type: `error: cannot read checkpoint ...` naming the file, exit 2 (score used

@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,6 +39,7 @@ from manager_jax import exit_status
 from manager_jax.config import ConfigError
 from manager_jax.data.conversation import build_eval_prompt
 from manager_jax.infer.engine import InferenceEngine, InputError
+from manager_jax.log_setup import LOG_LEVEL_HELP, log_level, setup_logging
 from manager_jax.models.decode_attention import parse_kernel_configs
 from manager_jax.models.decode_matmul import parse_matmul_configs
 from manager_jax.infer.loading import (
@@ -135,6 +137,7 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--decode-multi-output-fusion", action="store_true",
                    help="GPU: compile the decode steps with each layer's residual add and the next layer's RMSNorm "
                         "in one kernel (XLA's multi-output Triton fusions; speed only)")
+    p.add_argument("--log-level", default="INFO", type=log_level, help=LOG_LEVEL_HELP)
     return p
 
 
@@ -146,11 +149,20 @@ def _tokenizer_path(args) -> str | None:
 
 
 def check_common_args(parser: argparse.ArgumentParser, args) -> None:
-    """Usage errors (exit 2) in the options `_common_parser` adds."""
+    """Usage errors (exit 2) in the options `_common_parser` adds; then the logging set up."""
     if args.max_length is not None and args.max_length < 1:
         parser.error(f"--max-length must be >= 1 (omit it for the model's maximum), got {args.max_length}")
     if args.vocab_limit is not None and args.vocab_limit < 1 and args.vocab_limit != -1:
         parser.error(f"--vocab-limit must be >= 1, or -1 for the whole vocabulary, got {args.vocab_limit}")
+    setup_logging(args.log_level)
+
+
+def _bad_input(err: Exception, args) -> int:
+    """A user error as one `error:` line (its traceback too with --log-level DEBUG): exit status 2."""
+    if args.log_level == "DEBUG":
+        traceback.print_exception(err)
+    print(f"error: {err}", file=sys.stderr)
+    return exit_status.BAD_INPUT
 
 
 def build_engine(args, generating: bool = True) -> tuple[InferenceEngine, object]:
@@ -261,8 +273,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                                 top_k=defaults["top_k"] if args.top_k is None else args.top_k,
                                 seed=args.seed, repetition_penalty=penalty)
     except CheckpointError as e:  # a damaged generation_config.json: bad input, not a usage error
-        print(f"error: {e}", file=sys.stderr)
-        return exit_status.BAD_INPUT
+        return _bad_input(e, args)
     except ValueError as e:  # SamplingParams starts with its field's name: name the flag instead
         field, _, rest = str(e).partition(" ")
         p.error(f"--{field.replace('_', '-')} {rest}")
@@ -329,8 +340,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                   f"{args.output} lists each with its cause", file=sys.stderr)
             return exit_status.FAILED
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return exit_status.BAD_INPUT
+        return _bad_input(e, args)
     return 0
 
 
@@ -460,8 +470,7 @@ def score_main(argv: Sequence[str] | None = None) -> int:
             result = engine.score([request])[0]
             logprob, num_tokens, greedy = result.logprob, result.num_tokens, result.is_greedy
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return exit_status.BAD_INPUT
+        return _bad_input(e, args)
     from manager_jax import distributed
 
     if not distributed.is_primary():  # every process of a multi-host run holds the same result
