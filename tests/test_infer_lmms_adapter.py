@@ -491,7 +491,8 @@ def test_bad_visuals_are_skipped_and_counted(adapter, checkpoint, tmp_path, capl
     """One bad request in a long evaluation is skipped with a warning and counted by reason (its
     answer "", its log-likelihood -inf), not an exception that ends the run: an unreadable image
     (raised by the task's doc_to_visual, as a dataset's lazy decoding does), a truncated file
-    opened lazily, a video path, a zero-size image, and "<image>" in a context without visuals.
+    opened lazily, a video path, a zero-size image, "<image>" in a context without visuals or in a
+    continuation.
     None entries of a visual list are no image (a text-only document). The other requests get the
     answers they get alone, in their places."""
     _, _, root = checkpoint
@@ -512,17 +513,20 @@ def test_bad_visuals_are_skipped_and_counted(adapter, checkpoint, tmp_path, capl
     asks = [Instance("generate_until", (q, dict(kwargs), v, d, TASK, SPLIT)) for q, v, d in spec]
     with caplog.at_level("WARNING", logger="manager_jax.infer.lmms_adapter"):
         answers = lm.generate_until(asks)
+        # The last: "<image>" in a continuation (it ended the whole call with an InputError).
         scores = lm.loglikelihood([Instance("loglikelihood", ("What is it?", "A cat", v, d, TASK, SPLIT))
-                                   for _, v, d in spec[:3]])
+                                   for _, v, d in spec[:3]] +
+                                  [Instance("loglikelihood", ("What is it?", "An <image>", doc_to_visual, 0, TASK,
+                                                              SPLIT))])
     assert answers[1:4] == ["", "", ""] and answers[5:7] == ["", ""]
     image = doc_to_visual({"images": good})
     assert answers[0] == _greedy(engine, tok, build_eval_prompt(spec[0][0], 1, tok), image, 3)
     assert answers[7] == _greedy(engine, tok, build_eval_prompt(spec[7][0], 1, tok), image, 3)
     assert answers[4] == _greedy(engine, tok, build_eval_prompt(spec[4][0], 0, tok), [], 3)
-    assert scores[1:] == [(float("-inf"), False)] * 2 and scores[0] == adapter.loglikelihood(
+    assert scores[1:] == [(float("-inf"), False)] * 3 and scores[0] == adapter.loglikelihood(
         [Instance("loglikelihood", ("What is it?", "A cat", doc_to_visual, 0, TASK, SPLIT))])[0]
     assert lm.skipped.counts == {"unreadable_image": 2, "truncated_image": 2, "video_unsupported": 1,
-                                 "zero_size_image": 1, "image_count_mismatch": 1}
+                                 "zero_size_image": 1, "image_count_mismatch": 2}
     text = caplog.text
     assert f"request {TASK}/{SPLIT}/1 skipped (unreadable_image; " in text and "broken.png" in text
     assert f"request {TASK}/{SPLIT}/3 skipped (video_unsupported; " in text and "'clip.mp4'" in text

@@ -52,6 +52,26 @@ def test_jsonl_skips_blank_lines_and_flags_bad_lines(tmp_path):
     assert clone[2] == RECORDS[1]
 
 
+def test_json_array_entries_that_are_no_objects_are_named_bad_records(tmp_path):
+    """A null (or a number) in the array: a record that the sample step skips and counts, named by
+    its index, as a JSONL line that is no object is."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps([RECORDS[0], None, 7]))
+    src = JsonRecords(str(path))
+    assert src[0] == RECORDS[0]
+    assert src[1]["id"] == "c.json[1]" and "must be a JSON object, got null" in src[1]["_error"]
+    assert src[2]["id"] == "c.json[2]" and "got a number" in src[2]["_error"]
+
+
+def test_records_with_a_lone_surrogate_are_written_and_read_back(tmp_path):
+    """A cut-off emoji leaves a lone surrogate, which UTF-8 cannot hold: written as a \\u escape
+    (the write failed half way), read back as the same string."""
+    records = [dict(RECORDS[1], id="cut \ud83d emoji")] + RECORDS[:1]
+    for name in ("d.json", "d.jsonl"):
+        write_records(str(tmp_path / name), records)
+        assert [open_records(str(tmp_path / name))[i] for i in range(2)] == records
+
+
 def test_jsonl_random_access_is_thread_safe(tmp_path):
     # Grain's read threads share one source; each must get the record it asked for.
     records = [{"id": f"t{i}", "conversations": [{"from": "gpt", "value": "x" * (i * 37 % 500)}]} for i in range(400)]

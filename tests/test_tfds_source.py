@@ -23,6 +23,12 @@ def dataset(tmp_path_factory):
     syn = make_synthetic_dataset(str(root), num_records=9, seed=5, sizes=[(400, 300), (300, 400)], multi_image_fraction=0.4)
     records = list(syn.records)
     records.insert(3, {"id": "gone", "image": "images/nope.jpg", "conversations": records[0]["conversations"]})
+    # A text-only record's "<image>" is plain text (a converted one read as an image record was
+    # skipped), and a cut-off emoji's lone surrogate (the conversion crashed on it).
+    records.append({"id": "html", "conversations": [{"from": "human", "value": "What does <image> mean in HTML?"},
+                                                    {"from": "gpt", "value": "A picture."}]})
+    records.append({"id": "cut", "conversations": [{"from": "human", "value": "hi \ud83d there"},
+                                                   {"from": "gpt", "value": "Hello."}]})
     path = str(root / "with_missing.jsonl")
     write_records(path, records)
     return root, path, records
@@ -39,7 +45,7 @@ def test_round_trip_keeps_records_and_image_bytes(dataset, tmp_path):
     assert len(src) == len(kept)
     for i, original in enumerate(kept):
         got = src[i]
-        blobs = got.pop("image_bytes")
+        blobs = got.pop("image_bytes", [])  # a text-only record has none
         assert got == original
         names = original.get("image", [])
         names = [names] if isinstance(names, str) else names
@@ -134,6 +140,7 @@ def test_cli(dataset, tmp_path, capsys):
     ("wrong_image_folder", 1, "left out, more than --max-skip-fraction=0.5: missing_image"),
     # Training refuses a data set without records: converting one is refused up front.
     ("empty", 2, "empty.json: no records"),
+    ("too_many_shards", 2, "--num-shards 100 is more than the 12 records"),
 ])
 def test_cli_errors_are_one_line_with_the_exit_status_and_write_nothing(dataset, tmp_path, capsys, case, status,
                                                                          message):
@@ -158,6 +165,8 @@ def test_cli_errors_are_one_line_with_the_exit_status_and_write_nothing(dataset,
         empty.parent.mkdir()
         empty.write_text("[]")
         args["data"] = str(empty)
+    elif case == "too_many_shards":
+        extra = ["--num-shards", "100"]
     else:
         extra = ["--strict"]
     argv = [a for k, v in args.items() for a in (f"--{k}", v)] + extra
@@ -167,6 +176,38 @@ def test_cli_errors_are_one_line_with_the_exit_status_and_write_nothing(dataset,
     assert os.listdir(tmp_path) == (["cli"] if case == "exists" else [])
     if case == "exists":
         assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize("split", ["", "a/b", "train[:5]", "a b", "train-2"])
+def test_a_split_that_is_no_file_name_part_is_a_usage_error(dataset, tmp_path, capsys, split):
+    """The split names the shard files (`llava-<split>.array_record-...`): refused before any record
+    is read (it failed with a traceback after all of them were)."""
+    root, path, _ = dataset
+    with pytest.raises(SystemExit) as exit_:
+        prepare_data.main(["--data", path, "--image-folder", str(root), "--out", str(tmp_path / "o"), "--split", split])
+    assert exit_.value.code == 2 and "--split must be letters, digits and '_'" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_shards_are_written_one_file_at_a_time(tmp_path):
+    """Thousands of shards opened at once ran into the open-file limit, leaving a partial folder:
+    one shard file is open at any time, and every shard exists, empty ones too."""
+    out = tmp_path / "ar"
+    writer = tfds_source.ArrayRecordWriterSet(str(out), "train", num_records=40, num_shards=25)
+
+    def open_shards():
+        names = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                 if os.path.exists(f"/proc/self/fd/{fd}")]
+        return [n for n in names if n.startswith(str(out))]
+
+    most = 0
+    for i in range(30):  # 10 of the 40 left out: the last shards get no record
+        writer.write(b"record %d" % i)
+        most = max(most, len(open_shards()))
+    writer.close()
+    assert most == 1 and open_shards() == []
+    assert sorted(os.listdir(out)) == sorted(writer.shard_files) and len(writer.shard_files) == 25
+    assert writer.shard_lengths[-1] == 0 and sum(writer.shard_lengths) == 30
 
 
 def test_max_skip_fraction_one_keeps_what_is_readable(dataset, tmp_path):
@@ -221,7 +262,7 @@ def test_a_mixture_converts_to_the_same_records_in_the_same_order(tmp_path):
     converted = tfds_source.ArrayRecordRecords(out)
     got = [converted[i] for i in range(len(converted))]
     for record in got:
-        record.pop("image_bytes")
+        record.pop("image_bytes", None)
     assert got == expected
     by_tfds = tfds.builder_from_directory(out).as_data_source("train")
     assert [json.loads(by_tfds[i]["record_json"]) for i in range(len(by_tfds))] == expected

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -43,6 +44,9 @@ from manager_jax.data.samples import (
     read_image_file,
     record_id,
 )
+
+
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 def _image_names(record: Any) -> list[str]:
@@ -95,9 +99,10 @@ def convert_records(
     tmp_dir = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     skips = SkipCounter()
-    writer = tfds_source.ArrayRecordWriterSet(tmp_dir, split, len(source), num_shards)
     lengths = []  # group_by_modality_length reads these instead of every record
+    writer = None
     try:
+        writer = tfds_source.ArrayRecordWriterSet(tmp_dir, split, len(source), num_shards)
         for index in range(len(source)):
             record = source[index]
             rid = record_id(record, index)
@@ -128,7 +133,8 @@ def convert_records(
         tfds_source.write_metadata(tmp_dir, {split: writer}, extra={"conversion_skips": summary},
                                    modality_lengths={split: lengths})
     except BaseException:
-        writer.close()
+        if writer is not None:
+            writer.discard()
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     if os.path.exists(out_dir):
@@ -151,8 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="LLaVA .json / .jsonl / 'dir/{a,b}.json' / mixture .yaml")
     parser.add_argument("--image-folder", default=None, help="folder that image paths are relative to")
     parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--split", default="train", help="name of the split written (default: train)")
-    parser.add_argument("--num-shards", type=int, default=1, help="ArrayRecord files to write (default: 1)")
+    parser.add_argument("--split", default="train", help="name of the split written: letters, digits, _ (default: train)")
+    parser.add_argument("--num-shards", type=int, default=1,
+                        help="ArrayRecord files to write, at most one per record (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random:K mixture strategies")
     parser.add_argument("--verify-images", action="store_true",
                         help="decode every image (slower), leaving out records whose images do not decode")
@@ -165,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Bad input is one `error:` line and status 2 before anything is written (manager_jax/exit_status.py).
     if args.num_shards < 1:
         parser.error(f"--num-shards must be >= 1, got {args.num_shards}")
+    if not SPLIT_NAME.fullmatch(args.split):  # a file name part: `<dataset>-<split>.array_record-...`
+        parser.error(f"--split must be letters, digits and '_' (a TFDS split name such as train), got {args.split!r}")
     if not 0 <= args.max_skip_fraction <= 1:
         parser.error(f"--max-skip-fraction must lie in [0, 1], got {args.max_skip_fraction}")
     if os.path.exists(args.out) and not args.overwrite:
@@ -180,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = open_any(args.data, seed=args.seed)
     except (ValueError, OSError) as err:
         return _error(str(err), exit_status.BAD_INPUT)
+    if args.num_shards > len(source):
+        return _error(f"--num-shards {args.num_shards} is more than the {len(source)} records of {args.data}",
+                      exit_status.BAD_INPUT)
     try:
         result = convert_records(
             source, args.out, image_folder=args.image_folder, split=args.split, num_shards=args.num_shards,

@@ -43,6 +43,13 @@ def _check_index(index: int, length: int) -> int:
     return index
 
 
+def _json_type(value: Any) -> str:
+    """A JSON value's type by JSON's names (null, not NoneType)."""
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "an array"}
+    return names.get(type(value), type(value).__name__)
+
+
 class JsonRecords:
     """A JSON file holding an array of records."""
 
@@ -65,7 +72,13 @@ class JsonRecords:
         return len(self._records)
 
     def __getitem__(self, index: int) -> dict:
-        return self._records[_check_index(index, len(self))]
+        record = self._records[_check_index(index, len(self))]
+        if not isinstance(record, dict):
+            # As a JSONL line that is no object: a record the sample step skips and counts. A None
+            # reached Grain as it is, which drops it uncounted (a file of nulls trained for ever).
+            return {"id": f"{os.path.basename(self.path)}[{index}]",
+                    "_error": f"a record must be a JSON object, got {_json_type(record)}"}
+        return record
 
     def __repr__(self) -> str:
         return f"JsonRecords({self.path!r}, n={len(self)})"
@@ -110,7 +123,7 @@ class JsonlRecords:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             return {"id": where, "_error": f"invalid JSON line: {err}"}
         if not isinstance(record, dict):  # valid JSON but no record: named by its line, like a broken one
-            return {"id": where, "_error": f"a JSON line must be an object (a record), got {type(record).__name__}"}
+            return {"id": where, "_error": f"a JSON line must be an object (a record), got {_json_type(record)}"}
         return record
 
     def __getstate__(self) -> dict:
@@ -206,11 +219,22 @@ def open_records(path: str, fmt: str = "auto") -> RecordSource:
     return sources[0] if len(sources) == 1 else ConcatRecords(sources)
 
 
+def json_text(value: Any, **dumps_options: Any) -> str:
+    """`value` as JSON text for a UTF-8 file; \\u escapes for a string UTF-8 cannot hold (a lone
+    surrogate, as a cut-off emoji leaves in scraped text), which `json.loads` reads back as it was."""
+    text = json.dumps(value, ensure_ascii=False, **dumps_options)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, **dumps_options)
+    return text
+
+
 def write_records(path: str, records: Sequence[Mapping[str, Any]]) -> None:
     """Write records as a JSON array (``.json``) or JSON Lines (``.jsonl``)."""
     with open(path, "w", encoding="utf-8") as f:
         if path.endswith(".jsonl"):
             for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f.write(json_text(r) + "\n")
         else:
-            json.dump(list(records), f, ensure_ascii=False, indent=1)
+            f.write(json_text(list(records), indent=1))

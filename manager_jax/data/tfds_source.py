@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from manager_jax.data.records import RecordFormatError
+from manager_jax.data.records import RecordFormatError, json_text
 
 FORMAT_NAME = "manager_jax.llava_arrayrecord"
 FORMAT_VERSION = 1
@@ -70,7 +70,7 @@ def serialize_record(record: Mapping[str, Any], image_bytes: Iterable[bytes]) ->
     example = feats.encode_example(
         {
             "id": str(clean.get("id", "")),
-            "record_json": json.dumps(clean, ensure_ascii=False),
+            "record_json": json_text(clean),
             "image_bytes": [bytes(b) for b in image_bytes],
         }
     )
@@ -88,39 +88,59 @@ def parse_record(data: bytes) -> dict:
     """A serialized example -> the LLaVA record dict with ``image_bytes`` (list of bytes)."""
     parsed = _parser().parse_example(data)
     record = json.loads(parsed["record_json"].decode("utf-8"))
-    record["image_bytes"] = [bytes(b) for b in parsed["image_bytes"]]
+    blobs = [bytes(b) for b in parsed["image_bytes"]]
+    if blobs or record.get("image") is not None:  # a text-only record stays one (its "<image>" is text)
+        record["image_bytes"] = blobs
     return record
 
 
 class ArrayRecordWriterSet:
-    """Writes the shards of one split; record i of n goes to shard i * num_shards // n (contiguous)."""
+    """Writes the shards of one split; record i of n goes to shard i * num_shards // n (contiguous).
+
+    The shards are written one after the other with one file open at a time: thousands of shards
+    opened at once ran into the open-file limit."""
 
     def __init__(self, out_dir: str, split: str, num_records: int, num_shards: int = 1) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter
-
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.split = out_dir, split
         self.num_records = max(num_records, 1)
         self.num_shards = num_shards
-        # group_size:1 keeps random access to one record cheap (the Grain recommendation).
-        self.writers = [
-            ArrayRecordWriter(os.path.join(out_dir, shard_name(split, s, num_shards)), "group_size:1")
-            for s in range(num_shards)
-        ]
         self.shard_lengths = [0] * num_shards
         self.written = 0
+        self._shard = -1  # the shard of `_writer`
+        self._writer = None
+
+    def _open_shard(self, shard: int) -> None:
+        """Closes the open shard and creates the files up to `shard` (empty ones too: every shard
+        of the index exists), leaving `shard` open."""
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        while self._shard < shard:
+            self.discard()
+            self._shard += 1
+            # group_size:1 keeps random access to one record cheap (the Grain recommendation).
+            self._writer = ArrayRecordWriter(os.path.join(self.out_dir, shard_name(self.split, self._shard,
+                                                                                   self.num_shards)), "group_size:1")
 
     def write(self, data: bytes) -> None:
         shard = min(self.written * self.num_shards // self.num_records, self.num_shards - 1)
-        self.writers[shard].write(data)
+        self._open_shard(shard)
+        self._writer.write(data)
         self.shard_lengths[shard] += 1
         self.written += 1
 
     def close(self) -> None:
-        for w in self.writers:
-            w.close()
+        """Completes the split: the open shard closed and every later one created."""
+        self._open_shard(self.num_shards - 1)
+        self.discard()
+
+    def discard(self) -> None:
+        """Closes the open shard without creating the later ones (a failed conversion's end)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     @property
     def shard_files(self) -> list[str]:

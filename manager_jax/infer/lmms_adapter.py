@@ -29,7 +29,8 @@ Differences from the original, on purpose:
   log-likelihood -inf, and the evaluation goes on. Reasons: a prompt that does not fit `max_length`
   (the model's maximum position unless given; HF runs past the trained positions), an image that
   cannot be decoded or has no pixels, a video (lmms-eval passes videos as paths) or another
-  non-image visual, "<image>" placeholders that do not match the visuals, a JSON conversation with
+  non-image visual, "<image>" placeholders that do not match the visuals (or one in a
+  log-likelihood continuation), a JSON conversation with
   an even number of turns. The original raises on each of them (or runs on, past its positions),
   ending a run of hours on one document. None entries of a visual list are no image.
 - `generate_until_multi_round` follows the original's round protocol (the task's `doc_to_text`
@@ -426,7 +427,10 @@ class LlavaOVManagerJax(_Base):  # type: ignore[misc, valid-type]
         continuation = (doc_to_target if isinstance(doc_to_target, str)
                         else doc_to_target(self.task_dict[task][split][doc_id]))
         images = self._visuals(self._doc_visuals(doc_to_visual, task, split, doc_id), where)
-        score = score_request(context, continuation, images, self.tokenizer)
+        try:
+            score = score_request(context, continuation, images, self.tokenizer)
+        except InputError as err:  # an "<image>" in the continuation
+            raise SkipSample(IMAGE_COUNT_MISMATCH, where, str(err)) from None
         if score is not None:
             _check_placeholders(score.ids, len(images), where)
         return where, score
