@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -208,6 +209,35 @@ def test_shards_are_written_one_file_at_a_time(tmp_path):
     assert most == 1 and open_shards() == []
     assert sorted(os.listdir(out)) == sorted(writer.shard_files) and len(writer.shard_files) == 25
     assert writer.shard_lengths[-1] == 0 and sum(writer.shard_lengths) == 30
+
+
+def test_overwrite_never_replaces_a_folder_holding_the_data_or_the_images(dataset, tmp_path, capsys):
+    """--out with --overwrite naming the image folder, the data's folder or a folder above them:
+    refused before anything is read (the conversion deleted them on its rename)."""
+    root, path, _ = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    data = str(copy / os.path.basename(path))
+    before = sorted(os.listdir(copy))
+    for out in (copy, copy / "images", tmp_path):
+        code = prepare_data.main(["--data", data, "--image-folder", str(copy), "--out", str(out), "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: --out: refusing to overwrite") and "\n" not in err.strip(), err
+    assert sorted(os.listdir(copy)) == before and sorted(os.listdir(tmp_path)) == ["copy"]
+
+
+def test_a_conversion_that_leaves_out_every_record_writes_nothing(dataset, tmp_path, capsys):
+    """With --max-skip-fraction 1 and no image found, every record of an all-image set is left out:
+    a failure (an empty dataset exited 0, and training refused it later)."""
+    root, path, records = dataset
+    images_only = tmp_path / "images_only.json"
+    images_only.write_text(json.dumps([r for r in records if "image" in r]))
+    out = tmp_path / "out"
+    code = prepare_data.main(["--data", str(images_only), "--image-folder", str(tmp_path), "--out", str(out),
+                              "--max-skip-fraction", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "were left out, every one: missing_image" in err
+    assert sorted(os.listdir(tmp_path)) == ["images_only.json"]
 
 
 def test_max_skip_fraction_one_keeps_what_is_readable(dataset, tmp_path):

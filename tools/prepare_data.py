@@ -13,10 +13,11 @@ training skips its record (``unreadable_image``). More than
 ``--max-skip-fraction`` (default 0.5, as training's ``data.max_skip_fraction``) of the records left
 out fails the conversion (a wrong ``--image-folder``, say): training on such a dataset would never
 see the skips, only the text-only records that remain. The output
-folder is written under a temporary name and renamed at the end, so a failed run leaves no
-half-written dataset. Exit statuses as every command (manager_jax/exit_status.py): 2 for bad input
-(an existing ``--out`` without ``--overwrite``, unreadable data or no records), 1 for a record ``--strict`` rejects
-or too many records left out.
+folder is written under a temporary name and renamed at the end, so a failed (or killed) run leaves
+no half-written dataset; ``--overwrite`` never replaces a folder that holds the data or the images.
+Exit statuses as every command (manager_jax/exit_status.py): 2 for bad input (an existing ``--out``
+without ``--overwrite``, unreadable data or no records), 1 for a record ``--strict`` rejects or too
+many records (or all of them) left out.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -33,8 +33,8 @@ from typing import Any
 from manager_jax import exit_status
 from manager_jax.data import tfds_source
 from manager_jax.data.ordering import modality_length
-from manager_jax.data.mixture import load_mixture
-from manager_jax.data.records import RecordFormatError, RecordSource, open_records
+from manager_jax.data.mixture import load_mixture, read_mixture
+from manager_jax.data.records import RecordFormatError, RecordSource, expand_data_path, open_records
 from manager_jax.data.samples import (
     BAD_RECORD,
     ZERO_SIZE_IMAGE,
@@ -90,57 +90,68 @@ def convert_records(
     strict: bool = False,
     overwrite: bool = False,
     max_skip_fraction: float = 0.5,
+    sources: Sequence[str] = (),
 ) -> dict:
     """Write ``source`` to ``out_dir`` (see the module docstring); returns the skip summary.
     Raises TooManySkipped, writing nothing, when more than ``max_skip_fraction`` of the records
-    were left out (1: never)."""
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir!r} exists; pass --overwrite to replace it, or another --out")
-    tmp_dir = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    skips = SkipCounter()
-    lengths = []  # group_by_modality_length reads these instead of every record
-    writer = None
-    try:
+    were left out (1: never) or none is left. ``sources``: the files and folders read (an
+    ``overwrite`` that would replace one of them, or a folder holding one, is refused)."""
+    from manager_jax.params_io import DestinationExists, write_atomically
+
+    result = {}
+
+    def fill(tmp_dir: str) -> None:
+        skips = SkipCounter()
         writer = tfds_source.ArrayRecordWriterSet(tmp_dir, split, len(source), num_shards)
-        for index in range(len(source)):
-            record = source[index]
-            rid = record_id(record, index)
-            try:
-                if not isinstance(record, dict):
-                    raise SkipSample(BAD_RECORD, rid, "not a JSON object")
-                if "_error" in record:  # an invalid JSONL line
-                    raise SkipSample(BAD_RECORD, rid, str(record["_error"]))
-                blobs = read_image_bytes(record, image_folder, verify=verify_images, rid=rid)
-            except SkipSample as skip:
-                if strict:
-                    raise
-                skips.add(skip)
-                continue
-            clean = dict(record)
-            clean.setdefault("id", rid)
-            writer.write(tfds_source.serialize_record(clean, blobs))
-            lengths.append(modality_length(clean))
-        writer.close()
-        if skips.total > max_skip_fraction * len(source):
+        lengths = []  # group_by_modality_length reads these instead of every record
+        try:
+            for index in range(len(source)):
+                record = source[index]
+                rid = record_id(record, index)
+                try:
+                    if not isinstance(record, dict):
+                        raise SkipSample(BAD_RECORD, rid, "not a JSON object")
+                    if "_error" in record:  # an invalid JSONL line
+                        raise SkipSample(BAD_RECORD, rid, str(record["_error"]))
+                    blobs = read_image_bytes(record, image_folder, verify=verify_images, rid=rid)
+                except SkipSample as skip:
+                    if strict:
+                        raise
+                    skips.add(skip)
+                    continue
+                clean = dict(record)
+                clean.setdefault("id", rid)
+                writer.write(tfds_source.serialize_record(clean, blobs))
+                lengths.append(modality_length(clean))
+            writer.close()
+        finally:
+            writer.discard()
+        if skips.total > max_skip_fraction * len(source) or not writer.written:
             top = sorted(skips.counts.items(), key=lambda kv: -kv[1])[:3]
             reasons = "; ".join(f"{r}: {n} (first: {skips.details[r]})" for r, n in top)
             raise TooManySkipped(
                 f"{skips.total} of the {len(source)} records ({100 * skips.total / len(source):.0f}%) were left out, "
-                f"more than --max-skip-fraction={max_skip_fraction}: {reasons}. Check the data and --image-folder, "
-                "or raise --max-skip-fraction (1 keeps whatever is readable)")
+                + (f"more than --max-skip-fraction={max_skip_fraction}" if writer.written else "every one") +
+                f": {reasons}. Check the data and --image-folder"
+                + (", or raise --max-skip-fraction (1 keeps whatever is readable)" if writer.written else ""))
         summary = skips.summary()
         tfds_source.write_metadata(tmp_dir, {split: writer}, extra={"conversion_skips": summary},
                                    modality_lengths={split: lengths})
-    except BaseException:
-        if writer is not None:
-            writer.discard()
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
-    return {"written": writer.written, "skipped": summary}
+        result.update(written=writer.written, skipped=summary)
+
+    try:
+        write_atomically(out_dir, fill, overwrite, sources=sources)
+    except DestinationExists:
+        raise FileExistsError(f"{out_dir!r} exists; pass --overwrite to replace it, or another --out") from None
+    return result
+
+
+def input_paths(data: str, image_folder: str | None) -> list[str]:
+    """The files and folders a conversion of `data` reads (what --overwrite must not replace)."""
+    paths = [image_folder, *expand_data_path(data)]
+    if data.endswith((".yaml", ".yml")):
+        paths += [path for entry in read_mixture(data) for path in (entry.json_path, entry.image_folder)]
+    return [path for path in paths if path]
 
 
 def open_any(data: str, *, seed: int = 0) -> RecordSource:
@@ -178,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--max-skip-fraction must lie in [0, 1], got {args.max_skip_fraction}")
     if os.path.exists(args.out) and not args.overwrite:
         return _error(f"{args.out!r} exists; pass --overwrite to replace it, or another --out", exit_status.BAD_INPUT)
-    from manager_jax.params_io import destination_problem  # (imports Orbax: not for --help)
+    from manager_jax.params_io import ParamsError, destination_problem  # (imports Orbax: not for --help)
 
     problem = destination_problem(args.out)  # under a file, in a read-only folder: known before any record is read
     if problem:
@@ -196,8 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = convert_records(
             source, args.out, image_folder=args.image_folder, split=args.split, num_shards=args.num_shards,
             verify_images=args.verify_images, strict=args.strict, overwrite=args.overwrite,
-            max_skip_fraction=args.max_skip_fraction,
+            max_skip_fraction=args.max_skip_fraction, sources=input_paths(args.data, args.image_folder),
         )
+    except ParamsError as err:  # --overwrite of a folder holding the data or the images
+        return _error(f"--out: {err}", exit_status.BAD_INPUT)
     except SkipSample as skip:  # --strict: the check it was asked for failed; nothing was written
         return _error(f"{skip}; nothing written", exit_status.FAILED)
     except TooManySkipped as err:

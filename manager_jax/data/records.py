@@ -209,7 +209,8 @@ def open_records(path: str, fmt: str = "auto") -> RecordSource:
         if kind == "auto":
             kind = "jsonl" if p.endswith(".jsonl") else "json" if p.endswith(".json") else None
             if kind is None:
-                raise RecordFormatError(f"cannot tell the format of {p!r} from its suffix; pass fmt='json' or 'jsonl'")
+                raise RecordFormatError(f"cannot tell the format of {p!r} from its suffix: name it .json or .jsonl (training "
+                                        "also takes --set data.format=json or jsonl)")
         if kind == "json":
             sources.append(JsonRecords(p))
         elif kind == "jsonl":
