@@ -232,6 +232,16 @@ def test_load_tokenizer_missing_folder(tmp_path):
         load_tokenizer(str(tmp_path / "absent"))
 
 
+def test_a_folder_without_tokenizer_files_is_named_in_one_line(tmp_path):
+    """A folder that holds no tokenizer (a checkpoint's params, say): one line naming the files
+    looked for, not transformers' paragraph about sentencepiece and tiktoken."""
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"weights' holds no tokenizer \(none of tokenizer.json, ") as info:
+        load_tokenizer(str(tmp_path / "weights"))
+    assert "\n" not in str(info.value)
+
+
 def test_hf_adapter_matches_offline_tokenizer(tok, hf_dir):
     adapter = load_tokenizer(hf_dir)
     assert isinstance(adapter, HFTokenizerAdapter)

@@ -227,6 +227,10 @@ class QwenTokenizer:
         ]
 
 
+# What an HF tokenizer folder holds at least one of.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
 class HFTokenizerAdapter:
     """A local HF tokenizer folder behind the `Tokenizer` API."""
 
@@ -235,6 +239,9 @@ class HFTokenizerAdapter:
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"tokenizer folder not found: {path!r}")
+        if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+            # transformers' message for it is a paragraph about sentencepiece and tiktoken
+            raise FileNotFoundError(f"{path!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
         self.path = path
         self._hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
         # Encoding goes straight to two Rust tokenizers, one that keeps special strings and one
