@@ -38,6 +38,28 @@ class ConfigError(ValueError):
     """A configuration that cannot describe a valid model."""
 
 
+# The platforms each explicit attention kernel runs on (Splash on CPU: Pallas interpret mode, for
+# tests); "auto" and "xla" run everywhere.
+ATTENTION_IMPL_PLATFORMS = {"cudnn": ("gpu",), "splash": ("tpu", "cpu")}
+
+
+def attention_impl_problem(impl: str, platform: str) -> str | None:
+    """Why `attention_impl` cannot run on `platform` (jax's name: cpu, gpu, tpu), or None."""
+    platforms = ATTENTION_IMPL_PLATFORMS.get(impl)
+    if platforms is None or platform in platforms:
+        return None
+    kernel = "cuDNN's GPU kernel" if impl == "cudnn" else "the TPU Splash kernel"
+    return (f"model.attention_impl={impl!r} is {kernel} and the target is {platform}: use 'auto' (cuDNN on GPU, "
+            "Splash on TPU, XLA elsewhere) or 'xla'")
+
+
+def check_attention_impl(impl: str, platform: str) -> None:
+    """ConfigError when `attention_impl_problem` finds one (training refuses; inference runs the
+    model on "auto": `ModelConfig.runnable_on`)."""
+    if problem := attention_impl_problem(impl, platform):
+        raise ConfigError(problem)
+
+
 @dataclass
 class VisionConfig:
     """SigLIP vision tower (so400m-patch14-384 by default; the last of 27 layers dropped)."""
@@ -251,6 +273,11 @@ class ModelConfig:
 
     def replace(self, **kwargs) -> "ModelConfig":
         return dataclasses.replace(self, **kwargs)
+
+    def runnable_on(self, platform: str) -> "ModelConfig":
+        """This config with attention_impl "auto" where its kernel cannot run on `platform` (a model
+        trained with cuDNN's attention, served on TPU or CPU): the same model, another way to run it."""
+        return self.replace(attention_impl="auto") if attention_impl_problem(self.attention_impl, platform) else self
 
     # ---- constructors from PyTorch config.json ------------------------------------------
     @classmethod

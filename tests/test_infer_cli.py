@@ -106,6 +106,22 @@ def test_generate_json_matches_full_forward_greedy(checkpoint, model_and_tokeniz
     assert record["finish_reason"] in ("eos", "length")
 
 
+def test_a_checkpoint_trained_with_cudnn_attention_generates_off_gpu(checkpoint, shown_answer, capsys, tmp_path):
+    """attention_impl "cudnn" in a checkpoint's config (a GPU run's choice of kernel) runs on its
+    "auto" choice here: the answer of the same weights (it crashed in tracing, "cuDNN is not detected")."""
+    import shutil
+
+    ckpt, image, _ = checkpoint
+    shutil.copytree(ckpt, tmp_path / "gpu_run")
+    config_path = tmp_path / "gpu_run" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, attention_impl="cudnn")))
+    code, out, err = run(generate_main, ["--checkpoint", str(tmp_path / "gpu_run"), "--image", image, "--prompt",
+                                         "What is shown?", "--max-new-tokens", "5", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == shown_answer
+
+
 def test_generate_jsonl_batch_equals_single_prompts(checkpoint, capsys, tmp_path):
     ckpt, image, root = checkpoint
     prompts = tmp_path / "prompts.jsonl"

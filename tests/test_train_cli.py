@@ -75,6 +75,20 @@ def test_debug_log_level_adds_the_traceback(capsys):
     assert "Traceback" in err and err.rstrip().endswith("error: config file not found: configs/no_such_recipe.py")
 
 
+@pytest.mark.parametrize("command", ["train", "compile"])
+def test_an_attention_kernel_the_target_lacks_is_refused_in_one_line(capsys, tmp_path, command):
+    """cuDNN's kernel on a CPU target: one line naming the choices, exit 2, nothing written (a
+    traceback from inside the step's tracing, "cuDNN is not detected", exit 1)."""
+    extra = ["--topology", "cpu"] if command == "compile" else []
+    out = tmp_path / "run"
+    assert run.main([command, "--config", "configs/demo.py", "--set", "model.attention_impl=cudnn",
+                     "--set", f"output_dir={out}", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("error: model.attention_impl='cudnn' is cuDNN's GPU kernel and the target "
+                                            "is cpu: use 'auto' (cuDNN on GPU, Splash on TPU, XLA elsewhere) or 'xla'")
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_a_misspelt_log_level_is_a_usage_error(capsys):
     """It was taken as INFO without a word."""
     with pytest.raises(SystemExit) as exit_:

@@ -102,6 +102,7 @@ def compile_generate_for_topology(cfg: ModelConfig, topology: str, *, mesh: str 
 def _compile_generate(cfg, topology, devices, mesh, workload, decode_scan_layers, decode_command_buffers,
                       decode_multi_output_fusion, compiler_options) -> dict[str, Any]:
     device_mesh = mesh_from_spec(mesh, devices) if mesh else mesh_from_spec("fsdp=-1", devices)
+    cfg = cfg.runnable_on(devices[0].platform)  # as `generate` loads the checkpoint there
     model = nnx.eval_shape(lambda: LlavaOV(cfg, rngs=nnx.Rngs(0)))
     engine = InferenceEngine(model, mesh=device_mesh, decode_scan_layers=decode_scan_layers,
                              decode_command_buffers=decode_command_buffers,

@@ -106,6 +106,8 @@ def load_model(checkpoint: str, *, dtype: str | None = None, mesh=None) -> Llava
 
     try:
         cfg = params_io.load_config(checkpoint)
+        # A model trained with an attention kernel this platform lacks runs on its "auto" choice.
+        cfg = cfg.runnable_on(mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
         if dtype is not None:
             cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
         target = None

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import jax
 
-from manager_jax.config import ConfigError
+from manager_jax.config import ConfigError, check_attention_impl
 from manager_jax.distributed import DistributedSetupError, any_process
 from manager_jax.params_io import ParamsError, dotted, restore_failure
 from manager_jax.sharding import ShardingError, data_parallel_size, make_mesh
@@ -294,6 +294,7 @@ def train(
     # Checks first, writes after: a refused run leaves output_dir as it was.
     check_inputs(config)
     mesh = make_mesh(config.mesh)
+    check_attention_impl(config.model.attention_impl, mesh.devices.flat[0].platform)
     shards, accum = resolve_batch_layout(config, data_parallel_size(mesh))
     # Derived sizes: recipe.json (the resolved config) records the values used.
     if config.global_batch_size == -1:

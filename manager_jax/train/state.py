@@ -18,8 +18,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from manager_jax.config import ModelConfig
+from manager_jax.config import ModelConfig, check_attention_impl
 from manager_jax.models.llava_ov import LlavaOV
+from manager_jax.platform import target_platform
 from manager_jax.sharding import (batch_sharding, check_fsdp_divides, compute_shardings, heads_split_mid_head, replicated,
                                   tree_shardings)
 from manager_jax.train.optimizer import make_optimizer, parse_tunable_parts, split_trainable, trainable_mask
@@ -76,6 +77,7 @@ def make_setup(
     plain_causal: bool = False,
 ) -> TrainSetup:
     """Shapes and shardings of params, optimizer state and the whole train state."""
+    check_attention_impl(model_config.attention_impl, target_platform())  # else a traceback from tracing the step
     graphdef, params = model_abstract(model_config)
     check_fsdp_divides(params, mesh, remedy="use --set mesh.fsdp={fsdp} --set mesh.data={data}")
     if warning := heads_split_mid_head(model_config, mesh):
