@@ -291,3 +291,21 @@ def test_a_destination_created_during_the_conversion_names_the_flag(ckpt, tmp_pa
         convert.to_orbax(str(root / "src"), str(dst), progress=lambda msg: dst.mkdir(exist_ok=True))
     assert "--overwrite" in str(info.value) and "overwrite=True" not in str(info.value), info.value
     assert os.listdir(dst) == []
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["verify", "--image-size", "0x5"], "--image-size"),
+    (["verify", "--image-size", "100000x100000"], "--image-size"),  # out of memory, exit 1, with a traceback
+    (["verify", "--image-size", "big"], "--image-size"),
+    (["verify", "--seed", "-1"], "--seed"),  # numpy's ValueError with a traceback
+    (["verify", "--seed", str(2**32)], "--seed"),
+    (["verify", "--max-kl", "nan"], "--max-kl"),  # compared False: every check passed
+    (["verify", "--min-top1", "-1"], "--min-top1"),
+    (["to-orbax", "SRC", "DST", "--seed", "-1"], "--seed"),
+])
+def test_bad_option_values_are_usage_errors_naming_the_flag(capsys, argv, flag):
+    if argv[0] == "verify":
+        argv = argv[:1] + ["--torch", "no/such/torch", "--jax", "no/such/jax"] + argv[1:]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and f"error: argument {flag}: " in capsys.readouterr().err

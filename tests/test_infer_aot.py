@@ -139,8 +139,10 @@ def test_cli_errors_are_one_line(capsys):
     assert "bad mesh entry" in capsys.readouterr().err
     assert main(["--checkpoint", "no/such/dir", "--topology", "cpu:1"]) == 2
     assert "cannot read the model config" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--topology", "cpu:1", "--image-size", "768"])
+    for size in ("768", "0x5", "100000x100000"):  # the last ran out of memory with a traceback
+        with pytest.raises(SystemExit) as exit_:
+            main(["--topology", "cpu:1", "--image-size", size])
+        assert exit_.value.code == 2 and "argument --image-size: expected WIDTHxHEIGHT" in capsys.readouterr().err
     assert model_config("7b:baseline", "bfloat16").manager.enabled is False
 
 

@@ -35,6 +35,7 @@ from manager_jax.data.conversation import IMAGE_TOKEN_INDEX
 from manager_jax.infer.engine import InferenceEngine, InputError, Prompt, ScoreRequest
 from manager_jax.infer.loading import MeshSpecError, mesh_from_spec
 from manager_jax.infer.sampling import SamplingParams
+from manager_jax.cli_types import image_size
 from manager_jax.log_setup import LOG_LEVEL_HELP, log_level, setup_logging
 from manager_jax.models.llava_ov import LlavaOV
 from manager_jax.train.aot import (TOPOLOGY_HELP, AotError, building_for, cache_compiled_programs, compile_or_refusal,
@@ -166,13 +167,6 @@ def format_generate_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _size(text: str) -> tuple[int, int]:
-    w, sep, h = text.lower().partition("x")
-    if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 768x768, got {text!r}")
-    return int(w), int(h)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="run.py compile-generate", description=__doc__.split("\n\n")[0])
     which = p.add_mutually_exclusive_group()
@@ -184,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mesh", default=None, help="like 'tensor=8' or 'data=2,tensor=4' (default: fsdp over all devices)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="params and compute dtype (default: bfloat16)")
     p.add_argument("--rows", type=int, default=1, help="prompts decoded together (default: 1)")
-    p.add_argument("--image-size", type=_size, default=(768, 768), metavar="WxH",
+    p.add_argument("--image-size", type=image_size, default=(768, 768), metavar="WxH",
                    help="size of the generated image of each prompt (default: 768x768)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per prompt besides the image (default: 64)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per prompt (default: 128)")

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 
-from manager_jax import exit_status
+from manager_jax import cli_types, exit_status
 from tools.convert_weights.sources import VARIANTS, ConversionError, ConversionFailed
 
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=VARIANTS, default="baseline",
                    help="siglip+qwen2: Manager / grid settings with their defaults (SPEC §2.1, §8)")
     p.add_argument("--model-config", help="siglip+qwen2: a JSON ModelConfig whose manager/image sections to use")
-    p.add_argument("--seed", type=int, default=0, help="siglip+qwen2: seed of the fresh projector/newline/Manager")
+    p.add_argument("--seed", type=cli_types.seed, default=0, help="siglip+qwen2: seed of the fresh projector/newline/Manager")
     p.add_argument("--overwrite", action="store_true",
                    help="replace DST if it exists (never when DST is, holds or lies inside SRC); a DST that is "
                         "a symlink is written through: its target is replaced, the link kept")
@@ -89,14 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="run the PyTorch reference and our model on the same input; compare logits")
     p.add_argument("--torch", required=True, dest="torch_path", help="PyTorch checkpoint (llava or hf)")
     p.add_argument("--jax", required=True, dest="jax_path", help="params directory converted from it")
-    p.add_argument("--max-kl", type=float, default=1e-4, help="fail above this mean KL(torch || jax) per token (default: 1e-4)")
-    p.add_argument("--max-logit-diff", type=float, default=None, help="fail above this max |logit diff| (default: no limit)")
-    p.add_argument("--max-rel-error", type=float, default=1e-4,
+    p.add_argument("--max-kl", type=cli_types.threshold, default=1e-4, help="fail above this mean KL(torch || jax) per token (default: 1e-4)")
+    p.add_argument("--max-logit-diff", type=cli_types.threshold, default=None, help="fail above this max |logit diff| (default: no limit)")
+    p.add_argument("--max-rel-error", type=cli_types.threshold, default=1e-4,
                    help="fail above this ||jax - torch|| / ||torch|| of the logits (default: 1e-4; catches wrong "
                         "layouts, e.g. RoPE-permuted q/k rows, that the near-uniform logits of random weights hide from the KL)")
-    p.add_argument("--min-top1", type=float, default=1.0, help="fail below this top-1 agreement (default: 1.0)")
-    p.add_argument("--image-size", default="512x384", help="WxH of the generated test image (default: 512x384)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated test prompt and image (default: 0)")
+    p.add_argument("--min-top1", type=cli_types.threshold, default=1.0, help="fail below this top-1 agreement (default: 1.0)")
+    p.add_argument("--image-size", type=cli_types.image_size, default=(512, 384), metavar="WxH", help="WxH of the generated test image (default: 512x384)")
+    p.add_argument("--seed", type=cli_types.seed, default=0, help="seed of the generated test prompt and image (default: 0)")
     return parser
 
 
