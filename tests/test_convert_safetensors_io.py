@@ -118,3 +118,18 @@ def test_missing_shard_and_index_disagreement(tmp_path):
     assert "s3.safetensors" in msg and "missing" in msg
     assert "c.half" in msg  # listed in s2 but not in it
     assert "b.bias" in msg  # in s2 but the index says s3
+
+
+def test_a_single_file_beside_an_index_is_what_is_read(tmp_path, caplog):
+    """model.safetensors and an index in one folder: transformers' from_pretrained loads the single
+    file (it looks for it first), so the conversion reads it too, with a warning (the index's shards,
+    other weights, were read without a word)."""
+    t = _tensors()
+    save_file(t, tmp_path / "model.safetensors")
+    save_file({k: v * 2 for k, v in t.items()}, tmp_path / "model-00001-of-00001.safetensors")
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {k: "model-00001-of-00001.safetensors" for k in t}}))
+    with caplog.at_level("WARNING"):
+        ckpt = SafetensorsCheckpoint(str(tmp_path))
+    assert [os.path.basename(f) for f in ckpt.files] == ["model.safetensors"]
+    assert np.array_equal(ckpt.read("b.bias"), t["b.bias"].numpy())
+    assert "holds both model.safetensors and model.safetensors.index.json: reading model.safetensors" in caplog.text

@@ -12,6 +12,7 @@ official `safetensors` package, an independent implementation.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -125,9 +128,14 @@ def find_weight_files(directory: str) -> tuple[list[str], dict[str, str] | None,
     shards the index names that do not exist.
 
     A sharded checkpoint is described by `model.safetensors.index.json`. Without an index, a single
-    `*.safetensors` file is expected.
+    `*.safetensors` file is expected. A `model.safetensors` beside an index is what transformers'
+    `from_pretrained` loads (it looks for that file first), so it is what is read here too.
     """
     index_path = os.path.join(directory, INDEX_FILE)
+    if os.path.exists(index_path) and os.path.isfile(os.path.join(directory, SINGLE_FILE)):
+        logger.warning("%s holds both %s and %s: reading %s, as transformers' from_pretrained does",
+                       directory, SINGLE_FILE, INDEX_FILE, SINGLE_FILE)
+        return [os.path.join(directory, SINGLE_FILE)], None, []
     if os.path.exists(index_path):
         with open(index_path) as f:
             try:
