@@ -339,6 +339,7 @@ TRAINING_CHECKPOINTS = "checkpoints"
 
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it once a step (or an item) is complete
+ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"  # in the name of a step Orbax is still writing
 # What a params dir holds before its first array is written.
 _METADATA_ONLY = {"_METADATA", "_CHECKPOINT_METADATA", "_sharding", "array_metadatas", COMMIT_MARKER}
 _LOGGED: set[str] = set()
@@ -373,7 +374,11 @@ def resolve_params_dir(path: str) -> tuple[str, str | None]:
         return resolve_params_dir(os.path.join(path, TRAINING_CHECKPOINTS))  # a training output_dir
     if not steps:
         hint = ""
-        if os.path.exists(os.path.join(path, CONFIG_FILE)) and any(
+        unfinished = [name for _, name in numbered] + [name for name in os.listdir(path) if ORBAX_TMP_MARK in name]
+        if unfinished:
+            hint = (f" — it holds no complete checkpoint yet ({', '.join(sorted(unfinished)[:3])}: a first save in "
+                    "progress or interrupted)")
+        elif os.path.exists(os.path.join(path, CONFIG_FILE)) and any(
                 name.endswith((".safetensors", ".safetensors.index.json", ".bin")) for name in os.listdir(path)):
             hint = (" — it looks like a PyTorch checkpoint: convert it first with "
                     "`python -m tools.convert_weights to-orbax SRC DST`")

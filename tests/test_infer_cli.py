@@ -244,6 +244,9 @@ def test_damaged_checkpoints_give_one_line_errors(checkpoint, capsys, tmp_path):
     shutil.copy(os.path.join(ckpt, "params", "_METADATA"), run_dir / "_METADATA")
     shutil.copy(os.path.join(ckpt, "config.json"), tmp_path / "run" / "config.json")
     cases["run"] = "holds no readable Orbax checkpoint (missing manifest.ocdbt, d)"  # no committed step to fall back to
+    # A training run whose first save is still being written (it was "neither a params directory nor ...").
+    (tmp_path / "first_save" / "checkpoints" / "20.orbax-checkpoint-tmp-1764").mkdir(parents=True)
+    cases["first_save"] = "holds no complete checkpoint yet (20.orbax-checkpoint-tmp-1764: a first save in progress"
     for name, message in cases.items():
         for main, extra in ((generate_main, []), (score_main, ["--continuation", "x"])):
             code, _, err = run(main, ["--checkpoint", str(tmp_path / name), "--prompt", "hi", *extra], capsys)
