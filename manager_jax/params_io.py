@@ -211,7 +211,7 @@ def _metadata_tree(path: str) -> Any:
         # which a training checkpoint's params item does not hold (a warning per call).
         meta = _handler().metadata(epath.Path(path))
     except Exception as e:  # Orbax raises many kinds of errors for damaged checkpoints
-        raise restore_failure(f"{path}: cannot read the Orbax metadata", e) from e
+        raise restore_failure(f"{path}: cannot read the Orbax metadata", e, path) from e
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree) if tree is not None else None
     if not tree:
@@ -644,18 +644,29 @@ def load_params(
     except ParamsError:
         raise
     except Exception as e:  # missing or truncated array files: Orbax / TensorStore errors of many kinds
-        raise restore_failure(f"{item}: cannot restore the parameters", e) from e
+        raise restore_failure(f"{item}: cannot restore the parameters", e, item) from e
 
 
-def restore_failure(what: str, err: Exception) -> ParamsError:
-    """A one-line error for a failed Orbax restore: the root cause's first line (Orbax wraps
-    TensorStore's reason in an exception whose own text is a multi-line spec dump)."""
+# The most of the root cause's line an error shows (TensorStore's can hold a spec of kilobytes).
+RESTORE_CAUSE_CHARS = 300
+
+
+def restore_failure(what: str, err: Exception, path: str | None = None) -> ParamsError:
+    """A one-line error for a failed Orbax restore of `path`: the root cause's first line, cut short
+    (Orbax wraps TensorStore's reason in an exception whose own text is a multi-line spec dump)."""
     root = err
     while root.__cause__ is not None:
         root = root.__cause__
     line = (str(root).strip().splitlines() or [""])[0]
-    # A runtime error (a collective whose peer process has gone) says nothing about the files.
-    hint = "" if isinstance(root, jax.errors.JaxRuntimeError) else "; the checkpoint is damaged or unreadable here"
+    if len(line) > RESTORE_CAUSE_CHARS:
+        line = line[:RESTORE_CAUSE_CHARS] + " ..."
+    if isinstance(root, jax.errors.JaxRuntimeError):
+        hint = ""  # a collective whose peer process has gone: nothing about the files
+    elif path is not None and not os.path.exists(path):
+        hint = ("; it was removed while being read (a training run replacing its older steps?): run again to "
+                "read the newest")
+    else:
+        hint = "; the checkpoint is damaged or unreadable here"
     return ParamsError(f"{what} ({type(root).__name__}: {line}){hint}")
 
 

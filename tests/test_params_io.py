@@ -48,6 +48,27 @@ def test_save_load_roundtrip(tmp_path, cfg):
     assert isinstance(next(iter(loaded["manager"]["blocks"])), int)  # nnx.List indices
 
 
+def test_a_checkpoint_removed_while_read_is_named_so_in_one_short_line(tmp_path, cfg, monkeypatch):
+    """A training run with checkpoint.keep deletes an old step while `score` reads it: Orbax's real
+    error, cut to one line of bounded length, says it was removed (not "damaged"), to run again."""
+    import shutil
+
+    out = params_io.save_params(str(tmp_path / "p"), random_tree(cfg), cfg)
+    handler = params_io._handler
+
+    def removed_then_handler():
+        shutil.rmtree(out)  # as the trainer's cleanup does: after our checks, as Orbax starts reading
+        return handler()
+
+    monkeypatch.setattr(params_io, "_handler", removed_then_handler)
+    with pytest.raises(params_io.ParamsError) as info:
+        params_io.load_params(out)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < len(out) + 600, message
+    assert message.endswith("it was removed while being read (a training run replacing its older steps?): run again "
+                            "to read the newest")
+
+
 def test_load_with_dtype_and_onto_a_mesh(tmp_path, cfg):
     tree = random_tree(cfg)
     params_io.save_params(str(tmp_path / "p"), tree, cfg)

@@ -173,7 +173,7 @@ def load_initial_params(setup: TrainSetup, params: dict, init_from: str, strict:
         try:
             restored = params_io.flatten_tree(params_io.restore_tree(item, _unflatten(wanted), partial=True))
         except Exception as err:  # unreadable or damaged array files
-            raise params_io.restore_failure(f"init_from {directory}: cannot restore the parameters", err) from err
+            raise params_io.restore_failure(f"init_from {directory}: cannot restore the parameters", err, item) from err
         for path, value in restored.items():
             flat_params[path] = value
             loaded.add(path)
