@@ -216,3 +216,28 @@ def test_tied_config_with_a_different_stored_lm_head_is_refused(tmp_path, capsys
     tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"].clone()
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     assert main(["to-orbax", str(src), str(tmp_path / "out"), "--quiet"]) == 0
+
+
+def test_weights_holding_nan_or_inf_are_converted_with_a_warning_naming_them(tmp_path, caplog):
+    """A NaN in a checkpoint converted without a word: the tensors that hold NaN or inf are named in a
+    warning (the values are copied as they are: a conversion does not edit weights)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from manager_jax.reference.hf_tiny import tiny_hf_config, tiny_hf_model
+
+    src = tmp_path / "src"
+    tiny_hf_model(tiny_hf_config(vision_layers=2, text_layers=2), seed=1).save_pretrained(src)
+    tensors = load_file(src / "model.safetensors")
+    poisoned = sorted(k for k in tensors if k.endswith("layers.1.mlp.down_proj.weight"))[0]
+    tensors[poisoned][0, 0] = torch.nan
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="tools.convert_weights.convert"):
+        convert.to_orbax(str(src), str(tmp_path / "out"))
+    assert f"1 tensors of {src} hold NaN or inf values, converted as they are: {poisoned}" in caplog.text
+    caplog.clear()
+    tensors[poisoned][0, 0] = 0.0
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="tools.convert_weights.convert"):
+        convert.to_orbax(str(src), str(tmp_path / "out2"))
+    assert "NaN" not in caplog.text

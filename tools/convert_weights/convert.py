@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -47,6 +48,8 @@ DTYPE_CHOICES = {"keep": None, "bf16": np.dtype(ml_dtypes.bfloat16), "fp32": np.
 EXPORT_DTYPE_CHOICES = {**DTYPE_CHOICES, "fp16": np.dtype(np.float16)}
 FP16_MAX = float(np.finfo(np.float16).max)
 Progress = Callable[[str], None] | None
+
+logger = logging.getLogger(__name__)
 
 
 def _dtype_choice(dtype: str, choices: dict = DTYPE_CHOICES) -> np.dtype | None:
@@ -181,10 +184,12 @@ def _param_dtypes(source: TorchSource, dtype: np.dtype | None) -> tuple[dict[tup
     return out, problems
 
 
-def streamed_tree(source: TorchSource, dtype: str = "keep", *, seed: int = 0, progress: Progress = None) -> dict:
+def streamed_tree(source: TorchSource, dtype: str = "keep", *, seed: int = 0, progress: Progress = None,
+                  non_finite: list[str] | None = None) -> dict:
     """The tree of `source` with every converted parameter as a `params_io.StreamedArray`: its
     tensors are read (each through its own memory map, released right after use) only while it is
-    written, one layer at a time, so saving it holds one tensor in memory, not the model."""
+    written, one layer at a time, so saving it holds one tensor in memory, not the model.
+    `non_finite` collects the names of the tensors read that hold NaN or inf."""
     dtypes, problems = _param_dtypes(source, _dtype_choice(dtype))
     if problems:
         raise ConversionError(source.path, problems)
@@ -202,7 +207,10 @@ def streamed_tree(source: TorchSource, dtype: str = "keep", *, seed: int = 0, pr
             if progress and ref.info.file not in seen_files:
                 seen_files.add(ref.info.file)
                 progress(f"reading {os.path.basename(ref.info.file)}")
-            return mapping.to_jax(ref.checkpoint.read(ref.file_key), spec.transform)
+            value = mapping.to_jax(ref.checkpoint.read(ref.file_key), spec.transform)
+            if non_finite is not None and not np.isfinite(value).all():
+                non_finite.append(ref.file_key)  # as the file names it
+            return value
 
         return read
 
@@ -287,7 +295,8 @@ def to_orbax(
     if progress:
         progress(f"{source.kind} checkpoint ({source.layout} names), {len(source.refs)} tensors, "
                  f"{source.total_bytes() / 1e9:.2f} GB; {len(source.ignored)} ignored")
-    tree = streamed_tree(source, dtype, seed=seed, progress=progress)
+    non_finite: list[str] = []
+    tree = streamed_tree(source, dtype, seed=seed, progress=progress, non_finite=non_finite)
     extra: dict[str, str | bytes] = {CONVERSION_RECORD: _record(source, dtype)}
     if source.kind in ("llava", "hf"):
         extra[SOURCE_CONFIG] = json.dumps(source.raw_config, indent=2).encode()
@@ -297,6 +306,9 @@ def to_orbax(
     with _writing(src, dst):
         params_io.save_params(dst, tree, source.config, extra_files=extra, overwrite=overwrite,
                               sources=_sources(src))
+    if non_finite:  # copied as they are (a conversion does not edit weights); such a model's logits are NaN
+        logger.warning("%d tensors of %s hold NaN or inf values, converted as they are: %s", len(non_finite), src,
+                       ", ".join(non_finite[:5]) + (", ..." if len(non_finite) > 5 else ""))
     return source.config
 
 
