@@ -455,6 +455,17 @@ def test_check_prompt_measures_what_process_builds():
             InferenceEngine(model, pad_id=0, **bad)
 
 
+def test_a_max_length_past_the_trained_positions_warns(caplog):
+    """Allowed (HF runs on past them), but no longer without a word."""
+    model = tiny_model("baseline")
+    trained = model.cfg.text.max_position_embeddings
+    with caplog.at_level("WARNING", logger="manager_jax.infer.engine"):
+        InferenceEngine(model, pad_id=0, max_length=trained)
+        assert caplog.text == ""
+        InferenceEngine(model, pad_id=0, max_length=trained + 1)
+    assert f"max_length {trained + 1} is past the {trained} positions the model was trained for" in caplog.text
+
+
 def test_sharded_generation_equals_single_device(baseline_engine):
     from manager_jax.sharding import MeshConfig, make_mesh
 

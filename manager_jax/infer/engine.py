@@ -364,6 +364,9 @@ class InferenceEngine:
         if max_length is not None and int(max_length) < 1:
             raise ValueError(f"max_length must be >= 1 (None: the model's max_position_embeddings), got {max_length}")
         self.max_length = int(max_length) if max_length is not None else self.cfg.text.max_position_embeddings
+        if self.max_length > self.cfg.text.max_position_embeddings:  # allowed, as HF runs on past them
+            logger.warning("max_length %d is past the %d positions the model was trained for: answers there may "
+                           "degrade", self.max_length, self.cfg.text.max_position_embeddings)
         # How errors name the limit: the caller's max_length, or the model's own.
         self._max_length_name = "the max_length" if max_length is not None else "the model maximum"
         self.min_prompt_bucket = min_prompt_bucket
