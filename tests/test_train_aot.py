@@ -38,14 +38,15 @@ def test_a_libtpu_other_than_the_one_jax_pins_is_named_with_the_install_that_fix
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py)")
 def test_compile_for_local_cpu_devices_reports_memory_and_flops(tmp_path):
+    # Four of the eight devices: the report counts the mesh's (it said 8).
     config = load_recipe(os.path.join(REPO, "configs", "demo.py"), [
-        "mesh.fsdp=4", "mesh.tensor=2", "synthetic_records=None", "model.text.num_layers=2", "model.vision.num_layers=2",
-        "model.manager.vision_select_layers_end=3", "model.manager.injection_end=2",
+        "mesh.fsdp=2", "mesh.tensor=2", "mesh.num_devices=4", "synthetic_records=None", "model.text.num_layers=2",
+        "model.vision.num_layers=2", "model.manager.vision_select_layers_end=3", "model.manager.injection_end=2",
     ])
     report = compile_for_topology(config, "cpu:8", hlo_out=str(tmp_path / "step.hlo"))
     assert "ENTRY" in (tmp_path / "step.hlo").read_text() and not list(tmp_path.glob("*.partial"))
-    assert report["devices"] == 8 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
-    assert report["batch"]["shards"] == 4  # batch_shards=-1: one per data-parallel device
+    assert report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert report["batch"]["shards"] == 2  # batch_shards=-1: one per data-parallel device
     mem = report["memory_per_chip"]
     assert mem["arguments_gib"] > 0 and mem["temporaries_gib"] > 0
     # The state is FSDP-sharded: each device holds well under the full fp32 params + Adam moments.

@@ -399,7 +399,7 @@ def _compile_step(config: TrainConfig, topology: str, devices: list[Any], hlo_ou
         "recipe": config.name,
         "topology": topology,
         "device_kind": kind,
-        "devices": len(devices),
+        "devices": mesh.devices.size,  # the mesh's (mesh.num_devices may take fewer than the topology has)
         "mesh": dict(mesh.shape),
         "batch": {"shards": shards, "grad_accum": accum, "rows_per_shard": config.data.rows_per_host,
                   "seq_len": config.data.seq_len, "rows_per_step": rows,
