@@ -9,14 +9,16 @@ Recipe names: ``stage{1,1.5,2}_{baseline,manager,grid,grid_manager}_{0.5b,7b,72b
 What mirrors the scripts (LLaVA-NeXT/scripts/manager/main/*.sh): prompt template, data, image mode
 (square/flat for stage 1 and the no-grid variants; anyres with 5 pinpoints in stage 1.5 and
 anyres_max_9 with the 36 pinpoints in stage 2 for the grid variants), ``mm_tunable_parts``, the
-per-module learning rates, max length, 512 samples per optimizer step (one sample per row, no
+learning rates as applied, max length, 512 samples per optimizer step (one sample per row, no
 packing, like the original collator), the record order of ``--group_by_modality_length`` in stages
 1.5 and 2 (each step from one modality, shard batches of similar length), AdamW / cosine / warmup 0.03 / clip 1.0, bf16 compute with
 fp32 master weights, full rematerialisation (gradient checkpointing).
 
 Caveats:
-- Stage 1.5 / 2 per-module LRs (tower 2e-6, manager 5e-5) were probably *not* applied by the
-  original DeepSpeed setup (SPEC §2.8); ``--set optim.per_group_lr=False`` reproduces that.
+- Stage 1.5 / 2 train every part at 1e-5, as the original did: its scripts pass per-module LRs
+  (tower 2e-6, manager 5e-5), but their DeepSpeed config's optimizer section makes one parameter
+  group of everything (SPEC §2.8; traced through transformers 4.40, accelerate 0.29.3 and
+  DeepSpeed 0.14.4). The LRs are kept in the config; ``--set optim.per_group_lr=True`` applies them.
 - ``num_steps`` for stages 1.5 / 2 depends on your copy of the mixtures: set it (one epoch =
   records // 512: HF Trainer's optimizer steps per epoch are the dataloader's full accumulation
   rounds, and it stops there). Stage 1 uses the 558,128 LLaVA-Pretrain records: 1,090 steps.
@@ -146,6 +148,9 @@ def get_config(recipe: str = "stage2_grid_manager_0.5b") -> TrainConfig:
         data=data,
         optim=OptimConfig(
             lr=row["lr"], vision_tower_lr=row["tower_lr"], manager_lr=row["manager_lr"] if manager else None,
+            # Stages 1.5 / 2 ran their DeepSpeed config's one optimizer group: every part at lr
+            # (SPEC §2.8; the per-module lrs are recorded, and applied with optim.per_group_lr=True).
+            per_group_lr=stage == "1",
             warmup_ratio=0.03, schedule="cosine", max_grad_norm=1.0, weight_decay=0.0,
         ),
         mesh=dataclasses.replace(sizes["mesh"]),

@@ -462,7 +462,10 @@ def preset(size: str = "0.5b", variant: str = "grid_manager", **overrides) -> Mo
         raise ConfigError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     text = dataclasses.replace(_TEXT_PRESETS[size])
     grid = variant.startswith("grid")
-    manager = ManagerConfig(injection_end=text.num_layers) if variant.endswith("manager") else ManagerConfig(type=None)
+    # Every size injects before layers 0, 4, ..., 20: the scripts set MANAGER_INJECTION_END=24 for
+    # any MODEL_SCALE (train.py's comment "28 for 7B" is not what they run: --set
+    # model.manager.injection_end=28 gives that).
+    manager = ManagerConfig(injection_end=24) if variant.endswith("manager") else ManagerConfig(type=None)
     image = (
         ImageConfig()
         if grid

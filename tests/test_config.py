@@ -92,8 +92,9 @@ def test_hf_config_pinpoints_pick_transformers_canvas(pinpoints):
 
 
 def test_presets():
-    assert C.preset("7b", "grid_manager").injection_layers() == [0, 4, 8, 12, 16, 20, 24]
-    assert C.preset("72b", "grid_manager").injection_layers()[-1] == 76
+    # The scripts' MANAGER_INJECTION_END=24 at every MODEL_SCALE (SPEC §2.1).
+    for size in ("0.5b", "7b", "72b"):
+        assert C.preset(size, "grid_manager").injection_layers() == [0, 4, 8, 12, 16, 20]
     assert not C.preset("72b", "grid").manager.enabled
     assert C.tiny(manager_type="adaptive_cross_zerouni").manager.query_type == "cross"
     assert C.tiny(manager_type="adaptive_zerouni").manager.query_type == "none"

@@ -41,7 +41,7 @@ def reference_length_grouped(lengths, batch_size, world_size, perms):
 
 def reference_modality_grouped(lengths, batch_size, world_size, perms):
     if all(x > 0 for x in lengths) or all(x < 0 for x in lengths):
-        return reference_length_grouped([abs(x) for x in lengths], batch_size, world_size, perms)
+        return reference_length_grouped(lengths, batch_size, world_size, perms)
     mm_indices, mm_lengths = zip(*[(i, x) for i, x in enumerate(lengths) if x > 0])
     lang_indices, lang_lengths = zip(*[(i, -x) for i, x in enumerate(lengths) if x < 0])
     mm = [mm_indices[i] for i in reference_length_grouped(mm_lengths, batch_size, world_size, perms)]

@@ -117,8 +117,10 @@ def even_chunks(indices: np.ndarray, lengths: np.ndarray, num_chunks: int) -> li
 
 
 def length_grouped(lengths: np.ndarray, chunk_size: int, num_chunks: int, rng: np.random.Generator) -> np.ndarray:
-    """Positions into ``lengths`` (all positive): permuted, cut into megabatches of
-    ``chunk_size * num_chunks``, each sorted longest first and dealt into even chunks."""
+    """Positions into ``lengths`` (all of one sign): permuted, cut into megabatches of
+    ``chunk_size * num_chunks``, each sorted largest first and dealt into even chunks. (The
+    original passes a text-only set's negative lengths as they are: shortest first, and chunks
+    balanced on negative totals.)"""
     perm = rng.permutation(len(lengths))
     mega = chunk_size * num_chunks
     out = []
@@ -134,8 +136,8 @@ def modality_grouped(lengths: np.ndarray, chunk_size: int, num_chunks: int, rng:
     lengths = np.asarray(lengths, np.int64)
     if np.any(lengths == 0):
         raise ValueError("modality lengths must not be 0")
-    if np.all(lengths > 0) or np.all(lengths < 0):
-        return length_grouped(np.abs(lengths), chunk_size, num_chunks, rng)
+    if np.all(lengths > 0) or np.all(lengths < 0):  # one modality: the lengths as they are, signs too
+        return length_grouped(lengths, chunk_size, num_chunks, rng)
     mega = chunk_size * num_chunks
     per_modality = []
     for indices in (np.flatnonzero(lengths > 0), np.flatnonzero(lengths < 0)):

@@ -49,8 +49,8 @@ class OptimConfig:
     ``lr`` is the original ``learning_rate`` (the language model and anything without its own LR);
     ``projector_lr`` / ``manager_lr`` / ``vision_tower_lr`` mirror ``mm_projector_lr`` /
     ``mm_manager_lr`` / ``mm_vision_tower_lr`` (None = use ``lr``). ``per_group_lr=False``
-    trains every group at ``lr``: what DeepSpeed's own optimizer section most likely did to the
-    original stage 1.5 / 2 runs (SPEC §2.8 "Per-group LR caveat"). A ``weight_decay`` above 0
+    trains every group at ``lr``: what DeepSpeed's own optimizer section did to the original stage
+    1.5 / 2 runs (SPEC §2.8 "Per-group LR caveat"), which their recipes reproduce. A ``weight_decay`` above 0
     (0 in every recipe) always follows create_optimizer's exclusions (biases, LayerNorms); that
     same DeepSpeed optimizer would have decayed every parameter.
     """
