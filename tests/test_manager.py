@@ -153,3 +153,33 @@ def test_manager_parameter_count_default_static():
     mgr = nnx.eval_shape(lambda: Manager(C.preset("0.5b", "grid_manager"), rngs=nnx.Rngs(0)))
     count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(mgr, nnx.Param)))
     assert count == 12 * 896 + 5 * 13 * 896 + 13 * 896
+
+
+def test_fresh_parameters_are_initialised_as_the_originals_are():
+    """What the original's from_pretrained leaves in the Manager and projector it trains from scratch,
+    against torch doing the same: the projector is built after the checkpoint loads (nn.Linear's own
+    init, biases U(+-1/sqrt(fan_in)); ours had zero biases); the adaptive_cross fusion projections
+    are built inside from_pretrained, missing from its checkpoint, so Qwen2's _init_weights draws
+    them (normal(0, 0.02), zero biases; ours were nn.Linear-like)."""
+    import torch
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
+
+    from manager_jax.models.llava_ov import Projector
+
+    dim = 256
+    ours = Projector(dim, dim, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    torch.manual_seed(0)
+    theirs = torch.nn.Linear(dim, dim)
+    for name in ("kernel", "bias"):
+        a = np.asarray(getattr(ours.linear1, name)[...]).ravel()
+        b = getattr(theirs, "weight" if name == "kernel" else "bias").detach().numpy().ravel()
+        assert abs(a).max() <= abs(b).max() * 1.05 and abs(a).max() > abs(b).max() * 0.9, name
+        assert a.std() == pytest.approx(b.std(), rel=0.1), name
+
+    block = AdaptiveBlock(4, dim, "cross", dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+    fresh = torch.nn.Linear(dim, dim)
+    Qwen2PreTrainedModel._init_weights(Qwen2PreTrainedModel(Qwen2Config(initializer_range=0.02)), fresh)
+    for layer in (block.fusion_q, block.fusion_k):
+        assert np.asarray(layer.kernel[...]).std() == pytest.approx(fresh.weight.detach().numpy().std(), rel=0.05)
+        assert not np.asarray(layer.bias[...]).any() and not fresh.bias.detach().numpy().any()

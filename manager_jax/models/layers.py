@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -148,8 +149,11 @@ def _fp32_activation_bwd(fn, x, g):
 _fp32_activation.defvjp(_fp32_activation_fwd, _fp32_activation_bwd)
 
 
-def linear(din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    """Dense layer with PyTorch nn.Linear-like init (the weights are overwritten by checkpoints).
+def linear(din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
+           torch_bias_init: bool = False) -> nnx.Linear:
+    """Dense layer with PyTorch nn.Linear's weight init (the weights are overwritten by checkpoints);
+    biases zero, or with `torch_bias_init` nn.Linear's U(-1/sqrt(din), 1/sqrt(din)) (a layer the
+    original builds after loading its checkpoint, which keeps torch's own init: the projector).
 
     In bf16 / fp16 the matmul output is rounded, then the bias added (a second rounding), where
     torch's addmm adds the bias to the fp32 accumulator. Adding it there made XLA write the GPU
@@ -162,9 +166,14 @@ def linear(din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rng
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-        bias_init=nnx.initializers.zeros_init(),
+        bias_init=_torch_bias_init(din) if torch_bias_init else nnx.initializers.zeros_init(),
         rngs=rngs,
     )
+
+
+def _torch_bias_init(din: int):
+    bound = 1 / math.sqrt(din)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class RMSNorm(nnx.Module):

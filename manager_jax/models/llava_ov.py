@@ -21,11 +21,14 @@ IGNORE_INDEX = -100
 
 
 class Projector(nnx.Module):
-    """mlp2x_gelu: Linear -> exact (erf) GELU -> Linear."""
+    """mlp2x_gelu: Linear -> exact (erf) GELU -> Linear. Initialised as torch's nn.Linear, biases
+    too: the original builds it after loading the checkpoint (stage 1 trains it from there)."""
 
     def __init__(self, din: int, dout: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.linear1 = linear(din, dout, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear2 = linear(dout, dout, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear1 = linear(din, dout, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                              torch_bias_init=True)
+        self.linear2 = linear(dout, dout, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                              torch_bias_init=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear2(activation(jax.nn.gelu, self.linear1(x), approximate=False))  # nn.GELU(): erf

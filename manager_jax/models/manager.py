@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from manager_jax.config import ModelConfig
-from manager_jax.models.layers import linear, round_to
+from manager_jax.models.layers import round_to
 
 
 @dataclass
@@ -83,8 +83,13 @@ class AdaptiveBlock(nnx.Module):
                                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.zero_gate = nnx.Param(jnp.zeros((num_layers, dim), param_dtype))
         if query_type == "cross":
-            self.fusion_q = linear(dim, dim, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            self.fusion_k = linear(dim, dim, bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            # As the controller: the original's from_pretrained builds them and, missing from its
+            # checkpoint, gives them Qwen2's _init_weights (normal(0, 0.02), zero bias).
+            self.fusion_q, self.fusion_k = (
+                nnx.Linear(dim, dim, use_bias=True, dtype=dtype, param_dtype=param_dtype,
+                           kernel_init=nnx.initializers.normal(0.02), bias_init=nnx.initializers.zeros_init(),
+                           rngs=rngs)
+                for _ in range(2))
 
     def _extra(self, q, tokens: ManagerTokens, h_flat):
         """The controller's extra input per token [T, D] (SPEC §2.7 last / average / cross): each
