@@ -196,16 +196,19 @@ def test_repetition_penalty_on_generated_ids(manager_engine):
 
     model, engine = manager_engine
     prompts = mixed_prompts()
-    gens = engine.generate(prompts, SamplingParams(max_new_tokens=NEW, repetition_penalty=1.8))
-    penalty = RepetitionPenaltyLogitsProcessor(1.8)
-    for prompt, gen in zip(prompts, gens):
-        expected: list[int] = []
-        for _ in range(NEW):  # HF's processor over the generated ids only (the prompt is not penalised)
-            logits = torch.tensor(full_forward_logits(model, engine, prompt, expected))[None]
-            logits = penalty(torch.tensor([expected], dtype=torch.long), logits)
-            expected.append(int(logits.argmax()))
-        assert gen.token_ids == expected
     plain = engine.generate(prompts, SamplingParams(max_new_tokens=NEW))
+    # 1.8 as users set it; 0.5 favours the ids generated so far, so that the answers must change
+    # (greedy answers without a repeat, as this model's, are the same under any penalty above 1).
+    for strength in (1.8, 0.5):
+        gens = engine.generate(prompts, SamplingParams(max_new_tokens=NEW, repetition_penalty=strength))
+        penalty = RepetitionPenaltyLogitsProcessor(strength)
+        for prompt, gen in zip(prompts, gens):
+            expected: list[int] = []
+            for _ in range(NEW):  # HF's processor over the generated ids only (the prompt is not penalised)
+                logits = torch.tensor(full_forward_logits(model, engine, prompt, expected))[None]
+                logits = penalty(torch.tensor([expected], dtype=torch.long), logits)
+                expected.append(int(logits.argmax()))
+            assert gen.token_ids == expected, strength
     assert [g.token_ids for g in gens] != [g.token_ids for g in plain]
 
 
